@@ -1,0 +1,219 @@
+//! Configuration from the environment, checked once at start-up.
+//!
+//! Every value is read and validated before anything binds or connects, and a
+//! missing or invalid value names the variable it came from.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use shared::auth::MIN_SECRET_BYTES;
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} is not set")]
+    Missing(&'static str),
+    #[error("{var} is invalid: {reason}")]
+    Invalid { var: &'static str, reason: String },
+}
+
+/// Everything the origin needs to run.
+#[derive(Clone)]
+pub struct Config {
+    /// `DATABASE_URL`: a libpq-style URL or key=value string.
+    pub database_url: String,
+    /// `BIND_ADDR`, default `127.0.0.1:8081`. Port 0 picks a free port.
+    pub bind_addr: SocketAddr,
+    /// `JWT_SECRET`: HMAC key for session tokens (at least 32 bytes).
+    pub jwt_secret: Vec<u8>,
+    /// `ORIGIN_SERVICE_SECRET`: shared with the edge for `/internal/**`.
+    pub service_secret: Vec<u8>,
+    /// `JWT_TTL_SECS`, default 12 h.
+    pub jwt_ttl: Duration,
+    /// `DB_POOL_SIZE`, default 16.
+    pub db_pool_size: usize,
+    /// `ALLOWED_ORIGINS`: comma-separated browser origins for CORS. Empty
+    /// means no cross-origin browser access (the edge is same-origin).
+    pub allowed_origins: Vec<String>,
+    /// `REQUEST_TIMEOUT_SECS`, default 15.
+    pub request_timeout: Duration,
+    /// `LOG_FORMAT`: `json` (default in production) or `pretty`.
+    pub log_json: bool,
+}
+
+// Secrets must never reach a log line, so Debug is written by hand.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &"[redacted]")
+            .field("bind_addr", &self.bind_addr)
+            .field("jwt_secret", &"[redacted]")
+            .field("service_secret", &"[redacted]")
+            .field("jwt_ttl", &self.jwt_ttl)
+            .field("db_pool_size", &self.db_pool_size)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("request_timeout", &self.request_timeout)
+            .field("log_json", &self.log_json)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads configuration through `get`, so tests need not touch the
+    /// process environment.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let required = |var: &'static str| {
+            get(var)
+                .filter(|v| !v.trim().is_empty())
+                .ok_or(ConfigError::Missing(var))
+        };
+        let secret = |var: &'static str| -> Result<Vec<u8>, ConfigError> {
+            let v = required(var)?;
+            if v.len() < MIN_SECRET_BYTES {
+                return Err(ConfigError::Invalid {
+                    var,
+                    reason: format!("must be at least {MIN_SECRET_BYTES} bytes"),
+                });
+            }
+            Ok(v.into_bytes())
+        };
+        let number =
+            |var: &'static str, default: u64, min: u64, max: u64| -> Result<u64, ConfigError> {
+                match get(var) {
+                    None => Ok(default),
+                    Some(raw) => {
+                        let n: u64 = raw.trim().parse().map_err(|_| ConfigError::Invalid {
+                            var,
+                            reason: format!("{raw:?} is not a whole number"),
+                        })?;
+                        if !(min..=max).contains(&n) {
+                            return Err(ConfigError::Invalid {
+                                var,
+                                reason: format!("must be between {min} and {max}"),
+                            });
+                        }
+                        Ok(n)
+                    }
+                }
+            };
+
+        let database_url = required("DATABASE_URL")?;
+        database_url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| ConfigError::Invalid {
+                var: "DATABASE_URL",
+                reason: e.to_string(),
+            })?;
+        let bind_raw = get("BIND_ADDR").unwrap_or_else(|| "127.0.0.1:8081".to_owned());
+        let bind_addr = bind_raw.parse().map_err(|_| ConfigError::Invalid {
+            var: "BIND_ADDR",
+            reason: format!("{bind_raw:?} is not host:port"),
+        })?;
+        let jwt_secret = secret("JWT_SECRET")?;
+        let service_secret = secret("ORIGIN_SERVICE_SECRET")?;
+        if jwt_secret == service_secret {
+            return Err(ConfigError::Invalid {
+                var: "ORIGIN_SERVICE_SECRET",
+                reason: "must differ from JWT_SECRET".to_owned(),
+            });
+        }
+        let allowed_origins = get("ALLOWED_ORIGINS")
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let log_json = match get("LOG_FORMAT").as_deref() {
+            None | Some("json") => true,
+            Some("pretty") => false,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    var: "LOG_FORMAT",
+                    reason: format!("{other:?} is neither json nor pretty"),
+                });
+            }
+        };
+        Ok(Self {
+            database_url,
+            bind_addr,
+            jwt_secret,
+            service_secret,
+            jwt_ttl: Duration::from_secs(number("JWT_TTL_SECS", 12 * 3600, 60, 30 * 24 * 3600)?),
+            db_pool_size: number("DB_POOL_SIZE", 16, 1, 512)? as usize,
+            allowed_origins,
+            request_timeout: Duration::from_secs(number("REQUEST_TIMEOUT_SECS", 15, 1, 600)?),
+            log_json,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const GOOD: &[(&str, &str)] = &[
+        ("DATABASE_URL", "postgres://postgres@127.0.0.1/vibe"),
+        ("JWT_SECRET", "jwt-secret-jwt-secret-jwt-secret-1"),
+        (
+            "ORIGIN_SERVICE_SECRET",
+            "svc-secret-svc-secret-svc-secret-1",
+        ),
+    ];
+
+    #[test]
+    fn defaults_fill_in_the_optional_values() {
+        let c = Config::from_lookup(env(GOOD)).expect("valid");
+        assert_eq!(c.bind_addr.port(), 8081);
+        assert_eq!(c.db_pool_size, 16);
+        assert!(c.log_json);
+    }
+
+    #[test]
+    fn a_missing_secret_names_its_variable() {
+        let err = Config::from_lookup(env(&GOOD[..2])).expect_err("missing");
+        assert_eq!(err.to_string(), "ORIGIN_SERVICE_SECRET is not set");
+    }
+
+    #[test]
+    fn a_short_secret_is_refused() {
+        let mut pairs = GOOD.to_vec();
+        pairs[1] = ("JWT_SECRET", "short");
+        let err = Config::from_lookup(env(&pairs)).expect_err("short");
+        assert!(err.to_string().starts_with("JWT_SECRET is invalid"));
+    }
+
+    #[test]
+    fn a_bad_number_or_address_is_refused() {
+        let mut pairs = GOOD.to_vec();
+        pairs.push(("DB_POOL_SIZE", "many"));
+        assert!(Config::from_lookup(env(&pairs)).is_err());
+        let mut pairs = GOOD.to_vec();
+        pairs.push(("BIND_ADDR", "localhost"));
+        assert!(Config::from_lookup(env(&pairs)).is_err());
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = Config::from_lookup(env(GOOD)).expect("valid");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("jwt-secret"));
+        assert!(!dbg.contains("svc-secret"));
+    }
+}

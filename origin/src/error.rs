@@ -1,0 +1,163 @@
+//! The origin's one error type. Every handler returns `Result<_, ApiError>`,
+//! and each variant knows its HTTP status and a stable `code` for the
+//! `{code, message}` body.
+//!
+//! Database and internal failures become a generic body plus a log line: the
+//! client learns that something broke, not how.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use shared::DomainError;
+use shared::auth::AuthError;
+
+/// The JSON body of every error response.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Stable, machine-readable: clients branch on this.
+    pub code: String,
+    /// For humans; may change.
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the body is not JSON, or not the JSON we expect at all.
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    /// 401: no token, a bad token, or bad credentials.
+    #[error("{0}")]
+    Unauthorized(AuthError),
+    /// 401 on login, with the same answer whether or not the user exists.
+    #[error("invalid email or password")]
+    BadCredentials,
+    /// 403: authenticated, but not allowed (not a participant, not the owner).
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// 404
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// 409: the request conflicts with what is stored.
+    #[error("{0}")]
+    Conflict(String),
+    /// 413: a field or body over its size limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 415: the body is not `application/json`.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 422: well-formed, but a field breaks its rule.
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
+    /// 503: the database cannot be reached right now.
+    #[error("service temporarily unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    /// 500: a bug or an unexpected database error. Logged, never shown.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) | ApiError::BadCredentials => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { code, .. } | ApiError::Unprocessable { code, .. } => code,
+            ApiError::Unauthorized(e) => e.code(),
+            ApiError::BadCredentials => "bad_credentials",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::TooLarge(_) => "too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// A 422 for one invalid field.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ApiError::Unprocessable {
+            code: "validation_failed",
+            message: message.into(),
+        }
+    }
+}
+
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> Self {
+        ApiError::Unprocessable {
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        ApiError::Unauthorized(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // A closed connection or a server going away is an outage, not a bug.
+        let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+        if e.is_closed() || io {
+            return ApiError::Unavailable(e.into());
+        }
+        ApiError::Internal(e.into())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        // Every pool failure (timeout, refused connection) means the
+        // database is not reachable right now.
+        ApiError::Unavailable(e.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        match &self {
+            ApiError::Internal(source) => {
+                tracing::error!(error = ?source, "internal error");
+            }
+            ApiError::Unavailable(source) => {
+                tracing::warn!(error = %source, "database unavailable");
+            }
+            _ => {}
+        }
+        let body = ErrorBody {
+            code: self.code().to_owned(),
+            message: self.to_string(),
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
+    }
+}
+
+/// The result of every handler.
+pub type ApiResult<T> = Result<T, ApiError>;

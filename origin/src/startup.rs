@@ -1,0 +1,108 @@
+//! Building and running the application.
+//!
+//! [`Application::build`] does everything that can fail at start-up
+//! (configuration, migrations, binding) before [`Application::run`] serves,
+//! so a bad deployment fails loudly instead of half-starting. Tests build it
+//! on port 0 and read [`Application::port`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::state::{AppState, Keys};
+
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    state: AppState,
+}
+
+impl Application {
+    /// Connects, migrates, and binds.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let pool = crate::db::pool(&config.database_url, config.db_pool_size)?;
+        crate::db::migrate(&pool)
+            .await
+            .context("migrate the database")?;
+        // A real hash of a random password, for constant-time logins.
+        let dummy_hash = tokio::task::spawn_blocking(|| {
+            crate::auth::hash_password(&uuid::Uuid::now_v7().to_string())
+        })
+        .await
+        .context("hash the login guard")??;
+        let state = AppState {
+            pool,
+            keys: Arc::new(Keys {
+                jwt_secret: config.jwt_secret.clone(),
+                service_secret: config.service_secret.clone(),
+                dummy_hash,
+            }),
+            metrics: crate::metrics::handle(),
+            jwt_ttl: config.jwt_ttl,
+        };
+        let router = crate::http::app(state.clone(), &config);
+        let listener = TcpListener::bind(config.bind_addr)
+            .await
+            .with_context(|| format!("bind {}", config.bind_addr))?;
+        Ok(Self {
+            listener,
+            router,
+            state,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    /// The shared state (tests and tools use its pool).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,38 @@
+//! The state every handler shares.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+/// Cloned into every request; everything inside is cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: Pool,
+    pub keys: Arc<Keys>,
+    pub metrics: PrometheusHandle,
+    pub jwt_ttl: Duration,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").finish_non_exhaustive()
+    }
+}
+
+/// Secrets and the login timing guard.
+pub struct Keys {
+    pub jwt_secret: Vec<u8>,
+    pub service_secret: Vec<u8>,
+    /// A real Argon2 hash of a random password. Login verifies against it
+    /// when the email is unknown, so an unknown user costs the same time as
+    /// a wrong password and the response does not reveal who has an account.
+    pub dummy_hash: String,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys([redacted])")
+    }
+}

@@ -1,0 +1,16 @@
+//! Logging. JSON lines in production, human-readable locally.
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber. `RUST_LOG` overrides the default level.
+pub fn init(json: bool) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,tower_http=info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // try_init: a second call (tests) is not an error worth dying for.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.compact().try_init()
+    };
+}

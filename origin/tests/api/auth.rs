@@ -1,0 +1,214 @@
+use reqwest::StatusCode;
+use serde_json::json;
+use shared::Role;
+use shared::auth::{AUDIENCE_API, AUDIENCE_WS_TICKET, Claims};
+
+use crate::helpers::{JWT_SECRET, PASSWORD, assert_error, spawn_app, status_and_json};
+
+#[tokio::test]
+async fn logging_in_returns_a_token_the_chat_api_accepts() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let res = app
+        .http
+        .post(app.url("/api/v1/auth/login"))
+        .json(&json!({"email": alex.email.to_uppercase(), "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_and_json(res).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["user"]["id"], alex.id);
+    assert_eq!(body["user"]["role"], "member");
+    assert_eq!(body["token_type"], "Bearer");
+    let token = body["token"].as_str().unwrap();
+    let claims = shared::auth::verify(
+        token,
+        JWT_SECRET.as_bytes(),
+        AUDIENCE_API,
+        chrono::Utc::now().timestamp(),
+    )
+    .unwrap();
+    assert_eq!(claims.user_id(), Ok(alex.id));
+    assert_eq!(claims.iss, shared::auth::ISSUER);
+
+    let res = app
+        .http
+        .get(app.url("/api/v1/chat/conversations"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_wrong_password_and_an_unknown_email_get_the_same_401() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let mut answers = Vec::new();
+    for (email, password) in [
+        (alex.email.as_str(), "wrong password"),
+        ("nobody@test.vibe", PASSWORD),
+    ] {
+        let res = app
+            .http
+            .post(app.url("/api/v1/auth/login"))
+            .json(&json!({"email": email, "password": password}))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = status_and_json(res).await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED, "bad_credentials");
+        answers.push(body);
+    }
+    assert_eq!(answers[0], answers[1]);
+}
+
+#[tokio::test]
+async fn malformed_login_json_gets_400_and_missing_fields_get_422() {
+    let app = spawn_app().await;
+    let res = app
+        .http
+        .post(app.url("/api/v1/auth/login"))
+        .header("content-type", "application/json")
+        .body("{\"email\": ")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_and_json(res).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_json");
+
+    let res = app
+        .http
+        .post(app.url("/api/v1/auth/login"))
+        .json(&json!({"email": "alex@vibe.fit"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_and_json(res).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_field",
+    );
+
+    let res = app
+        .http
+        .post(app.url("/api/v1/auth/login"))
+        .body("email=a")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_and_json(res).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+}
+
+#[tokio::test]
+async fn expired_forged_and_ticket_tokens_are_refused_with_401() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let now = chrono::Utc::now().timestamp();
+    let cases = [
+        (
+            shared::auth::issue(
+                &Claims::new(
+                    alex.id,
+                    "Alex",
+                    Role::Member,
+                    AUDIENCE_API,
+                    now - 7200,
+                    3600,
+                ),
+                JWT_SECRET.as_bytes(),
+            )
+            .unwrap(),
+            "token_expired",
+        ),
+        (
+            shared::auth::issue(
+                &Claims::new(alex.id, "Alex", Role::Admin, AUDIENCE_API, now, 3600),
+                b"someone-elses-secret-someone-elses-secret",
+            )
+            .unwrap(),
+            "invalid_token",
+        ),
+        (
+            shared::auth::issue(
+                &Claims::new(alex.id, "Alex", Role::Member, AUDIENCE_WS_TICKET, now, 60),
+                JWT_SECRET.as_bytes(),
+            )
+            .unwrap(),
+            "invalid_token",
+        ),
+        ("garbage".to_owned(), "invalid_token"),
+    ];
+    for (token, code) in cases {
+        let res = app
+            .http
+            .get(app.url("/api/v1/chat/conversations"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = status_and_json(res).await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED, code);
+    }
+}
+
+#[tokio::test]
+async fn every_chat_route_without_a_token_gets_401() {
+    let app = spawn_app().await;
+    let routes = [
+        ("GET", "/api/v1/chat/conversations"),
+        ("POST", "/api/v1/chat/conversations"),
+        ("GET", "/api/v1/chat/conversations/1"),
+        ("GET", "/api/v1/chat/conversations/1/messages"),
+        ("POST", "/api/v1/chat/conversations/1/participants"),
+        ("DELETE", "/api/v1/chat/conversations/1/participants"),
+        ("GET", "/api/v1/chat/active-users"),
+        ("GET", "/api/v1/chat/presence/1"),
+    ];
+    for (method, path) in routes {
+        let res = app
+            .http
+            .request(method.parse().unwrap(), app.url(path))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = status_and_json(res).await;
+        assert_error(status, &body, StatusCode::UNAUTHORIZED, "missing_token");
+    }
+}
+
+#[tokio::test]
+async fn seeding_the_demo_twice_creates_each_demo_user_once_and_they_can_log_in() {
+    let app = spawn_app().await;
+    origin::seed::seed_demo(&app.pool).await.unwrap();
+    origin::seed::seed_demo(&app.pool).await.unwrap();
+    assert_eq!(app.count("SELECT count(*) FROM users").await, 3);
+    assert_eq!(
+        app.count("SELECT count(*) FROM conversations WHERE kind = 'group'")
+            .await,
+        1
+    );
+    for (email, _, role) in origin::seed::DEMO_USERS {
+        let res = app
+            .http
+            .post(app.url("/api/v1/auth/login"))
+            .json(&json!({"email": email, "password": origin::seed::DEMO_PASSWORD}))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = status_and_json(res).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["user"]["role"], *role);
+    }
+}

@@ -1,0 +1,291 @@
+//! Starts a real origin on a free port against its own fresh PostgreSQL
+//! database, and talks to it over HTTP.
+
+use std::sync::OnceLock;
+
+use origin::{Application, Config};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use shared::Role;
+use shared::auth::{AUDIENCE_API, Claims};
+use tokio_postgres::NoTls;
+
+pub const JWT_SECRET: &str = "test-jwt-secret-test-jwt-secret-0001";
+pub const SERVICE_SECRET: &str = "test-service-secret-test-service-0001";
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// The server every test database is created on.
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// `admin_url` with its database swapped for `db`.
+pub fn url_for(db: &str) -> String {
+    let base = admin_url();
+    match base.rsplit_once('/') {
+        Some((server, last)) if !last.contains('@') && !server.ends_with('/') => {
+            let query = last
+                .split_once('?')
+                .map(|(_, q)| format!("?{q}"))
+                .unwrap_or_default();
+            format!("{server}/{db}{query}")
+        }
+        _ => format!("{}/{db}", base.trim_end_matches('/')),
+    }
+}
+
+/// Creates an empty database with a unique name.
+pub async fn fresh_database() -> String {
+    let name = format!("vibe_test_{}", uuid::Uuid::now_v7().simple());
+    let (client, conn) = tokio_postgres::connect(&admin_url(), NoTls)
+        .await
+        .expect("connect to the test PostgreSQL (set DATABASE_URL)");
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    name
+}
+
+pub fn config_for(db: &str) -> Config {
+    let url = url_for(db);
+    Config::from_lookup(move |k| match k {
+        "DATABASE_URL" => Some(url.clone()),
+        "BIND_ADDR" => Some("127.0.0.1:0".to_owned()),
+        "JWT_SECRET" => Some(JWT_SECRET.to_owned()),
+        "ORIGIN_SERVICE_SECRET" => Some(SERVICE_SECRET.to_owned()),
+        "DB_POOL_SIZE" => Some("8".to_owned()),
+        _ => None,
+    })
+    .expect("test config")
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    #[allow(dead_code)]
+    pub db_name: String,
+    pub pool: deadpool_postgres::Pool,
+}
+
+/// A started origin on a fresh database.
+pub async fn spawn_app() -> TestApp {
+    let db_name = fresh_database().await;
+    let app = Application::build(config_for(&db_name))
+        .await
+        .expect("build app");
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let pool = app.state().pool.clone();
+    tokio::spawn(app.run(std::future::pending()));
+    TestApp {
+        base,
+        http: reqwest::Client::new(),
+        db_name,
+        pool,
+    }
+}
+
+/// One Argon2 hash of [`PASSWORD`], shared by every test user (hashing is
+/// deliberately slow).
+fn password_hash() -> &'static str {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| origin::auth::hash_password(PASSWORD).expect("hash"))
+}
+
+#[derive(Debug, Clone)]
+#[allow(dead_code)]
+pub struct TestUser {
+    pub id: i64,
+    pub email: String,
+    pub name: String,
+    pub role: Role,
+    pub token: String,
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Inserts a user directly and mints a session token for them.
+    pub async fn user(&self, name: &str, role: Role) -> TestUser {
+        let email = format!("{}@test.vibe", name.to_lowercase().replace(' ', "."));
+        let client = self.pool.get().await.expect("db");
+        let row = client
+            .query_one(
+                "INSERT INTO users (email, full_name, role, password_hash)
+                 VALUES ($1, $2, $3, $4) RETURNING id",
+                &[&email, &name, &role.as_str(), &password_hash()],
+            )
+            .await
+            .expect("insert user");
+        let id: i64 = row.get(0);
+        let now = chrono::Utc::now().timestamp();
+        let token = shared::auth::issue(
+            &Claims::new(id, name, role, AUDIENCE_API, now, 3600),
+            JWT_SECRET.as_bytes(),
+        )
+        .expect("token");
+        TestUser {
+            id,
+            email,
+            name: name.to_owned(),
+            role,
+            token,
+        }
+    }
+
+    pub async fn get(&self, user: &TestUser, path: &str) -> (StatusCode, Value) {
+        let res = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&user.token)
+            .send()
+            .await
+            .expect("request");
+        status_and_json(res).await
+    }
+
+    pub async fn post(&self, user: &TestUser, path: &str, body: Value) -> (StatusCode, Value) {
+        let res = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&user.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        status_and_json(res).await
+    }
+
+    pub async fn delete(&self, user: &TestUser, path: &str, body: Value) -> (StatusCode, Value) {
+        let res = self
+            .http
+            .delete(self.url(path))
+            .bearer_auth(&user.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        status_and_json(res).await
+    }
+
+    /// POST to an internal route with the service secret.
+    pub async fn internal_post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let res = self
+            .http
+            .post(self.url(path))
+            .header(
+                shared::protocol::internal::SERVICE_SECRET_HEADER,
+                SERVICE_SECRET,
+            )
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        status_and_json(res).await
+    }
+
+    pub async fn internal_get(&self, path: &str) -> (StatusCode, Value) {
+        let res = self
+            .http
+            .get(self.url(path))
+            .header(
+                shared::protocol::internal::SERVICE_SECRET_HEADER,
+                SERVICE_SECRET,
+            )
+            .send()
+            .await
+            .expect("request");
+        status_and_json(res).await
+    }
+
+    /// Creates a direct conversation between `a` and `b`; returns its id.
+    pub async fn direct(&self, a: &TestUser, b: &TestUser) -> i64 {
+        let (status, body) = self
+            .post(
+                a,
+                "/api/v1/chat/conversations",
+                json!({"type": "direct", "participant_id": b.id}),
+            )
+            .await;
+        assert!(status.is_success(), "{status} {body}");
+        body["id"].as_i64().expect("id")
+    }
+
+    /// Creates a group owned by `owner` with `members`; returns its id.
+    pub async fn group(&self, owner: &TestUser, name: &str, members: &[&TestUser]) -> i64 {
+        let ids: Vec<i64> = members.iter().map(|m| m.id).collect();
+        let (status, body) = self
+            .post(
+                owner,
+                "/api/v1/chat/conversations",
+                json!({"type": "group", "name": name, "participant_ids": ids}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["id"].as_i64().expect("id")
+    }
+
+    /// Ingests `n` messages from `sender` into `conversation`, seq
+    /// `first..first+n`, through the internal API as the edge would.
+    pub async fn ingest(&self, conversation: i64, sender: &TestUser, first: i64, n: i64) -> Value {
+        let messages: Vec<Value> = (first..first + n)
+            .map(|seq| message(conversation, sender.id, seq))
+            .collect();
+        let (status, body) = self
+            .internal_post(
+                "/internal/v1/messages/batch",
+                &json!({ "messages": messages }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        let client = self.pool.get().await.expect("db");
+        client.query_one(sql, &[]).await.expect("count").get(0)
+    }
+}
+
+/// A message as the edge would send it, with an id derived from its place.
+pub fn message(conversation: i64, sender: i64, seq: i64) -> Value {
+    json!({
+        "id": message_id(conversation, seq),
+        "conversation_id": conversation,
+        "seq": seq,
+        "sender_id": sender,
+        "content": format!("message {seq}"),
+        "created_at": chrono::Utc::now(),
+        "client_msg_id": format!("c-{conversation}-{seq}"),
+    })
+}
+
+/// A deterministic UUID for (conversation, seq), so replays carry the same id.
+pub fn message_id(conversation: i64, seq: i64) -> uuid::Uuid {
+    uuid::Uuid::from_u64_pair(conversation as u64, seq as u64)
+}
+
+pub async fn status_and_json(res: reqwest::Response) -> (StatusCode, Value) {
+    let status = res.status();
+    let text = res.text().await.expect("body");
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (status, body)
+}
+
+/// Asserts an error response: the status and a `{code, message}` body.
+pub fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code: &str) {
+    assert_eq!(status, expected, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}

@@ -1,0 +1,270 @@
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use shared::Role;
+
+use crate::helpers::{assert_error, message, message_id, spawn_app, status_and_json};
+
+#[tokio::test]
+async fn internal_routes_without_the_right_service_secret_get_401() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let routes = [
+        ("POST", "/internal/v1/messages/batch"),
+        ("GET", "/internal/v1/conversations/1/members"),
+        ("POST", "/internal/v1/presence"),
+        ("POST", "/internal/v1/receipts"),
+    ];
+    for (method, path) in routes {
+        for secret in [None, Some("wrong-secret"), Some("")] {
+            let mut req = app
+                .http
+                .request(method.parse().unwrap(), app.url(path))
+                .json(&json!({"messages": [], "updates": [], "receipts": []}));
+            if let Some(secret) = secret {
+                req = req.header(shared::protocol::internal::SERVICE_SECRET_HEADER, secret);
+            }
+            let (s, b) = status_and_json(req.send().await.unwrap()).await;
+            assert_eq!(
+                s,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} {secret:?}: {b}"
+            );
+        }
+        // A user's session token is not the service secret either.
+        let (s, _) = status_and_json(
+            app.http
+                .request(method.parse().unwrap(), app.url(path))
+                .bearer_auth(&alex.token)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+}
+
+#[tokio::test]
+async fn a_replayed_batch_changes_nothing_and_answers_the_same() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let id = app.direct(&alex, &sam).await;
+    let batch = json!({"messages": (1..=20).map(|s| message(id, alex.id, s)).collect::<Vec<_>>()});
+    let (s, first) = app
+        .internal_post("/internal/v1/messages/batch", &batch)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{first}");
+    assert_eq!(first["stored"].as_array().unwrap().len(), 20);
+    assert_eq!(first["rejected"], json!([]));
+    let snapshot = app
+        .count("SELECT (count(*) + sum(seq))::int8 FROM messages")
+        .await;
+    let (s, second) = app
+        .internal_post("/internal/v1/messages/batch", &batch)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(first, second);
+    assert_eq!(
+        app.count("SELECT (count(*) + sum(seq))::int8 FROM messages")
+            .await,
+        snapshot
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT last_seq FROM conversations WHERE id = {id}"
+        ))
+        .await,
+        20
+    );
+}
+
+#[tokio::test]
+async fn parallel_ingest_of_the_same_batch_stores_it_once() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let id = app.direct(&alex, &sam).await;
+    let other = app.group(&sam, "Other", &[&alex]).await;
+    // Two conversations in one batch, to exercise the lock ordering.
+    let mut messages: Vec<Value> = (1..=200).map(|s| message(id, alex.id, s)).collect();
+    messages.extend((1..=50).map(|s| message(other, sam.id, s)));
+    let batch = json!({ "messages": messages });
+    let calls = (0..8).map(|_| app.internal_post("/internal/v1/messages/batch", &batch));
+    let results = futures::future::join_all(calls).await;
+    for (s, body) in &results {
+        assert_eq!(*s, StatusCode::OK, "{body}");
+        assert_eq!(body["stored"].as_array().unwrap().len(), 250, "{body}");
+        assert_eq!(body["rejected"], json!([]));
+    }
+    assert_eq!(app.count("SELECT count(*) FROM messages").await, 250);
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(DISTINCT seq) FROM messages WHERE conversation_id = {id}"
+        ))
+        .await,
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_different_message_at_a_taken_seq_or_key_is_rejected_not_overwritten() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let id = app.direct(&alex, &sam).await;
+    app.ingest(id, &alex, 1, 2).await;
+
+    let mut same_seq = message(id, sam.id, 2);
+    same_seq["id"] = json!(uuid::Uuid::now_v7());
+    same_seq["client_msg_id"] = json!("fresh-key");
+    let mut same_key = message(id, alex.id, 3);
+    same_key["client_msg_id"] = json!(format!("c-{id}-1"));
+    let good = message(id, alex.id, 4);
+    let (s, body) = app
+        .internal_post(
+            "/internal/v1/messages/batch",
+            &json!({"messages": [same_seq, same_key, good]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["stored"], json!([message_id(id, 4)]));
+    let rejected = body["rejected"].as_array().unwrap();
+    assert_eq!(rejected.len(), 2);
+    assert!(rejected.iter().all(|r| r["code"] == "conflict"));
+    let original: String = app
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT content FROM messages WHERE conversation_id = $1 AND seq = 2",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(original, "message 2");
+}
+
+#[tokio::test]
+async fn invalid_messages_are_rejected_and_the_rest_of_the_batch_is_stored() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let id = app.direct(&alex, &sam).await;
+    let mut too_long = message(id, alex.id, 1);
+    too_long["content"] = json!("x".repeat(4001));
+    let mut blank = message(id, alex.id, 2);
+    blank["content"] = json!("   ");
+    let mut bad_key = message(id, alex.id, 3);
+    bad_key["client_msg_id"] = json!("has spaces");
+    let mut zero_seq = message(id, alex.id, 4);
+    zero_seq["seq"] = json!(0);
+    let unknown_conv = message(999_999, alex.id, 1);
+    let unknown_sender = message(id, 888_888, 5);
+    let good = message(id, alex.id, 6);
+    let (s, body) = app
+        .internal_post(
+            "/internal/v1/messages/batch",
+            &json!({"messages": [too_long, blank, bad_key, zero_seq, unknown_conv, unknown_sender, good]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["stored"], json!([message_id(id, 6)]));
+    let mut codes: Vec<&str> = body["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect();
+    codes.sort_unstable();
+    assert_eq!(
+        codes,
+        vec![
+            "empty_field",
+            "invalid_field",
+            "invalid_field",
+            "too_long",
+            "unknown_conversation",
+            "unknown_sender"
+        ]
+    );
+    assert_eq!(app.count("SELECT count(*) FROM messages").await, 1);
+
+    // A batch over the limit is refused whole.
+    let huge: Vec<Value> = (1..=1001).map(|s| message(id, alex.id, s)).collect();
+    let (s, b) = app
+        .internal_post("/internal/v1/messages/batch", &json!({ "messages": huge }))
+        .await;
+    assert_error(s, &b, StatusCode::PAYLOAD_TOO_LARGE, "too_large");
+    assert_eq!(app.count("SELECT count(*) FROM messages").await, 1);
+}
+
+#[tokio::test]
+async fn members_lists_watermarks_and_the_last_stored_seq() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let id = app.direct(&alex, &sam).await;
+    app.ingest(id, &alex, 1, 7).await;
+    app.internal_post(
+        "/internal/v1/receipts",
+        &json!({"receipts": [
+            {"conversation_id": id, "user_id": sam.id, "delivered_seq": 7, "read_seq": 5},
+            {"conversation_id": id, "user_id": sam.id, "delivered_seq": 6, "read_seq": 6}
+        ]}),
+    )
+    .await;
+    let (s, body) = app
+        .internal_get(&format!("/internal/v1/conversations/{id}/members"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["kind"], "direct");
+    assert_eq!(body["last_seq"], 7);
+    let sam_row = body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["user_id"] == sam.id)
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        sam_row,
+        json!({"user_id": sam.id, "delivered_seq": 7, "read_seq": 6})
+    );
+    let (s, b) = app
+        .internal_get("/internal/v1/conversations/424242/members")
+        .await;
+    assert_error(s, &b, StatusCode::NOT_FOUND, "not_found");
+}
+
+#[tokio::test]
+async fn presence_keeps_the_newest_report_and_skips_unknown_users() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let t0 = chrono::Utc::now();
+    let t1 = t0 + chrono::Duration::seconds(5);
+    // Offline at t1 arrives first, then a delayed online from t0.
+    for (online, at) in [(false, t1), (true, t0)] {
+        let (s, b) = app
+            .internal_post(
+                "/internal/v1/presence",
+                &json!({"updates": [
+                    {"user_id": sam.id, "is_online": online, "last_seen": at},
+                    {"user_id": 999_999, "is_online": true, "last_seen": at}
+                ]}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    }
+    let (_, body) = app
+        .get(&alex, &format!("/api/v1/chat/presence/{}", sam.id))
+        .await;
+    assert_eq!(body["is_online"], false);
+    let seen: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(body["last_seen"].clone()).unwrap();
+    assert_eq!(seen.timestamp_millis(), t1.timestamp_millis());
+}

@@ -1,0 +1,12 @@
+//! Integration tests: a real origin, a real PostgreSQL, one fresh database
+//! per test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod auth;
+mod conversations;
+mod helpers;
+mod history;
+mod internal;
+mod migrations;
+mod ops;

@@ -1,0 +1,23 @@
+//! Everything the edge, the origin and the tests must agree on, in one crate
+//! that builds for both native targets and `wasm32-unknown-unknown`.
+//!
+//! - [`protocol`]: the JSON frames on the wire (WS frames and SSE `data:`
+//!   carry the same objects) and the REST/internal payloads shared by the edge
+//!   and the origin.
+//! - [`domain`]: validation newtypes. One rule per field, so the edge, the
+//!   origin and the tests cannot drift apart.
+//! - [`auth`]: JWT claims and the one verification rule (HS256 pinned, `exp`
+//!   required, `iss`/`aud` checked, bounded leeway). The current time is an
+//!   argument, because `SystemTime::now()` panics on wasm32.
+//! - [`receipts`]: message status derived from read/delivered watermarks.
+//! - [`redact`]: strips tokens from URLs before they reach a log line.
+//!
+//! Nothing here does I/O or reads a clock: callers pass `now` in.
+
+pub mod auth;
+pub mod domain;
+pub mod protocol;
+pub mod receipts;
+pub mod redact;
+
+pub use domain::{ClientMsgId, ConversationName, DomainError, MessageContent, Role};

@@ -1,0 +1,289 @@
+//! The JSON on the wire.
+//!
+//! WebSocket frames and SSE `data:` lines carry the same objects, in the
+//! seed's shapes, so a client written for the seed keeps working. Fields were
+//! only ever added, never renamed.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A frame from a client. Field values are raw here; the room validates them
+/// so that each failure gets its own error code (and 1009 for oversize
+/// content) instead of one generic "malformed".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    Message {
+        conversation_id: i64,
+        content: String,
+        /// The sender's idempotency key. Optional for seed compatibility; a
+        /// frame without one cannot be deduplicated on resend.
+        #[serde(default)]
+        client_msg_id: Option<String>,
+    },
+    Typing {
+        conversation_id: i64,
+    },
+    Read {
+        conversation_id: i64,
+        seq: i64,
+    },
+    /// Application-level keepalive for clients that cannot send WS pings
+    /// (browsers). Answered with [`ServerFrame::Pong`].
+    Ping,
+}
+
+/// Delivery status of a message, derived from the other members'
+/// watermarks (see [`crate::receipts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum MessageStatus {
+    Sent,
+    Delivered,
+    Read,
+}
+
+/// A message as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MessageView {
+    /// Stable from edge to origin (UUIDv7, minted by the room).
+    pub id: Uuid,
+    /// Position in the conversation's total order: 1, 2, 3… with no gaps.
+    pub seq: i64,
+    pub conversation_id: i64,
+    pub sender_id: i64,
+    pub content: String,
+    pub status: MessageStatus,
+    pub created_at: DateTime<Utc>,
+    pub client_msg_id: String,
+}
+
+/// A frame from the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Message {
+        message: MessageView,
+    },
+    Typing {
+        conversation_id: i64,
+        user_id: i64,
+    },
+    Presence {
+        user_id: i64,
+        is_online: bool,
+        last_seen: Option<DateTime<Utc>>,
+    },
+    /// The sender's message is durable. Sent for a resend too, with the
+    /// original `seq` and `id`.
+    Ack {
+        client_msg_id: String,
+        seq: i64,
+        id: Uuid,
+        conversation_id: i64,
+    },
+    Receipt {
+        conversation_id: i64,
+        user_id: i64,
+        delivered_seq: i64,
+        read_seq: i64,
+    },
+    /// The requested resume point is older than the room's replay window:
+    /// reload from REST (`after_seq=from_seq - 1`) and reconnect.
+    Resync {
+        conversation_id: i64,
+        from_seq: i64,
+    },
+    /// Something about the conversation changed (Lobby notification).
+    ConversationUpdated {
+        conversation_id: i64,
+        seq: i64,
+        last_message: Option<MessagePreview>,
+        unread_count: i64,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+    Pong,
+}
+
+/// The short form of a message for conversation lists and notifications.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MessagePreview {
+    pub id: Uuid,
+    pub seq: i64,
+    pub sender_id: i64,
+    /// At most [`PREVIEW_CHARS`] characters of the content.
+    pub content: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Length of a [`MessagePreview`]'s content.
+pub const PREVIEW_CHARS: usize = 120;
+
+/// Cuts `content` to a preview, on a character boundary.
+pub fn preview_text(content: &str) -> String {
+    match content.char_indices().nth(PREVIEW_CHARS) {
+        Some((idx, _)) => format!("{}…", &content[..idx]),
+        None => content.to_owned(),
+    }
+}
+
+/// The edge ⇄ origin internal API. Every call carries
+/// [`SERVICE_SECRET_HEADER`].
+pub mod internal {
+    use super::*;
+
+    /// Header that carries the shared service secret.
+    pub const SERVICE_SECRET_HEADER: &str = "x-vibe-service-secret";
+    /// Largest batch the origin ingests in one call.
+    pub const MAX_INGEST_BATCH: usize = 1_000;
+
+    /// A message as the room stored it, on its way to PostgreSQL.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct StoredMessage {
+        pub id: Uuid,
+        pub conversation_id: i64,
+        pub seq: i64,
+        pub sender_id: i64,
+        pub content: String,
+        pub created_at: DateTime<Utc>,
+        pub client_msg_id: String,
+    }
+
+    /// `POST /internal/v1/messages/batch`
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct IngestBatch {
+        pub messages: Vec<StoredMessage>,
+    }
+
+    /// What the origin holds after an ingest call. An id is in `stored` when
+    /// PostgreSQL has that exact message (now or from an earlier call); the
+    /// edge may then drop it from its outbox.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct IngestResult {
+        pub stored: Vec<Uuid>,
+        /// Messages that can never be stored (a different message already
+        /// holds the seq, an unknown conversation…). Retrying will not help.
+        pub rejected: Vec<IngestRejection>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct IngestRejection {
+        pub id: Uuid,
+        pub code: String,
+        pub message: String,
+    }
+
+    /// `GET /internal/v1/conversations/{id}/members`
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ConversationMembers {
+        pub conversation_id: i64,
+        pub kind: String,
+        /// Highest seq PostgreSQL holds; a room with empty storage starts
+        /// after it.
+        pub last_seq: i64,
+        pub members: Vec<MemberWatermark>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct MemberWatermark {
+        pub user_id: i64,
+        pub delivered_seq: i64,
+        pub read_seq: i64,
+    }
+
+    /// `POST /internal/v1/presence`
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct PresenceBatch {
+        pub updates: Vec<PresenceUpdate>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct PresenceUpdate {
+        pub user_id: i64,
+        pub is_online: bool,
+        pub last_seen: DateTime<Utc>,
+    }
+
+    /// `POST /internal/v1/receipts`. Watermarks only move forward.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ReceiptBatch {
+        pub receipts: Vec<ReceiptUpdate>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ReceiptUpdate {
+        pub conversation_id: i64,
+        pub user_id: i64,
+        pub delivered_seq: i64,
+        pub read_seq: i64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_client_frames_parse() {
+        let f: ClientFrame = serde_json::from_str(
+            r#"{"type":"message","conversation_id":1,"content":"Hello!","client_msg_id":"abc"}"#,
+        )
+        .expect("parse");
+        assert_eq!(
+            f,
+            ClientFrame::Message {
+                conversation_id: 1,
+                content: "Hello!".into(),
+                client_msg_id: Some("abc".into())
+            }
+        );
+        let f: ClientFrame =
+            serde_json::from_str(r#"{"type":"read","conversation_id":1,"seq":42}"#).expect("parse");
+        assert_eq!(
+            f,
+            ClientFrame::Read {
+                conversation_id: 1,
+                seq: 42
+            }
+        );
+        assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"dance"}"#).is_err());
+    }
+
+    #[test]
+    fn server_frames_have_the_seed_shape() {
+        let v = serde_json::to_value(ServerFrame::Typing {
+            conversation_id: 1,
+            user_id: 5,
+        })
+        .expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"typing","conversation_id":1,"user_id":5})
+        );
+        let v = serde_json::to_value(ServerFrame::Resync {
+            conversation_id: 1,
+            from_seq: 3,
+        })
+        .expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"resync","conversation_id":1,"from_seq":3})
+        );
+    }
+
+    #[test]
+    fn previews_cut_on_a_character_boundary() {
+        let long = "ü".repeat(PREVIEW_CHARS + 5);
+        let p = preview_text(&long);
+        assert_eq!(p.chars().count(), PREVIEW_CHARS + 1);
+        assert!(p.ends_with('…'));
+        assert_eq!(preview_text("short"), "short");
+    }
+}
