@@ -75,12 +75,14 @@ pub async fn migrate_with(pool: &Pool, migrations: &[Migration]) -> anyhow::Resu
     // Under the lock: concurrent CREATE TABLE IF NOT EXISTS can race.
     let created = client
         .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
+            "SET client_min_messages TO warning;
+             CREATE TABLE IF NOT EXISTS schema_migrations (
                 version    BIGINT PRIMARY KEY,
                 name       TEXT NOT NULL,
                 checksum   TEXT NOT NULL,
                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
-            )",
+             );
+             RESET client_min_messages;",
         )
         .await
         .context("create schema_migrations");

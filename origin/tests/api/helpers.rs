@@ -22,17 +22,16 @@ pub fn admin_url() -> String {
 
 /// `admin_url` with its database swapped for `db`.
 pub fn url_for(db: &str) -> String {
-    let base = admin_url();
-    match base.rsplit_once('/') {
-        Some((server, last)) if !last.contains('@') && !server.ends_with('/') => {
-            let query = last
-                .split_once('?')
-                .map(|(_, q)| format!("?{q}"))
-                .unwrap_or_default();
-            format!("{server}/{db}{query}")
-        }
-        _ => format!("{}/{db}", base.trim_end_matches('/')),
-    }
+    let admin = admin_url();
+    let (base, query) = match admin.split_once('?') {
+        Some((b, q)) => (b.to_owned(), format!("?{q}")),
+        None => (admin.clone(), String::new()),
+    };
+    let host_start = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[host_start..]
+        .find('/')
+        .map_or(base.len(), |j| host_start + j);
+    format!("{}/{db}{query}", &base[..host_end])
 }
 
 /// Creates an empty database with a unique name.

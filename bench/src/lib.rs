@@ -1,0 +1,17 @@
+//! Benchmarks. Each prints a table; `docs/BENCHMARKS.md` keeps the figures
+//! with the command that produced them.
+//!
+//! No test times anything: timing lives here, where a noisy 2-core machine
+//! can only make a number worse, never fail a build.
+
+#![allow(clippy::print_stdout)]
+
+pub mod origin_bench;
+pub mod report;
+
+pub async fn run(which: &str) -> anyhow::Result<()> {
+    match which {
+        "origin" => origin_bench::run().await,
+        other => anyhow::bail!("unknown benchmark {other:?}; available: origin"),
+    }
+}

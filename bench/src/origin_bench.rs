@@ -1,0 +1,410 @@
+//! `cargo xtask bench origin`: the origin against PostgreSQL.
+//!
+//! 1. **Ingest**: the internal batch API, as the edge's outbox flush calls
+//!    it (one conversation per batch, several rooms flushing at once), with
+//!    `synchronous_commit=on`. Reported in messages per second, next to the
+//!    database's own ceiling: pgbench inserting 100 rows per transaction
+//!    into a table with the same columns and indexes as `messages`.
+//! 2. **History**: pages of 50 from a conversation of 1,000,000 messages,
+//!    at random points, over HTTP with a real token; p50/p99/max.
+//!
+//! The origin runs in this process on a fresh database (`vibe_bench`); the
+//! load generator shares the machine's two cores with it and PostgreSQL.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use origin::{Application, Config};
+use rand::Rng;
+use serde_json::{Value, json};
+use shared::Role;
+use shared::auth::{AUDIENCE_API, Claims};
+use shared::protocol::internal::SERVICE_SECRET_HEADER;
+use tokio_postgres::NoTls;
+
+use crate::report::{micros_histogram, ms, table};
+
+const JWT_SECRET: &str = "bench-jwt-secret-bench-jwt-secret-000";
+const SERVICE_SECRET: &str = "bench-service-secret-bench-service-00";
+const DB: &str = "vibe_bench";
+const HISTORY_SIZE: i64 = 1_000_000;
+
+pub async fn run() -> anyhow::Result<()> {
+    let admin = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let (admin_client, conn) = tokio_postgres::connect(&admin, NoTls)
+        .await
+        .context("connect to PostgreSQL (DATABASE_URL)")?;
+    tokio::spawn(conn);
+    // Two statements: CREATE DATABASE cannot run in a transaction block.
+    admin_client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
+        .await
+        .context("drop the old bench database")?;
+    admin_client
+        .batch_execute(&format!("CREATE DATABASE {DB}"))
+        .await
+        .context("create the bench database")?;
+    let url = with_database(&admin, DB);
+    let sync_commit: String = admin_client
+        .query_one("SHOW synchronous_commit", &[])
+        .await?
+        .get(0);
+    if sync_commit != "on" {
+        bail!("synchronous_commit is {sync_commit}; the benchmark requires on");
+    }
+
+    let config_url = url.clone();
+    let config = Config::from_lookup(move |k| match k {
+        "DATABASE_URL" => Some(config_url.clone()),
+        "BIND_ADDR" => Some("127.0.0.1:0".to_owned()),
+        "JWT_SECRET" => Some(JWT_SECRET.to_owned()),
+        "ORIGIN_SERVICE_SECRET" => Some(SERVICE_SECRET.to_owned()),
+        "DB_POOL_SIZE" => Some("16".to_owned()),
+        _ => None,
+    })?;
+    let app = Application::build(config).await?;
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let pool = app.state().pool.clone();
+    tokio::spawn(app.run(std::future::pending()));
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let db = pool.get().await?;
+    let users: Vec<i64> = {
+        let mut ids = Vec::new();
+        for (i, role) in ["trainer", "member"].iter().enumerate() {
+            let row = db
+                .query_one(
+                    "INSERT INTO users (email, full_name, role, password_hash)
+                     VALUES ($1, $2, $3, 'x') RETURNING id",
+                    &[&format!("bench{i}@vibe.fit"), &format!("Bench {i}"), role],
+                )
+                .await?;
+            ids.push(row.get::<_, i64>(0));
+        }
+        ids
+    };
+
+    println!("PostgreSQL: {}", server_version(&admin_client).await?);
+    println!("synchronous_commit = {sync_commit}");
+
+    // ---- Ingest ----------------------------------------------------------
+    let mut rows = Vec::new();
+    for (batch, writers) in [(100usize, 8usize), (500, 4), (500, 8), (1000, 8)] {
+        let rooms = writers * 4;
+        let conversations = create_groups(&db, users[0], &users, rooms).await?;
+        let total = 200_000usize;
+        let rate = ingest(&http, &base, &conversations, users[0], batch, writers, total).await?;
+        let stored: i64 = db
+            .query_one(
+                "SELECT count(*) FROM messages WHERE conversation_id = ANY($1)",
+                &[&conversations],
+            )
+            .await?
+            .get(0);
+        if stored != total as i64 {
+            bail!("ingest stored {stored} of {total} messages");
+        }
+        rows.push(vec![
+            batch.to_string(),
+            writers.to_string(),
+            total.to_string(),
+            format!("{rate:.0}"),
+        ]);
+    }
+    let ceiling = pgbench_ceiling(&url, &db).await;
+    table(
+        "Origin ingest (POST /internal/v1/messages/batch, synchronous_commit=on)",
+        &["batch size", "concurrent rooms flushing", "messages", "msgs/s"],
+        &rows,
+    );
+    match ceiling {
+        Ok(rate) => println!(
+            "\nPostgreSQL ceiling (pgbench, 100 rows/transaction, same columns and indexes, 8 clients): {rate:.0} rows/s"
+        ),
+        Err(e) => println!("\npgbench ceiling not measured: {e:#}"),
+    }
+
+    // ---- History ---------------------------------------------------------
+    let conversation = create_groups(&db, users[0], &users, 1).await?[0];
+    println!("\nfilling a conversation with {HISTORY_SIZE} messages…");
+    let started = Instant::now();
+    db.batch_execute(&format!(
+        "INSERT INTO messages (id, conversation_id, seq, sender_id, content, created_at, client_msg_id)
+         SELECT gen_random_uuid(), {conversation}, g, {sender}, 'history message ' || g,
+                now() - make_interval(secs => {HISTORY_SIZE} - g), 'h-' || g
+         FROM generate_series(1, {HISTORY_SIZE}) g;
+         UPDATE conversations SET last_seq = {HISTORY_SIZE} WHERE id = {conversation};
+         ANALYZE messages;",
+        sender = users[1]
+    ))
+    .await?;
+    println!("filled in {:.1} s", started.elapsed().as_secs_f64());
+    let now = chrono::Utc::now().timestamp();
+    let token = shared::auth::issue(
+        &Claims::new(users[0], "Bench 0", Role::Trainer, AUDIENCE_API, now, 3600),
+        JWT_SECRET.as_bytes(),
+    )?;
+    let mut rows = Vec::new();
+    for (label, concurrency, requests) in [
+        ("random page, 1 client", 1usize, 5_000usize),
+        ("random page, 4 clients", 4, 10_000),
+        ("latest page, 1 client", 1, 2_000),
+    ] {
+        let latest = label.starts_with("latest");
+        let (hist, elapsed) = history(
+            &http,
+            &base,
+            &token,
+            conversation,
+            concurrency,
+            requests,
+            latest,
+        )
+        .await?;
+        rows.push(vec![
+            label.to_owned(),
+            requests.to_string(),
+            ms(hist.value_at_quantile(0.5)),
+            ms(hist.value_at_quantile(0.99)),
+            ms(hist.max()),
+            format!("{:.0}", requests as f64 / elapsed.as_secs_f64()),
+        ]);
+    }
+    table(
+        "History page of 50 from a 1,000,000-message conversation (GET …/messages?before_seq=&limit=50, over HTTP)",
+        &["case", "requests", "p50 ms", "p99 ms", "max ms", "req/s"],
+        &rows,
+    );
+    drop(db);
+    admin_client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
+        .await
+        .ok();
+    Ok(())
+}
+
+async fn server_version(client: &tokio_postgres::Client) -> anyhow::Result<String> {
+    Ok(client.query_one("SHOW server_version", &[]).await?.get(0))
+}
+
+fn with_database(admin: &str, db: &str) -> String {
+    let (base, query) = match admin.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (admin, String::new()),
+    };
+    let host_start = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[host_start..]
+        .find('/')
+        .map_or(base.len(), |j| host_start + j);
+    format!("{}/{db}{query}", &base[..host_end])
+}
+
+async fn create_groups(
+    db: &deadpool_postgres::Object,
+    owner: i64,
+    members: &[i64],
+    n: usize,
+) -> anyhow::Result<Vec<i64>> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let row = db
+            .query_one(
+                "INSERT INTO conversations (kind, name, created_by) VALUES ('group', $1, $2) RETURNING id",
+                &[&format!("bench {i}"), &owner],
+            )
+            .await?;
+        let id: i64 = row.get(0);
+        db.execute(
+            "INSERT INTO conversation_participants (conversation_id, user_id) SELECT $1, unnest($2::int8[])",
+            &[&id, &members],
+        )
+        .await?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// `writers` tasks, each flushing its own rooms' batches in turn, until
+/// `total` messages are stored. Returns messages per second.
+async fn ingest(
+    http: &reqwest::Client,
+    base: &str,
+    conversations: &[i64],
+    sender: i64,
+    batch: usize,
+    writers: usize,
+    total: usize,
+) -> anyhow::Result<f64> {
+    let per_writer = total / writers;
+    let rooms_per_writer = conversations.len() / writers;
+    let url = format!("{base}/internal/v1/messages/batch");
+    // Build every body first: the clock measures the origin, not serde.
+    let mut plans: Vec<Vec<String>> = Vec::with_capacity(writers);
+    for w in 0..writers {
+        let rooms = &conversations[w * rooms_per_writer..(w + 1) * rooms_per_writer];
+        let mut next_seq = vec![1i64; rooms.len()];
+        let mut bodies = Vec::new();
+        let mut sent = 0;
+        let mut r = 0;
+        while sent < per_writer {
+            let n = batch.min(per_writer - sent);
+            let conv = rooms[r % rooms.len()];
+            let seq0 = next_seq[r % rooms.len()];
+            let created = chrono::Utc::now();
+            let messages: Vec<Value> = (0..n as i64)
+                .map(|i| {
+                    json!({
+                        "id": uuid::Uuid::now_v7(),
+                        "conversation_id": conv,
+                        "seq": seq0 + i,
+                        "sender_id": sender,
+                        "content": format!("bench message {} in {conv}", seq0 + i),
+                        "created_at": created,
+                        "client_msg_id": format!("b-{conv}-{}", seq0 + i),
+                    })
+                })
+                .collect();
+            bodies.push(serde_json::to_string(&json!({ "messages": messages }))?);
+            next_seq[r % rooms.len()] += n as i64;
+            sent += n;
+            r += 1;
+        }
+        plans.push(bodies);
+    }
+    let started = Instant::now();
+    let tasks = plans.into_iter().map(|bodies| {
+        let http = http.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            for body in bodies {
+                let res = http
+                    .post(&url)
+                    .header(SERVICE_SECRET_HEADER, SERVICE_SECRET)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await?;
+                if !res.status().is_success() {
+                    bail!("ingest answered {}", res.status());
+                }
+                let v: Value = res.json().await?;
+                if v["rejected"].as_array().is_some_and(|r| !r.is_empty()) {
+                    bail!("ingest rejected messages: {}", v["rejected"]);
+                }
+            }
+            Ok(())
+        })
+    });
+    for r in futures::future::join_all(tasks).await {
+        r??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// pgbench, 100 rows per transaction into a copy of `messages` (same
+/// columns, unique constraints and indexes, without foreign keys).
+async fn pgbench_ceiling(url: &str, db: &deadpool_postgres::Object) -> anyhow::Result<f64> {
+    db.batch_execute(
+        "DROP TABLE IF EXISTS bench_ceiling;
+         CREATE TABLE bench_ceiling (LIKE messages INCLUDING ALL);
+         CREATE INDEX ON bench_ceiling (sender_id);",
+    )
+    .await?;
+    let script = std::env::temp_dir().join("vibe-bench-ceiling.sql");
+    std::fs::write(
+        &script,
+        "\\set c random(1, 1000000000)\n\
+         INSERT INTO bench_ceiling (id, conversation_id, seq, sender_id, content, created_at, client_msg_id) \
+         SELECT gen_random_uuid(), :c, g, 1, 'bench message ' || g || ' in ' || :c, now(), 'b-' || :c || '-' || g \
+         FROM generate_series(1, 100) g;\n",
+    )?;
+    let out = tokio::process::Command::new("pgbench")
+        .args(["-n", "-c", "8", "-j", "2", "-T", "15", "-f"])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .await
+        .context("run pgbench (apt-get install postgresql-client)")?;
+    if !out.status.success() {
+        bail!("pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tps: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("tps = ")
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+        })
+        .context("no tps line in pgbench output")?;
+    db.batch_execute("DROP TABLE bench_ceiling").await?;
+    Ok(tps * 100.0)
+}
+
+/// `requests` history pages from `concurrency` clients. Returns latency
+/// (µs) and wall time.
+async fn history(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    conversation: i64,
+    concurrency: usize,
+    requests: usize,
+    latest: bool,
+) -> anyhow::Result<(hdrhistogram::Histogram<u64>, Duration)> {
+    let url = Arc::new(format!("{base}/api/v1/chat/conversations/{conversation}/messages"));
+    // Warm-up: connections, prepared statements, caches.
+    for _ in 0..200 {
+        page(http, &url, token, Some(HISTORY_SIZE / 2)).await?;
+    }
+    let started = Instant::now();
+    let per_client = requests / concurrency;
+    let tasks = (0..concurrency).map(|_| {
+        let http = http.clone();
+        let url = url.clone();
+        let token = token.to_owned();
+        tokio::spawn(async move {
+            let mut hist = micros_histogram()?;
+            for _ in 0..per_client {
+                let before = if latest {
+                    None
+                } else {
+                    Some(rand::thread_rng().gen_range(51..=HISTORY_SIZE))
+                };
+                let t = Instant::now();
+                let n = page(&http, &url, &token, before).await?;
+                hist.record(t.elapsed().as_micros() as u64)?;
+                if n != 50 {
+                    bail!("a page had {n} messages, not 50");
+                }
+            }
+            Ok::<_, anyhow::Error>(hist)
+        })
+    });
+    let mut total = micros_histogram()?;
+    for r in futures::future::join_all(tasks).await {
+        total.add(r??)?;
+    }
+    Ok((total, started.elapsed()))
+}
+
+async fn page(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    before: Option<i64>,
+) -> anyhow::Result<usize> {
+    let mut req = http.get(url).bearer_auth(token).query(&[("limit", "50")]);
+    if let Some(b) = before {
+        req = req.query(&[("before_seq", b)]);
+    }
+    let res = req.send().await?;
+    if !res.status().is_success() {
+        bail!("history answered {}", res.status());
+    }
+    let v: Value = res.json().await?;
+    Ok(v["messages"].as_array().map_or(0, Vec::len))
+}

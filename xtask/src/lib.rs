@@ -1,0 +1,124 @@
+//! The project's front door.
+//!
+//! - `cargo xtask dev`: installs what is missing, makes sure PostgreSQL is
+//!   there, migrates and seeds the demo users, and runs the stack until
+//!   Ctrl-C.
+//! - `cargo xtask test`: installs what is missing and runs every check and
+//!   test suite, exactly as CI does.
+//! - `cargo xtask bench <origin>`: the benchmarks (release builds).
+//!
+//! Every step is idempotent and skips work that is already done, because a
+//! fresh machine and a warm one must both come out right.
+
+#![allow(clippy::print_stdout)]
+
+mod dev;
+mod pg;
+mod tools;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+const USAGE: &str = "usage: cargo xtask <dev | test | bench origin>";
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let root = workspace_root();
+    std::env::set_current_dir(&root).context("enter the workspace root")?;
+    match args.first().map(String::as_str) {
+        Some("dev") => dev::run(&root),
+        Some("test") => test(&root),
+        Some("bench") => bench(&root, args.get(1).map(String::as_str)),
+        Some("help" | "--help" | "-h") | None => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown command {other:?}\n{USAGE}"),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `cargo xtask test`: what CI runs.
+fn test(root: &Path) -> anyhow::Result<()> {
+    tools::ensure_rust_components()?;
+    tools::ensure_wasm_target()?;
+    let admin_url = pg::ensure(root)?;
+    pg::drop_test_databases(&admin_url)?;
+
+    step("format", cargo(&["fmt", "--all", "--check"]))?;
+    step(
+        "lint",
+        cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    step(
+        "shared builds for wasm32",
+        cargo(&[
+            "build",
+            "-p",
+            "vibe-shared",
+            "--target",
+            "wasm32-unknown-unknown",
+        ]),
+    )?;
+    let mut tests = cargo(&["test", "--workspace"]);
+    tests.env("DATABASE_URL", &admin_url);
+    step("tests (unit, and integration against PostgreSQL)", tests)?;
+    pg::drop_test_databases(&admin_url)?;
+    println!("\nall checks passed");
+    Ok(())
+}
+
+/// `cargo xtask bench <name>`.
+fn bench(root: &Path, which: Option<&str>) -> anyhow::Result<()> {
+    let which = which.unwrap_or("origin");
+    match which {
+        "origin" => {
+            let admin_url = pg::ensure(root)?;
+            let mut cmd = cargo(&["run", "--release", "-p", "vibe-bench", "--", "origin"]);
+            cmd.env("DATABASE_URL", &admin_url);
+            step("origin benchmark", cmd)
+        }
+        other => bail!("unknown benchmark {other:?}; available: origin"),
+    }
+}
+
+pub(crate) fn cargo(args: &[&str]) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    cmd.args(args);
+    cmd
+}
+
+/// Runs `cmd`, announcing it, and fails with its name if it fails.
+pub(crate) fn step(name: &str, mut cmd: Command) -> anyhow::Result<()> {
+    println!("\n==> {name}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("start {name} ({cmd:?})"))?;
+    if !status.success() {
+        bail!("{name} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` quietly and returns whether it succeeded.
+pub(crate) fn quiet(mut cmd: Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
