@@ -96,7 +96,16 @@ pub async fn run() -> anyhow::Result<()> {
         let rooms = writers * 4;
         let conversations = create_groups(&db, users[0], &users, rooms).await?;
         let total = 200_000usize;
-        let rate = ingest(&http, &base, &conversations, users[0], batch, writers, total).await?;
+        let rate = ingest(
+            &http,
+            &base,
+            &conversations,
+            users[0],
+            batch,
+            writers,
+            total,
+        )
+        .await?;
         let stored: i64 = db
             .query_one(
                 "SELECT count(*) FROM messages WHERE conversation_id = ANY($1)",
@@ -117,7 +126,12 @@ pub async fn run() -> anyhow::Result<()> {
     let ceiling = pgbench_ceiling(&url, &db).await;
     table(
         "Origin ingest (POST /internal/v1/messages/batch, synchronous_commit=on)",
-        &["batch size", "concurrent rooms flushing", "messages", "msgs/s"],
+        &[
+            "batch size",
+            "concurrent rooms flushing",
+            "messages",
+            "msgs/s",
+        ],
         &rows,
     );
     match ceiling {
@@ -355,7 +369,9 @@ async fn history(
     requests: usize,
     latest: bool,
 ) -> anyhow::Result<(hdrhistogram::Histogram<u64>, Duration)> {
-    let url = Arc::new(format!("{base}/api/v1/chat/conversations/{conversation}/messages"));
+    let url = Arc::new(format!(
+        "{base}/api/v1/chat/conversations/{conversation}/messages"
+    ));
     // Warm-up: connections, prepared statements, caches.
     for _ in 0..200 {
         page(http, &url, token, Some(HISTORY_SIZE / 2)).await?;

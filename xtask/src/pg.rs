@@ -46,7 +46,9 @@ fn connect(url: &str) -> anyhow::Result<postgres::Client> {
     let mut client = config
         .connect(postgres::NoTls)
         .context("connect to PostgreSQL")?;
-    client.simple_query("SELECT 1").context("query PostgreSQL")?;
+    client
+        .simple_query("SELECT 1")
+        .context("query PostgreSQL")?;
     Ok(client)
 }
 
@@ -115,7 +117,16 @@ fn private_cluster(root: &Path) -> anyhow::Result<String> {
     println!("==> starting the private PostgreSQL on port {PRIVATE_PORT}");
     let options = format!("-p {PRIVATE_PORT} -c listen_addresses=127.0.0.1 -k {data_s}");
     let status = as_server_user(&bin.join("pg_ctl"))
-        .args(["-D", &data_s, "-l", &format!("{data_s}/server.log"), "-w", "-o", &options, "start"])
+        .args([
+            "-D",
+            &data_s,
+            "-l",
+            &format!("{data_s}/server.log"),
+            "-w",
+            "-o",
+            &options,
+            "start",
+        ])
         .status()
         .context("run pg_ctl")?;
     if !status.success() {
