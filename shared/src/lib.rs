@@ -19,5 +19,6 @@ pub mod domain;
 pub mod protocol;
 pub mod receipts;
 pub mod redact;
+pub mod room;
 
 pub use domain::{ClientMsgId, ConversationName, DomainError, MessageContent, Role};

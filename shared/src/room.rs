@@ -1,0 +1,1460 @@
+//! The room: one conversation's live state, as a sans-IO state machine.
+//!
+//! Modelled on quinn-proto: no sockets, no clock, no storage. A driver (the
+//! Room Durable Object, the simulator in the tests, the benchmark) feeds
+//! events in through `handle_*(now, …)` and drains what the room wants done
+//! through [`Room::poll_output`], [`Room::poll_timeout`] and
+//! [`Room::poll_flush`].
+//!
+//! What the room decides:
+//! - membership (who may connect, whose sockets close when they are removed);
+//! - the total order: each accepted message gets the next `seq`;
+//! - idempotency: a resend with a known `(sender, client_msg_id)` returns
+//!   the original message and stores nothing;
+//! - typing relay: at most one relay per user per 2 s, forgotten after 5 s,
+//!   and cleared by that user's next message;
+//! - read/delivered watermarks and the `receipt` frames (coalesced per user);
+//! - replay on resume (`since=N`), or `resync` when `N` is older than the
+//!   window;
+//! - a per-user token bucket, and size limits;
+//! - the outbox to the origin: which messages to flush, when, and the
+//!   backoff after a failure.
+//!
+//! The driver's one duty: execute outputs **in order**. An
+//! [`Output::Store`] always precedes the `ack` and the broadcast of the same
+//! message, so a driver that writes before it sends never acknowledges a
+//! message that is not durable.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::domain::{ClientMsgId, DomainError, MAX_FRAME_BYTES, MessageContent};
+use crate::protocol::internal::{ReceiptUpdate, StoredMessage};
+use crate::protocol::{ClientFrame, MessageStatus, MessageView, ServerFrame};
+use crate::receipts::{Watermark, status_of};
+
+/// Milliseconds since the Unix epoch on the driver's clock (virtual in tests).
+pub type Millis = u64;
+
+/// A live connection (a WebSocket or an SSE stream), named by the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// WebSocket close codes the room asks for.
+pub mod close {
+    /// Policy violation: flood, removed from the conversation, bad token.
+    pub const POLICY: u16 = 1008;
+    /// A frame over the size limit.
+    pub const TOO_BIG: u16 = 1009;
+}
+
+/// Tunables. The defaults are the product's; tests and benchmarks change
+/// them.
+#[derive(Debug, Clone)]
+pub struct RoomConfig {
+    /// Messages kept for replay on resume. Older resume points get `resync`.
+    pub replay_window: usize,
+    /// `(sender, client_msg_id)` keys remembered for idempotency.
+    pub dedup_horizon: usize,
+    /// Unconfirmed messages held while the origin is unreachable. Past this,
+    /// sends are refused (`backpressure`) instead of growing without bound.
+    pub max_unflushed: usize,
+    pub typing_interval_ms: u64,
+    pub typing_ttl_ms: u64,
+    /// Least time between two `receipt` broadcasts for one user.
+    pub receipt_interval_ms: u64,
+    /// Token bucket per user: burst size and refill rate (messages/s).
+    pub rate_burst: u32,
+    pub rate_per_sec: u32,
+    /// Refused sends in a row (while the bucket is empty) before the
+    /// connection is closed with 1008.
+    pub flood_strikes: u32,
+    /// Wait after the first unflushed message, so a burst goes in one batch.
+    pub flush_delay_ms: u64,
+    pub flush_batch: usize,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RoomConfig {
+    fn default() -> Self {
+        Self {
+            replay_window: 1_000,
+            dedup_horizon: 5_000,
+            max_unflushed: 5_000,
+            typing_interval_ms: 2_000,
+            typing_ttl_ms: 5_000,
+            receipt_interval_ms: 1_000,
+            rate_burst: 30,
+            rate_per_sec: 10,
+            flood_strikes: 20,
+            flush_delay_ms: 100,
+            flush_batch: 500,
+            backoff_initial_ms: 500,
+            backoff_max_ms: 10_000,
+        }
+    }
+}
+
+/// A message as the room stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub id: Uuid,
+    pub seq: i64,
+    pub sender_id: i64,
+    pub content: String,
+    pub created_at_ms: i64,
+    pub client_msg_id: String,
+    /// Confirmed stored by the origin.
+    pub flushed: bool,
+}
+
+impl Record {
+    pub fn created_at(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(self.created_at_ms).unwrap_or_default()
+    }
+
+    pub fn to_stored(&self, conversation_id: i64) -> StoredMessage {
+        StoredMessage {
+            id: self.id,
+            conversation_id,
+            seq: self.seq,
+            sender_id: self.sender_id,
+            content: self.content.clone(),
+            created_at: self.created_at(),
+            client_msg_id: self.client_msg_id.clone(),
+        }
+    }
+}
+
+/// Who a frame goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Conn(ConnId),
+    /// Every connection in the room.
+    All,
+    /// Every connection of every user but this one.
+    OthersOf(i64),
+}
+
+/// What the driver must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Write this message durably before executing any later output.
+    Store(Record),
+    Send {
+        to: Target,
+        frame: ServerFrame,
+    },
+    Close {
+        conn: ConnId,
+        code: u16,
+        reason: String,
+    },
+    /// Persist a member's watermarks (read receipts survive restarts).
+    StoreWatermark(Watermark),
+    /// These messages are confirmed by the origin; mark them so.
+    MarkFlushed(Vec<i64>),
+}
+
+/// Why the room refused something. Each maps to a WS `error` code, an HTTP
+/// status and, for some, a WS close.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoomError {
+    #[error("you are not a member of this conversation")]
+    NotMember,
+    #[error("frame is for conversation {0}, this is another")]
+    WrongConversation(i64),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("unknown frame type {0:?}")]
+    UnknownType(String),
+    #[error("{0}")]
+    Invalid(DomainError),
+    #[error("frame is larger than {MAX_FRAME_BYTES} bytes")]
+    FrameTooLarge,
+    #[error("too many messages; retry in {retry_after_ms} ms")]
+    RateLimited { retry_after_ms: u64 },
+    #[error("the conversation is catching up with storage; retry shortly")]
+    Backpressure,
+}
+
+impl RoomError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            RoomError::NotMember => "forbidden",
+            RoomError::WrongConversation(_) => "wrong_conversation",
+            RoomError::Malformed(_) => "invalid_json",
+            RoomError::UnknownType(_) => "unknown_type",
+            RoomError::Invalid(e) => e.code(),
+            RoomError::FrameTooLarge => "frame_too_large",
+            RoomError::RateLimited { .. } => "rate_limited",
+            RoomError::Backpressure => "backpressure",
+        }
+    }
+
+    /// The HTTP status for the POST fallback.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            RoomError::NotMember => 403,
+            RoomError::Malformed(_) => 400,
+            RoomError::FrameTooLarge | RoomError::Invalid(DomainError::TooLong { .. }) => 413,
+            RoomError::WrongConversation(_) | RoomError::UnknownType(_) | RoomError::Invalid(_) => {
+                422
+            }
+            RoomError::RateLimited { .. } => 429,
+            RoomError::Backpressure => 503,
+        }
+    }
+
+    fn frame(&self) -> ServerFrame {
+        ServerFrame::Error {
+            code: self.code().to_owned(),
+            message: self.to_string(),
+        }
+    }
+}
+
+/// The result of an accepted send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    pub message: MessageView,
+    /// A resend of a message the room already had.
+    pub duplicate: bool,
+}
+
+/// What the driver loaded from durable storage when the room wakes.
+#[derive(Debug, Clone, Default)]
+pub struct Restore {
+    pub members: Vec<Watermark>,
+    /// Highest seq known anywhere (storage, or the origin for a new room).
+    pub last_seq: i64,
+    /// The newest messages (at least the replay window) and every
+    /// unflushed one, oldest first.
+    pub messages: Vec<Record>,
+    /// Idempotency keys older than `messages`: (sender, client_msg_id, seq, id).
+    pub older_keys: Vec<(i64, String, i64, Uuid)>,
+}
+
+/// A batch for the origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlushBatch {
+    pub messages: Vec<StoredMessage>,
+    pub receipts: Vec<ReceiptUpdate>,
+}
+
+/// What came back from a flush.
+#[derive(Debug, Clone, Default)]
+pub struct FlushOutcome {
+    /// Ids the origin holds.
+    pub stored: Vec<Uuid>,
+    /// Ids the origin will never take (a conflict, an unknown sender). They
+    /// leave the outbox too; retrying cannot help.
+    pub rejected: Vec<Uuid>,
+    /// The receipts in the batch were written.
+    pub receipts_ok: bool,
+}
+
+#[derive(Debug)]
+struct Conn {
+    user_id: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    updated: Millis,
+    strikes: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Typing {
+    last_relay: Millis,
+    expires: Millis,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ReceiptClock {
+    last_sent: Millis,
+    /// A broadcast waits for `last_sent + interval`.
+    pending: bool,
+}
+
+/// One conversation's live state. See the module docs.
+#[derive(Debug)]
+pub struct Room {
+    conversation_id: i64,
+    config: RoomConfig,
+    members: BTreeMap<i64, Watermark>,
+    conns: BTreeMap<ConnId, Conn>,
+    last_seq: i64,
+    /// Recent and unflushed messages, oldest first, contiguous by seq.
+    window: VecDeque<Record>,
+    unflushed: usize,
+    /// (sender, client_msg_id) → (seq, id), bounded by `dedup_horizon`.
+    keys: HashMap<(i64, String), (i64, Uuid)>,
+    key_order: VecDeque<(i64, String)>,
+    buckets: HashMap<i64, Bucket>,
+    typing: HashMap<i64, Typing>,
+    receipts: HashMap<i64, ReceiptClock>,
+    /// Members whose watermarks the origin has not seen yet.
+    dirty_receipts: HashSet<i64>,
+    next_flush_at: Option<Millis>,
+    flush_in_flight: Option<FlushBatch>,
+    backoff_ms: u64,
+    outputs: VecDeque<Output>,
+    rng: SplitMix64,
+}
+
+impl Room {
+    /// An empty room. `seed` feeds the id generator (the driver passes real
+    /// randomness; tests pass a constant).
+    pub fn new(conversation_id: i64, config: RoomConfig, seed: u64) -> Self {
+        let backoff_ms = config.backoff_initial_ms;
+        Self {
+            conversation_id,
+            config,
+            members: BTreeMap::new(),
+            conns: BTreeMap::new(),
+            last_seq: 0,
+            window: VecDeque::new(),
+            unflushed: 0,
+            keys: HashMap::new(),
+            key_order: VecDeque::new(),
+            buckets: HashMap::new(),
+            typing: HashMap::new(),
+            receipts: HashMap::new(),
+            dirty_receipts: HashSet::new(),
+            next_flush_at: None,
+            flush_in_flight: None,
+            backoff_ms,
+            outputs: VecDeque::new(),
+            rng: SplitMix64(seed),
+        }
+    }
+
+    /// Loads durable state after a (re)start. Call once, before any event.
+    pub fn restore(&mut self, now: Millis, state: Restore) {
+        for (sender, key, seq, id) in state.older_keys {
+            self.remember_key(sender, key, seq, id);
+        }
+        for record in state.messages {
+            self.remember_key(
+                record.sender_id,
+                record.client_msg_id.clone(),
+                record.seq,
+                record.id,
+            );
+            self.last_seq = self.last_seq.max(record.seq);
+            if !record.flushed {
+                self.unflushed += 1;
+            }
+            self.window.push_back(record);
+        }
+        self.last_seq = self.last_seq.max(state.last_seq);
+        for w in state.members {
+            self.members.insert(w.user_id, w);
+        }
+        if self.unflushed > 0 {
+            self.next_flush_at = Some(now);
+        }
+        self.prune_window();
+    }
+
+    pub fn conversation_id(&self) -> i64 {
+        self.conversation_id
+    }
+
+    pub fn last_seq(&self) -> i64 {
+        self.last_seq
+    }
+
+    pub fn is_member(&self, user_id: i64) -> bool {
+        self.members.contains_key(&user_id)
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = &Watermark> {
+        self.members.values()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// The user behind a connection.
+    pub fn user_of(&self, conn: ConnId) -> Option<i64> {
+        self.conns.get(&conn).map(|c| c.user_id)
+    }
+
+    /// Messages waiting for the origin.
+    pub fn unflushed(&self) -> usize {
+        self.unflushed
+    }
+
+    /// Seq of the oldest message replayable from memory.
+    pub fn window_start(&self) -> i64 {
+        self.window.front().map_or(self.last_seq + 1, |r| r.seq)
+    }
+
+    /// A message by seq, if still in the window.
+    pub fn message(&self, seq: i64) -> Option<MessageView> {
+        self.record(seq).map(|r| self.view(r, &self.watermarks()))
+    }
+
+    fn record(&self, seq: i64) -> Option<&Record> {
+        let start = self.window.front()?.seq;
+        let idx = usize::try_from(seq - start).ok()?;
+        self.window.get(idx)
+    }
+
+    // ---- membership -------------------------------------------------------
+
+    /// Replaces the member list (from the origin). Watermarks only move
+    /// forward. Removed members' connections are closed.
+    pub fn set_members(&mut self, _now: Millis, members: &[Watermark], origin_last_seq: i64) {
+        let incoming: BTreeMap<i64, Watermark> = members.iter().map(|w| (w.user_id, *w)).collect();
+        let removed: Vec<i64> = self
+            .members
+            .keys()
+            .filter(|u| !incoming.contains_key(u))
+            .copied()
+            .collect();
+        for user in &removed {
+            self.members.remove(user);
+            self.typing.remove(user);
+            self.buckets.remove(user);
+            self.receipts.remove(user);
+            self.dirty_receipts.remove(user);
+            let conns: Vec<ConnId> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.user_id == *user)
+                .map(|(id, _)| *id)
+                .collect();
+            for conn in conns {
+                self.conns.remove(&conn);
+                self.outputs.push_back(Output::Close {
+                    conn,
+                    code: close::POLICY,
+                    reason: "removed from the conversation".to_owned(),
+                });
+            }
+        }
+        for (user, w) in incoming {
+            let entry = self.members.entry(user).or_insert(w);
+            entry.delivered_seq = entry.delivered_seq.max(w.delivered_seq);
+            entry.read_seq = entry.read_seq.max(w.read_seq);
+        }
+        self.last_seq = self.last_seq.max(origin_last_seq);
+    }
+
+    // ---- connections ------------------------------------------------------
+
+    /// A member connects. With `since`, every later message is replayed
+    /// (or `resync` is sent when `since` is older than the window).
+    pub fn handle_connect(
+        &mut self,
+        now: Millis,
+        conn: ConnId,
+        user_id: i64,
+        since: Option<i64>,
+    ) -> Result<(), RoomError> {
+        if !self.is_member(user_id) {
+            return Err(RoomError::NotMember);
+        }
+        self.conns.insert(conn, Conn { user_id });
+        if let Some(since) = since {
+            self.replay(now, conn, user_id, since.max(0));
+        }
+        let typing: Vec<i64> = self
+            .typing
+            .iter()
+            .filter(|(u, t)| **u != user_id && t.expires > now)
+            .map(|(u, _)| *u)
+            .collect();
+        for user in typing {
+            self.send(Target::Conn(conn), self.typing_frame(user));
+        }
+        Ok(())
+    }
+
+    /// Re-registers a connection that survived hibernation (no replay).
+    pub fn handle_reattach(&mut self, conn: ConnId, user_id: i64) {
+        if self.is_member(user_id) {
+            self.conns.insert(conn, Conn { user_id });
+        }
+    }
+
+    pub fn handle_disconnect(&mut self, _now: Millis, conn: ConnId) {
+        self.conns.remove(&conn);
+    }
+
+    fn replay(&mut self, now: Millis, conn: ConnId, user_id: i64, since: i64) {
+        if since >= self.last_seq {
+            return;
+        }
+        let start = self.window_start();
+        if since + 1 < start {
+            // Everything before the window is confirmed by the origin (the
+            // window never drops an unflushed message), so REST has it.
+            self.send(
+                Target::Conn(conn),
+                ServerFrame::Resync {
+                    conversation_id: self.conversation_id,
+                    from_seq: since + 1,
+                },
+            );
+            return;
+        }
+        let watermarks = self.watermarks();
+        let frames: Vec<ServerFrame> = self
+            .window
+            .iter()
+            .filter(|r| r.seq > since)
+            .map(|r| ServerFrame::Message {
+                message: self.view(r, &watermarks),
+            })
+            .collect();
+        for frame in frames {
+            self.send(Target::Conn(conn), frame);
+        }
+        self.advance_delivered(now, user_id, self.last_seq);
+    }
+
+    // ---- inbound frames ---------------------------------------------------
+
+    /// A text frame from a WebSocket. Errors become `error` frames (and a
+    /// close where the protocol says so); the connection survives every
+    /// error it can recover from.
+    pub fn handle_text(&mut self, now: Millis, conn: ConnId, text: &str) {
+        let Some(user_id) = self.user_of(conn) else {
+            return;
+        };
+        if text.len() > MAX_FRAME_BYTES {
+            self.reject(conn, &RoomError::FrameTooLarge);
+            self.close(conn, close::TOO_BIG, "frame too large");
+            return;
+        }
+        let frame = match parse_frame(text) {
+            Ok(f) => f,
+            Err(e) => return self.reject(conn, &e),
+        };
+        let result = match frame {
+            ClientFrame::Ping => {
+                self.send(Target::Conn(conn), ServerFrame::Pong);
+                Ok(())
+            }
+            ClientFrame::Message {
+                conversation_id,
+                content,
+                client_msg_id,
+            } => self
+                .check_conversation(conversation_id)
+                .and_then(|()| self.submit(now, user_id, content, client_msg_id, Some(conn)))
+                .map(|_| ()),
+            ClientFrame::Typing { conversation_id } => self
+                .check_conversation(conversation_id)
+                .and_then(|()| self.handle_typing(now, user_id)),
+            ClientFrame::Read {
+                conversation_id,
+                seq,
+            } => self
+                .check_conversation(conversation_id)
+                .and_then(|()| self.handle_read(now, user_id, seq)),
+        };
+        if let Err(e) = result {
+            self.reject(conn, &e);
+            if let RoomError::RateLimited { .. } = e {
+                let strikes = self.buckets.get(&user_id).map_or(0, |b| b.strikes);
+                if strikes >= self.config.flood_strikes {
+                    self.close(conn, close::POLICY, "flood");
+                }
+            }
+        }
+    }
+
+    fn check_conversation(&self, conversation_id: i64) -> Result<(), RoomError> {
+        if conversation_id == self.conversation_id {
+            Ok(())
+        } else {
+            Err(RoomError::WrongConversation(conversation_id))
+        }
+    }
+
+    fn ack(&mut self, conn: ConnId, m: &MessageView) {
+        self.send(
+            Target::Conn(conn),
+            ServerFrame::Ack {
+                client_msg_id: m.client_msg_id.clone(),
+                seq: m.seq,
+                id: m.id,
+                conversation_id: m.conversation_id,
+            },
+        );
+    }
+
+    /// Accepts a message from `user_id` (any transport). A new message is
+    /// queued as `Store`, then the `ack` to `ack_to` (the sending
+    /// connection, if any), then the broadcast. A resend queues only the
+    /// `ack` and returns the original.
+    pub fn submit(
+        &mut self,
+        now: Millis,
+        user_id: i64,
+        content: String,
+        client_msg_id: Option<String>,
+        ack_to: Option<ConnId>,
+    ) -> Result<Sent, RoomError> {
+        if !self.is_member(user_id) {
+            return Err(RoomError::NotMember);
+        }
+        let content = MessageContent::parse(content).map_err(RoomError::Invalid)?;
+        let key = match client_msg_id {
+            Some(k) => Some(ClientMsgId::parse(k).map_err(RoomError::Invalid)?),
+            None => None,
+        };
+        if let Some(key) = &key {
+            if let Some(&(seq, id)) = self.keys.get(&(user_id, key.as_str().to_owned())) {
+                let message = match self.record(seq) {
+                    Some(r) => self.view(r, &self.watermarks()),
+                    // Older than the window: the driver fills the content
+                    // in from storage if it needs it (the POST fallback).
+                    None => MessageView {
+                        id,
+                        seq,
+                        conversation_id: self.conversation_id,
+                        sender_id: user_id,
+                        content: content.into_inner(),
+                        status: MessageStatus::Sent,
+                        created_at: DateTime::default(),
+                        client_msg_id: key.as_str().to_owned(),
+                    },
+                };
+                if let Some(conn) = ack_to {
+                    self.ack(conn, &message);
+                }
+                return Ok(Sent {
+                    message,
+                    duplicate: true,
+                });
+            }
+        }
+        self.take_token(now, user_id)?;
+        if self.unflushed >= self.config.max_unflushed {
+            return Err(RoomError::Backpressure);
+        }
+
+        let seq = self.last_seq + 1;
+        let id = self.next_id(now);
+        let client_msg_id = key.map_or_else(|| id.to_string(), ClientMsgId::into_inner);
+        let record = Record {
+            id,
+            seq,
+            sender_id: user_id,
+            content: content.into_inner(),
+            created_at_ms: i64::try_from(now).unwrap_or(i64::MAX),
+            client_msg_id: client_msg_id.clone(),
+            flushed: false,
+        };
+        self.last_seq = seq;
+        self.remember_key(user_id, client_msg_id, seq, id);
+        self.unflushed += 1;
+        if self.next_flush_at.is_none() && self.flush_in_flight.is_none() {
+            self.next_flush_at = Some(now + self.config.flush_delay_ms);
+        }
+        // A message ends its sender's typing.
+        self.typing.remove(&user_id);
+        // The sender has it, and so has everyone with a live connection
+        // (the broadcast below reaches them). The message's status reflects
+        // that; no receipt frames, which would cost one per member per
+        // message.
+        let mut online: HashSet<i64> = self.conns.values().map(|c| c.user_id).collect();
+        online.insert(user_id);
+        for user in online {
+            if let Some(w) = self.members.get_mut(&user) {
+                if w.delivered_seq < seq {
+                    w.delivered_seq = seq;
+                    self.dirty_receipts.insert(user);
+                }
+            }
+        }
+        let message = self.view(&record, &self.watermarks());
+        self.outputs.push_back(Output::Store(record.clone()));
+        self.window.push_back(record);
+        if let Some(conn) = ack_to {
+            self.ack(conn, &message);
+        }
+        self.send(
+            Target::All,
+            ServerFrame::Message {
+                message: message.clone(),
+            },
+        );
+        self.prune_window();
+        Ok(Sent {
+            message,
+            duplicate: false,
+        })
+    }
+
+    /// A typing signal from `user_id`.
+    pub fn handle_typing(&mut self, now: Millis, user_id: i64) -> Result<(), RoomError> {
+        if !self.is_member(user_id) {
+            return Err(RoomError::NotMember);
+        }
+        let relay = match self.typing.get(&user_id) {
+            Some(t) => now >= t.last_relay + self.config.typing_interval_ms,
+            None => true,
+        };
+        if relay {
+            self.typing.insert(
+                user_id,
+                Typing {
+                    last_relay: now,
+                    expires: now + self.config.typing_ttl_ms,
+                },
+            );
+            self.send(Target::OthersOf(user_id), self.typing_frame(user_id));
+        } else if let Some(t) = self.typing.get_mut(&user_id) {
+            t.expires = now + self.config.typing_ttl_ms;
+        }
+        Ok(())
+    }
+
+    /// `user_id` has read up to `seq`.
+    pub fn handle_read(&mut self, now: Millis, user_id: i64, seq: i64) -> Result<(), RoomError> {
+        let Some(w) = self.members.get_mut(&user_id) else {
+            return Err(RoomError::NotMember);
+        };
+        if seq < 0 {
+            return Err(RoomError::Invalid(DomainError::Invalid {
+                field: "seq",
+                reason: "must not be negative",
+            }));
+        }
+        // Nobody reads the future.
+        let seq = seq.min(self.last_seq);
+        if seq <= w.read_seq {
+            return Ok(());
+        }
+        w.read_seq = seq;
+        w.delivered_seq = w.delivered_seq.max(seq);
+        let w = *w;
+        self.outputs.push_back(Output::StoreWatermark(w));
+        self.dirty_receipts.insert(user_id);
+        self.schedule_receipt(now, user_id);
+        Ok(())
+    }
+
+    fn advance_delivered(&mut self, now: Millis, user_id: i64, seq: i64) {
+        let Some(w) = self.members.get_mut(&user_id) else {
+            return;
+        };
+        if w.delivered_seq >= seq {
+            return;
+        }
+        w.delivered_seq = seq;
+        self.dirty_receipts.insert(user_id);
+        self.schedule_receipt(now, user_id);
+    }
+
+    fn schedule_receipt(&mut self, now: Millis, user_id: i64) {
+        let interval = self.config.receipt_interval_ms;
+        let clock = self.receipts.entry(user_id).or_insert(ReceiptClock {
+            last_sent: 0,
+            pending: false,
+        });
+        if now >= clock.last_sent + interval && !clock.pending {
+            clock.last_sent = now;
+            self.broadcast_receipt(user_id);
+        } else {
+            clock.pending = true;
+        }
+    }
+
+    fn broadcast_receipt(&mut self, user_id: i64) {
+        if let Some(w) = self.members.get(&user_id) {
+            let frame = ServerFrame::Receipt {
+                conversation_id: self.conversation_id,
+                user_id,
+                delivered_seq: w.delivered_seq,
+                read_seq: w.read_seq,
+            };
+            self.send(Target::All, frame);
+        }
+    }
+
+    // ---- time -------------------------------------------------------------
+
+    /// Fires what is due at `now`: coalesced receipts, and expired typing.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        let interval = self.config.receipt_interval_ms;
+        let due: Vec<i64> = self
+            .receipts
+            .iter()
+            .filter(|(_, c)| c.pending && now >= c.last_sent + interval)
+            .map(|(u, _)| *u)
+            .collect();
+        for user in due {
+            if let Some(c) = self.receipts.get_mut(&user) {
+                c.pending = false;
+                c.last_sent = now;
+            }
+            self.broadcast_receipt(user);
+        }
+        self.typing.retain(|_, t| t.expires > now);
+    }
+
+    /// When the driver should next call [`Room::handle_timeout`] or
+    /// [`Room::poll_flush`].
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        let interval = self.config.receipt_interval_ms;
+        let receipt = self
+            .receipts
+            .values()
+            .filter(|c| c.pending)
+            .map(|c| c.last_sent + interval)
+            .min();
+        [receipt, self.next_flush_at].into_iter().flatten().min()
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    // ---- outbox -----------------------------------------------------------
+
+    /// The next batch for the origin, when one is due and none is in
+    /// flight. The driver must answer with [`Room::handle_flush_result`] or
+    /// [`Room::handle_flush_failure`].
+    pub fn poll_flush(&mut self, now: Millis) -> Option<FlushBatch> {
+        if self.flush_in_flight.is_some() {
+            return None;
+        }
+        let due = self.next_flush_at.is_some_and(|t| now >= t);
+        if !due {
+            return None;
+        }
+        let messages: Vec<StoredMessage> = self
+            .window
+            .iter()
+            .filter(|r| !r.flushed)
+            .take(self.config.flush_batch)
+            .map(|r| r.to_stored(self.conversation_id))
+            .collect();
+        let receipts: Vec<ReceiptUpdate> = self
+            .dirty_receipts
+            .iter()
+            .filter_map(|u| self.members.get(u))
+            .map(|w| ReceiptUpdate {
+                conversation_id: self.conversation_id,
+                user_id: w.user_id,
+                delivered_seq: w.delivered_seq,
+                read_seq: w.read_seq,
+            })
+            .collect();
+        if messages.is_empty() && receipts.is_empty() {
+            self.next_flush_at = None;
+            return None;
+        }
+        let batch = FlushBatch { messages, receipts };
+        self.flush_in_flight = Some(batch.clone());
+        self.next_flush_at = None;
+        Some(batch)
+    }
+
+    /// The origin answered the in-flight batch.
+    pub fn handle_flush_result(&mut self, now: Millis, outcome: &FlushOutcome) {
+        let Some(batch) = self.flush_in_flight.take() else {
+            return;
+        };
+        let done: HashSet<Uuid> = outcome
+            .stored
+            .iter()
+            .chain(outcome.rejected.iter())
+            .copied()
+            .collect();
+        let mut flushed = Vec::new();
+        for r in self.window.iter_mut() {
+            if !r.flushed && done.contains(&r.id) {
+                r.flushed = true;
+                flushed.push(r.seq);
+            }
+        }
+        self.unflushed -= flushed.len();
+        if !flushed.is_empty() {
+            self.outputs.push_back(Output::MarkFlushed(flushed));
+        }
+        if outcome.receipts_ok {
+            for sent in &batch.receipts {
+                let unchanged = self.members.get(&sent.user_id).is_some_and(|w| {
+                    w.delivered_seq == sent.delivered_seq && w.read_seq == sent.read_seq
+                });
+                if unchanged {
+                    self.dirty_receipts.remove(&sent.user_id);
+                }
+            }
+        }
+        let complete = batch.messages.iter().all(|m| done.contains(&m.id)) && outcome.receipts_ok;
+        if complete {
+            self.backoff_ms = self.config.backoff_initial_ms;
+            if self.unflushed > 0 || !self.dirty_receipts.is_empty() {
+                self.next_flush_at = Some(now);
+            }
+        } else {
+            self.retry_later(now);
+        }
+        self.prune_window();
+    }
+
+    /// The in-flight batch failed (origin down, timeout). It is retried
+    /// with exponential backoff; nothing leaves the outbox.
+    pub fn handle_flush_failure(&mut self, now: Millis) {
+        self.flush_in_flight = None;
+        self.retry_later(now);
+    }
+
+    fn retry_later(&mut self, now: Millis) {
+        self.next_flush_at = Some(now + self.backoff_ms);
+        self.backoff_ms = (self.backoff_ms * 2).min(self.config.backoff_max_ms);
+    }
+
+    // ---- helpers ------------------------------------------------------------
+
+    fn watermarks(&self) -> Vec<Watermark> {
+        self.members.values().copied().collect()
+    }
+
+    fn view(&self, r: &Record, members: &[Watermark]) -> MessageView {
+        MessageView {
+            id: r.id,
+            seq: r.seq,
+            conversation_id: self.conversation_id,
+            sender_id: r.sender_id,
+            content: r.content.clone(),
+            status: status_of(r.seq, r.sender_id, members),
+            created_at: r.created_at(),
+            client_msg_id: r.client_msg_id.clone(),
+        }
+    }
+
+    fn typing_frame(&self, user_id: i64) -> ServerFrame {
+        ServerFrame::Typing {
+            conversation_id: self.conversation_id,
+            user_id,
+        }
+    }
+
+    fn send(&mut self, to: Target, frame: ServerFrame) {
+        self.outputs.push_back(Output::Send { to, frame });
+    }
+
+    fn reject(&mut self, conn: ConnId, error: &RoomError) {
+        self.send(Target::Conn(conn), error.frame());
+    }
+
+    fn close(&mut self, conn: ConnId, code: u16, reason: &str) {
+        self.conns.remove(&conn);
+        self.outputs.push_back(Output::Close {
+            conn,
+            code,
+            reason: reason.to_owned(),
+        });
+    }
+
+    fn take_token(&mut self, now: Millis, user_id: i64) -> Result<(), RoomError> {
+        let burst = f64::from(self.config.rate_burst.max(1));
+        let rate = f64::from(self.config.rate_per_sec.max(1));
+        let bucket = self.buckets.entry(user_id).or_insert(Bucket {
+            tokens: burst,
+            updated: now,
+            strikes: 0,
+        });
+        let elapsed = now.saturating_sub(bucket.updated) as f64 / 1000.0;
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
+        bucket.updated = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            bucket.strikes = 0;
+            Ok(())
+        } else {
+            bucket.strikes += 1;
+            let retry_after_ms = ((1.0 - bucket.tokens) / rate * 1000.0).ceil() as u64;
+            Err(RoomError::RateLimited { retry_after_ms })
+        }
+    }
+
+    fn remember_key(&mut self, sender: i64, key: String, seq: i64, id: Uuid) {
+        if self.keys.insert((sender, key.clone()), (seq, id)).is_none() {
+            self.key_order.push_back((sender, key));
+        }
+        while self.key_order.len() > self.config.dedup_horizon {
+            if let Some(old) = self.key_order.pop_front() {
+                self.keys.remove(&old);
+            }
+        }
+    }
+
+    /// Drops the oldest messages beyond the replay window, but never an
+    /// unflushed one: the window must reach back to the oldest message the
+    /// origin lacks, or a `resync` would send clients to an incomplete REST.
+    fn prune_window(&mut self) {
+        while self.window.len() > self.config.replay_window
+            && self.window.front().is_some_and(|r| r.flushed)
+        {
+            self.window.pop_front();
+        }
+    }
+
+    fn next_id(&mut self, now: Millis) -> Uuid {
+        let a = self.rng.next().to_le_bytes();
+        let b = self.rng.next().to_le_bytes();
+        let mut bytes = [0u8; 10];
+        bytes[..8].copy_from_slice(&a);
+        bytes[8..].copy_from_slice(&b[..2]);
+        uuid::Builder::from_unix_timestamp_millis(now, &bytes).into_uuid()
+    }
+}
+
+/// Parses a client frame, telling malformed JSON from an unknown type from
+/// a bad field.
+pub fn parse_frame(text: &str) -> Result<ClientFrame, RoomError> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| RoomError::Malformed(e.to_string()))?;
+    let Some(kind) = value.get("type").and_then(|t| t.as_str()) else {
+        return Err(RoomError::Malformed(
+            "a frame is a JSON object with a string \"type\"".to_owned(),
+        ));
+    };
+    if !matches!(kind, "message" | "typing" | "read" | "ping") {
+        return Err(RoomError::UnknownType(kind.to_owned()));
+    }
+    serde_json::from_value(value).map_err(|e| {
+        RoomError::Invalid(DomainError::Invalid {
+            field: "frame",
+            reason: field_error_reason(&e),
+        })
+    })
+}
+
+/// A static summary of serde's complaint (its full text may echo input).
+fn field_error_reason(e: &serde_json::Error) -> &'static str {
+    if e.to_string().contains("missing field") {
+        "a required field is missing"
+    } else {
+        "a field has the wrong type"
+    }
+}
+
+/// A small, fast PRNG for message ids (splitmix64). Seeded by the driver
+/// from real randomness; its output only fills UUIDv7's random bits.
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Millis = 1_800_000_000_000;
+
+    fn room_with(config: RoomConfig, users: &[i64]) -> Room {
+        let mut room = Room::new(1, config, 7);
+        let members: Vec<Watermark> = users
+            .iter()
+            .map(|&user_id| Watermark {
+                user_id,
+                delivered_seq: 0,
+                read_seq: 0,
+            })
+            .collect();
+        room.set_members(T0, &members, 0);
+        room
+    }
+
+    fn outputs(room: &mut Room) -> Vec<Output> {
+        std::iter::from_fn(|| room.poll_output()).collect()
+    }
+
+    fn msg(content: &str, key: &str) -> String {
+        serde_json::json!({"type":"message","conversation_id":1,"content":content,"client_msg_id":key})
+            .to_string()
+    }
+
+    fn errors_to(outs: &[Output], conn: ConnId) -> Vec<String> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    to: Target::Conn(c),
+                    frame: ServerFrame::Error { code, .. },
+                } if *c == conn => Some(code.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn closes(outs: &[Output]) -> Vec<(ConnId, u16)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Output::Close { conn, code, .. } => Some((*conn, *code)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_message_is_stored_then_acked_then_broadcast() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2]);
+        room.handle_connect(T0, ConnId(1), 1, None).expect("member");
+        room.handle_connect(T0, ConnId(2), 2, None).expect("member");
+        room.handle_text(T0, ConnId(1), &msg("hi", "k1"));
+        let outs = outputs(&mut room);
+        assert!(matches!(&outs[0], Output::Store(r) if r.seq == 1 && r.content == "hi"));
+        assert!(matches!(
+            &outs[1],
+            Output::Send {
+                to: Target::Conn(ConnId(1)),
+                frame: ServerFrame::Ack { seq: 1, .. }
+            }
+        ));
+        match &outs[2] {
+            Output::Send {
+                to: Target::All,
+                frame: ServerFrame::Message { message },
+            } => {
+                assert_eq!(message.seq, 1);
+                // The other member is connected, so it is delivered.
+                assert_eq!(message.status, MessageStatus::Delivered);
+            }
+            other => panic!("expected the broadcast, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_non_member_cannot_connect_or_send() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2]);
+        assert_eq!(
+            room.handle_connect(T0, ConnId(9), 99, None),
+            Err(RoomError::NotMember)
+        );
+        assert_eq!(
+            room.submit(T0, 99, "x".into(), None, None).map(|_| ()),
+            Err(RoomError::NotMember)
+        );
+    }
+
+    #[test]
+    fn typing_reaches_others_only_is_throttled_and_a_message_clears_it() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2]);
+        room.handle_connect(T0, ConnId(1), 1, None).expect("member");
+        room.handle_connect(T0, ConnId(2), 2, None).expect("member");
+        let typing = serde_json::json!({"type":"typing","conversation_id":1}).to_string();
+        let relays = |outs: &[Output]| {
+            outs.iter()
+                .filter(|o| {
+                    matches!(
+                        o,
+                        Output::Send {
+                            to: Target::OthersOf(1),
+                            frame: ServerFrame::Typing { user_id: 1, .. }
+                        }
+                    )
+                })
+                .count()
+        };
+        room.handle_text(T0, ConnId(1), &typing);
+        assert_eq!(relays(&outputs(&mut room)), 1);
+        room.handle_text(T0 + 1_000, ConnId(1), &typing);
+        assert_eq!(relays(&outputs(&mut room)), 0, "throttled within 2 s");
+        room.handle_text(T0 + 2_000, ConnId(1), &typing);
+        assert_eq!(relays(&outputs(&mut room)), 1);
+        // A message clears the state: the next typing relays at once.
+        room.handle_text(T0 + 2_100, ConnId(1), &msg("done", "k1"));
+        outputs(&mut room);
+        room.handle_text(T0 + 2_200, ConnId(1), &typing);
+        assert_eq!(relays(&outputs(&mut room)), 1);
+        // A newcomer learns who is typing; after 5 s nobody is.
+        room.handle_connect(T0 + 2_300, ConnId(3), 2, None)
+            .expect("member");
+        let outs = outputs(&mut room);
+        assert!(outs.iter().any(|o| matches!(
+            o,
+            Output::Send {
+                to: Target::Conn(ConnId(3)),
+                frame: ServerFrame::Typing { user_id: 1, .. }
+            }
+        )));
+        room.handle_timeout(T0 + 8_000);
+        room.handle_connect(T0 + 8_000, ConnId(4), 2, None)
+            .expect("member");
+        assert!(outputs(&mut room).is_empty(), "typing expired after 5 s");
+    }
+
+    #[test]
+    fn a_flood_gets_error_events_then_a_1008_close() {
+        let config = RoomConfig {
+            rate_burst: 3,
+            rate_per_sec: 1,
+            flood_strikes: 2,
+            ..RoomConfig::default()
+        };
+        let mut room = room_with(config, &[1, 2]);
+        room.handle_connect(T0, ConnId(1), 1, None).expect("member");
+        for i in 0..3 {
+            room.handle_text(T0, ConnId(1), &msg("x", &format!("k{i}")));
+        }
+        let outs = outputs(&mut room);
+        assert_eq!(
+            outs.iter()
+                .filter(|o| matches!(o, Output::Store(_)))
+                .count(),
+            3
+        );
+        room.handle_text(T0, ConnId(1), &msg("x", "k3"));
+        let outs = outputs(&mut room);
+        assert_eq!(errors_to(&outs, ConnId(1)), vec!["rate_limited"]);
+        assert!(closes(&outs).is_empty(), "one refusal is recoverable");
+        room.handle_text(T0, ConnId(1), &msg("x", "k4"));
+        let outs = outputs(&mut room);
+        assert_eq!(errors_to(&outs, ConnId(1)), vec!["rate_limited"]);
+        assert_eq!(closes(&outs), vec![(ConnId(1), close::POLICY)]);
+        assert_eq!(room.last_seq(), 3, "refused messages are not stored");
+        // The bucket refills.
+        room.handle_connect(T0 + 2_000, ConnId(2), 1, None)
+            .expect("member");
+        room.handle_text(T0 + 2_000, ConnId(2), &msg("x", "k5"));
+        assert_eq!(room.last_seq(), 4);
+    }
+
+    #[test]
+    fn bad_frames_get_typed_errors_and_the_connection_survives_except_oversize() {
+        let mut room = room_with(RoomConfig::default(), &[1]);
+        room.handle_connect(T0, ConnId(1), 1, None).expect("member");
+        let cases = [
+            ("{nope".to_owned(), "invalid_json"),
+            ("[1,2]".to_owned(), "invalid_json"),
+            (r#"{"type":"dance"}"#.to_owned(), "unknown_type"),
+            (
+                r#"{"type":"message","conversation_id":1}"#.to_owned(),
+                "invalid_field",
+            ),
+            (
+                r#"{"type":"read","conversation_id":2,"seq":1}"#.to_owned(),
+                "wrong_conversation",
+            ),
+            (msg("   ", "k"), "empty_field"),
+            (msg(&"x".repeat(4_001), "k"), "too_long"),
+            (msg("hi", "bad key"), "invalid_field"),
+        ];
+        for (text, code) in cases {
+            room.handle_text(T0, ConnId(1), &text);
+            let outs = outputs(&mut room);
+            assert_eq!(errors_to(&outs, ConnId(1)), vec![code], "{text}");
+            assert!(closes(&outs).is_empty());
+        }
+        assert_eq!(room.last_seq(), 0);
+        room.handle_text(T0, ConnId(1), &"x".repeat(MAX_FRAME_BYTES + 1));
+        let outs = outputs(&mut room);
+        assert_eq!(errors_to(&outs, ConnId(1)), vec!["frame_too_large"]);
+        assert_eq!(closes(&outs), vec![(ConnId(1), close::TOO_BIG)]);
+    }
+
+    #[test]
+    fn removing_a_member_closes_their_connections_only() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2]);
+        room.handle_connect(T0, ConnId(1), 1, None).expect("member");
+        room.handle_connect(T0, ConnId(2), 2, None).expect("member");
+        room.handle_connect(T0, ConnId(3), 2, None).expect("member");
+        room.set_members(
+            T0,
+            &[Watermark {
+                user_id: 1,
+                delivered_seq: 0,
+                read_seq: 0,
+            }],
+            0,
+        );
+        let mut closed = closes(&outputs(&mut room));
+        closed.sort();
+        assert_eq!(closed, vec![(ConnId(2), 1008), (ConnId(3), 1008)]);
+        assert_eq!(room.connection_count(), 1);
+        assert!(!room.is_member(2));
+    }
+
+    #[test]
+    fn resuming_replays_the_gap_or_asks_for_a_resync() {
+        let config = RoomConfig {
+            replay_window: 3,
+            rate_burst: 100,
+            ..RoomConfig::default()
+        };
+        let mut room = room_with(config, &[1, 2]);
+        for i in 1..=6 {
+            room.submit(T0, 1, format!("m{i}"), Some(format!("k{i}")), None)
+                .expect("send");
+        }
+        outputs(&mut room);
+        // Nothing is flushed yet: the window keeps all six.
+        room.handle_connect(T0, ConnId(2), 2, Some(1))
+            .expect("member");
+        let replayed: Vec<i64> = outputs(&mut room)
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    frame: ServerFrame::Message { message },
+                    ..
+                } => Some(message.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(replayed, vec![2, 3, 4, 5, 6]);
+        // Once flushed, only the last three stay.
+        let batch = room.poll_flush(T0 + 1_000).expect("due");
+        let stored = batch.messages.iter().map(|m| m.id).collect();
+        room.handle_flush_result(
+            T0 + 1_000,
+            &FlushOutcome {
+                stored,
+                rejected: vec![],
+                receipts_ok: true,
+            },
+        );
+        outputs(&mut room);
+        assert_eq!(room.window_start(), 4);
+        room.handle_connect(T0, ConnId(3), 2, Some(1))
+            .expect("member");
+        let outs = outputs(&mut room);
+        assert!(outs.iter().any(|o| matches!(
+            o,
+            Output::Send {
+                frame: ServerFrame::Resync { from_seq: 2, .. },
+                ..
+            }
+        )));
+        room.handle_connect(T0, ConnId(4), 2, Some(3))
+            .expect("member");
+        let n = outputs(&mut room)
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o,
+                    Output::Send {
+                        frame: ServerFrame::Message { .. },
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(n, 3);
+    }
+
+    #[test]
+    fn a_resend_returns_the_original_and_stores_nothing() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2]);
+        let first = room
+            .submit(T0, 1, "hi".into(), Some("k".into()), None)
+            .expect("send");
+        outputs(&mut room);
+        let again = room
+            .submit(T0 + 5, 1, "hi".into(), Some("k".into()), None)
+            .expect("resend");
+        assert!(again.duplicate);
+        assert_eq!(again.message.id, first.message.id);
+        assert_eq!(again.message.seq, 1);
+        assert!(outputs(&mut room).is_empty());
+        // Another sender may use the same key.
+        let other = room
+            .submit(T0, 2, "yo".into(), Some("k".into()), None)
+            .expect("send");
+        assert_eq!(other.message.seq, 2);
+    }
+
+    #[test]
+    fn failed_flushes_back_off_exponentially_and_keep_the_messages() {
+        let config = RoomConfig {
+            backoff_initial_ms: 500,
+            backoff_max_ms: 4_000,
+            flush_delay_ms: 100,
+            ..RoomConfig::default()
+        };
+        let mut room = room_with(config, &[1]);
+        room.submit(T0, 1, "hi".into(), None, None).expect("send");
+        assert_eq!(room.poll_timeout(), Some(T0 + 100));
+        assert!(room.poll_flush(T0 + 50).is_none(), "not due yet");
+        let mut now = T0 + 100;
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            assert!(room.poll_flush(now).is_some());
+            room.handle_flush_failure(now);
+            let next = room.poll_timeout().expect("retry scheduled");
+            waits.push(next - now);
+            now = next;
+        }
+        assert_eq!(waits, vec![500, 1_000, 2_000, 4_000, 4_000]);
+        assert_eq!(room.unflushed(), 1);
+        let batch = room.poll_flush(now).expect("due");
+        room.handle_flush_result(
+            now,
+            &FlushOutcome {
+                stored: vec![batch.messages[0].id],
+                rejected: vec![],
+                receipts_ok: true,
+            },
+        );
+        assert_eq!(room.unflushed(), 0);
+        let outs = outputs(&mut room);
+        assert_eq!(outs.last(), Some(&Output::MarkFlushed(vec![1])));
+    }
+
+    #[test]
+    fn read_receipts_are_broadcast_and_coalesced_per_user() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2]);
+        room.handle_connect(T0, ConnId(1), 1, None).expect("member");
+        for i in 1..=3 {
+            room.submit(T0, 1, format!("m{i}"), None, None)
+                .expect("send");
+        }
+        outputs(&mut room);
+        let receipts = |outs: &[Output]| -> Vec<(i64, i64)> {
+            outs.iter()
+                .filter_map(|o| match o {
+                    Output::Send {
+                        to: Target::All,
+                        frame:
+                            ServerFrame::Receipt {
+                                user_id, read_seq, ..
+                            },
+                    } => Some((*user_id, *read_seq)),
+                    _ => None,
+                })
+                .collect()
+        };
+        room.handle_read(T0, 2, 1).expect("member");
+        assert_eq!(receipts(&outputs(&mut room)), vec![(2, 1)]);
+        room.handle_read(T0 + 100, 2, 2).expect("member");
+        room.handle_read(T0 + 200, 2, 99).expect("member");
+        let outs = outputs(&mut room);
+        assert!(receipts(&outs).is_empty(), "coalesced");
+        assert!(
+            outs.iter()
+                .any(|o| matches!(o, Output::StoreWatermark(w) if w.read_seq == 3)),
+            "clamped to last_seq and persisted"
+        );
+        assert!(room.poll_timeout().is_some_and(|t| t <= T0 + 1_000));
+        room.handle_timeout(T0 + 1_000);
+        assert_eq!(receipts(&outputs(&mut room)), vec![(2, 3)]);
+        let view = room.message(3).expect("in window");
+        assert_eq!(view.status, MessageStatus::Read);
+    }
+}
