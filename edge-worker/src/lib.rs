@@ -1,1 +1,47 @@
-//! Placeholder until the edge issue lands.
+//! The Vibe Chat edge: a Cloudflare Worker (Rust → wasm32) and its Durable
+//! Objects.
+//!
+//! - [`router`]: the Worker, the only public entry. It verifies the JWT
+//!   (shared rule: HS256 pinned, `exp`, `iss`, `aud`, bounded leeway) and
+//!   the `Origin` of upgrades before any Durable Object is touched, then
+//!   routes realtime traffic to rooms and proxies the rest of `/api/**` to
+//!   the origin.
+//! - [`room_do::Room`]: one per conversation; a thin driver around the
+//!   sans-IO `shared::room::Room`.
+//! - [`lobby_do::Lobby`]: presence and notifications (the Lobby issue).
+//!
+//! Tokens never reach a log line: the only URL ever logged goes through
+//! `shared::redact`.
+
+mod auth;
+mod config;
+mod error;
+mod lobby_do;
+mod origin;
+mod room_do;
+mod router;
+
+use worker::{Context, Env, Request, Response, event};
+
+pub use lobby_do::Lobby;
+pub use room_do::Room;
+
+#[event(fetch)]
+async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+    let method = req.method();
+    let path = req.path();
+    match router::handle(req, &env).await {
+        Ok(response) => Ok(response),
+        Err(e) => {
+            if e.status() >= 500 {
+                worker::console_error!(
+                    "{method:?} {} -> {} {}",
+                    shared::redact::redact_url(&path),
+                    e.status(),
+                    e.code()
+                );
+            }
+            e.to_response()
+        }
+    }
+}

@@ -21,13 +21,14 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask <dev | test | bench origin>";
+const USAGE: &str = "usage: cargo xtask <dev | test | bench origin | build-edge>";
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let root = workspace_root();
     std::env::set_current_dir(&root).context("enter the workspace root")?;
     match args.first().map(String::as_str) {
         Some("dev") => dev::run(&root),
+        Some("build-edge") => build_edge(&root),
         Some("test") => test(&root),
         Some("bench") => bench(&root, args.get(1).map(String::as_str)),
         Some("help" | "--help" | "-h") | None => {
@@ -81,6 +82,22 @@ fn test(root: &Path) -> anyhow::Result<()> {
     pg::drop_test_databases(&admin_url)?;
     println!("\nall checks passed");
     Ok(())
+}
+
+/// `cargo xtask build-edge`: the Worker's wasm build (wrangler's `[build]`
+/// command runs this too). worker-build is pointed at the locally
+/// installed wasm-bindgen and wrangler's esbuild, because it cannot
+/// download them here; wasm-opt is off in the crate's metadata.
+pub fn build_edge(root: &Path) -> anyhow::Result<()> {
+    tools::ensure_worker_tools()?;
+    tools::ensure_npm_packages(root)?;
+    let mut cmd = Command::new("worker-build");
+    cmd.arg("--release")
+        .current_dir(root.join("edge-worker"))
+        .env("WASM_BINDGEN_BIN", "wasm-bindgen")
+        .env("ESBUILD_BIN", root.join("node_modules/.bin/esbuild"))
+        .env("CARGO_TARGET_DIR", root.join("target"));
+    step("build the edge worker (wasm32)", cmd)
 }
 
 /// `cargo xtask bench <name>`.

@@ -81,3 +81,80 @@ pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     args.extend_from_slice(packages);
     run(&args)
 }
+
+/// Pinned tool versions. `wasm-bindgen-cli` must equal the `wasm-bindgen`
+/// in Cargo.lock (worker 0.8.7 locks 0.2.130).
+pub const WORKER_BUILD_VERSION: &str = "0.8.7";
+pub const WASM_BINDGEN_VERSION: &str = "0.2.130";
+
+/// `cargo install <krate> --version <version>` unless `<bin> --version`
+/// already reports it. Installs are minutes each, so this matters.
+fn ensure_cargo_tool(krate: &str, bin: &str, version: &str) -> anyhow::Result<()> {
+    let installed = Command::new(bin)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(version));
+    if installed {
+        return Ok(());
+    }
+    println!("==> installing {krate} {version} (once per machine; a few minutes)");
+    // Without --locked: it failed once with it on these machines.
+    let status = crate::cargo(&["install", krate, "--version", version])
+        .status()
+        .with_context(|| format!("cargo install {krate}"))?;
+    if !status.success() {
+        bail!("cargo install {krate} --version {version} failed");
+    }
+    Ok(())
+}
+
+/// worker-build and the matching wasm-bindgen CLI (worker-build would
+/// otherwise download them from GitHub, which is unreachable here).
+pub fn ensure_worker_tools() -> anyhow::Result<()> {
+    ensure_wasm_target()?;
+    ensure_cargo_tool("worker-build", "worker-build", WORKER_BUILD_VERSION)?;
+    ensure_cargo_tool("wasm-bindgen-cli", "wasm-bindgen", WASM_BINDGEN_VERSION)
+}
+
+/// Node.js and npm, from Debian when missing.
+pub fn ensure_node() -> anyhow::Result<()> {
+    if quiet({
+        let mut c = Command::new("npm");
+        c.arg("--version");
+        c
+    }) {
+        return Ok(());
+    }
+    apt_install(&["nodejs", "npm"])
+}
+
+/// The npm packages in package.json (wrangler and the test clients),
+/// installed when node_modules is missing or older than the lockfile.
+pub fn ensure_npm_packages(root: &std::path::Path) -> anyhow::Result<()> {
+    ensure_node()?;
+    let marker = root.join("node_modules").join(".package-lock.json");
+    let lock = root.join("package-lock.json");
+    let fresh = match (marker.metadata(), lock.metadata()) {
+        (Ok(m), Ok(l)) => match (m.modified(), l.modified()) {
+            (Ok(m), Ok(l)) => m >= l,
+            _ => false,
+        },
+        (Ok(_), Err(_)) => true,
+        _ => false,
+    };
+    if fresh {
+        return Ok(());
+    }
+    println!("==> installing npm packages");
+    let mut cmd = Command::new("npm");
+    if lock.exists() {
+        cmd.args(["ci", "--no-audit", "--no-fund"]);
+    } else {
+        cmd.args(["install", "--no-audit", "--no-fund"]);
+    }
+    let status = cmd.current_dir(root).status().context("run npm")?;
+    if !status.success() {
+        bail!("npm install failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,105 @@
+//! Configuration from the Worker's environment: `[vars]` in wrangler.toml,
+//! secrets from `wrangler secret put` (locally `.dev.vars`).
+
+use shared::auth::MIN_SECRET_BYTES;
+use shared::room::RoomConfig;
+use worker::Env;
+
+use crate::error::{EdgeError, EdgeResult};
+
+#[derive(Clone)]
+pub struct EdgeConfig {
+    /// `ORIGIN_URL`: where `/api/**` is proxied and the internal API lives.
+    pub origin_url: String,
+    /// `ALLOWED_ORIGINS`: browser origins allowed to open realtime
+    /// connections (comma-separated; `*` allows any).
+    pub allowed_origins: Vec<String>,
+    /// `JWT_SECRET` (secret).
+    pub jwt_secret: Vec<u8>,
+    /// `ORIGIN_SERVICE_SECRET` (secret).
+    pub service_secret: String,
+    /// Room tunables; `ROOM_*` vars override the defaults.
+    pub room: RoomConfig,
+}
+
+impl std::fmt::Debug for EdgeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeConfig")
+            .field("origin_url", &self.origin_url)
+            .field("allowed_origins", &self.allowed_origins)
+            .finish_non_exhaustive()
+    }
+}
+
+fn string(env: &Env, name: &str) -> Option<String> {
+    env.var(name)
+        .ok()
+        .map(|v| v.to_string())
+        .filter(|v| !v.trim().is_empty())
+}
+
+fn number<T: std::str::FromStr>(env: &Env, name: &'static str, default: T) -> EdgeResult<T> {
+    match string(env, name) {
+        None => Ok(default),
+        Some(raw) => raw
+            .trim()
+            .parse()
+            .map_err(|_| EdgeError::Internal(format!("{name} is not a number: {raw:?}"))),
+    }
+}
+
+impl EdgeConfig {
+    pub fn from_env(env: &Env) -> EdgeResult<Self> {
+        let origin_url = string(env, "ORIGIN_URL")
+            .ok_or_else(|| EdgeError::Internal("ORIGIN_URL is not set".to_owned()))?
+            .trim_end_matches('/')
+            .to_owned();
+        let secret = |name: &'static str| -> EdgeResult<String> {
+            let value = string(env, name)
+                .ok_or_else(|| EdgeError::Internal(format!("{name} is not set")))?;
+            if value.len() < MIN_SECRET_BYTES {
+                return Err(EdgeError::Internal(format!(
+                    "{name} must be at least {MIN_SECRET_BYTES} bytes"
+                )));
+            }
+            Ok(value)
+        };
+        let allowed_origins = string(env, "ALLOWED_ORIGINS")
+            .map(|v| {
+                v.split(',')
+                    .map(|s| s.trim().trim_end_matches('/').to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let defaults = RoomConfig::default();
+        let room = RoomConfig {
+            replay_window: number(env, "ROOM_REPLAY_WINDOW", defaults.replay_window)?,
+            rate_burst: number(env, "ROOM_RATE_BURST", defaults.rate_burst)?,
+            rate_per_sec: number(env, "ROOM_RATE_PER_SEC", defaults.rate_per_sec)?,
+            flood_strikes: number(env, "ROOM_FLOOD_STRIKES", defaults.flood_strikes)?,
+            backoff_max_ms: number(env, "ROOM_BACKOFF_MAX_MS", defaults.backoff_max_ms)?,
+            ..defaults
+        };
+        Ok(Self {
+            origin_url,
+            allowed_origins,
+            jwt_secret: secret("JWT_SECRET")?.into_bytes(),
+            service_secret: secret("ORIGIN_SERVICE_SECRET")?,
+            room,
+        })
+    }
+
+    /// Whether a browser at `origin` may open a realtime connection.
+    /// Requests without an `Origin` header are not from a browser page and
+    /// carry their own credentials, so they pass.
+    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        match origin {
+            None => true,
+            Some(o) => self
+                .allowed_origins
+                .iter()
+                .any(|a| a == "*" || a == o.trim_end_matches('/')),
+        }
+    }
+}

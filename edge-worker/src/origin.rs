@@ -1,0 +1,161 @@
+//! Calls to the origin: the internal API (behind the service secret) and
+//! the public-API proxy. Every call has a deadline, so a hung origin costs
+//! a bounded wait and shows up as 503, never as a stuck room.
+
+use std::time::Duration;
+
+use futures_util::future::{Either, select};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use shared::protocol::internal::{
+    ConversationMembers, IngestBatch, IngestResult, ReceiptBatch, SERVICE_SECRET_HEADER,
+};
+use worker::wasm_bindgen::JsValue;
+use worker::{AbortController, Delay, Fetch, Headers, Method, Request, RequestInit, Response};
+
+use crate::config::EdgeConfig;
+use crate::error::{EdgeError, EdgeResult};
+
+/// Deadline for internal calls.
+const INTERNAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for proxied public calls.
+const PROXY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest public request body the edge forwards.
+pub const MAX_PROXY_BODY: usize = shared::domain::MAX_FRAME_BYTES;
+/// Request headers passed through to the origin.
+const FORWARDED_HEADERS: &[&str] = &[
+    "authorization",
+    "content-type",
+    "accept",
+    "accept-language",
+    "if-none-match",
+    "user-agent",
+];
+
+/// Sends `req`, aborting it after `timeout`.
+async fn send(req: Request, timeout: Duration) -> EdgeResult<Response> {
+    let controller = AbortController::default();
+    let signal = controller.signal();
+    let fetch = Fetch::Request(req);
+    let call = Box::pin(fetch.send_with_signal(&signal));
+    let deadline = Box::pin(Delay::from(timeout));
+    match select(call, deadline).await {
+        Either::Left((Ok(res), _)) => Ok(res),
+        Either::Left((Err(e), _)) => Err(EdgeError::OriginUnavailable(e.to_string())),
+        Either::Right(((), _)) => {
+            controller.abort();
+            Err(EdgeError::OriginUnavailable(format!(
+                "no answer within {timeout:?}"
+            )))
+        }
+    }
+}
+
+/// The origin's internal API.
+#[derive(Debug)]
+pub struct OriginClient<'a> {
+    config: &'a EdgeConfig,
+}
+
+impl<'a> OriginClient<'a> {
+    pub fn new(config: &'a EdgeConfig) -> Self {
+        Self { config }
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<String>) -> EdgeResult<Response> {
+        let headers = Headers::new();
+        headers.set(SERVICE_SECRET_HEADER, &self.config.service_secret)?;
+        headers.set("content-type", "application/json")?;
+        let mut init = RequestInit::new();
+        init.with_method(method).with_headers(headers);
+        if let Some(body) = body {
+            init.with_body(Some(JsValue::from_str(&body)));
+        }
+        let url = format!("{}{path}", self.config.origin_url);
+        send(Request::new_with_init(&url, &init)?, INTERNAL_TIMEOUT).await
+    }
+
+    async fn json<T: DeserializeOwned>(mut res: Response, what: &str) -> EdgeResult<T> {
+        match res.status_code() {
+            200..=299 => res
+                .json()
+                .await
+                .map_err(|e| EdgeError::OriginUnavailable(format!("{what}: bad body: {e}"))),
+            404 => Err(EdgeError::NotFound("conversation")),
+            status => Err(EdgeError::OriginUnavailable(format!(
+                "{what}: status {status}"
+            ))),
+        }
+    }
+
+    async fn post<B: Serialize>(&self, path: &str, body: &B) -> EdgeResult<Response> {
+        let body = serde_json::to_string(body).map_err(|e| EdgeError::Internal(e.to_string()))?;
+        self.call(Method::Post, path, Some(body)).await
+    }
+
+    /// The members of a conversation and its last stored seq.
+    pub async fn members(&self, conversation_id: i64) -> EdgeResult<ConversationMembers> {
+        let res = self
+            .call(
+                Method::Get,
+                &format!("/internal/v1/conversations/{conversation_id}/members"),
+                None,
+            )
+            .await?;
+        Self::json(res, "members").await
+    }
+
+    /// Idempotent batch ingest.
+    pub async fn ingest(&self, batch: &IngestBatch) -> EdgeResult<IngestResult> {
+        let res = self.post("/internal/v1/messages/batch", batch).await?;
+        Self::json(res, "ingest").await
+    }
+
+    /// Receipt watermarks (they only move forward at the origin).
+    pub async fn receipts(&self, batch: &ReceiptBatch) -> EdgeResult<()> {
+        let res = self.post("/internal/v1/receipts", batch).await?;
+        match res.status_code() {
+            200..=299 => Ok(()),
+            status => Err(EdgeError::OriginUnavailable(format!(
+                "receipts: status {status}"
+            ))),
+        }
+    }
+}
+
+/// Forwards a public request to the origin: same method, path, query,
+/// body, and the caller's `Authorization`.
+pub async fn proxy(mut req: Request, config: &EdgeConfig) -> EdgeResult<Response> {
+    let url = req.url()?;
+    let target = match url.query() {
+        Some(q) => format!("{}{}?{q}", config.origin_url, url.path()),
+        None => format!("{}{}", config.origin_url, url.path()),
+    };
+    let headers = Headers::new();
+    for name in FORWARDED_HEADERS {
+        if let Some(value) = req.headers().get(name)? {
+            headers.set(name, &value)?;
+        }
+    }
+    if let Some(ip) = req.headers().get("cf-connecting-ip")? {
+        headers.set("x-forwarded-for", &ip)?;
+    }
+    let method = req.method();
+    let mut init = RequestInit::new();
+    init.with_method(method.clone()).with_headers(headers);
+    if !matches!(method, Method::Get | Method::Head) {
+        let body = req.bytes().await?;
+        if body.len() > MAX_PROXY_BODY {
+            return Err(EdgeError::Client {
+                status: 413,
+                code: "too_large",
+                message: format!("request body is larger than {MAX_PROXY_BODY} bytes"),
+            });
+        }
+        if !body.is_empty() {
+            let array = worker::js_sys::Uint8Array::from(body.as_slice());
+            init.with_body(Some(array.into()));
+        }
+    }
+    send(Request::new_with_init(&target, &init)?, PROXY_TIMEOUT).await
+}

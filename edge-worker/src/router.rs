@@ -1,0 +1,152 @@
+//! The Worker: the one public entry. It authenticates before any Durable
+//! Object is touched, then routes.
+//!
+//! | route | goes to |
+//! | --- | --- |
+//! | `POST /api/v1/chat/ws-ticket` | minted here (60 s ticket for WS/EventSource) |
+//! | `GET /api/v1/chat/conversations/{id}/ws` | Room `{id}` (WebSocket) |
+//! | `POST,DELETE /api/v1/chat/conversations/{id}/participants` | origin, then Room `{id}` refreshes its members |
+//! | `GET /api/v1/edge/health` | answered here |
+//! | any other `/api/**` | proxied to the origin |
+
+use serde::Serialize;
+use shared::auth::{AUDIENCE_WS_TICKET, Claims, WS_TICKET_TTL_SECS};
+use worker::{Env, Headers, Method, Request, RequestInit, Response, Url};
+
+use crate::auth::{self, now_unix};
+use crate::config::EdgeConfig;
+use crate::error::{EdgeError, EdgeResult};
+use crate::origin;
+use crate::room_do::{CONVERSATION_HEADER, USER_HEADER, refuse_ws};
+
+pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
+    let config = EdgeConfig::from_env(env)?;
+    let url = req.url()?;
+    let segments: Vec<&str> = url
+        .path_segments()
+        .map(|s| s.filter(|p| !p.is_empty()).collect())
+        .unwrap_or_default();
+    let method = req.method();
+    match (method, segments.as_slice()) {
+        (Method::Get, ["api", "v1", "edge", "health"]) => json(&Health { status: "ok" }),
+        (Method::Post, ["api", "v1", "chat", "ws-ticket"]) => ws_ticket(&req, &config),
+        (Method::Get, ["api", "v1", "chat", "conversations", id, "ws"]) => {
+            let id = conversation_id(id)?;
+            room_ws(req, env, &config, &url, id).await
+        }
+        (
+            Method::Post | Method::Delete,
+            ["api", "v1", "chat", "conversations", id, "participants"],
+        ) => {
+            let id = conversation_id(id)?;
+            let response = origin::proxy(req, &config).await?;
+            if (200..300).contains(&response.status_code()) {
+                // The room must stop trusting its cached member list now:
+                // a removed member's sockets close at once.
+                if let Err(e) = notify_members_changed(env, id).await {
+                    worker::console_error!("members-changed for room {id}: {e}");
+                }
+            }
+            Ok(response)
+        }
+        (_, ["api", ..]) => origin::proxy(req, &config).await,
+        _ => Err(EdgeError::NotFound("route")),
+    }
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+}
+
+#[derive(Serialize)]
+struct Ticket {
+    ticket: String,
+    expires_at: i64,
+}
+
+fn json<T: Serialize>(value: &T) -> EdgeResult<Response> {
+    Ok(Response::from_json(value)?)
+}
+
+fn conversation_id(raw: &str) -> EdgeResult<i64> {
+    raw.parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| {
+        EdgeError::bad_request("invalid_path", "conversation id must be a positive integer")
+    })
+}
+
+/// `POST /api/v1/chat/ws-ticket`: a 60-second ticket for opening a
+/// WebSocket or EventSource, so the session token stays out of URLs. Minted
+/// at the edge, so reconnects work while the origin is down.
+fn ws_ticket(req: &Request, config: &EdgeConfig) -> EdgeResult<Response> {
+    let caller = auth::from_bearer(req, &config.jwt_secret)?;
+    let now = now_unix();
+    let claims = Claims::new(
+        caller.user_id,
+        caller.claims.name,
+        caller.claims.role,
+        AUDIENCE_WS_TICKET,
+        now,
+        WS_TICKET_TTL_SECS,
+    );
+    let ticket = shared::auth::issue(&claims, &config.jwt_secret)?;
+    json(&Ticket {
+        ticket,
+        expires_at: claims.exp,
+    })
+}
+
+/// `GET /api/v1/chat/conversations/{id}/ws`
+async fn room_ws(
+    req: Request,
+    env: &Env,
+    config: &EdgeConfig,
+    url: &Url,
+    id: i64,
+) -> EdgeResult<Response> {
+    let upgrade = req.headers().get("upgrade")?.unwrap_or_default();
+    if !upgrade.eq_ignore_ascii_case("websocket") {
+        return Err(EdgeError::Client {
+            status: 426,
+            code: "upgrade_required",
+            message: "this route takes a WebSocket upgrade".to_owned(),
+        });
+    }
+    let origin = req.headers().get("origin")?;
+    if !config.origin_allowed(origin.as_deref()) {
+        return Err(EdgeError::Forbidden(
+            "this Origin may not open realtime connections",
+        ));
+    }
+    let caller = match auth::for_realtime(&req, url, &config.jwt_secret, None) {
+        Ok(c) => c,
+        Err(e) => return refuse_ws(e.code(), &e.to_string()),
+    };
+    let target = match url.query_pairs().find(|(k, _)| k == "since") {
+        Some((_, since)) => format!("https://room/ws?since={since}"),
+        None => "https://room/ws".to_owned(),
+    };
+    let headers = Headers::new();
+    headers.set("upgrade", "websocket")?;
+    headers.set(USER_HEADER, &caller.user_id.to_string())?;
+    headers.set(CONVERSATION_HEADER, &id.to_string())?;
+    let mut init = RequestInit::new();
+    init.with_method(Method::Get).with_headers(headers);
+    let forwarded = Request::new_with_init(&target, &init)?;
+    let stub = env.durable_object("ROOM")?.get_by_name(&id.to_string())?;
+    Ok(stub.fetch_with_request(forwarded).await?)
+}
+
+async fn notify_members_changed(env: &Env, id: i64) -> EdgeResult<()> {
+    let headers = Headers::new();
+    headers.set(CONVERSATION_HEADER, &id.to_string())?;
+    let mut init = RequestInit::new();
+    init.with_method(Method::Post).with_headers(headers);
+    let req = Request::new_with_init("https://room/members-changed", &init)?;
+    let stub = env.durable_object("ROOM")?.get_by_name(&id.to_string())?;
+    let res = stub.fetch_with_request(req).await?;
+    match res.status_code() {
+        200..=299 => Ok(()),
+        status => Err(EdgeError::Internal(format!("room answered {status}"))),
+    }
+}
