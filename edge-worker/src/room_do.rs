@@ -96,8 +96,15 @@ impl DurableObject for Room {
     }
 
     async fn fetch(&self, req: Request) -> Result<Response> {
+        let upgrade = req.headers().get("upgrade")?.is_some();
         match self.route(req).await {
             Ok(res) => Ok(res),
+            // A browser cannot read the status of a failed upgrade; it
+            // does see an error frame and the close code.
+            Err(e) if upgrade => match refuse_ws(e.code(), &e.to_string()) {
+                Ok(res) => Ok(res),
+                Err(e) => e.to_response(),
+            },
             Err(e) => e.to_response(),
         }
     }

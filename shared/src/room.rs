@@ -661,9 +661,7 @@ impl Room {
         self.last_seq = seq;
         self.remember_key(user_id, client_msg_id, seq, id);
         self.unflushed += 1;
-        if self.next_flush_at.is_none() && self.flush_in_flight.is_none() {
-            self.next_flush_at = Some(now + self.config.flush_delay_ms);
-        }
+        self.want_flush(now);
         // A message ends its sender's typing.
         self.typing.remove(&user_id);
         // The sender has it, and so has everyone with a live connection
@@ -744,6 +742,7 @@ impl Room {
         let w = *w;
         self.outputs.push_back(Output::StoreWatermark(w));
         self.dirty_receipts.insert(user_id);
+        self.want_flush(now);
         self.schedule_receipt(now, user_id);
         Ok(())
     }
@@ -757,7 +756,16 @@ impl Room {
         }
         w.delivered_seq = seq;
         self.dirty_receipts.insert(user_id);
+        self.want_flush(now);
         self.schedule_receipt(now, user_id);
+    }
+
+    /// Something new for the origin: flush soon, unless a flush is already
+    /// scheduled or in flight (its completion picks this up).
+    fn want_flush(&mut self, now: Millis) {
+        if self.next_flush_at.is_none() && self.flush_in_flight.is_none() {
+            self.next_flush_at = Some(now + self.config.flush_delay_ms);
+        }
     }
 
     fn schedule_receipt(&mut self, now: Millis, user_id: i64) {

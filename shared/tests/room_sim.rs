@@ -76,6 +76,8 @@ struct Sim {
     durable: BTreeMap<i64, Record>,
     /// PostgreSQL: seq → id.
     origin: BTreeMap<i64, Uuid>,
+    /// PostgreSQL's watermarks: user → (delivered, read).
+    origin_receipts: BTreeMap<i64, (i64, i64)>,
     in_flight: Option<FlushBatch>,
     next_conn: u64,
     next_key: u64,
@@ -110,6 +112,7 @@ impl Sim {
                 .collect(),
             durable: BTreeMap::new(),
             origin: BTreeMap::new(),
+            origin_receipts: BTreeMap::new(),
             in_flight: None,
             next_conn: 1,
             next_key: 1,
@@ -237,6 +240,11 @@ impl Sim {
             let id = *self.origin.entry(m.seq).or_insert(m.id);
             assert_eq!(id, m.id, "seq {} arrived with two different ids", m.seq);
             stored.push(m.id);
+        }
+        for r in &batch.receipts {
+            let e = self.origin_receipts.entry(r.user_id).or_insert((0, 0));
+            e.0 = e.0.max(r.delivered_seq);
+            e.1 = e.1.max(r.read_seq);
         }
         self.room.handle_flush_result(
             self.now,
@@ -399,7 +407,14 @@ fn config(small_window: bool) -> RoomConfig {
 /// from its high-water mark.
 fn settle(sim: &mut Sim) {
     for _ in 0..1_000 {
-        if sim.room.unflushed() == 0 && sim.in_flight.is_none() {
+        let receipts_synced = sim.room.members().all(|w| {
+            sim.origin_receipts
+                .get(&w.user_id)
+                .copied()
+                .unwrap_or((0, 0))
+                == (w.delivered_seq, w.read_seq)
+        });
+        if sim.room.unflushed() == 0 && sim.in_flight.is_none() && receipts_synced {
             break;
         }
         sim.apply(&Action::Advance(15_000));
@@ -407,6 +422,17 @@ fn settle(sim: &mut Sim) {
         sim.apply(&Action::FlushOk);
     }
     assert_eq!(sim.room.unflushed(), 0, "the outbox drains");
+    for w in sim.room.members() {
+        assert_eq!(
+            sim.origin_receipts
+                .get(&w.user_id)
+                .copied()
+                .unwrap_or((0, 0)),
+            (w.delivered_seq, w.read_seq),
+            "the origin has user {}'s watermarks",
+            w.user_id
+        );
+    }
     for i in 0..sim.clients.len() {
         sim.apply(&Action::Disconnect(i));
         sim.apply(&Action::Connect(i));

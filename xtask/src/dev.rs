@@ -2,6 +2,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -12,8 +13,10 @@ use anyhow::{Context, bail};
 
 use crate::{pg, step};
 
-/// Where the origin listens in development.
+/// Where the origin listens in development (wrangler.toml's ORIGIN_URL).
 pub const ORIGIN_ADDR: &str = "127.0.0.1:8081";
+/// Where the edge listens.
+pub const EDGE_ADDR: &str = "127.0.0.1:8787";
 const DEV_DATABASE: &str = "vibe_dev";
 
 pub fn run(root: &Path) -> anyhow::Result<()> {
@@ -30,6 +33,9 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         "build the origin",
         crate::cargo(&["build", "-p", "vibe-origin"]),
     )?;
+    // Built here so errors show up front; wrangler's own [build] step is
+    // then a quick no-op.
+    crate::build_edge(root)?;
     let origin_bin = root.join("target").join("debug").join("origin");
     let origin_env = |cmd: &mut Command| {
         cmd.env("DATABASE_URL", &database_url)
@@ -49,11 +55,36 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             .context("install the Ctrl-C handler")?;
     }
     let mut serve = Command::new(&origin_bin);
-    serve.arg("serve");
+    serve.arg("serve").process_group(0);
     origin_env(&mut serve);
     let mut children: Vec<(&str, Child)> =
         vec![("origin", serve.spawn().context("start the origin")?)];
     if let Err(e) = wait_healthy(ORIGIN_ADDR, "/healthz", Duration::from_secs(60), &stop) {
+        shutdown(&mut children);
+        return Err(e);
+    }
+    let (ip, port) = EDGE_ADDR.split_once(':').unwrap_or(("127.0.0.1", "8787"));
+    let mut wrangler = Command::new(root.join("node_modules/.bin/wrangler"));
+    wrangler
+        .args(["dev", "--ip", ip, "--port", port])
+        .args(["--show-interactive-dev-session=false"])
+        .env("WRANGLER_SEND_METRICS", "false")
+        .current_dir(root)
+        // Its own group: stopping it must also stop workerd.
+        .process_group(0);
+    match wrangler.spawn() {
+        Ok(child) => children.push(("wrangler dev", child)),
+        Err(e) => {
+            shutdown(&mut children);
+            return Err(e).context("start wrangler dev");
+        }
+    }
+    if let Err(e) = wait_healthy(
+        EDGE_ADDR,
+        "/api/v1/edge/health",
+        Duration::from_secs(180),
+        &stop,
+    ) {
         shutdown(&mut children);
         return Err(e);
     }
@@ -66,8 +97,10 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
 fn banner() {
     println!(
         "\n  Vibe Chat is running.\n\n  \
-         origin (REST):  http://{ORIGIN_ADDR}\n  \
-         OpenAPI:        http://{ORIGIN_ADDR}/openapi.json\n\n  \
+         edge (open this): http://{EDGE_ADDR}\n  \
+         WebSocket:        ws://{EDGE_ADDR}/api/v1/chat/conversations/{{id}}/ws?token=…\n  \
+         origin (REST):    http://{ORIGIN_ADDR}\n  \
+         OpenAPI:          http://{ORIGIN_ADDR}/openapi.json\n\n  \
          Demo logins (password: demo-password)\n    \
          coach@vibe.fit  trainer\n    \
          alex@vibe.fit   member\n    \
@@ -92,11 +125,13 @@ fn supervise(children: &mut [(&str, Child)], stop: &AtomicBool) -> anyhow::Resul
     }
 }
 
-/// SIGTERM, a grace period, then SIGKILL.
+/// SIGTERM to each child's process group, a grace period, then SIGKILL.
+/// Children run in their own groups, so Ctrl-C reaches only us and we stop
+/// them in order.
 fn shutdown(children: &mut [(&str, Child)]) {
     for (_, child) in children.iter_mut() {
         let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-s", "TERM", "--", &format!("-{}", child.id())])
             .status();
     }
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -107,7 +142,9 @@ fn shutdown(children: &mut [(&str, Child)]) {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = child.kill();
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", child.id())])
+            .status();
         let _ = child.wait();
     }
 }

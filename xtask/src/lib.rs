@@ -50,7 +50,8 @@ pub fn workspace_root() -> PathBuf {
 /// `cargo xtask test`: what CI runs.
 fn test(root: &Path) -> anyhow::Result<()> {
     tools::ensure_rust_components()?;
-    tools::ensure_wasm_target()?;
+    tools::ensure_worker_tools()?;
+    tools::ensure_npm_packages(root)?;
     let admin_url = pg::ensure(root)?;
     pg::drop_test_databases(&admin_url)?;
 
@@ -76,9 +77,22 @@ fn test(root: &Path) -> anyhow::Result<()> {
             "wasm32-unknown-unknown",
         ]),
     )?;
+    // The end-to-end suites run the built Worker under wrangler dev; build
+    // it now, because they must not start a cargo build themselves.
+    build_edge(root)?;
     let mut tests = cargo(&["test", "--workspace"]);
-    tests.env("DATABASE_URL", &admin_url);
-    step("tests (unit, and integration against PostgreSQL)", tests)?;
+    tests
+        .env("DATABASE_URL", &admin_url)
+        .env("WRANGLER_SEND_METRICS", "false");
+    let result = step(
+        "tests: unit, simulator, origin against PostgreSQL, edge end to end under wrangler dev",
+        tests,
+    );
+    // A test binary killed mid-run cannot stop its wrangler; do it here.
+    let _ = Command::new("pkill")
+        .args(["-f", "wrangler.*--config /tmp/vibe-e2e-"])
+        .status();
+    result?;
     pg::drop_test_databases(&admin_url)?;
     println!("\nall checks passed");
     Ok(())

@@ -1,0 +1,61 @@
+//! A tiny test runner for suites that share one expensive [`Stack`].
+//!
+//! Tests run one after another (the order given), each with a deadline;
+//! the output reads like libtest's, and the process fails if any test did.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use crate::stack::Stack;
+
+/// A test: a name that reads as a sentence, and its body.
+pub type TestFn =
+    for<'a> fn(&'a mut Stack) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + 'a>>;
+
+/// Deadline per test.
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs `tests` against `stack`; an optional filter (the first CLI argument
+/// that is not a flag) selects by substring. Returns the process exit code.
+pub async fn run(stack: &mut Stack, tests: &[(&str, TestFn)]) -> std::process::ExitCode {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let selected: Vec<&(&str, TestFn)> = tests
+        .iter()
+        .filter(|(name, _)| filter.as_deref().is_none_or(|f| name.contains(f)))
+        .collect();
+    println!("\nrunning {} tests", selected.len());
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    for (name, test) in selected.iter().copied() {
+        let t = Instant::now();
+        let result = tokio::time::timeout(TEST_TIMEOUT, test(stack)).await;
+        let outcome = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(_) => Some(format!("timed out after {TEST_TIMEOUT:?}")),
+        };
+        match outcome {
+            None => println!("test {name} ... ok ({:.1}s)", t.elapsed().as_secs_f64()),
+            Some(why) => {
+                println!("test {name} ... FAILED\n    {why}");
+                failed.push(*name);
+            }
+        }
+    }
+    println!(
+        "\ntest result: {}. {} passed; {} failed; finished in {:.1}s",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        selected.len() - failed.len(),
+        failed.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if failed.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        for name in failed {
+            println!("    {name}");
+        }
+        std::process::ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,389 @@
+//! The whole stack on free ports: a fresh PostgreSQL database, the origin
+//! (in this process, on its own runtime thread so it can be stopped and
+//! restarted), and a real `wrangler dev` (workerd) child process.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use origin::{Application, Config};
+use tokio::sync::oneshot;
+
+/// Secrets for this run only (random, never the developer's).
+#[derive(Debug, Clone)]
+pub struct Secrets {
+    pub jwt: String,
+    pub service: String,
+}
+
+impl Secrets {
+    fn random() -> Self {
+        Self {
+            jwt: format!(
+                "jwt-{}-{}",
+                uuid::Uuid::now_v7().simple(),
+                uuid::Uuid::now_v7().simple()
+            ),
+            service: format!(
+                "svc-{}-{}",
+                uuid::Uuid::now_v7().simple(),
+                uuid::Uuid::now_v7().simple()
+            ),
+        }
+    }
+}
+
+/// Options for [`Stack::start`].
+#[derive(Debug, Clone, Default)]
+pub struct StackOptions {
+    /// Extra `--var NAME:VALUE` for the Worker (room tunables).
+    pub vars: Vec<(String, String)>,
+    /// Show wrangler's output (for debugging).
+    pub verbose: bool,
+}
+
+/// A running origin on its own runtime thread.
+struct OriginProcess {
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OriginProcess {
+    fn start(config: Config) -> anyhow::Result<Self> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("origin".to_owned())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::anyhow!("runtime: {e}")));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match Application::build(config).await {
+                        Ok(app) => {
+                            let _ = ready_tx.send(Ok(()));
+                            let stop = async {
+                                let _ = shutdown_rx.await;
+                            };
+                            let _ = app.run(stop).await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+                // Dropping the runtime cancels connections still open.
+                runtime.shutdown_timeout(Duration::from_secs(2));
+            })
+            .context("spawn the origin thread")?;
+        ready_rx
+            .recv_timeout(Duration::from_secs(60))
+            .context("origin start-up timed out")??;
+        Ok(Self {
+            shutdown: Some(shutdown_tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// PostgreSQL + origin + `wrangler dev`.
+pub struct Stack {
+    pub edge: String,
+    pub origin_port: u16,
+    pub secrets: Secrets,
+    pub pool: deadpool_postgres::Pool,
+    db_url: String,
+    origin: Option<OriginProcess>,
+    wrangler: Child,
+    _workdir: TempDir,
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack")
+            .field("edge", &self.edge)
+            .field("origin_port", &self.origin_port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// A port nobody is listening on right now.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("bind a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+fn with_database(admin: &str, db: &str) -> String {
+    let (base, query) = match admin.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (admin, String::new()),
+    };
+    let host_start = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[host_start..]
+        .find('/')
+        .map_or(base.len(), |j| host_start + j);
+    format!("{}/{db}{query}", &base[..host_end])
+}
+
+impl Stack {
+    /// Starts everything. The Worker must already be built
+    /// (`cargo xtask build-edge`); this never runs a cargo build, because
+    /// `cargo test` holds the build directory lock.
+    pub async fn start(options: StackOptions) -> anyhow::Result<Self> {
+        let root = workspace_root();
+        let bundle = root.join("edge-worker/build/index.js");
+        if !bundle.exists() {
+            bail!(
+                "{} is missing: run `cargo xtask build-edge` first",
+                bundle.display()
+            );
+        }
+        let db = format!("vibe_test_{}", uuid::Uuid::now_v7().simple());
+        let (admin, conn) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls)
+            .await
+            .context("connect to PostgreSQL (DATABASE_URL)")?;
+        tokio::spawn(conn);
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .context("create the test database")?;
+        let db_url = with_database(&admin_url(), &db);
+        let secrets = Secrets::random();
+        let origin_port = free_port()?;
+        let origin = OriginProcess::start(origin_config(&db_url, origin_port, &secrets)?)?;
+        let pool = origin::db::pool(&db_url, 4)?;
+
+        let workdir = TempDir::new("vibe-e2e")?;
+        let config_path = workdir.path().join("wrangler.toml");
+        std::fs::write(&config_path, test_wrangler_config(&root)?)
+            .context("write the test wrangler.toml")?;
+        let edge_port = free_port()?;
+        let inspector_port = free_port()?;
+        let mut cmd = Command::new(root.join("node_modules/.bin/wrangler"));
+        cmd.arg("dev")
+            .arg("--config")
+            .arg(&config_path)
+            .args(["--ip", "127.0.0.1", "--port", &edge_port.to_string()])
+            .args(["--inspector-port", &inspector_port.to_string()])
+            .arg("--persist-to")
+            .arg(workdir.path().join("state"))
+            .args([
+                "--show-interactive-dev-session=false",
+                "--log-level",
+                "warn",
+            ]);
+        let mut vars = vec![
+            (
+                "ORIGIN_URL".to_owned(),
+                format!("http://127.0.0.1:{origin_port}"),
+            ),
+            ("JWT_SECRET".to_owned(), secrets.jwt.clone()),
+            ("ORIGIN_SERVICE_SECRET".to_owned(), secrets.service.clone()),
+            (
+                "ALLOWED_ORIGINS".to_owned(),
+                format!("http://127.0.0.1:{edge_port}"),
+            ),
+        ];
+        vars.extend(options.vars.iter().cloned());
+        for (k, v) in &vars {
+            cmd.arg("--var").arg(format!("{k}:{v}"));
+        }
+        cmd.current_dir(workdir.path())
+            .env("WRANGLER_SEND_METRICS", "false")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null());
+        if !options.verbose {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        // Its own process group, so that stopping it also stops workerd.
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        let wrangler = cmd
+            .spawn()
+            .context("start wrangler dev (npm packages installed?)")?;
+        let mut stack = Self {
+            edge: format!("http://127.0.0.1:{edge_port}"),
+            origin_port,
+            secrets,
+            pool,
+            db_url,
+            origin: Some(origin),
+            wrangler,
+            _workdir: workdir,
+        };
+        stack.wait_for_edge(Duration::from_secs(120)).await?;
+        Ok(stack)
+    }
+
+    async fn wait_for_edge(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + timeout;
+        let url = format!("{}/api/v1/edge/health", self.edge);
+        while Instant::now() < deadline {
+            if let Some(status) = self.wrangler.try_wait()? {
+                bail!("wrangler dev exited early ({status})");
+            }
+            if let Ok(res) = client.get(&url).send().await {
+                if res.status().is_success() {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        bail!("wrangler dev did not become ready within {timeout:?}")
+    }
+
+    /// Stops the origin (its port then refuses connections).
+    pub fn stop_origin(&mut self) {
+        if let Some(mut o) = self.origin.take() {
+            o.stop();
+        }
+    }
+
+    /// Starts the origin again on the same port and database.
+    pub fn start_origin(&mut self) -> anyhow::Result<()> {
+        if self.origin.is_none() {
+            let config = origin_config(&self.db_url, self.origin_port, &self.secrets)?;
+            // The old listener may linger for a moment; retry the bind.
+            let mut last = None;
+            for _ in 0..20 {
+                match OriginProcess::start(config.clone()) {
+                    Ok(o) => {
+                        self.origin = Some(o);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        last = Some(e);
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                }
+            }
+            return Err(last.unwrap_or_else(|| anyhow::anyhow!("origin did not restart")));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // The edge first: it holds connections to the origin, which would
+        // otherwise wait for them while shutting down gracefully.
+        // SIGTERM to the whole group (wrangler and workerd), then reap.
+        let _ = Command::new("kill")
+            .args(["-s", "TERM", "--", &format!("-{}", self.wrangler.id())])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut exited = false;
+        while Instant::now() < deadline {
+            if matches!(self.wrangler.try_wait(), Ok(Some(_))) {
+                exited = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !exited {
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", "--", &format!("-{}", self.wrangler.id())])
+                .status();
+            let _ = self.wrangler.wait();
+        }
+        self.stop_origin();
+    }
+}
+
+fn origin_config(db_url: &str, port: u16, secrets: &Secrets) -> anyhow::Result<Config> {
+    let db_url = db_url.to_owned();
+    let secrets = secrets.clone();
+    Ok(Config::from_lookup(move |k| match k {
+        "DATABASE_URL" => Some(db_url.clone()),
+        "BIND_ADDR" => Some(format!("127.0.0.1:{port}")),
+        "JWT_SECRET" => Some(secrets.jwt.clone()),
+        "ORIGIN_SERVICE_SECRET" => Some(secrets.service.clone()),
+        "DB_POOL_SIZE" => Some("8".to_owned()),
+        _ => None,
+    })?)
+}
+
+/// The project's wrangler.toml, pointed at the prebuilt bundle and without
+/// its `[build]` step (see [`Stack::start`]).
+fn test_wrangler_config(root: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(root.join("wrangler.toml")).context("read wrangler.toml")?;
+    let mut out = String::new();
+    let mut in_build = false;
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            in_build = trimmed == "[build]";
+        }
+        if in_build {
+            continue;
+        }
+        if trimmed.starts_with("main =") {
+            out.push_str(&format!(
+                "main = \"{}\"\n",
+                root.join("edge-worker/build/index.js").display()
+            ));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// A directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&path).context("create a temp dir")?;
+        Ok(Self(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

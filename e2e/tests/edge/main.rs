@@ -1,0 +1,114 @@
+//! The edge end to end: a real `wrangler dev` (workerd) running the Worker
+//! and its Room Durable Objects, the origin, PostgreSQL, and real WebSocket
+//! and HTTP clients. `cargo xtask test` builds the Worker first.
+
+#![allow(clippy::print_stdout)]
+
+mod realtime;
+mod rest;
+
+use std::process::ExitCode;
+
+use e2e::runner::{TestFn, run};
+use e2e::{Stack, StackOptions};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let options = StackOptions {
+        // A small replay window, so that `resync` is cheap to reach.
+        vars: vec![
+            ("ROOM_REPLAY_WINDOW".to_owned(), "20".to_owned()),
+            ("ROOM_BACKOFF_MAX_MS".to_owned(), "1000".to_owned()),
+        ],
+        verbose: std::env::var_os("E2E_VERBOSE").is_some(),
+    };
+    let mut stack = match Stack::start(options).await {
+        Ok(s) => s,
+        Err(e) => {
+            println!("could not start the stack: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let tests: &[(&str, TestFn)] = &[
+        (
+            "two_members_chat_and_each_sees_every_message_in_order",
+            |s| Box::pin(realtime::two_members_chat_and_each_sees_every_message_in_order(s)),
+        ),
+        ("typing_reaches_the_other_member_only", |s| {
+            Box::pin(realtime::typing_reaches_the_other_member_only(s))
+        }),
+        ("an_upgrade_from_a_non_member_is_refused", |s| {
+            Box::pin(realtime::an_upgrade_from_a_non_member_is_refused(s))
+        }),
+        ("bad_and_expired_tokens_are_refused_and_tickets_work", |s| {
+            Box::pin(realtime::bad_and_expired_tokens_are_refused_and_tickets_work(s))
+        }),
+        ("an_upgrade_from_a_foreign_origin_is_refused", |s| {
+            Box::pin(realtime::an_upgrade_from_a_foreign_origin_is_refused(s))
+        }),
+        (
+            "a_resend_with_the_same_client_msg_id_stores_one_message",
+            |s| Box::pin(realtime::a_resend_with_the_same_client_msg_id_stores_one_message(s)),
+        ),
+        (
+            "a_reconnect_with_since_gets_exactly_the_missed_messages",
+            |s| Box::pin(realtime::a_reconnect_with_since_gets_exactly_the_missed_messages(s)),
+        ),
+        (
+            "a_reconnect_older_than_the_window_gets_resync_and_rest_fills_the_gap",
+            |s| {
+                Box::pin(
+                    realtime::a_reconnect_older_than_the_window_gets_resync_and_rest_fills_the_gap(
+                        s,
+                    ),
+                )
+            },
+        ),
+        (
+            "each_message_lands_in_postgresql_exactly_once_with_contiguous_seq",
+            |s| {
+                Box::pin(
+                    realtime::each_message_lands_in_postgresql_exactly_once_with_contiguous_seq(s),
+                )
+            },
+        ),
+        ("read_receipts_reach_both_members_and_the_origin", |s| {
+            Box::pin(realtime::read_receipts_reach_both_members_and_the_origin(s))
+        }),
+        (
+            "bad_frames_get_typed_errors_and_the_connection_survives",
+            |s| Box::pin(realtime::bad_frames_get_typed_errors_and_the_connection_survives(s)),
+        ),
+        ("an_oversize_frame_closes_the_socket_with_1009", |s| {
+            Box::pin(realtime::an_oversize_frame_closes_the_socket_with_1009(s))
+        }),
+        ("a_flood_is_rate_limited_then_closed_with_1008", |s| {
+            Box::pin(realtime::a_flood_is_rate_limited_then_closed_with_1008(s))
+        }),
+        (
+            "removing_a_member_through_the_edge_closes_their_socket",
+            |s| Box::pin(realtime::removing_a_member_through_the_edge_closes_their_socket(s)),
+        ),
+        (
+            "rest_is_proxied_to_the_origin_with_the_callers_token",
+            |s| {
+                Box::pin(rest::rest_is_proxied_to_the_origin_with_the_callers_token(
+                    s,
+                ))
+            },
+        ),
+        ("unknown_routes_and_bad_ids_get_json_errors", |s| {
+            Box::pin(rest::unknown_routes_and_bad_ids_get_json_errors(s))
+        }),
+        // Last: it stops and restarts the origin.
+        (
+            "while_the_origin_is_down_chat_goes_on_and_the_outbox_drains_after",
+            |s| {
+                Box::pin(
+                    realtime::while_the_origin_is_down_chat_goes_on_and_the_outbox_drains_after(s),
+                )
+            },
+        ),
+    ];
+    run(&mut stack, tests).await
+}
