@@ -6,12 +6,14 @@
 
 #![allow(clippy::print_stdout)]
 
+pub mod fanout;
 pub mod origin_bench;
 pub mod report;
 
 pub async fn run(which: &str) -> anyhow::Result<()> {
     match which {
         "origin" => origin_bench::run().await,
-        other => anyhow::bail!("unknown benchmark {other:?}; available: origin"),
+        "fanout" => fanout::run().await,
+        other => anyhow::bail!("unknown benchmark {other:?}; available: origin, fanout"),
     }
 }
