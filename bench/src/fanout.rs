@@ -41,6 +41,8 @@ pub struct RunResult {
     pub latency: Histogram<u64>,
     pub lost: usize,
     pub duplicated: usize,
+    /// `error` frames the room sent (rate limit, backpressure…), by code.
+    pub errors: HashMap<String, usize>,
 }
 
 pub async fn run() -> anyhow::Result<()> {
@@ -74,6 +76,7 @@ pub async fn run() -> anyhow::Result<()> {
             "max ms",
             "lost",
             "duplicated",
+            "errors",
         ],
         &[row_fanout(&result)],
     );
@@ -106,6 +109,7 @@ pub async fn run() -> anyhow::Result<()> {
             ms(r.latency.max()),
             r.lost.to_string(),
             r.duplicated.to_string(),
+            errors_cell(&r.errors),
         ]);
     }
     table(
@@ -118,6 +122,7 @@ pub async fn run() -> anyhow::Result<()> {
             "max ms",
             "lost",
             "duplicated",
+            "errors",
         ],
         &rows,
     );
@@ -126,6 +131,15 @@ pub async fn run() -> anyhow::Result<()> {
         None => println!("\nknee: not reached up to 3000 msg/s"),
     }
     Ok(())
+}
+
+fn errors_cell(errors: &HashMap<String, usize>) -> String {
+    if errors.is_empty() {
+        return "0".to_owned();
+    }
+    let mut parts: Vec<String> = errors.iter().map(|(c, n)| format!("{c}: {n}")).collect();
+    parts.sort();
+    parts.join(", ")
 }
 
 fn row_fanout(r: &RunResult) -> Vec<String> {
@@ -138,6 +152,7 @@ fn row_fanout(r: &RunResult) -> Vec<String> {
         ms(r.latency.max()),
         r.lost.to_string(),
         r.duplicated.to_string(),
+        errors_cell(&r.errors),
     ]
 }
 
@@ -207,9 +222,13 @@ pub async fn scenario(
     let mut latest: Vec<Option<Instant>> = vec![None; total];
     let mut received = 0usize;
     let mut duplicated = 0usize;
+    let mut errors: HashMap<String, usize> = HashMap::new();
     for reader in readers {
         let seen = reader.await.context("reader task")?;
-        for (k, (at, copies)) in seen {
+        for (code, n) in seen.errors {
+            *errors.entry(code).or_default() += n;
+        }
+        for (k, (at, copies)) in seen.messages {
             if k >= total {
                 continue;
             }
@@ -233,13 +252,21 @@ pub async fn scenario(
         latency,
         lost: total * members - received,
         duplicated,
+        errors,
     })
 }
 
-/// Reads until the socket closes (or a quiet period after close); returns
-/// message index → (first arrival, copies).
-async fn read_all(mut stream: SplitStream<Socket>) -> HashMap<usize, (Instant, usize)> {
-    let mut seen: HashMap<usize, (Instant, usize)> = HashMap::new();
+/// What one member's socket saw.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Message index → (first arrival, copies).
+    messages: HashMap<usize, (Instant, usize)>,
+    errors: HashMap<String, usize>,
+}
+
+/// Reads until the socket closes (or goes quiet for 30 s).
+async fn read_all(mut stream: SplitStream<Socket>) -> Seen {
+    let mut seen = Seen::default();
     loop {
         let next = tokio::time::timeout(Duration::from_secs(30), stream.next()).await;
         let msg = match next {
@@ -256,6 +283,11 @@ async fn read_all(mut stream: SplitStream<Socket>) -> HashMap<usize, (Instant, u
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
             continue;
         };
+        if v["type"] == "error" {
+            let code = v["code"].as_str().unwrap_or("unknown").to_owned();
+            *seen.errors.entry(code).or_default() += 1;
+            continue;
+        }
         if v["type"] != "message" {
             continue;
         }
@@ -266,7 +298,10 @@ async fn read_all(mut stream: SplitStream<Socket>) -> HashMap<usize, (Instant, u
         else {
             continue;
         };
-        seen.entry(k).and_modify(|e| e.1 += 1).or_insert((at, 1));
+        seen.messages
+            .entry(k)
+            .and_modify(|e| e.1 += 1)
+            .or_insert((at, 1));
     }
     seen
 }
