@@ -10,7 +10,9 @@
 
 pub mod client;
 pub mod runner;
+pub mod sse;
 pub mod stack;
 
 pub use client::{Closed, Event, User, Ws, message_seqs};
+pub use sse::{Sse, SseItem, sse_messages};
 pub use stack::{Stack, StackOptions};

@@ -20,6 +20,10 @@ pub struct EdgeConfig {
     pub service_secret: String,
     /// Room tunables; `ROOM_*` vars override the defaults.
     pub room: RoomConfig,
+    /// `ROOM_MAX_SSE`: SSE subscribers per room (the oldest goes first).
+    pub sse_max_per_room: usize,
+    /// `ROOM_SSE_HEARTBEAT_MS`: comment line to every SSE stream this often.
+    pub sse_heartbeat_ms: u64,
 }
 
 impl std::fmt::Debug for EdgeConfig {
@@ -87,6 +91,8 @@ impl EdgeConfig {
             jwt_secret: secret("JWT_SECRET")?.into_bytes(),
             service_secret: secret("ORIGIN_SERVICE_SECRET")?,
             room,
+            sse_max_per_room: number(env, "ROOM_MAX_SSE", 200)?,
+            sse_heartbeat_ms: number(env, "ROOM_SSE_HEARTBEAT_MS", 15_000)?,
         })
     }
 

@@ -2,9 +2,15 @@
 //! `shared::room::Room`.
 //!
 //! It owns the I/O the state machine does not: hibernatable WebSockets
-//! (per-socket state in the attachment), the SQLite log that is both the
-//! outbox to the origin and the replay window, the member cache, and the
-//! alarm that flushes the outbox.
+//! (per-socket state in the attachment), Server-Sent Event streams and the
+//! POST fallback, the SQLite log that is both the outbox to the origin and
+//! the replay window, the member cache, and the alarm that flushes the
+//! outbox and keeps SSE streams honest.
+//!
+//! A WebSocket and an SSE stream are the same thing to the room: a
+//! connection that receives frames. SSE frames carry the same JSON as WS
+//! frames; a `message` event also carries `id: <seq>`, so `Last-Event-ID`
+//! resumes exactly after it.
 //!
 //! Durability: outputs run in order, and `Output::Store` is a synchronous
 //! SQLite write that precedes the `ack` and the broadcast of the same
@@ -16,6 +22,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+
+use futures_channel::mpsc::{UnboundedSender, unbounded};
 
 use serde::{Deserialize, Serialize};
 use shared::protocol::ServerFrame;
@@ -46,6 +54,20 @@ const RETAIN_MESSAGES: i64 = 5_000;
 /// A connect from a user the cache does not know refetches the members at
 /// most this often.
 const MEMBERS_REFRESH_MS: u64 = 5_000;
+/// Reconnect delay suggested to EventSource clients.
+const SSE_RETRY_MS: u64 = 2_000;
+/// An SSE stream ends after this long and the client resumes with
+/// `Last-Event-ID`. The object is never told when an SSE client goes away,
+/// so this bounds how long a dead subscriber can linger.
+const SSE_MAX_LIFETIME_MS: u64 = 5 * 60_000;
+
+/// One Server-Sent Events subscriber.
+#[derive(Debug)]
+struct SseStream {
+    tx: UnboundedSender<Result<Vec<u8>>>,
+    user: i64,
+    opened_at: u64,
+}
 
 /// What each hibernatable socket carries across hibernation.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -68,6 +90,10 @@ pub struct Room {
     loaded: RefCell<Option<Loaded>>,
     /// Live sockets by connection id, with their user.
     sockets: RefCell<HashMap<u64, (WebSocket, i64)>>,
+    /// Live SSE streams by connection id.
+    streams: RefCell<HashMap<u64, SseStream>>,
+    /// When the SSE streams next get a heartbeat (and a staleness check).
+    next_heartbeat: Cell<Option<u64>>,
     /// The alarm we have asked for, if any (so we do not reset it on every
     /// message).
     alarm_at: Cell<Option<u64>>,
@@ -77,6 +103,7 @@ impl std::fmt::Debug for Room {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Room")
             .field("sockets", &self.sockets.borrow().len())
+            .field("streams", &self.streams.borrow().len())
             .field("alarm_at", &self.alarm_at.get())
             .finish_non_exhaustive()
     }
@@ -91,6 +118,8 @@ impl DurableObject for Room {
             sql,
             loaded: RefCell::new(None),
             sockets: RefCell::new(HashMap::new()),
+            streams: RefCell::new(HashMap::new()),
+            next_heartbeat: Cell::new(None),
             alarm_at: Cell::new(None),
         }
     }
@@ -182,6 +211,10 @@ impl Room {
         let path = req.path();
         match path.as_str() {
             "/ws" => self.connect_ws(&req).await,
+            "/events" => self.connect_sse(&req).await,
+            "/messages" => self.post_message(req).await,
+            "/typing" => self.post_typing(&req).await,
+            "/read" => self.post_read(req).await,
             "/members-changed" => {
                 self.refresh_members().await?;
                 Ok(Response::empty()?.with_status(204))
@@ -190,21 +223,207 @@ impl Room {
         }
     }
 
-    /// Upgrades a member's request to a hibernatable WebSocket.
-    async fn connect_ws(&self, req: &Request) -> EdgeResult<Response> {
+    /// Checks membership for a request from the Worker, refreshing a stale
+    /// member cache once before refusing.
+    async fn member(&self, req: &Request) -> EdgeResult<i64> {
         let user = header_i64(req, USER_HEADER)?;
-        let since = match req.url()?.query_pairs().find(|(k, _)| k == "since") {
-            Some((_, v)) => Some(v.parse::<i64>().map_err(|_| {
-                EdgeError::bad_request("invalid_query", "since must be a whole number")
-            })?),
-            None => None,
-        };
         if !self.is_member(user) && self.members_stale() {
             self.refresh_members().await?;
         }
-        if !self.is_member(user) {
-            return refuse_ws("forbidden", "you are not a member of this conversation");
+        if self.is_member(user) {
+            Ok(user)
+        } else {
+            Err(EdgeError::Forbidden(
+                "you are not a member of this conversation",
+            ))
         }
+    }
+
+    /// `GET /events`: a Server-Sent Events stream, resuming after `since`.
+    async fn connect_sse(&self, req: &Request) -> EdgeResult<Response> {
+        let user = self.member(req).await?;
+        let since = since_param(req)?;
+        let config = self.config()?;
+        let now = now_ms();
+        // Over the cap, the oldest stream goes: it is the likeliest to be
+        // dead, and its client resumes with Last-Event-ID anyway.
+        while self.streams.borrow().len() >= config.sse_max_per_room.max(1) {
+            let oldest = self
+                .streams
+                .borrow()
+                .iter()
+                .min_by_key(|(_, s)| s.opened_at)
+                .map(|(id, _)| *id);
+            match oldest {
+                Some(id) => self.end_stream(id, now),
+                None => break,
+            }
+        }
+        let (tx, rx) = unbounded::<Result<Vec<u8>>>();
+        let _ = tx.unbounded_send(Ok(
+            format!("retry: {SSE_RETRY_MS}\n: connected\n\n").into_bytes()
+        ));
+        let conn = random_u64() >> 11;
+        self.streams.borrow_mut().insert(
+            conn,
+            SseStream {
+                tx,
+                user,
+                opened_at: now,
+            },
+        );
+        self.with_room(|r| r.handle_connect(now, ConnId(conn), user, since))??;
+        if self.next_heartbeat.get().is_none() {
+            self.next_heartbeat.set(Some(now + config.sse_heartbeat_ms));
+        }
+        self.drain();
+        self.schedule().await;
+        let headers = worker::Headers::new();
+        headers.set("content-type", "text/event-stream; charset=utf-8")?;
+        headers.set("cache-control", "no-cache, no-transform")?;
+        headers.set("x-accel-buffering", "no")?;
+        Ok(Response::from_stream(rx)?.with_headers(headers))
+    }
+
+    /// `POST /messages` `{content, client_msg_id}`: 201 with the stored
+    /// message, or 200 with the original for a known `client_msg_id`.
+    async fn post_message(&self, mut req: Request) -> EdgeResult<Response> {
+        #[derive(Deserialize)]
+        struct Body {
+            content: String,
+            #[serde(default)]
+            client_msg_id: Option<String>,
+        }
+        let user = self.member(&req).await?;
+        let body: Body = json_body(&mut req).await?;
+        let now = now_ms();
+        let sent =
+            self.with_room(|r| r.submit(now, user, body.content, body.client_msg_id, None))??;
+        self.drain();
+        self.schedule().await;
+        let mut message = sent.message;
+        if sent.duplicate && message.created_at.timestamp() == 0 {
+            // Older than the in-memory window: the log still has it.
+            if let Some(stored) = self.stored_message(message.seq)? {
+                message = stored;
+            }
+        }
+        let status = if sent.duplicate { 200 } else { 201 };
+        Ok(Response::from_json(&message)?.with_status(status))
+    }
+
+    /// `POST /typing`: 204.
+    async fn post_typing(&self, req: &Request) -> EdgeResult<Response> {
+        let user = self.member(req).await?;
+        let now = now_ms();
+        self.with_room(|r| r.handle_typing(now, user))??;
+        self.drain();
+        Ok(Response::empty()?.with_status(204))
+    }
+
+    /// `POST /read` `{seq}`: 204.
+    async fn post_read(&self, mut req: Request) -> EdgeResult<Response> {
+        #[derive(Deserialize)]
+        struct Body {
+            seq: i64,
+        }
+        let user = self.member(&req).await?;
+        let body: Body = json_body(&mut req).await?;
+        let now = now_ms();
+        self.with_room(|r| r.handle_read(now, user, body.seq))??;
+        self.drain();
+        self.schedule().await;
+        Ok(Response::empty()?.with_status(204))
+    }
+
+    /// A message from the SQLite log, with its current status.
+    fn stored_message(&self, seq: i64) -> EdgeResult<Option<shared::protocol::MessageView>> {
+        #[derive(Deserialize)]
+        struct Row {
+            id: String,
+            sender_id: i64,
+            content: String,
+            created_at_ms: i64,
+            client_msg_id: String,
+        }
+        let rows: Vec<Row> = self
+            .sql
+            .exec(
+                "SELECT id, sender_id, content, created_at_ms, client_msg_id FROM messages WHERE seq = ?",
+                vec![seq.into()],
+            )?
+            .to_array()?;
+        let Some(row) = rows.into_iter().next() else {
+            return Ok(None);
+        };
+        let members: Vec<Watermark> = self.with_room(|r| r.members().copied().collect())?;
+        let conversation_id = self.with_room(|r| r.conversation_id())?;
+        Ok(Some(shared::protocol::MessageView {
+            id: row.id.parse().unwrap_or_default(),
+            seq,
+            conversation_id,
+            sender_id: row.sender_id,
+            content: row.content,
+            status: shared::receipts::status_of(seq, row.sender_id, &members),
+            created_at: chrono::DateTime::from_timestamp_millis(row.created_at_ms)
+                .unwrap_or_default(),
+            client_msg_id: row.client_msg_id,
+        }))
+    }
+
+    /// Ends an SSE stream (its client reconnects with Last-Event-ID).
+    fn end_stream(&self, conn: u64, now: u64) {
+        let removed = self.streams.borrow_mut().remove(&conn);
+        if removed.is_some() {
+            let mut guard = self.loaded.borrow_mut();
+            if let Some(l) = guard.as_mut() {
+                l.room.handle_disconnect(now, ConnId(conn));
+            }
+        }
+    }
+
+    /// Heartbeats every SSE stream, and ends the ones that are gone or too
+    /// old.
+    fn sse_maintenance(&self, now: u64) -> EdgeResult<()> {
+        let config = self.config()?;
+        let stale: Vec<u64> = self
+            .streams
+            .borrow()
+            .iter()
+            .filter(|(_, s)| {
+                s.tx.is_closed() || now.saturating_sub(s.opened_at) >= SSE_MAX_LIFETIME_MS
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            self.end_stream(id, now);
+        }
+        let mut gone = Vec::new();
+        for (id, s) in self.streams.borrow().iter() {
+            if s.tx
+                .unbounded_send(Ok(b": heartbeat\n\n".to_vec()))
+                .is_err()
+            {
+                gone.push(*id);
+            }
+        }
+        for id in gone {
+            self.end_stream(id, now);
+        }
+        self.next_heartbeat
+            .set(if self.streams.borrow().is_empty() {
+                None
+            } else {
+                Some(now + config.sse_heartbeat_ms)
+            });
+        Ok(())
+    }
+
+    /// Upgrades a member's request to a hibernatable WebSocket.
+    async fn connect_ws(&self, req: &Request) -> EdgeResult<Response> {
+        let since = since_param(req)?;
+        // A refusal becomes an error frame and a 1008 close (see fetch).
+        let user = self.member(req).await?;
         let pair = WebSocketPair::new()?;
         // 53 bits: the attachment goes through JavaScript numbers.
         let conn = random_u64() >> 11;
@@ -548,17 +767,26 @@ impl Room {
             Output::Send { to, frame } => {
                 let text = serde_json::to_string(&frame)
                     .map_err(|e| EdgeError::Internal(e.to_string()))?;
-                let sockets = self.sockets.borrow();
-                for (conn, (ws, user)) in sockets.iter() {
-                    let wanted = match to {
-                        Target::Conn(c) => c.0 == *conn,
-                        Target::All => true,
-                        Target::OthersOf(u) => *user != u,
-                    };
-                    if wanted {
+                let wanted = |conn: u64, user: i64| match to {
+                    Target::Conn(c) => c.0 == conn,
+                    Target::All => true,
+                    Target::OthersOf(u) => user != u,
+                };
+                for (conn, (ws, user)) in self.sockets.borrow().iter() {
+                    if wanted(*conn, *user) {
                         // A failed send means the socket is going away;
                         // its close event cleans up.
                         let _ = ws.send_with_str(&text);
+                    }
+                }
+                let streams = self.streams.borrow();
+                if !streams.is_empty() {
+                    let event = sse_event(&frame, &text).into_bytes();
+                    for (conn, stream) in streams.iter() {
+                        if wanted(*conn, stream.user) {
+                            // A closed stream is swept by the heartbeat.
+                            let _ = stream.tx.unbounded_send(Ok(event.clone()));
+                        }
                     }
                 }
             }
@@ -567,6 +795,8 @@ impl Room {
                 if let Some((ws, _)) = ws {
                     let _ = ws.close(Some(code), Some(reason));
                 }
+                // An SSE stream has no close code; ending it is the close.
+                self.streams.borrow_mut().remove(&conn.0);
             }
             Output::StoreWatermark(w) => self.store_watermark(&w)?,
             Output::MarkFlushed(seqs) => {
@@ -595,10 +825,14 @@ impl Room {
     /// Asks for an alarm at the room's next deadline, unless an earlier one
     /// is already set.
     async fn schedule(&self) {
-        let next = {
+        let room_next = {
             let guard = self.loaded.borrow();
             guard.as_ref().and_then(|l| l.room.poll_timeout())
         };
+        let next = [room_next, self.next_heartbeat.get()]
+            .into_iter()
+            .flatten()
+            .min();
         let Some(at) = next else { return };
         if self.alarm_at.get().is_some_and(|current| current <= at) {
             return;
@@ -615,6 +849,9 @@ impl Room {
     async fn on_alarm(&self) -> EdgeResult<()> {
         self.ensure_loaded(None).await?;
         let now = now_ms();
+        if self.next_heartbeat.get().is_some_and(|t| now >= t) {
+            self.sse_maintenance(now)?;
+        }
         self.with_room(|r| r.handle_timeout(now))?;
         self.drain();
         let Some(batch) = self.with_room(|r| r.poll_flush(now))? else {
@@ -691,6 +928,46 @@ fn watermarks_of(members: &[shared::protocol::internal::MemberWatermark]) -> Vec
             read_seq: m.read_seq,
         })
         .collect()
+}
+
+/// The SSE encoding of a frame: the same JSON as the WebSocket frame, with
+/// `id: <seq>` on messages so `Last-Event-ID` resumes after them. JSON has
+/// no raw newlines, so one `data:` line holds it.
+fn sse_event(frame: &ServerFrame, json: &str) -> String {
+    match frame {
+        ServerFrame::Message { message } => format!("id: {}\ndata: {json}\n\n", message.seq),
+        _ => format!("data: {json}\n\n"),
+    }
+}
+
+/// `?since=` as the Worker forwards it (from the query or Last-Event-ID).
+fn since_param(req: &Request) -> EdgeResult<Option<i64>> {
+    match req.url()?.query_pairs().find(|(k, _)| k == "since") {
+        Some((_, v)) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .map(Some)
+            .ok_or_else(|| EdgeError::bad_request("invalid_query", "since must be a whole number")),
+        None => Ok(None),
+    }
+}
+
+/// A JSON body: 413 over 64 KiB, 400 when it is not JSON, 422 when a field
+/// is missing or mistyped.
+async fn json_body<T: serde::de::DeserializeOwned>(req: &mut Request) -> EdgeResult<T> {
+    let bytes = req.bytes().await?;
+    if bytes.len() > shared::domain::MAX_FRAME_BYTES {
+        return Err(EdgeError::Room(shared::room::RoomError::FrameTooLarge));
+    }
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        EdgeError::bad_request("invalid_json", format!("the body is not JSON: {e}"))
+    })?;
+    serde_json::from_value(value).map_err(|e| EdgeError::Client {
+        status: 422,
+        code: "invalid_field",
+        message: format!("the body has a missing or mistyped field: {e}"),
+    })
 }
 
 fn header_i64(req: &Request, name: &str) -> EdgeResult<i64> {

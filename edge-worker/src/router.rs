@@ -5,6 +5,8 @@
 //! | --- | --- |
 //! | `POST /api/v1/chat/ws-ticket` | minted here (60 s ticket for WS/EventSource) |
 //! | `GET /api/v1/chat/conversations/{id}/ws` | Room `{id}` (WebSocket) |
+//! | `GET /api/v1/chat/conversations/{id}/events` | Room `{id}` (Server-Sent Events) |
+//! | `POST /api/v1/chat/conversations/{id}/messages\|typing\|read` | Room `{id}` (the SSE fallback's sends) |
 //! | `POST,DELETE /api/v1/chat/conversations/{id}/participants` | origin, then Room `{id}` refreshes its members |
 //! | `GET /api/v1/edge/health` | answered here |
 //! | any other `/api/**` | proxied to the origin |
@@ -33,6 +35,24 @@ pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
         (Method::Get, ["api", "v1", "chat", "conversations", id, "ws"]) => {
             let id = conversation_id(id)?;
             room_ws(req, env, &config, &url, id).await
+        }
+        (Method::Get, ["api", "v1", "chat", "conversations", id, "events"]) => {
+            let id = conversation_id(id)?;
+            room_events(&req, env, &config, &url, id).await
+        }
+        (
+            Method::Post,
+            [
+                "api",
+                "v1",
+                "chat",
+                "conversations",
+                id,
+                action @ ("messages" | "typing" | "read"),
+            ],
+        ) => {
+            let id = conversation_id(id)?;
+            room_post(req, env, &config, id, action).await
         }
         (
             Method::Post | Method::Delete,
@@ -135,6 +155,85 @@ async fn room_ws(
     let forwarded = Request::new_with_init(&target, &init)?;
     let stub = env.durable_object("ROOM")?.get_by_name(&id.to_string())?;
     Ok(stub.fetch_with_request(forwarded).await?)
+}
+
+/// `GET /api/v1/chat/conversations/{id}/events`: the stream is served by
+/// the room (a stream held open in the stateless Worker would be cancelled
+/// as hung); the Worker only authenticates and passes the response through.
+async fn room_events(
+    req: &Request,
+    env: &Env,
+    config: &EdgeConfig,
+    url: &Url,
+    id: i64,
+) -> EdgeResult<Response> {
+    let origin = req.headers().get("origin")?;
+    if !config.origin_allowed(origin.as_deref()) {
+        return Err(EdgeError::Forbidden(
+            "this Origin may not open realtime connections",
+        ));
+    }
+    let caller = auth::for_realtime(req, url, &config.jwt_secret, None)?;
+    // EventSource sends Last-Event-ID on its own reconnects; it is newer
+    // than the `since` baked into the URL.
+    let since = match req.headers().get("last-event-id")? {
+        Some(id) if !id.trim().is_empty() => Some(id.trim().to_owned()),
+        _ => url
+            .query_pairs()
+            .find(|(k, _)| k == "since")
+            .map(|(_, v)| v.into_owned()),
+    };
+    let target = match since {
+        Some(since) => {
+            let since: i64 = since.parse().map_err(|_| {
+                EdgeError::bad_request("invalid_query", "since / Last-Event-ID must be a seq")
+            })?;
+            format!("https://room/events?since={since}")
+        }
+        None => "https://room/events".to_owned(),
+    };
+    forward(env, id, caller.user_id, Method::Get, &target, None).await
+}
+
+/// `POST /api/v1/chat/conversations/{id}/messages|typing|read`.
+async fn room_post(
+    mut req: Request,
+    env: &Env,
+    config: &EdgeConfig,
+    id: i64,
+    action: &str,
+) -> EdgeResult<Response> {
+    let caller = auth::from_bearer(&req, &config.jwt_secret)?;
+    let body = req.bytes().await?;
+    if body.len() > shared::domain::MAX_FRAME_BYTES {
+        return Err(EdgeError::Room(shared::room::RoomError::FrameTooLarge));
+    }
+    let target = format!("https://room/{action}");
+    forward(env, id, caller.user_id, Method::Post, &target, Some(body)).await
+}
+
+/// Sends a request to Room `id` on behalf of an authenticated user.
+async fn forward(
+    env: &Env,
+    id: i64,
+    user_id: i64,
+    method: Method,
+    target: &str,
+    body: Option<Vec<u8>>,
+) -> EdgeResult<Response> {
+    let headers = Headers::new();
+    headers.set(USER_HEADER, &user_id.to_string())?;
+    headers.set(CONVERSATION_HEADER, &id.to_string())?;
+    let mut init = RequestInit::new();
+    init.with_method(method).with_headers(headers);
+    if let Some(body) = body {
+        init.with_body(Some(
+            worker::js_sys::Uint8Array::from(body.as_slice()).into(),
+        ));
+    }
+    let req = Request::new_with_init(target, &init)?;
+    let stub = env.durable_object("ROOM")?.get_by_name(&id.to_string())?;
+    Ok(stub.fetch_with_request(req).await?)
 }
 
 async fn notify_members_changed(env: &Env, id: i64) -> EdgeResult<()> {

@@ -6,6 +6,7 @@
 
 mod realtime;
 mod rest;
+mod sse;
 
 use std::process::ExitCode;
 
@@ -19,6 +20,10 @@ async fn main() -> ExitCode {
         vars: vec![
             ("ROOM_REPLAY_WINDOW".to_owned(), "20".to_owned()),
             ("ROOM_BACKOFF_MAX_MS".to_owned(), "1000".to_owned()),
+            // Small and fast, so that the cap and the heartbeat are cheap
+            // to observe (production: 200 subscribers, 15 s).
+            ("ROOM_MAX_SSE".to_owned(), "3".to_owned()),
+            ("ROOM_SSE_HEARTBEAT_MS".to_owned(), "1000".to_owned()),
         ],
         verbose: std::env::var_os("E2E_VERBOSE").is_some(),
     };
@@ -100,6 +105,51 @@ async fn main() -> ExitCode {
         ("unknown_routes_and_bad_ids_get_json_errors", |s| {
             Box::pin(rest::unknown_routes_and_bad_ids_get_json_errors(s))
         }),
+        (
+            "ws_and_sse_members_see_the_same_messages_typing_and_receipts",
+            |s| Box::pin(sse::ws_and_sse_members_see_the_same_messages_typing_and_receipts(s)),
+        ),
+        (
+            "the_sse_stream_starts_with_a_retry_hint_and_sends_heartbeats",
+            |s| Box::pin(sse::the_sse_stream_starts_with_a_retry_hint_and_sends_heartbeats(s)),
+        ),
+        (
+            "last_event_id_and_since_resume_exactly_after_that_seq",
+            |s| {
+                Box::pin(sse::last_event_id_and_since_resume_exactly_after_that_seq(
+                    s,
+                ))
+            },
+        ),
+        (
+            "switching_from_websocket_to_sse_mid_conversation_misses_nothing",
+            |s| Box::pin(sse::switching_from_websocket_to_sse_mid_conversation_misses_nothing(s)),
+        ),
+        (
+            "posting_the_same_client_msg_id_twice_returns_201_then_200_with_the_same_message",
+            |s| {
+                Box::pin(sse::posting_the_same_client_msg_id_twice_returns_201_then_200_with_the_same_message(s))
+            },
+        ),
+        (
+            "bad_posts_get_400_413_422_and_a_flood_gets_429_with_retry_after",
+            |s| Box::pin(sse::bad_posts_get_400_413_422_and_a_flood_gets_429_with_retry_after(s)),
+        ),
+        (
+            "non_members_get_403_and_bad_tokens_401_on_every_sse_path",
+            |s| Box::pin(sse::non_members_get_403_and_bad_tokens_401_on_every_sse_path(s)),
+        ),
+        ("the_subscriber_cap_evicts_the_oldest_stream", |s| {
+            Box::pin(sse::the_subscriber_cap_evicts_the_oldest_stream(s))
+        }),
+        (
+            "a_standard_eventsource_client_parses_the_stream_and_resumes_by_itself",
+            |s| {
+                Box::pin(
+                    sse::a_standard_eventsource_client_parses_the_stream_and_resumes_by_itself(s),
+                )
+            },
+        ),
         // Last: it stops and restarts the origin.
         (
             "while_the_origin_is_down_chat_goes_on_and_the_outbox_drains_after",
