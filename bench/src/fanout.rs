@@ -1,8 +1,9 @@
 //! `cargo xtask bench fanout`: one room under `wrangler dev`, real
 //! WebSocket clients.
 //!
-//! 1. **Fan-out**: N members in one room; messages are sent at a fixed
-//!    rate (open loop) from the members in turn. Latency is from the send
+//! 1. **Fan-out**: N WebSocket members and M Server-Sent Events members in
+//!    one room; messages are sent at a fixed rate (open loop) from the
+//!    WebSocket members in turn. Latency is from the send
 //!    to the moment the *last* member (the sender's own echo included)
 //!    received the message. Every delivery is accounted for: lost and
 //!    duplicated deliveries are counted, never assumed.
@@ -62,11 +63,22 @@ pub async fn run() -> anyhow::Result<()> {
 
     // ---- fan-out at the design point ---------------------------------------
     let members = 50;
+    let sse = 10;
     let rate = 20.0;
-    println!("fan-out: {members} members, {rate} msg/s for {seconds} s…");
-    let result = scenario(&stack, members, rate, Duration::from_secs(seconds), "fan").await?;
+    println!("fan-out: {members} WS + {sse} SSE members, {rate} msg/s for {seconds} s…");
+    let result = scenario(
+        &stack,
+        members,
+        sse,
+        rate,
+        Duration::from_secs(seconds),
+        "fan",
+    )
+    .await?;
     table(
-        &format!("Fan-out: one room, {members} WebSocket members, {rate} msg/s for {seconds} s"),
+        &format!(
+            "Fan-out: one room, {members} WebSocket + {sse} SSE members, {rate} msg/s for {seconds} s"
+        ),
         &[
             "members",
             "msgs sent",
@@ -90,6 +102,7 @@ pub async fn run() -> anyhow::Result<()> {
         let r = scenario(
             &stack,
             10,
+            0,
             target,
             Duration::from_secs(10),
             &format!("tp{target}"),
@@ -156,16 +169,18 @@ fn row_fanout(r: &RunResult) -> Vec<String> {
     ]
 }
 
-/// `members` users in a fresh group; `rate` msg/s for `duration`.
+/// `members` WebSocket users and `sse_members` SSE users in a fresh
+/// group; `rate` msg/s for `duration`, sent by the WebSocket members.
 pub async fn scenario(
     stack: &Stack,
     members: usize,
+    sse_members: usize,
     rate: f64,
     duration: Duration,
     tag: &str,
 ) -> anyhow::Result<RunResult> {
-    let mut users: Vec<User> = Vec::with_capacity(members);
-    for i in 0..members {
+    let mut users: Vec<User> = Vec::with_capacity(members + sse_members);
+    for i in 0..members + sse_members {
         users.push(stack.user(&format!("Bench{i}")).await?);
     }
     let owner = users[0].clone();
@@ -173,8 +188,22 @@ pub async fn scenario(
     let conv = stack.group(&owner, &others).await?;
 
     let mut sinks: Vec<SplitSink<Socket, Message>> = Vec::with_capacity(members);
-    let mut readers = Vec::with_capacity(members);
-    for user in &users {
+    let mut readers = Vec::with_capacity(members + sse_members);
+    let http = reqwest::Client::new();
+    for user in &users[members..] {
+        let res = http
+            .get(format!(
+                "{}/api/v1/chat/conversations/{conv}/events",
+                stack.edge
+            ))
+            .bearer_auth(&user.token)
+            .send()
+            .await
+            .context("open an SSE member")?;
+        anyhow::ensure!(res.status().is_success(), "SSE member: {}", res.status());
+        readers.push(tokio::spawn(read_sse(res)));
+    }
+    for user in &users[..members] {
         let url = format!(
             "{}/api/v1/chat/conversations/{conv}/ws?token={}",
             stack.edge.replacen("http", "ws", 1),
@@ -219,6 +248,7 @@ pub async fn scenario(
     for mut sink in sinks {
         let _ = sink.close().await;
     }
+    let members = members + sse_members;
     let mut latest: Vec<Option<Instant>> = vec![None; total];
     let mut received = 0usize;
     let mut duplicated = 0usize;
@@ -264,6 +294,57 @@ struct Seen {
     errors: HashMap<String, usize>,
 }
 
+/// Reads an SSE member's stream for as long as messages keep coming.
+async fn read_sse(res: reqwest::Response) -> Seen {
+    let mut seen = Seen::default();
+    let mut stream = res.bytes_stream();
+    let mut buf = String::new();
+    loop {
+        // The stream never ends by itself (heartbeats); stop once messages
+        // stop coming, after the run.
+        let next = tokio::time::timeout(Duration::from_secs(3), stream.next()).await;
+        let chunk = match next {
+            Ok(Some(Ok(c))) => c,
+            _ => break,
+        };
+        let at = Instant::now();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(pos) = buf.find('\n') {
+            let line: String = buf.drain(..=pos).collect();
+            if let Some(data) = line.trim_end().strip_prefix("data: ") {
+                record(&mut seen, data, at);
+            }
+        }
+    }
+    seen
+}
+
+/// Accounts one frame's JSON.
+fn record(seen: &mut Seen, text: &str, at: Instant) {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+        return;
+    };
+    if v["type"] == "error" {
+        let code = v["code"].as_str().unwrap_or("unknown").to_owned();
+        *seen.errors.entry(code).or_default() += 1;
+        return;
+    }
+    if v["type"] != "message" {
+        return;
+    }
+    let Some(k) = v["message"]["client_msg_id"]
+        .as_str()
+        .and_then(|key| key.rsplit('-').next())
+        .and_then(|n| n.parse::<usize>().ok())
+    else {
+        return;
+    };
+    seen.messages
+        .entry(k)
+        .and_modify(|e| e.1 += 1)
+        .or_insert((at, 1));
+}
+
 /// Reads until the socket closes (or goes quiet for 30 s).
 async fn read_all(mut stream: SplitStream<Socket>) -> Seen {
     let mut seen = Seen::default();
@@ -279,29 +360,7 @@ async fn read_all(mut stream: SplitStream<Socket>) -> Seen {
             }
             continue;
         };
-        let at = Instant::now();
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-            continue;
-        };
-        if v["type"] == "error" {
-            let code = v["code"].as_str().unwrap_or("unknown").to_owned();
-            *seen.errors.entry(code).or_default() += 1;
-            continue;
-        }
-        if v["type"] != "message" {
-            continue;
-        }
-        let Some(k) = v["message"]["client_msg_id"]
-            .as_str()
-            .and_then(|key| key.rsplit('-').next())
-            .and_then(|n| n.parse::<usize>().ok())
-        else {
-            continue;
-        };
-        seen.messages
-            .entry(k)
-            .and_modify(|e| e.1 += 1)
-            .or_insert((at, 1));
+        record(&mut seen, &text, Instant::now());
     }
     seen
 }
