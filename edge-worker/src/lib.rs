@@ -15,6 +15,7 @@
 
 mod auth;
 mod config;
+mod conns;
 mod error;
 mod lobby_do;
 mod origin;

@@ -21,11 +21,8 @@
 //! this object while one awaits.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 
-use futures_channel::mpsc::{UnboundedSender, unbounded};
-
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use shared::protocol::ServerFrame;
 use shared::protocol::internal::{IngestBatch, ReceiptBatch};
 use shared::receipts::Watermark;
@@ -34,11 +31,12 @@ use shared::room::{
 };
 use worker::{
     DurableObject, Env, Request, Response, Result, SqlStorage, State, WebSocket,
-    WebSocketIncomingMessage, WebSocketPair, durable_object,
+    WebSocketIncomingMessage, durable_object,
 };
 
 use crate::auth::now_ms;
 use crate::config::EdgeConfig;
+use crate::conns::{Connections, answer_close, random_u64, refuse_ws};
 use crate::error::{EdgeError, EdgeResult};
 use crate::origin::OriginClient;
 
@@ -54,28 +52,6 @@ const RETAIN_MESSAGES: i64 = 5_000;
 /// A connect from a user the cache does not know refetches the members at
 /// most this often.
 const MEMBERS_REFRESH_MS: u64 = 5_000;
-/// Reconnect delay suggested to EventSource clients.
-const SSE_RETRY_MS: u64 = 2_000;
-/// An SSE stream ends after this long and the client resumes with
-/// `Last-Event-ID`. The object is never told when an SSE client goes away,
-/// so this bounds how long a dead subscriber can linger.
-const SSE_MAX_LIFETIME_MS: u64 = 5 * 60_000;
-
-/// One Server-Sent Events subscriber.
-#[derive(Debug)]
-struct SseStream {
-    tx: UnboundedSender<Result<Vec<u8>>>,
-    user: i64,
-    opened_at: u64,
-}
-
-/// What each hibernatable socket carries across hibernation.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-struct SocketTag {
-    conn: u64,
-    user: i64,
-}
-
 #[derive(Debug)]
 struct Loaded {
     room: RoomState,
@@ -88,12 +64,8 @@ pub struct Room {
     env: Env,
     sql: SqlStorage,
     loaded: RefCell<Option<Loaded>>,
-    /// Live sockets by connection id, with their user.
-    sockets: RefCell<HashMap<u64, (WebSocket, i64)>>,
-    /// Live SSE streams by connection id.
-    streams: RefCell<HashMap<u64, SseStream>>,
-    /// When the SSE streams next get a heartbeat (and a staleness check).
-    next_heartbeat: Cell<Option<u64>>,
+    /// Live WebSockets and SSE streams.
+    conns: Connections,
     /// The alarm we have asked for, if any (so we do not reset it on every
     /// message).
     alarm_at: Cell<Option<u64>>,
@@ -102,8 +74,8 @@ pub struct Room {
 impl std::fmt::Debug for Room {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Room")
-            .field("sockets", &self.sockets.borrow().len())
-            .field("streams", &self.streams.borrow().len())
+            .field("sockets", &self.conns.socket_count())
+            .field("streams", &self.conns.stream_count())
             .field("alarm_at", &self.alarm_at.get())
             .finish_non_exhaustive()
     }
@@ -117,9 +89,7 @@ impl DurableObject for Room {
             env,
             sql,
             loaded: RefCell::new(None),
-            sockets: RefCell::new(HashMap::new()),
-            streams: RefCell::new(HashMap::new()),
-            next_heartbeat: Cell::new(None),
+            conns: Connections::default(),
             alarm_at: Cell::new(None),
         }
     }
@@ -153,7 +123,7 @@ impl DurableObject for Room {
         ws: WebSocket,
         message: WebSocketIncomingMessage,
     ) -> Result<()> {
-        let Ok(Some(tag)) = ws.deserialize_attachment::<SocketTag>() else {
+        let Ok(Some(tag)) = ws.deserialize_attachment::<crate::conns::SocketTag>() else {
             let _ = ws.close(Some(1011), Some("lost connection state"));
             return Ok(());
         };
@@ -184,13 +154,7 @@ impl DurableObject for Room {
         _clean: bool,
     ) -> Result<()> {
         self.forget_socket(&ws);
-        // Complete the closing handshake. 1005/1006/1015 are reserved and
-        // may not be sent.
-        let code = match u16::try_from(code) {
-            Ok(1005 | 1006 | 1015) | Err(_) => 1000,
-            Ok(c) => c,
-        };
-        let _ = ws.close(Some(code), Some(reason));
+        answer_close(&ws, code, reason);
         Ok(())
     }
 
@@ -247,42 +211,18 @@ impl Room {
         let now = now_ms();
         // Over the cap, the oldest stream goes: it is the likeliest to be
         // dead, and its client resumes with Last-Event-ID anyway.
-        while self.streams.borrow().len() >= config.sse_max_per_room.max(1) {
-            let oldest = self
-                .streams
-                .borrow()
-                .iter()
-                .min_by_key(|(_, s)| s.opened_at)
-                .map(|(id, _)| *id);
-            match oldest {
-                Some(id) => self.end_stream(id, now),
-                None => break,
+        let (conn, response, evicted) =
+            self.conns
+                .open_stream(user, now, config.sse_max_per_room, config.sse_heartbeat_ms)?;
+        self.with_loaded(|l| {
+            for id in evicted {
+                l.room.handle_disconnect(now, ConnId(id));
             }
-        }
-        let (tx, rx) = unbounded::<Result<Vec<u8>>>();
-        let _ = tx.unbounded_send(Ok(
-            format!("retry: {SSE_RETRY_MS}\n: connected\n\n").into_bytes()
-        ));
-        let conn = random_u64() >> 11;
-        self.streams.borrow_mut().insert(
-            conn,
-            SseStream {
-                tx,
-                user,
-                opened_at: now,
-            },
-        );
+        })?;
         self.with_room(|r| r.handle_connect(now, ConnId(conn), user, since))??;
-        if self.next_heartbeat.get().is_none() {
-            self.next_heartbeat.set(Some(now + config.sse_heartbeat_ms));
-        }
         self.drain();
         self.schedule().await;
-        let headers = worker::Headers::new();
-        headers.set("content-type", "text/event-stream; charset=utf-8")?;
-        headers.set("cache-control", "no-cache, no-transform")?;
-        headers.set("x-accel-buffering", "no")?;
-        Ok(Response::from_stream(rx)?.with_headers(headers))
+        Ok(response)
     }
 
     /// `POST /messages` `{content, client_msg_id}`: 201 with the stored
@@ -371,52 +311,15 @@ impl Room {
         }))
     }
 
-    /// Ends an SSE stream (its client reconnects with Last-Event-ID).
-    fn end_stream(&self, conn: u64, now: u64) {
-        let removed = self.streams.borrow_mut().remove(&conn);
-        if removed.is_some() {
-            let mut guard = self.loaded.borrow_mut();
-            if let Some(l) = guard.as_mut() {
-                l.room.handle_disconnect(now, ConnId(conn));
-            }
-        }
-    }
-
-    /// Heartbeats every SSE stream, and ends the ones that are gone or too
-    /// old.
+    /// Heartbeats the SSE streams; the ones that ended leave the room.
     fn sse_maintenance(&self, now: u64) -> EdgeResult<()> {
         let config = self.config()?;
-        let stale: Vec<u64> = self
-            .streams
-            .borrow()
-            .iter()
-            .filter(|(_, s)| {
-                s.tx.is_closed() || now.saturating_sub(s.opened_at) >= SSE_MAX_LIFETIME_MS
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in stale {
-            self.end_stream(id, now);
-        }
-        let mut gone = Vec::new();
-        for (id, s) in self.streams.borrow().iter() {
-            if s.tx
-                .unbounded_send(Ok(b": heartbeat\n\n".to_vec()))
-                .is_err()
-            {
-                gone.push(*id);
+        let ended = self.conns.maintain_streams(now, config.sse_heartbeat_ms);
+        self.with_loaded(|l| {
+            for id in ended {
+                l.room.handle_disconnect(now, ConnId(id));
             }
-        }
-        for id in gone {
-            self.end_stream(id, now);
-        }
-        self.next_heartbeat
-            .set(if self.streams.borrow().is_empty() {
-                None
-            } else {
-                Some(now + config.sse_heartbeat_ms)
-            });
-        Ok(())
+        })
     }
 
     /// Upgrades a member's request to a hibernatable WebSocket.
@@ -424,24 +327,15 @@ impl Room {
         let since = since_param(req)?;
         // A refusal becomes an error frame and a 1008 close (see fetch).
         let user = self.member(req).await?;
-        let pair = WebSocketPair::new()?;
-        // 53 bits: the attachment goes through JavaScript numbers.
-        let conn = random_u64() >> 11;
-        self.state
-            .accept_websocket_with_tags(&pair.server, &[&format!("u{user}")]);
-        pair.server.serialize_attachment(SocketTag { conn, user })?;
-        self.sockets
-            .borrow_mut()
-            .insert(conn, (pair.server.clone(), user));
+        let (conn, client) = self.conns.accept_socket(&self.state, user)?;
         let now = now_ms();
         let joined = self.with_room(|r| r.handle_connect(now, ConnId(conn), user, since))?;
         if let Err(e) = joined {
-            self.sockets.borrow_mut().remove(&conn);
-            let _ = pair.server.close(Some(1008), Some(e.to_string()));
+            self.conns.close(conn, 1008, &e.to_string());
         }
         self.drain();
         self.schedule().await;
-        Ok(Response::from_websocket(pair.client)?)
+        Ok(Response::from_websocket(client)?)
     }
 
     // ---- loading ---------------------------------------------------------
@@ -481,17 +375,12 @@ impl Room {
         let restore = self.load_restore(&config)?;
         let mut room = RoomState::new(conversation_id, config.room.clone(), random_u64());
         room.restore(now_ms(), restore);
-        let mut sockets = HashMap::new();
-        for ws in self.state.get_websockets() {
-            if let Ok(Some(tag)) = ws.deserialize_attachment::<SocketTag>() {
-                room.handle_reattach(ConnId(tag.conn), tag.user);
-                sockets.insert(tag.conn, (ws, tag.user));
-            }
-        }
         if self.loaded.borrow().is_some() {
             return Ok(());
         }
-        *self.sockets.borrow_mut() = sockets;
+        for tag in self.conns.reattach(&self.state) {
+            room.handle_reattach(ConnId(tag.conn), tag.user);
+        }
         *self.loaded.borrow_mut() = Some(Loaded {
             room,
             members_fetched_at: fetched_at,
@@ -765,39 +654,13 @@ impl Room {
                 )?;
             }
             Output::Send { to, frame } => {
-                let text = serde_json::to_string(&frame)
-                    .map_err(|e| EdgeError::Internal(e.to_string()))?;
-                let wanted = |conn: u64, user: i64| match to {
+                self.conns.send(&frame, |conn, user| match to {
                     Target::Conn(c) => c.0 == conn,
                     Target::All => true,
                     Target::OthersOf(u) => user != u,
-                };
-                for (conn, (ws, user)) in self.sockets.borrow().iter() {
-                    if wanted(*conn, *user) {
-                        // A failed send means the socket is going away;
-                        // its close event cleans up.
-                        let _ = ws.send_with_str(&text);
-                    }
-                }
-                let streams = self.streams.borrow();
-                if !streams.is_empty() {
-                    let event = sse_event(&frame, &text).into_bytes();
-                    for (conn, stream) in streams.iter() {
-                        if wanted(*conn, stream.user) {
-                            // A closed stream is swept by the heartbeat.
-                            let _ = stream.tx.unbounded_send(Ok(event.clone()));
-                        }
-                    }
-                }
+                })?;
             }
-            Output::Close { conn, code, reason } => {
-                let ws = self.sockets.borrow_mut().remove(&conn.0);
-                if let Some((ws, _)) = ws {
-                    let _ = ws.close(Some(code), Some(reason));
-                }
-                // An SSE stream has no close code; ending it is the close.
-                self.streams.borrow_mut().remove(&conn.0);
-            }
+            Output::Close { conn, code, reason } => self.conns.close(conn.0, code, &reason),
             Output::StoreWatermark(w) => self.store_watermark(&w)?,
             Output::MarkFlushed(seqs) => {
                 let Some(&top) = seqs.iter().max() else {
@@ -829,7 +692,7 @@ impl Room {
             let guard = self.loaded.borrow();
             guard.as_ref().and_then(|l| l.room.poll_timeout())
         };
-        let next = [room_next, self.next_heartbeat.get()]
+        let next = [room_next, self.conns.next_heartbeat()]
             .into_iter()
             .flatten()
             .min();
@@ -849,7 +712,7 @@ impl Room {
     async fn on_alarm(&self) -> EdgeResult<()> {
         self.ensure_loaded(None).await?;
         let now = now_ms();
-        if self.next_heartbeat.get().is_some_and(|t| now >= t) {
+        if self.conns.next_heartbeat().is_some_and(|t| now >= t) {
             self.sse_maintenance(now)?;
         }
         self.with_room(|r| r.handle_timeout(now))?;
@@ -907,10 +770,9 @@ impl Room {
     }
 
     fn forget_socket(&self, ws: &WebSocket) {
-        let Ok(Some(tag)) = ws.deserialize_attachment::<SocketTag>() else {
+        let Some(tag) = self.conns.forget_socket(ws) else {
             return;
         };
-        self.sockets.borrow_mut().remove(&tag.conn);
         let now = now_ms();
         let mut guard = self.loaded.borrow_mut();
         if let Some(l) = guard.as_mut() {
@@ -928,16 +790,6 @@ fn watermarks_of(members: &[shared::protocol::internal::MemberWatermark]) -> Vec
             read_seq: m.read_seq,
         })
         .collect()
-}
-
-/// The SSE encoding of a frame: the same JSON as the WebSocket frame, with
-/// `id: <seq>` on messages so `Last-Event-ID` resumes after them. JSON has
-/// no raw newlines, so one `data:` line holds it.
-fn sse_event(frame: &ServerFrame, json: &str) -> String {
-    match frame {
-        ServerFrame::Message { message } => format!("id: {}\ndata: {json}\n\n", message.seq),
-        _ => format!("data: {json}\n\n"),
-    }
 }
 
 /// `?since=` as the Worker forwards it (from the query or Last-Event-ID).
@@ -988,32 +840,4 @@ fn send_frame(ws: &WebSocket, frame: &ServerFrame) -> EdgeResult<()> {
     let text = serde_json::to_string(frame).map_err(|e| EdgeError::Internal(e.to_string()))?;
     ws.send_with_str(&text)?;
     Ok(())
-}
-
-/// Completes the upgrade only to explain the refusal: browsers cannot read
-/// the status of a failed upgrade, but they do see an `error` frame and the
-/// close code 1008.
-pub fn refuse_ws(code: &str, message: &str) -> EdgeResult<Response> {
-    let pair = WebSocketPair::new()?;
-    pair.server.accept()?;
-    send_frame(
-        &pair.server,
-        &ServerFrame::Error {
-            code: code.to_owned(),
-            message: message.to_owned(),
-        },
-    )?;
-    pair.server.close(Some(1008), Some(message))?;
-    Ok(Response::from_websocket(pair.client)?)
-}
-
-/// A random u64 from the platform's CSPRNG (crypto.getRandomValues).
-pub fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    if getrandom::getrandom(&mut bytes).is_err() {
-        // No entropy source: fall back to the clock, which is unique enough
-        // for connection ids and only seeds id randomness.
-        return now_ms();
-    }
-    u64::from_le_bytes(bytes)
 }

@@ -17,9 +17,10 @@ use worker::{Env, Headers, Method, Request, RequestInit, Response, Url};
 
 use crate::auth::{self, now_unix};
 use crate::config::EdgeConfig;
+use crate::conns::refuse_ws;
 use crate::error::{EdgeError, EdgeResult};
 use crate::origin;
-use crate::room_do::{CONVERSATION_HEADER, USER_HEADER, refuse_ws};
+use crate::room_do::{CONVERSATION_HEADER, USER_HEADER};
 
 pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
     let config = EdgeConfig::from_env(env)?;

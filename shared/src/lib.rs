@@ -11,11 +11,14 @@
 //!   argument, because `SystemTime::now()` panics on wasm32.
 //! - [`receipts`]: message status derived from read/delivered watermarks.
 //! - [`redact`]: strips tokens from URLs before they reach a log line.
+//! - [`room`] and [`lobby`]: the sans-IO state machines behind the Room and
+//!   Lobby Durable Objects.
 //!
 //! Nothing here does I/O or reads a clock: callers pass `now` in.
 
 pub mod auth;
 pub mod domain;
+pub mod lobby;
 pub mod protocol;
 pub mod receipts;
 pub mod redact;

@@ -77,6 +77,11 @@ pub enum ServerFrame {
         is_online: bool,
         last_seen: Option<DateTime<Utc>>,
     },
+    /// Sent once on a new Lobby connection: who is online right now.
+    /// Later changes arrive as `presence` frames.
+    PresenceSnapshot {
+        online: Vec<i64>,
+    },
     /// The sender's message is durable. Sent for a resend too, with the
     /// original `seq` and `id`.
     Ack {

@@ -388,6 +388,7 @@ impl Sim {
             | ServerFrame::Receipt { .. }
             | ServerFrame::Pong
             | ServerFrame::Presence { .. }
+            | ServerFrame::PresenceSnapshot { .. }
             | ServerFrame::ConversationUpdated { .. } => {}
         }
     }
