@@ -144,6 +144,18 @@ impl Stack {
         })
     }
 
+    /// Opens a WebSocket at any edge path with a query string.
+    pub async fn ws_with_path(&self, path: &str, query: &str) -> anyhow::Result<Ws> {
+        let url = format!("{}{path}?{query}", self.edge.replacen("http", "ws", 1));
+        let (stream, _) = tokio_tungstenite::connect_async(url.into_client_request()?)
+            .await
+            .context("websocket connect")?;
+        Ok(Ws {
+            stream,
+            backlog: VecDeque::new(),
+        })
+    }
+
     /// Opens the room WebSocket as `user`, optionally resuming after `since`.
     pub async fn ws(
         &self,
@@ -156,6 +168,41 @@ impl Stack {
             query.push_str(&format!("&since={s}"));
         }
         self.ws_with(conversation, &query).await
+    }
+
+    /// Opens the Lobby WebSocket (`/api/v1/chat/ws`) as `user`.
+    pub async fn lobby(&self, user: &User) -> anyhow::Result<Ws> {
+        let url = format!(
+            "{}/api/v1/chat/ws?token={}",
+            self.edge.replacen("http", "ws", 1),
+            user.token
+        );
+        let (stream, _) = tokio_tungstenite::connect_async(url.into_client_request()?)
+            .await
+            .context("lobby connect")?;
+        Ok(Ws {
+            stream,
+            backlog: VecDeque::new(),
+        })
+    }
+
+    /// `GET /api/v1/chat/presence/{id}` as `viewer`: (is_online, last_seen).
+    pub async fn presence(&self, viewer: &User, id: i64) -> anyhow::Result<(bool, Option<String>)> {
+        let (status, body) = self
+            .call(
+                Some(viewer),
+                reqwest::Method::GET,
+                &format!("/api/v1/chat/presence/{id}"),
+                None,
+            )
+            .await?;
+        if status != 200 {
+            bail!("presence: {status} {body}");
+        }
+        Ok((
+            body["is_online"].as_bool().unwrap_or(false),
+            body["last_seen"].as_str().map(str::to_owned),
+        ))
     }
 
     /// Messages PostgreSQL holds for a conversation: (seq, client_msg_id).
@@ -268,22 +315,32 @@ impl Ws {
         }
     }
 
-    /// The next frame of `kind` (`"message"`, `"ack"`, …); frames of
-    /// other kinds stay in the backlog.
-    pub async fn expect(&mut self, kind: &str) -> anyhow::Result<Value> {
-        if let Some(pos) = self.backlog.iter().position(|f| f["type"] == kind) {
+    /// The next frame for which `pred` holds; others stay in the backlog.
+    pub async fn expect_where(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        if let Some(pos) = self.backlog.iter().position(&pred) {
             if let Some(f) = self.backlog.remove(pos) {
                 return Ok(f);
             }
         }
         loop {
             match self.next_within(FRAME_TIMEOUT).await? {
-                Some(Event::Frame(f)) if f["type"] == kind => return Ok(f),
+                Some(Event::Frame(f)) if pred(&f) => return Ok(f),
                 Some(Event::Frame(f)) => self.backlog.push_back(f),
-                Some(Event::Closed(c)) => bail!("closed ({c:?}) while waiting for {kind}"),
-                None => bail!("no {kind} frame within {FRAME_TIMEOUT:?}"),
+                Some(Event::Closed(c)) => bail!("closed ({c:?}) while waiting for {what}"),
+                None => bail!("no {what} within {FRAME_TIMEOUT:?}"),
             }
         }
+    }
+
+    /// The next frame of `kind` (`"message"`, `"ack"`, …); frames of
+    /// other kinds stay in the backlog.
+    pub async fn expect(&mut self, kind: &str) -> anyhow::Result<Value> {
+        self.expect_where(&format!("a {kind} frame"), |f| f["type"] == kind)
+            .await
     }
 
     /// The backlog, then every frame that arrives until the line has been

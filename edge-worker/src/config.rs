@@ -24,6 +24,13 @@ pub struct EdgeConfig {
     pub sse_max_per_room: usize,
     /// `ROOM_SSE_HEARTBEAT_MS`: comment line to every SSE stream this often.
     pub sse_heartbeat_ms: u64,
+    /// `LOBBY_TENANT`: which Lobby object this deployment uses.
+    pub lobby_tenant: String,
+    /// `LOBBY_GRACE_MS`: how long a user stays online after their last
+    /// connection closes.
+    pub lobby_grace_ms: u64,
+    /// `LOBBY_MAX_SSE`: SSE streams per Lobby.
+    pub lobby_max_sse: usize,
 }
 
 impl std::fmt::Debug for EdgeConfig {
@@ -93,6 +100,9 @@ impl EdgeConfig {
             room,
             sse_max_per_room: number(env, "ROOM_MAX_SSE", 200)?,
             sse_heartbeat_ms: number(env, "ROOM_SSE_HEARTBEAT_MS", 15_000)?,
+            lobby_tenant: string(env, "LOBBY_TENANT").unwrap_or_else(|| "global".to_owned()),
+            lobby_grace_ms: number(env, "LOBBY_GRACE_MS", 10_000)?,
+            lobby_max_sse: number(env, "LOBBY_MAX_SSE", 10_000)?,
         })
     }
 

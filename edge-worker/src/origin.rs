@@ -8,7 +8,8 @@ use futures_util::future::{Either, select};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shared::protocol::internal::{
-    ConversationMembers, IngestBatch, IngestResult, ReceiptBatch, SERVICE_SECRET_HEADER,
+    ConversationMembers, IngestBatch, IngestResult, PresenceBatch, ReceiptBatch,
+    SERVICE_SECRET_HEADER,
 };
 use worker::wasm_bindgen::JsValue;
 use worker::{AbortController, Delay, Fetch, Headers, Method, Request, RequestInit, Response};
@@ -114,10 +115,20 @@ impl<'a> OriginClient<'a> {
     /// Receipt watermarks (they only move forward at the origin).
     pub async fn receipts(&self, batch: &ReceiptBatch) -> EdgeResult<()> {
         let res = self.post("/internal/v1/receipts", batch).await?;
+        Self::no_content(&res, "receipts")
+    }
+
+    /// Presence changes (last write wins by `last_seen` at the origin).
+    pub async fn presence(&self, batch: &PresenceBatch) -> EdgeResult<()> {
+        let res = self.post("/internal/v1/presence", batch).await?;
+        Self::no_content(&res, "presence")
+    }
+
+    fn no_content(res: &Response, what: &str) -> EdgeResult<()> {
         match res.status_code() {
             200..=299 => Ok(()),
             status => Err(EdgeError::OriginUnavailable(format!(
-                "receipts: status {status}"
+                "{what}: status {status}"
             ))),
         }
     }

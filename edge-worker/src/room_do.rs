@@ -66,6 +66,8 @@ pub struct Room {
     loaded: RefCell<Option<Loaded>>,
     /// Live WebSockets and SSE streams.
     conns: Connections,
+    /// Notices for the Lobby, sent after the outputs that produced them.
+    notices: RefCell<Vec<shared::lobby::ConversationNotice>>,
     /// The alarm we have asked for, if any (so we do not reset it on every
     /// message).
     alarm_at: Cell<Option<u64>>,
@@ -90,6 +92,7 @@ impl DurableObject for Room {
             sql,
             loaded: RefCell::new(None),
             conns: Connections::default(),
+            notices: RefCell::new(Vec::new()),
             alarm_at: Cell::new(None),
         }
     }
@@ -662,6 +665,7 @@ impl Room {
             }
             Output::Close { conn, code, reason } => self.conns.close(conn.0, code, &reason),
             Output::StoreWatermark(w) => self.store_watermark(&w)?,
+            Output::Notify(notice) => self.notices.borrow_mut().push(notice),
             Output::MarkFlushed(seqs) => {
                 let Some(&top) = seqs.iter().max() else {
                     return Ok(());
@@ -685,9 +689,26 @@ impl Room {
         Ok(())
     }
 
-    /// Asks for an alarm at the room's next deadline, unless an earlier one
-    /// is already set.
+    /// Hands queued notices to the Lobby without waiting for it: a
+    /// notification is best effort (the conversation list in REST is the
+    /// truth), and the room must not slow down for it.
+    fn send_notices(&self) {
+        let notices: Vec<_> = self.notices.borrow_mut().drain(..).collect();
+        if notices.is_empty() {
+            return;
+        }
+        let env = self.env.clone();
+        self.state.wait_until(async move {
+            if let Err(e) = crate::lobby_do::notify(&env, &notices).await {
+                worker::console_warn!("lobby notice: {e}");
+            }
+        });
+    }
+
+    /// Sends queued Lobby notices, then asks for an alarm at the room's
+    /// next deadline unless an earlier one is already set.
     async fn schedule(&self) {
+        self.send_notices();
         let room_next = {
             let guard = self.loaded.borrow();
             guard.as_ref().and_then(|l| l.room.poll_timeout())

@@ -8,6 +8,9 @@
 //! | `GET /api/v1/chat/conversations/{id}/events` | Room `{id}` (Server-Sent Events) |
 //! | `POST /api/v1/chat/conversations/{id}/messages\|typing\|read` | Room `{id}` (the SSE fallback's sends) |
 //! | `POST,DELETE /api/v1/chat/conversations/{id}/participants` | origin, then Room `{id}` refreshes its members |
+//! | `GET /api/v1/chat/ws`, `GET /api/v1/chat/ws/{token}` | the Lobby (WebSocket) |
+//! | `GET /api/v1/chat/events` | the Lobby (Server-Sent Events) |
+//! | `POST /api/v1/chat/conversations` | origin; a new conversation is announced in the Lobby |
 //! | `GET /api/v1/edge/health` | answered here |
 //! | any other `/api/**` | proxied to the origin |
 
@@ -33,6 +36,18 @@ pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
     match (method, segments.as_slice()) {
         (Method::Get, ["api", "v1", "edge", "health"]) => json(&Health { status: "ok" }),
         (Method::Post, ["api", "v1", "chat", "ws-ticket"]) => ws_ticket(&req, &config),
+        (Method::Get, ["api", "v1", "chat", "ws"]) => {
+            lobby_connect(&req, env, &config, &url, None, "/ws").await
+        }
+        (Method::Get, ["api", "v1", "chat", "ws", token]) => {
+            lobby_connect(&req, env, &config, &url, Some(token), "/ws").await
+        }
+        (Method::Get, ["api", "v1", "chat", "events"]) => {
+            lobby_connect(&req, env, &config, &url, None, "/events").await
+        }
+        (Method::Post, ["api", "v1", "chat", "conversations"]) => {
+            create_conversation(req, env, &config).await
+        }
         (Method::Get, ["api", "v1", "chat", "conversations", id, "ws"]) => {
             let id = conversation_id(id)?;
             room_ws(req, env, &config, &url, id).await
@@ -235,6 +250,92 @@ async fn forward(
     let req = Request::new_with_init(target, &init)?;
     let stub = env.durable_object("ROOM")?.get_by_name(&id.to_string())?;
     Ok(stub.fetch_with_request(req).await?)
+}
+
+/// The ChatBox's always-on connection: `path` is `/ws` (upgrade) or
+/// `/events` (SSE) on the tenant's Lobby.
+async fn lobby_connect(
+    req: &Request,
+    env: &Env,
+    config: &EdgeConfig,
+    url: &Url,
+    path_token: Option<&str>,
+    path: &str,
+) -> EdgeResult<Response> {
+    let websocket = path == "/ws";
+    if websocket {
+        let upgrade = req.headers().get("upgrade")?.unwrap_or_default();
+        if !upgrade.eq_ignore_ascii_case("websocket") {
+            return Err(EdgeError::Client {
+                status: 426,
+                code: "upgrade_required",
+                message: "this route takes a WebSocket upgrade".to_owned(),
+            });
+        }
+    }
+    let origin = req.headers().get("origin")?;
+    if !config.origin_allowed(origin.as_deref()) {
+        return Err(EdgeError::Forbidden(
+            "this Origin may not open realtime connections",
+        ));
+    }
+    let caller = match auth::for_realtime(req, url, &config.jwt_secret, path_token) {
+        Ok(c) => c,
+        Err(e) if websocket => return refuse_ws(e.code(), &e.to_string()),
+        Err(e) => return Err(e.into()),
+    };
+    let headers = Headers::new();
+    headers.set(USER_HEADER, &caller.user_id.to_string())?;
+    if websocket {
+        headers.set("upgrade", "websocket")?;
+    }
+    let mut init = RequestInit::new();
+    init.with_method(Method::Get).with_headers(headers);
+    let forwarded = Request::new_with_init(&format!("https://lobby{path}"), &init)?;
+    Ok(crate::lobby_do::stub(env)?
+        .fetch_with_request(forwarded)
+        .await?)
+}
+
+/// `POST /api/v1/chat/conversations`: created at the origin; a new
+/// conversation then appears in its participants' Lobby connections at once.
+async fn create_conversation(req: Request, env: &Env, config: &EdgeConfig) -> EdgeResult<Response> {
+    #[derive(serde::Deserialize)]
+    struct Created {
+        id: i64,
+        last_seq: i64,
+        participants: Vec<Participant>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Participant {
+        user_id: i64,
+    }
+    let mut response = origin::proxy(req, config).await?;
+    if response.status_code() != 201 {
+        return Ok(response);
+    }
+    let status = response.status_code();
+    let body = response.text().await?;
+    if let Ok(created) = serde_json::from_str::<Created>(&body) {
+        let notice = shared::lobby::ConversationNotice {
+            conversation_id: created.id,
+            seq: created.last_seq,
+            last_message: None,
+            recipients: created
+                .participants
+                .iter()
+                .map(|p| (p.user_id, 0))
+                .collect(),
+        };
+        if let Err(e) = crate::lobby_do::notify(env, &[notice]).await {
+            worker::console_warn!("lobby notice for a new conversation: {e}");
+        }
+    }
+    let headers = Headers::new();
+    headers.set("content-type", "application/json")?;
+    Ok(Response::ok(body)?
+        .with_status(status)
+        .with_headers(headers))
 }
 
 async fn notify_members_changed(env: &Env, id: i64) -> EdgeResult<()> {

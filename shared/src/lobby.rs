@@ -156,15 +156,16 @@ impl Lobby {
         // Back within the grace period (a reload): nothing to announce.
         p.offline_at = None;
         p.last_seen = now;
-        if !was_online {
-            self.announce(user_id, true, now);
-        }
+        // The snapshot first, so the newcomer's view starts complete.
         let mut online = self.online();
         online.retain(|u| *u != user_id);
         self.outputs.push_back(LobbyOutput::Send {
             to: LobbyTarget::Conn(conn),
             frame: ServerFrame::PresenceSnapshot { online },
         });
+        if !was_online {
+            self.announce(user_id, true, now);
+        }
     }
 
     /// A connection closed. The user's last one starts the grace period.

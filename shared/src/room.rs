@@ -31,8 +31,11 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::domain::{ClientMsgId, DomainError, MAX_FRAME_BYTES, MessageContent};
+use crate::lobby::ConversationNotice;
 use crate::protocol::internal::{ReceiptUpdate, StoredMessage};
-use crate::protocol::{ClientFrame, MessageStatus, MessageView, ServerFrame};
+use crate::protocol::{
+    ClientFrame, MessagePreview, MessageStatus, MessageView, ServerFrame, preview_text,
+};
 use crate::receipts::{Watermark, status_of};
 
 /// Milliseconds since the Unix epoch on the driver's clock (virtual in tests).
@@ -65,6 +68,9 @@ pub struct RoomConfig {
     pub typing_ttl_ms: u64,
     /// Least time between two `receipt` broadcasts for one user.
     pub receipt_interval_ms: u64,
+    /// Least time between two notices to the Lobby (a busy room's
+    /// messages are coalesced into one `conversation_updated` per member).
+    pub notify_interval_ms: u64,
     /// Token bucket per user: burst size and refill rate (messages/s).
     pub rate_burst: u32,
     pub rate_per_sec: u32,
@@ -87,6 +93,7 @@ impl Default for RoomConfig {
             typing_interval_ms: 2_000,
             typing_ttl_ms: 5_000,
             receipt_interval_ms: 1_000,
+            notify_interval_ms: 250,
             rate_burst: 30,
             rate_per_sec: 10,
             flood_strikes: 20,
@@ -159,6 +166,8 @@ pub enum Output {
     StoreWatermark(Watermark),
     /// These messages are confirmed by the origin; mark them so.
     MarkFlushed(Vec<i64>),
+    /// Tell the Lobby (best effort: the REST list is the truth).
+    Notify(ConversationNotice),
 }
 
 /// Why the room refused something. Each maps to a WS `error` code, an HTTP
@@ -305,6 +314,9 @@ pub struct Room {
     dirty_receipts: HashSet<i64>,
     next_flush_at: Option<Millis>,
     flush_in_flight: Option<FlushBatch>,
+    /// Members the next Lobby notice is for, and when the last one went.
+    notify_users: HashSet<i64>,
+    notify_last: Option<Millis>,
     backoff_ms: u64,
     outputs: VecDeque<Output>,
     rng: SplitMix64,
@@ -331,6 +343,8 @@ impl Room {
             dirty_receipts: HashSet::new(),
             next_flush_at: None,
             flush_in_flight: None,
+            notify_users: HashSet::new(),
+            notify_last: None,
             backoff_ms,
             outputs: VecDeque::new(),
             rng: SplitMix64(seed),
@@ -692,6 +706,8 @@ impl Room {
                 message: message.clone(),
             },
         );
+        let everyone: Vec<i64> = self.members.keys().copied().collect();
+        self.want_notify(now, everyone);
         self.prune_window();
         Ok(Sent {
             message,
@@ -746,6 +762,8 @@ impl Room {
         self.dirty_receipts.insert(user_id);
         self.want_flush(now);
         self.schedule_receipt(now, user_id);
+        // Their other tabs and devices show the conversation read.
+        self.want_notify(now, [user_id]);
         Ok(())
     }
 
@@ -760,6 +778,63 @@ impl Room {
         self.dirty_receipts.insert(user_id);
         self.want_flush(now);
         self.schedule_receipt(now, user_id);
+    }
+
+    /// Queues a Lobby notice for `users`: at once if the last one is older
+    /// than the interval, else at the end of it (coalesced).
+    fn want_notify(&mut self, now: Millis, users: impl IntoIterator<Item = i64>) {
+        self.notify_users.extend(users);
+        let due = self
+            .notify_last
+            .is_none_or(|last| now >= last + self.config.notify_interval_ms);
+        if due {
+            self.emit_notice(now);
+        }
+    }
+
+    fn emit_notice(&mut self, now: Millis) {
+        if self.notify_users.is_empty() {
+            return;
+        }
+        let mut users: Vec<i64> = self.notify_users.drain().collect();
+        users.sort_unstable();
+        let recipients = users
+            .into_iter()
+            .filter(|u| self.members.contains_key(u))
+            .map(|u| (u, self.unread_for(u)))
+            .collect();
+        let last_message = self.window.back().map(|r| MessagePreview {
+            id: r.id,
+            seq: r.seq,
+            sender_id: r.sender_id,
+            content: preview_text(&r.content),
+            created_at: r.created_at(),
+        });
+        self.notify_last = Some(now);
+        self.outputs.push_back(Output::Notify(ConversationNotice {
+            conversation_id: self.conversation_id,
+            seq: self.last_seq,
+            last_message,
+            recipients,
+        }));
+    }
+
+    /// Messages from others after `user`'s read watermark, capped like the
+    /// origin's REST count. Beyond the window every message counts (own
+    /// ones included): the cap makes the difference moot for long gaps.
+    pub fn unread_for(&self, user: i64) -> i64 {
+        const CAP: i64 = 999;
+        let Some(w) = self.members.get(&user) else {
+            return 0;
+        };
+        let start = self.window_start();
+        let before_window = (start - 1 - w.read_seq).max(0);
+        let in_window = self
+            .window
+            .iter()
+            .filter(|r| r.seq > w.read_seq && r.sender_id != user)
+            .count() as i64;
+        (before_window + in_window).min(CAP)
     }
 
     /// Something new for the origin: flush soon, unless a flush is already
@@ -815,6 +890,12 @@ impl Room {
             self.broadcast_receipt(user);
         }
         self.typing.retain(|_, t| t.expires > now);
+        let notice_due = self
+            .notify_last
+            .is_none_or(|last| now >= last + self.config.notify_interval_ms);
+        if !self.notify_users.is_empty() && notice_due {
+            self.emit_notice(now);
+        }
     }
 
     /// When the driver should next call [`Room::handle_timeout`] or
@@ -827,7 +908,18 @@ impl Room {
             .filter(|c| c.pending)
             .map(|c| c.last_sent + interval)
             .min();
-        [receipt, self.next_flush_at].into_iter().flatten().min()
+        let notice = if self.notify_users.is_empty() {
+            None
+        } else {
+            Some(
+                self.notify_last
+                    .map_or(0, |last| last + self.config.notify_interval_ms),
+            )
+        };
+        [receipt, self.next_flush_at, notice]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
@@ -1466,5 +1558,43 @@ mod tests {
         assert_eq!(receipts(&outputs(&mut room)), vec![(2, 3)]);
         let view = room.message(3).expect("in window");
         assert_eq!(view.status, MessageStatus::Read);
+    }
+
+    #[test]
+    fn notices_carry_each_members_unread_count_and_are_coalesced() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2, 3]);
+        let notices = |outs: &[Output]| -> Vec<ConversationNotice> {
+            outs.iter()
+                .filter_map(|o| match o {
+                    Output::Notify(n) => Some(n.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        room.submit(T0, 1, "one".into(), None, None).expect("send");
+        let first = notices(&outputs(&mut room));
+        assert_eq!(first.len(), 1, "the first message notifies at once");
+        assert_eq!(first[0].recipients, vec![(1, 0), (2, 1), (3, 1)]);
+        assert_eq!(
+            first[0].last_message.as_ref().map(|m| m.content.as_str()),
+            Some("one")
+        );
+        // Two more within the interval: one notice at its end.
+        room.submit(T0 + 50, 1, "two".into(), None, None)
+            .expect("send");
+        room.submit(T0 + 100, 2, "three".into(), None, None)
+            .expect("send");
+        assert!(notices(&outputs(&mut room)).is_empty());
+        assert!(room.poll_timeout().is_some_and(|t| t <= T0 + 250));
+        room.handle_timeout(T0 + 250);
+        let later = notices(&outputs(&mut room));
+        assert_eq!(later.len(), 1);
+        assert_eq!(later[0].seq, 3);
+        assert_eq!(later[0].recipients, vec![(1, 1), (2, 2), (3, 3)]);
+        // Reading tells the reader's other tabs: unread back to 0.
+        room.handle_read(T0 + 600, 3, 3).expect("member");
+        let read = notices(&outputs(&mut room));
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].recipients, vec![(3, 0)]);
     }
 }

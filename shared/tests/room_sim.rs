@@ -280,6 +280,19 @@ impl Sim {
                     }
                 }
                 Output::StoreWatermark(_) => {}
+                Output::Notify(notice) => {
+                    for (user, unread) in &notice.recipients {
+                        assert!(
+                            CLIENT_USERS.contains(user),
+                            "a notice for a non-member {user}"
+                        );
+                        assert!(
+                            (0..=notice.seq).contains(unread),
+                            "unread {unread} of {}",
+                            notice.seq
+                        );
+                    }
+                }
                 Output::Close { conn, .. } => {
                     if let Some(i) = self.client_of(conn) {
                         self.clients[i].conn = None;

@@ -4,6 +4,7 @@
 
 #![allow(clippy::print_stdout)]
 
+mod lobby;
 mod realtime;
 mod rest;
 mod sse;
@@ -24,6 +25,7 @@ async fn main() -> ExitCode {
             // to observe (production: 200 subscribers, 15 s).
             ("ROOM_MAX_SSE".to_owned(), "3".to_owned()),
             ("ROOM_SSE_HEARTBEAT_MS".to_owned(), "1000".to_owned()),
+            ("LOBBY_GRACE_MS".to_owned(), "1500".to_owned()),
         ],
         verbose: std::env::var_os("E2E_VERBOSE").is_some(),
     };
@@ -150,6 +152,37 @@ async fn main() -> ExitCode {
                 )
             },
         ),
+        ("b_sees_a_come_online_and_rest_agrees", |s| {
+            Box::pin(lobby::b_sees_a_come_online_and_rest_agrees(s))
+        }),
+        ("a_with_two_tabs_stays_online_when_one_tab_closes", |s| {
+            Box::pin(lobby::a_with_two_tabs_stays_online_when_one_tab_closes(s))
+        }),
+        (
+            "when_all_tabs_close_a_goes_offline_after_the_grace_period",
+            |s| Box::pin(lobby::when_all_tabs_close_a_goes_offline_after_the_grace_period(s)),
+        ),
+        ("a_reload_within_the_grace_period_does_not_flap", |s| {
+            Box::pin(lobby::a_reload_within_the_grace_period_does_not_flap(s))
+        }),
+        (
+            "a_message_notifies_the_other_participant_and_reading_clears_the_count",
+            |s| {
+                Box::pin(
+                    lobby::a_message_notifies_the_other_participant_and_reading_clears_the_count(s),
+                )
+            },
+        ),
+        ("non_participants_receive_nothing", |s| {
+            Box::pin(lobby::non_participants_receive_nothing(s))
+        }),
+        (
+            "a_new_conversation_appears_for_its_participants_at_once",
+            |s| Box::pin(lobby::a_new_conversation_appears_for_its_participants_at_once(s)),
+        ),
+        ("the_seed_token_path_and_sse_reach_the_lobby_too", |s| {
+            Box::pin(lobby::the_seed_token_path_and_sse_reach_the_lobby_too(s))
+        }),
         // Last: it stops and restarts the origin.
         (
             "while_the_origin_is_down_chat_goes_on_and_the_outbox_drains_after",

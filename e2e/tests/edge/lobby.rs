@@ -1,0 +1,281 @@
+//! The Lobby: presence and notifications on the always-on connection.
+//! Every test shares the tenant's one Lobby, so each filters for its own
+//! users.
+
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use e2e::{Stack, Ws};
+use serde_json::{Value, json};
+
+/// The suite runs the Lobby with a 1.5 s grace period (10 s in production).
+const GRACE: Duration = Duration::from_millis(1_500);
+
+fn presence_of(user: i64, online: bool) -> impl Fn(&Value) -> bool {
+    move |f| f["type"] == "presence" && f["user_id"] == user && f["is_online"] == online
+}
+
+async fn no_presence_of(ws: &mut Ws, user: i64, within: Duration) -> anyhow::Result<()> {
+    let frames = ws.drain(within).await?;
+    ensure!(
+        !frames
+            .iter()
+            .any(|f| f["type"] == "presence" && f["user_id"] == user),
+        "unexpected presence for {user}: {frames:?}"
+    );
+    Ok(())
+}
+
+/// Polls REST until `user`'s presence is `online` (it trails the Lobby by
+/// one origin call).
+async fn rest_says(
+    s: &Stack,
+    viewer: &e2e::User,
+    user: i64,
+    online: bool,
+) -> anyhow::Result<Option<String>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (is_online, last_seen) = s.presence(viewer, user).await?;
+        if is_online == online {
+            return Ok(last_seen);
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "REST still says online={is_online} for {user}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn b_sees_a_come_online_and_rest_agrees(s: &mut Stack) -> anyhow::Result<()> {
+    let a = s.user("A").await?;
+    let b = s.user("B").await?;
+    let mut wb = s.lobby(&b).await?;
+    let snapshot = wb.expect("presence_snapshot").await?;
+    ensure!(
+        snapshot["online"]
+            .as_array()
+            .is_some_and(|o| !o.contains(&json!(b.id))),
+        "{snapshot}"
+    );
+    let _wa = s.lobby(&a).await?;
+    let seen = wb.expect_where("A online", presence_of(a.id, true)).await?;
+    ensure!(seen["last_seen"].is_string(), "{seen}");
+    rest_says(s, &b, a.id, true).await?;
+    // A newcomer learns A is online from the snapshot.
+    let c = s.user("C").await?;
+    let mut wc = s.lobby(&c).await?;
+    let snapshot = wc.expect("presence_snapshot").await?;
+    ensure!(
+        snapshot["online"]
+            .as_array()
+            .is_some_and(|o| o.contains(&json!(a.id))),
+        "{snapshot}"
+    );
+    Ok(())
+}
+
+pub async fn a_with_two_tabs_stays_online_when_one_tab_closes(s: &mut Stack) -> anyhow::Result<()> {
+    let a = s.user("A").await?;
+    let b = s.user("B").await?;
+    let mut wb = s.lobby(&b).await?;
+    let tab1 = s.lobby(&a).await?;
+    let _tab2 = s.lobby(&a).await?;
+    wb.expect_where("A online", presence_of(a.id, true)).await?;
+    tab1.close().await?;
+    no_presence_of(&mut wb, a.id, GRACE * 2).await?;
+    rest_says(s, &b, a.id, true).await?;
+    Ok(())
+}
+
+pub async fn when_all_tabs_close_a_goes_offline_after_the_grace_period(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let a = s.user("A").await?;
+    let b = s.user("B").await?;
+    let mut wb = s.lobby(&b).await?;
+    let tab1 = s.lobby(&a).await?;
+    let tab2 = s.lobby(&a).await?;
+    wb.expect_where("A online", presence_of(a.id, true)).await?;
+    let closed_at = chrono::Utc::now();
+    tab1.close().await?;
+    tab2.close().await?;
+    let offline = wb
+        .expect_where("A offline", presence_of(a.id, false))
+        .await?;
+    let waited = chrono::Utc::now() - closed_at;
+    ensure!(
+        waited >= chrono::Duration::milliseconds(GRACE.as_millis() as i64 - 100),
+        "offline after only {waited:?}"
+    );
+    let last_seen: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(offline["last_seen"].clone()).context("last_seen")?;
+    ensure!(
+        (last_seen - closed_at).num_seconds().abs() <= 2,
+        "last_seen {last_seen} vs {closed_at}"
+    );
+    let rest = rest_says(s, &b, a.id, false)
+        .await?
+        .context("REST last_seen")?;
+    let rest: chrono::DateTime<chrono::Utc> = rest.parse()?;
+    ensure!(
+        (rest - last_seen).num_milliseconds().abs() <= 1,
+        "REST {rest} vs {last_seen}"
+    );
+    Ok(())
+}
+
+pub async fn a_reload_within_the_grace_period_does_not_flap(s: &mut Stack) -> anyhow::Result<()> {
+    let a = s.user("A").await?;
+    let b = s.user("B").await?;
+    let mut wb = s.lobby(&b).await?;
+    let tab = s.lobby(&a).await?;
+    wb.expect_where("A online", presence_of(a.id, true)).await?;
+    tab.close().await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _reloaded = s.lobby(&a).await?;
+    no_presence_of(&mut wb, a.id, GRACE * 2).await?;
+    rest_says(s, &b, a.id, true).await?;
+    Ok(())
+}
+
+pub async fn a_message_notifies_the_other_participant_and_reading_clears_the_count(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let a = s.user("A").await?;
+    let b = s.user("B").await?;
+    let conv = s.direct(&a, &b).await?;
+    let mut lb = s.lobby(&b).await?;
+    let mut room = s.ws(&a, conv, None).await?;
+    for i in 1..=3 {
+        room.say(conv, &format!("hello {i}"), &format!("n-{i}"))
+            .await?;
+        room.expect("ack").await?;
+    }
+    let updated = lb
+        .expect_where("unread 3", |f| {
+            f["type"] == "conversation_updated"
+                && f["conversation_id"] == conv
+                && f["unread_count"] == 3
+        })
+        .await?;
+    ensure!(updated["seq"] == 3, "{updated}");
+    ensure!(updated["last_message"]["content"] == "hello 3", "{updated}");
+    ensure!(updated["last_message"]["sender_id"] == a.id, "{updated}");
+    // B reads (over the POST fallback here): B's lobby shows 0.
+    let res = s
+        .http()
+        .post(format!("{}/api/v1/chat/conversations/{conv}/read", s.edge))
+        .bearer_auth(&b.token)
+        .json(&json!({"seq": 3}))
+        .send()
+        .await?;
+    ensure!(res.status().as_u16() == 204, "{}", res.status());
+    lb.expect_where("unread 0", |f| {
+        f["type"] == "conversation_updated"
+            && f["conversation_id"] == conv
+            && f["unread_count"] == 0
+    })
+    .await?;
+    Ok(())
+}
+
+pub async fn non_participants_receive_nothing(s: &mut Stack) -> anyhow::Result<()> {
+    let a = s.user("A").await?;
+    let b = s.user("B").await?;
+    let eve = s.user("Eve").await?;
+    let mut le = s.lobby(&eve).await?;
+    let conv = s.direct(&a, &b).await?;
+    let mut room = s.ws(&a, conv, None).await?;
+    room.say(conv, "private", "np-1").await?;
+    room.expect("ack").await?;
+    let frames = le.drain(Duration::from_millis(1_500)).await?;
+    ensure!(
+        !frames
+            .iter()
+            .any(|f| f["conversation_id"] == conv || f.to_string().contains("private")),
+        "Eve learned something: {frames:?}"
+    );
+    Ok(())
+}
+
+pub async fn a_new_conversation_appears_for_its_participants_at_once(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let a = s.user("A").await?;
+    let b = s.user("B").await?;
+    let eve = s.user("Eve").await?;
+    let mut lb = s.lobby(&b).await?;
+    let mut le = s.lobby(&eve).await?;
+    let conv = s.group(&a, &[&b]).await?;
+    let created = lb
+        .expect_where("the new conversation", |f| {
+            f["type"] == "conversation_updated" && f["conversation_id"] == conv
+        })
+        .await?;
+    ensure!(
+        created["unread_count"] == 0 && created["seq"] == 0,
+        "{created}"
+    );
+    let frames = le.drain(Duration::from_millis(800)).await?;
+    ensure!(
+        !frames.iter().any(|f| f["conversation_id"] == conv),
+        "{frames:?}"
+    );
+    Ok(())
+}
+
+pub async fn the_seed_token_path_and_sse_reach_the_lobby_too(s: &mut Stack) -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let a = s.user("A").await?;
+    let b = s.user("B").await?;
+    let url = format!(
+        "{}/api/v1/chat/ws/{}",
+        s.edge.replacen("http", "ws", 1),
+        b.token
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.into_client_request()?).await?;
+    use futures::StreamExt;
+    let first = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await?
+        .context("closed")??;
+    ensure!(first.to_text()?.contains("presence_snapshot"), "{first}");
+    // SSE: A's presence reaches B's event stream.
+    let res = s
+        .http()
+        .get(format!("{}/api/v1/chat/events", s.edge))
+        .bearer_auth(&b.token)
+        .send()
+        .await?;
+    ensure!(res.status().as_u16() == 200, "{}", res.status());
+    let mut stream = res.bytes_stream();
+    let _wa = s.lobby(&a).await?;
+    let needle = format!("\"user_id\":{}", a.id);
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(text.contains("\"type\":\"presence\"") && text.contains(&needle)) {
+        let chunk = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .context("no presence on the SSE stream")?
+            .context("stream ended")??;
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    // A bad token is refused on every lobby path.
+    let (status, body) = s
+        .call(
+            None,
+            reqwest::Method::GET,
+            "/api/v1/chat/events?token=nope",
+            None,
+        )
+        .await?;
+    ensure!(
+        status == 401 && body["code"] == "invalid_token",
+        "{status} {body}"
+    );
+    let mut bad = s.ws_with_path("/api/v1/chat/ws", "token=nope").await?;
+    let (_, closed) = bad.closed().await?;
+    ensure!(closed.code == 1008, "{closed:?}");
+    Ok(())
+}
