@@ -7,6 +7,7 @@
 #![allow(clippy::print_stdout)]
 
 pub mod fanout;
+pub mod lobby_bench;
 pub mod origin_bench;
 pub mod report;
 
@@ -14,6 +15,7 @@ pub async fn run(which: &str) -> anyhow::Result<()> {
     match which {
         "origin" => origin_bench::run().await,
         "fanout" => fanout::run().await,
-        other => anyhow::bail!("unknown benchmark {other:?}; available: origin, fanout"),
+        "lobby" => lobby_bench::run().await,
+        other => anyhow::bail!("unknown benchmark {other:?}; available: origin, fanout, lobby"),
     }
 }

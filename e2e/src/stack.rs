@@ -268,6 +268,42 @@ impl Stack {
         bail!("wrangler dev did not become ready within {timeout:?}")
     }
 
+    /// Resident memory (KiB) of the workerd processes serving the edge
+    /// (wrangler runs them in its process group).
+    pub fn workerd_rss_kib(&self) -> anyhow::Result<u64> {
+        let group = self.wrangler.id();
+        let mut total = 0;
+        for entry in std::fs::read_dir("/proc").context("read /proc")? {
+            let Ok(entry) = entry else { continue };
+            let path = entry.path();
+            let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid pgrp …; comm may hold spaces.
+            let Some((head, rest)) = stat.rsplit_once(") ") else {
+                continue;
+            };
+            if !head.ends_with("(workerd") {
+                continue;
+            }
+            let pgrp = rest
+                .split_whitespace()
+                .nth(2)
+                .and_then(|v| v.parse::<u32>().ok());
+            if pgrp != Some(group) {
+                continue;
+            }
+            let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+            total += status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        Ok(total)
+    }
+
     /// Stops the origin (its port then refuses connections).
     pub fn stop_origin(&mut self) {
         if let Some(mut o) = self.origin.take() {

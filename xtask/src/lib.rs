@@ -21,7 +21,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask <dev | test | bench origin|fanout | build-edge>";
+const USAGE: &str = "usage: cargo xtask <dev | test | bench origin|fanout|lobby | build-edge>";
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let root = workspace_root();
@@ -124,17 +124,17 @@ fn bench(root: &Path, which: Option<&str>) -> anyhow::Result<()> {
             cmd.env("DATABASE_URL", &admin_url);
             step("origin benchmark", cmd)
         }
-        "fanout" => {
+        "fanout" | "lobby" => {
             let admin_url = pg::ensure(root)?;
             build_edge(root)?;
-            let mut cmd = cargo(&["run", "--release", "-p", "vibe-bench", "--", "fanout"]);
+            let mut cmd = cargo(&["run", "--release", "-p", "vibe-bench", "--", which]);
             cmd.env("DATABASE_URL", &admin_url)
                 .env("WRANGLER_SEND_METRICS", "false");
-            let result = step("fan-out benchmark (wrangler dev)", cmd);
+            let result = step(&format!("{which} benchmark (wrangler dev)"), cmd);
             pg::drop_test_databases(&admin_url)?;
             result
         }
-        other => bail!("unknown benchmark {other:?}; available: origin, fanout"),
+        other => bail!("unknown benchmark {other:?}; available: origin, fanout, lobby"),
     }
 }
 
