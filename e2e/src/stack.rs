@@ -271,29 +271,9 @@ impl Stack {
     /// Resident memory (KiB) of the workerd processes serving the edge
     /// (wrangler runs them in its process group).
     pub fn workerd_rss_kib(&self) -> anyhow::Result<u64> {
-        let group = self.wrangler.id();
         let mut total = 0;
-        for entry in std::fs::read_dir("/proc").context("read /proc")? {
-            let Ok(entry) = entry else { continue };
-            let path = entry.path();
-            let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
-                continue;
-            };
-            // pid (comm) state ppid pgrp …; comm may hold spaces.
-            let Some((head, rest)) = stat.rsplit_once(") ") else {
-                continue;
-            };
-            if !head.ends_with("(workerd") {
-                continue;
-            }
-            let pgrp = rest
-                .split_whitespace()
-                .nth(2)
-                .and_then(|v| v.parse::<u32>().ok());
-            if pgrp != Some(group) {
-                continue;
-            }
-            let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+        for pid in self.workerd_pids()? {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
             total += status
                 .lines()
                 .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -302,6 +282,90 @@ impl Stack {
                 .unwrap_or(0);
         }
         Ok(total)
+    }
+
+    /// The workerd processes of this dev server: (pid).
+    fn workerd_pids(&self) -> anyhow::Result<Vec<u32>> {
+        let group = self.wrangler.id();
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").context("read /proc")? {
+            let Ok(entry) = entry else { continue };
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let Some((head, rest)) = stat.rsplit_once(") ") else {
+                continue;
+            };
+            let pgrp = rest
+                .split_whitespace()
+                .nth(2)
+                .and_then(|v| v.parse::<u32>().ok());
+            if head.ends_with("(workerd") && pgrp == Some(group) {
+                pids.push(pid);
+            }
+        }
+        Ok(pids)
+    }
+
+    /// The URL of the workerd runtime itself, behind wrangler dev's local
+    /// proxy. Benchmarks with thousands of sockets use it: the proxy spends
+    /// six file descriptors per WebSocket (two sockets, four pipes), which
+    /// a 20,000-descriptor limit caps at about 3,300 connections. The
+    /// Worker code and Durable Objects are the same on both paths.
+    pub async fn runtime_url(&self) -> anyhow::Result<String> {
+        let edge_port: u16 = self
+            .edge
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("edge port")?;
+        let tcp = std::fs::read_to_string("/proc/net/tcp").context("read /proc/net/tcp")?;
+        let client = reqwest::Client::new();
+        for pid in self.workerd_pids()? {
+            let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter_map(|e| std::fs::read_link(e.path()).ok())
+                        .filter_map(|l| {
+                            l.to_string_lossy()
+                                .strip_prefix("socket:[")
+                                .map(|s| s.trim_end_matches(']').to_owned())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            for line in tcp.lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                // local_address, state 0A (LISTEN), inode
+                if cols.len() < 10 || cols[3] != "0A" || !inodes.iter().any(|i| i == cols[9]) {
+                    continue;
+                }
+                let Some(port) = cols[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|h| u16::from_str_radix(h, 16).ok())
+                else {
+                    continue;
+                };
+                if port == edge_port {
+                    continue;
+                }
+                let url = format!("http://127.0.0.1:{port}");
+                let healthy = client
+                    .get(format!("{url}/api/v1/edge/health"))
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if healthy {
+                    return Ok(url);
+                }
+            }
+        }
+        bail!("no workerd runtime port found behind the dev proxy")
     }
 
     /// Stops the origin (its port then refuses connections).
