@@ -453,6 +453,10 @@ fn test_wrangler_config(root: &Path) -> anyhow::Result<String> {
         if in_build {
             continue;
         }
+        if trimmed.starts_with("directory =") {
+            out.push_str(&format!("directory = \"{}\"\n", root.join("chatbox").display()));
+            continue;
+        }
         if trimmed.starts_with("main =") {
             out.push_str(&format!(
                 "main = \"{}\"\n",

@@ -29,20 +29,8 @@ pub use room_do::Room;
 
 #[event(fetch)]
 async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
-    let method = req.method();
-    let path = req.path();
     match router::handle(req, &env).await {
         Ok(response) => Ok(response),
-        Err(e) => {
-            if e.status() >= 500 {
-                worker::console_error!(
-                    "{method:?} {} -> {} {}",
-                    shared::redact::redact_url(&path),
-                    e.status(),
-                    e.code()
-                );
-            }
-            e.to_response()
-        }
+        Err(e) => e.to_response(),
     }
 }

@@ -27,6 +27,53 @@ use crate::room_do::{CONVERSATION_HEADER, USER_HEADER};
 
 pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
     let config = EdgeConfig::from_env(env)?;
+    // The ChatBox embedded on another page of the platform calls the API
+    // cross-origin; allowed origins get CORS, everyone else the browser's
+    // default refusal.
+    let cors_origin = req
+        .headers()
+        .get("origin")?
+        .filter(|o| config.allowed_origins.iter().any(|a| a == o || a == "*"));
+    if req.method() == Method::Options {
+        let mut res = Response::empty()?.with_status(204);
+        if let Some(origin) = &cors_origin {
+            let h = res.headers_mut();
+            h.set("access-control-allow-origin", origin)?;
+            h.set("access-control-allow-methods", "GET, POST, DELETE, OPTIONS")?;
+            h.set("access-control-allow-headers", "authorization, content-type, last-event-id")?;
+            h.set("access-control-max-age", "600")?;
+            h.set("vary", "origin")?;
+        }
+        return Ok(res);
+    }
+    let method = req.method();
+    let path = req.path();
+    let mut res = match route(req, env, &config).await {
+        Ok(res) => res,
+        Err(e) => {
+            if e.status() >= 500 {
+                worker::console_error!(
+                    "{method:?} {} -> {} {}",
+                    shared::redact::redact_url(&path),
+                    e.status(),
+                    e.code()
+                );
+            }
+            e.to_response()?
+        }
+    };
+    if let Some(origin) = cors_origin {
+        // Responses relayed from the origin or a Durable Object may carry
+        // immutable headers; a failure here only costs the CORS header.
+        let h = res.headers_mut();
+        let _ = h.set("access-control-allow-origin", &origin);
+        let _ = h.set("vary", "origin");
+    }
+    Ok(res)
+}
+
+async fn route(req: Request, env: &Env, config: &EdgeConfig) -> EdgeResult<Response> {
+    let config = config.clone();
     let url = req.url()?;
     let segments: Vec<&str> = url
         .path_segments()

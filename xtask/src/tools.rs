@@ -158,3 +158,12 @@ pub fn ensure_npm_packages(root: &std::path::Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Debian's Chromium, for the browser tests (playwright cannot download a
+/// browser here).
+pub fn ensure_chromium() -> anyhow::Result<()> {
+    if std::path::Path::new("/usr/bin/chromium").exists() {
+        return Ok(());
+    }
+    apt_install(&["chromium"])
+}

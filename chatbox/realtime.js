@@ -1,0 +1,234 @@
+// Realtime transports. WebSocket first; when a WebSocket cannot be opened
+// (a proxy that strips upgrades, a locked-down network) the session falls
+// back to Server-Sent Events plus POST, which the edge serves with the same
+// guarantees. `?transport=sse` on the page forces the fallback.
+//
+// Both connections reconnect with exponential backoff and jitter. The room
+// connection resumes from the caller's last seq (`since`), so a reconnect
+// delivers exactly what was missed.
+
+export class TransportChoice {
+  constructor(forced) {
+    this.forced = forced;
+    this.wsBroken = false;
+  }
+  static fromLocation() {
+    const p = new URLSearchParams(window.location.search).get('transport');
+    return new TransportChoice(p === 'sse' ? 'sse' : p === 'ws' ? 'ws' : null);
+  }
+  get kind() {
+    if (this.forced) return this.forced;
+    return this.wsBroken || !('WebSocket' in window) ? 'sse' : 'ws';
+  }
+}
+
+class Backoff {
+  constructor() {
+    this.attempt = 0;
+  }
+  next() {
+    const cap = Math.min(10_000, 500 * 2 ** this.attempt);
+    this.attempt += 1;
+    return cap / 2 + (Math.random() * cap) / 2;
+  }
+  reset() {
+    this.attempt = 0;
+  }
+}
+
+/**
+ * A reconnecting connection to one endpoint, over WebSocket or SSE.
+ * Subclasses say which paths and what `since` to use.
+ */
+class Connection {
+  constructor({ api, choice, onFrame, onState }) {
+    this.api = api;
+    this.choice = choice;
+    this.onFrame = onFrame;
+    this.onState = onState ?? (() => {});
+    this.backoff = new Backoff();
+    this.stopped = false;
+    this.ws = null;
+    this.es = null;
+    this.timer = null;
+    this.state = 'connecting';
+  }
+
+  start() {
+    this.stopped = false;
+    this.connect();
+  }
+
+  stop() {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    this.ws?.close(1000, 'closed by the client');
+    this.es?.close();
+    this.ws = null;
+    this.es = null;
+    this.setState('closed');
+  }
+
+  setState(state) {
+    this.state = state;
+    this.onState(state, this.choice.kind);
+  }
+
+  get open() {
+    return this.state === 'open';
+  }
+
+  async connect() {
+    if (this.stopped) return;
+    this.setState('connecting');
+    let ticket;
+    try {
+      ticket = (await this.api.ticket()).ticket;
+    } catch (e) {
+      if (e.status === 401) {
+        this.setState('unauthorized');
+        return;
+      }
+      this.retry();
+      return;
+    }
+    if (this.stopped) return;
+    if (this.choice.kind === 'ws') this.openWs(ticket);
+    else this.openSse(ticket);
+  }
+
+  retry() {
+    if (this.stopped) return;
+    this.setState('reconnecting');
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.connect(), this.backoff.next());
+  }
+
+  openWs(ticket) {
+    const ws = new WebSocket(this.api.wsUrl(this.wsPath(ticket)));
+    let opened = false;
+    this.ws = ws;
+    ws.onopen = () => {
+      opened = true;
+      this.backoff.reset();
+      this.setState('open');
+    };
+    ws.onmessage = (event) => this.deliver(event.data);
+    ws.onclose = (event) => {
+      if (this.ws !== ws) return;
+      this.ws = null;
+      if (this.stopped) return;
+      if (!opened && event.code === 1006 && !this.choice.forced) {
+        // The upgrade never completed: assume WebSockets are blocked on
+        // this network and fall back for the rest of the session.
+        this.choice.wsBroken = true;
+        this.connect();
+        return;
+      }
+      if (event.code === 1008 && /member|forbidden/i.test(event.reason)) {
+        this.setState('forbidden');
+        return;
+      }
+      this.retry();
+    };
+  }
+
+  openSse(ticket) {
+    const es = new EventSource(this.api.url(this.ssePath(ticket)));
+    this.es = es;
+    es.onopen = () => {
+      this.backoff.reset();
+      this.setState('open');
+    };
+    es.onmessage = (event) => this.deliver(event.data);
+    es.onerror = () => {
+      if (this.es !== es) return;
+      // EventSource retries by itself with Last-Event-ID, but its ticket
+      // expires after 60 s; once it gives up, reconnect with a fresh one.
+      if (es.readyState === EventSource.CLOSED) {
+        this.es = null;
+        this.retry();
+      } else {
+        this.setState('reconnecting');
+      }
+    };
+  }
+
+  deliver(text) {
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      return;
+    }
+    this.onFrame(frame);
+  }
+
+  /** Sends a frame over the WebSocket; false when it is not open. */
+  sendWs(frame) {
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(JSON.stringify(frame));
+      return true;
+    }
+    return false;
+  }
+}
+
+/** The ChatBox's always-on connection: presence and notifications. */
+export class LobbyConnection extends Connection {
+  wsPath(ticket) {
+    return `/api/v1/chat/ws?ticket=${encodeURIComponent(ticket)}`;
+  }
+  ssePath(ticket) {
+    return `/api/v1/chat/events?ticket=${encodeURIComponent(ticket)}`;
+  }
+}
+
+/** One conversation: messages, typing, receipts; sends over either transport. */
+export class RoomConnection extends Connection {
+  constructor(options) {
+    super(options);
+    this.conversationId = options.conversationId;
+    this.lastSeq = options.lastSeq; // () => the highest seq the view has
+  }
+
+  sinceParam() {
+    const since = this.lastSeq();
+    return since > 0 ? `&since=${since}` : '';
+  }
+  wsPath(ticket) {
+    return `/api/v1/chat/conversations/${this.conversationId}/ws?ticket=${encodeURIComponent(ticket)}${this.sinceParam()}`;
+  }
+  ssePath(ticket) {
+    return `/api/v1/chat/conversations/${this.conversationId}/events?ticket=${encodeURIComponent(ticket)}${this.sinceParam()}`;
+  }
+
+  /**
+   * Sends a message. Resolves true once it is handed over: over WebSocket
+   * the ack arrives as a frame; over SSE the POST's answer is the ack.
+   * Throws an ApiError for a refusal the user must see.
+   */
+  async sendMessage(content, clientMsgId) {
+    const frame = { type: 'message', conversation_id: this.conversationId, content, client_msg_id: clientMsgId };
+    if (this.choice.kind === 'ws') return this.sendWs(frame);
+    try {
+      const message = await this.api.postMessage(this.conversationId, content, clientMsgId);
+      this.onFrame({ type: 'ack', client_msg_id: clientMsgId, seq: message.seq, id: message.id, conversation_id: this.conversationId });
+      this.onFrame({ type: 'message', message });
+      return true;
+    } catch (e) {
+      if (e.status === 0 || e.status >= 500 || e.status === 429) return false; // retried later
+      throw e;
+    }
+  }
+
+  typing() {
+    if (this.choice.kind === 'ws') this.sendWs({ type: 'typing', conversation_id: this.conversationId });
+    else this.api.postTyping(this.conversationId).catch(() => {});
+  }
+
+  read(seq) {
+    if (this.choice.kind === 'ws') this.sendWs({ type: 'read', conversation_id: this.conversationId, seq });
+    else this.api.postRead(this.conversationId, seq).catch(() => {});
+  }
+}
