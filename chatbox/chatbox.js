@@ -228,6 +228,10 @@ class ChatBox {
       out.addEventListener('click', () => this.signOut());
       header.append(out);
     }
+    // On a phone the panel covers the launcher, so it closes from here too.
+    const close = el('button', { type: 'button', class: 'vc-close', 'aria-label': 'Minimise chat' }, '×');
+    close.addEventListener('click', () => this.toggle(false));
+    header.append(close);
     this.panel.append(header);
     if (this.user && !back) {
       const tabs = el('nav', { class: 'vc-tabs', role: 'tablist', 'aria-label': 'Chat views' });

@@ -6,6 +6,16 @@
 // Both connections reconnect with exponential backoff and jitter. The room
 // connection resumes from the caller's last seq (`since`), so a reconnect
 // delivers exactly what was missed.
+//
+// Browsers are slow to notice a dead connection (a laptop lid, a lift, a
+// captive portal), so each connection watches itself: a WebSocket pings
+// after 25 s of silence and gives up without an answer in 10 s; and the
+// browser's offline/online events close and reopen at once. (An SSE
+// stream's heartbeats are comments, which EventSource keeps from scripts;
+// it notices a dead stream itself and the offline event covers the rest.)
+
+const PING_EVERY_MS = 25_000;
+const PONG_WITHIN_MS = 10_000;
 
 export class TransportChoice {
   constructor(forced) {
@@ -51,17 +61,32 @@ class Connection {
     this.ws = null;
     this.es = null;
     this.timer = null;
+    this.watchdog = null;
+    this.lastHeard = 0;
     this.state = 'connecting';
+    this.onOffline = () => this.drop();
+    this.onOnline = () => {
+      if (!this.open && !this.stopped) {
+        this.backoff.reset();
+        clearTimeout(this.timer);
+        this.connect();
+      }
+    };
   }
 
   start() {
     this.stopped = false;
+    window.addEventListener('offline', this.onOffline);
+    window.addEventListener('online', this.onOnline);
     this.connect();
   }
 
   stop() {
     this.stopped = true;
+    window.removeEventListener('offline', this.onOffline);
+    window.removeEventListener('online', this.onOnline);
     clearTimeout(this.timer);
+    clearInterval(this.watchdog);
     this.ws?.close(1000, 'closed by the client');
     this.es?.close();
     this.ws = null;
@@ -78,8 +103,36 @@ class Connection {
     return this.state === 'open';
   }
 
+  /** Abandons the current transport (dead or offline) and retries. */
+  drop() {
+    clearInterval(this.watchdog);
+    const ws = this.ws;
+    const es = this.es;
+    this.ws = null;
+    this.es = null;
+    ws?.close(4000, 'connection lost');
+    es?.close();
+    if (!this.stopped) this.retry();
+  }
+
+  /** Starts the liveness check for the transport just opened. */
+  watch() {
+    clearInterval(this.watchdog);
+    this.lastHeard = Date.now();
+    this.watchdog = setInterval(() => {
+      const silent = Date.now() - this.lastHeard;
+      if (!this.ws) return;
+      if (silent > PING_EVERY_MS + PONG_WITHIN_MS) this.drop();
+      else if (silent > PING_EVERY_MS) this.sendWs({ type: 'ping' });
+    }, 5_000);
+  }
+
   async connect() {
     if (this.stopped) return;
+    if (navigator.onLine === false) {
+      this.setState('reconnecting');
+      return; // the 'online' event reconnects
+    }
     this.setState('connecting');
     let ticket;
     try {
@@ -111,6 +164,7 @@ class Connection {
     ws.onopen = () => {
       opened = true;
       this.backoff.reset();
+      this.watch();
       this.setState('open');
     };
     ws.onmessage = (event) => this.deliver(event.data);
@@ -138,6 +192,7 @@ class Connection {
     this.es = es;
     es.onopen = () => {
       this.backoff.reset();
+      this.watch();
       this.setState('open');
     };
     es.onmessage = (event) => this.deliver(event.data);
@@ -155,12 +210,14 @@ class Connection {
   }
 
   deliver(text) {
+    this.lastHeard = Date.now();
     let frame;
     try {
       frame = JSON.parse(text);
     } catch {
       return;
     }
+    if (frame.type === 'pong') return;
     this.onFrame(frame);
   }
 

@@ -454,7 +454,10 @@ fn test_wrangler_config(root: &Path) -> anyhow::Result<String> {
             continue;
         }
         if trimmed.starts_with("directory =") {
-            out.push_str(&format!("directory = \"{}\"\n", root.join("chatbox").display()));
+            out.push_str(&format!(
+                "directory = \"{}\"\n",
+                root.join("chatbox").display()
+            ));
             continue;
         }
         if trimmed.starts_with("main =") {

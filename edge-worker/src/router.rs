@@ -40,7 +40,10 @@ pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
             let h = res.headers_mut();
             h.set("access-control-allow-origin", origin)?;
             h.set("access-control-allow-methods", "GET, POST, DELETE, OPTIONS")?;
-            h.set("access-control-allow-headers", "authorization, content-type, last-event-id")?;
+            h.set(
+                "access-control-allow-headers",
+                "authorization, content-type, last-event-id",
+            )?;
             h.set("access-control-max-age", "600")?;
             h.set("vary", "origin")?;
         }
