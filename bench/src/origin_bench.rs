@@ -46,7 +46,7 @@ pub async fn run() -> anyhow::Result<()> {
         .batch_execute(&format!("CREATE DATABASE {DB}"))
         .await
         .context("create the bench database")?;
-    let url = with_database(&admin, DB);
+    let url = origin::db::url_with_database(&admin, DB);
     let sync_commit: String = admin_client
         .query_one("SHOW synchronous_commit", &[])
         .await?
@@ -202,18 +202,6 @@ pub async fn run() -> anyhow::Result<()> {
 
 async fn server_version(client: &tokio_postgres::Client) -> anyhow::Result<String> {
     Ok(client.query_one("SHOW server_version", &[]).await?.get(0))
-}
-
-fn with_database(admin: &str, db: &str) -> String {
-    let (base, query) = match admin.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (admin, String::new()),
-    };
-    let host_start = base.find("://").map_or(0, |i| i + 3);
-    let host_end = base[host_start..]
-        .find('/')
-        .map_or(base.len(), |j| host_start + j);
-    format!("{}/{db}{query}", &base[..host_end])
 }
 
 async fn create_groups(

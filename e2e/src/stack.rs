@@ -145,18 +145,6 @@ fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
-fn with_database(admin: &str, db: &str) -> String {
-    let (base, query) = match admin.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (admin, String::new()),
-    };
-    let host_start = base.find("://").map_or(0, |i| i + 3);
-    let host_end = base[host_start..]
-        .find('/')
-        .map_or(base.len(), |j| host_start + j);
-    format!("{}/{db}{query}", &base[..host_end])
-}
-
 impl Stack {
     /// Starts everything. The Worker must already be built
     /// (`cargo xtask build-edge`); this never runs a cargo build, because
@@ -179,7 +167,7 @@ impl Stack {
             .batch_execute(&format!("CREATE DATABASE {db}"))
             .await
             .context("create the test database")?;
-        let db_url = with_database(&admin_url(), &db);
+        let db_url = origin::db::url_with_database(&admin_url(), &db);
         let secrets = Secrets::random();
         let origin_port = free_port()?;
         let origin = OriginProcess::start(origin_config(&db_url, origin_port, &secrets)?)?;

@@ -249,3 +249,54 @@ pub fn answer_close(ws: &WebSocket, code: usize, reason: String) {
     };
     let _ = ws.close(Some(code), Some(reason));
 }
+
+/// A Durable Object's answer to the Worker: an error on an upgrade request
+/// becomes an `error` frame and a 1008 close (see [`refuse_ws`]), any
+/// other error its JSON response.
+pub fn answer(upgrade: bool, result: EdgeResult<Response>) -> Result<Response> {
+    match result {
+        Ok(res) => Ok(res),
+        Err(e) if upgrade => match refuse_ws(e.code(), &e.to_string()) {
+            Ok(res) => Ok(res),
+            Err(e) => e.to_response(),
+        },
+        Err(e) => e.to_response(),
+    }
+}
+
+/// The one alarm a Durable Object has, set to the earliest deadline asked
+/// for; it is not reset for a later one (storage writes are not free).
+#[derive(Debug, Default)]
+pub struct Alarm {
+    at: Cell<Option<u64>>,
+}
+
+impl Alarm {
+    /// Call when the alarm fires.
+    pub fn fired(&self) {
+        self.at.set(None);
+    }
+
+    /// Adopts the alarm a previous instance left.
+    pub async fn load(&self, state: &State) {
+        let stored = state.storage().get_alarm().await.ok().flatten();
+        self.at.set(stored.and_then(|t| u64::try_from(t).ok()));
+    }
+
+    /// Asks for the alarm at the earliest of `deadlines`.
+    pub async fn request(&self, state: &State, deadlines: &[Option<u64>]) {
+        let Some(at) = deadlines.iter().flatten().copied().min() else {
+            return;
+        };
+        if self.at.get().is_some_and(|current| current <= at) {
+            return;
+        }
+        self.at.set(Some(at));
+        let when = chrono::DateTime::from_timestamp_millis(i64::try_from(at).unwrap_or(i64::MAX))
+            .unwrap_or_default();
+        if let Err(e) = state.storage().set_alarm(when).await {
+            self.at.set(None);
+            worker::console_error!("set alarm: {e}");
+        }
+    }
+}

@@ -24,7 +24,7 @@ use worker::{
 
 use crate::auth::now_ms;
 use crate::config::EdgeConfig;
-use crate::conns::{Connections, answer_close, refuse_ws};
+use crate::conns::{Alarm, Connections, answer, answer_close};
 use crate::error::{EdgeError, EdgeResult};
 use crate::origin::OriginClient;
 use crate::room_do::USER_HEADER;
@@ -39,7 +39,7 @@ pub struct Lobby {
     sql: SqlStorage,
     lobby: RefCell<Option<LobbyState>>,
     conns: Connections,
-    alarm_at: Cell<Option<u64>>,
+    alarm: Alarm,
     /// When unconfirmed presence reports are next retried.
     retry_reports_at: Cell<Option<u64>>,
 }
@@ -62,25 +62,18 @@ impl DurableObject for Lobby {
             sql,
             lobby: RefCell::new(None),
             conns: Connections::default(),
-            alarm_at: Cell::new(None),
+            alarm: Alarm::default(),
             retry_reports_at: Cell::new(None),
         }
     }
 
     async fn fetch(&self, req: Request) -> Result<Response> {
         let upgrade = req.headers().get("upgrade")?.is_some();
-        match self.route(req).await {
-            Ok(res) => Ok(res),
-            Err(e) if upgrade => match refuse_ws(e.code(), &e.to_string()) {
-                Ok(res) => Ok(res),
-                Err(e) => e.to_response(),
-            },
-            Err(e) => e.to_response(),
-        }
+        answer(upgrade, self.route(req).await)
     }
 
     async fn alarm(&self) -> Result<Response> {
-        self.alarm_at.set(None);
+        self.alarm.fired();
         if let Err(e) = self.on_alarm().await {
             worker::console_error!("lobby alarm: {e}");
         }
@@ -215,8 +208,7 @@ impl Lobby {
         if self.lobby.borrow().is_none() {
             *self.lobby.borrow_mut() = Some(lobby);
         }
-        let alarm = self.state.storage().get_alarm().await.ok().flatten();
-        self.alarm_at.set(alarm.and_then(|t| u64::try_from(t).ok()));
+        self.alarm.load(&self.state).await;
         Ok(())
     }
 
@@ -371,25 +363,12 @@ impl Lobby {
             let guard = self.lobby.borrow();
             guard.as_ref().and_then(LobbyState::poll_timeout)
         };
-        let next = [
+        let deadlines = [
             grace,
             self.conns.next_heartbeat(),
             self.retry_reports_at.get(),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
-        let Some(at) = next else { return };
-        if self.alarm_at.get().is_some_and(|current| current <= at) {
-            return;
-        }
-        self.alarm_at.set(Some(at));
-        let when = chrono::DateTime::from_timestamp_millis(i64::try_from(at).unwrap_or(i64::MAX))
-            .unwrap_or_default();
-        if let Err(e) = self.state.storage().set_alarm(when).await {
-            self.alarm_at.set(None);
-            worker::console_error!("set alarm: {e}");
-        }
+        ];
+        self.alarm.request(&self.state, &deadlines).await;
     }
 }
 

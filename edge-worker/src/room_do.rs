@@ -20,7 +20,7 @@
 //! Never hold a `RefCell` borrow across an `.await`: other events run on
 //! this object while one awaits.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 
 use serde::Deserialize;
 use shared::protocol::ServerFrame;
@@ -36,7 +36,7 @@ use worker::{
 
 use crate::auth::now_ms;
 use crate::config::EdgeConfig;
-use crate::conns::{Connections, answer_close, random_u64, refuse_ws};
+use crate::conns::{Alarm, Connections, answer, answer_close, random_u64};
 use crate::error::{EdgeError, EdgeResult};
 use crate::origin::OriginClient;
 
@@ -68,9 +68,7 @@ pub struct Room {
     conns: Connections,
     /// Notices for the Lobby, sent after the outputs that produced them.
     notices: RefCell<Vec<shared::lobby::ConversationNotice>>,
-    /// The alarm we have asked for, if any (so we do not reset it on every
-    /// message).
-    alarm_at: Cell<Option<u64>>,
+    alarm: Alarm,
 }
 
 impl std::fmt::Debug for Room {
@@ -78,7 +76,6 @@ impl std::fmt::Debug for Room {
         f.debug_struct("Room")
             .field("sockets", &self.conns.socket_count())
             .field("streams", &self.conns.stream_count())
-            .field("alarm_at", &self.alarm_at.get())
             .finish_non_exhaustive()
     }
 }
@@ -93,26 +90,17 @@ impl DurableObject for Room {
             loaded: RefCell::new(None),
             conns: Connections::default(),
             notices: RefCell::new(Vec::new()),
-            alarm_at: Cell::new(None),
+            alarm: Alarm::default(),
         }
     }
 
     async fn fetch(&self, req: Request) -> Result<Response> {
         let upgrade = req.headers().get("upgrade")?.is_some();
-        match self.route(req).await {
-            Ok(res) => Ok(res),
-            // A browser cannot read the status of a failed upgrade; it
-            // does see an error frame and the close code.
-            Err(e) if upgrade => match refuse_ws(e.code(), &e.to_string()) {
-                Ok(res) => Ok(res),
-                Err(e) => e.to_response(),
-            },
-            Err(e) => e.to_response(),
-        }
+        answer(upgrade, self.route(req).await)
     }
 
     async fn alarm(&self) -> Result<Response> {
-        self.alarm_at.set(None);
+        self.alarm.fired();
         if let Err(e) = self.on_alarm().await {
             worker::console_error!("room alarm: {e}");
         }
@@ -392,8 +380,7 @@ impl Room {
         if let Ok(pair) = worker::WebSocketRequestResponsePair::new("ping", "pong") {
             self.state.set_websocket_auto_response(&pair);
         }
-        let alarm = self.state.storage().get_alarm().await.ok().flatten();
-        self.alarm_at.set(alarm.and_then(|t| u64::try_from(t).ok()));
+        self.alarm.load(&self.state).await;
         if self.with_room(|r| r.unflushed())? > 0 {
             self.schedule().await;
         }
@@ -713,21 +700,9 @@ impl Room {
             let guard = self.loaded.borrow();
             guard.as_ref().and_then(|l| l.room.poll_timeout())
         };
-        let next = [room_next, self.conns.next_heartbeat()]
-            .into_iter()
-            .flatten()
-            .min();
-        let Some(at) = next else { return };
-        if self.alarm_at.get().is_some_and(|current| current <= at) {
-            return;
-        }
-        self.alarm_at.set(Some(at));
-        let when = chrono::DateTime::from_timestamp_millis(i64::try_from(at).unwrap_or(i64::MAX))
-            .unwrap_or_default();
-        if let Err(e) = self.state.storage().set_alarm(when).await {
-            self.alarm_at.set(None);
-            worker::console_error!("set alarm: {e}");
-        }
+        self.alarm
+            .request(&self.state, &[room_next, self.conns.next_heartbeat()])
+            .await;
     }
 
     async fn on_alarm(&self) -> EdgeResult<()> {

@@ -182,6 +182,33 @@ fn ws_ticket(req: &Request, config: &EdgeConfig) -> EdgeResult<Response> {
     })
 }
 
+/// 426 unless the request asks for a WebSocket upgrade.
+fn require_upgrade(req: &Request) -> EdgeResult<()> {
+    let upgrade = req.headers().get("upgrade")?.unwrap_or_default();
+    if upgrade.eq_ignore_ascii_case("websocket") {
+        Ok(())
+    } else {
+        Err(EdgeError::Client {
+            status: 426,
+            code: "upgrade_required",
+            message: "this route takes a WebSocket upgrade".to_owned(),
+        })
+    }
+}
+
+/// 403 for a browser page whose origin may not open realtime connections
+/// (cross-site WebSocket hijacking is otherwise one `new WebSocket` away).
+fn require_allowed_origin(req: &Request, config: &EdgeConfig) -> EdgeResult<()> {
+    let origin = req.headers().get("origin")?;
+    if config.origin_allowed(origin.as_deref()) {
+        Ok(())
+    } else {
+        Err(EdgeError::Forbidden(
+            "this Origin may not open realtime connections",
+        ))
+    }
+}
+
 /// `GET /api/v1/chat/conversations/{id}/ws`
 async fn room_ws(
     req: Request,
@@ -190,20 +217,8 @@ async fn room_ws(
     url: &Url,
     id: i64,
 ) -> EdgeResult<Response> {
-    let upgrade = req.headers().get("upgrade")?.unwrap_or_default();
-    if !upgrade.eq_ignore_ascii_case("websocket") {
-        return Err(EdgeError::Client {
-            status: 426,
-            code: "upgrade_required",
-            message: "this route takes a WebSocket upgrade".to_owned(),
-        });
-    }
-    let origin = req.headers().get("origin")?;
-    if !config.origin_allowed(origin.as_deref()) {
-        return Err(EdgeError::Forbidden(
-            "this Origin may not open realtime connections",
-        ));
-    }
+    require_upgrade(&req)?;
+    require_allowed_origin(&req, config)?;
     let caller = match auth::for_realtime(&req, url, &config.jwt_secret, None) {
         Ok(c) => c,
         Err(e) => return refuse_ws(e.code(), &e.to_string()),
@@ -233,12 +248,7 @@ async fn room_events(
     url: &Url,
     id: i64,
 ) -> EdgeResult<Response> {
-    let origin = req.headers().get("origin")?;
-    if !config.origin_allowed(origin.as_deref()) {
-        return Err(EdgeError::Forbidden(
-            "this Origin may not open realtime connections",
-        ));
-    }
+    require_allowed_origin(req, config)?;
     let caller = auth::for_realtime(req, url, &config.jwt_secret, None)?;
     // EventSource sends Last-Event-ID on its own reconnects; it is newer
     // than the `since` baked into the URL.
@@ -314,21 +324,9 @@ async fn lobby_connect(
 ) -> EdgeResult<Response> {
     let websocket = path == "/ws";
     if websocket {
-        let upgrade = req.headers().get("upgrade")?.unwrap_or_default();
-        if !upgrade.eq_ignore_ascii_case("websocket") {
-            return Err(EdgeError::Client {
-                status: 426,
-                code: "upgrade_required",
-                message: "this route takes a WebSocket upgrade".to_owned(),
-            });
-        }
+        require_upgrade(req)?;
     }
-    let origin = req.headers().get("origin")?;
-    if !config.origin_allowed(origin.as_deref()) {
-        return Err(EdgeError::Forbidden(
-            "this Origin may not open realtime connections",
-        ));
-    }
+    require_allowed_origin(req, config)?;
     let caller = match auth::for_realtime(req, url, &config.jwt_secret, path_token) {
         Ok(c) => c,
         Err(e) if websocket => return refuse_ws(e.code(), &e.to_string()),

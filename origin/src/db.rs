@@ -34,6 +34,20 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 /// Key of the advisory lock held while migrating ("vibe" in ASCII).
 const MIGRATION_LOCK_KEY: i64 = 0x7669_6265;
 
+/// `url` (a `postgres://` URL) with its database replaced by `db`; tests
+/// and tools derive per-run databases from one server URL this way.
+pub fn url_with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let host_start = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[host_start..]
+        .find('/')
+        .map_or(base.len(), |j| host_start + j);
+    format!("{}/{db}{query}", &base[..host_end])
+}
+
 /// Builds the pool. Connections are made lazily, so this does not fail when
 /// the database is down; requests then get 503 until it is back.
 pub fn pool(database_url: &str, max_size: usize) -> anyhow::Result<Pool> {
@@ -158,6 +172,19 @@ fn checksum_of(sql: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_is_swapped_in_a_url() {
+        assert_eq!(
+            url_with_database("postgres://postgres@127.0.0.1:5432/postgres", "x"),
+            "postgres://postgres@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            url_with_database("postgres://u:p@h:1/db?sslmode=disable", "x"),
+            "postgres://u:p@h:1/x?sslmode=disable"
+        );
+        assert_eq!(url_with_database("postgres://h:1", "x"), "postgres://h:1/x");
+    }
 
     #[test]
     fn the_migration_list_matches_the_directory() {

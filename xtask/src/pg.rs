@@ -136,7 +136,9 @@ fn private_cluster(root: &Path) -> anyhow::Result<String> {
     Ok(url)
 }
 
-/// `admin_url` with its database replaced by `db`.
+/// `admin_url` with its database replaced by `db` (the rule of
+/// `origin::db::url_with_database`; xtask depends on no service crate, so
+/// that it builds in seconds on a fresh machine).
 pub fn url_with_database(admin_url: &str, db: &str) -> String {
     let (base, query) = match admin_url.split_once('?') {
         Some((b, q)) => (b, format!("?{q}")),

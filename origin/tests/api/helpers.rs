@@ -22,16 +22,7 @@ pub fn admin_url() -> String {
 
 /// `admin_url` with its database swapped for `db`.
 pub fn url_for(db: &str) -> String {
-    let admin = admin_url();
-    let (base, query) = match admin.split_once('?') {
-        Some((b, q)) => (b.to_owned(), format!("?{q}")),
-        None => (admin.clone(), String::new()),
-    };
-    let host_start = base.find("://").map_or(0, |i| i + 3);
-    let host_end = base[host_start..]
-        .find('/')
-        .map_or(base.len(), |j| host_start + j);
-    format!("{}/{db}{query}", &base[..host_end])
+    origin::db::url_with_database(&admin_url(), db)
 }
 
 /// Creates an empty database with a unique name.
