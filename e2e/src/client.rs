@@ -131,17 +131,11 @@ impl Stack {
     /// Opens the room WebSocket for `conversation` with a query string
     /// (`token=…`, `since=…`).
     pub async fn ws_with(&self, conversation: i64, query: &str) -> anyhow::Result<Ws> {
-        let url = format!(
-            "{}/api/v1/chat/conversations/{conversation}/ws?{query}",
-            self.edge.replacen("http", "ws", 1)
-        );
-        let (stream, _) = tokio_tungstenite::connect_async(url.into_client_request()?)
-            .await
-            .context("websocket connect")?;
-        Ok(Ws {
-            stream,
-            backlog: VecDeque::new(),
-        })
+        self.ws_with_path(
+            &format!("/api/v1/chat/conversations/{conversation}/ws"),
+            query,
+        )
+        .await
     }
 
     /// Opens a WebSocket at any edge path with a query string.
@@ -172,18 +166,8 @@ impl Stack {
 
     /// Opens the Lobby WebSocket (`/api/v1/chat/ws`) as `user`.
     pub async fn lobby(&self, user: &User) -> anyhow::Result<Ws> {
-        let url = format!(
-            "{}/api/v1/chat/ws?token={}",
-            self.edge.replacen("http", "ws", 1),
-            user.token
-        );
-        let (stream, _) = tokio_tungstenite::connect_async(url.into_client_request()?)
+        self.ws_with_path("/api/v1/chat/ws", &format!("token={}", user.token))
             .await
-            .context("lobby connect")?;
-        Ok(Ws {
-            stream,
-            backlog: VecDeque::new(),
-        })
     }
 
     /// `GET /api/v1/chat/presence/{id}` as `viewer`: (is_online, last_seen).
