@@ -44,6 +44,7 @@ impl Application {
             }),
             metrics: crate::metrics::handle(),
             jwt_ttl: config.jwt_ttl,
+            login_guard: Arc::default(),
         };
         let router = crate::http::app(state.clone(), &config);
         let listener = TcpListener::bind(config.bind_addr)

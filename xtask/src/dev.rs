@@ -70,7 +70,11 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         // wrangler's own request log prints raw paths, and the seed's
         // `/api/v1/chat/ws/{token}` route carries a token in its path:
         // keep it to warnings (the origin logs requests, redacted).
-        .args(["--show-interactive-dev-session=false", "--log-level", "warn"])
+        .args([
+            "--show-interactive-dev-session=false",
+            "--log-level",
+            "warn",
+        ])
         .env("WRANGLER_SEND_METRICS", "false")
         .current_dir(root)
         // Its own group: stopping it must also stop workerd.

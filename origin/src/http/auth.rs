@@ -55,6 +55,7 @@ pub struct UserView {
     responses(
         (status = 200, description = "Logged in", body = LoginResponse),
         (status = 401, description = "Bad credentials (same answer for unknown users)", body = ErrorBody),
+        (status = 429, description = "Too many failed logins for this email; see Retry-After", body = ErrorBody),
         (status = 422, description = "Invalid field", body = ErrorBody),
     )
 )]
@@ -68,6 +69,9 @@ async fn login(
     }
     if req.password.len() > MAX_PASSWORD_BYTES {
         return Err(ApiError::invalid("password is too long"));
+    }
+    if let Some(retry_after_secs) = state.login_guard.locked(&email) {
+        return Err(ApiError::TooManyAttempts { retry_after_secs });
     }
     let client = state.pool.get().await?;
     let row = client
@@ -87,8 +91,14 @@ async fn login(
         .map_err(|e| ApiError::Internal(e.into()))?;
     let row = match row {
         Some(row) if matches => row,
-        _ => return Err(ApiError::BadCredentials),
+        _ => {
+            // Counted for unknown emails too, so the lockout does not
+            // reveal which accounts exist.
+            state.login_guard.failed(&email);
+            return Err(ApiError::BadCredentials);
+        }
     };
+    state.login_guard.succeeded(&email);
     let user = UserView {
         id: row.get(0),
         email: row.get(1),

@@ -212,3 +212,45 @@ async fn seeding_the_demo_twice_creates_each_demo_user_once_and_they_can_log_in(
         assert_eq!(body["user"]["role"], *role);
     }
 }
+
+#[tokio::test]
+async fn repeated_failed_logins_lock_the_email_with_429_and_retry_after() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let attempt = |password: &'static str| {
+        app.http
+            .post(app.url("/api/v1/auth/login"))
+            .json(&json!({"email": alex.email, "password": password}))
+            .send()
+    };
+    for _ in 0..origin::state::LoginGuard::MAX_FAILURES {
+        let res = attempt("wrong").await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    }
+    // Now even the right password waits: otherwise guessing goes on.
+    let res = attempt(PASSWORD).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry > 0 && retry <= 15 * 60);
+    let (status, body) = status_and_json(res).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_attempts",
+    );
+    // Another account is unaffected.
+    let sam = app.user("Sam", Role::Member).await;
+    let res = app
+        .http
+        .post(app.url("/api/v1/auth/login"))
+        .json(&json!({"email": sam.email, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
