@@ -190,6 +190,9 @@ pub async fn scenario(
     let mut sinks: Vec<SplitSink<Socket, Message>> = Vec::with_capacity(members);
     let mut readers = Vec::with_capacity(members + sse_members);
     let http = reqwest::Client::new();
+    // SSE streams never end by themselves (heartbeats); readers stop when
+    // the run is over.
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
     for user in &users[members..] {
         let res = http
             .get(format!(
@@ -201,7 +204,7 @@ pub async fn scenario(
             .await
             .context("open an SSE member")?;
         anyhow::ensure!(res.status().is_success(), "SSE member: {}", res.status());
-        readers.push(tokio::spawn(read_sse(res)));
+        readers.push(tokio::spawn(read_sse(res, done_rx.clone())));
     }
     for user in &users[..members] {
         let url = format!(
@@ -248,6 +251,7 @@ pub async fn scenario(
     for mut sink in sinks {
         let _ = sink.close().await;
     }
+    let _ = done_tx.send(true);
     let members = members + sse_members;
     let mut latest: Vec<Option<Instant>> = vec![None; total];
     let mut received = 0usize;
@@ -294,18 +298,18 @@ struct Seen {
     errors: HashMap<String, usize>,
 }
 
-/// Reads an SSE member's stream for as long as messages keep coming.
-async fn read_sse(res: reqwest::Response) -> Seen {
+/// Reads an SSE member's stream until the run is `done`.
+async fn read_sse(res: reqwest::Response, mut done: tokio::sync::watch::Receiver<bool>) -> Seen {
     let mut seen = Seen::default();
     let mut stream = res.bytes_stream();
     let mut buf = String::new();
     loop {
-        // The stream never ends by itself (heartbeats); stop once messages
-        // stop coming, after the run.
-        let next = tokio::time::timeout(Duration::from_secs(3), stream.next()).await;
-        let chunk = match next {
-            Ok(Some(Ok(c))) => c,
-            _ => break,
+        let chunk = tokio::select! {
+            next = stream.next() => match next {
+                Some(Ok(c)) => c,
+                _ => break,
+            },
+            _ = done.wait_for(|d| *d) => break,
         };
         let at = Instant::now();
         buf.push_str(&String::from_utf8_lossy(&chunk));

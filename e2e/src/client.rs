@@ -111,6 +111,15 @@ impl Stack {
         body["id"].as_i64().context("conversation id")
     }
 
+    /// Two fresh users, Alex and Sam, and their direct conversation: the
+    /// setting of most tests.
+    pub async fn pair(&self) -> anyhow::Result<(User, User, i64)> {
+        let alex = self.user("Alex").await?;
+        let sam = self.user("Sam").await?;
+        let conv = self.direct(&alex, &sam).await?;
+        Ok((alex, sam, conv))
+    }
+
     /// A group owned by `owner`, created through the edge.
     pub async fn group(&self, owner: &User, members: &[&User]) -> anyhow::Result<i64> {
         let ids: Vec<i64> = members.iter().map(|m| m.id).collect();

@@ -11,9 +11,7 @@ const QUIET: Duration = Duration::from_millis(700);
 pub async fn two_members_chat_and_each_sees_every_message_in_order(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, sam, conv) = s.pair().await?;
     let mut a = s.ws(&alex, conv, None).await?;
     let mut b = s.ws(&sam, conv, None).await?;
     let n = 12;
@@ -49,9 +47,7 @@ pub async fn two_members_chat_and_each_sees_every_message_in_order(
 }
 
 pub async fn typing_reaches_the_other_member_only(s: &mut Stack) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, sam, conv) = s.pair().await?;
     let mut a = s.ws(&alex, conv, None).await?;
     let mut b = s.ws(&sam, conv, None).await?;
     a.send(json!({"type": "typing", "conversation_id": conv}))
@@ -104,9 +100,7 @@ pub async fn an_upgrade_from_a_non_member_is_refused(s: &mut Stack) -> anyhow::R
 pub async fn bad_and_expired_tokens_are_refused_and_tickets_work(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, _sam, conv) = s.pair().await?;
     let expired = s.token_for(alex.id, "Alex", -120)?;
     for (query, code) in [
         ("token=not-a-jwt".to_owned(), "invalid_token"),
@@ -151,9 +145,7 @@ pub async fn bad_and_expired_tokens_are_refused_and_tickets_work(
 
 pub async fn an_upgrade_from_a_foreign_origin_is_refused(s: &mut Stack) -> anyhow::Result<()> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, _sam, conv) = s.pair().await?;
     let url = format!(
         "{}/api/v1/chat/conversations/{conv}/ws?token={}",
         s.edge.replacen("http", "ws", 1),
@@ -179,9 +171,7 @@ pub async fn an_upgrade_from_a_foreign_origin_is_refused(s: &mut Stack) -> anyho
 pub async fn a_resend_with_the_same_client_msg_id_stores_one_message(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, _sam, conv) = s.pair().await?;
     let mut a = s.ws(&alex, conv, None).await?;
     a.say(conv, "only once", "dup-1").await?;
     let first = a.expect("ack").await?;
@@ -211,9 +201,7 @@ pub async fn a_resend_with_the_same_client_msg_id_stores_one_message(
 pub async fn a_reconnect_with_since_gets_exactly_the_missed_messages(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, sam, conv) = s.pair().await?;
     let mut a = s.ws(&alex, conv, None).await?;
     let mut b = s.ws(&sam, conv, None).await?;
     for i in 1..=3 {
@@ -245,9 +233,7 @@ pub async fn a_reconnect_older_than_the_window_gets_resync_and_rest_fills_the_ga
     s: &mut Stack,
 ) -> anyhow::Result<()> {
     // The suite runs rooms with a replay window of 20.
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, sam, conv) = s.pair().await?;
     let mut a = s.ws(&alex, conv, None).await?;
     for i in 1..=25 {
         a.say(conv, &format!("m{i}"), &format!("w-{i}")).await?;
@@ -290,9 +276,7 @@ pub async fn a_reconnect_older_than_the_window_gets_resync_and_rest_fills_the_ga
 pub async fn each_message_lands_in_postgresql_exactly_once_with_contiguous_seq(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, sam, conv) = s.pair().await?;
     let mut a = s.ws(&alex, conv, None).await?;
     let mut b = s.ws(&sam, conv, None).await?;
     // Both send at once, without waiting: the room orders them.
@@ -321,9 +305,7 @@ pub async fn each_message_lands_in_postgresql_exactly_once_with_contiguous_seq(
 }
 
 pub async fn read_receipts_reach_both_members_and_the_origin(s: &mut Stack) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, sam, conv) = s.pair().await?;
     let mut a = s.ws(&alex, conv, None).await?;
     for i in 1..=3 {
         a.say(conv, &format!("m{i}"), &format!("rr-{i}")).await?;
@@ -382,9 +364,7 @@ pub async fn read_receipts_reach_both_members_and_the_origin(s: &mut Stack) -> a
 pub async fn bad_frames_get_typed_errors_and_the_connection_survives(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, _sam, conv) = s.pair().await?;
     let mut a = s.ws(&alex, conv, None).await?;
     let cases = [
         ("{not json".to_owned(), "invalid_json"),
@@ -410,9 +390,7 @@ pub async fn bad_frames_get_typed_errors_and_the_connection_survives(
 }
 
 pub async fn an_oversize_frame_closes_the_socket_with_1009(s: &mut Stack) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, _sam, conv) = s.pair().await?;
     let mut a = s.ws(&alex, conv, None).await?;
     let huge = json!({"type": "message", "conversation_id": conv, "content": "x".repeat(70_000), "client_msg_id": "big"});
     a.send(huge).await?;
@@ -427,9 +405,7 @@ pub async fn an_oversize_frame_closes_the_socket_with_1009(s: &mut Stack) -> any
 }
 
 pub async fn a_flood_is_rate_limited_then_closed_with_1008(s: &mut Stack) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, _sam, conv) = s.pair().await?;
     let mut a = s.ws(&alex, conv, None).await?;
     for i in 0..120 {
         if a.say(conv, "spam", &format!("f-{i}")).await.is_err() {
@@ -504,9 +480,7 @@ pub async fn removing_a_member_through_the_edge_closes_their_socket(
 pub async fn while_the_origin_is_down_chat_goes_on_and_the_outbox_drains_after(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, sam, conv) = s.pair().await?;
     let mut a = s.ws(&alex, conv, None).await?;
     let mut b = s.ws(&sam, conv, None).await?;
     for i in 1..=5 {

@@ -50,9 +50,7 @@ async fn post(
 pub async fn ws_and_sse_members_see_the_same_messages_typing_and_receipts(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, sam, conv) = s.pair().await?;
     let mut a = s.ws(&alex, conv, None).await?;
     let mut b = s
         .sse(conv, "", &bearer(&sam))
@@ -123,9 +121,7 @@ pub async fn the_sse_stream_starts_with_a_retry_hint_and_sends_heartbeats(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
     // The suite sets ROOM_SSE_HEARTBEAT_MS=1000 (15 s in production).
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (_alex, sam, conv) = s.pair().await?;
     let mut b = s
         .sse(conv, &format!("token={}", sam.token), &[])
         .await?
@@ -144,9 +140,7 @@ pub async fn the_sse_stream_starts_with_a_retry_hint_and_sends_heartbeats(
 pub async fn last_event_id_and_since_resume_exactly_after_that_seq(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, sam, conv) = s.pair().await?;
     let mut a = s.ws(&alex, conv, None).await?;
     for i in 1..=6 {
         a.say(conv, &format!("m{i}"), &format!("l-{i}")).await?;
@@ -204,9 +198,7 @@ pub async fn last_event_id_and_since_resume_exactly_after_that_seq(
 pub async fn switching_from_websocket_to_sse_mid_conversation_misses_nothing(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, sam, conv) = s.pair().await?;
     let mut a = s.ws(&alex, conv, None).await?;
     let mut b = s.ws(&sam, conv, None).await?;
     for i in 1..=3 {
@@ -237,9 +229,7 @@ pub async fn switching_from_websocket_to_sse_mid_conversation_misses_nothing(
 pub async fn posting_the_same_client_msg_id_twice_returns_201_then_200_with_the_same_message(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, _sam, conv) = s.pair().await?;
     let body = json!({"content": "once", "client_msg_id": "p-1"});
     let (status, first, _) = post(s, &alex, conv, "messages", body.clone()).await?;
     ensure!(status == 201, "{status} {first}");
@@ -262,9 +252,7 @@ pub async fn posting_the_same_client_msg_id_twice_returns_201_then_200_with_the_
 pub async fn bad_posts_get_400_413_422_and_a_flood_gets_429_with_retry_after(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, _sam, conv) = s.pair().await?;
     let url = format!("{}/api/v1/chat/conversations/{conv}/messages", s.edge);
     let raw = |body: String| {
         s.http()
@@ -402,9 +390,7 @@ pub async fn non_members_get_403_and_bad_tokens_401_on_every_sse_path(
 
 pub async fn the_subscriber_cap_evicts_the_oldest_stream(s: &mut Stack) -> anyhow::Result<()> {
     // The suite caps rooms at 3 SSE subscribers (200 in production).
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, sam, conv) = s.pair().await?;
     let mut oldest = s
         .sse(conv, "", &bearer(&sam))
         .await?
@@ -438,9 +424,7 @@ async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> anyhow::R
 pub async fn a_standard_eventsource_client_parses_the_stream_and_resumes_by_itself(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
-    let alex = s.user("Alex").await?;
-    let sam = s.user("Sam").await?;
-    let conv = s.direct(&alex, &sam).await?;
+    let (alex, sam, conv) = s.pair().await?;
     let mut a = s.ws(&alex, conv, None).await?;
     let script = e2e::stack::workspace_root().join("e2e/js/eventsource-client.mjs");
     let url = format!(
