@@ -116,15 +116,26 @@ impl Lobby {
     /// A connection that survived a restart (hibernation): counted, not
     /// announced.
     pub fn handle_reattach(&mut self, now: Millis, conn: ConnId, user_id: i64) {
-        if self.conns.insert(conn, user_id).is_none() {
-            let p = self.presence.entry(user_id).or_insert(Presence {
-                conns: 0,
-                offline_at: None,
-                last_seen: now,
-            });
-            p.conns += 1;
-            p.offline_at = None;
+        self.count_in(now, conn, user_id);
+    }
+
+    /// Counts a new connection for `user_id` and ends any grace period.
+    /// Returns whether the user was already online, or `None` if the
+    /// connection was known.
+    fn count_in(&mut self, now: Millis, conn: ConnId, user_id: i64) -> Option<bool> {
+        if self.conns.insert(conn, user_id).is_some() {
+            return None;
         }
+        let was_online = self.presence.contains_key(&user_id);
+        let p = self.presence.entry(user_id).or_insert(Presence {
+            conns: 0,
+            offline_at: None,
+            last_seen: now,
+        });
+        p.conns += 1;
+        p.offline_at = None;
+        p.last_seen = now;
+        Some(was_online)
     }
 
     /// After a restart: users the origin still believes online but who have
@@ -143,19 +154,11 @@ impl Lobby {
     /// A user connects. The new connection gets the current presence
     /// snapshot; everyone else hears about the user if they were offline.
     pub fn handle_connect(&mut self, now: Millis, conn: ConnId, user_id: i64) {
-        if self.conns.insert(conn, user_id).is_some() {
+        // Back within the grace period (a reload) counts as online: nothing
+        // to announce.
+        let Some(was_online) = self.count_in(now, conn, user_id) else {
             return;
-        }
-        let was_online = self.presence.contains_key(&user_id);
-        let p = self.presence.entry(user_id).or_insert(Presence {
-            conns: 0,
-            offline_at: None,
-            last_seen: now,
-        });
-        p.conns += 1;
-        // Back within the grace period (a reload): nothing to announce.
-        p.offline_at = None;
-        p.last_seen = now;
+        };
         // The snapshot first, so the newcomer's view starts complete.
         let mut online = self.online();
         online.retain(|u| *u != user_id);
