@@ -61,15 +61,14 @@ impl FromRequestParts<AppState> for AuthUser {
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .ok_or(AuthError::Missing)?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .ok_or(AuthError::Invalid)?;
+        let value = header.to_str().map_err(|_| AuthError::Invalid)?.trim();
+        // The scheme is case-insensitive (RFC 9110 §11.1); "Bearer" with
+        // nothing after it is a missing token, not a malformed one.
+        let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::Invalid.into());
+        }
+        let token = token.trim();
         let claims = auth::verify(token, &state.keys.jwt_secret, AUDIENCE_API, now_unix())?;
         Ok(AuthUser {
             id: claims.user_id()?,

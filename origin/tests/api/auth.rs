@@ -3,7 +3,9 @@ use serde_json::json;
 use shared::Role;
 use shared::auth::{AUDIENCE_API, AUDIENCE_WS_TICKET, Claims};
 
-use crate::helpers::{JWT_SECRET, PASSWORD, assert_error, spawn_app, status_and_json};
+use crate::helpers::{
+    JWT_SECRET, PASSWORD, assert_error, base64url, forge, forge_with, spawn_app, status_and_json,
+};
 
 #[tokio::test]
 async fn logging_in_returns_a_token_the_chat_api_accepts() {
@@ -110,46 +112,94 @@ async fn malformed_login_json_gets_400_and_missing_fields_get_422() {
     );
 }
 
+/// One row per claim rule of `shared::auth::verify` (the "REST" column of
+/// the claims table in docs/ARCHITECTURE.md): each token breaks exactly one
+/// rule, and the chat API refuses it with 401 and the rule's code.
 #[tokio::test]
-async fn expired_forged_and_ticket_tokens_are_refused_with_401() {
+async fn every_claim_rule_refuses_its_broken_token_on_rest_with_401_and_its_code() {
     let app = spawn_app().await;
     let alex = app.user("Alex", Role::Member).await;
     let now = chrono::Utc::now().timestamp();
-    let cases = [
+    let leeway = shared::auth::LEEWAY_SECS;
+    let claims = |f: &dyn Fn(&mut Claims)| {
+        let mut c = Claims::new(alex.id, "Alex", Role::Member, AUDIENCE_API, now, 900);
+        f(&mut c);
+        c
+    };
+    let sign = |c: &Claims| shared::auth::issue(c, JWT_SECRET.as_bytes()).unwrap();
+    let payload = serde_json::to_value(claims(&|_| {})).unwrap();
+    let without = |claim: &str| {
+        let mut p = payload.clone();
+        p.as_object_mut().unwrap().remove(claim);
+        forge(&json!({"alg": "HS256", "typ": "JWT"}), &p)
+    };
+    let cases: Vec<(&str, String, &str)> = vec![
         (
-            shared::auth::issue(
-                &Claims::new(
-                    alex.id,
-                    "Alex",
-                    Role::Member,
-                    AUDIENCE_API,
-                    now - 7200,
-                    3600,
-                ),
-                JWT_SECRET.as_bytes(),
-            )
-            .unwrap(),
-            "token_expired",
+            "alg none",
+            format!(
+                "{}.{}.",
+                base64url(br#"{"alg":"none","typ":"JWT"}"#),
+                base64url(payload.to_string().as_bytes())
+            ),
+            "invalid_token",
         ),
         (
+            "alg HS512",
+            forge_with(&json!({"alg": "HS512", "typ": "JWT"}), &payload, true),
+            "invalid_token",
+        ),
+        (
+            "alg RS256 over an HMAC",
+            forge(&json!({"alg": "RS256", "typ": "JWT"}), &payload),
+            "invalid_token",
+        ),
+        (
+            "another secret",
             shared::auth::issue(
-                &Claims::new(alex.id, "Alex", Role::Admin, AUDIENCE_API, now, 3600),
+                &claims(&|_| {}),
                 b"someone-elses-secret-someone-elses-secret",
             )
             .unwrap(),
             "invalid_token",
         ),
         (
-            shared::auth::issue(
-                &Claims::new(alex.id, "Alex", Role::Member, AUDIENCE_WS_TICKET, now, 60),
-                JWT_SECRET.as_bytes(),
-            )
-            .unwrap(),
+            "expired beyond the leeway",
+            sign(&claims(&|c| c.exp = now - leeway - 10)),
+            "token_expired",
+        ),
+        (
+            "not yet valid beyond the leeway",
+            sign(&claims(&|c| c.nbf = Some(now + leeway + 10))),
+            "token_not_yet_valid",
+        ),
+        (
+            "issued in the future",
+            sign(&claims(&|c| {
+                c.iat = now + leeway + 10;
+                c.nbf = None;
+            })),
             "invalid_token",
         ),
-        ("garbage".to_owned(), "invalid_token"),
+        (
+            "wrong issuer",
+            sign(&claims(&|c| c.iss = "someone-else".into())),
+            "invalid_token",
+        ),
+        (
+            "a ticket's audience",
+            sign(&claims(&|c| c.aud = AUDIENCE_WS_TICKET.into())),
+            "invalid_token",
+        ),
+        ("no sub", without("sub"), "invalid_token"),
+        (
+            "non-numeric sub",
+            sign(&claims(&|c| c.sub = "alex".into())),
+            "invalid_token",
+        ),
+        ("no exp", without("exp"), "invalid_token"),
+        ("garbage", "garbage".to_owned(), "invalid_token"),
     ];
-    for (token, code) in cases {
+    for (rule, token, code) in cases {
         let res = app
             .http
             .get(app.url("/api/v1/chat/conversations"))
@@ -158,8 +208,39 @@ async fn expired_forged_and_ticket_tokens_are_refused_with_401() {
             .await
             .unwrap();
         let (status, body) = status_and_json(res).await;
-        assert_error(status, &body, StatusCode::UNAUTHORIZED, code);
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{rule}: {body}");
+        assert_eq!(body["code"], code, "{rule}: {body}");
     }
+    // The tolerated side of each time rule passes.
+    for (rule, c) in [
+        (
+            "expired within the leeway",
+            claims(&|c| c.exp = now - leeway + 10),
+        ),
+        (
+            "not yet valid within the leeway",
+            claims(&|c| c.nbf = Some(now + leeway - 10)),
+        ),
+    ] {
+        let res = app
+            .http
+            .get(app.url("/api/v1/chat/conversations"))
+            .bearer_auth(sign(&c))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{rule}");
+    }
+    // An empty bearer is a missing token.
+    let res = app
+        .http
+        .get(app.url("/api/v1/chat/conversations"))
+        .header("authorization", "Bearer ")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_and_json(res).await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "missing_token");
 }
 
 #[tokio::test]

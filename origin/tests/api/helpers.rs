@@ -279,3 +279,49 @@ pub fn assert_error(status: StatusCode, body: &Value, expected: StatusCode, code
         "{body}"
     );
 }
+
+/// A token with any header and payload, HMAC-signed with the real secret
+/// (SHA-256, or SHA-512 when `sha512`): the strongest forgery short of
+/// stealing a token.
+pub fn forge_with(header: &Value, payload: &Value, sha512: bool) -> String {
+    let message = format!(
+        "{}.{}",
+        base64url(header.to_string().as_bytes()),
+        base64url(payload.to_string().as_bytes())
+    );
+    let alg = if sha512 {
+        jsonwebtoken::Algorithm::HS512
+    } else {
+        jsonwebtoken::Algorithm::HS256
+    };
+    let signature = jsonwebtoken::crypto::sign(
+        message.as_bytes(),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+        alg,
+    )
+    .expect("sign");
+    format!("{message}.{signature}")
+}
+
+/// [`forge_with`] HMAC-SHA256.
+pub fn forge(header: &Value, payload: &Value) -> String {
+    forge_with(header, payload, false)
+}
+
+/// Unpadded base64url.
+pub fn base64url(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
