@@ -1,8 +1,8 @@
 //! Passwords, session tokens and the extractors that guard routes.
 //!
-//! - [`AuthUser`]: a verified session token (`Authorization: Bearer`). Every
-//!   chat route takes one, so an unauthenticated request never reaches a
-//!   handler body.
+//! - [`AuthUser`]: a verified access token (`Authorization: Bearer`) whose
+//!   session is live. Every chat route takes one, so an unauthenticated
+//!   request never reaches a handler body.
 //! - [`ServiceCaller`]: the edge, proven by the shared service secret,
 //!   compared in constant time.
 
@@ -40,12 +40,15 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// The caller of a chat route, from a verified session token.
+/// The caller of a chat route, from a verified access token.
 #[derive(Debug, Clone)]
 pub struct AuthUser {
     pub id: i64,
     pub name: String,
     pub role: Role,
+    /// The session the token was minted for (`None` only for tokens minted
+    /// outside the origin, by tools and tests, which have no session).
+    pub sid: Option<uuid::Uuid>,
 }
 
 /// Seconds since the Unix epoch, from the system clock.
@@ -70,10 +73,22 @@ impl FromRequestParts<AppState> for AuthUser {
         }
         let token = token.trim();
         let claims = auth::verify(token, &state.keys.jwt_secret, AUDIENCE_API, now_unix())?;
+        let id = claims.user_id()?;
+        // One primary-key lookup: every REST route reads PostgreSQL anyway,
+        // and it makes a logout or password change final on REST at once
+        // instead of when the access token runs out. (The edge does not
+        // ask; revocation reaches it through refresh.)
+        if let Some(sid) = claims.sid {
+            let client = state.pool.get().await?;
+            if !crate::sessions::is_live(&client, sid, id).await? {
+                return Err(ApiError::SessionRevoked);
+            }
+        }
         Ok(AuthUser {
-            id: claims.user_id()?,
+            id,
             name: claims.name,
             role: claims.role,
+            sid: claims.sid,
         })
     }
 }

@@ -28,8 +28,13 @@ pub struct Config {
     pub jwt_secret: Vec<u8>,
     /// `ORIGIN_SERVICE_SECRET`: shared with the edge for `/internal/**`.
     pub service_secret: Vec<u8>,
-    /// `JWT_TTL_SECS`, default 12 h.
-    pub jwt_ttl: Duration,
+    /// `ACCESS_TOKEN_TTL_SECS`, default 15 min: the life of an access
+    /// token. Short, because the edge checks access tokens without asking
+    /// anyone; revocation reaches it when the token cannot be renewed.
+    pub access_token_ttl: Duration,
+    /// `REFRESH_TOKEN_TTL_SECS`, default 30 days: the life of each refresh
+    /// token, so a session ends after this long without use.
+    pub refresh_token_ttl: Duration,
     /// `DB_POOL_SIZE`, default 16.
     pub db_pool_size: usize,
     /// `ALLOWED_ORIGINS`: comma-separated browser origins for CORS. Empty
@@ -49,7 +54,8 @@ impl std::fmt::Debug for Config {
             .field("bind_addr", &self.bind_addr)
             .field("jwt_secret", &"[redacted]")
             .field("service_secret", &"[redacted]")
-            .field("jwt_ttl", &self.jwt_ttl)
+            .field("access_token_ttl", &self.access_token_ttl)
+            .field("refresh_token_ttl", &self.refresh_token_ttl)
             .field("db_pool_size", &self.db_pool_size)
             .field("allowed_origins", &self.allowed_origins)
             .field("request_timeout", &self.request_timeout)
@@ -131,6 +137,30 @@ impl Config {
                     .collect()
             })
             .unwrap_or_default();
+        // The 12-hour session token is gone: refusing the old name makes a
+        // deployment that still sets it notice, instead of silently getting
+        // 15-minute tokens it did not ask for (or 12-hour access tokens).
+        if get("JWT_TTL_SECS").is_some() {
+            return Err(ConfigError::Invalid {
+                var: "JWT_TTL_SECS",
+                reason: "replaced by ACCESS_TOKEN_TTL_SECS (default 900) and \
+                         REFRESH_TOKEN_TTL_SECS (default 2592000); unset it"
+                    .to_owned(),
+            });
+        }
+        let access_token_ttl = number("ACCESS_TOKEN_TTL_SECS", 15 * 60, 60, 24 * 3600)?;
+        let refresh_token_ttl = number(
+            "REFRESH_TOKEN_TTL_SECS",
+            30 * 24 * 3600,
+            3600,
+            365 * 24 * 3600,
+        )?;
+        if refresh_token_ttl <= access_token_ttl {
+            return Err(ConfigError::Invalid {
+                var: "REFRESH_TOKEN_TTL_SECS",
+                reason: "must be longer than ACCESS_TOKEN_TTL_SECS".to_owned(),
+            });
+        }
         let log_json = match get("LOG_FORMAT").as_deref() {
             None | Some("json") => true,
             Some("pretty") => false,
@@ -146,7 +176,8 @@ impl Config {
             bind_addr,
             jwt_secret,
             service_secret,
-            jwt_ttl: Duration::from_secs(number("JWT_TTL_SECS", 12 * 3600, 60, 30 * 24 * 3600)?),
+            access_token_ttl: Duration::from_secs(access_token_ttl),
+            refresh_token_ttl: Duration::from_secs(refresh_token_ttl),
             db_pool_size: number("DB_POOL_SIZE", 16, 1, 512)? as usize,
             allowed_origins,
             request_timeout: Duration::from_secs(number("REQUEST_TIMEOUT_SECS", 15, 1, 600)?),
@@ -182,7 +213,25 @@ mod tests {
         let c = Config::from_lookup(env(GOOD)).expect("valid");
         assert_eq!(c.bind_addr.port(), 8081);
         assert_eq!(c.db_pool_size, 16);
+        assert_eq!(c.access_token_ttl, Duration::from_secs(900));
+        assert_eq!(c.refresh_token_ttl, Duration::from_secs(30 * 24 * 3600));
         assert!(c.log_json);
+    }
+
+    #[test]
+    fn the_old_session_length_variable_is_refused_with_its_replacement_named() {
+        let mut pairs = GOOD.to_vec();
+        pairs.push(("JWT_TTL_SECS", "43200"));
+        let err = Config::from_lookup(env(&pairs)).expect_err("renamed");
+        assert!(err.to_string().contains("ACCESS_TOKEN_TTL_SECS"), "{err}");
+        let mut pairs = GOOD.to_vec();
+        pairs.push(("ACCESS_TOKEN_TTL_SECS", "7200"));
+        pairs.push(("REFRESH_TOKEN_TTL_SECS", "3600"));
+        let err = Config::from_lookup(env(&pairs)).expect_err("refresh shorter");
+        assert!(
+            err.to_string().starts_with("REFRESH_TOKEN_TTL_SECS"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -25,11 +25,18 @@ pub struct Migration {
 
 /// Every migration, in order. A test checks this list against the
 /// directory, so a new file cannot be forgotten here.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial_schema.sql",
-    sql: include_str!("../../migrations/0001_initial_schema.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial_schema.sql",
+        sql: include_str!("../../migrations/0001_initial_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_sessions.sql",
+        sql: include_str!("../../migrations/0002_sessions.sql"),
+    },
+];
 
 /// Key of the advisory lock held while migrating ("vibe" in ASCII).
 const MIGRATION_LOCK_KEY: i64 = 0x7669_6265;

@@ -29,9 +29,24 @@ pub enum ApiError {
     /// 401: no token, a bad token, or bad credentials.
     #[error("{0}")]
     Unauthorized(AuthError),
-    /// 401 on login, with the same answer whether or not the user exists.
+    /// 401 on login, with the same answer whether or not the user exists;
+    /// also a wrong current password on a password change.
     #[error("invalid email or password")]
     BadCredentials,
+    /// 401: the refresh token is unknown or malformed.
+    #[error("invalid refresh token")]
+    RefreshTokenInvalid,
+    /// 401: the refresh token ran out; log in again.
+    #[error("refresh token expired")]
+    RefreshTokenExpired,
+    /// 401: a refresh token that was already exchanged was presented again.
+    /// Someone else holds the family, so the session was revoked.
+    #[error("refresh token already used; the session was revoked")]
+    RefreshTokenReused,
+    /// 401: the session was logged out, or revoked by a password change or
+    /// a reuse.
+    #[error("session revoked; log in again")]
+    SessionRevoked,
     /// 403: authenticated, but not allowed (not a participant, not the owner).
     #[error("{0}")]
     Forbidden(&'static str),
@@ -54,6 +69,10 @@ pub enum ApiError {
     /// 422: well-formed, but a field breaks its rule.
     #[error("{message}")]
     Unprocessable { code: &'static str, message: String },
+    /// 503: too much password hashing in flight; retry after the given
+    /// seconds. Argon2 costs ~19 MiB per check, so the work is bounded.
+    #[error("the server is busy; try again shortly")]
+    Busy { retry_after_secs: u64 },
     /// 503: the database cannot be reached right now.
     #[error("service temporarily unavailable")]
     Unavailable(#[source] anyhow::Error),
@@ -66,7 +85,12 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized(_) | ApiError::BadCredentials => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized(_)
+            | ApiError::BadCredentials
+            | ApiError::RefreshTokenInvalid
+            | ApiError::RefreshTokenExpired
+            | ApiError::RefreshTokenReused
+            | ApiError::SessionRevoked => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -74,7 +98,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Busy { .. } | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -84,6 +108,11 @@ impl ApiError {
             ApiError::BadRequest { code, .. } | ApiError::Unprocessable { code, .. } => code,
             ApiError::Unauthorized(e) => e.code(),
             ApiError::BadCredentials => "bad_credentials",
+            ApiError::RefreshTokenInvalid => "invalid_refresh_token",
+            ApiError::RefreshTokenExpired => "refresh_token_expired",
+            ApiError::RefreshTokenReused => "refresh_token_reused",
+            ApiError::SessionRevoked => "session_revoked",
+            ApiError::Busy { .. } => "busy",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
@@ -155,7 +184,10 @@ impl IntoResponse for ApiError {
             message: self.to_string(),
         };
         let retry_after = match &self {
-            ApiError::TooManyAttempts { retry_after_secs } => Some(*retry_after_secs),
+            ApiError::TooManyAttempts { retry_after_secs }
+            | ApiError::Busy { retry_after_secs } => Some(*retry_after_secs),
+            // Every other 503 (the database is away) is worth a retry soon.
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
             _ => None,
         };
         let mut response = (status, Json(body)).into_response();
@@ -165,12 +197,6 @@ impl IntoResponse for ApiError {
                     .headers_mut()
                     .insert(axum::http::header::RETRY_AFTER, v);
             }
-        }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
-            );
         }
         response
     }

@@ -16,6 +16,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod seed;
+pub mod sessions;
 pub mod startup;
 pub mod state;
 pub mod store;

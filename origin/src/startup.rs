@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -43,7 +44,8 @@ impl Application {
                 dummy_hash,
             }),
             metrics: crate::metrics::handle(),
-            jwt_ttl: config.jwt_ttl,
+            access_ttl: config.access_token_ttl,
+            refresh_ttl: config.refresh_token_ttl,
             login_guard: Arc::default(),
         };
         let router = crate::http::app(state.clone(), &config);
@@ -77,9 +79,39 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router)
+        let sweeper = tokio::spawn(sweep_sessions(self.state.clone()));
+        let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
-            .await
+            .await;
+        sweeper.abort();
+        served
+    }
+}
+
+/// How often expired refresh tokens and dead sessions are deleted.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
+/// Deletes expired refresh tokens and dead sessions now and then. Several
+/// instances sweeping at once is harmless (the deletes are idempotent).
+async fn sweep_sessions(state: AppState) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let swept = async {
+            let client = state.pool.get().await?;
+            crate::sessions::sweep(&client, state.refresh_ttl, state.access_ttl).await
+        };
+        match swept.await {
+            Ok((tokens, sessions)) => {
+                tracing::debug!(
+                    tokens,
+                    sessions,
+                    "swept expired refresh tokens and sessions"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "session sweep failed; next try in an hour"),
+        }
     }
 }
 

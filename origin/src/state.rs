@@ -13,7 +13,10 @@ pub struct AppState {
     pub pool: Pool,
     pub keys: Arc<Keys>,
     pub metrics: PrometheusHandle,
-    pub jwt_ttl: Duration,
+    /// Life of an access token.
+    pub access_ttl: Duration,
+    /// Life of a refresh token.
+    pub refresh_ttl: Duration,
     pub login_guard: Arc<LoginGuard>,
 }
 

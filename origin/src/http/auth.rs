@@ -1,27 +1,43 @@
-//! Sessions.
+//! Sessions: log in, refresh, log out, change the password.
+//!
+//! Login opens a session and answers a short-lived access token (JWT, `sid`
+//! = the session) plus an opaque refresh token; refresh exchanges a refresh
+//! token for a new pair (see [`crate::sessions`] for rotation and reuse).
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::Role;
-use shared::auth::{AUDIENCE_API, Claims};
+use shared::auth::{AuthError, Claims};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+use uuid::Uuid;
 
 use super::ApiJson;
-use crate::auth::{now_unix, verify_password};
+use crate::auth::{AuthUser, hash_password, now_unix, verify_password};
 use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::sessions::{self, NewRefreshToken, Revocation};
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(login))
+    OpenApiRouter::new()
+        .routes(routes!(login))
+        .routes(routes!(refresh))
+        .routes(routes!(logout))
+        .routes(routes!(logout_all))
+        .routes(routes!(change_password))
 }
 
-/// Longest password we hash: Argon2 accepts anything, and an attacker would
-/// happily make us hash megabytes.
-const MAX_PASSWORD_BYTES: usize = 1024;
+/// Longest password we hash, in bytes: Argon2 accepts anything, and an
+/// attacker would happily make us hash megabytes.
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+/// Shortest new password, in characters.
+pub const MIN_NEW_PASSWORD_CHARS: usize = 10;
+/// Longest new password, in characters.
+pub const MAX_NEW_PASSWORD_CHARS: usize = 256;
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct LoginRequest {
@@ -29,13 +45,22 @@ pub struct LoginRequest {
     pub password: String,
 }
 
+/// What login and refresh answer.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct LoginResponse {
-    /// Session token (HS256 JWT). Send as `Authorization: Bearer <token>`.
+    /// Access token (HS256 JWT, 15 minutes by default). Send as
+    /// `Authorization: Bearer <token>`.
     pub token: String,
     pub token_type: String,
+    /// When `token` expires; refresh before.
     pub expires_at: DateTime<Utc>,
     pub user: UserView,
+    /// Opaque, single-use: exchange it at `POST /api/v1/auth/refresh` for a
+    /// new pair. Using it twice revokes the session.
+    pub refresh_token: String,
+    pub refresh_expires_at: DateTime<Utc>,
+    /// The session (also the access token's `sid`).
+    pub session_id: Uuid,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -46,6 +71,57 @@ pub struct UserView {
     pub role: Role,
 }
 
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RefreshRequest {
+    pub refresh_token: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct PasswordChange {
+    pub current_password: String,
+    /// 10 to 256 characters (at most 1,024 bytes), not the current one.
+    pub new_password: String,
+}
+
+/// The response for `user` in session `session_id`.
+fn tokens(
+    state: &AppState,
+    user: UserView,
+    session_id: Uuid,
+    refresh: NewRefreshToken,
+) -> ApiResult<LoginResponse> {
+    let now = now_unix();
+    let ttl = i64::try_from(state.access_ttl.as_secs()).unwrap_or(i64::MAX);
+    let claims = Claims::access(user.id, &user.full_name, user.role, session_id, now, ttl);
+    let token = shared::auth::issue(&claims, &state.keys.jwt_secret)?;
+    let expires_at = DateTime::from_timestamp(claims.exp, 0).unwrap_or_else(Utc::now);
+    Ok(LoginResponse {
+        token,
+        token_type: "Bearer".to_owned(),
+        expires_at,
+        user,
+        refresh_token: refresh.token,
+        refresh_expires_at: refresh.expires_at,
+        session_id,
+    })
+}
+
+fn user_view(row: &tokio_postgres::Row) -> ApiResult<UserView> {
+    Ok(UserView {
+        id: row.get("id"),
+        email: row.get("email"),
+        full_name: row.get("full_name"),
+        role: Role::parse(row.get("role")).map_err(|e| ApiError::Internal(e.into()))?,
+    })
+}
+
+/// Runs an Argon2 check off the async threads.
+async fn verify_off_thread(password: String, hash: String) -> ApiResult<bool> {
+    tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))
+}
+
 /// POST /api/v1/auth/login
 #[utoipa::path(
     post,
@@ -53,7 +129,7 @@ pub struct UserView {
     tag = "auth",
     request_body = LoginRequest,
     responses(
-        (status = 200, description = "Logged in", body = LoginResponse),
+        (status = 200, description = "Logged in: a new session", body = LoginResponse),
         (status = 401, description = "Bad credentials (same answer for unknown users)", body = ErrorBody),
         (status = 429, description = "Too many failed logins for this email; see Retry-After", body = ErrorBody),
         (status = 422, description = "Invalid field", body = ErrorBody),
@@ -61,6 +137,7 @@ pub struct UserView {
 )]
 async fn login(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> ApiResult<Json<LoginResponse>> {
     let email = req.email.trim().to_lowercase();
@@ -73,7 +150,7 @@ async fn login(
     if let Some(retry_after_secs) = state.login_guard.locked(&email) {
         return Err(ApiError::TooManyAttempts { retry_after_secs });
     }
-    let client = state.pool.get().await?;
+    let mut client = state.pool.get().await?;
     let row = client
         .query_opt(
             "SELECT id, email, full_name, role, password_hash FROM users WHERE email = $1",
@@ -85,10 +162,7 @@ async fn login(
     let hash = row
         .as_ref()
         .map_or_else(|| state.keys.dummy_hash.clone(), |r| r.get(4));
-    let password = req.password;
-    let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
+    let matches = verify_off_thread(req.password, hash).await?;
     let row = match row {
         Some(row) if matches => row,
         _ => {
@@ -99,21 +173,217 @@ async fn login(
         }
     };
     state.login_guard.succeeded(&email);
-    let user = UserView {
-        id: row.get(0),
-        email: row.get(1),
-        full_name: row.get(2),
-        role: Role::parse(row.get(3)).map_err(|e| ApiError::Internal(e.into()))?,
-    };
-    let now = now_unix();
-    let ttl = i64::try_from(state.jwt_ttl.as_secs()).unwrap_or(i64::MAX);
-    let claims = Claims::new(user.id, &user.full_name, user.role, AUDIENCE_API, now, ttl);
-    let token = shared::auth::issue(&claims, &state.keys.jwt_secret)?;
-    let expires_at = DateTime::from_timestamp(claims.exp, 0).unwrap_or_else(Utc::now);
-    Ok(Json(LoginResponse {
-        token,
-        token_type: "Bearer".to_owned(),
-        expires_at,
+    let user = user_view(&row)?;
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok());
+    let (session_id, refresh) =
+        sessions::create(&mut client, user.id, user_agent, state.refresh_ttl).await?;
+    Ok(Json(tokens(&state, user, session_id, refresh)?))
+}
+
+/// POST /api/v1/auth/refresh
+///
+/// Exchanges a refresh token for a new access token and a new refresh
+/// token. The presented token stops working. Presenting a token that was
+/// already exchanged revokes the whole session (`refresh_token_reused`):
+/// two concurrent refreshes with one token leave exactly one winner, and
+/// the loser counts as a reuse, so clients keep one refresh in flight.
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/refresh",
+    tag = "auth",
+    request_body = RefreshRequest,
+    responses(
+        (status = 200, description = "A new access token and refresh token for the same session", body = LoginResponse),
+        (status = 401, description = "`invalid_refresh_token`, `refresh_token_expired`, `refresh_token_reused` (the session is now revoked) or `session_revoked`", body = ErrorBody),
+        (status = 422, description = "Invalid field", body = ErrorBody),
+    )
+)]
+async fn refresh(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<RefreshRequest>,
+) -> ApiResult<Json<LoginResponse>> {
+    let mut client = state.pool.get().await?;
+    let rotated = sessions::rotate(&mut client, &req.refresh_token, state.refresh_ttl).await?;
+    let row = client
+        .query_one(
+            "SELECT id, email, full_name, role FROM users WHERE id = $1",
+            &[&rotated.user_id],
+        )
+        .await?;
+    let user = user_view(&row)?;
+    Ok(Json(tokens(
+        &state,
         user,
-    }))
+        rotated.session_id,
+        rotated.refresh,
+    )?))
+}
+
+/// POST /api/v1/auth/logout
+///
+/// Revokes the caller's session (the access token's `sid`): its refresh
+/// token stops working, and REST refuses its access tokens at once.
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/logout",
+    tag = "auth",
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "The session is revoked"),
+        (status = 401, description = "No or bad token, or the session is already revoked", body = ErrorBody),
+    )
+)]
+async fn logout(user: AuthUser, State(state): State<AppState>) -> ApiResult<StatusCode> {
+    // A token without a session (minted by a tool) has nothing to revoke.
+    if let Some(sid) = user.sid {
+        let client = state.pool.get().await?;
+        sessions::revoke(&client, sid, Revocation::Logout).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// POST /api/v1/auth/logout-all
+///
+/// Revokes every session of the caller, on every device.
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/logout-all",
+    tag = "auth",
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Every session of the user is revoked"),
+        (status = 401, description = "No or bad token", body = ErrorBody),
+    )
+)]
+async fn logout_all(user: AuthUser, State(state): State<AppState>) -> ApiResult<StatusCode> {
+    let client = state.pool.get().await?;
+    sessions::revoke_all(&client, user.id, None, Revocation::LogoutAll).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The new-password policy: 10–256 characters, at most 1,024 bytes, not the
+/// current password.
+fn check_new_password(current: &str, new: &str) -> ApiResult<()> {
+    let chars = new.chars().count();
+    if new.len() > MAX_PASSWORD_BYTES || chars > MAX_NEW_PASSWORD_CHARS {
+        return Err(ApiError::Unprocessable {
+            code: "password_too_long",
+            message: format!(
+                "the new password may have at most {MAX_NEW_PASSWORD_CHARS} characters \
+                 ({MAX_PASSWORD_BYTES} bytes)"
+            ),
+        });
+    }
+    if chars < MIN_NEW_PASSWORD_CHARS {
+        return Err(ApiError::Unprocessable {
+            code: "password_too_short",
+            message: format!("the new password needs at least {MIN_NEW_PASSWORD_CHARS} characters"),
+        });
+    }
+    if new == current {
+        return Err(ApiError::Unprocessable {
+            code: "password_unchanged",
+            message: "the new password must differ from the current one".to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// POST /api/v1/auth/password
+///
+/// Changes the caller's password and revokes every other session of the
+/// user; the caller's own session stays. A wrong current password counts
+/// as a failed login for the account.
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/password",
+    tag = "auth",
+    security(("bearer" = [])),
+    request_body = PasswordChange,
+    responses(
+        (status = 204, description = "Changed; every other session is revoked"),
+        (status = 401, description = "No or bad token (`invalid_token`…), or a wrong current password (`bad_credentials`)", body = ErrorBody),
+        (status = 422, description = "`password_too_short`, `password_too_long`, `password_unchanged`, or an invalid field", body = ErrorBody),
+        (status = 429, description = "Too many failed attempts for this account; see Retry-After", body = ErrorBody),
+    )
+)]
+async fn change_password(
+    user: AuthUser,
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<PasswordChange>,
+) -> ApiResult<StatusCode> {
+    if req.current_password.len() > MAX_PASSWORD_BYTES {
+        return Err(ApiError::Unprocessable {
+            code: "password_too_long",
+            message: "the current password is too long".to_owned(),
+        });
+    }
+    check_new_password(&req.current_password, &req.new_password)?;
+    let mut client = state.pool.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT email, password_hash FROM users WHERE id = $1",
+            &[&user.id],
+        )
+        .await?
+        .ok_or(ApiError::Unauthorized(AuthError::Invalid))?;
+    let (email, hash): (String, String) = (row.get(0), row.get(1));
+    if let Some(retry_after_secs) = state.login_guard.locked(&email) {
+        return Err(ApiError::TooManyAttempts { retry_after_secs });
+    }
+    if !verify_off_thread(req.current_password, hash).await? {
+        state.login_guard.failed(&email);
+        return Err(ApiError::BadCredentials);
+    }
+    state.login_guard.succeeded(&email);
+    let new_password = req.new_password;
+    let new_hash = tokio::task::spawn_blocking(move || hash_password(&new_password))
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?
+        .map_err(ApiError::Internal)?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "UPDATE users SET password_hash = $2 WHERE id = $1",
+        &[&user.id, &new_hash],
+    )
+    .await?;
+    let revoked = sessions::revoke_all(&tx, user.id, user.sid, Revocation::PasswordChanged).await?;
+    tx.commit().await?;
+    tracing::info!(user_id = user.id, revoked, "password changed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_new_password_policy_counts_characters_not_bytes() {
+        let code =
+            |current: &str, new: &str| check_new_password(current, new).err().map(|e| e.code());
+        assert_eq!(code("old-password", "short"), Some("password_too_short"));
+        // Ten characters of two bytes each: long enough.
+        assert_eq!(code("old-password", &"é".repeat(10)), None);
+        assert_eq!(
+            code("old-password", &"é".repeat(9)),
+            Some("password_too_short")
+        );
+        assert_eq!(code("old-password", &"a".repeat(256)), None);
+        assert_eq!(
+            code("old-password", &"a".repeat(257)),
+            Some("password_too_long")
+        );
+        // 256 four-byte characters are exactly the 1,024-byte ceiling.
+        assert_eq!(code("old-password", &"😀".repeat(256)), None);
+        assert_eq!(
+            code("old-password", &"😀".repeat(257)),
+            Some("password_too_long")
+        );
+        assert_eq!(
+            code("old-password-1", "old-password-1"),
+            Some("password_unchanged")
+        );
+    }
 }

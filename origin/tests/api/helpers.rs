@@ -235,6 +235,63 @@ impl TestApp {
         body
     }
 
+    /// `POST /api/v1/auth/login`.
+    pub async fn login(&self, email: &str, password: &str) -> (StatusCode, Value) {
+        let res = self
+            .http
+            .post(self.url("/api/v1/auth/login"))
+            .json(&json!({"email": email, "password": password}))
+            .send()
+            .await
+            .expect("request");
+        status_and_json(res).await
+    }
+
+    /// Logs `user` in with [`PASSWORD`]; the login response.
+    pub async fn session(&self, user: &TestUser) -> Value {
+        let (status, body) = self.login(&user.email, PASSWORD).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// `POST /api/v1/auth/refresh`.
+    pub async fn refresh(&self, refresh_token: &str) -> (StatusCode, Value) {
+        let res = self
+            .http
+            .post(self.url("/api/v1/auth/refresh"))
+            .json(&json!({ "refresh_token": refresh_token }))
+            .send()
+            .await
+            .expect("request");
+        status_and_json(res).await
+    }
+
+    /// POST with a raw bearer token and an optional JSON body.
+    pub async fn post_as(
+        &self,
+        token: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.post(self.url(path)).bearer_auth(token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        status_and_json(req.send().await.expect("request")).await
+    }
+
+    /// GET with a raw bearer token.
+    pub async fn get_as(&self, token: &str, path: &str) -> (StatusCode, Value) {
+        let res = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request");
+        status_and_json(res).await
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         let client = self.pool.get().await.expect("db");
         client.query_one(sql, &[]).await.expect("count").get(0)

@@ -10,3 +10,4 @@ mod history;
 mod internal;
 mod migrations;
 mod ops;
+mod sessions;

@@ -30,7 +30,9 @@ async fn migrations_build_the_schema_from_an_empty_database_and_are_recorded_onc
             "conversation_participants",
             "conversations",
             "messages",
+            "refresh_tokens",
             "schema_migrations",
+            "sessions",
             "user_presence",
             "users"
         ]
