@@ -5,14 +5,20 @@
 //!   request never reaches a handler body.
 //! - [`ServiceCaller`]: the edge, proven by the shared service secret,
 //!   compared in constant time.
+//! - [`ClientAddr`]: the caller's IP address for the login guard: the one
+//!   the edge forwards when the request carries the service secret, else the
+//!   TCP peer.
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use axum::extract::FromRequestParts;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use shared::Role;
 use shared::auth::{self, AUDIENCE_API, AuthError};
-use shared::protocol::internal::SERVICE_SECRET_HEADER;
+use shared::protocol::internal::{CLIENT_IP_HEADER, SERVICE_SECRET_HEADER};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
@@ -93,6 +99,46 @@ impl FromRequestParts<AppState> for AuthUser {
     }
 }
 
+/// True when `headers` carry the service secret. Constant time: ct_eq on
+/// slices of different lengths returns false without an early exit on
+/// content; the secret's length is not a secret.
+fn has_service_secret(headers: &HeaderMap, state: &AppState) -> bool {
+    headers
+        .get(SERVICE_SECRET_HEADER)
+        .is_some_and(|v| bool::from(v.as_bytes().ct_eq(&state.keys.service_secret)))
+}
+
+/// The caller's IP address. Behind the edge every TCP peer is the edge, so
+/// the edge forwards the caller's address in `x-vibe-client-ip`; that header
+/// is believed only next to a valid service secret (a client could send it
+/// too). Without either, the TCP peer address counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
+impl FromRequestParts<AppState> for ClientAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let forwarded = parts
+            .headers
+            .get(CLIENT_IP_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<IpAddr>().ok());
+        if let Some(ip) = forwarded {
+            if has_service_secret(&parts.headers, state) {
+                return Ok(ClientAddr(ip));
+            }
+        }
+        // Served without connect info (a router used directly in a tool):
+        // everyone shares one address, which only makes the guard stricter.
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+        Ok(ClientAddr(peer))
+    }
+}
+
 /// Proof that the caller holds the service secret (the edge).
 #[derive(Debug, Clone, Copy)]
 pub struct ServiceCaller;
@@ -101,14 +147,10 @@ impl FromRequestParts<AppState> for ServiceCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let presented = parts
-            .headers
-            .get(SERVICE_SECRET_HEADER)
-            .map(|v| v.as_bytes())
-            .ok_or(ApiError::Unauthorized(AuthError::Missing))?;
-        // ct_eq on slices of different lengths returns false without an
-        // early exit on content; the secret's length is not a secret.
-        if bool::from(presented.ct_eq(&state.keys.service_secret)) {
+        if !parts.headers.contains_key(SERVICE_SECRET_HEADER) {
+            return Err(ApiError::Unauthorized(AuthError::Missing));
+        }
+        if has_service_secret(&parts.headers, state) {
             Ok(ServiceCaller)
         } else {
             Err(ApiError::Unauthorized(AuthError::Invalid))

@@ -14,6 +14,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod http;
+pub mod login_guard;
 pub mod metrics;
 pub mod seed;
 pub mod sessions;

@@ -80,7 +80,12 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let sweeper = tokio::spawn(sweep_sessions(self.state.clone()));
-        let served = axum::serve(self.listener, self.router)
+        // With the peer address: the login guard counts per client address
+        // (see `crate::auth::ClientAddr`).
+        let app = self
+            .router
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
         sweeper.abort();

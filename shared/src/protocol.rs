@@ -146,6 +146,10 @@ pub mod internal {
 
     /// Header that carries the shared service secret.
     pub const SERVICE_SECRET_HEADER: &str = "x-vibe-service-secret";
+    /// Header in which the edge forwards the caller's IP address on proxied
+    /// requests. The origin believes it only next to a valid
+    /// [`SERVICE_SECRET_HEADER`]; otherwise it uses the TCP peer address.
+    pub const CLIENT_IP_HEADER: &str = "x-vibe-client-ip";
     /// Largest batch the origin ingests in one call.
     pub const MAX_INGEST_BATCH: usize = 1_000;
 

@@ -17,7 +17,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::ApiJson;
-use crate::auth::{AuthUser, hash_password, now_unix, verify_password};
+use crate::auth::{AuthUser, ClientAddr, hash_password, now_unix, verify_password};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::sessions::{self, NewRefreshToken, Revocation};
 use crate::state::AppState;
@@ -115,6 +115,19 @@ fn user_view(row: &tokio_postgres::Row) -> ApiResult<UserView> {
     })
 }
 
+/// The login guard before a password check: 429 while `email` is locked
+/// for `addr`, else the email's delay (zero unless it is being guessed).
+async fn guard(state: &AppState, email: &str, addr: std::net::IpAddr) -> ApiResult<()> {
+    if let Some(retry_after_secs) = state.login_guard.locked(email, addr) {
+        return Err(ApiError::TooManyAttempts { retry_after_secs });
+    }
+    let delay = state.login_guard.delay(email);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    Ok(())
+}
+
 /// Runs an Argon2 check off the async threads.
 async fn verify_off_thread(password: String, hash: String) -> ApiResult<bool> {
     tokio::task::spawn_blocking(move || verify_password(&password, &hash))
@@ -137,6 +150,7 @@ async fn verify_off_thread(password: String, hash: String) -> ApiResult<bool> {
 )]
 async fn login(
     State(state): State<AppState>,
+    ClientAddr(addr): ClientAddr,
     headers: HeaderMap,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> ApiResult<Json<LoginResponse>> {
@@ -147,9 +161,7 @@ async fn login(
     if req.password.len() > MAX_PASSWORD_BYTES {
         return Err(ApiError::invalid("password is too long"));
     }
-    if let Some(retry_after_secs) = state.login_guard.locked(&email) {
-        return Err(ApiError::TooManyAttempts { retry_after_secs });
-    }
+    guard(&state, &email, addr).await?;
     let mut client = state.pool.get().await?;
     let row = client
         .query_opt(
@@ -168,11 +180,11 @@ async fn login(
         _ => {
             // Counted for unknown emails too, so the lockout does not
             // reveal which accounts exist.
-            state.login_guard.failed(&email);
+            state.login_guard.failed(&email, addr);
             return Err(ApiError::BadCredentials);
         }
     };
-    state.login_guard.succeeded(&email);
+    state.login_guard.succeeded(&email, addr);
     let user = user_view(&row)?;
     let user_agent = headers
         .get(header::USER_AGENT)
@@ -312,6 +324,7 @@ fn check_new_password(current: &str, new: &str) -> ApiResult<()> {
 async fn change_password(
     user: AuthUser,
     State(state): State<AppState>,
+    ClientAddr(addr): ClientAddr,
     ApiJson(req): ApiJson<PasswordChange>,
 ) -> ApiResult<StatusCode> {
     if req.current_password.len() > MAX_PASSWORD_BYTES {
@@ -330,14 +343,12 @@ async fn change_password(
         .await?
         .ok_or(ApiError::Unauthorized(AuthError::Invalid))?;
     let (email, hash): (String, String) = (row.get(0), row.get(1));
-    if let Some(retry_after_secs) = state.login_guard.locked(&email) {
-        return Err(ApiError::TooManyAttempts { retry_after_secs });
-    }
+    guard(&state, &email, addr).await?;
     if !verify_off_thread(req.current_password, hash).await? {
-        state.login_guard.failed(&email);
+        state.login_guard.failed(&email, addr);
         return Err(ApiError::BadCredentials);
     }
-    state.login_guard.succeeded(&email);
+    state.login_guard.succeeded(&email, addr);
     let new_password = req.new_password;
     let new_hash = tokio::task::spawn_blocking(move || hash_password(&new_password))
         .await

@@ -4,7 +4,8 @@ use shared::Role;
 use shared::auth::{AUDIENCE_API, AUDIENCE_WS_TICKET, Claims};
 
 use crate::helpers::{
-    JWT_SECRET, PASSWORD, assert_error, base64url, forge, forge_with, spawn_app, status_and_json,
+    JWT_SECRET, PASSWORD, SERVICE_SECRET, assert_error, base64url, forge, forge_with, spawn_app,
+    status_and_json,
 };
 
 #[tokio::test]
@@ -294,22 +295,37 @@ async fn seeding_the_demo_twice_creates_each_demo_user_once_and_they_can_log_in(
     }
 }
 
+/// A login as if proxied by the edge for a caller at `ip` (when `secret` is
+/// the service secret), or as a client forging the edge's header.
+async fn login_from(
+    app: &crate::helpers::TestApp,
+    email: &str,
+    password: &str,
+    ip: &str,
+    secret: Option<&str>,
+) -> reqwest::Response {
+    let mut req = app
+        .http
+        .post(app.url("/api/v1/auth/login"))
+        .header(shared::protocol::internal::CLIENT_IP_HEADER, ip)
+        .json(&json!({"email": email, "password": password}));
+    if let Some(secret) = secret {
+        req = req.header(shared::protocol::internal::SERVICE_SECRET_HEADER, secret);
+    }
+    req.send().await.unwrap()
+}
+
 #[tokio::test]
-async fn repeated_failed_logins_lock_the_email_with_429_and_retry_after() {
+async fn repeated_failed_logins_lock_that_email_from_that_address_with_429_and_retry_after() {
     let app = spawn_app().await;
     let alex = app.user("Alex", Role::Member).await;
-    let attempt = |password: &'static str| {
-        app.http
-            .post(app.url("/api/v1/auth/login"))
-            .json(&json!({"email": alex.email, "password": password}))
-            .send()
-    };
+    let attacker = "203.0.113.7";
     for _ in 0..origin::state::LoginGuard::MAX_FAILURES {
-        let res = attempt("wrong").await.unwrap();
+        let res = login_from(&app, &alex.email, "wrong", attacker, Some(SERVICE_SECRET)).await;
         assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     }
-    // Now even the right password waits: otherwise guessing goes on.
-    let res = attempt(PASSWORD).await.unwrap();
+    // Now even the right password waits there: otherwise guessing goes on.
+    let res = login_from(&app, &alex.email, PASSWORD, attacker, Some(SERVICE_SECRET)).await;
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     let retry: u64 = res.headers()["retry-after"]
         .to_str()
@@ -324,14 +340,77 @@ async fn repeated_failed_logins_lock_the_email_with_429_and_retry_after() {
         StatusCode::TOO_MANY_REQUESTS,
         "too_many_attempts",
     );
-    // Another account is unaffected.
-    let sam = app.user("Sam", Role::Member).await;
-    let res = app
-        .http
-        .post(app.url("/api/v1/auth/login"))
-        .json(&json!({"email": sam.email, "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap();
+    // Alex, at home, is not locked out by the attacker.
+    let res = login_from(
+        &app,
+        &alex.email,
+        PASSWORD,
+        "198.51.100.20",
+        Some(SERVICE_SECRET),
+    )
+    .await;
     assert_eq!(res.status(), StatusCode::OK);
+    // Another account is unaffected from the attacker's address too.
+    let sam = app.user("Sam", Role::Member).await;
+    let res = login_from(&app, &sam.email, PASSWORD, attacker, Some(SERVICE_SECRET)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_forwarded_client_address_is_believed_only_with_the_service_secret() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    // Without the secret the forwarded header is ignored: every attempt
+    // counts against the TCP peer, whatever address it claims.
+    for n in 0..origin::state::LoginGuard::MAX_FAILURES {
+        let claimed = format!("192.0.2.{n}");
+        let secret = if n % 2 == 0 {
+            None
+        } else {
+            Some("not-the-secret")
+        };
+        let res = login_from(&app, &alex.email, "wrong", &claimed, secret).await;
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    }
+    let res = login_from(&app, &alex.email, PASSWORD, "192.0.2.200", None).await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let (status, _) = app.login(&alex.email, PASSWORD).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "127.0.0.1 is locked");
+}
+
+#[tokio::test]
+async fn guessing_from_many_addresses_slows_every_attempt_but_lets_the_right_password_in() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    // Twelve failures, one per address: none of them is locked.
+    for n in 0..12 {
+        let res = login_from(
+            &app,
+            &alex.email,
+            "wrong",
+            &format!("203.0.113.{n}"),
+            Some(SERVICE_SECRET),
+        )
+        .await;
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    }
+    let expected = origin::state::LoginGuard::delay_for(12);
+    assert_eq!(expected, std::time::Duration::from_secs(1));
+    let started = std::time::Instant::now();
+    let res = login_from(
+        &app,
+        &alex.email,
+        PASSWORD,
+        "198.51.100.20",
+        Some(SERVICE_SECRET),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(started.elapsed() >= expected, "{:?}", started.elapsed());
+    // Another email is not slowed.
+    let sam = app.user("Sam", Role::Member).await;
+    let started = std::time::Instant::now();
+    let (status, _) = app.login(&sam.email, PASSWORD).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(started.elapsed() < expected, "{:?}", started.elapsed());
 }
