@@ -1,10 +1,12 @@
 //! Configuration from the Worker's environment: `[vars]` in wrangler.toml,
 //! secrets from `wrangler secret put` (locally `.dev.vars`).
 
+use shared::admission::Caps;
 use shared::auth::MIN_SECRET_BYTES;
 use shared::room::RoomConfig;
 use worker::Env;
 
+use crate::conns::ConnCaps;
 use crate::error::{EdgeError, EdgeResult};
 
 #[derive(Clone)]
@@ -20,8 +22,13 @@ pub struct EdgeConfig {
     pub service_secret: String,
     /// Room tunables; `ROOM_*` vars override the defaults.
     pub room: RoomConfig,
-    /// `ROOM_MAX_SSE`: SSE subscribers per room (the oldest goes first).
+    /// `ROOM_MAX_SSE`: SSE streams per room.
     pub sse_max_per_room: usize,
+    /// `ROOM_MAX_SOCKETS`: WebSockets per room.
+    pub sockets_max_per_room: usize,
+    /// `MAX_CONNS_PER_USER`: connections of one kind one user may hold on
+    /// one object (tabs and devices); past it their own oldest goes.
+    pub max_conns_per_user: usize,
     /// `ROOM_SSE_HEARTBEAT_MS`: comment line to every SSE stream this often.
     pub sse_heartbeat_ms: u64,
     /// `LOBBY_TENANT`: which Lobby object this deployment uses.
@@ -31,6 +38,8 @@ pub struct EdgeConfig {
     pub lobby_grace_ms: u64,
     /// `LOBBY_MAX_SSE`: SSE streams per Lobby.
     pub lobby_max_sse: usize,
+    /// `LOBBY_MAX_SOCKETS`: WebSockets per Lobby.
+    pub lobby_max_sockets: usize,
 }
 
 impl std::fmt::Debug for EdgeConfig {
@@ -99,11 +108,42 @@ impl EdgeConfig {
             service_secret: secret("ORIGIN_SERVICE_SECRET")?,
             room,
             sse_max_per_room: number(env, "ROOM_MAX_SSE", 200)?,
+            sockets_max_per_room: number(env, "ROOM_MAX_SOCKETS", 10_000)?,
+            max_conns_per_user: number(env, "MAX_CONNS_PER_USER", 10)?,
             sse_heartbeat_ms: number(env, "ROOM_SSE_HEARTBEAT_MS", 15_000)?,
             lobby_tenant: string(env, "LOBBY_TENANT").unwrap_or_else(|| "global".to_owned()),
             lobby_grace_ms: number(env, "LOBBY_GRACE_MS", 10_000)?,
             lobby_max_sse: number(env, "LOBBY_MAX_SSE", 10_000)?,
+            lobby_max_sockets: number(env, "LOBBY_MAX_SOCKETS", 30_000)?,
         })
+    }
+
+    /// Connection caps of a Room.
+    pub fn room_caps(&self) -> ConnCaps {
+        ConnCaps {
+            sockets: Caps {
+                per_user: self.max_conns_per_user,
+                total: self.sockets_max_per_room,
+            },
+            streams: Caps {
+                per_user: self.max_conns_per_user,
+                total: self.sse_max_per_room,
+            },
+        }
+    }
+
+    /// Connection caps of the Lobby.
+    pub fn lobby_caps(&self) -> ConnCaps {
+        ConnCaps {
+            sockets: Caps {
+                per_user: self.max_conns_per_user,
+                total: self.lobby_max_sockets,
+            },
+            streams: Caps {
+                per_user: self.max_conns_per_user,
+                total: self.lobby_max_sse,
+            },
+        }
     }
 
     /// Whether a browser at `origin` may open a realtime connection.

@@ -2,19 +2,33 @@
 //! Server-Sent Event streams, behind one `send`. The Room and the Lobby
 //! both use it, so both transports behave the same everywhere.
 //!
+//! What one connection may cost is bounded:
+//! - **caps** ([`shared::admission`]): per user and per object, paid for by
+//!   the newcomer's own oldest connection, never someone else's;
+//! - **what it holds unread**: an SSE stream has a bounded queue (workerd
+//!   pulls from it only as fast as the client reads), and a full queue ends
+//!   the stream; a WebSocket counts what it was sent and must answer a
+//!   probe ([`shared::backlog`]) or be closed.
+//!
+//! Connections ended here (a slow reader, a dead stream, an eviction) are
+//! reported through [`Connections::take_gone`], so the state machine
+//! forgets them too.
+//!
 //! SSE needs care because workerd does not tell the object when an SSE
 //! client goes away. Streams are bounded three ways: a heartbeat to a
 //! stream whose reader is gone fails (or finds the channel closed) and
 //! ends it; every stream ends after [`SSE_MAX_LIFETIME_MS`] (the client
-//! resumes with `Last-Event-ID`); and a cap evicts the oldest.
+//! resumes with `Last-Event-ID`); and the caps.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
-use futures_channel::mpsc::{UnboundedSender, unbounded};
+use futures_channel::mpsc::{Sender, channel};
 use serde::{Deserialize, Serialize};
+use shared::admission::{Admission, Caps, Live, admit};
+use shared::backlog::{Backlog, Limits, Verdict};
 use shared::protocol::ServerFrame;
-use worker::{Headers, Response, Result, State, WebSocket, WebSocketPair};
+use worker::{Headers, Request, Response, Result, SqlStorage, State, WebSocket, WebSocketPair};
 
 use crate::error::{EdgeError, EdgeResult};
 
@@ -22,27 +36,50 @@ use crate::error::{EdgeError, EdgeResult};
 pub const SSE_RETRY_MS: u64 = 2_000;
 /// An SSE stream ends after this long; its client resumes.
 pub const SSE_MAX_LIFETIME_MS: u64 = 5 * 60_000;
+/// Events queued for one SSE stream before it counts as not reading.
+const SSE_QUEUE: usize = 256;
 
-/// What each hibernatable socket carries across hibernation.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+/// What each connection carries; for a WebSocket, across hibernation (it
+/// is the socket's attachment).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SocketTag {
     pub conn: u64,
     pub user: i64,
+    /// When the token that opened or last renewed it stops being valid.
+    #[serde(default)]
+    pub valid_until: Option<u64>,
+    #[serde(default)]
+    pub opened_at: u64,
+}
+
+#[derive(Debug)]
+struct Socket {
+    ws: WebSocket,
+    tag: SocketTag,
+    backlog: Backlog,
 }
 
 #[derive(Debug)]
 struct SseStream {
-    tx: UnboundedSender<Result<Vec<u8>>>,
-    user: i64,
-    opened_at: u64,
+    tx: Sender<Result<Vec<u8>>>,
+    tag: SocketTag,
+}
+
+/// Caps for both kinds of connection of one object.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnCaps {
+    pub sockets: Caps,
+    pub streams: Caps,
 }
 
 /// Live connections by id, each with its user.
 #[derive(Debug, Default)]
 pub struct Connections {
-    sockets: RefCell<HashMap<u64, (WebSocket, i64)>>,
+    sockets: RefCell<HashMap<u64, Socket>>,
     streams: RefCell<HashMap<u64, SseStream>>,
     next_heartbeat: Cell<Option<u64>>,
+    /// Connections ended here, not yet reported to the state machine.
+    gone: RefCell<Vec<u64>>,
 }
 
 /// A fresh connection id. 53 bits: attachments pass through JavaScript
@@ -62,6 +99,15 @@ pub fn random_u64() -> u64 {
     u64::from_le_bytes(bytes)
 }
 
+fn live_of(tags: impl Iterator<Item = SocketTag>) -> Vec<Live> {
+    tags.map(|t| Live {
+        conn: t.conn,
+        user: t.user,
+        opened_at: t.opened_at,
+    })
+    .collect()
+}
+
 impl Connections {
     pub fn socket_count(&self) -> usize {
         self.sockets.borrow().len()
@@ -71,15 +117,76 @@ impl Connections {
         self.streams.borrow().len()
     }
 
+    /// Every live connection (both kinds), for a state machine rebuilt
+    /// from storage to reattach.
+    pub fn live(&self) -> Vec<SocketTag> {
+        let sockets = self.sockets.borrow();
+        let streams = self.streams.borrow();
+        sockets
+            .values()
+            .map(|s| s.tag)
+            .chain(streams.values().map(|s| s.tag))
+            .collect()
+    }
+
+    /// Connections ended here since the last call.
+    pub fn take_gone(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.gone.borrow_mut())
+    }
+
+    /// Makes room for one more connection of `user`: closes their own
+    /// oldest over a cap (reported as gone), or refuses when the object is
+    /// full and they have nothing here.
+    fn admit(&self, user: i64, caps: Caps, sockets: bool) -> EdgeResult<()> {
+        let live = if sockets {
+            live_of(self.sockets.borrow().values().map(|s| s.tag))
+        } else {
+            live_of(self.streams.borrow().values().map(|s| s.tag))
+        };
+        match admit(&live, user, caps) {
+            Admission::Refuse => Err(EdgeError::Client {
+                status: 503,
+                code: "too_many_connections",
+                message: "this conversation has as many live connections as it can hold".to_owned(),
+            }),
+            Admission::Admit { evict } => {
+                for conn in evict {
+                    self.end(conn, 1008, "replaced by a newer connection of yours");
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Accepts a hibernatable WebSocket for `user`; returns its id and the
     /// client end for the 101 response.
-    pub fn accept_socket(&self, state: &State, user: i64) -> EdgeResult<(u64, WebSocket)> {
+    pub fn accept_socket(
+        &self,
+        state: &State,
+        user: i64,
+        valid_until: Option<u64>,
+        now: u64,
+        caps: &ConnCaps,
+    ) -> EdgeResult<(u64, WebSocket)> {
+        self.admit(user, caps.sockets, true)?;
         let pair = WebSocketPair::new()?;
-        let conn = new_conn_id();
+        let tag = SocketTag {
+            conn: new_conn_id(),
+            user,
+            valid_until,
+            opened_at: now,
+        };
         state.accept_websocket_with_tags(&pair.server, &[&format!("u{user}")]);
-        pair.server.serialize_attachment(SocketTag { conn, user })?;
-        self.sockets.borrow_mut().insert(conn, (pair.server, user));
-        Ok((conn, pair.client))
+        pair.server.serialize_attachment(tag)?;
+        self.sockets.borrow_mut().insert(
+            tag.conn,
+            Socket {
+                ws: pair.server,
+                tag,
+                backlog: Backlog::default(),
+            },
+        );
+        Ok((tag.conn, pair.client))
     }
 
     /// Rebuilds the socket map after a wake from hibernation.
@@ -88,12 +195,66 @@ impl Connections {
         let mut tags = Vec::new();
         for ws in state.get_websockets() {
             if let Ok(Some(tag)) = ws.deserialize_attachment::<SocketTag>() {
-                sockets.insert(tag.conn, (ws, tag.user));
+                sockets.insert(
+                    tag.conn,
+                    Socket {
+                        ws,
+                        tag,
+                        backlog: Backlog::default(),
+                    },
+                );
                 tags.push(tag);
             }
         }
         *self.sockets.borrow_mut() = sockets;
         tags
+    }
+
+    /// Records a connection's renewed token, in the socket's attachment so
+    /// it survives hibernation.
+    pub fn set_valid_until(&self, conn: u64, valid_until: Option<u64>) {
+        if let Some(s) = self.sockets.borrow_mut().get_mut(&conn) {
+            if s.tag.valid_until != valid_until {
+                s.tag.valid_until = valid_until;
+                if let Err(e) = s.ws.serialize_attachment(s.tag) {
+                    worker::console_error!("socket attachment: {e}");
+                }
+            }
+        }
+        if let Some(s) = self.streams.borrow_mut().get_mut(&conn) {
+            s.tag.valid_until = valid_until;
+        }
+    }
+
+    /// The client proved it read everything before probe `n`.
+    pub fn probe_answered(&self, conn: u64, n: u64) {
+        if let Some(s) = self.sockets.borrow_mut().get_mut(&conn) {
+            s.backlog.answered(n);
+        }
+    }
+
+    /// Sends a text frame to one connection (outside any state machine).
+    pub fn send_to(&self, conn: u64, text: &str) {
+        if let Some(s) = self.sockets.borrow().get(&conn) {
+            let _ = s.ws.send_with_str(text);
+        }
+        if let Some(s) = self.streams.borrow_mut().get_mut(&conn) {
+            let _ = s.tx.try_send(Ok(format!("data: {text}\n\n").into_bytes()));
+        }
+    }
+
+    /// Connections whose token ran out by `now`.
+    pub fn expired(&self, now: u64) -> Vec<u64> {
+        self.live()
+            .into_iter()
+            .filter(|t| t.valid_until.is_some_and(|at| at <= now))
+            .map(|t| t.conn)
+            .collect()
+    }
+
+    /// When the next connection's token runs out.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.live().into_iter().filter_map(|t| t.valid_until).min()
     }
 
     /// Forgets a socket that closed or failed.
@@ -103,42 +264,29 @@ impl Connections {
         Some(tag)
     }
 
-    /// Opens an SSE stream for `user`. Returns its id, the response to
-    /// return, and the streams evicted to stay under `max`.
+    /// Opens an SSE stream for `user`. Returns its id and the response.
     pub fn open_stream(
         &self,
         user: i64,
         now: u64,
-        max: usize,
+        valid_until: Option<u64>,
+        caps: &ConnCaps,
         heartbeat_ms: u64,
-    ) -> EdgeResult<(u64, Response, Vec<u64>)> {
-        let mut evicted = Vec::new();
-        {
-            let mut streams = self.streams.borrow_mut();
-            while streams.len() >= max.max(1) {
-                let oldest = streams
-                    .iter()
-                    .min_by_key(|(_, s)| s.opened_at)
-                    .map(|(id, _)| *id);
-                let Some(id) = oldest else { break };
-                // Dropping the sender ends that response.
-                streams.remove(&id);
-                evicted.push(id);
-            }
-        }
-        let (tx, rx) = unbounded::<Result<Vec<u8>>>();
-        let _ = tx.unbounded_send(Ok(
+    ) -> EdgeResult<(u64, Response)> {
+        self.admit(user, caps.streams, false)?;
+        let (mut tx, rx) = channel::<Result<Vec<u8>>>(SSE_QUEUE);
+        let _ = tx.try_send(Ok(
             format!("retry: {SSE_RETRY_MS}\n: connected\n\n").into_bytes()
         ));
-        let conn = new_conn_id();
-        self.streams.borrow_mut().insert(
-            conn,
-            SseStream {
-                tx,
-                user,
-                opened_at: now,
-            },
-        );
+        let tag = SocketTag {
+            conn: new_conn_id(),
+            user,
+            valid_until,
+            opened_at: now,
+        };
+        self.streams
+            .borrow_mut()
+            .insert(tag.conn, SseStream { tx, tag });
         if self.next_heartbeat.get().is_none() {
             self.next_heartbeat.set(Some(now + heartbeat_ms));
         }
@@ -146,44 +294,76 @@ impl Connections {
         headers.set("content-type", "text/event-stream; charset=utf-8")?;
         headers.set("cache-control", "no-cache, no-transform")?;
         headers.set("x-accel-buffering", "no")?;
-        Ok((
-            conn,
-            Response::from_stream(rx)?.with_headers(headers),
-            evicted,
-        ))
+        Ok((tag.conn, Response::from_stream(rx)?.with_headers(headers)))
     }
 
-    /// Sends `frame` to every connection `wanted(conn, user)` accepts.
+    /// Sends `frame` to every connection `wanted(conn, user)` accepts. A
+    /// connection that has too much unread is ended (see the module docs).
     pub fn send(&self, frame: &ServerFrame, wanted: impl Fn(u64, i64) -> bool) -> EdgeResult<()> {
         let text = serde_json::to_string(frame).map_err(|e| EdgeError::Internal(e.to_string()))?;
-        for (conn, (ws, user)) in self.sockets.borrow().iter() {
-            if wanted(*conn, *user) {
-                // A failed send means the socket is going away; its close
-                // event cleans up.
-                let _ = ws.send_with_str(&text);
+        let limits = Limits::default();
+        let mut slow = Vec::new();
+        for (conn, s) in self.sockets.borrow_mut().iter_mut() {
+            if !wanted(*conn, s.tag.user) {
+                continue;
+            }
+            // A failed send means the socket is going away; its close
+            // event cleans up.
+            let _ = s.ws.send_with_str(&text);
+            match s.backlog.sent(text.len() as u64, limits) {
+                Verdict::Fine => {}
+                Verdict::Probe(n) => {
+                    if let Ok(ping) = serde_json::to_string(&ServerFrame::Ping { n }) {
+                        let _ = s.ws.send_with_str(&ping);
+                    }
+                }
+                Verdict::TooSlow => slow.push(*conn),
             }
         }
-        let streams = self.streams.borrow();
-        if !streams.is_empty() {
-            let event = sse_event(frame, &text).into_bytes();
-            for (conn, stream) in streams.iter() {
-                if wanted(*conn, stream.user) {
-                    // A closed stream is swept by the next heartbeat.
-                    let _ = stream.tx.unbounded_send(Ok(event.clone()));
+        let mut full = Vec::new();
+        {
+            let mut streams = self.streams.borrow_mut();
+            if !streams.is_empty() {
+                let event = sse_event(frame, &text).into_bytes();
+                for (conn, stream) in streams.iter_mut() {
+                    if wanted(*conn, stream.tag.user)
+                        && stream.tx.try_send(Ok(event.clone())).is_err()
+                    {
+                        // Full (not reading) or closed (gone): either way
+                        // this stream is over; its client resumes.
+                        full.push(*conn);
+                    }
                 }
             }
+        }
+        for conn in slow {
+            self.end(conn, 1008, "too slow: the client is not reading");
+        }
+        for conn in full {
+            self.end(conn, 1008, "too slow");
         }
         Ok(())
     }
 
-    /// Closes a connection: a WebSocket with `code`; an SSE stream has no
-    /// close code, so ending it is the close.
+    /// Closes a connection the state machine asked to close: a WebSocket
+    /// with `code`; an SSE stream has no close code, so ending it is the
+    /// close.
     pub fn close(&self, conn: u64, code: u16, reason: &str) {
-        let ws = self.sockets.borrow_mut().remove(&conn);
-        if let Some((ws, _)) = ws {
-            let _ = ws.close(Some(code), Some(reason));
+        let socket = self.sockets.borrow_mut().remove(&conn);
+        if let Some(s) = socket {
+            let _ = s.ws.close(Some(code), Some(reason));
         }
         self.streams.borrow_mut().remove(&conn);
+    }
+
+    /// Ends a connection on this layer's own initiative and reports it.
+    fn end(&self, conn: u64, code: u16, reason: &str) {
+        let known =
+            self.sockets.borrow().contains_key(&conn) || self.streams.borrow().contains_key(&conn);
+        if known {
+            self.close(conn, code, reason);
+            self.gone.borrow_mut().push(conn);
+        }
     }
 
     /// When the SSE streams are next due a heartbeat.
@@ -191,26 +371,85 @@ impl Connections {
         self.next_heartbeat.get()
     }
 
-    /// Heartbeats the SSE streams and ends those that are gone or too old;
-    /// returns the ended ones. Call when [`Self::next_heartbeat`] is due.
-    pub fn maintain_streams(&self, now: u64, heartbeat_ms: u64) -> Vec<u64> {
+    /// Heartbeats the SSE streams and ends those that are gone, full or
+    /// too old (reported through [`Self::take_gone`]). Call when
+    /// [`Self::next_heartbeat`] is due.
+    pub fn maintain_streams(&self, now: u64, heartbeat_ms: u64) {
         let mut ended = Vec::new();
         self.streams.borrow_mut().retain(|id, s| {
             let alive = !s.tx.is_closed()
-                && now.saturating_sub(s.opened_at) < SSE_MAX_LIFETIME_MS
-                && s.tx.unbounded_send(Ok(b": heartbeat\n\n".to_vec())).is_ok();
+                && now.saturating_sub(s.tag.opened_at) < SSE_MAX_LIFETIME_MS
+                && s.tx.try_send(Ok(b": heartbeat\n\n".to_vec())).is_ok();
             if !alive {
                 ended.push(*id);
             }
             alive
         });
+        self.gone.borrow_mut().extend(ended);
         self.next_heartbeat
             .set(if self.streams.borrow().is_empty() {
                 None
             } else {
                 Some(now + heartbeat_ms)
             });
-        ended
+    }
+}
+
+/// Burns the ticket a connection was opened with (the Worker forwards its
+/// `jti` and `exp`): a ticket opens one connection, once. The object that
+/// the ticket's scope names is the only place it can be used, so its
+/// SQLite is the whole memory needed; entries go when the ticket expires.
+pub fn burn_ticket(sql: &SqlStorage, req: &Request, now_ms: u64) -> EdgeResult<()> {
+    #[derive(Deserialize)]
+    struct Row {
+        n: i64,
+    }
+    let Some(raw) = req.headers().get(crate::room_do::TICKET_HEADER)? else {
+        return Ok(());
+    };
+    let (jti, exp) = raw
+        .split_once(':')
+        .and_then(|(j, e)| Some((j.to_owned(), e.parse::<i64>().ok()?)))
+        .ok_or_else(|| EdgeError::Internal("malformed ticket header".to_owned()))?;
+    let now_secs = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
+    sql.exec(
+        "CREATE TABLE IF NOT EXISTS used_tickets (jti TEXT PRIMARY KEY, exp INTEGER NOT NULL)",
+        None,
+    )?;
+    sql.exec(
+        "DELETE FROM used_tickets WHERE exp < ?",
+        vec![(now_secs - shared::auth::MAX_LEEWAY_SECS).into()],
+    )?;
+    let used: Vec<Row> = sql
+        .exec(
+            "SELECT count(*) AS n FROM used_tickets WHERE jti = ?",
+            vec![jti.clone().into()],
+        )?
+        .to_array()?;
+    if used.first().is_some_and(|r| r.n > 0) {
+        return Err(EdgeError::Client {
+            status: 401,
+            code: "ticket_used",
+            message: "this ticket was already used; ask for a new one".to_owned(),
+        });
+    }
+    sql.exec(
+        "INSERT INTO used_tickets (jti, exp) VALUES (?, ?)",
+        vec![jti.into(), exp.into()],
+    )?;
+    Ok(())
+}
+
+/// `{"type":"pong","n":…}`: a client's answer to a backlog probe, which
+/// the transport layer handles. A cheap test comes first, so every other
+/// frame goes straight on to the state machine.
+pub fn probe_answer(text: &str) -> Option<u64> {
+    if text.len() > 64 || !text.contains("\"pong\"") {
+        return None;
+    }
+    match serde_json::from_str::<shared::protocol::ClientFrame>(text) {
+        Ok(shared::protocol::ClientFrame::Pong { n }) => Some(n),
+        _ => None,
     }
 }
 

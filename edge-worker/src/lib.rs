@@ -20,6 +20,7 @@ mod error;
 mod lobby_do;
 mod origin;
 mod room_do;
+mod room_store;
 mod router;
 
 use worker::{Context, Env, Request, Response, event};

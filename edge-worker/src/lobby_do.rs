@@ -9,14 +9,17 @@
 //! so `GET /api/v1/chat/active-users` catches up even after an outage.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 
 use serde::Deserialize;
+use shared::bucket::{Bucket, Rate};
 use shared::lobby::{
     ConversationNotice, Lobby as LobbyState, LobbyConfig, LobbyOutput, LobbyTarget,
 };
-use shared::protocol::ServerFrame;
 use shared::protocol::internal::{PresenceBatch, PresenceUpdate};
+use shared::protocol::{ClientFrame, ServerFrame};
 use shared::room::ConnId;
+use shared::room::cost;
 use worker::{
     DurableObject, Env, Request, Response, Result, SqlStorage, State, WebSocket,
     WebSocketIncomingMessage, durable_object,
@@ -24,10 +27,12 @@ use worker::{
 
 use crate::auth::now_ms;
 use crate::config::EdgeConfig;
-use crate::conns::{Alarm, Connections, answer, answer_close};
+use crate::conns::{
+    Alarm, Connections, SocketTag, answer, answer_close, burn_ticket, probe_answer,
+};
 use crate::error::{EdgeError, EdgeResult};
 use crate::origin::OriginClient;
-use crate::room_do::USER_HEADER;
+use crate::room_do::{USER_HEADER, VALID_UNTIL_HEADER};
 
 /// Unconfirmed presence reports are retried this often.
 const PRESENCE_RETRY_MS: u64 = 5_000;
@@ -40,8 +45,14 @@ pub struct Lobby {
     lobby: RefCell<Option<LobbyState>>,
     conns: Connections,
     alarm: Alarm,
-    /// When unconfirmed presence reports are next retried.
+    /// When unconfirmed presence reports are next sent (the alarm sends
+    /// them, so no request waits for the origin).
     retry_reports_at: Cell<Option<u64>>,
+    /// Per-user flood limits for the frames clients send here.
+    buckets: RefCell<HashMap<i64, Bucket>>,
+    /// Bumped by every presence change, so a report that was in flight
+    /// while another change came does not mark that one sent.
+    reports_generation: Cell<u64>,
 }
 
 impl std::fmt::Debug for Lobby {
@@ -64,6 +75,8 @@ impl DurableObject for Lobby {
             conns: Connections::default(),
             alarm: Alarm::default(),
             retry_reports_at: Cell::new(None),
+            buckets: RefCell::new(HashMap::new()),
+            reports_generation: Cell::new(0),
         }
     }
 
@@ -86,20 +99,29 @@ impl DurableObject for Lobby {
         ws: WebSocket,
         message: WebSocketIncomingMessage,
     ) -> Result<()> {
-        // The lobby is push-only; a client may keep it alive with pings.
+        let Ok(Some(tag)) = ws.deserialize_attachment::<SocketTag>() else {
+            let _ = ws.close(Some(1011), Some("lost connection state"));
+            return Ok(());
+        };
+        // The lobby is push-only; a client keeps it alive with pings,
+        // renews its token and answers backlog probes.
         let text = match message {
             WebSocketIncomingMessage::String(t) => t,
             WebSocketIncomingMessage::Binary(_) => String::new(),
         };
-        let reply = match serde_json::from_str::<serde_json::Value>(&text) {
-            Ok(v) if v["type"] == "ping" => ServerFrame::Pong,
-            _ => ServerFrame::Error {
-                code: "unknown_type".to_owned(),
-                message: "the lobby accepts only {\"type\":\"ping\"}".to_owned(),
-            },
-        };
+        if let Some(n) = probe_answer(&text) {
+            self.conns.probe_answered(tag.conn, n);
+            return Ok(());
+        }
+        let (reply, close) = self.answer_frame(&tag, &text);
         if let Ok(text) = serde_json::to_string(&reply) {
             let _ = ws.send_with_str(&text);
+        }
+        if let Some(reason) = close {
+            self.conns.close(tag.conn, 1008, reason);
+            self.disconnected(tag.conn).await;
+        } else {
+            self.after_events().await;
         }
         Ok(())
     }
@@ -127,34 +149,103 @@ impl Lobby {
         EdgeConfig::from_env(&self.env)
     }
 
+    /// The answer to a client frame, and whether to close the connection:
+    /// every frame costs from the user's bucket, a flood closes.
+    fn answer_frame(&self, tag: &SocketTag, text: &str) -> (ServerFrame, Option<&'static str>) {
+        let Ok(config) = self.config() else {
+            return (error("internal", "configuration"), None);
+        };
+        let rate = Rate {
+            burst: config.room.rate_burst,
+            per_sec: config.room.rate_per_sec,
+        };
+        let now = now_ms();
+        let frame = shared::room::parse_frame(text);
+        let cost = match &frame {
+            Ok(ClientFrame::Ping | ClientFrame::Pong { .. }) => cost::PING,
+            Ok(_) | Err(_) => cost::GARBAGE,
+        };
+        let taken = self
+            .buckets
+            .borrow_mut()
+            .entry(tag.user)
+            .or_insert_with(|| Bucket::full(rate, now))
+            .take(now, cost, rate);
+        if let Err(retry_after_ms) = taken {
+            let strikes = self
+                .buckets
+                .borrow()
+                .get(&tag.user)
+                .map_or(0, |b| b.strikes);
+            let e = shared::room::RoomError::RateLimited { retry_after_ms };
+            let close = (strikes >= config.room.flood_strikes).then_some("flood");
+            return (error(e.code(), &e.to_string()), close);
+        }
+        match frame {
+            Ok(ClientFrame::Ping) => (ServerFrame::Pong, None),
+            Ok(ClientFrame::Auth { token }) => {
+                match crate::room_store::verify_session(&token, &config.jwt_secret, now) {
+                    Ok(v) if v.user_id == tag.user => {
+                        self.conns.set_valid_until(tag.conn, Some(v.valid_until));
+                        (ServerFrame::AuthOk, None)
+                    }
+                    Ok(_) => (
+                        error("invalid_token", "the token is for another user"),
+                        Some("token for another user"),
+                    ),
+                    Err(e) => (error(e.code(), &e.to_string()), None),
+                }
+            }
+            Ok(_) => (
+                error(
+                    "unknown_type",
+                    "the lobby accepts only ping, pong and auth frames",
+                ),
+                None,
+            ),
+            Err(e) => (error(e.code(), &e.to_string()), None),
+        }
+    }
+
     async fn route(&self, mut req: Request) -> EdgeResult<Response> {
         self.ensure_loaded().await?;
         match req.path().as_str() {
             "/ws" => {
                 let user = user_of(&req)?;
-                let (conn, client) = self.conns.accept_socket(&self.state, user)?;
+                let valid_until = valid_until_of(&req)?;
+                burn_ticket(&self.sql, &req, now_ms())?;
+                let config = self.config()?;
                 let now = now_ms();
+                let (conn, client) = self.conns.accept_socket(
+                    &self.state,
+                    user,
+                    valid_until,
+                    now,
+                    &config.lobby_caps(),
+                )?;
+                self.forget_gone(now)?;
                 self.with_lobby(|l| l.handle_connect(now, ConnId(conn), user))?;
                 self.drain();
+                // Presence reaches the origin from the alarm: the upgrade
+                // never waits for it.
                 self.after_events().await;
                 Ok(Response::from_websocket(client)?)
             }
             "/events" => {
                 let user = user_of(&req)?;
+                let valid_until = valid_until_of(&req)?;
+                burn_ticket(&self.sql, &req, now_ms())?;
                 let config = self.config()?;
                 let now = now_ms();
-                let (conn, response, evicted) = self.conns.open_stream(
+                let (conn, response) = self.conns.open_stream(
                     user,
                     now,
-                    config.lobby_max_sse,
+                    valid_until,
+                    &config.lobby_caps(),
                     config.sse_heartbeat_ms,
                 )?;
-                self.with_lobby(|l| {
-                    for id in evicted {
-                        l.handle_disconnect(now, ConnId(id));
-                    }
-                    l.handle_connect(now, ConnId(conn), user);
-                })?;
+                self.forget_gone(now)?;
+                self.with_lobby(|l| l.handle_connect(now, ConnId(conn), user))?;
                 self.drain();
                 self.after_events().await;
                 Ok(response)
@@ -200,7 +291,8 @@ impl Lobby {
             grace_ms: config.lobby_grace_ms,
         });
         let now = now_ms();
-        for tag in self.conns.reattach(&self.state) {
+        self.conns.reattach(&self.state);
+        for tag in self.conns.live() {
             lobby.handle_reattach(now, ConnId(tag.conn), tag.user);
         }
         let online: Vec<i64> = online.into_iter().map(|r| r.user_id).collect();
@@ -244,7 +336,24 @@ impl Lobby {
         }
     }
 
+    /// Tells the state machine about connections the transport ended.
+    fn forget_gone(&self, now: u64) -> EdgeResult<()> {
+        let gone = self.conns.take_gone();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        self.with_lobby(|l| {
+            for conn in gone {
+                l.handle_disconnect(now, ConnId(conn));
+            }
+        })
+    }
+
     fn record_presence(&self, update: &PresenceUpdate) -> EdgeResult<()> {
+        // Sent by the next alarm (now), never inline.
+        self.retry_reports_at.set(Some(now_ms()));
+        self.reports_generation
+            .set(self.reports_generation.get().wrapping_add(1));
         self.sql.exec(
             "INSERT INTO reported (user_id, is_online, last_seen_ms, synced) VALUES (?, ?, ?, 0)
              ON CONFLICT (user_id) DO UPDATE SET
@@ -281,6 +390,7 @@ impl Lobby {
                 return;
             }
         };
+        let generation = self.reports_generation.get();
         if rows.is_empty() {
             self.retry_reports_at.set(None);
             return;
@@ -312,7 +422,11 @@ impl Lobby {
                         vec![r.user_id.into(), r.is_online.into(), r.last_seen_ms.into()],
                     );
                 }
-                self.retry_reports_at.set(None);
+                // A change recorded while this report was in flight is
+                // still due.
+                if self.reports_generation.get() == generation {
+                    self.retry_reports_at.set(None);
+                }
             }
             Err(e) => {
                 worker::console_warn!("presence report failed, will retry: {e}");
@@ -326,11 +440,15 @@ impl Lobby {
         let Some(tag) = self.conns.forget_socket(ws) else {
             return;
         };
+        self.disconnected(tag.conn).await;
+    }
+
+    async fn disconnected(&self, conn: u64) {
         if self.ensure_loaded().await.is_err() {
             return;
         }
         let now = now_ms();
-        let _ = self.with_lobby(|l| l.handle_disconnect(now, ConnId(tag.conn)));
+        let _ = self.with_lobby(|l| l.handle_disconnect(now, ConnId(conn)));
         self.drain();
         self.after_events().await;
     }
@@ -340,25 +458,31 @@ impl Lobby {
         let now = now_ms();
         if self.conns.next_heartbeat().is_some_and(|t| now >= t) {
             let config = self.config()?;
-            let ended = self.conns.maintain_streams(now, config.sse_heartbeat_ms);
-            self.with_lobby(|l| {
-                for id in ended {
-                    l.handle_disconnect(now, ConnId(id));
-                }
-            })?;
+            self.conns.maintain_streams(now, config.sse_heartbeat_ms);
         }
+        // Connections whose token ran out without renewal.
+        for conn in self.conns.expired(now) {
+            if let Ok(text) = serde_json::to_string(&error(
+                "token_expired",
+                "the connection's token expired; reconnect with a fresh one",
+            )) {
+                self.conns.send_to(conn, &text);
+            }
+            self.conns.close(conn, 1008, "token expired");
+            self.with_lobby(|l| l.handle_disconnect(now, ConnId(conn)))?;
+        }
+        self.forget_gone(now)?;
         self.with_lobby(|l| l.handle_timeout(now))?;
         self.drain();
+        if self.retry_reports_at.get().is_some_and(|t| now >= t) {
+            self.sync_presence().await;
+        }
         Ok(())
     }
 
-    /// Reports presence to the origin, then sets the alarm for the next
-    /// deadline (grace periods, SSE heartbeats, report retries).
+    /// Sets the alarm for the next deadline (grace periods, SSE
+    /// heartbeats, token expiries, presence reports).
     async fn after_events(&self) {
-        let due_retry = self.retry_reports_at.get().is_none_or(|t| now_ms() >= t);
-        if due_retry {
-            self.sync_presence().await;
-        }
         let grace = {
             let guard = self.lobby.borrow();
             guard.as_ref().and_then(LobbyState::poll_timeout)
@@ -367,6 +491,7 @@ impl Lobby {
             grace,
             self.conns.next_heartbeat(),
             self.retry_reports_at.get(),
+            self.conns.next_expiry(),
         ];
         self.alarm.request(&self.state, &deadlines).await;
     }
@@ -398,6 +523,20 @@ pub async fn notify(env: &Env, notices: &[ConversationNotice]) -> EdgeResult<()>
         }
     }
     Ok(())
+}
+
+fn error(code: &str, message: &str) -> ServerFrame {
+    ServerFrame::Error {
+        code: code.to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+fn valid_until_of(req: &Request) -> EdgeResult<Option<u64>> {
+    Ok(req
+        .headers()
+        .get(VALID_UNTIL_HEADER)?
+        .and_then(|v| v.parse().ok()))
 }
 
 fn user_of(req: &Request) -> EdgeResult<i64> {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shared::protocol::internal::{
     ConversationMembers, IngestBatch, IngestResult, PresenceBatch, ReceiptBatch,
-    SERVICE_SECRET_HEADER,
+    SERVICE_SECRET_HEADER, StoredMessage,
 };
 use worker::wasm_bindgen::JsValue;
 use worker::{AbortController, Delay, Fetch, Headers, Method, Request, RequestInit, Response};
@@ -23,6 +23,9 @@ const INTERNAL_TIMEOUT: Duration = Duration::from_secs(10);
 const PROXY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Largest public request body the edge forwards.
 pub const MAX_PROXY_BODY: usize = shared::domain::MAX_FRAME_BYTES;
+/// The caller's address, for the origin (trusted only with the service
+/// secret beside it).
+pub const CLIENT_IP_HEADER: &str = "x-vibe-client-ip";
 /// Request headers passed through to the origin.
 const FORWARDED_HEADERS: &[&str] = &[
     "authorization",
@@ -106,6 +109,18 @@ impl<'a> OriginClient<'a> {
         Self::json(res, "members").await
     }
 
+    /// One stored message, by seq (the original of a very old resend).
+    pub async fn message(&self, conversation_id: i64, seq: i64) -> EdgeResult<StoredMessage> {
+        let res = self
+            .call(
+                Method::Get,
+                &format!("/internal/v1/conversations/{conversation_id}/messages/{seq}"),
+                None,
+            )
+            .await?;
+        Self::json(res, "message").await
+    }
+
     /// Idempotent batch ingest.
     pub async fn ingest(&self, batch: &IngestBatch) -> EdgeResult<IngestResult> {
         let res = self.post("/internal/v1/messages/batch", batch).await?;
@@ -150,6 +165,10 @@ pub async fn proxy(mut req: Request, config: &EdgeConfig) -> EdgeResult<Response
     }
     if let Some(ip) = req.headers().get("cf-connecting-ip")? {
         headers.set("x-forwarded-for", &ip)?;
+        // The origin trusts the caller's address (its login guard counts
+        // per email and address) only next to the service secret.
+        headers.set(CLIENT_IP_HEADER, &ip)?;
+        headers.set(SERVICE_SECRET_HEADER, &config.service_secret)?;
     }
     let method = req.method();
     let mut init = RequestInit::new();

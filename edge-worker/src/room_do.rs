@@ -20,14 +20,14 @@
 //! Never hold a `RefCell` borrow across an `.await`: other events run on
 //! this object while one awaits.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use serde::Deserialize;
-use shared::protocol::ServerFrame;
 use shared::protocol::internal::{IngestBatch, ReceiptBatch};
-use shared::receipts::Watermark;
+use shared::protocol::{MessageView, ServerFrame};
+use shared::receipts::{Watermark, status_of};
 use shared::room::{
-    ConnId, FlushBatch, FlushOutcome, Output, Record, Restore, Room as RoomState, Target,
+    ConnId, FlushBatch, FlushOutcome, Record, Room as RoomState, RoomError, Sent, drain,
 };
 use worker::{
     DurableObject, Env, Request, Response, Result, SqlStorage, State, WebSocket,
@@ -36,25 +36,34 @@ use worker::{
 
 use crate::auth::now_ms;
 use crate::config::EdgeConfig;
-use crate::conns::{Alarm, Connections, answer, answer_close, random_u64};
+use crate::conns::{
+    Alarm, Connections, SocketTag, answer, answer_close, burn_ticket, probe_answer, random_u64,
+};
 use crate::error::{EdgeError, EdgeResult};
 use crate::origin::OriginClient;
+use crate::room_store::{self, RoomSql};
 
 /// Headers the Worker sets on requests it forwards to a room. A client
 /// never reaches a Durable Object directly, so these are trusted.
 pub const USER_HEADER: &str = "x-vibe-user-id";
 pub const CONVERSATION_HEADER: &str = "x-vibe-conversation-id";
+/// When the caller's token stops being valid (ms since the epoch): a
+/// realtime connection it opens lives until then unless renewed.
+pub const VALID_UNTIL_HEADER: &str = "x-vibe-valid-until";
+/// `{jti}:{exp}` of the ticket the caller came with: burnt where it is used.
+pub const TICKET_HEADER: &str = "x-vibe-ticket";
 
-/// Flushed messages kept in SQLite beyond the replay window, so that a
-/// resend of an old message still finds its original (and the POST
-/// fallback can return it in full).
-const RETAIN_MESSAGES: i64 = 5_000;
 /// A connect from a user the cache does not know refetches the members at
 /// most this often.
 const MEMBERS_REFRESH_MS: u64 = 5_000;
+/// How long a conversation the origin does not know is remembered as
+/// unknown, so probing ids costs one origin call per id and window.
+const UNKNOWN_TTL_MS: u64 = 30_000;
+
 #[derive(Debug)]
 struct Loaded {
     room: RoomState,
+    config: EdgeConfig,
     members_fetched_at: u64,
 }
 
@@ -69,6 +78,8 @@ pub struct Room {
     /// Notices for the Lobby, sent after the outputs that produced them.
     notices: RefCell<Vec<shared::lobby::ConversationNotice>>,
     alarm: Alarm,
+    /// Until when the origin's "no such conversation" is trusted.
+    unknown_until: Cell<u64>,
 }
 
 impl std::fmt::Debug for Room {
@@ -91,6 +102,7 @@ impl DurableObject for Room {
             conns: Connections::default(),
             notices: RefCell::new(Vec::new()),
             alarm: Alarm::default(),
+            unknown_until: Cell::new(0),
         }
     }
 
@@ -114,7 +126,7 @@ impl DurableObject for Room {
         ws: WebSocket,
         message: WebSocketIncomingMessage,
     ) -> Result<()> {
-        let Ok(Some(tag)) = ws.deserialize_attachment::<crate::conns::SocketTag>() else {
+        let Ok(Some(tag)) = ws.deserialize_attachment::<SocketTag>() else {
             let _ = ws.close(Some(1011), Some("lost connection state"));
             return Ok(());
         };
@@ -129,10 +141,27 @@ impl DurableObject for Room {
             WebSocketIncomingMessage::String(text) => text,
             WebSocketIncomingMessage::Binary(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
         };
-        if let Err(e) = self.with_room(|r| r.handle_text(now, ConnId(tag.conn), &text)) {
-            worker::console_error!("websocket message: {e}");
+        // Answers to backlog probes belong to the transport layer.
+        if let Some(n) = probe_answer(&text) {
+            self.conns.probe_answered(tag.conn, n);
+            return Ok(());
         }
-        self.drain();
+        let conn = ConnId(tag.conn);
+        let handled = self.with_loaded(|l| {
+            let ctx = self.store(&l.config);
+            l.room.handle_text(now, conn, &text, &ctx);
+            l.room.valid_until(conn)
+        });
+        match handled {
+            Ok(valid_until) => {
+                if let Err(e) = self.drain() {
+                    let _ = send_frame(&ws, &error_frame(&e));
+                } else if valid_until != tag.valid_until {
+                    self.conns.set_valid_until(tag.conn, valid_until);
+                }
+            }
+            Err(e) => worker::console_error!("websocket message: {e}"),
+        }
         self.schedule().await;
         Ok(())
     }
@@ -156,24 +185,34 @@ impl DurableObject for Room {
 }
 
 impl Room {
-    fn config(&self) -> EdgeResult<EdgeConfig> {
-        EdgeConfig::from_env(&self.env)
+    fn store<'a>(&'a self, config: &'a EdgeConfig) -> RoomSql<'a> {
+        RoomSql {
+            sql: &self.sql,
+            conns: &self.conns,
+            notices: &self.notices,
+            jwt_secret: &config.jwt_secret,
+        }
     }
 
     async fn route(&self, req: Request) -> EdgeResult<Response> {
         let conversation_id = header_i64(&req, CONVERSATION_HEADER)?;
-        self.ensure_loaded(Some(conversation_id)).await?;
         let path = req.path();
+        if path == "/members-changed" {
+            // Only a room that exists has members to refresh; a notice for
+            // one that was never opened must not create it.
+            if room_store::exists(&self.sql)? {
+                self.ensure_loaded(Some(conversation_id)).await?;
+                self.refresh_members().await?;
+            }
+            return Ok(Response::empty()?.with_status(204));
+        }
+        self.ensure_loaded(Some(conversation_id)).await?;
         match path.as_str() {
             "/ws" => self.connect_ws(&req).await,
             "/events" => self.connect_sse(&req).await,
             "/messages" => self.post_message(req).await,
             "/typing" => self.post_typing(&req).await,
             "/read" => self.post_read(req).await,
-            "/members-changed" => {
-                self.refresh_members().await?;
-                Ok(Response::empty()?.with_status(204))
-            }
             _ => Err(EdgeError::NotFound("room route")),
         }
     }
@@ -198,20 +237,20 @@ impl Room {
     async fn connect_sse(&self, req: &Request) -> EdgeResult<Response> {
         let user = self.member(req).await?;
         let since = since_param(req)?;
-        let config = self.config()?;
+        let valid_until = valid_until_header(req)?;
+        burn_ticket(&self.sql, req, now_ms())?;
+        let (caps, heartbeat_ms) =
+            self.with_loaded(|l| (l.config.room_caps(), l.config.sse_heartbeat_ms))?;
         let now = now_ms();
-        // Over the cap, the oldest stream goes: it is the likeliest to be
-        // dead, and its client resumes with Last-Event-ID anyway.
-        let (conn, response, evicted) =
+        let (conn, response) =
             self.conns
-                .open_stream(user, now, config.sse_max_per_room, config.sse_heartbeat_ms)?;
-        self.with_loaded(|l| {
-            for id in evicted {
-                l.room.handle_disconnect(now, ConnId(id));
-            }
-        })?;
-        self.with_room(|r| r.handle_connect(now, ConnId(conn), user, since))??;
-        self.drain();
+                .open_stream(user, now, valid_until, &caps, heartbeat_ms)?;
+        self.forget_gone(now)?;
+        self.with_room(|r| {
+            r.handle_connect(now, ConnId(conn), user, since)
+                .map(|()| r.set_valid_until(ConnId(conn), valid_until))
+        })??;
+        self.drain()?;
         self.schedule().await;
         Ok(response)
     }
@@ -228,19 +267,57 @@ impl Room {
         let user = self.member(&req).await?;
         let body: Body = json_body(&mut req).await?;
         let now = now_ms();
-        let sent =
-            self.with_room(|r| r.submit(now, user, body.content, body.client_msg_id, None))??;
-        self.drain();
+        let sent = self.with_loaded(|l| {
+            let ctx = self.store(&l.config);
+            l.room
+                .submit(now, user, body.content, body.client_msg_id, None, &ctx)
+        })??;
+        self.drain()?;
         self.schedule().await;
-        let mut message = sent.message;
-        if sent.duplicate && message.created_at.timestamp() == 0 {
-            // Older than the in-memory window: the log still has it.
-            if let Some(stored) = self.stored_message(message.seq)? {
-                message = stored;
-            }
-        }
-        let status = if sent.duplicate { 200 } else { 201 };
+        let (status, message) = match sent {
+            Sent::New(m) => (201, m),
+            Sent::Duplicate(m) => (200, m),
+            Sent::DuplicateOlder(known) => (200, self.original(known.seq).await?),
+        };
         Ok(Response::from_json(&message)?.with_status(status))
+    }
+
+    /// The original of a resent message older than the room's memory: from
+    /// the SQLite log while it is there, else from PostgreSQL (a message
+    /// leaves the log only once the origin confirmed it).
+    async fn original(&self, seq: i64) -> EdgeResult<MessageView> {
+        let (conversation_id, members, config) = self.with_loaded(|l| {
+            (
+                l.room.conversation_id(),
+                l.room.members().copied().collect::<Vec<Watermark>>(),
+                l.config.clone(),
+            )
+        })?;
+        let record: Record = match room_store::message_at(&self.sql, seq)? {
+            Some(r) => r,
+            None => OriginClient::new(&config)
+                .message(conversation_id, seq)
+                .await
+                .map(|m| Record {
+                    id: m.id,
+                    seq: m.seq,
+                    sender_id: m.sender_id,
+                    content: m.content,
+                    created_at_ms: m.created_at.timestamp_millis(),
+                    client_msg_id: m.client_msg_id,
+                    flushed: true,
+                })?,
+        };
+        Ok(MessageView {
+            id: record.id,
+            seq,
+            conversation_id,
+            sender_id: record.sender_id,
+            status: status_of(seq, record.sender_id, &members),
+            created_at: record.created_at(),
+            content: record.content,
+            client_msg_id: record.client_msg_id,
+        })
     }
 
     /// `POST /typing`: 204.
@@ -248,7 +325,8 @@ impl Room {
         let user = self.member(req).await?;
         let now = now_ms();
         self.with_room(|r| r.handle_typing(now, user))??;
-        self.drain();
+        self.drain()?;
+        self.schedule().await;
         Ok(Response::empty()?.with_status(204))
     }
 
@@ -262,282 +340,139 @@ impl Room {
         let body: Body = json_body(&mut req).await?;
         let now = now_ms();
         self.with_room(|r| r.handle_read(now, user, body.seq))??;
-        self.drain();
+        self.drain()?;
         self.schedule().await;
         Ok(Response::empty()?.with_status(204))
-    }
-
-    /// A message from the SQLite log, with its current status.
-    fn stored_message(&self, seq: i64) -> EdgeResult<Option<shared::protocol::MessageView>> {
-        #[derive(Deserialize)]
-        struct Row {
-            id: String,
-            sender_id: i64,
-            content: String,
-            created_at_ms: i64,
-            client_msg_id: String,
-        }
-        let rows: Vec<Row> = self
-            .sql
-            .exec(
-                "SELECT id, sender_id, content, created_at_ms, client_msg_id FROM messages WHERE seq = ?",
-                vec![seq.into()],
-            )?
-            .to_array()?;
-        let Some(row) = rows.into_iter().next() else {
-            return Ok(None);
-        };
-        let members: Vec<Watermark> = self.with_room(|r| r.members().copied().collect())?;
-        let conversation_id = self.with_room(|r| r.conversation_id())?;
-        Ok(Some(shared::protocol::MessageView {
-            id: row.id.parse().unwrap_or_default(),
-            seq,
-            conversation_id,
-            sender_id: row.sender_id,
-            content: row.content,
-            status: shared::receipts::status_of(seq, row.sender_id, &members),
-            created_at: chrono::DateTime::from_timestamp_millis(row.created_at_ms)
-                .unwrap_or_default(),
-            client_msg_id: row.client_msg_id,
-        }))
-    }
-
-    /// Heartbeats the SSE streams; the ones that ended leave the room.
-    fn sse_maintenance(&self, now: u64) -> EdgeResult<()> {
-        let config = self.config()?;
-        let ended = self.conns.maintain_streams(now, config.sse_heartbeat_ms);
-        self.with_loaded(|l| {
-            for id in ended {
-                l.room.handle_disconnect(now, ConnId(id));
-            }
-        })
     }
 
     /// Upgrades a member's request to a hibernatable WebSocket.
     async fn connect_ws(&self, req: &Request) -> EdgeResult<Response> {
         let since = since_param(req)?;
+        let valid_until = valid_until_header(req)?;
         // A refusal becomes an error frame and a 1008 close (see fetch).
         let user = self.member(req).await?;
-        let (conn, client) = self.conns.accept_socket(&self.state, user)?;
+        burn_ticket(&self.sql, req, now_ms())?;
+        let caps = self.with_loaded(|l| l.config.room_caps())?;
         let now = now_ms();
-        let joined = self.with_room(|r| r.handle_connect(now, ConnId(conn), user, since))?;
+        let (conn, client) =
+            self.conns
+                .accept_socket(&self.state, user, valid_until, now, &caps)?;
+        self.forget_gone(now)?;
+        let joined = self.with_room(|r| {
+            r.handle_connect(now, ConnId(conn), user, since)
+                .map(|()| r.set_valid_until(ConnId(conn), valid_until))
+        })?;
         if let Err(e) = joined {
             self.conns.close(conn, 1008, &e.to_string());
         }
-        self.drain();
+        self.drain()?;
         self.schedule().await;
         Ok(Response::from_websocket(client)?)
     }
 
     // ---- loading ---------------------------------------------------------
 
-    /// Builds the state machine from SQLite (and, for a brand-new room, the
-    /// origin's member list), and reattaches sockets that survived
-    /// hibernation.
+    /// Builds the state machine from SQLite and reattaches the connections
+    /// that survived. A brand-new room first asks the origin for its
+    /// members and last seq, and writes nothing unless the conversation
+    /// exists.
     async fn ensure_loaded(&self, conversation_id: Option<i64>) -> EdgeResult<()> {
         if self.loaded.borrow().is_some() {
             return Ok(());
         }
-        self.create_schema()?;
-        let conversation_id = match conversation_id {
-            Some(id) => {
-                self.meta_set("conversation_id", id)?;
-                id
-            }
-            None => self
-                .meta_get("conversation_id")?
-                .ok_or_else(|| EdgeError::Internal("room without a conversation id".to_owned()))?,
-        };
+        let config = EdgeConfig::from_env(&self.env)?;
         let mut fetched_at = 0;
-        if self.meta_get("members_loaded")?.is_none() {
-            // A new room: members and the last stored seq come from the
-            // origin. Without them there is no safe next seq.
-            let config = self.config()?;
-            let members = OriginClient::new(&config).members(conversation_id).await?;
+        if !room_store::exists(&self.sql)? {
+            let id = conversation_id
+                .ok_or_else(|| EdgeError::Internal("room without a conversation id".to_owned()))?;
+            let now = now_ms();
+            if now < self.unknown_until.get() {
+                return Err(EdgeError::NotFound("conversation"));
+            }
+            let members = match OriginClient::new(&config).members(id).await {
+                Ok(m) => m,
+                Err(EdgeError::NotFound(what)) => {
+                    self.unknown_until.set(now + UNKNOWN_TTL_MS);
+                    return Err(EdgeError::NotFound(what));
+                }
+                Err(e) => return Err(e),
+            };
             if self.loaded.borrow().is_some() {
                 return Ok(()); // another event loaded it while we waited
             }
-            self.store_members(&watermarks_of(&members.members))?;
-            self.meta_set("base_seq", members.last_seq)?;
-            self.meta_set("members_loaded", 1)?;
+            // Created only now that the origin vouched for it.
+            if !room_store::exists(&self.sql)? {
+                room_store::create_schema(&self.sql)?;
+                room_store::meta_set(&self.sql, "conversation_id", id)?;
+                room_store::meta_set(&self.sql, "base_seq", members.last_seq)?;
+                let mut store = self.store(&config);
+                shared::room::Driver::replace_members(
+                    &mut store,
+                    &watermarks_of(&members.members)
+                        .into_iter()
+                        .map(|watermark| shared::room::StoredWatermark {
+                            watermark,
+                            synced: true,
+                        })
+                        .collect::<Vec<_>>(),
+                )?;
+                room_store::meta_set(&self.sql, "members_loaded", 1)?;
+            }
             fetched_at = now_ms();
+        } else {
+            room_store::create_schema(&self.sql)?;
         }
-        let config = self.config()?;
-        let restore = self.load_restore(&config)?;
-        let mut room = RoomState::new(conversation_id, config.room.clone(), random_u64());
-        room.restore(now_ms(), restore);
         if self.loaded.borrow().is_some() {
             return Ok(());
         }
-        for tag in self.conns.reattach(&self.state) {
-            room.handle_reattach(ConnId(tag.conn), tag.user);
-        }
-        *self.loaded.borrow_mut() = Some(Loaded {
-            room,
-            members_fetched_at: fetched_at,
-        });
+        // Sockets that survived hibernation first: the rebuild below
+        // reattaches every live connection to the state machine.
+        self.conns.reattach(&self.state);
+        self.load(config, fetched_at)?;
         // Plain-text "ping" is answered by the runtime without waking us.
         if let Ok(pair) = worker::WebSocketRequestResponsePair::new("ping", "pong") {
             self.state.set_websocket_auto_response(&pair);
         }
         self.alarm.load(&self.state).await;
-        if self.with_room(|r| r.unflushed())? > 0 {
-            self.schedule().await;
-        }
+        self.schedule().await;
         Ok(())
     }
 
-    fn create_schema(&self) -> EdgeResult<()> {
-        self.sql.exec(
-            "CREATE TABLE IF NOT EXISTS messages (
-                 seq INTEGER PRIMARY KEY,
-                 id TEXT NOT NULL,
-                 sender_id INTEGER NOT NULL,
-                 content TEXT NOT NULL,
-                 created_at_ms INTEGER NOT NULL,
-                 client_msg_id TEXT NOT NULL,
-                 flushed INTEGER NOT NULL DEFAULT 0
-             );
-             CREATE UNIQUE INDEX IF NOT EXISTS messages_key ON messages (sender_id, client_msg_id);
-             CREATE INDEX IF NOT EXISTS messages_unflushed ON messages (flushed, seq);
-             CREATE TABLE IF NOT EXISTS members (
-                 user_id INTEGER PRIMARY KEY,
-                 delivered_seq INTEGER NOT NULL,
-                 read_seq INTEGER NOT NULL
-             );
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
-            None,
-        )?;
+    /// Builds the state machine from SQLite (synchronously: nothing else
+    /// runs in between) and reattaches the live connections.
+    fn load(&self, config: EdgeConfig, members_fetched_at: u64) -> EdgeResult<()> {
+        let conversation_id = room_store::meta_get(&self.sql, "conversation_id")?
+            .ok_or_else(|| EdgeError::Internal("room without a conversation id".to_owned()))?;
+        let now = now_ms();
+        let mut room = RoomState::load(
+            conversation_id,
+            config.room.clone(),
+            random_u64(),
+            now,
+            &self.store(&config),
+        )
+        .map_err(|e| EdgeError::Internal(format!("load room {conversation_id}: {e}")))?;
+        for live in self.conns.live() {
+            room.handle_reattach(ConnId(live.conn), live.user, live.valid_until);
+        }
+        *self.loaded.borrow_mut() = Some(Loaded {
+            room,
+            config,
+            members_fetched_at,
+        });
         Ok(())
     }
 
-    fn meta_get(&self, key: &str) -> EdgeResult<Option<i64>> {
-        #[derive(Deserialize)]
-        struct Row {
-            value: i64,
+    /// After a failed write: the state machine's memory is ahead of its
+    /// storage, so it is thrown away and rebuilt from SQLite. Connections
+    /// stay open.
+    fn rebuild(&self) {
+        let previous = self.loaded.borrow_mut().take();
+        let Some(previous) = previous else { return };
+        if let Err(e) = self.load(previous.config, previous.members_fetched_at) {
+            // Left unloaded: the next event tries again.
+            worker::console_error!("rebuild room: {e}");
         }
-        let rows: Vec<Row> = self
-            .sql
-            .exec("SELECT value FROM meta WHERE key = ?", vec![key.into()])?
-            .to_array()?;
-        Ok(rows.first().map(|r| r.value))
-    }
-
-    fn meta_set(&self, key: &str, value: i64) -> EdgeResult<()> {
-        self.sql.exec(
-            "INSERT INTO meta (key, value) VALUES (?, ?)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            vec![key.into(), value.into()],
-        )?;
-        Ok(())
-    }
-
-    fn load_restore(&self, config: &EdgeConfig) -> EdgeResult<Restore> {
-        #[derive(Deserialize)]
-        struct MemberRow {
-            user_id: i64,
-            delivered_seq: i64,
-            read_seq: i64,
-        }
-        #[derive(Deserialize)]
-        struct MessageRow {
-            seq: i64,
-            id: String,
-            sender_id: i64,
-            content: String,
-            created_at_ms: i64,
-            client_msg_id: String,
-            flushed: i64,
-        }
-        #[derive(Deserialize)]
-        struct KeyRow {
-            seq: i64,
-            id: String,
-            sender_id: i64,
-            client_msg_id: String,
-        }
-        #[derive(Deserialize)]
-        struct MaxRow {
-            max_seq: Option<i64>,
-        }
-        let members: Vec<MemberRow> = self
-            .sql
-            .exec("SELECT user_id, delivered_seq, read_seq FROM members", None)?
-            .to_array()?;
-        let max_seq = self
-            .sql
-            .exec("SELECT max(seq) AS max_seq FROM messages", None)?
-            .to_array::<MaxRow>()?
-            .first()
-            .and_then(|r| r.max_seq)
-            .unwrap_or(0);
-        let window_start = max_seq - config.room.replay_window as i64;
-        let messages: Vec<MessageRow> = self
-            .sql
-            .exec(
-                "SELECT seq, id, sender_id, content, created_at_ms, client_msg_id, flushed
-                 FROM messages WHERE seq > ? OR flushed = 0 ORDER BY seq",
-                vec![window_start.into()],
-            )?
-            .to_array()?;
-        // The window must be contiguous: start at the oldest unflushed or
-        // the window start, whichever is older, and take everything after.
-        let first = messages.first().map_or(max_seq + 1, |m| m.seq);
-        let messages: Vec<MessageRow> = if messages.len() as i64 == max_seq - first + 1 {
-            messages
-        } else {
-            self.sql
-                .exec(
-                    "SELECT seq, id, sender_id, content, created_at_ms, client_msg_id, flushed
-                     FROM messages WHERE seq >= ? ORDER BY seq",
-                    vec![first.into()],
-                )?
-                .to_array()?
-        };
-        let keys: Vec<KeyRow> = self
-            .sql
-            .exec(
-                "SELECT seq, id, sender_id, client_msg_id FROM messages
-                 WHERE seq < ? ORDER BY seq DESC LIMIT ?",
-                vec![first.into(), (config.room.dedup_horizon as i64).into()],
-            )?
-            .to_array()?;
-        let base_seq = self.meta_get("base_seq")?.unwrap_or(0);
-        Ok(Restore {
-            members: members
-                .into_iter()
-                .map(|m| Watermark {
-                    user_id: m.user_id,
-                    delivered_seq: m.delivered_seq,
-                    read_seq: m.read_seq,
-                })
-                .collect(),
-            last_seq: base_seq.max(max_seq),
-            messages: messages
-                .into_iter()
-                .map(|m| Record {
-                    id: m.id.parse().unwrap_or_default(),
-                    seq: m.seq,
-                    sender_id: m.sender_id,
-                    content: m.content,
-                    created_at_ms: m.created_at_ms,
-                    client_msg_id: m.client_msg_id,
-                    flushed: m.flushed != 0,
-                })
-                .collect(),
-            older_keys: keys
-                .into_iter()
-                .rev()
-                .map(|k| {
-                    (
-                        k.sender_id,
-                        k.client_msg_id,
-                        k.seq,
-                        k.id.parse().unwrap_or_default(),
-                    )
-                })
-                .collect(),
-        })
     }
 
     // ---- members ---------------------------------------------------------
@@ -556,10 +491,10 @@ impl Room {
             .is_none_or(|l| now_ms().saturating_sub(l.members_fetched_at) > MEMBERS_REFRESH_MS)
     }
 
-    /// Refetches the member list; removed members' sockets close.
+    /// Refetches the member list; removed members' connections close.
     async fn refresh_members(&self) -> EdgeResult<()> {
-        let conversation_id = self.with_room(|r| r.conversation_id())?;
-        let config = self.config()?;
+        let (conversation_id, config) =
+            self.with_loaded(|l| (l.room.conversation_id(), l.config.clone()))?;
         let members = OriginClient::new(&config).members(conversation_id).await?;
         let watermarks = watermarks_of(&members.members);
         let now = now_ms();
@@ -567,42 +502,19 @@ impl Room {
             l.room.set_members(now, &watermarks, members.last_seq);
             l.members_fetched_at = now;
         })?;
-        let merged: Vec<Watermark> = self.with_room(|r| r.members().copied().collect())?;
-        self.store_members(&merged)?;
-        self.drain();
-        Ok(())
-    }
-
-    fn store_members(&self, members: &[Watermark]) -> EdgeResult<()> {
-        self.sql.exec("DELETE FROM members", None)?;
-        for w in members {
-            self.store_watermark(w)?;
-        }
-        Ok(())
-    }
-
-    fn store_watermark(&self, w: &Watermark) -> EdgeResult<()> {
-        self.sql.exec(
-            "INSERT INTO members (user_id, delivered_seq, read_seq) VALUES (?, ?, ?)
-             ON CONFLICT (user_id) DO UPDATE SET
-                 delivered_seq = max(delivered_seq, excluded.delivered_seq),
-                 read_seq = max(read_seq, excluded.read_seq)",
-            vec![w.user_id.into(), w.delivered_seq.into(), w.read_seq.into()],
-        )?;
-        Ok(())
+        self.drain()
     }
 
     // ---- driving the state machine --------------------------------------
 
     /// Runs `f` on the loaded state. Every caller runs after
-    /// `ensure_loaded` succeeded; the error only reports a bug.
+    /// `ensure_loaded` succeeded; the error only reports a bug (or a room
+    /// whose rebuild failed, which the next event retries).
     fn with_loaded<R>(&self, f: impl FnOnce(&mut Loaded) -> R) -> EdgeResult<R> {
         let mut guard = self.loaded.borrow_mut();
         match guard.as_mut() {
             Some(loaded) => Ok(f(loaded)),
-            None => Err(EdgeError::Internal(
-                "room used before it was loaded".to_owned(),
-            )),
+            None => Err(EdgeError::Room(RoomError::Storage)),
         }
     }
 
@@ -610,70 +522,49 @@ impl Room {
         self.with_loaded(|l| f(&mut l.room))
     }
 
-    /// Executes the room's outputs in order.
-    fn drain(&self) {
-        loop {
-            let next = {
-                let mut guard = self.loaded.borrow_mut();
-                match guard.as_mut() {
-                    Some(l) => l.room.poll_output(),
-                    None => None,
-                }
+    /// Executes the room's outputs in order (`shared::room::drain`). A
+    /// failed write stops it; the room is rebuilt from SQLite and the
+    /// caller gets a `storage_unavailable` error to pass to its client,
+    /// who may resend.
+    fn drain(&self) -> EdgeResult<()> {
+        let result = {
+            let mut guard = self.loaded.borrow_mut();
+            let Some(l) = guard.as_mut() else {
+                return Ok(());
             };
-            let Some(output) = next else { break };
-            if let Err(e) = self.execute(output) {
-                worker::console_error!("room output failed: {e}");
-            }
+            let mut store = RoomSql {
+                sql: &self.sql,
+                conns: &self.conns,
+                notices: &self.notices,
+                jwt_secret: &l.config.jwt_secret,
+            };
+            drain(&mut l.room, &mut store)
+        };
+        if let Err(failed) = result {
+            worker::console_error!(
+                "room write failed, rebuilding from storage ({} outputs dropped): {}",
+                failed.dropped,
+                failed.error
+            );
+            self.rebuild();
+            return Err(EdgeError::Room(RoomError::Storage));
         }
+        // Connections the transport ended on its own (slow readers) leave
+        // the room too.
+        self.forget_gone(now_ms())
     }
 
-    fn execute(&self, output: Output) -> EdgeResult<()> {
-        match output {
-            Output::Store(r) => {
-                self.sql.exec(
-                    "INSERT INTO messages (seq, id, sender_id, content, created_at_ms, client_msg_id, flushed)
-                     VALUES (?, ?, ?, ?, ?, ?, 0)",
-                    vec![
-                        r.seq.into(),
-                        r.id.to_string().into(),
-                        r.sender_id.into(),
-                        r.content.into(),
-                        r.created_at_ms.into(),
-                        r.client_msg_id.into(),
-                    ],
-                )?;
-            }
-            Output::Send { to, frame } => {
-                self.conns.send(&frame, |conn, user| match to {
-                    Target::Conn(c) => c.0 == conn,
-                    Target::All => true,
-                    Target::OthersOf(u) => user != u,
-                })?;
-            }
-            Output::Close { conn, code, reason } => self.conns.close(conn.0, code, &reason),
-            Output::StoreWatermark(w) => self.store_watermark(&w)?,
-            Output::Notify(notice) => self.notices.borrow_mut().push(notice),
-            Output::MarkFlushed(seqs) => {
-                let Some(&top) = seqs.iter().max() else {
-                    return Ok(());
-                };
-                let Some(&bottom) = seqs.iter().min() else {
-                    return Ok(());
-                };
-                self.sql.exec(
-                    "UPDATE messages SET flushed = 1 WHERE seq BETWEEN ? AND ?",
-                    vec![bottom.into(), top.into()],
-                )?;
-                // Outside the replay window and the resend horizon, a
-                // confirmed message lives on only in PostgreSQL.
-                self.sql.exec(
-                    "DELETE FROM messages WHERE flushed = 1
-                     AND seq <= (SELECT max(seq) FROM messages) - ?",
-                    vec![RETAIN_MESSAGES.into()],
-                )?;
-            }
+    /// Tells the state machine about connections the transport ended.
+    fn forget_gone(&self, now: u64) -> EdgeResult<()> {
+        let gone = self.conns.take_gone();
+        if gone.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        self.with_room(|r| {
+            for conn in gone {
+                r.handle_disconnect(now, ConnId(conn));
+            }
+        })
     }
 
     /// Hands queued notices to the Lobby without waiting for it: a
@@ -709,13 +600,18 @@ impl Room {
         self.ensure_loaded(None).await?;
         let now = now_ms();
         if self.conns.next_heartbeat().is_some_and(|t| now >= t) {
-            self.sse_maintenance(now)?;
+            let heartbeat = self.with_loaded(|l| l.config.sse_heartbeat_ms)?;
+            self.conns.maintain_streams(now, heartbeat);
+            self.forget_gone(now)?;
         }
         self.with_room(|r| r.handle_timeout(now))?;
-        self.drain();
+        self.drain()?;
         let Some(batch) = self.with_room(|r| r.poll_flush(now))? else {
             return Ok(());
         };
+        // What the batch tells the origin is written here first; if that
+        // write fails the batch stays home (the room was rebuilt).
+        self.drain()?;
         let result = self.flush(&batch).await;
         let now = now_ms();
         match result {
@@ -725,13 +621,12 @@ impl Room {
                 self.with_room(|r| r.handle_flush_failure(now))?;
             }
         }
-        self.drain();
-        Ok(())
+        self.drain()
     }
 
     /// Sends one batch to the origin.
     async fn flush(&self, batch: &FlushBatch) -> EdgeResult<FlushOutcome> {
-        let config = self.config()?;
+        let config = self.with_loaded(|l| l.config.clone())?;
         let origin = OriginClient::new(&config);
         let mut outcome = FlushOutcome {
             receipts_ok: true,
@@ -836,4 +731,12 @@ fn send_frame(ws: &WebSocket, frame: &ServerFrame) -> EdgeResult<()> {
     let text = serde_json::to_string(frame).map_err(|e| EdgeError::Internal(e.to_string()))?;
     ws.send_with_str(&text)?;
     Ok(())
+}
+
+/// The caller's token validity, as the Worker forwards it.
+fn valid_until_header(req: &Request) -> EdgeResult<Option<u64>> {
+    Ok(req
+        .headers()
+        .get(VALID_UNTIL_HEADER)?
+        .and_then(|v| v.parse().ok()))
 }

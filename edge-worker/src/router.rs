@@ -11,11 +11,13 @@
 //! | `GET /api/v1/chat/ws`, `GET /api/v1/chat/ws/{token}` | the Lobby (WebSocket) |
 //! | `GET /api/v1/chat/events` | the Lobby (Server-Sent Events) |
 //! | `POST /api/v1/chat/conversations` | origin; a new conversation is announced in the Lobby |
+//! | `POST /api/v1/internal/rooms/{id}/members-changed` | from the origin (service secret): Room `{id}` refreshes its members |
 //! | `GET /api/v1/edge/health` | answered here |
 //! | any other `/api/**` | proxied to the origin |
 
 use serde::Serialize;
-use shared::auth::{AUDIENCE_WS_TICKET, Claims, WS_TICKET_TTL_SECS};
+use shared::auth::{Claims, USER_SCOPE, WS_TICKET_TTL_SECS, conversation_scope};
+use shared::protocol::internal::SERVICE_SECRET_HEADER;
 use worker::{Env, Headers, Method, Request, RequestInit, Response, Url};
 
 use crate::auth::{self, now_unix};
@@ -23,7 +25,7 @@ use crate::config::EdgeConfig;
 use crate::conns::refuse_ws;
 use crate::error::{EdgeError, EdgeResult};
 use crate::origin;
-use crate::room_do::{CONVERSATION_HEADER, USER_HEADER};
+use crate::room_do::{CONVERSATION_HEADER, TICKET_HEADER, USER_HEADER, VALID_UNTIL_HEADER};
 
 pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
     let config = EdgeConfig::from_env(env)?;
@@ -85,7 +87,13 @@ async fn route(req: Request, env: &Env, config: &EdgeConfig) -> EdgeResult<Respo
     let method = req.method();
     match (method, segments.as_slice()) {
         (Method::Get, ["api", "v1", "edge", "health"]) => json(&Health { status: "ok" }),
-        (Method::Post, ["api", "v1", "chat", "ws-ticket"]) => ws_ticket(&req, &config),
+        (Method::Post, ["api", "v1", "chat", "ws-ticket"]) => ws_ticket(req, &config).await,
+        (Method::Post, ["api", "v1", "internal", "rooms", id, "members-changed"]) => {
+            require_service(&req, &config)?;
+            let id = conversation_id(id)?;
+            notify_members_changed(env, id).await?;
+            Ok(Response::empty()?.with_status(204))
+        }
         (Method::Get, ["api", "v1", "chat", "ws"]) => {
             lobby_connect(&req, env, &config, &url, None, "/ws").await
         }
@@ -161,20 +169,48 @@ fn conversation_id(raw: &str) -> EdgeResult<i64> {
     })
 }
 
-/// `POST /api/v1/chat/ws-ticket`: a 60-second ticket for opening a
-/// WebSocket or EventSource, so the session token stays out of URLs. Minted
-/// at the edge, so reconnects work while the origin is down.
-fn ws_ticket(req: &Request, config: &EdgeConfig) -> EdgeResult<Response> {
-    let caller = auth::from_bearer(req, &config.jwt_secret)?;
+/// `POST /api/v1/chat/ws-ticket` (`{"conversation_id": 7}` for a room,
+/// no body for the user's own connection): a 60-second, single-use ticket
+/// for opening that one WebSocket or EventSource, so the session token
+/// stays out of URLs. Minted at the edge, so reconnects work while the
+/// origin is down; membership is checked where the ticket is used.
+async fn ws_ticket(mut req: Request, config: &EdgeConfig) -> EdgeResult<Response> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        #[serde(default)]
+        conversation_id: Option<i64>,
+    }
+    let caller = auth::from_bearer(&req, &config.jwt_secret)?;
+    let body = req.bytes().await?;
+    if body.len() > shared::domain::MAX_FRAME_BYTES {
+        return Err(EdgeError::Room(shared::room::RoomError::FrameTooLarge));
+    }
+    let scope = if body.iter().all(u8::is_ascii_whitespace) {
+        USER_SCOPE.to_owned()
+    } else {
+        let body: Body = serde_json::from_slice(&body).map_err(|e| {
+            EdgeError::bad_request(
+                "invalid_json",
+                format!("the body is not a ticket request: {e}"),
+            )
+        })?;
+        match body.conversation_id {
+            Some(id) => conversation_scope(conversation_id(&id.to_string())?),
+            None => USER_SCOPE.to_owned(),
+        }
+    };
     let now = now_unix();
-    let claims = Claims::new(
+    let mut claims = Claims::ticket(
         caller.user_id,
         caller.claims.name,
         caller.claims.role,
-        AUDIENCE_WS_TICKET,
+        caller.claims.sid,
+        &scope,
+        random_uuid(),
         now,
         WS_TICKET_TTL_SECS,
     );
+    claims.session_exp = Some(caller.claims.exp);
     let ticket = shared::auth::issue(&claims, &config.jwt_secret)?;
     json(&Ticket {
         ticket,
@@ -194,6 +230,50 @@ fn require_upgrade(req: &Request) -> EdgeResult<()> {
             message: "this route takes a WebSocket upgrade".to_owned(),
         })
     }
+}
+
+/// A random (v4) UUID from the platform's CSPRNG.
+fn random_uuid() -> uuid::Uuid {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&crate::conns::random_u64().to_le_bytes());
+    bytes[8..].copy_from_slice(&crate::conns::random_u64().to_le_bytes());
+    uuid::Builder::from_random_bytes(bytes).into_uuid()
+}
+
+/// 401 unless the request carries the service secret (the origin calling
+/// the edge), compared in constant time.
+fn require_service(req: &Request, config: &EdgeConfig) -> EdgeResult<()> {
+    let presented = req
+        .headers()
+        .get(SERVICE_SECRET_HEADER)?
+        .unwrap_or_default();
+    let expected = config.service_secret.as_bytes();
+    let same = presented.len() == expected.len()
+        && presented
+            .bytes()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(EdgeError::Unauthorized(shared::auth::AuthError::Invalid))
+    }
+}
+
+/// Headers every request to a Durable Object on behalf of `caller` carries:
+/// who they are, until when their credential holds, and the ticket to burn.
+fn caller_headers(caller: &auth::Caller) -> EdgeResult<Headers> {
+    let headers = Headers::new();
+    headers.set(USER_HEADER, &caller.user_id.to_string())?;
+    headers.set(
+        VALID_UNTIL_HEADER,
+        &caller.connection_valid_until().to_string(),
+    )?;
+    if let Some(jti) = caller.ticket_id() {
+        headers.set(TICKET_HEADER, &format!("{jti}:{}", caller.claims.exp))?;
+    }
+    Ok(headers)
 }
 
 /// 403 for a browser page whose origin may not open realtime connections
@@ -219,17 +299,17 @@ async fn room_ws(
 ) -> EdgeResult<Response> {
     require_upgrade(&req)?;
     require_allowed_origin(&req, config)?;
-    let caller = match auth::for_realtime(&req, url, &config.jwt_secret, None) {
-        Ok(c) => c,
-        Err(e) => return refuse_ws(e.code(), &e.to_string()),
-    };
+    let caller =
+        match auth::for_realtime(&req, url, &config.jwt_secret, None, &conversation_scope(id)) {
+            Ok(c) => c,
+            Err(e) => return refuse_ws(e.code(), &e.to_string()),
+        };
     let target = match url.query_pairs().find(|(k, _)| k == "since") {
         Some((_, since)) => format!("https://room/ws?since={since}"),
         None => "https://room/ws".to_owned(),
     };
-    let headers = Headers::new();
+    let headers = caller_headers(&caller)?;
     headers.set("upgrade", "websocket")?;
-    headers.set(USER_HEADER, &caller.user_id.to_string())?;
     headers.set(CONVERSATION_HEADER, &id.to_string())?;
     let mut init = RequestInit::new();
     init.with_method(Method::Get).with_headers(headers);
@@ -249,7 +329,7 @@ async fn room_events(
     id: i64,
 ) -> EdgeResult<Response> {
     require_allowed_origin(req, config)?;
-    let caller = auth::for_realtime(req, url, &config.jwt_secret, None)?;
+    let caller = auth::for_realtime(req, url, &config.jwt_secret, None, &conversation_scope(id))?;
     // EventSource sends Last-Event-ID on its own reconnects; it is newer
     // than the `since` baked into the URL.
     let since = match req.headers().get("last-event-id")? {
@@ -268,7 +348,7 @@ async fn room_events(
         }
         None => "https://room/events".to_owned(),
     };
-    forward(env, id, caller.user_id, Method::Get, &target, None).await
+    forward(env, id, &caller, Method::Get, &target, None).await
 }
 
 /// `POST /api/v1/chat/conversations/{id}/messages|typing|read`.
@@ -285,20 +365,19 @@ async fn room_post(
         return Err(EdgeError::Room(shared::room::RoomError::FrameTooLarge));
     }
     let target = format!("https://room/{action}");
-    forward(env, id, caller.user_id, Method::Post, &target, Some(body)).await
+    forward(env, id, &caller, Method::Post, &target, Some(body)).await
 }
 
 /// Sends a request to Room `id` on behalf of an authenticated user.
 async fn forward(
     env: &Env,
     id: i64,
-    user_id: i64,
+    caller: &auth::Caller,
     method: Method,
     target: &str,
     body: Option<Vec<u8>>,
 ) -> EdgeResult<Response> {
-    let headers = Headers::new();
-    headers.set(USER_HEADER, &user_id.to_string())?;
+    let headers = caller_headers(caller)?;
     headers.set(CONVERSATION_HEADER, &id.to_string())?;
     let mut init = RequestInit::new();
     init.with_method(method).with_headers(headers);
@@ -327,13 +406,12 @@ async fn lobby_connect(
         require_upgrade(req)?;
     }
     require_allowed_origin(req, config)?;
-    let caller = match auth::for_realtime(req, url, &config.jwt_secret, path_token) {
+    let caller = match auth::for_realtime(req, url, &config.jwt_secret, path_token, USER_SCOPE) {
         Ok(c) => c,
         Err(e) if websocket => return refuse_ws(e.code(), &e.to_string()),
         Err(e) => return Err(e.into()),
     };
-    let headers = Headers::new();
-    headers.set(USER_HEADER, &caller.user_id.to_string())?;
+    let headers = caller_headers(&caller)?;
     if websocket {
         headers.set("upgrade", "websocket")?;
     }

@@ -90,6 +90,12 @@ pub struct Claims {
     /// Tickets only: what the ticket opens, `conversation:{id}` or `user`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
+    /// Tickets only: the `exp` of the access token the ticket was minted
+    /// with. The connection the ticket opens lives until then unless the
+    /// client renews it (`{"type":"auth"}`); the ticket itself is only good
+    /// for opening it within [`WS_TICKET_TTL_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_exp: Option<i64>,
 }
 
 impl Claims {
@@ -117,6 +123,7 @@ impl Claims {
             sid: None,
             jti: None,
             scope: None,
+            session_exp: None,
         }
     }
 

@@ -13,10 +13,15 @@
 //! - [`redact`]: strips tokens from URLs before they reach a log line.
 //! - [`room`] and [`lobby`]: the sans-IO state machines behind the Room and
 //!   Lobby Durable Objects.
+//! - [`admission`] and [`backlog`]: what one connection may cost a Durable
+//!   Object (caps per user and per object; unread bytes per socket).
 //!
 //! Nothing here does I/O or reads a clock: callers pass `now` in.
 
+pub mod admission;
 pub mod auth;
+pub mod backlog;
+pub mod bucket;
 pub mod domain;
 pub mod lobby;
 pub mod protocol;

@@ -32,6 +32,18 @@ pub enum ClientFrame {
     /// Application-level keepalive for clients that cannot send WS pings
     /// (browsers). Answered with [`ServerFrame::Pong`].
     Ping,
+    /// Renews the connection with a fresh session token before the one it
+    /// was opened with expires. Answered with [`ServerFrame::AuthOk`], or an
+    /// `error`; a connection whose token runs out without renewal gets an
+    /// `error` with code `token_expired` and is closed (1008).
+    Auth {
+        token: String,
+    },
+    /// The answer to the server's [`ServerFrame::Ping`]: proves the client
+    /// has read every frame sent before that ping.
+    Pong {
+        n: u64,
+    },
 }
 
 /// Delivery status of a message, derived from the other members'
@@ -114,6 +126,14 @@ pub enum ServerFrame {
         message: String,
     },
     Pong,
+    /// The connection's token was renewed (`{"type":"auth"}`).
+    AuthOk,
+    /// Sent when a lot has been sent to a connection without proof that the
+    /// client reads it. Answer `{"type":"pong","n":n}`; a client that leaves
+    /// too much unconfirmed is closed (it reconnects and resumes).
+    Ping {
+        n: u64,
+    },
 }
 
 /// The short form of a message for conversation lists and notifications.

@@ -1,26 +1,45 @@
 //! A simulator for the sans-IO room: many clients, a virtual clock, and
 //! random interleavings of sends, resends, typing, reads, disconnects,
-//! reconnects, garbage, and origin flushes that succeed or fail.
+//! reconnects, garbage, origin flushes that succeed, fail or lose their
+//! answer, durable writes that fail, and **restarts** of the room at any
+//! point (a wake from hibernation, an eviction, a kill -9).
 //!
-//! Every output is executed the way the Durable Object executes it, and the
-//! invariants the product promises are checked after every step and at the
-//! end.
+//! The world around the room is modelled the way the Durable Object has it:
+//! a durable log (its SQLite: messages, every idempotency key ever stored,
+//! watermarks with a synced flag, flushed rows pruned beyond a retention),
+//! PostgreSQL (seq → id, watermarks), and clients that keep what they
+//! received. The room is driven through the same [`drain`] the Durable
+//! Object uses and rebuilt with the same [`Room::load`].
+//!
+//! Checked after **every** step: the durable log is contiguous and matches
+//! the room's last seq and outbox count; PostgreSQL holds only what the log
+//! holds, each seq once with one id; every ack and every delivered message
+//! is durable; no client gets a seq twice or with a gap; a resend returns the
+//! original. At the end, after the origin is reachable again and every
+//! client resumes: PostgreSQL has every stored message exactly once and
+//! every watermark, and every client has every message.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use proptest::prelude::*;
+use shared::auth::AuthError;
+use shared::lobby::ConversationNotice;
 use shared::protocol::ServerFrame;
 use shared::receipts::Watermark;
 use shared::room::{
-    ConnId, FlushBatch, FlushOutcome, Millis, Output, Record, Room, RoomConfig, Target,
+    ConnId, Context, Driver, FlushBatch, FlushOutcome, KnownKey, Millis, Record, Room, RoomConfig,
+    RoomStorage, StorageFailed, StoredWatermark, Target, Verified, drain,
 };
 use uuid::Uuid;
 
 const CONVERSATION: i64 = 7;
 /// Users 1, 2, 3; user 1 has two clients (two tabs).
 const CLIENT_USERS: [i64; 4] = [1, 1, 2, 3];
+/// Flushed rows older than this many seqs leave the durable log (the
+/// Durable Object keeps 5,000; small here so pruning happens).
+const RETAIN: i64 = 8;
 
 #[derive(Debug, Clone)]
 enum Action {
@@ -35,6 +54,16 @@ enum Action {
     FlushStart,
     FlushOk,
     FlushFail,
+    /// The next durable write fails.
+    FailNextWrite,
+    /// The room's instance goes away and a new one loads from storage.
+    /// `survivors`: which clients' connections survive (bit per client;
+    /// hibernation keeps sockets, a crash drops them). `answer_lost`: an
+    /// in-flight flush reached PostgreSQL but its answer never came back.
+    Restart {
+        survivors: u8,
+        answer_lost: bool,
+    },
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -51,6 +80,9 @@ fn action() -> impl Strategy<Value = Action> {
         2 => Just(Action::FlushStart),
         2 => Just(Action::FlushOk),
         1 => Just(Action::FlushFail),
+        1 => Just(Action::FailNextWrite),
+        1 => (any::<u8>(), any::<bool>())
+            .prop_map(|(survivors, answer_lost)| Action::Restart { survivors, answer_lost }),
     ]
 }
 
@@ -64,282 +96,73 @@ struct Client {
     /// Every seq this client has, from the room or from REST.
     have: BTreeSet<i64>,
     sent: Vec<SentMessage>,
-    /// Times typing frames about each user reached this client.
-    typing_seen: Vec<(i64, Millis)>,
 }
 
-struct Sim {
-    room: Room,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TypingEvent {
+    Relay,
+    /// A message from the typer clears the throttle.
+    Message,
+    /// The throttle is memory; a new instance starts without it.
+    Restart,
+}
+
+/// Everything outside the room: its durable storage, PostgreSQL, clients.
+#[derive(Default)]
+struct World {
     now: Millis,
     clients: Vec<Client>,
-    /// The room's durable log (what the DO's SQLite holds).
+    /// The room's durable log: seq → record (its SQLite).
     durable: BTreeMap<i64, Record>,
+    /// Every idempotency key ever stored (never pruned).
+    keys: HashMap<(i64, String), KnownKey>,
+    /// Every message ever stored: seq → id (for checks; pruning spares it).
+    ever_stored: BTreeMap<i64, Uuid>,
+    watermarks: BTreeMap<i64, StoredWatermark>,
+    /// What the origin held when the room was created.
+    base_seq: i64,
     /// PostgreSQL: seq → id.
     origin: BTreeMap<i64, Uuid>,
     /// PostgreSQL's watermarks: user → (delivered, read).
     origin_receipts: BTreeMap<i64, (i64, i64)>,
-    in_flight: Option<FlushBatch>,
-    next_conn: u64,
-    next_key: u64,
-    /// Per user, in order: typing relays (true) and messages (false), with
-    /// their times.
-    typing_log: HashMap<i64, Vec<(bool, Millis)>>,
-    /// Clients told to `resync`, to reconnect once the outputs are drained.
-    pending_reconnects: Vec<usize>,
+    fail_next_write: bool,
+    typing_log: HashMap<i64, Vec<(TypingEvent, Millis)>>,
+    /// Clients told to `resync` (and from where), to reload from REST and
+    /// reconnect once the outputs are drained.
+    pending_resyncs: Vec<(usize, i64)>,
+    /// Writes that failed (the room was rebuilt after each).
+    failed_writes: usize,
 }
 
-impl Sim {
-    fn new(config: RoomConfig) -> Self {
-        let mut room = Room::new(CONVERSATION, config, 42);
-        let members: Vec<Watermark> = [1, 2, 3]
-            .iter()
-            .map(|&user_id| Watermark {
-                user_id,
-                delivered_seq: 0,
-                read_seq: 0,
-            })
-            .collect();
-        room.set_members(0, &members, 0);
-        Self {
-            room,
-            now: 1_700_000_000_000,
-            clients: CLIENT_USERS
-                .iter()
-                .map(|&user| Client {
-                    user,
-                    ..Client::default()
-                })
-                .collect(),
-            durable: BTreeMap::new(),
-            origin: BTreeMap::new(),
-            origin_receipts: BTreeMap::new(),
-            in_flight: None,
-            next_conn: 1,
-            next_key: 1,
-            typing_log: HashMap::new(),
-            pending_reconnects: Vec::new(),
-        }
-    }
-
+impl World {
     fn client_of(&self, conn: ConnId) -> Option<usize> {
         self.clients.iter().position(|c| c.conn == Some(conn))
     }
 
-    fn connect(&mut self, i: usize) {
-        if self.clients[i].conn.is_some() {
-            return;
-        }
-        let conn = ConnId(self.next_conn);
-        self.next_conn += 1;
-        let since = self.clients[i].have.last().copied().unwrap_or(0);
-        self.clients[i].conn = Some(conn);
-        self.room
-            .handle_connect(self.now, conn, self.clients[i].user, Some(since))
-            .expect("members may connect");
-        self.drain();
+    fn last_durable_seq(&self) -> i64 {
+        self.durable
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+            .max(self.base_seq)
     }
 
-    fn apply(&mut self, action: &Action) {
-        match *action {
-            Action::Connect(i) => self.connect(i),
-            Action::Disconnect(i) => {
-                if let Some(conn) = self.clients[i].conn.take() {
-                    self.room.handle_disconnect(self.now, conn);
-                }
-            }
-            Action::Send(i) => {
-                let Some(conn) = self.clients[i].conn else {
-                    return;
-                };
-                let key = format!("k{}", self.next_key);
-                self.next_key += 1;
-                let content = format!("hello {key}");
-                self.clients[i]
-                    .sent
-                    .push((key.clone(), content.clone(), None));
-                let frame = serde_json::json!({
-                    "type": "message", "conversation_id": CONVERSATION,
-                    "content": content, "client_msg_id": key,
-                });
-                self.room.handle_text(self.now, conn, &frame.to_string());
-            }
-            Action::Resend(i, k) => {
-                let Some(conn) = self.clients[i].conn else {
-                    return;
-                };
-                let Some((key, content, _)) = self.clients[i].sent.get(k).cloned() else {
-                    return;
-                };
-                let before = self.durable.len();
-                let frame = serde_json::json!({
-                    "type": "message", "conversation_id": CONVERSATION,
-                    "content": content, "client_msg_id": key,
-                });
-                self.room.handle_text(self.now, conn, &frame.to_string());
-                let acked = self.clients[i].sent[k].2.is_some();
-                self.drain();
-                if acked {
-                    assert_eq!(self.durable.len(), before, "a resend stores nothing");
-                }
-                return;
-            }
-            Action::Typing(i) => {
-                let Some(conn) = self.clients[i].conn else {
-                    return;
-                };
-                let frame = serde_json::json!({"type": "typing", "conversation_id": CONVERSATION});
-                self.room.handle_text(self.now, conn, &frame.to_string());
-            }
-            Action::Read(i) => {
-                let Some(conn) = self.clients[i].conn else {
-                    return;
-                };
-                let seq = self.clients[i].have.last().copied().unwrap_or(0);
-                let frame = serde_json::json!({"type": "read", "conversation_id": CONVERSATION, "seq": seq});
-                self.room.handle_text(self.now, conn, &frame.to_string());
-            }
-            Action::Garbage(i) => {
-                let Some(conn) = self.clients[i].conn else {
-                    return;
-                };
-                self.room.handle_text(self.now, conn, "{not json");
-                self.drain();
-                assert!(
-                    self.clients[i].conn.is_some(),
-                    "a malformed frame does not cost the connection"
-                );
-                assert_eq!(self.room.user_of(conn), Some(self.clients[i].user));
-                return;
-            }
-            Action::Advance(ms) => {
-                self.now += ms;
-                self.room.handle_timeout(self.now);
-            }
-            Action::FlushStart => {
-                if self.in_flight.is_none() {
-                    self.in_flight = self.room.poll_flush(self.now);
-                }
-            }
-            Action::FlushOk => self.flush_ok(),
-            Action::FlushFail => {
-                if self.in_flight.take().is_some() {
-                    self.room.handle_flush_failure(self.now);
-                }
-            }
-        }
-        self.drain();
-    }
-
-    fn flush_ok(&mut self) {
-        let Some(batch) = self.in_flight.take() else {
-            return;
-        };
-        let mut stored = Vec::new();
-        for m in &batch.messages {
-            // The origin's unique (conversation_id, seq): one id per seq.
-            let id = *self.origin.entry(m.seq).or_insert(m.id);
-            assert_eq!(id, m.id, "seq {} arrived with two different ids", m.seq);
-            stored.push(m.id);
-        }
-        for r in &batch.receipts {
-            let e = self.origin_receipts.entry(r.user_id).or_insert((0, 0));
-            e.0 = e.0.max(r.delivered_seq);
-            e.1 = e.1.max(r.read_seq);
-        }
-        self.room.handle_flush_result(
-            self.now,
-            &FlushOutcome {
-                stored,
-                rejected: Vec::new(),
-                receipts_ok: true,
-            },
-        );
-    }
-
-    /// Executes outputs the way the Durable Object does.
-    fn drain(&mut self) {
-        while let Some(out) = self.room.poll_output() {
-            match out {
-                Output::Store(r) => {
-                    assert_eq!(
-                        r.seq,
-                        self.durable.len() as i64 + 1,
-                        "seq is contiguous in the durable log"
-                    );
-                    self.typing_log
-                        .entry(r.sender_id)
-                        .or_default()
-                        .push((false, self.now));
-                    self.durable.insert(r.seq, r);
-                }
-                Output::MarkFlushed(seqs) => {
-                    for s in seqs {
-                        let r = self.durable.get_mut(&s).expect("flushed a stored message");
-                        assert!(self.origin.contains_key(&s));
-                        r.flushed = true;
-                    }
-                }
-                Output::StoreWatermark(_) => {}
-                Output::Notify(notice) => {
-                    for (user, unread) in &notice.recipients {
-                        assert!(
-                            CLIENT_USERS.contains(user),
-                            "a notice for a non-member {user}"
-                        );
-                        assert!(
-                            (0..=notice.seq).contains(unread),
-                            "unread {unread} of {}",
-                            notice.seq
-                        );
-                    }
-                }
-                Output::Close { conn, .. } => {
-                    if let Some(i) = self.client_of(conn) {
-                        self.clients[i].conn = None;
-                    }
-                }
-                Output::Send { to, frame } => {
-                    let targets: Vec<usize> = (0..self.clients.len())
-                        .filter(|&i| {
-                            let c = &self.clients[i];
-                            match (to, c.conn) {
-                                (_, None) => false,
-                                (Target::Conn(t), Some(conn)) => t == conn,
-                                (Target::All, Some(_)) => true,
-                                (Target::OthersOf(u), Some(_)) => c.user != u,
-                            }
-                        })
-                        .collect();
-                    // A relay goes to the others; a Conn-targeted typing
-                    // frame is the current state for a new connection.
-                    if let (ServerFrame::Typing { user_id, .. }, Target::OthersOf(_)) = (&frame, to)
-                    {
-                        let user_id = *user_id;
-                        self.typing_log
-                            .entry(user_id)
-                            .or_default()
-                            .push((true, self.now));
-                    }
-                    for i in targets {
-                        self.deliver(i, &frame);
-                    }
-                }
-            }
-        }
-        while let Some(i) = self.pending_reconnects.pop() {
-            self.connect(i);
+    /// A write the driver may be asked to fail.
+    fn write(&mut self) -> Result<(), &'static str> {
+        if std::mem::take(&mut self.fail_next_write) {
+            self.failed_writes += 1;
+            Err("injected write failure")
+        } else {
+            Ok(())
         }
     }
 
     fn deliver(&mut self, i: usize, frame: &ServerFrame) {
-        let now = self.now;
         match frame {
             ServerFrame::Message { message } => {
-                let stored = self
-                    .durable
-                    .get(&message.seq)
-                    .expect("delivered only once stored");
-                assert_eq!(stored.id, message.id);
+                let stored = self.ever_stored.get(&message.seq);
+                assert_eq!(stored, Some(&message.id), "delivered only once stored");
                 let client = &mut self.clients[i];
                 assert!(
                     client.have.insert(message.seq),
@@ -359,7 +182,11 @@ impl Sim {
                 id,
                 ..
             } => {
-                assert!(self.durable.contains_key(seq), "acked only once stored");
+                assert_eq!(
+                    self.ever_stored.get(seq),
+                    Some(id),
+                    "acked only once stored"
+                );
                 let client = &mut self.clients[i];
                 let entry = client
                     .sent
@@ -376,34 +203,493 @@ impl Sim {
                     *user_id, self.clients[i].user,
                     "typing never echoes to the typer"
                 );
-                self.clients[i].typing_seen.push((*user_id, now));
             }
             ServerFrame::Resync { from_seq, .. } => {
-                // Everything the room cannot replay must be in PostgreSQL.
-                let start = self.room.window_start();
-                for s in *from_seq..start {
-                    assert!(
-                        self.origin.contains_key(&s),
-                        "resync points at REST, which lacks {s}"
-                    );
-                }
-                let client = &mut self.clients[i];
-                for s in *from_seq..start {
-                    client.have.insert(s);
-                }
-                // Reconnect from the REST high-water mark.
-                if let Some(conn) = client.conn.take() {
-                    self.room.handle_disconnect(now, conn);
-                }
-                self.pending_reconnects.push(i);
+                // Checked and acted on once the outputs are drained.
+                self.pending_resyncs.push((i, *from_seq));
             }
             ServerFrame::Error { .. }
             | ServerFrame::Receipt { .. }
             | ServerFrame::Pong
+            | ServerFrame::AuthOk
+            | ServerFrame::Ping { .. }
             | ServerFrame::Presence { .. }
             | ServerFrame::PresenceSnapshot { .. }
             | ServerFrame::ConversationUpdated { .. } => {}
         }
+    }
+}
+
+impl Driver for World {
+    type Error = &'static str;
+
+    fn store(&mut self, r: &Record) -> Result<(), &'static str> {
+        self.write()?;
+        assert_eq!(
+            r.seq,
+            self.last_durable_seq() + 1,
+            "seq is contiguous in the durable log"
+        );
+        // The Durable Object's unique index: one message per key.
+        let key = (r.sender_id, r.client_msg_id.clone());
+        assert!(
+            !self.keys.contains_key(&key),
+            "a known key was stored again as seq {}",
+            r.seq
+        );
+        self.keys.insert(
+            key,
+            KnownKey {
+                seq: r.seq,
+                id: r.id,
+                created_at_ms: r.created_at_ms,
+            },
+        );
+        self.typing_log
+            .entry(r.sender_id)
+            .or_default()
+            .push((TypingEvent::Message, self.now));
+        self.ever_stored.insert(r.seq, r.id);
+        self.durable.insert(r.seq, r.clone());
+        Ok(())
+    }
+
+    fn store_watermark(&mut self, w: &Watermark) -> Result<(), &'static str> {
+        self.write()?;
+        let e = self.watermarks.entry(w.user_id).or_insert(StoredWatermark {
+            watermark: *w,
+            synced: false,
+        });
+        e.watermark.delivered_seq = e.watermark.delivered_seq.max(w.delivered_seq);
+        e.watermark.read_seq = e.watermark.read_seq.max(w.read_seq);
+        e.synced = false;
+        Ok(())
+    }
+
+    fn replace_members(&mut self, members: &[StoredWatermark]) -> Result<(), &'static str> {
+        self.write()?;
+        self.watermarks = members.iter().map(|m| (m.watermark.user_id, *m)).collect();
+        Ok(())
+    }
+
+    fn mark_flushed(&mut self, seqs: &[i64]) -> Result<(), &'static str> {
+        self.write()?;
+        for s in seqs {
+            assert!(
+                self.origin.contains_key(s),
+                "flushed before PostgreSQL has it"
+            );
+            if let Some(r) = self.durable.get_mut(s) {
+                r.flushed = true;
+            }
+        }
+        let last = self.last_durable_seq();
+        self.durable.retain(|s, r| !r.flushed || *s > last - RETAIN);
+        Ok(())
+    }
+
+    fn mark_receipts_synced(&mut self, ws: &[Watermark]) -> Result<(), &'static str> {
+        self.write()?;
+        for w in ws {
+            if let Some(e) = self.watermarks.get_mut(&w.user_id) {
+                if e.watermark == *w {
+                    e.synced = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, to: Target, frame: &ServerFrame) {
+        let targets: Vec<usize> = (0..self.clients.len())
+            .filter(|&i| {
+                let c = &self.clients[i];
+                match (to, c.conn) {
+                    (_, None) => false,
+                    (Target::Conn(t), Some(conn)) => t == conn,
+                    (Target::All, Some(_)) => true,
+                    (Target::OthersOf(u), Some(_)) => c.user != u,
+                }
+            })
+            .collect();
+        // A relay goes to the others; a Conn-targeted typing frame is the
+        // current state for a new connection.
+        if let (ServerFrame::Typing { user_id, .. }, Target::OthersOf(_)) = (frame, to) {
+            self.typing_log
+                .entry(*user_id)
+                .or_default()
+                .push((TypingEvent::Relay, self.now));
+        }
+        for i in targets {
+            self.deliver(i, frame);
+        }
+    }
+
+    fn close(&mut self, conn: ConnId, _code: u16, _reason: &str) {
+        if let Some(i) = self.client_of(conn) {
+            self.clients[i].conn = None;
+        }
+    }
+
+    fn notify(&mut self, notice: ConversationNotice) {
+        for (user, unread) in &notice.recipients {
+            assert!(
+                CLIENT_USERS.contains(user),
+                "a notice for a non-member {user}"
+            );
+            assert!(
+                (0..=notice.seq).contains(unread),
+                "unread {unread} of {}",
+                notice.seq
+            );
+        }
+    }
+}
+
+impl Context for World {
+    fn find_key(&self, sender: i64, key: &str) -> Result<Option<KnownKey>, StorageFailed> {
+        Ok(self.keys.get(&(sender, key.to_owned())).copied())
+    }
+
+    fn verify_token(&self, _: &str, _: Millis) -> Result<Verified, AuthError> {
+        Err(AuthError::Invalid)
+    }
+}
+
+impl RoomStorage for World {
+    fn members(&self) -> Result<Vec<StoredWatermark>, StorageFailed> {
+        Ok(self.watermarks.values().copied().collect())
+    }
+
+    fn last_seq(&self) -> Result<i64, StorageFailed> {
+        Ok(self.last_durable_seq())
+    }
+
+    fn oldest_unflushed(&self) -> Result<Option<i64>, StorageFailed> {
+        Ok(self.durable.values().find(|r| !r.flushed).map(|r| r.seq))
+    }
+
+    fn messages_from(&self, from: i64) -> Result<Vec<Record>, StorageFailed> {
+        Ok(self.durable.range(from..).map(|(_, r)| r.clone()).collect())
+    }
+}
+
+struct Sim {
+    room: Room,
+    world: World,
+    config: RoomConfig,
+    in_flight: Option<FlushBatch>,
+    next_conn: u64,
+    next_key: u64,
+    next_seed: u64,
+    restarts: usize,
+}
+
+impl Sim {
+    fn new(config: RoomConfig) -> Self {
+        let mut world = World {
+            now: 1_700_000_000_000,
+            clients: CLIENT_USERS
+                .iter()
+                .map(|&user| Client {
+                    user,
+                    ..Client::default()
+                })
+                .collect(),
+            ..World::default()
+        };
+        let mut room = Room::new(CONVERSATION, config.clone(), 42);
+        let members: Vec<Watermark> = [1, 2, 3]
+            .iter()
+            .map(|&user_id| Watermark {
+                user_id,
+                delivered_seq: 0,
+                read_seq: 0,
+            })
+            .collect();
+        room.set_members(world.now, &members, 0);
+        drain(&mut room, &mut world).expect("the first write succeeds");
+        Self {
+            room,
+            world,
+            config,
+            in_flight: None,
+            next_conn: 1,
+            next_key: 1,
+            next_seed: 43,
+            restarts: 0,
+        }
+    }
+
+    /// A new instance from storage, with the connections that survived.
+    fn reload(&mut self, survivors: impl Fn(usize) -> bool) {
+        self.next_seed += 1;
+        self.restarts += 1;
+        self.room = Room::load(
+            CONVERSATION,
+            self.config.clone(),
+            self.next_seed,
+            self.world.now,
+            &self.world,
+        )
+        .expect("storage holds a loadable room");
+        for (i, client) in self.world.clients.iter_mut().enumerate() {
+            let Some(conn) = client.conn else { continue };
+            if survivors(i) {
+                self.room.handle_reattach(conn, client.user, None);
+            } else {
+                client.conn = None;
+            }
+        }
+        for log in self.world.typing_log.values_mut() {
+            log.push((TypingEvent::Restart, self.world.now));
+        }
+    }
+
+    fn connect(&mut self, i: usize) {
+        if self.world.clients[i].conn.is_some() {
+            return;
+        }
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        let since = self.world.clients[i].have.last().copied().unwrap_or(0);
+        self.world.clients[i].conn = Some(conn);
+        self.room
+            .handle_connect(
+                self.world.now,
+                conn,
+                self.world.clients[i].user,
+                Some(since),
+            )
+            .expect("members may connect");
+        self.drain();
+    }
+
+    fn text(&mut self, i: usize, frame: &serde_json::Value) {
+        if let Some(conn) = self.world.clients[i].conn {
+            self.room
+                .handle_text(self.world.now, conn, &frame.to_string(), &self.world);
+        }
+    }
+
+    fn apply(&mut self, action: &Action) {
+        match *action {
+            Action::Connect(i) => self.connect(i),
+            Action::Disconnect(i) => {
+                if let Some(conn) = self.world.clients[i].conn.take() {
+                    self.room.handle_disconnect(self.world.now, conn);
+                }
+            }
+            Action::Send(i) => {
+                if self.world.clients[i].conn.is_none() {
+                    return;
+                }
+                let key = format!("k{}", self.next_key);
+                self.next_key += 1;
+                let content = format!("hello {key}");
+                self.world.clients[i]
+                    .sent
+                    .push((key.clone(), content.clone(), None));
+                self.text(
+                    i,
+                    &serde_json::json!({
+                        "type": "message", "conversation_id": CONVERSATION,
+                        "content": content, "client_msg_id": key,
+                    }),
+                );
+            }
+            Action::Resend(i, k) => {
+                let Some((key, content, acked)) = self.world.clients[i].sent.get(k).cloned() else {
+                    return;
+                };
+                if self.world.clients[i].conn.is_none() {
+                    return;
+                }
+                let before = self.world.keys.len();
+                self.text(
+                    i,
+                    &serde_json::json!({
+                        "type": "message", "conversation_id": CONVERSATION,
+                        "content": content, "client_msg_id": key,
+                    }),
+                );
+                self.drain();
+                if acked.is_some() {
+                    assert_eq!(self.world.keys.len(), before, "a resend stores nothing");
+                }
+                return;
+            }
+            Action::Typing(i) => self.text(
+                i,
+                &serde_json::json!({"type": "typing", "conversation_id": CONVERSATION}),
+            ),
+            Action::Read(i) => {
+                let seq = self.world.clients[i].have.last().copied().unwrap_or(0);
+                self.text(
+                    i,
+                    &serde_json::json!({"type": "read", "conversation_id": CONVERSATION, "seq": seq}),
+                );
+            }
+            Action::Garbage(i) => {
+                let Some(conn) = self.world.clients[i].conn else {
+                    return;
+                };
+                self.room
+                    .handle_text(self.world.now, conn, "{not json", &self.world);
+                self.drain();
+                // Garbage costs tokens; only a flood of it closes.
+                if self.world.clients[i].conn.is_some() {
+                    assert_eq!(self.room.user_of(conn), Some(self.world.clients[i].user));
+                }
+                return;
+            }
+            Action::Advance(ms) => {
+                self.world.now += ms;
+                self.room.handle_timeout(self.world.now);
+            }
+            Action::FlushStart => {
+                if self.in_flight.is_none() {
+                    if let Some(batch) = self.room.poll_flush(self.world.now) {
+                        // The batch leaves only once what it says is
+                        // durable here; a failed write keeps it home.
+                        if self.drain() {
+                            self.in_flight = Some(batch);
+                        }
+                    }
+                }
+            }
+            Action::FlushOk => self.flush_ok(),
+            Action::FlushFail => {
+                if self.in_flight.take().is_some() {
+                    self.room.handle_flush_failure(self.world.now);
+                }
+            }
+            Action::FailNextWrite => self.world.fail_next_write = true,
+            Action::Restart {
+                survivors,
+                answer_lost,
+            } => {
+                if let Some(batch) = self.in_flight.take() {
+                    if answer_lost {
+                        self.origin_store(&batch);
+                    }
+                }
+                self.reload(|i| survivors & (1 << i) != 0);
+            }
+        }
+        self.drain();
+    }
+
+    /// The origin's ingest: idempotent, one id per seq.
+    fn origin_store(&mut self, batch: &FlushBatch) -> Vec<Uuid> {
+        let mut stored = Vec::new();
+        for m in &batch.messages {
+            let id = *self.world.origin.entry(m.seq).or_insert(m.id);
+            assert_eq!(id, m.id, "seq {} arrived with two different ids", m.seq);
+            stored.push(m.id);
+        }
+        for r in &batch.receipts {
+            let e = self
+                .world
+                .origin_receipts
+                .entry(r.user_id)
+                .or_insert((0, 0));
+            e.0 = e.0.max(r.delivered_seq);
+            e.1 = e.1.max(r.read_seq);
+        }
+        stored
+    }
+
+    fn flush_ok(&mut self) {
+        let Some(batch) = self.in_flight.take() else {
+            return;
+        };
+        let stored = self.origin_store(&batch);
+        self.room.handle_flush_result(
+            self.world.now,
+            &FlushOutcome {
+                stored,
+                rejected: Vec::new(),
+                receipts_ok: true,
+            },
+        );
+    }
+
+    /// Executes outputs the way the Durable Object does: through `drain`,
+    /// rebuilding the room from storage when a write fails (every
+    /// connection survives that; only memory is thrown away). Returns
+    /// whether the drain completed.
+    fn drain(&mut self) -> bool {
+        let mut complete = true;
+        loop {
+            if drain(&mut self.room, &mut self.world).is_err() {
+                // A batch in flight stays in flight: its answer will reach
+                // the new instance, which ignores it (and flushes again).
+                complete = false;
+                self.reload(|_| true);
+                continue;
+            }
+            let Some((i, from_seq)) = self.world.pending_resyncs.pop() else {
+                break;
+            };
+            self.resync(i, from_seq);
+        }
+        check_step(self);
+        complete
+    }
+
+    /// A client told to `resync` loads the gap from REST and reconnects.
+    fn resync(&mut self, i: usize, from_seq: i64) {
+        let start = self.room.window_start();
+        let client = &mut self.world.clients[i];
+        for s in from_seq..start {
+            assert!(
+                self.world.origin.contains_key(&s),
+                "resync points at REST, which lacks {s}"
+            );
+            client.have.insert(s);
+        }
+        if let Some(conn) = client.conn.take() {
+            self.room.handle_disconnect(self.world.now, conn);
+        }
+        self.connect(i);
+    }
+}
+
+/// Invariants that hold between any two steps.
+fn check_step(sim: &Sim) {
+    let w = &sim.world;
+    // The log is contiguous up to the room's last seq (pruning only takes
+    // a flushed prefix).
+    let seqs: Vec<i64> = w.durable.keys().copied().collect();
+    if let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) {
+        assert_eq!(
+            seqs,
+            (first..=last).collect::<Vec<_>>(),
+            "the log has a hole"
+        );
+        assert!(
+            (1..first).all(|s| w.origin.contains_key(&s)),
+            "pruned rows are in PostgreSQL"
+        );
+    }
+    assert_eq!(
+        sim.room.last_seq(),
+        w.last_durable_seq(),
+        "memory matches storage"
+    );
+    let unflushed = w.durable.values().filter(|r| !r.flushed).count();
+    assert_eq!(
+        sim.room.unflushed(),
+        unflushed,
+        "the outbox matches storage"
+    );
+    for (seq, id) in &w.origin {
+        assert_eq!(
+            w.ever_stored.get(seq),
+            Some(id),
+            "PostgreSQL holds only what the room stored"
+        );
     }
 }
 
@@ -422,7 +708,8 @@ fn config(small_window: bool) -> RoomConfig {
 fn settle(sim: &mut Sim) {
     for _ in 0..1_000 {
         let receipts_synced = sim.room.members().all(|w| {
-            sim.origin_receipts
+            sim.world
+                .origin_receipts
                 .get(&w.user_id)
                 .copied()
                 .unwrap_or((0, 0))
@@ -438,7 +725,8 @@ fn settle(sim: &mut Sim) {
     assert_eq!(sim.room.unflushed(), 0, "the outbox drains");
     for w in sim.room.members() {
         assert_eq!(
-            sim.origin_receipts
+            sim.world
+                .origin_receipts
                 .get(&w.user_id)
                 .copied()
                 .unwrap_or((0, 0)),
@@ -447,57 +735,68 @@ fn settle(sim: &mut Sim) {
             w.user_id
         );
     }
-    for i in 0..sim.clients.len() {
+    for i in 0..sim.world.clients.len() {
         sim.apply(&Action::Disconnect(i));
         sim.apply(&Action::Connect(i));
     }
 }
 
-fn check_invariants(sim: &Sim) {
-    let n = sim.durable.len() as i64;
-    let seqs: Vec<i64> = sim.durable.keys().copied().collect();
-    assert_eq!(
-        seqs,
-        (1..=n).collect::<Vec<_>>(),
-        "seq runs 1..N with no gaps"
-    );
+fn check_end(sim: &Sim) {
+    let w = &sim.world;
+    let n = w.last_durable_seq();
     assert_eq!(sim.room.last_seq(), n);
-    let durable_ids: BTreeMap<i64, Uuid> = sim.durable.iter().map(|(s, r)| (*s, r.id)).collect();
     assert_eq!(
-        durable_ids, sim.origin,
-        "PostgreSQL holds every message exactly once"
+        w.origin.keys().copied().collect::<Vec<_>>(),
+        (1..=n).collect::<Vec<_>>(),
+        "PostgreSQL holds every stored message, each seq once"
     );
-    for (i, c) in sim.clients.iter().enumerate() {
+    for (seq, r) in &w.durable {
+        assert_eq!(
+            w.origin.get(seq),
+            Some(&r.id),
+            "PostgreSQL has the room's id"
+        );
+    }
+    for (i, c) in w.clients.iter().enumerate() {
         assert_eq!(
             c.have.iter().copied().collect::<Vec<_>>(),
             (1..=n).collect::<Vec<_>>(),
             "client {i} has every message after resuming"
         );
+        for (key, _, acked) in &c.sent {
+            if let Some((seq, id)) = acked {
+                let k = w
+                    .keys
+                    .get(&(c.user, key.clone()))
+                    .expect("acked keys are stored");
+                assert_eq!((k.seq, k.id), (*seq, *id), "an ack names what is stored");
+            }
+        }
     }
-    for (user, log) in &sim.typing_log {
+    for (user, log) in &w.typing_log {
         let mut last_relay: Option<Millis> = None;
-        for &(is_relay, t) in log {
-            if is_relay {
-                if let Some(prev) = last_relay {
-                    assert!(
-                        t >= prev + 2_000,
-                        "user {user}: two typing relays within 2 s"
-                    );
+        for &(event, t) in log {
+            match event {
+                TypingEvent::Relay => {
+                    if let Some(prev) = last_relay {
+                        assert!(
+                            t >= prev + 2_000,
+                            "user {user}: two typing relays within 2 s"
+                        );
+                    }
+                    last_relay = Some(t);
                 }
-                last_relay = Some(t);
-            } else {
-                // A message clears the throttle.
-                last_relay = None;
+                TypingEvent::Message | TypingEvent::Restart => last_relay = None,
             }
         }
     }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1_000, ..ProptestConfig::default() })]
 
     #[test]
-    fn random_interleavings_keep_order_idempotency_and_exactly_once_delivery(
+    fn random_interleavings_with_restarts_keep_order_idempotency_and_exactly_once(
         actions in proptest::collection::vec(action(), 1..250),
         small_window in any::<bool>(),
     ) {
@@ -506,14 +805,14 @@ proptest! {
             sim.apply(a);
         }
         settle(&mut sim);
-        check_invariants(&sim);
+        check_end(&sim);
     }
 }
 
 #[test]
 fn a_long_outage_then_recovery_loses_nothing() {
     let mut sim = Sim::new(config(true));
-    for i in 0..sim.clients.len() {
+    for i in 0..sim.world.clients.len() {
         sim.apply(&Action::Connect(i));
     }
     for round in 0..60 {
@@ -528,8 +827,61 @@ fn a_long_outage_then_recovery_loses_nothing() {
             sim.apply(&Action::Connect(2));
         }
     }
-    assert!(sim.origin.is_empty());
+    assert!(sim.world.origin.is_empty());
     assert!(sim.room.unflushed() > 0);
     settle(&mut sim);
-    check_invariants(&sim);
+    check_end(&sim);
+}
+
+/// The paths the random runs must keep hitting, spelled out once: a crash
+/// with unflushed messages older than the window and an answer lost in
+/// flight, a failed write in the middle of a send, and a resend of a key
+/// the new instance has never seen.
+#[test]
+fn a_crash_mid_flush_and_a_failed_write_lose_nothing_and_duplicate_nothing() {
+    let mut sim = Sim::new(config(true));
+    for i in 0..sim.world.clients.len() {
+        sim.apply(&Action::Connect(i));
+    }
+    for round in 0..12 {
+        sim.apply(&Action::Send(round % 4));
+        sim.apply(&Action::Advance(600));
+    }
+    sim.apply(&Action::FlushStart);
+    assert!(sim.in_flight.is_some());
+    // The origin stores the batch; the answer is lost with the instance,
+    // and only client 0's socket survives (hibernation vs. crash).
+    sim.apply(&Action::Restart {
+        survivors: 0b0001,
+        answer_lost: true,
+    });
+    assert!(sim.room.unflushed() > 0, "the outbox survived the restart");
+    assert!(!sim.world.origin.is_empty());
+    // A failed write in the middle of a send: no ack, no broadcast.
+    let acked_before = sim.world.clients[0]
+        .sent
+        .iter()
+        .filter(|s| s.2.is_some())
+        .count();
+    sim.apply(&Action::FailNextWrite);
+    sim.apply(&Action::Send(0));
+    let acked_after = sim.world.clients[0]
+        .sent
+        .iter()
+        .filter(|s| s.2.is_some())
+        .count();
+    assert_eq!(
+        acked_before, acked_after,
+        "no ack for a message that was not stored"
+    );
+    assert_eq!(sim.world.failed_writes, 1);
+    // The first message left memory with the old instance; resending it
+    // returns the original from storage.
+    sim.apply(&Action::Resend(0, 0));
+    for i in 0..sim.world.clients.len() {
+        sim.apply(&Action::Connect(i));
+    }
+    settle(&mut sim);
+    check_end(&sim);
+    assert!(sim.restarts >= 2);
 }

@@ -20,26 +20,67 @@
 //! - the outbox to the origin: which messages to flush, when, and the
 //!   backoff after a failure.
 //!
-//! The driver's one duty: execute outputs **in order**. An
-//! [`Output::Store`] always precedes the `ack` and the broadcast of the same
-//! message, so a driver that writes before it sends never acknowledges a
-//! message that is not durable.
+//! # The contract with a driver
+//!
+//! - Build the room with [`Room::load`] from durable storage (or
+//!   [`Room::new`] + [`Room::set_members`] in tests), then reattach the
+//!   connections that survived ([`Room::handle_reattach`]).
+//! - After **every** `handle_*`, `submit`, `set_members` or flush call,
+//!   execute the queued outputs with [`drain`], in order, before the next
+//!   event. An [`Output::Store`] always precedes the `ack` and the broadcast
+//!   of the same message, so a driver that writes before it sends never
+//!   acknowledges a message that is not durable.
+//! - When a durable write fails, [`drain`] stops and drops the rest: the
+//!   room's memory is now ahead of its storage, so the driver discards this
+//!   `Room` and loads a new one. The client whose event failed gets a
+//!   `storage` error and may resend (idempotently).
+//! - Keep one timer at [`Room::poll_timeout`]; when it fires call
+//!   [`Room::handle_timeout`], then [`Room::poll_flush`] and, after draining,
+//!   send the batch and answer with [`Room::handle_flush_result`] or
+//!   [`Room::handle_flush_failure`].
+//! - Reads the room needs synchronously (an idempotency key older than its
+//!   memory, a token verification) go through the [`Context`] the driver
+//!   passes in.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+mod driver;
+mod storage;
+
+pub use driver::{Driver, WriteFailed, drain};
+pub use storage::{
+    Context, KnownKey, Restore, RestoreError, RoomStorage, StorageFailed, StoredWatermark, Verified,
+};
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::auth::AuthError;
+use crate::bucket::{Bucket, Rate};
 use crate::domain::{ClientMsgId, DomainError, MAX_FRAME_BYTES, MessageContent};
 use crate::lobby::ConversationNotice;
 use crate::protocol::internal::{ReceiptUpdate, StoredMessage};
-use crate::protocol::{
-    ClientFrame, MessagePreview, MessageStatus, MessageView, ServerFrame, preview_text,
-};
+use crate::protocol::{ClientFrame, MessagePreview, MessageView, ServerFrame, preview_text};
 use crate::receipts::{Watermark, status_of};
 
 /// Milliseconds since the Unix epoch on the driver's clock (virtual in tests).
 pub type Millis = u64;
+
+/// What each kind of frame costs from its user's token bucket (a message
+/// is one token). Every frame costs something, so a flood of typing,
+/// reads, pings or garbage is throttled like a flood of messages; the
+/// frequent small ones cost less.
+pub mod cost {
+    pub const MESSAGE: f64 = 1.0;
+    /// A resend of a key the room remembers: answered from memory.
+    pub const RESEND: f64 = 0.25;
+    pub const TYPING: f64 = 0.5;
+    pub const READ: f64 = 0.5;
+    pub const PING: f64 = 0.25;
+    pub const AUTH: f64 = 1.0;
+    /// Malformed JSON, an unknown type, a bad field.
+    pub const GARBAGE: f64 = 1.0;
+}
 
 /// A live connection (a WebSocket or an SSE stream), named by the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -59,7 +100,8 @@ pub mod close {
 pub struct RoomConfig {
     /// Messages kept for replay on resume. Older resume points get `resync`.
     pub replay_window: usize,
-    /// `(sender, client_msg_id)` keys remembered for idempotency.
+    /// `(sender, client_msg_id)` keys cached in memory for idempotency.
+    /// Older keys are answered from storage: idempotency has no horizon.
     pub dedup_horizon: usize,
     /// Unconfirmed messages held while the origin is unreachable. Past this,
     /// sends are refused (`backpressure`) instead of growing without bound.
@@ -162,10 +204,15 @@ pub enum Output {
         code: u16,
         reason: String,
     },
-    /// Persist a member's watermarks (read receipts survive restarts).
+    /// Persist a member's watermarks, as not yet confirmed by the origin
+    /// (read receipts survive restarts, and the origin is told after one).
     StoreWatermark(Watermark),
+    /// The member list changed (from the origin): replace the stored one.
+    ReplaceMembers(Vec<StoredWatermark>),
     /// These messages are confirmed by the origin; mark them so.
     MarkFlushed(Vec<i64>),
+    /// The origin holds exactly these watermarks.
+    MarkReceiptsSynced(Vec<Watermark>),
     /// Tell the Lobby (best effort: the REST list is the truth).
     Notify(ConversationNotice),
 }
@@ -190,6 +237,12 @@ pub enum RoomError {
     RateLimited { retry_after_ms: u64 },
     #[error("the conversation is catching up with storage; retry shortly")]
     Backpressure,
+    #[error("the conversation's storage failed; retry shortly")]
+    Storage,
+    #[error("{0}")]
+    Auth(AuthError),
+    #[error("the token is for another user")]
+    AuthWrongUser,
 }
 
 impl RoomError {
@@ -203,6 +256,9 @@ impl RoomError {
             RoomError::FrameTooLarge => "frame_too_large",
             RoomError::RateLimited { .. } => "rate_limited",
             RoomError::Backpressure => "backpressure",
+            RoomError::Storage => "storage_unavailable",
+            RoomError::Auth(e) => e.code(),
+            RoomError::AuthWrongUser => "invalid_token",
         }
     }
 
@@ -216,7 +272,8 @@ impl RoomError {
                 422
             }
             RoomError::RateLimited { .. } => 429,
-            RoomError::Backpressure => 503,
+            RoomError::Backpressure | RoomError::Storage => 503,
+            RoomError::Auth(_) | RoomError::AuthWrongUser => 401,
         }
     }
 
@@ -230,23 +287,28 @@ impl RoomError {
 
 /// The result of an accepted send.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sent {
-    pub message: MessageView,
-    /// A resend of a message the room already had.
-    pub duplicate: bool,
+pub enum Sent {
+    /// Stored now, with the next seq.
+    New(MessageView),
+    /// A resend of a message the room still holds: the original.
+    Duplicate(MessageView),
+    /// A resend of a message older than the room's memory: its original
+    /// `seq` and `id`. The driver reads the rest from its log if it needs
+    /// it (the HTTP fallback answers with the whole message).
+    DuplicateOlder(KnownKey),
 }
 
-/// What the driver loaded from durable storage when the room wakes.
-#[derive(Debug, Clone, Default)]
-pub struct Restore {
-    pub members: Vec<Watermark>,
-    /// Highest seq known anywhere (storage, or the origin for a new room).
-    pub last_seq: i64,
-    /// The newest messages (at least the replay window) and every
-    /// unflushed one, oldest first.
-    pub messages: Vec<Record>,
-    /// Idempotency keys older than `messages`: (sender, client_msg_id, seq, id).
-    pub older_keys: Vec<(i64, String, i64, Uuid)>,
+impl Sent {
+    pub fn seq(&self) -> i64 {
+        match self {
+            Sent::New(m) | Sent::Duplicate(m) => m.seq,
+            Sent::DuplicateOlder(k) => k.seq,
+        }
+    }
+
+    pub fn is_duplicate(&self) -> bool {
+        !matches!(self, Sent::New(_))
+    }
 }
 
 /// A batch for the origin.
@@ -271,13 +333,8 @@ pub struct FlushOutcome {
 #[derive(Debug)]
 struct Conn {
     user_id: i64,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    updated: Millis,
-    strikes: u32,
+    /// When the token that opened (or last renewed) it stops being valid.
+    valid_until: Option<Millis>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -300,12 +357,15 @@ pub struct Room {
     config: RoomConfig,
     members: BTreeMap<i64, Watermark>,
     conns: BTreeMap<ConnId, Conn>,
+    /// Connections by the time their token runs out, earliest first.
+    expiries: BTreeSet<(Millis, ConnId)>,
     last_seq: i64,
     /// Recent and unflushed messages, oldest first, contiguous by seq.
     window: VecDeque<Record>,
     unflushed: usize,
-    /// (sender, client_msg_id) → (seq, id), bounded by `dedup_horizon`.
-    keys: HashMap<(i64, String), (i64, Uuid)>,
+    /// (sender, client_msg_id) → original, the most recent
+    /// `dedup_horizon` of them. A cache: storage answers the rest.
+    keys: HashMap<(i64, String), KnownKey>,
     key_order: VecDeque<(i64, String)>,
     buckets: HashMap<i64, Bucket>,
     typing: HashMap<i64, Typing>,
@@ -332,6 +392,7 @@ impl Room {
             config,
             members: BTreeMap::new(),
             conns: BTreeMap::new(),
+            expiries: BTreeSet::new(),
             last_seq: 0,
             window: VecDeque::new(),
             unflushed: 0,
@@ -351,17 +412,32 @@ impl Room {
         }
     }
 
-    /// Loads durable state after a (re)start. Call once, before any event.
-    pub fn restore(&mut self, now: Millis, state: Restore) {
-        for (sender, key, seq, id) in state.older_keys {
-            self.remember_key(sender, key, seq, id);
-        }
+    /// Rebuilds a room from durable storage: after a wake from hibernation,
+    /// an eviction, a crash, or a failed write. Connections that survived are
+    /// reattached afterwards with [`Room::handle_reattach`].
+    pub fn load(
+        conversation_id: i64,
+        config: RoomConfig,
+        seed: u64,
+        now: Millis,
+        storage: &impl RoomStorage,
+    ) -> Result<Self, RestoreError> {
+        let restore = Restore::load(storage, &config)?;
+        let mut room = Self::new(conversation_id, config, seed);
+        room.restore(now, restore);
+        Ok(room)
+    }
+
+    fn restore(&mut self, now: Millis, state: Restore) {
         for record in state.messages {
             self.remember_key(
                 record.sender_id,
                 record.client_msg_id.clone(),
-                record.seq,
-                record.id,
+                KnownKey {
+                    seq: record.seq,
+                    id: record.id,
+                    created_at_ms: record.created_at_ms,
+                },
             );
             self.last_seq = self.last_seq.max(record.seq);
             if !record.flushed {
@@ -370,10 +446,15 @@ impl Room {
             self.window.push_back(record);
         }
         self.last_seq = self.last_seq.max(state.last_seq);
-        for w in state.members {
-            self.members.insert(w.user_id, w);
+        for m in state.members {
+            let user = m.watermark.user_id;
+            self.members.insert(user, m.watermark);
+            // Written before it was sent, so the origin may lack it.
+            if !m.synced {
+                self.dirty_receipts.insert(user);
+            }
         }
-        if self.unflushed > 0 {
+        if self.unflushed > 0 || !self.dirty_receipts.is_empty() {
             self.next_flush_at = Some(now);
         }
         self.prune_window();
@@ -428,8 +509,8 @@ impl Room {
     // ---- membership -------------------------------------------------------
 
     /// Replaces the member list (from the origin). Watermarks only move
-    /// forward. Removed members' connections are closed.
-    pub fn set_members(&mut self, _now: Millis, members: &[Watermark], origin_last_seq: i64) {
+    /// forward. Removed members' connections get an error and are closed.
+    pub fn set_members(&mut self, now: Millis, members: &[Watermark], origin_last_seq: i64) {
         let incoming: BTreeMap<i64, Watermark> = members.iter().map(|w| (w.user_id, *w)).collect();
         let removed: Vec<i64> = self
             .members
@@ -450,18 +531,31 @@ impl Room {
                 .map(|(id, _)| *id)
                 .collect();
             for conn in conns {
-                self.conns.remove(&conn);
-                self.outputs.push_back(Output::Close {
-                    conn,
-                    code: close::POLICY,
-                    reason: "removed from the conversation".to_owned(),
-                });
+                self.reject(conn, &RoomError::NotMember);
+                self.close(conn, close::POLICY, "removed from the conversation");
             }
         }
+        let mut stored = Vec::with_capacity(incoming.len());
         for (user, w) in incoming {
             let entry = self.members.entry(user).or_insert(w);
             entry.delivered_seq = entry.delivered_seq.max(w.delivered_seq);
             entry.read_seq = entry.read_seq.max(w.read_seq);
+            // The origin just told us its values: ours are synced exactly
+            // when they are the same.
+            let synced = *entry == w;
+            if synced {
+                self.dirty_receipts.remove(&user);
+            } else {
+                self.dirty_receipts.insert(user);
+            }
+            stored.push(StoredWatermark {
+                watermark: *entry,
+                synced,
+            });
+        }
+        self.outputs.push_back(Output::ReplaceMembers(stored));
+        if !self.dirty_receipts.is_empty() {
+            self.want_flush(now);
         }
         self.last_seq = self.last_seq.max(origin_last_seq);
     }
@@ -480,7 +574,13 @@ impl Room {
         if !self.is_member(user_id) {
             return Err(RoomError::NotMember);
         }
-        self.conns.insert(conn, Conn { user_id });
+        self.conns.insert(
+            conn,
+            Conn {
+                user_id,
+                valid_until: None,
+            },
+        );
         if let Some(since) = since {
             self.replay(now, conn, user_id, since.max(0));
         }
@@ -496,18 +596,63 @@ impl Room {
         Ok(())
     }
 
-    /// Re-registers a connection that survived hibernation (no replay).
-    pub fn handle_reattach(&mut self, conn: ConnId, user_id: i64) {
+    /// Re-registers a connection that survived hibernation or a rebuild
+    /// (no replay: it already has everything). A connection whose user is no
+    /// longer a member is closed.
+    pub fn handle_reattach(&mut self, conn: ConnId, user_id: i64, valid_until: Option<Millis>) {
         if self.is_member(user_id) {
-            self.conns.insert(conn, Conn { user_id });
+            self.conns.insert(
+                conn,
+                Conn {
+                    user_id,
+                    valid_until: None,
+                },
+            );
+            self.set_valid_until(conn, valid_until);
+        } else {
+            self.reject(conn, &RoomError::NotMember);
+            self.close(conn, close::POLICY, "removed from the conversation");
         }
     }
 
+    /// When the token behind `conn` stops being valid: past it, unless the
+    /// client renews with `{"type":"auth"}`, the connection gets a
+    /// `token_expired` error and is closed.
+    pub fn set_valid_until(&mut self, conn: ConnId, valid_until: Option<Millis>) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if let Some(old) = c.valid_until.take() {
+            self.expiries.remove(&(old, conn));
+        }
+        c.valid_until = valid_until;
+        if let Some(at) = valid_until {
+            self.expiries.insert((at, conn));
+        }
+    }
+
+    /// When the token behind `conn` stops being valid, if it was set.
+    pub fn valid_until(&self, conn: ConnId) -> Option<Millis> {
+        self.conns.get(&conn).and_then(|c| c.valid_until)
+    }
+
     pub fn handle_disconnect(&mut self, _now: Millis, conn: ConnId) {
-        self.conns.remove(&conn);
+        self.forget_conn(conn);
+    }
+
+    fn forget_conn(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.remove(&conn) {
+            if let Some(at) = c.valid_until {
+                self.expiries.remove(&(at, conn));
+            }
+        }
     }
 
     fn replay(&mut self, now: Millis, conn: ConnId, user_id: i64, since: i64) {
+        // The client holds everything up to `since`: that much is delivered
+        // to this user, whatever the room remembered (a restart forgets
+        // delivery that was not yet written).
+        self.advance_delivered(now, user_id, since.min(self.last_seq));
         if since >= self.last_seq {
             return;
         }
@@ -543,8 +688,9 @@ impl Room {
 
     /// A text frame from a WebSocket. Errors become `error` frames (and a
     /// close where the protocol says so); the connection survives every
-    /// error it can recover from.
-    pub fn handle_text(&mut self, now: Millis, conn: ConnId, text: &str) {
+    /// error it can recover from. Every frame costs tokens from its user's
+    /// bucket (see [`cost`]): a flood of anything is a flood.
+    pub fn handle_text(&mut self, now: Millis, conn: ConnId, text: &str, ctx: &impl Context) {
         let Some(user_id) = self.user_of(conn) else {
             return;
         };
@@ -553,42 +699,71 @@ impl Room {
             self.close(conn, close::TOO_BIG, "frame too large");
             return;
         }
-        let frame = match parse_frame(text) {
-            Ok(f) => f,
-            Err(e) => return self.reject(conn, &e),
-        };
-        let result = match frame {
-            ClientFrame::Ping => {
+        let result = match parse_frame(text) {
+            Err(e) => self.take_token(now, user_id, cost::GARBAGE).and(Err(e)),
+            Ok(ClientFrame::Ping) => self.take_token(now, user_id, cost::PING).map(|()| {
                 self.send(Target::Conn(conn), ServerFrame::Pong);
-                Ok(())
-            }
-            ClientFrame::Message {
+            }),
+            // The driver answers probes (it counts what each connection
+            // holds); one that reaches the room only costs its token.
+            Ok(ClientFrame::Pong { .. }) => self.take_token(now, user_id, cost::PING),
+            Ok(ClientFrame::Auth { token }) => self
+                .take_token(now, user_id, cost::AUTH)
+                .and_then(|()| self.handle_auth(now, conn, user_id, &token, ctx)),
+            Ok(ClientFrame::Message {
                 conversation_id,
                 content,
                 client_msg_id,
-            } => self
-                .check_conversation(conversation_id)
-                .and_then(|()| self.submit(now, user_id, content, client_msg_id, Some(conn)))
-                .map(|_| ()),
-            ClientFrame::Typing { conversation_id } => self
+            }) => self.check_conversation(conversation_id).and_then(|()| {
+                self.submit(now, user_id, content, client_msg_id, Some(conn), ctx)
+                    .map(|_| ())
+            }),
+            Ok(ClientFrame::Typing { conversation_id }) => self
                 .check_conversation(conversation_id)
                 .and_then(|()| self.handle_typing(now, user_id)),
-            ClientFrame::Read {
+            Ok(ClientFrame::Read {
                 conversation_id,
                 seq,
-            } => self
+            }) => self
                 .check_conversation(conversation_id)
                 .and_then(|()| self.handle_read(now, user_id, seq)),
         };
         if let Err(e) = result {
             self.reject(conn, &e);
-            if let RoomError::RateLimited { .. } = e {
-                let strikes = self.buckets.get(&user_id).map_or(0, |b| b.strikes);
-                if strikes >= self.config.flood_strikes {
-                    self.close(conn, close::POLICY, "flood");
+            match e {
+                RoomError::RateLimited { .. } => {
+                    let strikes = self.buckets.get(&user_id).map_or(0, |b| b.strikes);
+                    if strikes >= self.config.flood_strikes {
+                        self.close(conn, close::POLICY, "flood");
+                    }
                 }
+                RoomError::AuthWrongUser => {
+                    self.close(conn, close::POLICY, "token for another user")
+                }
+                _ => {}
             }
         }
+    }
+
+    /// `{"type":"auth","token":"…"}`: a fresh token for this connection's
+    /// user extends its life. A bad token is an error the connection
+    /// survives (until its current token runs out); a token for someone
+    /// else closes it.
+    fn handle_auth(
+        &mut self,
+        now: Millis,
+        conn: ConnId,
+        user_id: i64,
+        token: &str,
+        ctx: &impl Context,
+    ) -> Result<(), RoomError> {
+        let verified = ctx.verify_token(token, now).map_err(RoomError::Auth)?;
+        if verified.user_id != user_id {
+            return Err(RoomError::AuthWrongUser);
+        }
+        self.set_valid_until(conn, Some(verified.valid_until));
+        self.send(Target::Conn(conn), ServerFrame::AuthOk);
+        Ok(())
     }
 
     fn check_conversation(&self, conversation_id: i64) -> Result<(), RoomError> {
@@ -622,6 +797,7 @@ impl Room {
         content: String,
         client_msg_id: Option<String>,
         ack_to: Option<ConnId>,
+        ctx: &impl Context,
     ) -> Result<Sent, RoomError> {
         if !self.is_member(user_id) {
             return Err(RoomError::NotMember);
@@ -631,33 +807,50 @@ impl Room {
             Some(k) => Some(ClientMsgId::parse(k).map_err(RoomError::Invalid)?),
             None => None,
         };
+        let mut charged = false;
         if let Some(key) = &key {
-            if let Some(&(seq, id)) = self.keys.get(&(user_id, key.as_str().to_owned())) {
-                let message = match self.record(seq) {
-                    Some(r) => self.view(r, &self.watermarks()),
-                    // Older than the window: the driver fills the content
-                    // in from storage if it needs it (the POST fallback).
-                    None => MessageView {
-                        id,
-                        seq,
-                        conversation_id: self.conversation_id,
-                        sender_id: user_id,
-                        content: content.into_inner(),
-                        status: MessageStatus::Sent,
-                        created_at: DateTime::default(),
-                        client_msg_id: key.as_str().to_owned(),
-                    },
+            // Idempotency is forever: a key that left the in-memory cache is
+            // looked up in storage (indexed) before a new seq is spent on it.
+            let cached = self.keys.get(&(user_id, key.as_str().to_owned())).copied();
+            let known = match cached {
+                Some(k) => {
+                    self.take_token(now, user_id, cost::RESEND)?;
+                    Some(k)
+                }
+                None => {
+                    self.take_token(now, user_id, cost::MESSAGE)?;
+                    charged = true;
+                    let found = ctx
+                        .find_key(user_id, key.as_str())
+                        .map_err(|StorageFailed| RoomError::Storage)?;
+                    if let Some(k) = found {
+                        self.remember_key(user_id, key.as_str().to_owned(), k);
+                    }
+                    found
+                }
+            };
+            if let Some(known) = known {
+                let sent = match self.record(known.seq) {
+                    Some(r) => Sent::Duplicate(self.view(r, &self.watermarks())),
+                    None => Sent::DuplicateOlder(known),
                 };
                 if let Some(conn) = ack_to {
-                    self.ack(conn, &message);
+                    self.send(
+                        Target::Conn(conn),
+                        ServerFrame::Ack {
+                            client_msg_id: key.as_str().to_owned(),
+                            seq: known.seq,
+                            id: known.id,
+                            conversation_id: self.conversation_id,
+                        },
+                    );
                 }
-                return Ok(Sent {
-                    message,
-                    duplicate: true,
-                });
+                return Ok(sent);
             }
         }
-        self.take_token(now, user_id)?;
+        if !charged {
+            self.take_token(now, user_id, cost::MESSAGE)?;
+        }
         if self.unflushed >= self.config.max_unflushed {
             return Err(RoomError::Backpressure);
         }
@@ -665,17 +858,26 @@ impl Room {
         let seq = self.last_seq + 1;
         let id = self.next_id(now);
         let client_msg_id = key.map_or_else(|| id.to_string(), ClientMsgId::into_inner);
+        let created_at_ms = i64::try_from(now).unwrap_or(i64::MAX);
         let record = Record {
             id,
             seq,
             sender_id: user_id,
             content: content.into_inner(),
-            created_at_ms: i64::try_from(now).unwrap_or(i64::MAX),
+            created_at_ms,
             client_msg_id: client_msg_id.clone(),
             flushed: false,
         };
         self.last_seq = seq;
-        self.remember_key(user_id, client_msg_id, seq, id);
+        self.remember_key(
+            user_id,
+            client_msg_id,
+            KnownKey {
+                seq,
+                id,
+                created_at_ms,
+            },
+        );
         self.unflushed += 1;
         self.want_flush(now);
         // A message ends its sender's typing.
@@ -709,10 +911,7 @@ impl Room {
         let everyone: Vec<i64> = self.members.keys().copied().collect();
         self.want_notify(now, everyone);
         self.prune_window();
-        Ok(Sent {
-            message,
-            duplicate: false,
-        })
+        Ok(Sent::New(message))
     }
 
     /// A typing signal from `user_id`.
@@ -720,6 +919,7 @@ impl Room {
         if !self.is_member(user_id) {
             return Err(RoomError::NotMember);
         }
+        self.take_token(now, user_id, cost::TYPING)?;
         let relay = match self.typing.get(&user_id) {
             Some(t) => now >= t.last_relay + self.config.typing_interval_ms,
             None => true,
@@ -741,15 +941,19 @@ impl Room {
 
     /// `user_id` has read up to `seq`.
     pub fn handle_read(&mut self, now: Millis, user_id: i64, seq: i64) -> Result<(), RoomError> {
-        let Some(w) = self.members.get_mut(&user_id) else {
+        if !self.is_member(user_id) {
             return Err(RoomError::NotMember);
-        };
+        }
         if seq < 0 {
             return Err(RoomError::Invalid(DomainError::Invalid {
                 field: "seq",
                 reason: "must not be negative",
             }));
         }
+        self.take_token(now, user_id, cost::READ)?;
+        let Some(w) = self.members.get_mut(&user_id) else {
+            return Err(RoomError::NotMember);
+        };
         // Nobody reads the future.
         let seq = seq.min(self.last_seq);
         if seq <= w.read_seq {
@@ -873,8 +1077,16 @@ impl Room {
 
     // ---- time -------------------------------------------------------------
 
-    /// Fires what is due at `now`: coalesced receipts, and expired typing.
+    /// Fires what is due at `now`: connections whose token ran out,
+    /// coalesced receipts, expired typing and the Lobby notice.
     pub fn handle_timeout(&mut self, now: Millis) {
+        while let Some(&(at, conn)) = self.expiries.first() {
+            if at > now {
+                break;
+            }
+            self.reject(conn, &RoomError::Auth(AuthError::Expired));
+            self.close(conn, close::POLICY, "token expired");
+        }
         let interval = self.config.receipt_interval_ms;
         let due: Vec<i64> = self
             .receipts
@@ -916,7 +1128,8 @@ impl Room {
                     .map_or(0, |last| last + self.config.notify_interval_ms),
             )
         };
-        [receipt, self.next_flush_at, notice]
+        let expiry = self.expiries.first().map(|(at, _)| *at);
+        [receipt, self.next_flush_at, notice, expiry]
             .into_iter()
             .flatten()
             .min()
@@ -924,6 +1137,13 @@ impl Room {
 
     pub fn poll_output(&mut self) -> Option<Output> {
         self.outputs.pop_front()
+    }
+
+    /// Drops every queued output (after a failed write; see [`drain`]).
+    fn discard_outputs(&mut self) -> usize {
+        let n = self.outputs.len();
+        self.outputs.clear();
+        n
     }
 
     // ---- outbox -----------------------------------------------------------
@@ -961,6 +1181,15 @@ impl Room {
             self.next_flush_at = None;
             return None;
         }
+        // What the origin is about to learn must be durable here first, so
+        // a restart never leaves this room behind what the origin has.
+        for r in &receipts {
+            self.outputs.push_back(Output::StoreWatermark(Watermark {
+                user_id: r.user_id,
+                delivered_seq: r.delivered_seq,
+                read_seq: r.read_seq,
+            }));
+        }
         let batch = FlushBatch { messages, receipts };
         self.flush_in_flight = Some(batch.clone());
         self.next_flush_at = None;
@@ -989,15 +1218,22 @@ impl Room {
         if !flushed.is_empty() {
             self.outputs.push_back(Output::MarkFlushed(flushed));
         }
-        if outcome.receipts_ok {
-            for sent in &batch.receipts {
-                let unchanged = self.members.get(&sent.user_id).is_some_and(|w| {
-                    w.delivered_seq == sent.delivered_seq && w.read_seq == sent.read_seq
-                });
-                if unchanged {
+        if outcome.receipts_ok && !batch.receipts.is_empty() {
+            let synced: Vec<Watermark> = batch
+                .receipts
+                .iter()
+                .map(|r| Watermark {
+                    user_id: r.user_id,
+                    delivered_seq: r.delivered_seq,
+                    read_seq: r.read_seq,
+                })
+                .collect();
+            for sent in &synced {
+                if self.members.get(&sent.user_id) == Some(sent) {
                     self.dirty_receipts.remove(&sent.user_id);
                 }
             }
+            self.outputs.push_back(Output::MarkReceiptsSynced(synced));
         }
         let complete = batch.messages.iter().all(|m| done.contains(&m.id)) && outcome.receipts_ok;
         if complete {
@@ -1058,7 +1294,7 @@ impl Room {
     }
 
     fn close(&mut self, conn: ConnId, code: u16, reason: &str) {
-        self.conns.remove(&conn);
+        self.forget_conn(conn);
         self.outputs.push_back(Output::Close {
             conn,
             code,
@@ -1066,30 +1302,20 @@ impl Room {
         });
     }
 
-    fn take_token(&mut self, now: Millis, user_id: i64) -> Result<(), RoomError> {
-        let burst = f64::from(self.config.rate_burst.max(1));
-        let rate = f64::from(self.config.rate_per_sec.max(1));
-        let bucket = self.buckets.entry(user_id).or_insert(Bucket {
-            tokens: burst,
-            updated: now,
-            strikes: 0,
-        });
-        let elapsed = now.saturating_sub(bucket.updated) as f64 / 1000.0;
-        bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
-        bucket.updated = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            bucket.strikes = 0;
-            Ok(())
-        } else {
-            bucket.strikes += 1;
-            let retry_after_ms = ((1.0 - bucket.tokens) / rate * 1000.0).ceil() as u64;
-            Err(RoomError::RateLimited { retry_after_ms })
-        }
+    fn take_token(&mut self, now: Millis, user_id: i64, cost: f64) -> Result<(), RoomError> {
+        let rate = Rate {
+            burst: self.config.rate_burst,
+            per_sec: self.config.rate_per_sec,
+        };
+        self.buckets
+            .entry(user_id)
+            .or_insert_with(|| Bucket::full(rate, now))
+            .take(now, cost, rate)
+            .map_err(|retry_after_ms| RoomError::RateLimited { retry_after_ms })
     }
 
-    fn remember_key(&mut self, sender: i64, key: String, seq: i64, id: Uuid) {
-        if self.keys.insert((sender, key.clone()), (seq, id)).is_none() {
+    fn remember_key(&mut self, sender: i64, key: String, known: KnownKey) {
+        if self.keys.insert((sender, key.clone()), known).is_none() {
             self.key_order.push_back((sender, key));
         }
         while self.key_order.len() > self.config.dedup_horizon {
@@ -1130,7 +1356,10 @@ pub fn parse_frame(text: &str) -> Result<ClientFrame, RoomError> {
             "a frame is a JSON object with a string \"type\"".to_owned(),
         ));
     };
-    if !matches!(kind, "message" | "typing" | "read" | "ping") {
+    if !matches!(
+        kind,
+        "message" | "typing" | "read" | "ping" | "auth" | "pong"
+    ) {
         return Err(RoomError::UnknownType(kind.to_owned()));
     }
     serde_json::from_value(value).map_err(|e| {
@@ -1168,6 +1397,19 @@ impl SplitMix64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::MessageStatus;
+
+    /// A room with nothing in storage beyond its memory, and no tokens.
+    struct Bare;
+
+    impl Context for Bare {
+        fn find_key(&self, _: i64, _: &str) -> Result<Option<KnownKey>, StorageFailed> {
+            Ok(None)
+        }
+        fn verify_token(&self, _: &str, _: Millis) -> Result<Verified, AuthError> {
+            Err(AuthError::Invalid)
+        }
+    }
 
     const T0: Millis = 1_800_000_000_000;
 
@@ -1182,6 +1424,7 @@ mod tests {
             })
             .collect();
         room.set_members(T0, &members, 0);
+        outputs(&mut room);
         room
     }
 
@@ -1220,7 +1463,7 @@ mod tests {
         let mut room = room_with(RoomConfig::default(), &[1, 2]);
         room.handle_connect(T0, ConnId(1), 1, None).expect("member");
         room.handle_connect(T0, ConnId(2), 2, None).expect("member");
-        room.handle_text(T0, ConnId(1), &msg("hi", "k1"));
+        room.handle_text(T0, ConnId(1), &msg("hi", "k1"), &Bare);
         let outs = outputs(&mut room);
         assert!(matches!(&outs[0], Output::Store(r) if r.seq == 1 && r.content == "hi"));
         assert!(matches!(
@@ -1251,7 +1494,8 @@ mod tests {
             Err(RoomError::NotMember)
         );
         assert_eq!(
-            room.submit(T0, 99, "x".into(), None, None).map(|_| ()),
+            room.submit(T0, 99, "x".into(), None, None, &Bare)
+                .map(|_| ()),
             Err(RoomError::NotMember)
         );
     }
@@ -1275,16 +1519,16 @@ mod tests {
                 })
                 .count()
         };
-        room.handle_text(T0, ConnId(1), &typing);
+        room.handle_text(T0, ConnId(1), &typing, &Bare);
         assert_eq!(relays(&outputs(&mut room)), 1);
-        room.handle_text(T0 + 1_000, ConnId(1), &typing);
+        room.handle_text(T0 + 1_000, ConnId(1), &typing, &Bare);
         assert_eq!(relays(&outputs(&mut room)), 0, "throttled within 2 s");
-        room.handle_text(T0 + 2_000, ConnId(1), &typing);
+        room.handle_text(T0 + 2_000, ConnId(1), &typing, &Bare);
         assert_eq!(relays(&outputs(&mut room)), 1);
         // A message clears the state: the next typing relays at once.
-        room.handle_text(T0 + 2_100, ConnId(1), &msg("done", "k1"));
+        room.handle_text(T0 + 2_100, ConnId(1), &msg("done", "k1"), &Bare);
         outputs(&mut room);
-        room.handle_text(T0 + 2_200, ConnId(1), &typing);
+        room.handle_text(T0 + 2_200, ConnId(1), &typing, &Bare);
         assert_eq!(relays(&outputs(&mut room)), 1);
         // A newcomer learns who is typing; after 5 s nobody is.
         room.handle_connect(T0 + 2_300, ConnId(3), 2, None)
@@ -1314,7 +1558,7 @@ mod tests {
         let mut room = room_with(config, &[1, 2]);
         room.handle_connect(T0, ConnId(1), 1, None).expect("member");
         for i in 0..3 {
-            room.handle_text(T0, ConnId(1), &msg("x", &format!("k{i}")));
+            room.handle_text(T0, ConnId(1), &msg("x", &format!("k{i}")), &Bare);
         }
         let outs = outputs(&mut room);
         assert_eq!(
@@ -1323,11 +1567,11 @@ mod tests {
                 .count(),
             3
         );
-        room.handle_text(T0, ConnId(1), &msg("x", "k3"));
+        room.handle_text(T0, ConnId(1), &msg("x", "k3"), &Bare);
         let outs = outputs(&mut room);
         assert_eq!(errors_to(&outs, ConnId(1)), vec!["rate_limited"]);
         assert!(closes(&outs).is_empty(), "one refusal is recoverable");
-        room.handle_text(T0, ConnId(1), &msg("x", "k4"));
+        room.handle_text(T0, ConnId(1), &msg("x", "k4"), &Bare);
         let outs = outputs(&mut room);
         assert_eq!(errors_to(&outs, ConnId(1)), vec!["rate_limited"]);
         assert_eq!(closes(&outs), vec![(ConnId(1), close::POLICY)]);
@@ -1335,7 +1579,7 @@ mod tests {
         // The bucket refills.
         room.handle_connect(T0 + 2_000, ConnId(2), 1, None)
             .expect("member");
-        room.handle_text(T0 + 2_000, ConnId(2), &msg("x", "k5"));
+        room.handle_text(T0 + 2_000, ConnId(2), &msg("x", "k5"), &Bare);
         assert_eq!(room.last_seq(), 4);
     }
 
@@ -1360,13 +1604,13 @@ mod tests {
             (msg("hi", "bad key"), "invalid_field"),
         ];
         for (text, code) in cases {
-            room.handle_text(T0, ConnId(1), &text);
+            room.handle_text(T0, ConnId(1), &text, &Bare);
             let outs = outputs(&mut room);
             assert_eq!(errors_to(&outs, ConnId(1)), vec![code], "{text}");
             assert!(closes(&outs).is_empty());
         }
         assert_eq!(room.last_seq(), 0);
-        room.handle_text(T0, ConnId(1), &"x".repeat(MAX_FRAME_BYTES + 1));
+        room.handle_text(T0, ConnId(1), &"x".repeat(MAX_FRAME_BYTES + 1), &Bare);
         let outs = outputs(&mut room);
         assert_eq!(errors_to(&outs, ConnId(1)), vec!["frame_too_large"]);
         assert_eq!(closes(&outs), vec![(ConnId(1), close::TOO_BIG)]);
@@ -1403,7 +1647,7 @@ mod tests {
         };
         let mut room = room_with(config, &[1, 2]);
         for i in 1..=6 {
-            room.submit(T0, 1, format!("m{i}"), Some(format!("k{i}")), None)
+            room.submit(T0, 1, format!("m{i}"), Some(format!("k{i}")), None, &Bare)
                 .expect("send");
         }
         outputs(&mut room);
@@ -1465,21 +1709,313 @@ mod tests {
     fn a_resend_returns_the_original_and_stores_nothing() {
         let mut room = room_with(RoomConfig::default(), &[1, 2]);
         let first = room
-            .submit(T0, 1, "hi".into(), Some("k".into()), None)
+            .submit(T0, 1, "hi".into(), Some("k".into()), None, &Bare)
             .expect("send");
         outputs(&mut room);
         let again = room
-            .submit(T0 + 5, 1, "hi".into(), Some("k".into()), None)
+            .submit(T0 + 5, 1, "hi".into(), Some("k".into()), None, &Bare)
             .expect("resend");
-        assert!(again.duplicate);
-        assert_eq!(again.message.id, first.message.id);
-        assert_eq!(again.message.seq, 1);
+        let (Sent::New(first), Sent::Duplicate(again)) = (first, again) else {
+            panic!("expected a new message, then its duplicate");
+        };
+        assert_eq!(again.id, first.id);
+        assert_eq!(again.seq, 1);
         assert!(outputs(&mut room).is_empty());
         // Another sender may use the same key.
         let other = room
-            .submit(T0, 2, "yo".into(), Some("k".into()), None)
+            .submit(T0, 2, "yo".into(), Some("k".into()), None, &Bare)
             .expect("send");
-        assert_eq!(other.message.seq, 2);
+        assert_eq!(other.seq(), 2);
+    }
+
+    /// Storage that remembers one old key, or fails.
+    struct OldKey(Option<KnownKey>);
+
+    impl Context for OldKey {
+        fn find_key(&self, sender: i64, key: &str) -> Result<Option<KnownKey>, StorageFailed> {
+            match self.0 {
+                Some(k) if sender == 1 && key == "old" => Ok(Some(k)),
+                Some(_) => Ok(None),
+                None => Err(StorageFailed),
+            }
+        }
+        fn verify_token(&self, _: &str, _: Millis) -> Result<Verified, AuthError> {
+            Err(AuthError::Invalid)
+        }
+    }
+
+    #[test]
+    fn a_resend_of_a_key_memory_forgot_is_answered_from_storage() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2]);
+        room.set_members(T0, &[], 40);
+        room.set_members(
+            T0,
+            &[1, 2].map(|user_id| Watermark {
+                user_id,
+                delivered_seq: 0,
+                read_seq: 0,
+            }),
+            40,
+        );
+        room.handle_connect(T0, ConnId(1), 1, None).expect("member");
+        outputs(&mut room);
+        let original = KnownKey {
+            seq: 7,
+            id: Uuid::from_u128(7),
+            created_at_ms: 1,
+        };
+        let storage = OldKey(Some(original));
+        let frame = msg("again", "old");
+        room.handle_text(T0, ConnId(1), &frame, &storage);
+        let outs = outputs(&mut room);
+        assert!(
+            !outs.iter().any(|o| matches!(o, Output::Store(_))),
+            "nothing is stored for a known key"
+        );
+        assert!(outs.iter().any(|o| matches!(
+            o,
+            Output::Send {
+                to: Target::Conn(ConnId(1)),
+                frame: ServerFrame::Ack { seq: 7, id, .. }
+            } if *id == original.id
+        )));
+        assert_eq!(room.last_seq(), 40, "no seq is spent on a resend");
+        // The POST path gets the key back to read the message from its log.
+        let sent = room
+            .submit(T0, 1, "again".into(), Some("old".into()), None, &storage)
+            .expect("resend");
+        assert_eq!(sent, Sent::DuplicateOlder(original));
+        // A fresh key is a new message.
+        let fresh = room
+            .submit(T0, 1, "new".into(), Some("fresh".into()), None, &storage)
+            .expect("send");
+        assert_eq!(fresh.seq(), 41);
+    }
+
+    #[test]
+    fn a_key_lookup_that_fails_refuses_the_send_and_stores_nothing() {
+        let mut room = room_with(RoomConfig::default(), &[1]);
+        let refused = room.submit(T0, 1, "x".into(), Some("k".into()), None, &OldKey(None));
+        assert_eq!(refused, Err(RoomError::Storage));
+        assert_eq!(RoomError::Storage.http_status(), 503);
+        assert_eq!(room.last_seq(), 0);
+        assert!(outputs(&mut room).is_empty());
+    }
+
+    #[test]
+    fn every_kind_of_frame_draws_on_the_bucket() {
+        let config = RoomConfig {
+            rate_burst: 2,
+            rate_per_sec: 1,
+            flood_strikes: 3,
+            ..RoomConfig::default()
+        };
+        for frame in [
+            serde_json::json!({"type":"typing","conversation_id":1}).to_string(),
+            serde_json::json!({"type":"read","conversation_id":1,"seq":0}).to_string(),
+            serde_json::json!({"type":"ping"}).to_string(),
+            "{garbage".to_owned(),
+        ] {
+            let mut room = room_with(config.clone(), &[1, 2]);
+            room.handle_connect(T0, ConnId(1), 1, None).expect("member");
+            let mut limited = 0;
+            for _ in 0..40 {
+                room.handle_text(T0, ConnId(1), &frame, &Bare);
+                let outs = outputs(&mut room);
+                limited += errors_to(&outs, ConnId(1))
+                    .iter()
+                    .filter(|c| *c == "rate_limited")
+                    .count();
+                if !closes(&outs).is_empty() {
+                    break;
+                }
+            }
+            assert!(limited >= 3, "{frame}: throttled");
+            assert_eq!(room.connection_count(), 0, "{frame}: a flood is closed");
+        }
+    }
+
+    /// Tokens for user 1 valid until T0 + 60 s; "bob" is user 2's.
+    struct Tokens;
+
+    impl Context for Tokens {
+        fn find_key(&self, _: i64, _: &str) -> Result<Option<KnownKey>, StorageFailed> {
+            Ok(None)
+        }
+        fn verify_token(&self, token: &str, now: Millis) -> Result<Verified, AuthError> {
+            match token {
+                "alex" => Ok(Verified {
+                    user_id: 1,
+                    valid_until: now + 60_000,
+                }),
+                "bob" => Ok(Verified {
+                    user_id: 2,
+                    valid_until: now + 60_000,
+                }),
+                "old" => Err(AuthError::Expired),
+                _ => Err(AuthError::Invalid),
+            }
+        }
+    }
+
+    fn auth(token: &str) -> String {
+        serde_json::json!({"type":"auth","token":token}).to_string()
+    }
+
+    #[test]
+    fn a_connection_whose_token_runs_out_is_told_and_closed() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2]);
+        room.handle_connect(T0, ConnId(1), 1, None).expect("member");
+        room.set_valid_until(ConnId(1), Some(T0 + 1_000));
+        room.handle_connect(T0, ConnId(2), 2, None).expect("member");
+        assert_eq!(room.poll_timeout(), Some(T0 + 1_000));
+        room.handle_timeout(T0 + 999);
+        assert!(closes(&outputs(&mut room)).is_empty());
+        room.handle_timeout(T0 + 1_000);
+        let outs = outputs(&mut room);
+        assert_eq!(errors_to(&outs, ConnId(1)), vec!["token_expired"]);
+        assert_eq!(closes(&outs), vec![(ConnId(1), close::POLICY)]);
+        assert_eq!(room.connection_count(), 1, "the other connection stays");
+    }
+
+    #[test]
+    fn renewing_the_token_extends_the_connection_and_a_bad_one_does_not() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2]);
+        room.handle_connect(T0, ConnId(1), 1, None).expect("member");
+        room.set_valid_until(ConnId(1), Some(T0 + 1_000));
+        room.handle_text(T0 + 500, ConnId(1), &auth("old"), &Tokens);
+        let outs = outputs(&mut room);
+        assert_eq!(errors_to(&outs, ConnId(1)), vec!["token_expired"]);
+        assert!(closes(&outs).is_empty(), "a refused renewal is recoverable");
+        room.handle_text(T0 + 600, ConnId(1), &auth("alex"), &Tokens);
+        let outs = outputs(&mut room);
+        assert!(outs.iter().any(|o| matches!(
+            o,
+            Output::Send {
+                to: Target::Conn(ConnId(1)),
+                frame: ServerFrame::AuthOk
+            }
+        )));
+        assert_eq!(room.poll_timeout(), Some(T0 + 60_600));
+        room.handle_timeout(T0 + 30_000);
+        assert!(closes(&outputs(&mut room)).is_empty(), "renewed");
+        // Another user's token on this connection is a policy violation.
+        room.handle_text(T0 + 31_000, ConnId(1), &auth("bob"), &Tokens);
+        let outs = outputs(&mut room);
+        assert_eq!(errors_to(&outs, ConnId(1)), vec!["invalid_token"]);
+        assert_eq!(closes(&outs), vec![(ConnId(1), close::POLICY)]);
+        assert_eq!(
+            room.poll_timeout(),
+            None,
+            "a closed connection has no deadline"
+        );
+    }
+
+    #[test]
+    fn watermarks_are_stored_before_the_origin_hears_of_them_and_marked_synced_after() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2]);
+        outputs(&mut room);
+        room.handle_connect(T0, ConnId(2), 2, None).expect("member");
+        room.submit(T0, 1, "hi".into(), None, None, &Bare)
+            .expect("send");
+        outputs(&mut room);
+        let batch = room.poll_flush(T0 + 1_000).expect("due");
+        let stored: Vec<Watermark> = outputs(&mut room)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::StoreWatermark(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            stored.len(),
+            batch.receipts.len(),
+            "each receipt in the batch was written first"
+        );
+        assert!(
+            stored
+                .iter()
+                .any(|w| w.user_id == 2 && w.delivered_seq == 1)
+        );
+        room.handle_flush_result(
+            T0 + 1_100,
+            &FlushOutcome {
+                stored: batch.messages.iter().map(|m| m.id).collect(),
+                rejected: vec![],
+                receipts_ok: true,
+            },
+        );
+        let outs = outputs(&mut room);
+        assert!(
+            outs.iter()
+                .any(|o| matches!(o, Output::MarkReceiptsSynced(ws) if ws.len() == stored.len()))
+        );
+    }
+
+    /// A driver whose writes fail from the `fail_at`-th one on.
+    #[derive(Default)]
+    struct Flaky {
+        fail_at: usize,
+        writes: usize,
+        sent: Vec<ServerFrame>,
+    }
+
+    impl Driver for Flaky {
+        type Error = &'static str;
+        fn store(&mut self, _: &Record) -> Result<(), &'static str> {
+            self.writes += 1;
+            if self.writes >= self.fail_at {
+                Err("disk full")
+            } else {
+                Ok(())
+            }
+        }
+        fn store_watermark(&mut self, _: &Watermark) -> Result<(), &'static str> {
+            Ok(())
+        }
+        fn replace_members(&mut self, _: &[StoredWatermark]) -> Result<(), &'static str> {
+            Ok(())
+        }
+        fn mark_flushed(&mut self, _: &[i64]) -> Result<(), &'static str> {
+            Ok(())
+        }
+        fn mark_receipts_synced(&mut self, _: &[Watermark]) -> Result<(), &'static str> {
+            Ok(())
+        }
+        fn send(&mut self, _: Target, frame: &ServerFrame) {
+            self.sent.push(frame.clone());
+        }
+        fn close(&mut self, _: ConnId, _: u16, _: &str) {}
+        fn notify(&mut self, _: ConversationNotice) {}
+    }
+
+    #[test]
+    fn a_failed_store_stops_the_drain_before_the_ack_and_the_broadcast() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2]);
+        room.handle_connect(T0, ConnId(1), 1, None).expect("member");
+        room.handle_connect(T0, ConnId(2), 2, None).expect("member");
+        let mut driver = Flaky {
+            fail_at: 2,
+            ..Flaky::default()
+        };
+        drain(&mut room, &mut driver).expect("nothing to write yet");
+        room.handle_text(T0, ConnId(1), &msg("one", "k1"), &Bare);
+        drain(&mut room, &mut driver).expect("the first write succeeds");
+        let before = driver.sent.len();
+        assert!(before >= 2, "ack and broadcast of the stored message");
+        room.handle_text(T0, ConnId(1), &msg("two", "k2"), &Bare);
+        let failed = drain(&mut room, &mut driver).expect_err("the second write fails");
+        assert_eq!(failed.error, "disk full");
+        assert!(
+            failed.dropped >= 2,
+            "the ack and the broadcast were dropped"
+        );
+        assert_eq!(
+            driver.sent.len(),
+            before,
+            "nothing went out after the failure"
+        );
+        assert!(room.poll_output().is_none());
     }
 
     #[test]
@@ -1491,7 +2027,8 @@ mod tests {
             ..RoomConfig::default()
         };
         let mut room = room_with(config, &[1]);
-        room.submit(T0, 1, "hi".into(), None, None).expect("send");
+        room.submit(T0, 1, "hi".into(), None, None, &Bare)
+            .expect("send");
         assert_eq!(room.poll_timeout(), Some(T0 + 100));
         assert!(room.poll_flush(T0 + 50).is_none(), "not due yet");
         let mut now = T0 + 100;
@@ -1516,7 +2053,7 @@ mod tests {
         );
         assert_eq!(room.unflushed(), 0);
         let outs = outputs(&mut room);
-        assert_eq!(outs.last(), Some(&Output::MarkFlushed(vec![1])));
+        assert!(outs.contains(&Output::MarkFlushed(vec![1])));
     }
 
     #[test]
@@ -1524,7 +2061,7 @@ mod tests {
         let mut room = room_with(RoomConfig::default(), &[1, 2]);
         room.handle_connect(T0, ConnId(1), 1, None).expect("member");
         for i in 1..=3 {
-            room.submit(T0, 1, format!("m{i}"), None, None)
+            room.submit(T0, 1, format!("m{i}"), None, None, &Bare)
                 .expect("send");
         }
         outputs(&mut room);
@@ -1571,7 +2108,8 @@ mod tests {
                 })
                 .collect()
         };
-        room.submit(T0, 1, "one".into(), None, None).expect("send");
+        room.submit(T0, 1, "one".into(), None, None, &Bare)
+            .expect("send");
         let first = notices(&outputs(&mut room));
         assert_eq!(first.len(), 1, "the first message notifies at once");
         assert_eq!(first[0].recipients, vec![(1, 0), (2, 1), (3, 1)]);
@@ -1580,9 +2118,9 @@ mod tests {
             Some("one")
         );
         // Two more within the interval: one notice at its end.
-        room.submit(T0 + 50, 1, "two".into(), None, None)
+        room.submit(T0 + 50, 1, "two".into(), None, None, &Bare)
             .expect("send");
-        room.submit(T0 + 100, 2, "three".into(), None, None)
+        room.submit(T0 + 100, 2, "three".into(), None, None, &Bare)
             .expect("send");
         assert!(notices(&outputs(&mut room)).is_empty());
         assert!(room.poll_timeout().is_some_and(|t| t <= T0 + 250));

@@ -1,0 +1,437 @@
+//! The Room's SQLite: the durable half of `shared::room`.
+//!
+//! [`RoomSql`] answers the room's reads ([`RoomStorage`], and the key
+//! lookups of [`Context`]) and executes its outputs ([`Driver`]). Writes
+//! in one Durable Object event are committed together, and workerd's output
+//! gate holds every frame sent in that event until they are durable; a
+//! write that throws stops the drain (see `shared::room::drain`).
+//!
+//! Tables:
+//! - `messages`: the replay window and the outbox (`flushed = 0` until the
+//!   origin confirms). Confirmed rows beyond [`RETAIN_MESSAGES`] are pruned.
+//! - `msg_keys`: every `(sender, client_msg_id)` ever stored, never pruned:
+//!   idempotency has no horizon.
+//! - `members`: watermarks, with `synced` once the origin has those values.
+//! - `meta`: the conversation id, the origin's last seq at creation, the
+//!   schema version.
+
+use std::cell::RefCell;
+
+use serde::Deserialize;
+use shared::auth::{AUDIENCE_API, AuthError, LEEWAY_SECS};
+use shared::lobby::ConversationNotice;
+use shared::protocol::ServerFrame;
+use shared::receipts::Watermark;
+use shared::room::{
+    ConnId, Context, Driver, KnownKey, Millis, Record, RoomStorage, StorageFailed, StoredWatermark,
+    Target, Verified,
+};
+use worker::{SqlStorage, SqlStorageValue};
+
+use crate::conns::Connections;
+use crate::error::{EdgeError, EdgeResult};
+
+/// Confirmed messages kept in SQLite, so a resend of an older message
+/// still gets the whole original back over HTTP, and a wake rebuilds the
+/// replay window without the origin.
+pub const RETAIN_MESSAGES: i64 = 5_000;
+/// The schema this code writes; older rooms are migrated on load.
+const SCHEMA_VERSION: i64 = 2;
+
+/// The Room's SQLite, and what the room needs beside it for one event.
+pub struct RoomSql<'a> {
+    pub sql: &'a SqlStorage,
+    pub conns: &'a Connections,
+    pub notices: &'a RefCell<Vec<ConversationNotice>>,
+    pub jwt_secret: &'a [u8],
+}
+
+impl std::fmt::Debug for RoomSql<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomSql").finish_non_exhaustive()
+    }
+}
+
+/// Whether this object has ever been set up as a room (a read: nothing is
+/// written for a probe of a conversation that does not exist).
+pub fn exists(sql: &SqlStorage) -> EdgeResult<bool> {
+    #[derive(Deserialize)]
+    struct Row {
+        n: i64,
+    }
+    let rows: Vec<Row> = sql
+        .exec(
+            "SELECT count(*) AS n FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+            None,
+        )?
+        .to_array()?;
+    if rows.first().is_none_or(|r| r.n == 0) {
+        return Ok(false);
+    }
+    Ok(meta_get(sql, "members_loaded")?.is_some())
+}
+
+/// Creates the tables, or migrates an older room's.
+pub fn create_schema(sql: &SqlStorage) -> EdgeResult<()> {
+    sql.exec(
+        "CREATE TABLE IF NOT EXISTS messages (
+             seq INTEGER PRIMARY KEY,
+             id TEXT NOT NULL,
+             sender_id INTEGER NOT NULL,
+             content TEXT NOT NULL,
+             created_at_ms INTEGER NOT NULL,
+             client_msg_id TEXT NOT NULL,
+             flushed INTEGER NOT NULL DEFAULT 0
+         );
+         CREATE UNIQUE INDEX IF NOT EXISTS messages_key ON messages (sender_id, client_msg_id);
+         CREATE INDEX IF NOT EXISTS messages_unflushed ON messages (flushed, seq);
+         CREATE TABLE IF NOT EXISTS msg_keys (
+             sender_id INTEGER NOT NULL,
+             client_msg_id TEXT NOT NULL,
+             seq INTEGER NOT NULL,
+             id TEXT NOT NULL,
+             created_at_ms INTEGER NOT NULL,
+             PRIMARY KEY (sender_id, client_msg_id)
+         ) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS members (
+             user_id INTEGER PRIMARY KEY,
+             delivered_seq INTEGER NOT NULL,
+             read_seq INTEGER NOT NULL,
+             synced INTEGER NOT NULL DEFAULT 0
+         );
+         CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+        None,
+    )?;
+    let version = meta_get(sql, "schema_version")?.unwrap_or(1);
+    if version < 2 && meta_get(sql, "members_loaded")?.is_some() {
+        // Version 1 kept keys only with their (pruned) messages and had no
+        // synced flag: copy the keys over, and treat every watermark as
+        // unknown to the origin (it takes the maximum, so resending is
+        // harmless).
+        // A query naming the column fails exactly when it is missing.
+        let has_synced = sql.exec("SELECT synced FROM members LIMIT 0", None).is_ok();
+        if !has_synced {
+            sql.exec(
+                "ALTER TABLE members ADD COLUMN synced INTEGER NOT NULL DEFAULT 0",
+                None,
+            )?;
+        }
+        sql.exec(
+            "INSERT OR IGNORE INTO msg_keys (sender_id, client_msg_id, seq, id, created_at_ms)
+             SELECT sender_id, client_msg_id, seq, id, created_at_ms FROM messages",
+            None,
+        )?;
+    }
+    if version != SCHEMA_VERSION {
+        meta_set(sql, "schema_version", SCHEMA_VERSION)?;
+    }
+    Ok(())
+}
+
+pub fn meta_get(sql: &SqlStorage, key: &str) -> EdgeResult<Option<i64>> {
+    #[derive(Deserialize)]
+    struct Row {
+        value: i64,
+    }
+    let rows: Vec<Row> = sql
+        .exec("SELECT value FROM meta WHERE key = ?", vec![key.into()])?
+        .to_array()?;
+    Ok(rows.first().map(|r| r.value))
+}
+
+pub fn meta_set(sql: &SqlStorage, key: &str, value: i64) -> EdgeResult<()> {
+    sql.exec(
+        "INSERT INTO meta (key, value) VALUES (?, ?)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        vec![key.into(), value.into()],
+    )?;
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct MessageRow {
+    seq: i64,
+    id: String,
+    sender_id: i64,
+    content: String,
+    created_at_ms: i64,
+    client_msg_id: String,
+    flushed: i64,
+}
+
+impl MessageRow {
+    fn into_record(self) -> Record {
+        Record {
+            id: self.id.parse().unwrap_or_default(),
+            seq: self.seq,
+            sender_id: self.sender_id,
+            content: self.content,
+            created_at_ms: self.created_at_ms,
+            client_msg_id: self.client_msg_id,
+            flushed: self.flushed != 0,
+        }
+    }
+}
+
+/// A message from the log by seq, if it is still there.
+pub fn message_at(sql: &SqlStorage, seq: i64) -> EdgeResult<Option<Record>> {
+    let rows: Vec<MessageRow> = sql
+        .exec(
+            "SELECT seq, id, sender_id, content, created_at_ms, client_msg_id, flushed
+             FROM messages WHERE seq = ?",
+            vec![seq.into()],
+        )?
+        .to_array()?;
+    Ok(rows.into_iter().next().map(MessageRow::into_record))
+}
+
+/// Logs a failed read and turns it into the room's typed refusal.
+fn failed(what: &str, e: &impl std::fmt::Display) -> StorageFailed {
+    worker::console_error!("room storage: {what}: {e}");
+    StorageFailed
+}
+
+impl RoomSql<'_> {
+    fn exec(&self, query: &str, params: Vec<SqlStorageValue>) -> EdgeResult<()> {
+        self.sql.exec(query, params)?;
+        Ok(())
+    }
+}
+
+impl RoomStorage for RoomSql<'_> {
+    fn members(&self) -> Result<Vec<StoredWatermark>, StorageFailed> {
+        #[derive(Deserialize)]
+        struct Row {
+            user_id: i64,
+            delivered_seq: i64,
+            read_seq: i64,
+            synced: i64,
+        }
+        let rows: Vec<Row> = self
+            .sql
+            .exec(
+                "SELECT user_id, delivered_seq, read_seq, synced FROM members",
+                None,
+            )
+            .and_then(|c| c.to_array())
+            .map_err(|e| failed("members", &e))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| StoredWatermark {
+                watermark: Watermark {
+                    user_id: r.user_id,
+                    delivered_seq: r.delivered_seq,
+                    read_seq: r.read_seq,
+                },
+                synced: r.synced != 0,
+            })
+            .collect())
+    }
+
+    fn last_seq(&self) -> Result<i64, StorageFailed> {
+        #[derive(Deserialize)]
+        struct Row {
+            max_seq: Option<i64>,
+        }
+        let logged = self
+            .sql
+            .exec("SELECT max(seq) AS max_seq FROM messages", None)
+            .and_then(|c| c.to_array::<Row>())
+            .map_err(|e| failed("last seq", &e))?
+            .first()
+            .and_then(|r| r.max_seq)
+            .unwrap_or(0);
+        let base = meta_get(self.sql, "base_seq")
+            .map_err(|e| failed("base seq", &e))?
+            .unwrap_or(0);
+        Ok(logged.max(base))
+    }
+
+    fn oldest_unflushed(&self) -> Result<Option<i64>, StorageFailed> {
+        #[derive(Deserialize)]
+        struct Row {
+            seq: Option<i64>,
+        }
+        Ok(self
+            .sql
+            .exec(
+                "SELECT min(seq) AS seq FROM messages WHERE flushed = 0",
+                None,
+            )
+            .and_then(|c| c.to_array::<Row>())
+            .map_err(|e| failed("oldest unflushed", &e))?
+            .first()
+            .and_then(|r| r.seq))
+    }
+
+    fn messages_from(&self, from: i64) -> Result<Vec<Record>, StorageFailed> {
+        let rows: Vec<MessageRow> = self
+            .sql
+            .exec(
+                "SELECT seq, id, sender_id, content, created_at_ms, client_msg_id, flushed
+                 FROM messages WHERE seq >= ? ORDER BY seq",
+                vec![from.into()],
+            )
+            .and_then(|c| c.to_array())
+            .map_err(|e| failed("messages", &e))?;
+        Ok(rows.into_iter().map(MessageRow::into_record).collect())
+    }
+}
+
+impl Context for RoomSql<'_> {
+    fn find_key(
+        &self,
+        sender_id: i64,
+        client_msg_id: &str,
+    ) -> Result<Option<KnownKey>, StorageFailed> {
+        #[derive(Deserialize)]
+        struct Row {
+            seq: i64,
+            id: String,
+            created_at_ms: i64,
+        }
+        let rows: Vec<Row> = self
+            .sql
+            .exec(
+                "SELECT seq, id, created_at_ms FROM msg_keys
+                 WHERE sender_id = ? AND client_msg_id = ?",
+                vec![sender_id.into(), client_msg_id.into()],
+            )
+            .and_then(|c| c.to_array())
+            .map_err(|e| failed("key lookup", &e))?;
+        Ok(rows.into_iter().next().map(|r| KnownKey {
+            seq: r.seq,
+            id: r.id.parse().unwrap_or_default(),
+            created_at_ms: r.created_at_ms,
+        }))
+    }
+
+    fn verify_token(&self, token: &str, now: Millis) -> Result<Verified, AuthError> {
+        verify_session(token, self.jwt_secret, now)
+    }
+}
+
+/// Verifies a session token presented on a live connection: the same rule
+/// as at the Worker. Valid until its `exp` plus the leeway.
+pub fn verify_session(token: &str, secret: &[u8], now: Millis) -> Result<Verified, AuthError> {
+    let now_secs = i64::try_from(now / 1000).unwrap_or(i64::MAX);
+    let claims = shared::auth::verify(token, secret, AUDIENCE_API, now_secs)?;
+    Ok(Verified {
+        user_id: claims.user_id()?,
+        valid_until: valid_until(claims.exp),
+    })
+}
+
+/// The instant (ms) after which a token with this `exp` is refused.
+pub fn valid_until(exp: i64) -> Millis {
+    u64::try_from(exp.saturating_add(LEEWAY_SECS))
+        .unwrap_or(0)
+        .saturating_mul(1000)
+}
+
+impl Driver for RoomSql<'_> {
+    type Error = EdgeError;
+
+    fn store(&mut self, r: &Record) -> EdgeResult<()> {
+        let id = r.id.to_string();
+        self.exec(
+            "INSERT INTO messages (seq, id, sender_id, content, created_at_ms, client_msg_id, flushed)
+             VALUES (?, ?, ?, ?, ?, ?, 0)",
+            vec![
+                r.seq.into(),
+                id.clone().into(),
+                r.sender_id.into(),
+                r.content.clone().into(),
+                r.created_at_ms.into(),
+                r.client_msg_id.clone().into(),
+            ],
+        )?;
+        self.exec(
+            "INSERT INTO msg_keys (sender_id, client_msg_id, seq, id, created_at_ms)
+             VALUES (?, ?, ?, ?, ?)",
+            vec![
+                r.sender_id.into(),
+                r.client_msg_id.clone().into(),
+                r.seq.into(),
+                id.into(),
+                r.created_at_ms.into(),
+            ],
+        )
+    }
+
+    fn store_watermark(&mut self, w: &Watermark) -> EdgeResult<()> {
+        self.exec(
+            "INSERT INTO members (user_id, delivered_seq, read_seq, synced) VALUES (?, ?, ?, 0)
+             ON CONFLICT (user_id) DO UPDATE SET
+                 delivered_seq = max(delivered_seq, excluded.delivered_seq),
+                 read_seq = max(read_seq, excluded.read_seq),
+                 synced = 0",
+            vec![w.user_id.into(), w.delivered_seq.into(), w.read_seq.into()],
+        )
+    }
+
+    fn replace_members(&mut self, members: &[StoredWatermark]) -> EdgeResult<()> {
+        self.exec("DELETE FROM members", vec![])?;
+        for m in members {
+            let w = m.watermark;
+            self.exec(
+                "INSERT INTO members (user_id, delivered_seq, read_seq, synced) VALUES (?, ?, ?, ?)",
+                vec![
+                    w.user_id.into(),
+                    w.delivered_seq.into(),
+                    w.read_seq.into(),
+                    i64::from(m.synced).into(),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn mark_flushed(&mut self, seqs: &[i64]) -> EdgeResult<()> {
+        let (Some(&bottom), Some(&top)) = (seqs.iter().min(), seqs.iter().max()) else {
+            return Ok(());
+        };
+        // The room confirms whole runs; a range update is one statement.
+        self.exec(
+            "UPDATE messages SET flushed = 1 WHERE seq BETWEEN ? AND ?",
+            vec![bottom.into(), top.into()],
+        )?;
+        // Outside the replay window and the retention, a confirmed message
+        // lives on only in PostgreSQL (its key stays in msg_keys).
+        self.exec(
+            "DELETE FROM messages WHERE flushed = 1
+             AND seq <= (SELECT max(seq) FROM messages) - ?",
+            vec![RETAIN_MESSAGES.into()],
+        )
+    }
+
+    fn mark_receipts_synced(&mut self, watermarks: &[Watermark]) -> EdgeResult<()> {
+        for w in watermarks {
+            self.exec(
+                "UPDATE members SET synced = 1
+                 WHERE user_id = ? AND delivered_seq = ? AND read_seq = ?",
+                vec![w.user_id.into(), w.delivered_seq.into(), w.read_seq.into()],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, to: Target, frame: &ServerFrame) {
+        let sent = self.conns.send(frame, |conn, user| match to {
+            Target::Conn(c) => c.0 == conn,
+            Target::All => true,
+            Target::OthersOf(u) => user != u,
+        });
+        if let Err(e) = sent {
+            worker::console_error!("room send: {e}");
+        }
+    }
+
+    fn close(&mut self, conn: ConnId, code: u16, reason: &str) {
+        self.conns.close(conn.0, code, reason);
+    }
+
+    fn notify(&mut self, notice: ConversationNotice) {
+        self.notices.borrow_mut().push(notice);
+    }
+}
