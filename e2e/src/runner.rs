@@ -19,6 +19,15 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Runs `tests` against `stack`; an optional filter (the first CLI argument
 /// that is not a flag) selects by substring. Returns the process exit code.
 pub async fn run(stack: &mut Stack, tests: &[(&str, TestFn)]) -> std::process::ExitCode {
+    run_with_timeout(stack, tests, TEST_TIMEOUT).await
+}
+
+/// [`run`] with another deadline per test (suites that restart the stack).
+pub async fn run_with_timeout(
+    stack: &mut Stack,
+    tests: &[(&str, TestFn)],
+    timeout: Duration,
+) -> std::process::ExitCode {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let selected: Vec<&(&str, TestFn)> = tests
         .iter()
@@ -29,11 +38,11 @@ pub async fn run(stack: &mut Stack, tests: &[(&str, TestFn)]) -> std::process::E
     let mut failed = Vec::new();
     for (name, test) in selected.iter().copied() {
         let t = Instant::now();
-        let result = tokio::time::timeout(TEST_TIMEOUT, test(stack)).await;
+        let result = tokio::time::timeout(timeout, test(stack)).await;
         let outcome = match result {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(format!("{e:#}")),
-            Err(_) => Some(format!("timed out after {TEST_TIMEOUT:?}")),
+            Err(_) => Some(format!("timed out after {timeout:?}")),
         };
         match outcome {
             None => println!("test {name} ... ok ({:.1}s)", t.elapsed().as_secs_f64()),

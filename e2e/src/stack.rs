@@ -105,6 +105,55 @@ impl OriginProcess {
     }
 }
 
+/// How to start `wrangler dev` again, on the same port and state.
+#[derive(Debug, Clone)]
+struct EdgeLaunch {
+    config_path: PathBuf,
+    state_dir: PathBuf,
+    edge_port: u16,
+    inspector_port: u16,
+    vars: Vec<(String, String)>,
+    verbose: bool,
+}
+
+impl EdgeLaunch {
+    fn spawn(&self, root: &Path, workdir: &Path) -> anyhow::Result<Child> {
+        let mut cmd = Command::new(root.join("node_modules/.bin/wrangler"));
+        cmd.arg("dev")
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(["--ip", "127.0.0.1", "--port", &self.edge_port.to_string()])
+            .args(["--inspector-port", &self.inspector_port.to_string()])
+            // Durable Object state on disk, kept across restarts of the
+            // runtime (the restart tests rely on it).
+            .arg("--persist-to")
+            .arg(&self.state_dir)
+            .args([
+                "--show-interactive-dev-session=false",
+                "--log-level",
+                "warn",
+            ]);
+        for (k, v) in &self.vars {
+            cmd.arg("--var").arg(format!("{k}:{v}"));
+        }
+        cmd.current_dir(workdir)
+            .env("WRANGLER_SEND_METRICS", "false")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null());
+        if !self.verbose {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        // Its own process group, so that stopping it also stops workerd.
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        cmd.spawn()
+            .context("start wrangler dev (npm packages installed?)")
+    }
+}
+
 /// PostgreSQL + origin + `wrangler dev`.
 pub struct Stack {
     pub edge: String,
@@ -114,7 +163,8 @@ pub struct Stack {
     db_url: String,
     origin: Option<OriginProcess>,
     wrangler: Child,
-    _workdir: TempDir,
+    launch: EdgeLaunch,
+    workdir: TempDir,
 }
 
 impl std::fmt::Debug for Stack {
@@ -179,19 +229,6 @@ impl Stack {
             .context("write the test wrangler.toml")?;
         let edge_port = free_port()?;
         let inspector_port = free_port()?;
-        let mut cmd = Command::new(root.join("node_modules/.bin/wrangler"));
-        cmd.arg("dev")
-            .arg("--config")
-            .arg(&config_path)
-            .args(["--ip", "127.0.0.1", "--port", &edge_port.to_string()])
-            .args(["--inspector-port", &inspector_port.to_string()])
-            .arg("--persist-to")
-            .arg(workdir.path().join("state"))
-            .args([
-                "--show-interactive-dev-session=false",
-                "--log-level",
-                "warn",
-            ]);
         let mut vars = vec![
             (
                 "ORIGIN_URL".to_owned(),
@@ -205,25 +242,15 @@ impl Stack {
             ),
         ];
         vars.extend(options.vars.iter().cloned());
-        for (k, v) in &vars {
-            cmd.arg("--var").arg(format!("{k}:{v}"));
-        }
-        cmd.current_dir(workdir.path())
-            .env("WRANGLER_SEND_METRICS", "false")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null());
-        if !options.verbose {
-            cmd.stdout(Stdio::null()).stderr(Stdio::null());
-        }
-        // Its own process group, so that stopping it also stops workerd.
-        #[cfg(unix)]
-        {
-            use std::os::unix::process::CommandExt;
-            cmd.process_group(0);
-        }
-        let wrangler = cmd
-            .spawn()
-            .context("start wrangler dev (npm packages installed?)")?;
+        let launch = EdgeLaunch {
+            config_path,
+            state_dir: workdir.path().join("state"),
+            edge_port,
+            inspector_port,
+            vars,
+            verbose: options.verbose,
+        };
+        let wrangler = launch.spawn(&root, workdir.path())?;
         let mut stack = Self {
             edge: format!("http://127.0.0.1:{edge_port}"),
             origin_port,
@@ -232,7 +259,8 @@ impl Stack {
             db_url,
             origin: Some(origin),
             wrangler,
-            _workdir: workdir,
+            launch,
+            workdir,
         };
         stack.wait_for_edge(Duration::from_secs(120)).await?;
         Ok(stack)
@@ -354,6 +382,35 @@ impl Stack {
             }
         }
         bail!("no workerd runtime port found behind the dev proxy")
+    }
+
+    /// Kills the edge runtime the hard way: SIGKILL to wrangler and every
+    /// workerd process, with no chance to flush or close anything. Durable
+    /// Object state stays on disk for [`Stack::start_edge`].
+    pub fn kill_edge(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", self.wrangler.id())])
+            .status();
+        let _ = self.wrangler.wait();
+    }
+
+    /// Starts `wrangler dev` again on the same port and the same state.
+    pub async fn start_edge(&mut self) -> anyhow::Result<()> {
+        let root = workspace_root();
+        // The killed runtime's port may linger briefly.
+        let mut last = None;
+        for _ in 0..5 {
+            self.wrangler = self.launch.spawn(&root, self.workdir.path())?;
+            match self.wait_for_edge(Duration::from_secs(120)).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    last = Some(e);
+                    self.kill_edge();
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("the edge did not restart")))
     }
 
     /// Stops the origin (its port then refuses connections).

@@ -8,6 +8,7 @@ mod lobby;
 mod realtime;
 mod rest;
 mod sse;
+mod tokens;
 
 use std::process::ExitCode;
 
@@ -37,6 +38,18 @@ async fn main() -> ExitCode {
         }
     };
     let tests: &[(&str, TestFn)] = &[
+        (
+            "every_claim_rule_refuses_its_bad_token_on_every_path",
+            |s| Box::pin(tokens::every_claim_rule_refuses_its_bad_token_on_every_path(s)),
+        ),
+        (
+            "a_connection_whose_token_expires_is_told_and_closed_unless_renewed",
+            |s| {
+                Box::pin(
+                    tokens::a_connection_whose_token_expires_is_told_and_closed_unless_renewed(s),
+                )
+            },
+        ),
         (
             "two_members_chat_and_each_sees_every_message_in_order",
             |s| Box::pin(realtime::two_members_chat_and_each_sees_every_message_in_order(s)),
@@ -141,9 +154,14 @@ async fn main() -> ExitCode {
             "non_members_get_403_and_bad_tokens_401_on_every_sse_path",
             |s| Box::pin(sse::non_members_get_403_and_bad_tokens_401_on_every_sse_path(s)),
         ),
-        ("the_subscriber_cap_evicts_the_oldest_stream", |s| {
-            Box::pin(sse::the_subscriber_cap_evicts_the_oldest_stream(s))
-        }),
+        (
+            "a_member_over_the_cap_loses_their_own_oldest_stream_never_anyone_elses",
+            |s| {
+                Box::pin(
+                    sse::a_member_over_the_cap_loses_their_own_oldest_stream_never_anyone_elses(s),
+                )
+            },
+        ),
         (
             "a_standard_eventsource_client_parses_the_stream_and_resumes_by_itself",
             |s| {

@@ -119,20 +119,42 @@ pub async fn bad_and_expired_tokens_are_refused_and_tickets_work(
             "{query}: {frames:?}"
         );
     }
-    // A ticket from the edge opens the socket, and so does the header.
-    let (status, body) = s
-        .call(
-            Some(&alex),
-            reqwest::Method::POST,
-            "/api/v1/chat/ws-ticket",
-            None,
-        )
-        .await?;
-    ensure!(status == 200, "{status} {body}");
-    let ticket = body["ticket"].as_str().context("ticket")?;
+    // A ticket for this conversation opens its socket, once.
+    let ticket = s.ticket(&alex, Some(conv)).await?;
     let mut ws = s.ws_with(conv, &format!("ticket={ticket}")).await?;
     ws.say(conv, "via ticket", "t-1").await?;
     ws.expect("ack").await?;
+    let mut again = s.ws_with(conv, &format!("ticket={ticket}")).await?;
+    let (frames, closed) = again.closed().await?;
+    ensure!(
+        closed.code == 1008 && frames.iter().any(|f| f["code"] == "ticket_used"),
+        "a ticket is single-use: {frames:?} {closed:?}"
+    );
+    // A ticket opens only what it was minted for: not another room, not
+    // the user's own connection, and a user ticket opens no room.
+    let other = s.direct(&alex, &s.user("Kim").await?).await?;
+    let for_conv = s.ticket(&alex, Some(conv)).await?;
+    let for_user = s.ticket(&alex, None).await?;
+    for (target, ticket) in [(other, &for_conv), (conv, &for_user)] {
+        let mut ws = s.ws_with(target, &format!("ticket={ticket}")).await?;
+        let (frames, closed) = ws.closed().await?;
+        ensure!(
+            closed.code == 1008 && frames.iter().any(|f| f["code"] == "invalid_token"),
+            "ticket for the wrong target: {frames:?} {closed:?}"
+        );
+    }
+    let mut lobby = s
+        .ws_with_path("/api/v1/chat/ws", &format!("ticket={for_conv}"))
+        .await?;
+    let (frames, closed) = lobby.closed().await?;
+    ensure!(
+        closed.code == 1008 && frames.iter().any(|f| f["code"] == "invalid_token"),
+        "a room ticket on the user's connection: {frames:?} {closed:?}"
+    );
+    let mut lobby = s
+        .ws_with_path("/api/v1/chat/ws", &format!("ticket={for_user}"))
+        .await?;
+    lobby.expect("presence_snapshot").await?;
     let (status, body) = s
         .call(None, reqwest::Method::POST, "/api/v1/chat/ws-ticket", None)
         .await?;

@@ -371,47 +371,57 @@ pub async fn non_members_get_403_and_bad_tokens_401_on_every_sse_path(
         .send()
         .await?;
     ensure!(res.status().as_u16() == 401, "{}", res.status());
-    // A ticket works for EventSource.
-    let (_, ticket) = s
-        .call(
-            Some(&alex),
-            reqwest::Method::POST,
-            "/api/v1/chat/ws-ticket",
-            None,
-        )
-        .await?;
-    let ticket = ticket["ticket"].as_str().context("ticket")?;
+    // A ticket for the conversation works for EventSource, once.
+    let ticket = s.ticket(&alex, Some(conv)).await?;
     ensure!(
         s.sse(conv, &format!("ticket={ticket}"), &[]).await?.is_ok(),
         "ticket stream"
     );
+    match s.sse(conv, &format!("ticket={ticket}"), &[]).await? {
+        Err((401, body)) if body["code"] == "ticket_used" => {}
+        other => bail!("a used ticket: {other:?}"),
+    }
     Ok(())
 }
 
-pub async fn the_subscriber_cap_evicts_the_oldest_stream(s: &mut Stack) -> anyhow::Result<()> {
-    // The suite caps rooms at 3 SSE subscribers (200 in production).
-    let (alex, sam, conv) = s.pair().await?;
-    let mut oldest = s
-        .sse(conv, "", &bearer(&sam))
-        .await?
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let mut others = Vec::new();
-    for _ in 0..3 {
-        others.push(
-            s.sse(conv, "", &bearer(&alex))
-                .await?
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?,
-        );
+pub async fn a_member_over_the_cap_loses_their_own_oldest_stream_never_anyone_elses(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    // The suite caps rooms at 3 SSE streams (200 in production).
+    let alex = s.user("Alex").await?;
+    let sam = s.user("Sam").await?;
+    let kim = s.user("Kim").await?;
+    let conv = s.group(&alex, &[&sam, &kim]).await?;
+    let mut sams = open_stream(s, conv, &sam).await?;
+    let mut alexes = Vec::new();
+    for _ in 0..4 {
+        alexes.push(open_stream(s, conv, &alex).await?);
     }
-    oldest.ended(Duration::from_secs(10)).await?;
-    // The survivors still get messages.
+    // The room is full (3): Alex's newer streams pushed out Alex's older
+    // ones, never Sam's.
+    for old in alexes.iter_mut().take(2) {
+        old.ended(Duration::from_secs(10)).await?;
+    }
+    // Kim holds nothing here to give up: refused, and nobody is evicted.
+    match s.sse(conv, "", &bearer(&kim)).await? {
+        Err((503, body)) if body["code"] == "too_many_connections" => {}
+        other => bail!("a newcomer to a full room: {other:?}"),
+    }
     let mut a = s.ws(&alex, conv, None).await?;
     a.say(conv, "still flowing", "cap-1").await?;
-    for o in &mut others {
+    let (id, _) = sams.expect("message").await?;
+    ensure!(id.as_deref() == Some("1"), "{id:?}");
+    for o in alexes.iter_mut().skip(2) {
         let (id, _) = o.expect("message").await?;
         ensure!(id.as_deref() == Some("1"), "{id:?}");
     }
     Ok(())
+}
+
+async fn open_stream(s: &Stack, conv: i64, user: &e2e::User) -> anyhow::Result<e2e::Sse> {
+    s.sse(conv, "", &bearer(user))
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
 }
 
 async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> anyhow::Result<Value> {
@@ -471,12 +481,13 @@ pub async fn a_standard_eventsource_client_parses_the_stream_and_resumes_by_itse
             ));
         }
     }
-    // Push it out (the cap is 3): it reconnects on its own with
-    // Last-Event-ID, and a message sent meanwhile arrives exactly once.
+    // Push it out (the cap is 3; Sam's own newer streams take its place):
+    // it reconnects on its own with Last-Event-ID, and a message sent
+    // meanwhile arrives exactly once.
     let mut pushers = Vec::new();
     for _ in 0..3 {
         pushers.push(
-            s.sse(conv, "", &bearer(&alex))
+            s.sse(conv, "", &bearer(&sam))
                 .await?
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?,
         );

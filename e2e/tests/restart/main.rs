@@ -1,0 +1,425 @@
+//! The edge runtime killed with SIGKILL while clients are sending, and
+//! started again on the same on-disk state: the paths production hits when
+//! a machine dies or an isolate is evicted mid-write.
+//!
+//! Clients behave as the ChatBox does: they reconnect with `since` (or
+//! `Last-Event-ID`) and resend every message not yet acknowledged, with the
+//! same `client_msg_id`. At the end PostgreSQL must hold every message
+//! exactly once with contiguous seqs, every acknowledged message with the
+//! id its ack named, every client must have seen each message once, and
+//! presence must converge (nobody online forever).
+//!
+//! `RESTART_ROUNDS` (default 2) and `RESTART_SEND_MS` (default 2,000 ms of
+//! sending between kills) make a longer run for the figures in the docs.
+
+#![allow(clippy::print_stdout)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use e2e::runner::{TestFn, run_with_timeout};
+use e2e::{Event, Stack, StackOptions, User};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let options = StackOptions {
+        vars: vec![
+            // Senders here are machines, not people.
+            ("ROOM_RATE_PER_SEC".to_owned(), "1000".to_owned()),
+            ("ROOM_RATE_BURST".to_owned(), "1000".to_owned()),
+            ("ROOM_BACKOFF_MAX_MS".to_owned(), "1000".to_owned()),
+            ("LOBBY_GRACE_MS".to_owned(), "1500".to_owned()),
+        ],
+        verbose: std::env::var_os("E2E_VERBOSE").is_some(),
+    };
+    let mut stack = match Stack::start(options).await {
+        Ok(s) => s,
+        Err(e) => {
+            println!("could not start the stack: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let tests: &[(&str, TestFn)] = &[
+        (
+            "killing_the_runtime_while_clients_send_loses_nothing_and_duplicates_nothing",
+            |s| {
+                Box::pin(
+                    killing_the_runtime_while_clients_send_loses_nothing_and_duplicates_nothing(s),
+                )
+            },
+        ),
+        (
+            "after_a_kill_presence_converges_and_nobody_stays_online",
+            |s| Box::pin(after_a_kill_presence_converges_and_nobody_stays_online(s)),
+        ),
+    ];
+    run_with_timeout(&mut stack, tests, Duration::from_secs(900)).await
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// What one client did and saw.
+#[derive(Debug, Default)]
+struct Log {
+    /// Keys in the order they were first sent, with their content.
+    sent: Vec<String>,
+    /// key → (seq, id) from its first ack.
+    acked: HashMap<String, (i64, String)>,
+    /// Every message seq delivered to this client, in arrival order.
+    received: Vec<i64>,
+    /// Acks that named a different (seq, id) than the first ack of a key.
+    conflicting_acks: Vec<String>,
+    connects: usize,
+    /// Messages sent again after a reconnect because no ack had come.
+    resent: usize,
+}
+
+impl Log {
+    fn since(&self) -> Option<i64> {
+        // The client holds a contiguous prefix (replay is in order).
+        self.received.iter().copied().max()
+    }
+
+    fn unacked(&self) -> Vec<String> {
+        self.sent
+            .iter()
+            .filter(|k| !self.acked.contains_key(*k))
+            .cloned()
+            .collect()
+    }
+}
+
+/// A client that keeps a WebSocket open to the room whatever happens,
+/// sends a message every `every` while `sending` is set, and resends what
+/// was not acknowledged after each reconnect.
+async fn client(
+    stack_edge: String,
+    user: User,
+    conversation: i64,
+    name: &'static str,
+    every: Duration,
+    sending: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Log>>,
+) {
+    let mut next_key = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let since = log.lock().await.since();
+        let mut url = format!(
+            "{}/api/v1/chat/conversations/{conversation}/ws?token={}",
+            stack_edge.replacen("http", "ws", 1),
+            user.token
+        );
+        if let Some(s) = since {
+            url.push_str(&format!("&since={s}"));
+        }
+        let Ok((ws, _)) = tokio_tungstenite::connect_async(url).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let (mut tx, mut rx) = ws.split();
+        use futures::SinkExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let frame = |key: &str| {
+            Message::text(
+                json!({"type": "message", "conversation_id": conversation,
+                       "content": format!("{name} says {key}"), "client_msg_id": key})
+                .to_string(),
+            )
+        };
+        let resend = {
+            let mut l = log.lock().await;
+            l.connects += 1;
+            let unacked = l.unacked();
+            l.resent += unacked.len();
+            unacked
+        };
+        let mut alive = true;
+        for key in resend {
+            if tx.send(frame(&key)).await.is_err() {
+                alive = false;
+                break;
+            }
+        }
+        let mut tick = tokio::time::interval(every);
+        while alive && !stop.load(Ordering::SeqCst) {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if sending.load(Ordering::SeqCst) {
+                        next_key += 1;
+                        let key = format!("{name}-{next_key}");
+                        log.lock().await.sent.push(key.clone());
+                        if tx.send(frame(&key)).await.is_err() {
+                            alive = false;
+                        }
+                    }
+                }
+                msg = rx.next() => {
+                    let Some(Ok(Message::Text(text))) = msg else {
+                        if matches!(msg, Some(Ok(_))) { continue; }
+                        alive = false;
+                        continue;
+                    };
+                    let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
+                    let mut l = log.lock().await;
+                    match v["type"].as_str() {
+                        Some("message") => {
+                            if let Some(seq) = v["message"]["seq"].as_i64() {
+                                l.received.push(seq);
+                            }
+                        }
+                        Some("ack") => {
+                            let key = v["client_msg_id"].as_str().unwrap_or_default().to_owned();
+                            let got = (
+                                v["seq"].as_i64().unwrap_or(-1),
+                                v["id"].as_str().unwrap_or_default().to_owned(),
+                            );
+                            match l.acked.get(&key) {
+                                Some(first) if *first != got => l.conflicting_acks.push(key),
+                                Some(_) => {}
+                                None => {
+                                    l.acked.insert(key, got);
+                                }
+                            }
+                        }
+                        Some("ping") => {
+                            let n = v["n"].as_u64().unwrap_or(0);
+                            drop(l);
+                            let pong = json!({"type": "pong", "n": n}).to_string();
+                            if tx.send(Message::text(pong)).await.is_err() {
+                                alive = false;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub async fn killing_the_runtime_while_clients_send_loses_nothing_and_duplicates_nothing(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let rounds = env_number("RESTART_ROUNDS", 2);
+    let send_ms = env_number("RESTART_SEND_MS", 2_000);
+    let (alex, sam, conv) = s.pair().await?;
+    let sending = Arc::new(AtomicBool::new(true));
+    let stop = Arc::new(AtomicBool::new(false));
+    let logs: Vec<Arc<Mutex<Log>>> = (0..3)
+        .map(|_| Arc::new(Mutex::new(Log::default())))
+        .collect();
+    // Alex on two devices and Sam: three senders, ~120 messages/s together.
+    let clients = [
+        (alex.clone(), "alex-phone"),
+        (alex.clone(), "alex-laptop"),
+        (sam.clone(), "sam"),
+    ];
+    let mut tasks = Vec::new();
+    for ((user, name), log) in clients.into_iter().zip(&logs) {
+        tasks.push(tokio::spawn(client(
+            s.edge.clone(),
+            user,
+            conv,
+            name,
+            Duration::from_millis(25),
+            sending.clone(),
+            stop.clone(),
+            log.clone(),
+        )));
+    }
+    let started = Instant::now();
+    for round in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(send_ms)).await;
+        s.kill_edge();
+        println!(
+            "    round {}: runtime killed at {:.1}s",
+            round + 1,
+            started.elapsed().as_secs_f64()
+        );
+        // Clients keep trying (and queueing) while the edge is down.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        s.start_edge().await?;
+        println!(
+            "    round {}: runtime back at {:.1}s",
+            round + 1,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(send_ms)).await;
+    sending.store(false, Ordering::SeqCst);
+
+    // Settle: every key acknowledged (clients resend on each reconnect).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut pending = 0;
+        for log in &logs {
+            pending += log.lock().await.unacked().len();
+        }
+        if pending == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{pending} messages never acknowledged");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut all_keys: BTreeSet<String> = BTreeSet::new();
+    let mut acked: BTreeMap<String, (i64, String)> = BTreeMap::new();
+    for log in &logs {
+        let l = log.lock().await;
+        ensure!(
+            l.conflicting_acks.is_empty(),
+            "a resend got a different original: {:?}",
+            l.conflicting_acks
+        );
+        all_keys.extend(l.sent.iter().cloned());
+        acked.extend(l.acked.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    let n = all_keys.len();
+    // Every client catches up to the last seq.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut behind = 0;
+        for log in &logs {
+            if log.lock().await.received.len() < n {
+                behind += 1;
+            }
+        }
+        if behind == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        let _ = t.await;
+    }
+
+    // PostgreSQL: everything, once, in order, with the ids the acks named.
+    let client = s.pool.get().await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rows = loop {
+        let rows = client
+            .query(
+                "SELECT seq, id::text, client_msg_id FROM messages
+                 WHERE conversation_id = $1 ORDER BY seq",
+                &[&conv],
+            )
+            .await?;
+        if rows.len() >= n || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let stored: Vec<(i64, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let seqs: Vec<i64> = stored.iter().map(|r| r.0).collect();
+    ensure!(
+        seqs == (1..=n as i64).collect::<Vec<_>>(),
+        "PostgreSQL holds {} messages for {n} sent, seqs not 1..={n}",
+        seqs.len()
+    );
+    let stored_keys: BTreeSet<String> = stored.iter().map(|r| r.2.clone()).collect();
+    ensure!(
+        stored_keys == all_keys,
+        "PostgreSQL's keys differ from the keys sent"
+    );
+    for (seq, id, key) in &stored {
+        let ack = acked
+            .get(key)
+            .context("every stored message was acknowledged")?;
+        ensure!(
+            ack == &(*seq, id.clone()),
+            "{key}: acked as {ack:?}, stored as ({seq}, {id})"
+        );
+    }
+    // Every client saw each message once, in order, and all of them.
+    for (i, log) in logs.iter().enumerate() {
+        let l = log.lock().await;
+        let mut seen = BTreeSet::new();
+        for seq in &l.received {
+            ensure!(seen.insert(*seq), "client {i} got seq {seq} twice");
+        }
+        ensure!(
+            seen.len() == n,
+            "client {i} saw {} of {n} messages",
+            seen.len()
+        );
+        println!(
+            "    client {i}: {} sent, {} resent after a reconnect, {} received, {} connections",
+            l.sent.len(),
+            l.resent,
+            l.received.len(),
+            l.connects
+        );
+    }
+    println!(
+        "    {n} messages, {rounds} kills in {:.1}s: all in PostgreSQL once, seq 1..={n}, 0 duplicates, 0 lost",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+pub async fn after_a_kill_presence_converges_and_nobody_stays_online(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let (alex, sam, _conv) = s.pair().await?;
+    let mut a = s.lobby(&alex).await?;
+    let mut b = s.lobby(&sam).await?;
+    a.expect("presence_snapshot").await?;
+    b.expect("presence_snapshot").await?;
+    wait_presence(s, &alex, sam.id, true).await?;
+    wait_presence(s, &sam, alex.id, true).await?;
+    s.kill_edge();
+    drop(a);
+    drop(b);
+    s.start_edge().await?;
+    // Alex comes back; Sam never does. The restored Lobby still believes
+    // Sam online (its report survived the kill), so Alex is told, and then
+    // told again when Sam's fresh grace period runs out.
+    let mut a = s.lobby(&alex).await?;
+    a.expect("presence_snapshot").await?;
+    a.expect_where("Sam going offline", |f| {
+        f["type"] == "presence" && f["user_id"] == sam.id && f["is_online"] == false
+    })
+    .await?;
+    wait_presence(s, &alex, sam.id, false).await?;
+    wait_presence(s, &sam, alex.id, true).await?;
+    if let Some(Event::Closed(c)) = a.next_within(Duration::from_millis(100)).await? {
+        bail!("the new lobby socket closed: {c:?}");
+    }
+    Ok(())
+}
+
+/// Polls REST until `viewer` sees `user`'s presence as `online`.
+async fn wait_presence(s: &Stack, viewer: &User, user: i64, online: bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (is_online, _) = s.presence(viewer, user).await?;
+        if is_online == online {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "user {user} still {} after 30 s",
+                if is_online { "online" } else { "offline" }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
