@@ -35,6 +35,12 @@ pub struct Config {
     /// `REFRESH_TOKEN_TTL_SECS`, default 30 days: the life of each refresh
     /// token, so a session ends after this long without use.
     pub refresh_token_ttl: Duration,
+    /// `HASH_CONCURRENCY`, default one per available core (at least 2): how
+    /// many Argon2 checks may run at once (19 MiB each).
+    pub hash_concurrency: usize,
+    /// `HASH_WAIT_MS`, default 2000: how long a login waits for a hashing
+    /// slot before it gets `503 busy`.
+    pub hash_wait: Duration,
     /// `DB_POOL_SIZE`, default 16.
     pub db_pool_size: usize,
     /// `ALLOWED_ORIGINS`: comma-separated browser origins for CORS. Empty
@@ -56,6 +62,8 @@ impl std::fmt::Debug for Config {
             .field("service_secret", &"[redacted]")
             .field("access_token_ttl", &self.access_token_ttl)
             .field("refresh_token_ttl", &self.refresh_token_ttl)
+            .field("hash_concurrency", &self.hash_concurrency)
+            .field("hash_wait", &self.hash_wait)
             .field("db_pool_size", &self.db_pool_size)
             .field("allowed_origins", &self.allowed_origins)
             .field("request_timeout", &self.request_timeout)
@@ -178,6 +186,13 @@ impl Config {
             service_secret,
             access_token_ttl: Duration::from_secs(access_token_ttl),
             refresh_token_ttl: Duration::from_secs(refresh_token_ttl),
+            hash_concurrency: number(
+                "HASH_CONCURRENCY",
+                crate::hashing::Hasher::default_permits() as u64,
+                1,
+                256,
+            )? as usize,
+            hash_wait: Duration::from_millis(number("HASH_WAIT_MS", 2000, 0, 30_000)?),
             db_pool_size: number("DB_POOL_SIZE", 16, 1, 512)? as usize,
             allowed_origins,
             request_timeout: Duration::from_secs(number("REQUEST_TIMEOUT_SECS", 15, 1, 600)?),

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod hashing;
 pub mod http;
 pub mod login_guard;
 pub mod metrics;

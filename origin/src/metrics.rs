@@ -72,6 +72,12 @@ pub fn record_pool(pool: &Pool) {
     metrics::gauge!("db_pool_waiting").set(status.waiting as f64);
 }
 
+/// Publishes the password hashing bound as gauges; called on each scrape.
+pub fn record_hasher(hasher: &crate::hashing::Hasher) {
+    metrics::gauge!("password_hash_slots").set(hasher.permits() as f64);
+    metrics::gauge!("password_hash_slots_available").set(hasher.available() as f64);
+}
+
 /// Counts messages newly written by ingest (replays are not counted).
 pub fn record_ingested(new_rows: u64, replayed: u64) {
     metrics::counter!("messages_ingested_total").increment(new_rows);

@@ -47,6 +47,10 @@ impl Application {
             access_ttl: config.access_token_ttl,
             refresh_ttl: config.refresh_token_ttl,
             login_guard: Arc::default(),
+            hasher: Arc::new(crate::hashing::Hasher::new(
+                config.hash_concurrency,
+                config.hash_wait,
+            )),
         };
         let router = crate::http::app(state.clone(), &config);
         let listener = TcpListener::bind(config.bind_addr)

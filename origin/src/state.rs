@@ -17,6 +17,8 @@ pub struct AppState {
     /// Life of a refresh token.
     pub refresh_ttl: Duration,
     pub login_guard: Arc<LoginGuard>,
+    /// Every Argon2 hash and check runs through it (bounded concurrency).
+    pub hasher: Arc<crate::hashing::Hasher>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -17,7 +17,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::ApiJson;
-use crate::auth::{AuthUser, ClientAddr, hash_password, now_unix, verify_password};
+use crate::auth::{AuthUser, ClientAddr, now_unix};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::sessions::{self, NewRefreshToken, Revocation};
 use crate::state::AppState;
@@ -34,6 +34,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Longest password we hash, in bytes: Argon2 accepts anything, and an
 /// attacker would happily make us hash megabytes.
 pub const MAX_PASSWORD_BYTES: usize = 1024;
+/// Longest email, in bytes (RFC 5321 bounds a forward path at 256 octets
+/// including its angle brackets).
+pub const MAX_EMAIL_BYTES: usize = 254;
 /// Shortest new password, in characters.
 pub const MIN_NEW_PASSWORD_CHARS: usize = 10;
 /// Longest new password, in characters.
@@ -128,11 +131,44 @@ async fn guard(state: &AppState, email: &str, addr: std::net::IpAddr) -> ApiResu
     Ok(())
 }
 
-/// Runs an Argon2 check off the async threads.
-async fn verify_off_thread(password: String, hash: String) -> ApiResult<bool> {
-    tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))
+/// The login email, trimmed and lower-cased (as stored), or a 422 for one
+/// that could never be stored: empty, over 254 bytes (RFC 5321's limit for
+/// a path), or with a control character (PostgreSQL `text` refuses NUL,
+/// which used to surface as a 500).
+fn login_email(raw: &str) -> ApiResult<String> {
+    let too_long = || ApiError::Unprocessable {
+        code: "too_long",
+        message: format!("email is longer than {MAX_EMAIL_BYTES} bytes"),
+    };
+    if raw.len() > MAX_EMAIL_BYTES + 64 {
+        // Not worth normalising first; trimming could not save it.
+        return Err(too_long());
+    }
+    let email = raw.trim().to_lowercase();
+    if email.is_empty() {
+        return Err(ApiError::invalid("email and password are required"));
+    }
+    if email.len() > MAX_EMAIL_BYTES {
+        return Err(too_long());
+    }
+    if email.chars().any(char::is_control) {
+        return Err(ApiError::Unprocessable {
+            code: "invalid_field",
+            message: "email must not contain control characters".to_owned(),
+        });
+    }
+    Ok(email)
+}
+
+/// 422 for a password over [`MAX_PASSWORD_BYTES`], before anything hashes it.
+fn check_password_size(password: &str, field: &str) -> ApiResult<()> {
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(ApiError::Unprocessable {
+            code: "password_too_long",
+            message: format!("{field} is longer than {MAX_PASSWORD_BYTES} bytes"),
+        });
+    }
+    Ok(())
 }
 
 /// POST /api/v1/auth/login
@@ -154,27 +190,28 @@ async fn login(
     headers: HeaderMap,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> ApiResult<Json<LoginResponse>> {
-    let email = req.email.trim().to_lowercase();
-    if email.is_empty() || req.password.is_empty() {
+    let email = login_email(&req.email)?;
+    if req.password.is_empty() {
         return Err(ApiError::invalid("email and password are required"));
     }
-    if req.password.len() > MAX_PASSWORD_BYTES {
-        return Err(ApiError::invalid("password is too long"));
-    }
+    check_password_size(&req.password, "password")?;
     guard(&state, &email, addr).await?;
-    let mut client = state.pool.get().await?;
-    let row = client
+    let row = state
+        .pool
+        .get()
+        .await?
         .query_opt(
             "SELECT id, email, full_name, role, password_hash FROM users WHERE email = $1",
             &[&email],
         )
         .await?;
     // Verify against a dummy hash when the user is unknown, so both cases
-    // cost one Argon2 verification and answer the same.
+    // cost one Argon2 verification and answer the same. No connection is
+    // held while hashing: a queue of logins must not starve the pool.
     let hash = row
         .as_ref()
         .map_or_else(|| state.keys.dummy_hash.clone(), |r| r.get(4));
-    let matches = verify_off_thread(req.password, hash).await?;
+    let matches = state.hasher.verify(req.password, hash).await?;
     let row = match row {
         Some(row) if matches => row,
         _ => {
@@ -189,6 +226,7 @@ async fn login(
     let user_agent = headers
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok());
+    let mut client = state.pool.get().await?;
     let (session_id, refresh) =
         sessions::create(&mut client, user.id, user_agent, state.refresh_ttl).await?;
     Ok(Json(tokens(&state, user, session_id, refresh)?))
@@ -327,15 +365,12 @@ async fn change_password(
     ClientAddr(addr): ClientAddr,
     ApiJson(req): ApiJson<PasswordChange>,
 ) -> ApiResult<StatusCode> {
-    if req.current_password.len() > MAX_PASSWORD_BYTES {
-        return Err(ApiError::Unprocessable {
-            code: "password_too_long",
-            message: "the current password is too long".to_owned(),
-        });
-    }
+    check_password_size(&req.current_password, "current_password")?;
     check_new_password(&req.current_password, &req.new_password)?;
-    let mut client = state.pool.get().await?;
-    let row = client
+    let row = state
+        .pool
+        .get()
+        .await?
         .query_opt(
             "SELECT email, password_hash FROM users WHERE id = $1",
             &[&user.id],
@@ -344,16 +379,13 @@ async fn change_password(
         .ok_or(ApiError::Unauthorized(AuthError::Invalid))?;
     let (email, hash): (String, String) = (row.get(0), row.get(1));
     guard(&state, &email, addr).await?;
-    if !verify_off_thread(req.current_password, hash).await? {
+    if !state.hasher.verify(req.current_password, hash).await? {
         state.login_guard.failed(&email, addr);
         return Err(ApiError::BadCredentials);
     }
     state.login_guard.succeeded(&email, addr);
-    let new_password = req.new_password;
-    let new_hash = tokio::task::spawn_blocking(move || hash_password(&new_password))
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?
-        .map_err(ApiError::Internal)?;
+    let new_hash = state.hasher.hash(req.new_password).await?;
+    let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     tx.execute(
         "UPDATE users SET password_hash = $2 WHERE id = $1",
@@ -369,6 +401,22 @@ async fn change_password(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn login_emails_are_normalised_and_bounded_before_anything_else_sees_them() {
+        assert_eq!(
+            login_email("  Alex@Vibe.FIT ").ok().as_deref(),
+            Some("alex@vibe.fit")
+        );
+        let code = |raw: &str| login_email(raw).err().map(|e| e.code());
+        assert_eq!(code("   "), Some("validation_failed"));
+        assert_eq!(code("a\0@x.fit"), Some("invalid_field"));
+        assert_eq!(code("a\u{7}@x.fit"), Some("invalid_field"));
+        let at_limit = format!("{}@x.fit", "a".repeat(MAX_EMAIL_BYTES - 6));
+        assert_eq!(code(&at_limit), None);
+        assert_eq!(code(&format!("a{at_limit}")), Some("too_long"));
+        assert_eq!(code(&"a".repeat(60_000)), Some("too_long"));
+    }
 
     #[test]
     fn the_new_password_policy_counts_characters_not_bytes() {

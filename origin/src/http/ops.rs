@@ -86,6 +86,7 @@ async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
 )]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     crate::metrics::record_pool(&state.pool);
+    crate::metrics::record_hasher(&state.hasher);
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -5,7 +5,7 @@ use shared::auth::{AUDIENCE_API, AUDIENCE_WS_TICKET, Claims};
 
 use crate::helpers::{
     JWT_SECRET, PASSWORD, SERVICE_SECRET, assert_error, base64url, forge, forge_with, spawn_app,
-    status_and_json,
+    spawn_app_with, status_and_json,
 };
 
 #[tokio::test]
@@ -413,4 +413,76 @@ async fn guessing_from_many_addresses_slows_every_attempt_but_lets_the_right_pas
     let (status, _) = app.login(&sam.email, PASSWORD).await;
     assert_eq!(status, StatusCode::OK);
     assert!(started.elapsed() < expected, "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn an_email_with_a_nul_or_over_254_bytes_and_a_password_over_1024_bytes_get_422() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let long_email = format!("{}@test.vibe", "a".repeat(250));
+    let cases = [
+        (
+            "alex\u{0}@test.vibe".to_owned(),
+            PASSWORD.to_owned(),
+            "invalid_field",
+        ),
+        (
+            format!("{}\u{0}", alex.email),
+            PASSWORD.to_owned(),
+            "invalid_field",
+        ),
+        (
+            "alex\n@test.vibe".to_owned(),
+            PASSWORD.to_owned(),
+            "invalid_field",
+        ),
+        (long_email, PASSWORD.to_owned(), "too_long"),
+        (alex.email.clone(), "p".repeat(1025), "password_too_long"),
+    ];
+    for (email, password, code) in cases {
+        let (status, body) = app.login(&email, &password).await;
+        assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY, code);
+    }
+    // None of them counted as a failed login.
+    assert!(app.state.login_guard.is_empty());
+    let (status, _) = app.login(&alex.email, PASSWORD).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn logins_beyond_the_hashing_bound_wait_or_get_503_busy_and_never_a_500() {
+    let app = spawn_app_with(&[("HASH_CONCURRENCY", "2"), ("HASH_WAIT_MS", "100")]).await;
+    let alex = app.user("Alex", Role::Member).await;
+    assert_eq!(app.state.hasher.permits(), 2);
+    let attempts = (0..24).map(|_| {
+        app.http
+            .post(app.url("/api/v1/auth/login"))
+            .json(&json!({"email": alex.email, "password": PASSWORD}))
+            .send()
+    });
+    let responses = futures::future::join_all(attempts).await;
+    let (mut ok, mut busy) = (0, 0);
+    for res in responses {
+        let res = res.unwrap();
+        let retry_after = res.headers().get("retry-after").cloned();
+        let (status, body) = status_and_json(res).await;
+        match status {
+            StatusCode::OK => ok += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_error(status, &body, StatusCode::SERVICE_UNAVAILABLE, "busy");
+                assert_eq!(retry_after.unwrap(), "1");
+                busy += 1;
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(ok >= 2, "the bound lets work through: {ok} ok, {busy} busy");
+    assert!(busy >= 1, "24 checks do not fit in 100 ms on two slots");
+    assert!(
+        app.state.hasher.peak_in_flight() <= 2,
+        "{} Argon2 checks ran at once",
+        app.state.hasher.peak_in_flight()
+    );
+    // Every permit came back.
+    assert_eq!(app.state.hasher.available(), 2);
 }

@@ -40,14 +40,28 @@ pub async fn fresh_database() -> String {
 }
 
 pub fn config_for(db: &str) -> Config {
+    config_with(db, &[])
+}
+
+/// The test configuration with `overrides` (variable, value) on top.
+pub fn config_with(db: &str, overrides: &[(&str, &str)]) -> Config {
     let url = url_for(db);
-    Config::from_lookup(move |k| match k {
-        "DATABASE_URL" => Some(url.clone()),
-        "BIND_ADDR" => Some("127.0.0.1:0".to_owned()),
-        "JWT_SECRET" => Some(JWT_SECRET.to_owned()),
-        "ORIGIN_SERVICE_SECRET" => Some(SERVICE_SECRET.to_owned()),
-        "DB_POOL_SIZE" => Some("8".to_owned()),
-        _ => None,
+    let overrides: Vec<(String, String)> = overrides
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    Config::from_lookup(move |k| {
+        if let Some((_, v)) = overrides.iter().find(|(var, _)| var == k) {
+            return Some(v.clone());
+        }
+        match k {
+            "DATABASE_URL" => Some(url.clone()),
+            "BIND_ADDR" => Some("127.0.0.1:0".to_owned()),
+            "JWT_SECRET" => Some(JWT_SECRET.to_owned()),
+            "ORIGIN_SERVICE_SECRET" => Some(SERVICE_SECRET.to_owned()),
+            "DB_POOL_SIZE" => Some("8".to_owned()),
+            _ => None,
+        }
     })
     .expect("test config")
 }
@@ -58,22 +72,32 @@ pub struct TestApp {
     #[allow(dead_code)]
     pub db_name: String,
     pub pool: deadpool_postgres::Pool,
+    /// The running app's shared state (its hasher, login guard…).
+    #[allow(dead_code)]
+    pub state: origin::state::AppState,
 }
 
 /// A started origin on a fresh database.
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// A started origin on a fresh database, with configuration `overrides`.
+pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     let db_name = fresh_database().await;
-    let app = Application::build(config_for(&db_name))
+    let app = Application::build(config_with(&db_name, overrides))
         .await
         .expect("build app");
     let base = format!("http://127.0.0.1:{}", app.port());
-    let pool = app.state().pool.clone();
+    let state = app.state().clone();
+    let pool = state.pool.clone();
     tokio::spawn(app.run(std::future::pending()));
     TestApp {
         base,
         http: reqwest::Client::new(),
         db_name,
         pool,
+        state,
     }
 }
 

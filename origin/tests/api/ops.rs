@@ -35,6 +35,7 @@ async fn metrics_expose_requests_ingest_and_the_pool() {
         "messages_ingested_total",
         "db_pool_size",
         "db_pool_available",
+        "password_hash_slots_available",
     ] {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");
     }
