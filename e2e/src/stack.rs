@@ -224,9 +224,8 @@ impl Stack {
         let pool = origin::db::pool(&db_url, 4)?;
 
         let workdir = TempDir::new("vibe-e2e")?;
-        let config_path = workdir.path().join("wrangler.toml");
-        std::fs::write(&config_path, test_wrangler_config(&root)?)
-            .context("write the test wrangler.toml")?;
+        // The prebuilt bundle, without the [build] step (see above).
+        let config_path = xtask::config_without_build(&root, workdir.path())?;
         let edge_port = free_port()?;
         let inspector_port = free_port()?;
         let mut vars = vec![
@@ -482,40 +481,6 @@ fn origin_config(db_url: &str, port: u16, secrets: &Secrets) -> anyhow::Result<C
         "DB_POOL_SIZE" => Some("8".to_owned()),
         _ => None,
     })?)
-}
-
-/// The project's wrangler.toml, pointed at the prebuilt bundle and without
-/// its `[build]` step (see [`Stack::start`]).
-fn test_wrangler_config(root: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(root.join("wrangler.toml")).context("read wrangler.toml")?;
-    let mut out = String::new();
-    let mut in_build = false;
-    for line in text.lines() {
-        let trimmed = line.trim();
-        if trimmed.starts_with('[') {
-            in_build = trimmed == "[build]";
-        }
-        if in_build {
-            continue;
-        }
-        if trimmed.starts_with("directory =") {
-            out.push_str(&format!(
-                "directory = \"{}\"\n",
-                root.join("chatbox").display()
-            ));
-            continue;
-        }
-        if trimmed.starts_with("main =") {
-            out.push_str(&format!(
-                "main = \"{}\"\n",
-                root.join("edge-worker/build/index.js").display()
-            ));
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    Ok(out)
 }
 
 /// A directory removed on drop.

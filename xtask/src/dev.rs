@@ -1,4 +1,15 @@
-//! `cargo xtask dev`: the whole stack on this machine, until Ctrl-C.
+//! `cargo xtask dev`: the whole stack on this machine, until stopped.
+//!
+//! However it is stopped, nothing it started outlives it: Ctrl-C, SIGTERM
+//! and SIGHUP (a closed terminal) stop the children in order, and a
+//! watchdog process stops them if this process is killed outright
+//! (SIGKILL, a crash). Durable Object state lives in `.wrangler/state`
+//! (or `VIBE_DEV_STATE`), so a restart finds the same rooms.
+//!
+//! Environment (all optional): `DATABASE_URL`; `VIBE_EDGE_PORT` (8787) and
+//! `VIBE_ORIGIN_PORT` (8081); `VIBE_DEV_STATE`; `VIBE_DEV_SKIP_BUILD=1` to
+//! use what is already built (the tests of this command run it under
+//! `cargo test`, which holds the build lock).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -14,12 +25,28 @@ use anyhow::{Context, bail};
 use crate::{pg, step};
 
 /// Where the origin listens in development (wrangler.toml's ORIGIN_URL).
-pub const ORIGIN_ADDR: &str = "127.0.0.1:8081";
+const ORIGIN_PORT: u16 = 8081;
 /// Where the edge listens.
-pub const EDGE_ADDR: &str = "127.0.0.1:8787";
+const EDGE_PORT: u16 = 8787;
 const DEV_DATABASE: &str = "vibe_dev";
 
+fn port(var: &str, default: u16) -> anyhow::Result<u16> {
+    match std::env::var(var) {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("{var} is not a port: {v:?}")),
+        Err(_) => Ok(default),
+    }
+}
+
 pub fn run(root: &Path) -> anyhow::Result<()> {
+    let origin_addr = format!("127.0.0.1:{}", port("VIBE_ORIGIN_PORT", ORIGIN_PORT)?);
+    let edge_port = port("VIBE_EDGE_PORT", EDGE_PORT)?;
+    let edge_addr = format!("127.0.0.1:{edge_port}");
+    let state_dir = std::env::var("VIBE_DEV_STATE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join(".wrangler/state"));
+    let skip_build = std::env::var_os("VIBE_DEV_SKIP_BUILD").is_some();
     let admin_url = pg::ensure(root)?;
     let database_url = match std::env::var("DATABASE_URL") {
         Ok(url) => url,
@@ -29,17 +56,19 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         }
     };
     let secrets = dev_vars(root)?;
-    step(
-        "build the origin",
-        crate::cargo(&["build", "-p", "vibe-origin"]),
-    )?;
-    // Built here so errors show up front; wrangler's own [build] step is
-    // then a quick no-op.
-    crate::build_edge(root)?;
+    if !skip_build {
+        step(
+            "build the origin",
+            crate::cargo(&["build", "-p", "vibe-origin"]),
+        )?;
+        // Built here so errors show up front; wrangler's own [build] step
+        // is then a quick no-op.
+        crate::build_edge(root)?;
+    }
     let origin_bin = root.join("target").join("debug").join("origin");
     let origin_env = |cmd: &mut Command| {
         cmd.env("DATABASE_URL", &database_url)
-            .env("BIND_ADDR", ORIGIN_ADDR)
+            .env("BIND_ADDR", &origin_addr)
             .env("LOG_FORMAT", "pretty")
             .envs(secrets.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     };
@@ -51,22 +80,45 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
+        // Ctrl-C, SIGTERM and SIGHUP (the "termination" feature).
         ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
-            .context("install the Ctrl-C handler")?;
+            .context("install the signal handler")?;
     }
     let mut serve = Command::new(&origin_bin);
     serve.arg("serve").process_group(0);
     origin_env(&mut serve);
     let mut children: Vec<(&str, Child)> =
         vec![("origin", serve.spawn().context("start the origin")?)];
-    if let Err(e) = wait_healthy(ORIGIN_ADDR, "/healthz", Duration::from_secs(60), &stop) {
+    watchdog(&children[0].1);
+    if let Err(e) = wait_healthy(&origin_addr, "/healthz", Duration::from_secs(60), &stop) {
         shutdown(&mut children);
         return Err(e);
     }
-    let (ip, port) = EDGE_ADDR.split_once(':').unwrap_or(("127.0.0.1", "8787"));
     let mut wrangler = Command::new(root.join("node_modules/.bin/wrangler"));
+    // With builds skipped, wrangler.toml's [build] (`cargo xtask
+    // build-edge`) would wait on a build lock held by whoever asked us to
+    // skip: run a copy without it. wrangler reads `.dev.vars` beside the
+    // config it is given.
+    let config_dir = skip_build.then(|| {
+        root.join("target")
+            .join(format!("wrangler-dev-{}", std::process::id()))
+    });
+    if let Some(dir) = &config_dir {
+        let config = crate::config_without_build(root, dir)?;
+        std::fs::copy(root.join(".dev.vars"), dir.join(".dev.vars"))
+            .context("copy .dev.vars beside the config")?;
+        wrangler.arg("--config").arg(config);
+    }
     wrangler
-        .args(["dev", "--ip", ip, "--port", port])
+        .args(["dev", "--ip", "127.0.0.1", "--port", &edge_port.to_string()])
+        .arg("--persist-to")
+        .arg(&state_dir)
+        .arg("--var")
+        .arg(format!("ORIGIN_URL:http://{origin_addr}"))
+        .arg("--var")
+        .arg(format!(
+            "ALLOWED_ORIGINS:http://{edge_addr},http://localhost:{edge_port}"
+        ))
         // wrangler's own request log prints raw paths, and the seed's
         // `/api/v1/chat/ws/{token}` route carries a token in its path:
         // keep it to warnings (the origin logs requests, redacted).
@@ -80,14 +132,17 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         // Its own group: stopping it must also stop workerd.
         .process_group(0);
     match wrangler.spawn() {
-        Ok(child) => children.push(("wrangler dev", child)),
+        Ok(child) => {
+            watchdog(&child);
+            children.push(("wrangler dev", child));
+        }
         Err(e) => {
             shutdown(&mut children);
             return Err(e).context("start wrangler dev");
         }
     }
     if let Err(e) = wait_healthy(
-        EDGE_ADDR,
+        &edge_addr,
         "/api/v1/edge/health",
         Duration::from_secs(180),
         &stop,
@@ -95,28 +150,56 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         shutdown(&mut children);
         return Err(e);
     }
-    banner();
+    banner(&edge_addr, &origin_addr, &state_dir);
     let result = supervise(&mut children, &stop);
     shutdown(&mut children);
+    if let Some(dir) = config_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     result
 }
 
-fn banner() {
+fn banner(edge: &str, origin: &str, state: &Path) {
     println!(
         "\n  Vibe Chat is running.\n\n  \
-         edge (open this): http://{EDGE_ADDR}\n  \
-         WebSocket:        ws://{EDGE_ADDR}/api/v1/chat/conversations/{{id}}/ws?token=…\n  \
-         origin (REST):    http://{ORIGIN_ADDR}\n  \
-         OpenAPI:          http://{ORIGIN_ADDR}/openapi.json\n\n  \
+         edge (open this): http://{edge}\n  \
+         WebSocket:        ws://{edge}/api/v1/chat/conversations/{{id}}/ws?token=…\n  \
+         origin (REST):    http://{origin}\n  \
+         OpenAPI:          http://{edge}/api/openapi.json\n  \
+         room state:       {} (kept across restarts)\n\n  \
          Demo logins (password: demo-password)\n    \
          coach@vibe.fit  trainer\n    \
          alex@vibe.fit   member\n    \
          sam@vibe.fit    member\n\n  \
-         Ctrl-C stops everything.\n"
+         Ctrl-C stops everything.\n",
+        state.display()
     );
 }
 
-/// Waits until a child exits (an error) or Ctrl-C (a clean stop).
+/// A process that outlives us only to stop `child`'s process group if we
+/// die without doing it ourselves (SIGKILL, a crash): it polls our pid and,
+/// once we are gone, sends SIGTERM to the group, then SIGKILL. In its own
+/// process group, so the signals meant for us do not reach it first.
+fn watchdog(child: &Child) {
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 1; done; \
+         kill -TERM -{group} 2>/dev/null; sleep 3; kill -KILL -{group} 2>/dev/null",
+        me = std::process::id(),
+        group = child.id()
+    );
+    let spawned = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn();
+    if let Err(e) = spawned {
+        eprintln!("warning: no watchdog for pid {}: {e}", child.id());
+    }
+}
+
+/// Waits until a child exits (an error) or a signal (a clean stop).
 fn supervise(children: &mut [(&str, Child)], stop: &AtomicBool) -> anyhow::Result<()> {
     loop {
         if stop.load(Ordering::SeqCst) {

@@ -115,6 +115,42 @@ pub fn build_edge(root: &Path) -> anyhow::Result<()> {
     step("build the edge worker (wasm32)", cmd)
 }
 
+/// The project's wrangler.toml without its `[build]` step and with
+/// absolute paths, written into `dir`: for running the prebuilt Worker
+/// where a cargo build must not start (tests, `VIBE_DEV_SKIP_BUILD`).
+pub fn config_without_build(root: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string(root.join("wrangler.toml")).context("read wrangler.toml")?;
+    let mut out = String::new();
+    let mut in_build = false;
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            in_build = trimmed == "[build]";
+        }
+        if in_build {
+            continue;
+        }
+        if trimmed.starts_with("directory =") {
+            out.push_str(&format!(
+                "directory = \"{}\"\n",
+                root.join("chatbox").display()
+            ));
+        } else if trimmed.starts_with("main =") {
+            out.push_str(&format!(
+                "main = \"{}\"\n",
+                root.join("edge-worker/build/index.js").display()
+            ));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    std::fs::create_dir_all(dir).context("create the config's directory")?;
+    let path = dir.join("wrangler.toml");
+    std::fs::write(&path, out).context("write the build-less wrangler.toml")?;
+    Ok(path)
+}
+
 /// `cargo xtask bench <name>`.
 fn bench(root: &Path, which: Option<&str>) -> anyhow::Result<()> {
     let which = which.unwrap_or("origin");
