@@ -104,16 +104,28 @@ impl Log {
 /// A client that keeps a WebSocket open to the room whatever happens,
 /// sends a message every `every` while `sending` is set, and resends what
 /// was not acknowledged after each reconnect.
-async fn client(
-    stack_edge: String,
+/// Who a client is and how fast it sends.
+struct ClientSpec {
+    edge: String,
     user: User,
     conversation: i64,
     name: &'static str,
     every: Duration,
+}
+
+async fn client(
+    spec: ClientSpec,
     sending: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     log: Arc<Mutex<Log>>,
 ) {
+    let ClientSpec {
+        edge: stack_edge,
+        user,
+        conversation,
+        name,
+        every,
+    } = spec;
     let mut next_key = 0u64;
     while !stop.load(Ordering::SeqCst) {
         let since = log.lock().await.since();
@@ -230,11 +242,13 @@ pub async fn killing_the_runtime_while_clients_send_loses_nothing_and_duplicates
     let mut tasks = Vec::new();
     for ((user, name), log) in clients.into_iter().zip(&logs) {
         tasks.push(tokio::spawn(client(
-            s.edge.clone(),
-            user,
-            conv,
-            name,
-            Duration::from_millis(25),
+            ClientSpec {
+                edge: s.edge.clone(),
+                user,
+                conversation: conv,
+                name,
+                every: Duration::from_millis(25),
+            },
             sending.clone(),
             stop.clone(),
             log.clone(),
