@@ -46,6 +46,9 @@ pub struct Config {
     /// `ALLOWED_ORIGINS`: comma-separated browser origins for CORS. Empty
     /// means no cross-origin browser access (the edge is same-origin).
     pub allowed_origins: Vec<String>,
+    /// `EDGE_URL`, optional (`http://127.0.0.1:8787`): where to tell the
+    /// edge that a conversation's members changed. Unset: no notices.
+    pub edge_url: Option<String>,
     /// `REQUEST_TIMEOUT_SECS`, default 15.
     pub request_timeout: Duration,
     /// `LOG_FORMAT`: `json` (default in production) or `pretty`.
@@ -66,6 +69,7 @@ impl std::fmt::Debug for Config {
             .field("hash_wait", &self.hash_wait)
             .field("db_pool_size", &self.db_pool_size)
             .field("allowed_origins", &self.allowed_origins)
+            .field("edge_url", &self.edge_url)
             .field("request_timeout", &self.request_timeout)
             .field("log_json", &self.log_json)
             .finish()
@@ -169,6 +173,22 @@ impl Config {
                 reason: "must be longer than ACCESS_TOKEN_TTL_SECS".to_owned(),
             });
         }
+        let edge_url = match get("EDGE_URL").map(|v| v.trim().to_owned()) {
+            None => None,
+            Some(v) if v.is_empty() => None,
+            Some(v) => {
+                let rest = v
+                    .strip_prefix("http://")
+                    .or_else(|| v.strip_prefix("https://"));
+                if rest.is_none_or(|host| host.is_empty() || host.contains(['?', '#'])) {
+                    return Err(ConfigError::Invalid {
+                        var: "EDGE_URL",
+                        reason: format!("{v:?} is not an http:// or https:// base URL"),
+                    });
+                }
+                Some(v.trim_end_matches('/').to_owned())
+            }
+        };
         let log_json = match get("LOG_FORMAT").as_deref() {
             None | Some("json") => true,
             Some("pretty") => false,
@@ -195,6 +215,7 @@ impl Config {
             hash_wait: Duration::from_millis(number("HASH_WAIT_MS", 2000, 0, 30_000)?),
             db_pool_size: number("DB_POOL_SIZE", 16, 1, 512)? as usize,
             allowed_origins,
+            edge_url,
             request_timeout: Duration::from_secs(number("REQUEST_TIMEOUT_SECS", 15, 1, 600)?),
             log_json,
         })
@@ -271,6 +292,23 @@ mod tests {
         let mut pairs = GOOD.to_vec();
         pairs.push(("BIND_ADDR", "localhost"));
         assert!(Config::from_lookup(env(&pairs)).is_err());
+    }
+
+    #[test]
+    fn the_edge_url_is_optional_and_must_be_an_http_base() {
+        assert_eq!(
+            Config::from_lookup(env(GOOD)).expect("valid").edge_url,
+            None
+        );
+        let mut pairs = GOOD.to_vec();
+        pairs.push(("EDGE_URL", "https://chat.example/"));
+        let c = Config::from_lookup(env(&pairs)).expect("valid");
+        assert_eq!(c.edge_url.as_deref(), Some("https://chat.example"));
+        for bad in ["chat.example", "ftp://x", "http://", "http://x/?a=b"] {
+            let mut pairs = GOOD.to_vec();
+            pairs.push(("EDGE_URL", bad));
+            assert!(Config::from_lookup(env(&pairs)).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_sessions.sql",
         sql: include_str!("../../migrations/0002_sessions.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_membership_history.sql",
+        sql: include_str!("../../migrations/0003_membership_history.sql"),
+    },
 ];
 
 /// Key of the advisory lock held while migrating ("vibe" in ASCII).

@@ -51,6 +51,7 @@ impl Application {
                 config.hash_concurrency,
                 config.hash_wait,
             )),
+            edge: crate::edge::EdgeNotifier::new(config.edge_url.clone(), &config.service_secret),
         };
         let router = crate::http::app(state.clone(), &config);
         let listener = TcpListener::bind(config.bind_addr)

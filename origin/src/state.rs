@@ -19,6 +19,8 @@ pub struct AppState {
     pub login_guard: Arc<LoginGuard>,
     /// Every Argon2 hash and check runs through it (bounded concurrency).
     pub hasher: Arc<crate::hashing::Hasher>,
+    /// Members-changed notices to the edge (no-op without `EDGE_URL`).
+    pub edge: crate::edge::EdgeNotifier,
 }
 
 impl std::fmt::Debug for AppState {

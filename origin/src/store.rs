@@ -13,6 +13,8 @@ pub struct Access {
     pub kind: String,
     pub created_by: i64,
     pub last_seq: i64,
+    /// Bumped with every change to the member list (a trigger does it).
+    pub members_version: i64,
     pub members: Vec<Watermark>,
 }
 
@@ -39,7 +41,8 @@ pub async fn conversation_members(
 ) -> ApiResult<Access> {
     let stmt = client
         .prepare_cached(
-            "SELECT c.kind, c.created_by, c.last_seq, p.user_id, p.delivered_seq, p.read_seq
+            "SELECT c.kind, c.created_by, c.last_seq, p.user_id, p.delivered_seq, p.read_seq,
+                    c.members_version
              FROM conversations c
              LEFT JOIN conversation_participants p ON p.conversation_id = c.id
              WHERE c.id = $1
@@ -62,6 +65,7 @@ pub async fn conversation_members(
         kind: first.get(0),
         created_by: first.get(1),
         last_seq: first.get(2),
+        members_version: first.get(6),
         members,
     })
 }

@@ -198,8 +198,22 @@ pub mod internal {
     pub struct IngestResult {
         pub stored: Vec<Uuid>,
         /// Messages that can never be stored (a different message already
-        /// holds the seq, an unknown conversation…). Retrying will not help.
+        /// holds the seq, an unknown conversation, a sender who was not a
+        /// member when it was sent: `not_member`…). Retrying will not help.
         pub rejected: Vec<IngestRejection>,
+        /// The current `members_version` of every existing conversation in
+        /// the batch. A room whose cached version differs refetches its
+        /// members. Empty from an origin that predates it.
+        #[serde(default)]
+        pub members_versions: Vec<ConversationVersion>,
+    }
+
+    /// A conversation's member-list version: bumped in the same transaction
+    /// as every change to its members, by whatever route made it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ConversationVersion {
+        pub conversation_id: i64,
+        pub members_version: i64,
     }
 
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +232,10 @@ pub mod internal {
         /// after it.
         pub last_seq: i64,
         pub members: Vec<MemberWatermark>,
+        /// Version of this member list (see [`ConversationVersion`]); 0 from
+        /// an origin that predates it.
+        #[serde(default)]
+        pub members_version: i64,
     }
 
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -305,6 +323,18 @@ mod tests {
             v,
             serde_json::json!({"type":"resync","conversation_id":1,"from_seq":3})
         );
+    }
+
+    #[test]
+    fn internal_answers_from_an_older_origin_still_parse() {
+        let r: internal::IngestResult =
+            serde_json::from_str(r#"{"stored":[],"rejected":[]}"#).expect("parse");
+        assert!(r.members_versions.is_empty());
+        let m: internal::ConversationMembers = serde_json::from_str(
+            r#"{"conversation_id":1,"kind":"group","last_seq":3,"members":[]}"#,
+        )
+        .expect("parse");
+        assert_eq!(m.members_version, 0);
     }
 
     #[test]

@@ -436,7 +436,13 @@ async fn get_conversation(
     }))
 }
 
-/// Checks that `user` may change the membership of group `id`.
+/// Checks that `user` may change the membership of group `id`. Rights come
+/// from *current* membership: the creator manages the group only while a
+/// member (one who left cannot remove anyone or add themselves back), any
+/// member may leave, and a platform admin moderates any group, member or
+/// not. Call it inside the transaction that makes the change, after locking
+/// the conversation, so a concurrent change cannot slip between the check
+/// and the write.
 async fn check_manage(
     client: &impl GenericClient,
     id: i64,
@@ -445,7 +451,7 @@ async fn check_manage(
 ) -> ApiResult<store::Access> {
     let access = store::conversation_members(client, id).await?;
     let is_member = access.members.iter().any(|m| m.user_id == user.id);
-    let may_manage = user.role == Role::Admin || access.created_by == user.id;
+    let may_manage = user.role == Role::Admin || (is_member && access.created_by == user.id);
     if !(may_manage || self_leave && is_member) {
         return Err(if is_member {
             ApiError::Forbidden("only the group's creator or an admin may change its members")
@@ -500,18 +506,19 @@ async fn add_participants(
 ) -> ApiResult<Json<ConversationView>> {
     let ids = checked_ids(change)?;
     let mut client = state.pool.get().await?;
-    check_manage(&client, id, &user, false).await?;
-    let unknown = store::unknown_users(&client, &ids).await?;
-    if !unknown.is_empty() {
-        return Err(ApiError::invalid(format!("unknown users {unknown:?}")));
-    }
     let tx = client.transaction().await?;
-    // Lock the conversation so the size check and the insert see one state.
+    // Lock the conversation so the rights check, the size check and the
+    // insert see one state.
     tx.execute(
         "SELECT 1 FROM conversations WHERE id = $1 FOR NO KEY UPDATE",
         &[&id],
     )
     .await?;
+    check_manage(&tx, id, &user, false).await?;
+    let unknown = store::unknown_users(&tx, &ids).await?;
+    if !unknown.is_empty() {
+        return Err(ApiError::invalid(format!("unknown users {unknown:?}")));
+    }
     // Size after the insert: current members plus the new ones.
     let size_after: i64 = tx
         .query_one(
@@ -528,20 +535,25 @@ async fn add_participants(
         )));
     }
     // New members start caught up: history is readable, but it is not unread.
-    tx.execute(
-        "INSERT INTO conversation_participants (conversation_id, user_id, delivered_seq, read_seq)
-         SELECT c.id, u, c.last_seq, c.last_seq FROM conversations c, unnest($2::int8[]) u
-         WHERE c.id = $1
-         ON CONFLICT (conversation_id, user_id) DO NOTHING",
-        &[&id, &ids],
-    )
-    .await?;
+    // A trigger records the membership period and bumps members_version.
+    let added = tx
+        .execute(
+            "INSERT INTO conversation_participants (conversation_id, user_id, delivered_seq, read_seq)
+             SELECT c.id, u, c.last_seq, c.last_seq FROM conversations c, unnest($2::int8[]) u
+             WHERE c.id = $1
+             ON CONFLICT (conversation_id, user_id) DO NOTHING",
+            &[&id, &ids],
+        )
+        .await?;
     tx.execute(
         "UPDATE conversations SET updated_at = now() WHERE id = $1",
         &[&id],
     )
     .await?;
     tx.commit().await?;
+    if added > 0 {
+        state.edge.members_changed(id);
+    }
     Ok(Json(load_view(&client, id).await?))
 }
 
@@ -569,13 +581,24 @@ async fn remove_participants(
 ) -> ApiResult<Json<ConversationView>> {
     let ids = checked_ids(change)?;
     let self_leave = ids == [user.id];
-    let client = state.pool.get().await?;
-    check_manage(&client, id, &user, self_leave).await?;
-    client
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT 1 FROM conversations WHERE id = $1 FOR NO KEY UPDATE",
+        &[&id],
+    )
+    .await?;
+    check_manage(&tx, id, &user, self_leave).await?;
+    // A trigger closes the membership periods and bumps members_version.
+    let removed = tx
         .execute(
             "DELETE FROM conversation_participants WHERE conversation_id = $1 AND user_id = ANY($2)",
             &[&id, &ids],
         )
         .await?;
+    tx.commit().await?;
+    if removed > 0 {
+        state.edge.members_changed(id);
+    }
     Ok(Json(load_view(&client, id).await?))
 }

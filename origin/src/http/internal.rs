@@ -12,8 +12,8 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use shared::protocol::internal::{
-    ConversationMembers, IngestBatch, IngestRejection, IngestResult, MAX_INGEST_BATCH,
-    MemberWatermark, PresenceBatch, ReceiptBatch, StoredMessage,
+    ConversationMembers, ConversationVersion, IngestBatch, IngestRejection, IngestResult,
+    MAX_INGEST_BATCH, MemberWatermark, PresenceBatch, ReceiptBatch, StoredMessage,
 };
 use shared::{ClientMsgId, MessageContent};
 use uuid::Uuid;
@@ -31,6 +31,14 @@ pub fn router() -> Router<AppState> {
         .route("/internal/v1/presence", post(presence))
         .route("/internal/v1/receipts", post(receipts))
 }
+
+/// Clock skew tolerated between a message's `created_at` (the edge's clock)
+/// and the membership periods (PostgreSQL's clock), in seconds. A message
+/// from `created_at` within this margin of the sender's join or departure
+/// counts as sent while a member. It also covers the moment between a
+/// removal's commit and the room hearing of it (the members-changed notice
+/// takes milliseconds; its timeout is 2 s).
+pub const MEMBERSHIP_SKEW_SECS: f64 = 5.0;
 
 /// POST /internal/v1/messages/batch
 ///
@@ -67,6 +75,7 @@ async fn ingest(
         return Ok(Json(IngestResult {
             stored: Vec::new(),
             rejected,
+            members_versions: Vec::new(),
         }));
     }
 
@@ -82,17 +91,26 @@ async fn ingest(
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
+    // The lock also holds off member changes (their trigger updates the
+    // conversation row), so the membership check below and the version
+    // reported describe one state.
     let lock = tx
         .prepare_cached(
-            "SELECT id FROM conversations WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+            "SELECT id, members_version FROM conversations WHERE id = ANY($1)
+             ORDER BY id FOR NO KEY UPDATE",
         )
         .await?;
-    let known_conversations: HashSet<i64> = tx
+    let members_versions: Vec<ConversationVersion> = tx
         .query(&lock, &[&conversation_ids])
         .await?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| ConversationVersion {
+            conversation_id: r.get(0),
+            members_version: r.get(1),
+        })
         .collect();
+    let known_conversations: HashSet<i64> =
+        members_versions.iter().map(|v| v.conversation_id).collect();
     let sender_ids: Vec<i64> = valid
         .iter()
         .map(|m| m.sender_id)
@@ -119,6 +137,30 @@ async fn ingest(
             });
         }
         reason.is_none()
+    });
+
+    // The sender must have been a member when the message was sent: a
+    // message sent while a member and flushed after a removal is stored; one
+    // sent after it is not.
+    let not_members = not_members_at_sending(&tx, &valid).await?;
+    valid.retain(|m| {
+        if not_members.contains(&m.id) {
+            tracing::warn!(
+                id = %m.id,
+                conversation_id = m.conversation_id,
+                sender_id = m.sender_id,
+                "ingest refused a message from a non-member"
+            );
+            rejected.push(IngestRejection {
+                id: m.id,
+                code: "not_member".to_owned(),
+                message: "the sender was not a member of the conversation when it was sent"
+                    .to_owned(),
+            });
+            false
+        } else {
+            true
+        }
     });
 
     let ids: Vec<Uuid> = valid.iter().map(|m| m.id).collect();
@@ -212,7 +254,45 @@ async fn ingest(
     crate::metrics::record_ingested(new_rows, replayed);
     let mut stored: Vec<Uuid> = stored.into_iter().collect();
     stored.sort_unstable();
-    Ok(Json(IngestResult { stored, rejected }))
+    Ok(Json(IngestResult {
+        stored,
+        rejected,
+        members_versions,
+    }))
+}
+
+/// The ids of the messages in `messages` whose sender had no membership
+/// period in the conversation covering `created_at` (± the skew).
+async fn not_members_at_sending(
+    client: &impl deadpool_postgres::GenericClient,
+    messages: &[StoredMessage],
+) -> ApiResult<HashSet<Uuid>> {
+    if messages.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
+    let convs: Vec<i64> = messages.iter().map(|m| m.conversation_id).collect();
+    let senders: Vec<i64> = messages.iter().map(|m| m.sender_id).collect();
+    let sent: Vec<DateTime<Utc>> = messages.iter().map(|m| m.created_at).collect();
+    let stmt = client
+        .prepare_cached(
+            "SELECT t.id
+             FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::timestamptz[])
+                 AS t(id, conversation_id, sender_id, sent_at)
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM conversation_memberships m
+                 WHERE m.conversation_id = t.conversation_id AND m.user_id = t.sender_id
+                   AND m.joined_at <= t.sent_at + make_interval(secs => $5)
+                   AND (m.left_at IS NULL OR m.left_at >= t.sent_at - make_interval(secs => $5)))",
+        )
+        .await?;
+    let rows = client
+        .query(
+            &stmt,
+            &[&ids, &convs, &senders, &sent, &MEMBERSHIP_SKEW_SECS],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// Applies the shared field rules to one message.
@@ -237,6 +317,7 @@ async fn members(
         conversation_id: id,
         kind: access.kind,
         last_seq: access.last_seq,
+        members_version: access.members_version,
         members: access
             .members
             .iter()

@@ -8,6 +8,7 @@ mod conversations;
 mod helpers;
 mod history;
 mod internal;
+mod membership;
 mod migrations;
 mod ops;
 mod sessions;

@@ -27,6 +27,7 @@ async fn migrations_build_the_schema_from_an_empty_database_and_are_recorded_onc
     assert_eq!(
         tables(&pool).await,
         vec![
+            "conversation_memberships",
             "conversation_participants",
             "conversations",
             "messages",
