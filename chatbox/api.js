@@ -1,5 +1,16 @@
-// REST client for the Vibe Chat edge. Every error is an ApiError with the
-// server's {code, message}, so the views can show something precise.
+// REST client for the Vibe Chat edge, and the session behind it. Every
+// error is an ApiError with the server's {code, message}, so the views can
+// show something precise.
+//
+// The session: a short-lived access token (15 minutes) and a single-use
+// refresh token. The access token is refreshed before it expires, without
+// the user noticing; a request that still meets an expired token refreshes
+// once and retries. Tabs share one session through localStorage, and a
+// refresh runs under a cross-tab lock (Web Locks): the origin treats a
+// refresh token used twice as stolen and revokes the session, so two tabs
+// must never refresh with the same one. A tab that waited for the lock
+// adopts the session the other tab just stored. Listeners (the realtime
+// connections) hear every new access token, so open sockets renew in band.
 
 export class ApiError extends Error {
   constructor(status, code, message) {
@@ -9,16 +20,143 @@ export class ApiError extends Error {
   }
 }
 
+export const SESSION_KEY = 'vibe-chat-session';
+/** A token this close to expiry is refreshed before use. */
+const STALE_MS = 30_000;
+
 export class Api {
   /** @param {string} base the edge origin, e.g. "https://chat.vibe.fit" ("" = same origin) */
-  constructor(base) {
+  constructor(base, store = window.localStorage) {
     this.base = base.replace(/\/$/, '');
-    this.token = null;
+    this.store = store;
+    this.session = null;
+    this.tokenListeners = new Set();
+    this.onSignedOut = () => {};
+    this.refreshing = null;
+    this.timer = null;
+    // Another tab refreshed, logged in or logged out.
+    window.addEventListener('storage', (e) => {
+      if (e.key !== SESSION_KEY) return;
+      const next = safeJson(e.newValue);
+      if (!next) {
+        if (this.session) this.ended();
+      } else if (this.session && next.token !== this.session.token) {
+        this.use(next, false);
+      }
+    });
   }
 
+  get token() {
+    return this.session?.token ?? null;
+  }
+
+  /** Calls `fn(token)` with every new access token; returns an unsubscribe. */
+  onToken(fn) {
+    this.tokenListeners.add(fn);
+    return () => this.tokenListeners.delete(fn);
+  }
+
+  /** The saved session, refreshed if its access token is stale; null if there is none. */
+  async restore() {
+    const saved = safeJson(this.store.getItem(SESSION_KEY));
+    if (!saved?.refresh_token || Date.parse(saved.refresh_expires_at) <= Date.now()) return null;
+    this.use(saved, false);
+    if (stale(saved)) {
+      try {
+        await this.refresh();
+      } catch {
+        return null;
+      }
+    }
+    return this.session;
+  }
+
+  /** Starts using `session` (a login or refresh answer) and keeps it fresh. */
+  use(session, save = true) {
+    this.session = { ...session, obtained_at: session.obtained_at ?? Date.now() };
+    if (save) this.store.setItem(SESSION_KEY, JSON.stringify(this.session));
+    this.schedule();
+    for (const fn of this.tokenListeners) fn(this.session.token);
+  }
+
+  /** Refreshes a while before the access token expires (a quarter of its life, at most a minute). */
+  schedule() {
+    clearTimeout(this.timer);
+    if (!this.session) return;
+    const expires = Date.parse(this.session.expires_at);
+    const lead = Math.min(60_000, (expires - this.session.obtained_at) / 4);
+    const wait = Math.max(1_000, expires - lead - Date.now());
+    this.timer = setTimeout(() => this.refresh().catch(() => {}), wait);
+  }
+
+  /** One refresh at a time in this tab, and across tabs. */
+  refresh() {
+    if (!this.refreshing) {
+      this.refreshing = this.refreshNow().finally(() => {
+        this.refreshing = null;
+      });
+    }
+    return this.refreshing;
+  }
+
+  async refreshNow() {
+    const run = async () => {
+      // Another tab may have refreshed while this one waited for the lock.
+      const stored = safeJson(this.store.getItem(SESSION_KEY));
+      if (stored?.token && stored.token !== this.session?.token && !stale(stored)) {
+        this.use(stored, false);
+        return;
+      }
+      const refreshToken = stored?.refresh_token ?? this.session?.refresh_token;
+      if (!refreshToken) throw new ApiError(401, 'missing_token', 'Not signed in.');
+      try {
+        const next = await this.send('POST', '/api/v1/auth/refresh', { refresh_token: refreshToken }, false);
+        this.use({ ...next, obtained_at: Date.now() });
+      } catch (e) {
+        if (e.status === 401) this.ended();
+        throw e;
+      }
+    };
+    if (navigator.locks?.request) await navigator.locks.request('vibe-chat-refresh', run);
+    else await run();
+  }
+
+  /** The session is over (revoked, logged out elsewhere, refresh refused). */
+  ended() {
+    clearTimeout(this.timer);
+    const had = this.session !== null;
+    this.session = null;
+    this.store.removeItem(SESSION_KEY);
+    if (had) this.onSignedOut();
+  }
+
+  /** Logs this session out at the origin, then forgets it here. */
+  async logout() {
+    try {
+      if (this.session) await this.request('POST', '/api/v1/auth/logout');
+    } catch {
+      // Forgetting it locally is what matters to this device.
+    }
+    clearTimeout(this.timer);
+    this.session = null;
+    this.store.removeItem(SESSION_KEY);
+  }
+
+  /** A request with the session's token; an expired token is refreshed once. */
   async request(method, path, body) {
+    if (this.session && stale(this.session)) await this.refresh().catch(() => {});
+    try {
+      return await this.send(method, path, body, true);
+    } catch (e) {
+      if (e.status !== 401 || !this.session?.refresh_token) throw e;
+      await this.refresh();
+      return this.send(method, path, body, true);
+    }
+  }
+
+  async send(method, path, body, auth) {
     const headers = { accept: 'application/json' };
-    if (this.token) headers.authorization = `Bearer ${this.token}`;
+    if (auth && this.token) headers.authorization = `Bearer ${this.token}`;
     if (body !== undefined) headers['content-type'] = 'application/json';
     let res;
     try {
@@ -38,8 +176,10 @@ export class Api {
     return data;
   }
 
-  login(email, password) {
-    return this.request('POST', '/api/v1/auth/login', { email, password });
+  async login(email, password) {
+    const session = await this.send('POST', '/api/v1/auth/login', { email, password }, false);
+    this.use(session);
+    return this.session;
   }
   conversations() {
     return this.request('GET', '/api/v1/chat/conversations');
@@ -59,8 +199,10 @@ export class Api {
   openDirect(userId) {
     return this.request('POST', '/api/v1/chat/conversations', { type: 'direct', participant_id: userId });
   }
-  ticket() {
-    return this.request('POST', '/api/v1/chat/ws-ticket');
+  /** A single-use ticket for one room's connection, or (no id) the user's own. */
+  ticket(conversationId) {
+    const body = conversationId ? { conversation_id: conversationId } : undefined;
+    return this.request('POST', '/api/v1/chat/ws-ticket', body);
   }
   postMessage(id, content, clientMsgId) {
     return this.request('POST', `/api/v1/chat/conversations/${id}/messages`, { content, client_msg_id: clientMsgId });
@@ -80,6 +222,10 @@ export class Api {
   url(path) {
     return (this.base || window.location.origin) + path;
   }
+}
+
+function stale(session) {
+  return Date.parse(session.expires_at) - Date.now() < STALE_MS;
 }
 
 function safeJson(text) {

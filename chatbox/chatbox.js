@@ -13,7 +13,6 @@
 import { Api, ApiError } from './api.js';
 import { LobbyConnection, RoomConnection, TransportChoice } from './realtime.js';
 
-const SESSION_KEY = 'vibe-chat-session';
 const TYPING_SHOW_MS = 5_000;
 const TYPING_SEND_EVERY_MS = 2_000;
 const DEMO_USERS = ['coach@vibe.fit', 'alex@vibe.fit', 'sam@vibe.fit'];
@@ -84,21 +83,19 @@ class ChatBox {
     }
   }
 
-  start() {
-    const saved = safeParse(localStorage.getItem(SESSION_KEY));
-    if (saved?.token && saved.expires_at && Date.parse(saved.expires_at) > Date.now() + 60_000) {
-      this.signIn(saved);
-    } else {
-      this.renderLogin();
-    }
+  async start() {
+    // The session is refreshed silently; when it ends (revoked, logged out
+    // in another tab, refresh refused) the login comes back.
+    this.api.onSignedOut = () => this.signedOut();
+    const session = await this.api.restore();
+    if (session) this.signIn(session);
+    else this.renderLogin();
   }
 
   // ---- session ----------------------------------------------------------
 
   async signIn(session) {
-    this.api.token = session.token;
     this.user = session.user;
-    localStorage.setItem(SESSION_KEY, JSON.stringify(session));
     this.lobby = new LobbyConnection({
       api: this.api,
       choice: this.choice,
@@ -112,12 +109,17 @@ class ChatBox {
     else this.show('conversations');
   }
 
-  signOut() {
+  /** The Log out button: ends the session at the origin too. */
+  async signOut() {
+    await this.api.logout();
+    this.signedOut();
+  }
+
+  signedOut() {
     this.lobby?.stop();
+    this.lobby = null;
     this.closeChat();
-    localStorage.removeItem(SESSION_KEY);
     sessionStorage.removeItem('vibe-chat-open');
-    this.api.token = null;
     this.user = null;
     this.conversations.clear();
     this.users.clear();
@@ -128,7 +130,8 @@ class ChatBox {
   onConnectionState(state, kind) {
     this.transportKind = kind;
     if (state === 'unauthorized') {
-      this.signOut();
+      if (this.api.session) this.api.ended();
+      else this.signedOut();
       return;
     }
     this.root.dataset.transport = kind;
@@ -743,13 +746,6 @@ function el(tag, attrs = {}, text) {
   return node;
 }
 
-function safeParse(text) {
-  try {
-    return JSON.parse(text);
-  } catch {
-    return null;
-  }
-}
 
 // Auto-mount from <script type="module" src=".../chatbox.js" data-vibe-chat>.
 const script = document.querySelector('script[data-vibe-chat]');

@@ -5,7 +5,14 @@
 //
 // Both connections reconnect with exponential backoff and jitter. The room
 // connection resumes from the caller's last seq (`since`), so a reconnect
-// delivers exactly what was missed.
+// delivers exactly what was missed. Each (re)connect asks for a fresh
+// single-use ticket for exactly that connection.
+//
+// A connection lives as long as the access token it was opened with, so
+// every refreshed token is sent in band (`{"type":"auth"}`) on an open
+// WebSocket; an SSE stream simply ends at expiry and reopens with a new
+// ticket. The server may ask `{"type":"ping","n"}` to learn that we read
+// what it sends: we answer `{"type":"pong","n"}` at once.
 //
 // Browsers are slow to notice a dead connection (a laptop lid, a lift, a
 // captive portal), so each connection watches itself: a WebSocket pings
@@ -78,11 +85,13 @@ class Connection {
     this.stopped = false;
     window.addEventListener('offline', this.onOffline);
     window.addEventListener('online', this.onOnline);
+    this.unsubscribe = this.api.onToken((token) => this.sendWs({ type: 'auth', token }));
     this.connect();
   }
 
   stop() {
     this.stopped = true;
+    this.unsubscribe?.();
     window.removeEventListener('offline', this.onOffline);
     window.removeEventListener('online', this.onOnline);
     clearTimeout(this.timer);
@@ -136,7 +145,7 @@ class Connection {
     this.setState('connecting');
     let ticket;
     try {
-      ticket = (await this.api.ticket()).ticket;
+      ticket = (await this.api.ticket(this.ticketFor())).ticket;
     } catch (e) {
       if (e.status === 401) {
         this.setState('unauthorized');
@@ -217,7 +226,11 @@ class Connection {
     } catch {
       return;
     }
-    if (frame.type === 'pong') return;
+    if (frame.type === 'pong' || frame.type === 'auth_ok') return;
+    if (frame.type === 'ping') {
+      this.sendWs({ type: 'pong', n: frame.n });
+      return;
+    }
     this.onFrame(frame);
   }
 
@@ -233,6 +246,9 @@ class Connection {
 
 /** The ChatBox's always-on connection: presence and notifications. */
 export class LobbyConnection extends Connection {
+  ticketFor() {
+    return undefined;
+  }
   wsPath(ticket) {
     return `/api/v1/chat/ws?ticket=${encodeURIComponent(ticket)}`;
   }
@@ -247,6 +263,10 @@ export class RoomConnection extends Connection {
     super(options);
     this.conversationId = options.conversationId;
     this.lastSeq = options.lastSeq; // () => the highest seq the view has
+  }
+
+  ticketFor() {
+    return this.conversationId;
   }
 
   sinceParam() {

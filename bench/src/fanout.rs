@@ -57,6 +57,7 @@ pub async fn run() -> anyhow::Result<()> {
             ("ROOM_RATE_PER_SEC".to_owned(), "1000000".to_owned()),
         ],
         verbose: false,
+        ..StackOptions::default()
     })
     .await?;
     println!("stack up: edge {}", stack.edge);

@@ -199,6 +199,51 @@ await test('the chatbox fits a phone-sized screen', async () => {
   await phone.context.close();
 });
 
+await test('the session refreshes silently and open sockets renew in band', async () => {
+  // The suite's access tokens live 60 s (the origin's minimum) and the
+  // edge allows 30 s past expiry: a socket that was not renewed is closed
+  // with token_expired within 90 s. Over 100 s nothing may reconnect, and
+  // chat goes on.
+  const page = alex.page;
+  const refreshes = [];
+  const sockets = [];
+  page.on('request', (r) => {
+    if (r.url().endsWith('/api/v1/auth/refresh')) refreshes.push(r.url());
+  });
+  page.on('websocket', (ws) => sockets.push(ws.url()));
+  const tokenNow = () => page.evaluate(() => JSON.parse(localStorage.getItem('vibe-chat-session')).token);
+  const first = await tokenNow();
+  await page.waitForTimeout(100_000);
+  if (refreshes.length < 2) throw new Error(`expected silent refreshes, saw ${refreshes.length}`);
+  if ((await tokenNow()) === first) throw new Error('the stored access token never changed');
+  if (sockets.length) throw new Error(`sockets were reopened instead of renewed: ${sockets.join(', ')}`);
+  await send(page, 'Still here after the first token died');
+  await bubble(sam.page, 'Still here after the first token died').waitFor();
+  // A reload keeps the session (the refresh token is in storage) and the
+  // open chat.
+  await page.reload();
+  await bubble(page, 'Still here after the first token died').waitFor();
+  await send(page, 'And after a reload');
+  await bubble(sam.page, 'And after a reload').waitFor();
+});
+
+await test('logging out ends the session at the origin, not just in this tab', async () => {
+  const { context, page } = await open('coach@vibe.fit');
+  const stored = await page.evaluate(() => JSON.parse(localStorage.getItem('vibe-chat-session')));
+  await page.getByRole('button', { name: 'Log out' }).click();
+  await page.getByRole('button', { name: 'Log in' }).waitFor();
+  const res = await page.evaluate(async (refreshToken) => {
+    const r = await fetch('/api/v1/auth/refresh', {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ refresh_token: refreshToken }),
+    });
+    return { status: r.status, body: await r.json() };
+  }, stored.refresh_token);
+  expectEqual(res.status, 401, 'refresh after logout');
+  await context.close();
+});
+
 await test('no page threw an error', async () => {
   const errors = [...(alex?.errors ?? []), ...(sam?.errors ?? [])];
   if (errors.length) throw new Error(errors.map(String).join('; '));

@@ -40,6 +40,8 @@ impl Secrets {
 pub struct StackOptions {
     /// Extra `--var NAME:VALUE` for the Worker (room tunables).
     pub vars: Vec<(String, String)>,
+    /// Extra configuration for the origin (e.g. `ACCESS_TOKEN_TTL_SECS`).
+    pub origin_vars: Vec<(String, String)>,
     /// Show wrangler's output (for debugging).
     pub verbose: bool,
 }
@@ -161,6 +163,7 @@ pub struct Stack {
     pub secrets: Secrets,
     pub pool: deadpool_postgres::Pool,
     db_url: String,
+    origin_vars: Vec<(String, String)>,
     origin: Option<OriginProcess>,
     wrangler: Child,
     launch: EdgeLaunch,
@@ -220,13 +223,20 @@ impl Stack {
         let db_url = origin::db::url_with_database(&admin_url(), &db);
         let secrets = Secrets::random();
         let origin_port = free_port()?;
-        let origin = OriginProcess::start(origin_config(&db_url, origin_port, &secrets)?)?;
+        // Chosen now: the origin tells the edge about membership changes.
+        let edge_port = free_port()?;
+        let mut origin_vars = vec![(
+            "EDGE_URL".to_owned(),
+            format!("http://127.0.0.1:{edge_port}"),
+        )];
+        origin_vars.extend(options.origin_vars.iter().cloned());
+        let origin =
+            OriginProcess::start(origin_config(&db_url, origin_port, &secrets, &origin_vars)?)?;
         let pool = origin::db::pool(&db_url, 4)?;
 
         let workdir = TempDir::new("vibe-e2e")?;
         // The prebuilt bundle, without the [build] step (see above).
         let config_path = xtask::config_without_build(&root, workdir.path())?;
-        let edge_port = free_port()?;
         let inspector_port = free_port()?;
         let mut vars = vec![
             (
@@ -256,6 +266,7 @@ impl Stack {
             secrets,
             pool,
             db_url,
+            origin_vars,
             origin: Some(origin),
             wrangler,
             launch,
@@ -422,7 +433,12 @@ impl Stack {
     /// Starts the origin again on the same port and database.
     pub fn start_origin(&mut self) -> anyhow::Result<()> {
         if self.origin.is_none() {
-            let config = origin_config(&self.db_url, self.origin_port, &self.secrets)?;
+            let config = origin_config(
+                &self.db_url,
+                self.origin_port,
+                &self.secrets,
+                &self.origin_vars,
+            )?;
             // The old listener may linger for a moment; retry the bind.
             let mut last = None;
             for _ in 0..20 {
@@ -470,16 +486,25 @@ impl Drop for Stack {
     }
 }
 
-fn origin_config(db_url: &str, port: u16, secrets: &Secrets) -> anyhow::Result<Config> {
+fn origin_config(
+    db_url: &str,
+    port: u16,
+    secrets: &Secrets,
+    extra: &[(String, String)],
+) -> anyhow::Result<Config> {
     let db_url = db_url.to_owned();
     let secrets = secrets.clone();
+    let extra = extra.to_vec();
     Ok(Config::from_lookup(move |k| match k {
         "DATABASE_URL" => Some(db_url.clone()),
         "BIND_ADDR" => Some(format!("127.0.0.1:{port}")),
         "JWT_SECRET" => Some(secrets.jwt.clone()),
         "ORIGIN_SERVICE_SECRET" => Some(secrets.service.clone()),
         "DB_POOL_SIZE" => Some("8".to_owned()),
-        _ => None,
+        other => extra
+            .iter()
+            .find(|(k, _)| k == other)
+            .map(|(_, v)| v.clone()),
     })?)
 }
 

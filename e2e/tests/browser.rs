@@ -13,6 +13,9 @@ use e2e::{Stack, StackOptions};
 #[tokio::main]
 async fn main() -> ExitCode {
     let stack = match Stack::start(StackOptions {
+        // Short-lived access tokens, so the suite sees the ChatBox refresh
+        // them silently and renew its open sockets (production: 15 min).
+        origin_vars: vec![("ACCESS_TOKEN_TTL_SECS".to_owned(), "60".to_owned())],
         verbose: std::env::var_os("E2E_VERBOSE").is_some(),
         ..StackOptions::default()
     })

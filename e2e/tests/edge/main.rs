@@ -29,6 +29,7 @@ async fn main() -> ExitCode {
             ("LOBBY_GRACE_MS".to_owned(), "1500".to_owned()),
         ],
         verbose: std::env::var_os("E2E_VERBOSE").is_some(),
+        ..StackOptions::default()
     };
     let mut stack = match Stack::start(options).await {
         Ok(s) => s,
