@@ -65,6 +65,10 @@ struct Loaded {
     room: RoomState,
     config: EdgeConfig,
     members_fetched_at: u64,
+    /// The origin's version of the member list this room holds; every
+    /// ingest answer carries the current one, so a change made by any path
+    /// (even one that never told the edge) is noticed at the next flush.
+    members_version: i64,
 }
 
 #[durable_object]
@@ -416,6 +420,7 @@ impl Room {
                         })
                         .collect::<Vec<_>>(),
                 )?;
+                room_store::meta_set(&self.sql, "members_version", members.members_version)?;
                 room_store::meta_set(&self.sql, "members_loaded", 1)?;
             }
             fetched_at = now_ms();
@@ -455,10 +460,12 @@ impl Room {
         for live in self.conns.live() {
             room.handle_reattach(ConnId(live.conn), live.user, live.valid_until);
         }
+        let members_version = room_store::meta_get(&self.sql, "members_version")?.unwrap_or(0);
         *self.loaded.borrow_mut() = Some(Loaded {
             room,
             config,
             members_fetched_at,
+            members_version,
         });
         Ok(())
     }
@@ -501,7 +508,9 @@ impl Room {
         self.with_loaded(|l| {
             l.room.set_members(now, &watermarks, members.last_seq);
             l.members_fetched_at = now;
+            l.members_version = members.members_version;
         })?;
+        room_store::meta_set(&self.sql, "members_version", members.members_version)?;
         self.drain()
     }
 
@@ -614,24 +623,39 @@ impl Room {
         self.drain()?;
         let result = self.flush(&batch).await;
         let now = now_ms();
+        let mut members_changed = false;
         match result {
-            Ok(outcome) => self.with_room(|r| r.handle_flush_result(now, &outcome))?,
+            Ok((outcome, version)) => {
+                self.with_loaded(|l| {
+                    l.room.handle_flush_result(now, &outcome);
+                    members_changed = version.is_some_and(|v| v != l.members_version);
+                })?;
+            }
             Err(e) => {
                 worker::console_warn!("outbox flush failed, will retry: {e}");
                 self.with_room(|r| r.handle_flush_failure(now))?;
             }
         }
-        self.drain()
+        self.drain()?;
+        if members_changed {
+            // Membership changed by a path that did not tell us (or the
+            // notice was lost): removed members' connections close now.
+            self.refresh_members().await?;
+        }
+        Ok(())
     }
 
-    /// Sends one batch to the origin.
-    async fn flush(&self, batch: &FlushBatch) -> EdgeResult<FlushOutcome> {
-        let config = self.with_loaded(|l| l.config.clone())?;
+    /// Sends one batch to the origin. Also returns the member-list version
+    /// the origin reported for this conversation, if any.
+    async fn flush(&self, batch: &FlushBatch) -> EdgeResult<(FlushOutcome, Option<i64>)> {
+        let (config, conversation_id) =
+            self.with_loaded(|l| (l.config.clone(), l.room.conversation_id()))?;
         let origin = OriginClient::new(&config);
         let mut outcome = FlushOutcome {
             receipts_ok: true,
             ..FlushOutcome::default()
         };
+        let mut version = None;
         if !batch.messages.is_empty() {
             let result = origin
                 .ingest(&IngestBatch {
@@ -648,6 +672,11 @@ impl Room {
             }
             outcome.stored = result.stored;
             outcome.rejected = result.rejected.into_iter().map(|r| r.id).collect();
+            version = result
+                .members_versions
+                .iter()
+                .find(|v| v.conversation_id == conversation_id)
+                .map(|v| v.members_version);
         }
         if !batch.receipts.is_empty() {
             outcome.receipts_ok = origin
@@ -657,7 +686,7 @@ impl Room {
                 .await
                 .is_ok();
         }
-        Ok(outcome)
+        Ok((outcome, version))
     }
 
     fn forget_socket(&self, ws: &WebSocket) {

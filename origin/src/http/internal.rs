@@ -28,6 +28,10 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/internal/v1/messages/batch", post(ingest))
         .route("/internal/v1/conversations/{id}/members", get(members))
+        .route(
+            "/internal/v1/conversations/{id}/messages/{seq}",
+            get(message_by_seq),
+        )
         .route("/internal/v1/presence", post(presence))
         .route("/internal/v1/receipts", post(receipts))
 }
@@ -327,6 +331,36 @@ async fn members(
                 read_seq: w.read_seq,
             })
             .collect(),
+    }))
+}
+
+/// GET /internal/v1/conversations/{id}/messages/{seq}
+///
+/// One stored message, as the edge stored it: the original a room returns
+/// for a resend whose message has left its own log (404 if PostgreSQL
+/// does not have it).
+async fn message_by_seq(
+    _: ServiceCaller,
+    State(state): State<AppState>,
+    ApiPath((id, seq)): ApiPath<(i64, i64)>,
+) -> ApiResult<Json<StoredMessage>> {
+    let client = state.pool.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT id, sender_id, content, created_at, client_msg_id
+             FROM messages WHERE conversation_id = $1 AND seq = $2",
+            &[&id, &seq],
+        )
+        .await?
+        .ok_or(ApiError::NotFound("message"))?;
+    Ok(Json(StoredMessage {
+        id: row.get(0),
+        conversation_id: id,
+        seq,
+        sender_id: row.get(1),
+        content: row.get(2),
+        created_at: row.get(3),
+        client_msg_id: row.get(4),
     }))
 }
 

@@ -11,6 +11,7 @@ async fn internal_routes_without_the_right_service_secret_get_401() {
     let routes = [
         ("POST", "/internal/v1/messages/batch"),
         ("GET", "/internal/v1/conversations/1/members"),
+        ("GET", "/internal/v1/conversations/1/messages/1"),
         ("POST", "/internal/v1/presence"),
         ("POST", "/internal/v1/receipts"),
     ];
@@ -267,4 +268,28 @@ async fn presence_keeps_the_newest_report_and_skips_unknown_users() {
     let seen: chrono::DateTime<chrono::Utc> =
         serde_json::from_value(body["last_seen"].clone()).unwrap();
     assert_eq!(seen.timestamp_millis(), t1.timestamp_millis());
+}
+
+#[tokio::test]
+async fn a_stored_message_can_be_read_back_by_seq_and_a_missing_one_is_404() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let id = app.direct(&alex, &sam).await;
+    let sent = message(id, alex.id, 1);
+    let (s, _) = app
+        .internal_post("/internal/v1/messages/batch", &json!({"messages": [sent]}))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, got) = app
+        .internal_get(&format!("/internal/v1/conversations/{id}/messages/1"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{got}");
+    assert_eq!(got["id"], json!(message_id(id, 1)));
+    assert_eq!(got["content"], "message 1");
+    assert_eq!(got["client_msg_id"], format!("c-{id}-1"));
+    let (s, body) = app
+        .internal_get(&format!("/internal/v1/conversations/{id}/messages/2"))
+        .await;
+    assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
 }
