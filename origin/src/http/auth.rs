@@ -31,12 +31,14 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(change_password))
 }
 
-/// Longest password we hash, in bytes: Argon2 accepts anything, and an
-/// attacker would happily make us hash megabytes.
-pub const MAX_PASSWORD_BYTES: usize = 1024;
-/// Longest email, in bytes (RFC 5321 bounds a forward path at 256 octets
-/// including its angle brackets).
-pub const MAX_EMAIL_BYTES: usize = 254;
+/// Longest password we check, in characters (so at most 4 KiB): Argon2
+/// accepts anything, and an attacker would happily make us hash megabytes.
+/// Characters rather than bytes, so the OpenAPI `maxLength` states the rule
+/// exactly.
+pub const MAX_PASSWORD_CHARS: usize = 1024;
+/// Longest login email, in characters (RFC 5321 bounds a path at 256
+/// octets with its angle brackets; characters keep the schema exact).
+pub const MAX_EMAIL_CHARS: usize = 254;
 /// Shortest new password, in characters.
 pub const MIN_NEW_PASSWORD_CHARS: usize = 10;
 /// Longest new password, in characters.
@@ -44,7 +46,16 @@ pub const MAX_NEW_PASSWORD_CHARS: usize = 256;
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct LoginRequest {
+    /// Case-insensitive; surrounding white space is ignored. 1–254
+    /// characters, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 254,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub email: String,
+    /// 1–1,024 characters.
+    #[schema(min_length = 1, max_length = 1024)]
     pub password: String,
 }
 
@@ -76,13 +87,19 @@ pub struct UserView {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct RefreshRequest {
+    /// The `refresh_token` of the last login or refresh (43 characters of
+    /// base64url). Anything else is `401 invalid_refresh_token`.
+    #[schema(min_length = 43, max_length = 43, pattern = "^[A-Za-z0-9_-]{43}$")]
     pub refresh_token: String,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct PasswordChange {
+    /// At most 1,024 characters; a wrong one is `401 bad_credentials`.
+    #[schema(max_length = 1024)]
     pub current_password: String,
-    /// 10 to 256 characters (at most 1,024 bytes), not the current one.
+    /// 10 to 256 characters, not the current one.
+    #[schema(min_length = 10, max_length = 256)]
     pub new_password: String,
 }
 
@@ -132,40 +149,36 @@ async fn guard(state: &AppState, email: &str, addr: std::net::IpAddr) -> ApiResu
 }
 
 /// The login email, trimmed and lower-cased (as stored), or a 422 for one
-/// that could never be stored: empty, over 254 bytes (RFC 5321's limit for
-/// a path), or with a control character (PostgreSQL `text` refuses NUL,
-/// which used to surface as a 500).
+/// that could never be stored: blank, over 254 characters, or with a
+/// control character anywhere (PostgreSQL `text` refuses NUL, which used to
+/// surface as a 500).
 fn login_email(raw: &str) -> ApiResult<String> {
-    let too_long = || ApiError::Unprocessable {
-        code: "too_long",
-        message: format!("email is longer than {MAX_EMAIL_BYTES} bytes"),
-    };
-    if raw.len() > MAX_EMAIL_BYTES + 64 {
-        // Not worth normalising first; trimming could not save it.
-        return Err(too_long());
+    if raw.chars().nth(MAX_EMAIL_CHARS).is_some() {
+        return Err(ApiError::Unprocessable {
+            code: "too_long",
+            message: format!("email is longer than {MAX_EMAIL_CHARS} characters"),
+        });
     }
-    let email = raw.trim().to_lowercase();
-    if email.is_empty() {
-        return Err(ApiError::invalid("email and password are required"));
-    }
-    if email.len() > MAX_EMAIL_BYTES {
-        return Err(too_long());
-    }
-    if email.chars().any(char::is_control) {
+    if raw.chars().any(char::is_control) {
         return Err(ApiError::Unprocessable {
             code: "invalid_field",
             message: "email must not contain control characters".to_owned(),
         });
     }
+    let email = raw.trim().to_lowercase();
+    if email.is_empty() {
+        return Err(ApiError::invalid("email and password are required"));
+    }
     Ok(email)
 }
 
-/// 422 for a password over [`MAX_PASSWORD_BYTES`], before anything hashes it.
+/// 422 for a password over [`MAX_PASSWORD_CHARS`], before anything hashes
+/// it.
 fn check_password_size(password: &str, field: &str) -> ApiResult<()> {
-    if password.len() > MAX_PASSWORD_BYTES {
+    if password.chars().nth(MAX_PASSWORD_CHARS).is_some() {
         return Err(ApiError::Unprocessable {
             code: "password_too_long",
-            message: format!("{field} is longer than {MAX_PASSWORD_BYTES} bytes"),
+            message: format!("{field} is longer than {MAX_PASSWORD_CHARS} characters"),
         });
     }
     Ok(())
@@ -180,8 +193,9 @@ fn check_password_size(password: &str, field: &str) -> ApiResult<()> {
     responses(
         (status = 200, description = "Logged in: a new session", body = LoginResponse),
         (status = 401, description = "Bad credentials (same answer for unknown users)", body = ErrorBody),
-        (status = 429, description = "Too many failed logins for this email; see Retry-After", body = ErrorBody),
-        (status = 422, description = "Invalid field", body = ErrorBody),
+        (status = 422, description = "An invalid field: `too_long` (email over 254 characters), `invalid_field` (a control character, a missing field), `password_too_long` (over 1,024 characters), `validation_failed` (blank)", body = ErrorBody),
+        (status = 429, description = "Too many failed logins for this email from this address (`too_many_attempts`); see Retry-After", body = ErrorBody),
+        (status = 503, description = "Too many password checks in flight (`busy`), or the database is unreachable (`unavailable`); see Retry-After", body = ErrorBody),
     )
 )]
 async fn login(
@@ -313,16 +327,15 @@ async fn logout_all(user: AuthUser, State(state): State<AppState>) -> ApiResult<
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The new-password policy: 10–256 characters, at most 1,024 bytes, not the
-/// current password.
+/// The new-password policy: 10–256 characters, not the current password.
 fn check_new_password(current: &str, new: &str) -> ApiResult<()> {
+    // Characters, not bytes: 256 of them are at most 1,024 bytes.
     let chars = new.chars().count();
-    if new.len() > MAX_PASSWORD_BYTES || chars > MAX_NEW_PASSWORD_CHARS {
+    if chars > MAX_NEW_PASSWORD_CHARS {
         return Err(ApiError::Unprocessable {
             code: "password_too_long",
             message: format!(
-                "the new password may have at most {MAX_NEW_PASSWORD_CHARS} characters \
-                 ({MAX_PASSWORD_BYTES} bytes)"
+                "the new password may have at most {MAX_NEW_PASSWORD_CHARS} characters"
             ),
         });
     }
@@ -356,7 +369,8 @@ fn check_new_password(current: &str, new: &str) -> ApiResult<()> {
         (status = 204, description = "Changed; every other session is revoked"),
         (status = 401, description = "No or bad token (`invalid_token`…), or a wrong current password (`bad_credentials`)", body = ErrorBody),
         (status = 422, description = "`password_too_short`, `password_too_long`, `password_unchanged`, or an invalid field", body = ErrorBody),
-        (status = 429, description = "Too many failed attempts for this account; see Retry-After", body = ErrorBody),
+        (status = 429, description = "Too many failed attempts for this account from this address (`too_many_attempts`); see Retry-After", body = ErrorBody),
+        (status = 503, description = "Too many password checks in flight (`busy`), or the database is unreachable (`unavailable`); see Retry-After", body = ErrorBody),
     )
 )]
 async fn change_password(
@@ -412,7 +426,9 @@ mod tests {
         assert_eq!(code("   "), Some("validation_failed"));
         assert_eq!(code("a\0@x.fit"), Some("invalid_field"));
         assert_eq!(code("a\u{7}@x.fit"), Some("invalid_field"));
-        let at_limit = format!("{}@x.fit", "a".repeat(MAX_EMAIL_BYTES - 6));
+        assert_eq!(code("\ta@x.fit"), Some("invalid_field"));
+        // Characters, not bytes: 254 two-byte characters pass.
+        let at_limit = format!("{}@x.fit", "é".repeat(MAX_EMAIL_CHARS - 6));
         assert_eq!(code(&at_limit), None);
         assert_eq!(code(&format!("a{at_limit}")), Some("too_long"));
         assert_eq!(code(&"a".repeat(60_000)), Some("too_long"));
@@ -434,7 +450,7 @@ mod tests {
             code("old-password", &"a".repeat(257)),
             Some("password_too_long")
         );
-        // 256 four-byte characters are exactly the 1,024-byte ceiling.
+        // 256 four-byte characters: still 256 characters.
         assert_eq!(code("old-password", &"😀".repeat(256)), None);
         assert_eq!(
             code("old-password", &"😀".repeat(257)),

@@ -60,10 +60,24 @@ impl ConversationKind {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum CreateConversation {
     /// Finds the direct conversation with `participant_id`, or creates it.
-    Direct { participant_id: i64 },
+    Direct {
+        /// Another user's id (yourself or an unknown user is a 422).
+        #[schema(minimum = 1)]
+        participant_id: i64,
+    },
     /// Creates a group; the caller is always a member.
     Group {
+        /// 1–100 characters after trimming white space; no control
+        /// characters inside.
+        #[schema(
+            min_length = 1,
+            max_length = 100,
+            pattern = r"^\s*[^\s\u0000-\u001f\u007f-\u009f]([^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f])?\s*$"
+        )]
         name: String,
+        /// The other members (duplicates and the caller are ignored); with
+        /// the caller at most 1,000. Unknown users are a 422.
+        #[schema(max_items = 999)]
         participant_ids: Vec<i64>,
     },
 }
@@ -136,6 +150,8 @@ pub struct ConversationList {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ParticipantsChange {
+    /// 1–1,000 user ids (duplicates are ignored).
+    #[schema(min_items = 1, max_items = 1000)]
     pub user_ids: Vec<i64>,
 }
 
@@ -493,7 +509,7 @@ fn checked_ids(change: ParticipantsChange) -> ApiResult<Vec<i64>> {
     responses(
         (status = 200, description = "Members added; the conversation as it is now", body = ConversationView),
         (status = 401, description = "No or bad token", body = ErrorBody),
-        (status = 403, description = "Not the group's creator or an admin", body = ErrorBody),
+        (status = 403, description = "Not the group's creator (while a member) or an admin", body = ErrorBody),
         (status = 404, description = "No such conversation", body = ErrorBody),
         (status = 422, description = "Not a group, or unknown users", body = ErrorBody),
     )
@@ -568,7 +584,7 @@ async fn add_participants(
     responses(
         (status = 200, description = "Members removed; the conversation as it is now", body = ConversationView),
         (status = 401, description = "No or bad token", body = ErrorBody),
-        (status = 403, description = "Not the group's creator or an admin (anyone may remove themselves)", body = ErrorBody),
+        (status = 403, description = "Not the group's creator (while a member) or an admin; any member may remove themselves", body = ErrorBody),
         (status = 404, description = "No such conversation", body = ErrorBody),
         (status = 422, description = "Not a group", body = ErrorBody),
     )

@@ -26,11 +26,14 @@ const DEFAULT_PAGE: i64 = 50;
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// Only messages with a smaller seq (page backwards).
+    #[param(minimum = 1)]
     pub before_seq: Option<i64>,
     /// Only messages with a greater seq (page forwards, or catch up after a
     /// `resync`).
+    #[param(minimum = 0)]
     pub after_seq: Option<i64>,
     /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<i64>,
 }
 

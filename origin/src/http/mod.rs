@@ -10,6 +10,7 @@ mod auth;
 mod conversations;
 mod internal;
 mod messages;
+mod openapi;
 mod ops;
 mod users;
 
@@ -39,7 +40,7 @@ const INTERNAL_BODY_LIMIT: usize = 24 * 1024 * 1024;
 #[openapi(
     info(
         title = "Vibe Chat origin",
-        description = "REST API of the Vibe Chat system of record. Realtime paths (WebSocket, SSE) live at the edge."
+        description = "REST API of Vibe Chat. The routes tagged `edge` (WebSocket, SSE, the SSE fallback's POSTs, tickets) are answered by the edge; the rest by the origin, through the edge's proxy. Every error is JSON: `{code, message}`."
     ),
     modifiers(&BearerAuth),
     tags(
@@ -70,7 +71,10 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The public routes and the OpenAPI document generated from them.
+pub use openapi::document as openapi_document;
+
+/// The public routes and the OpenAPI document generated from them (without
+/// the completions of [`openapi_document`]).
 pub fn public_api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(auth::router())
@@ -94,6 +98,8 @@ pub fn app(state: AppState, config: &crate::config::Config) -> Router {
         // route_layer: runs after routing, so the matched route is known.
         .route_layer(middleware::from_fn(crate::metrics::track_requests))
         .fallback(|| async { ApiError::NotFound("route") })
+        // JSON like every other error (axum's own 405 has an empty body).
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)
         .layer(CompressionLayer::new())
         .layer(TimeoutLayer::with_status_code(

@@ -19,6 +19,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(healthz))
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))
+        .routes(routes!(api_openapi_json))
 }
 
 /// GET /openapi.json
@@ -30,9 +31,23 @@ pub fn router() -> OpenApiRouter<AppState> {
     tag = "ops",
     responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json"))
 )]
-async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    static DOC: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
-    Json(DOC.get_or_init(|| super::public_api().1).clone())
+async fn openapi_json() -> Json<serde_json::Value> {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    Json(DOC.get_or_init(super::openapi_document).clone())
+}
+
+/// GET /api/openapi.json
+///
+/// The same document under `/api/`, which the edge proxies, so the public
+/// host serves it too.
+#[utoipa::path(
+    get,
+    path = "/api/openapi.json",
+    tag = "ops",
+    responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json"))
+)]
+async fn api_openapi_json() -> Json<serde_json::Value> {
+    openapi_json().await
 }
 
 #[derive(Debug, Serialize, ToSchema)]
