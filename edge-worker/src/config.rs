@@ -95,6 +95,7 @@ impl EdgeConfig {
         let defaults = RoomConfig::default();
         let room = RoomConfig {
             replay_window: number(env, "ROOM_REPLAY_WINDOW", defaults.replay_window)?,
+            dedup_horizon: number(env, "ROOM_DEDUP_HORIZON", defaults.dedup_horizon)?,
             rate_burst: number(env, "ROOM_RATE_BURST", defaults.rate_burst)?,
             rate_per_sec: number(env, "ROOM_RATE_PER_SEC", defaults.rate_per_sec)?,
             flood_strikes: number(env, "ROOM_FLOOD_STRIKES", defaults.flood_strikes)?,

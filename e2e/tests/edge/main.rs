@@ -5,6 +5,7 @@
 #![allow(clippy::print_stdout)]
 
 mod lobby;
+mod membership;
 mod realtime;
 mod rest;
 mod sse;
@@ -21,6 +22,9 @@ async fn main() -> ExitCode {
         // A small replay window, so that `resync` is cheap to reach.
         vars: vec![
             ("ROOM_REPLAY_WINDOW".to_owned(), "20".to_owned()),
+            // A tiny idempotency cache, so resends of older keys are
+            // answered from the room's SQLite (production: 5,000).
+            ("ROOM_DEDUP_HORIZON".to_owned(), "4".to_owned()),
             ("ROOM_BACKOFF_MAX_MS".to_owned(), "1000".to_owned()),
             // Small and fast, so that the cap and the heartbeat are cheap
             // to observe (production: 200 subscribers, 15 s).
@@ -39,6 +43,28 @@ async fn main() -> ExitCode {
         }
     };
     let tests: &[(&str, TestFn)] = &[
+        (
+            "a_member_removed_at_the_origin_is_cut_off_at_the_edge_on_every_path",
+            |s| {
+                Box::pin(
+                    membership::a_member_removed_at_the_origin_is_cut_off_at_the_edge_on_every_path(
+                        s,
+                    ),
+                )
+            },
+        ),
+        (
+            "probing_unknown_conversations_costs_one_origin_call_and_stores_nothing",
+            |s| {
+                Box::pin(membership::probing_unknown_conversations_costs_one_origin_call_and_stores_nothing(s))
+            },
+        ),
+        (
+            "a_resend_of_a_key_the_room_forgot_returns_the_original_over_ws_and_post",
+            |s| {
+                Box::pin(membership::a_resend_of_a_key_the_room_forgot_returns_the_original_over_ws_and_post(s))
+            },
+        ),
         (
             "every_claim_rule_refuses_its_bad_token_on_every_path",
             |s| Box::pin(tokens::every_claim_rule_refuses_its_bad_token_on_every_path(s)),
