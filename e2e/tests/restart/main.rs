@@ -60,6 +60,10 @@ async fn main() -> ExitCode {
             "after_a_kill_presence_converges_and_nobody_stays_online",
             |s| Box::pin(after_a_kill_presence_converges_and_nobody_stays_online(s)),
         ),
+        (
+            "a_reader_that_never_reads_is_cut_off_and_the_others_get_everything",
+            |s| Box::pin(a_reader_that_never_reads_is_cut_off_and_the_others_get_everything(s)),
+        ),
     ];
     run_with_timeout(&mut stack, tests, Duration::from_secs(900)).await
 }
@@ -437,4 +441,111 @@ async fn wait_presence(s: &Stack, viewer: &User, user: i64, online: bool) -> any
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Big messages from Alex, fast (this binary's rate limit is for machines).
+async fn flood(s: &Stack, alex: &User, conv: i64, n: usize) -> anyhow::Result<()> {
+    let mut a = s.ws(alex, conv, None).await?;
+    let filler = "x".repeat(3_500);
+    for i in 0..n {
+        a.say(conv, &format!("{i} {filler}"), &format!("big-{i}"))
+            .await?;
+        if i % 50 == 49 {
+            a.expect_where("an ack", |f| {
+                f["type"] == "ack" && f["client_msg_id"] == format!("big-{i}")
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+pub async fn a_reader_that_never_reads_is_cut_off_and_the_others_get_everything(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::Message;
+    let (alex, sam, conv) = s.pair().await?;
+    // Straight at the runtime: wrangler's dev proxy in between would
+    // buffer for the slow readers and hide them from the room.
+    let runtime = s.runtime_url().await?;
+    let rss_before = s.workerd_rss_kib()?;
+    let ws_url = format!(
+        "{}/api/v1/chat/conversations/{conv}/ws?token={}",
+        runtime.replacen("http", "ws", 1),
+        sam.token
+    );
+    let (mut stalled_ws, _) = tokio_tungstenite::connect_async(ws_url).await?;
+    let stalled_sse = s
+        .http()
+        .get(format!(
+            "{runtime}/api/v1/chat/conversations/{conv}/events?token={}",
+            sam.token
+        ))
+        .send()
+        .await?;
+    ensure!(
+        stalled_sse.status().as_u16() == 200,
+        "{}",
+        stalled_sse.status()
+    );
+    // A healthy reader (it answers the probes) beside them.
+    let mut healthy = s.ws(&sam, conv, None).await?;
+    let n = 1_500; // ~5.5 MB to each reader
+    let sender = flood(s, &alex, conv, n);
+    let reader = async {
+        let mut seqs = BTreeSet::new();
+        while seqs.len() < n {
+            let f = healthy.expect("message").await?;
+            seqs.insert(f["message"]["seq"].as_i64().unwrap_or(-1));
+        }
+        anyhow::Ok(seqs)
+    };
+    let (sent, seqs) = tokio::join!(sender, reader);
+    sent?;
+    let seqs = seqs?;
+    ensure!(
+        seqs == (1..=n as i64).collect::<BTreeSet<_>>(),
+        "the healthy reader has every message"
+    );
+    let rss_after = s.workerd_rss_kib()?;
+    // The stalled socket: what was queued, then the close the room sent
+    // when it stopped trusting the reader.
+    let mut frames = 0usize;
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(20), stalled_ws.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => frames += 1,
+            Ok(Some(Ok(Message::Close(c)))) => break c,
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => bail!("the stalled socket failed instead of closing: {e}"),
+            Ok(None) => bail!("the stalled socket ended without a close frame"),
+            Err(_) => bail!("the stalled socket was never closed ({frames} frames queued)"),
+        }
+    };
+    let closed = closed.context("a close frame with a code")?;
+    ensure!(
+        u16::from(closed.code) == 1008 && closed.reason.contains("slow"),
+        "{closed:?}"
+    );
+    ensure!(
+        frames < n,
+        "it was cut off before everything was sent ({frames} of {n})"
+    );
+    // The stalled stream: whatever was buffered, then its end.
+    let mut body = stalled_sse.bytes_stream();
+    let mut bytes = 0usize;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), body.next()).await {
+            Ok(Some(Ok(chunk))) => bytes += chunk.len(),
+            Ok(Some(Err(_))) | Ok(None) => break,
+            Err(_) => bail!("the stalled SSE stream never ended ({bytes} bytes read)"),
+        }
+    }
+    println!(
+        "    stalled socket: closed after {frames} of {n} frames; stalled stream: ended after {} KiB; \
+         workerd RSS {} MiB before, {} MiB after",
+        bytes / 1024,
+        rss_before / 1024,
+        rss_after / 1024
+    );
+    Ok(())
 }
