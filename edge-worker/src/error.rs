@@ -93,7 +93,8 @@ impl EdgeError {
             EdgeError::Room(RoomError::RateLimited { retry_after_ms }) => {
                 Some(retry_after_ms.div_ceil(1000).max(1))
             }
-            EdgeError::OriginUnavailable(_) | EdgeError::Room(RoomError::Backpressure) => Some(1),
+            EdgeError::OriginUnavailable(_)
+            | EdgeError::Room(RoomError::Backpressure | RoomError::Storage) => Some(1),
             _ => None,
         };
         if let Some(secs) = retry_after {
