@@ -279,3 +279,30 @@ pub async fn the_seed_token_path_and_sse_reach_the_lobby_too(s: &mut Stack) -> a
     ensure!(closed.code == 1008, "{closed:?}");
     Ok(())
 }
+
+pub async fn a_flood_of_pings_on_the_users_connection_is_throttled_then_closed(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let alex = s.user("Alex").await?;
+    let mut ws = s.lobby(&alex).await?;
+    ws.expect("presence_snapshot").await?;
+    // Pings cost a quarter of a token: the burst of 30 passes 120 of them.
+    for _ in 0..400 {
+        if ws.send(serde_json::json!({"type": "ping"})).await.is_err() {
+            break;
+        }
+    }
+    let (frames, closed) = ws.closed().await?;
+    ensure!(closed.code == 1008, "{closed:?}");
+    let pongs = frames.iter().filter(|f| f["type"] == "pong").count();
+    let limited = frames
+        .iter()
+        .filter(|f| f["code"] == "rate_limited")
+        .count();
+    ensure!(
+        (100..=250).contains(&pongs),
+        "{pongs} of 400 pings answered"
+    );
+    ensure!(limited >= 1, "refusals come before the close");
+    Ok(())
+}

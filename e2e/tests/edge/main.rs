@@ -43,6 +43,27 @@ async fn main() -> ExitCode {
         }
     };
     let tests: &[(&str, TestFn)] = &[
+        ("sessions_rotate_revoke_and_end_through_the_edge", |s| {
+            Box::pin(rest::sessions_rotate_revoke_and_end_through_the_edge(s))
+        }),
+        (
+            "the_openapi_document_is_served_at_the_public_host_with_the_edges_routes",
+            |s| {
+                Box::pin(
+                    rest::the_openapi_document_is_served_at_the_public_host_with_the_edges_routes(
+                        s,
+                    ),
+                )
+            },
+        ),
+        (
+            "a_flood_of_pings_on_the_users_connection_is_throttled_then_closed",
+            |s| {
+                Box::pin(
+                    lobby::a_flood_of_pings_on_the_users_connection_is_throttled_then_closed(s),
+                )
+            },
+        ),
         (
             "a_member_removed_at_the_origin_is_cut_off_at_the_edge_on_every_path",
             |s| {
