@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use serde::{Deserialize, Serialize};
 use shared::protocol::{MessagePreview, MessageView, preview_text};
-use shared::{ConversationName, Role};
+use shared::{ConversationName, DomainError, Role};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -67,8 +67,8 @@ pub enum CreateConversation {
     },
     /// Creates a group; the caller is always a member.
     Group {
-        /// 1–100 characters after trimming white space; no control
-        /// characters inside.
+        /// 1–100 characters (white space around it is trimmed off); no
+        /// control characters inside.
         #[schema(
             min_length = 1,
             max_length = 100,
@@ -279,7 +279,26 @@ async fn create_conversation(
             name,
             participant_ids,
         } => {
+            // The raw name is bounded too (the schema's maxLength), not
+            // only what is left after trimming.
+            if name
+                .chars()
+                .nth(shared::domain::MAX_CONVERSATION_NAME_CHARS)
+                .is_some()
+            {
+                return Err(DomainError::TooLong {
+                    field: "name",
+                    max: shared::domain::MAX_CONVERSATION_NAME_CHARS,
+                }
+                .into());
+            }
             let name = ConversationName::parse(&name)?;
+            if participant_ids.len() >= MAX_GROUP_MEMBERS {
+                return Err(ApiError::invalid(format!(
+                    "participant_ids holds at most {} ids",
+                    MAX_GROUP_MEMBERS - 1
+                )));
+            }
             let mut members = participant_ids;
             members.push(user.id);
             members.sort_unstable();
@@ -487,6 +506,15 @@ fn checked_ids(change: ParticipantsChange) -> ApiResult<Vec<i64>> {
     let mut ids = change.user_ids;
     if ids.is_empty() {
         return Err(ApiError::invalid("user_ids must not be empty"));
+    }
+    if ids.iter().any(|&id| id < 1) {
+        return Err(ApiError::invalid("user ids are positive"));
+    }
+    // The list as sent is bounded (the schema's maxItems), duplicates or not.
+    if ids.len() > MAX_GROUP_MEMBERS {
+        return Err(ApiError::invalid(format!(
+            "user_ids holds at most {MAX_GROUP_MEMBERS} ids"
+        )));
     }
     ids.sort_unstable();
     ids.dedup();

@@ -27,6 +27,7 @@ pub fn document() -> Value {
     let mut doc = serde_json::to_value(doc).unwrap_or_else(|_| json!({}));
     add_common_responses(&mut doc);
     add_path_id_minimums(&mut doc);
+    add_user_id_item_minimums(&mut doc);
     add_edge_routes(&mut doc);
     doc
 }
@@ -180,6 +181,20 @@ fn add_path_id_minimums(doc: &mut Value) {
                     p["schema"]["minimum"] = json!(1);
                 }
             }
+        }
+    }
+}
+
+/// User ids in request lists are positive too (utoipa cannot put a minimum
+/// on the items of a `Vec<i64>` field).
+fn add_user_id_item_minimums(doc: &mut Value) {
+    let schemas = &mut doc["components"]["schemas"];
+    for pointer in [
+        "/ParticipantsChange/properties/user_ids/items",
+        "/CreateConversation/oneOf/1/properties/participant_ids/items",
+    ] {
+        if let Some(items) = schemas.pointer_mut(pointer) {
+            items["minimum"] = json!(1);
         }
     }
 }
@@ -420,6 +435,22 @@ fn add_edge_routes(doc: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_ids_in_request_lists_are_positive() {
+        let doc = document();
+        let schemas = &doc["components"]["schemas"];
+        assert_eq!(
+            schemas.pointer("/ParticipantsChange/properties/user_ids/items/minimum"),
+            Some(&json!(1))
+        );
+        assert_eq!(
+            schemas.pointer("/CreateConversation/oneOf/1/properties/participant_ids/items/minimum"),
+            Some(&json!(1)),
+            "{}",
+            schemas["CreateConversation"]
+        );
+    }
 
     #[test]
     fn every_operation_lists_500_and_503_with_retry_after() {

@@ -296,6 +296,37 @@ async fn requests_just_outside_a_documented_bound_get_the_documented_status() {
             .await;
         assert_eq!(s, status, "{query}: {b}");
     }
+    // Bodies: the bounds hold on the list and the name as sent.
+    let group = app.group(&alex, "Crew", &[&sam]).await;
+    let path = format!("/api/v1/chat/conversations/{group}/participants");
+    for body in [
+        serde_json::json!({"user_ids": [0]}),
+        serde_json::json!({"user_ids": vec![sam.id; 1001]}),
+    ] {
+        let (s, b) = app.delete(&alex, &path, body).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    }
+    let (s, _) = app
+        .delete(
+            &alex,
+            &path,
+            serde_json::json!({"user_ids": vec![sam.id; 1000]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let padded = format!(" {} ", "n".repeat(99));
+    let (s, b) = app
+        .post(
+            &alex,
+            "/api/v1/chat/conversations",
+            serde_json::json!({"type": "group", "name": padded, "participant_ids": []}),
+        )
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "101 characters as sent: {b}"
+    );
     let (s, _) = app
         .get(&alex, "/api/v1/chat/conversations/0/messages")
         .await;
