@@ -8,7 +8,7 @@ use futures_util::future::{Either, select};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shared::protocol::internal::{
-    ConversationMembers, IngestBatch, IngestResult, PresenceBatch, ReceiptBatch,
+    CLIENT_IP_HEADER, ConversationMembers, IngestBatch, IngestResult, PresenceBatch, ReceiptBatch,
     SERVICE_SECRET_HEADER, StoredMessage,
 };
 use worker::wasm_bindgen::JsValue;
@@ -23,9 +23,6 @@ const INTERNAL_TIMEOUT: Duration = Duration::from_secs(10);
 const PROXY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Largest public request body the edge forwards.
 pub const MAX_PROXY_BODY: usize = shared::domain::MAX_FRAME_BYTES;
-/// The caller's address, for the origin (trusted only with the service
-/// secret beside it).
-pub const CLIENT_IP_HEADER: &str = "x-vibe-client-ip";
 /// Request headers passed through to the origin.
 const FORWARDED_HEADERS: &[&str] = &[
     "authorization",

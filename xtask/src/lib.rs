@@ -78,6 +78,17 @@ fn test(root: &Path) -> anyhow::Result<()> {
             "wasm32-unknown-unknown",
         ]),
     )?;
+    // The spec must state every status and constraint the API has: a
+    // schema-driven fuzzer checks the origin against it (fixed seed, so a
+    // failure is reproducible).
+    let mut fuzz = Command::new("bash");
+    fuzz.arg(root.join("origin/scripts/schemathesis.sh"))
+        .args(["--seed", "42"])
+        .env("DATABASE_URL", &admin_url);
+    step(
+        "the origin against its OpenAPI document (Schemathesis)",
+        fuzz,
+    )?;
     // The end-to-end suites run the built Worker under wrangler dev; build
     // it now, because they must not start a cargo build themselves.
     build_edge(root)?;
