@@ -22,6 +22,34 @@ pub async fn run(stack: &mut Stack, tests: &[(&str, TestFn)]) -> std::process::E
     run_with_timeout(stack, tests, TEST_TIMEOUT).await
 }
 
+/// Starts a [`Stack`] with `vars` for the Worker (and `E2E_VERBOSE` for
+/// wrangler's output), then runs `tests` against it with `timeout` each.
+pub async fn start_and_run(
+    vars: &[(&str, &str)],
+    tests: &[(&str, TestFn)],
+    timeout: Duration,
+) -> std::process::ExitCode {
+    let options = crate::StackOptions {
+        vars: vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        verbose: std::env::var_os("E2E_VERBOSE").is_some(),
+        ..crate::StackOptions::default()
+    };
+    let mut stack = match Stack::start(options).await {
+        Ok(s) => s,
+        Err(e) => {
+            println!("could not start the stack: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    run_with_timeout(&mut stack, tests, timeout).await
+}
+
+/// The deadline [`run`] gives each test.
+pub const DEFAULT_TIMEOUT: Duration = TEST_TIMEOUT;
+
 /// [`run`] with another deadline per test (suites that restart the stack).
 pub async fn run_with_timeout(
     stack: &mut Stack,

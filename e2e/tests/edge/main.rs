@@ -13,35 +13,24 @@ mod tokens;
 
 use std::process::ExitCode;
 
-use e2e::runner::{TestFn, run};
-use e2e::{Stack, StackOptions};
+use e2e::runner::{DEFAULT_TIMEOUT, TestFn, start_and_run};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let options = StackOptions {
+    // The Worker's settings for this suite.
+    let vars: &[(&str, &str)] = &[
         // A small replay window, so that `resync` is cheap to reach.
-        vars: vec![
-            ("ROOM_REPLAY_WINDOW".to_owned(), "20".to_owned()),
-            // A tiny idempotency cache, so resends of older keys are
-            // answered from the room's SQLite (production: 5,000).
-            ("ROOM_DEDUP_HORIZON".to_owned(), "4".to_owned()),
-            ("ROOM_BACKOFF_MAX_MS".to_owned(), "1000".to_owned()),
-            // Small and fast, so that the cap and the heartbeat are cheap
-            // to observe (production: 200 subscribers, 15 s).
-            ("ROOM_MAX_SSE".to_owned(), "3".to_owned()),
-            ("ROOM_SSE_HEARTBEAT_MS".to_owned(), "1000".to_owned()),
-            ("LOBBY_GRACE_MS".to_owned(), "1500".to_owned()),
-        ],
-        verbose: std::env::var_os("E2E_VERBOSE").is_some(),
-        ..StackOptions::default()
-    };
-    let mut stack = match Stack::start(options).await {
-        Ok(s) => s,
-        Err(e) => {
-            println!("could not start the stack: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
+        ("ROOM_REPLAY_WINDOW", "20"),
+        // A tiny idempotency cache, so resends of older keys are
+        // answered from the room's SQLite (production: 5,000).
+        ("ROOM_DEDUP_HORIZON", "4"),
+        ("ROOM_BACKOFF_MAX_MS", "1000"),
+        // Small and fast, so that the cap and the heartbeat are cheap
+        // to observe (production: 200 subscribers, 15 s).
+        ("ROOM_MAX_SSE", "3"),
+        ("ROOM_SSE_HEARTBEAT_MS", "1000"),
+        ("LOBBY_GRACE_MS", "1500"),
+    ];
     let tests: &[(&str, TestFn)] = &[
         ("sessions_rotate_revoke_and_end_through_the_edge", |s| {
             Box::pin(rest::sessions_rotate_revoke_and_end_through_the_edge(s))
@@ -259,5 +248,5 @@ async fn main() -> ExitCode {
             },
         ),
     ];
-    run(&mut stack, tests).await
+    start_and_run(vars, tests, DEFAULT_TIMEOUT).await
 }

@@ -21,32 +21,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use e2e::runner::{TestFn, run_with_timeout};
-use e2e::{Event, Stack, StackOptions, User};
+use e2e::runner::{TestFn, start_and_run};
+use e2e::{Event, Stack, User};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let options = StackOptions {
-        vars: vec![
-            // Senders here are machines, not people.
-            ("ROOM_RATE_PER_SEC".to_owned(), "1000".to_owned()),
-            ("ROOM_RATE_BURST".to_owned(), "1000".to_owned()),
-            ("ROOM_BACKOFF_MAX_MS".to_owned(), "1000".to_owned()),
-            ("LOBBY_GRACE_MS".to_owned(), "1500".to_owned()),
-        ],
-        verbose: std::env::var_os("E2E_VERBOSE").is_some(),
-        ..StackOptions::default()
-    };
-    let mut stack = match Stack::start(options).await {
-        Ok(s) => s,
-        Err(e) => {
-            println!("could not start the stack: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
+    // The Worker's settings for this suite.
+    let vars: &[(&str, &str)] = &[
+        // Senders here are machines, not people.
+        ("ROOM_RATE_PER_SEC", "1000"),
+        ("ROOM_RATE_BURST", "1000"),
+        ("ROOM_BACKOFF_MAX_MS", "1000"),
+        ("LOBBY_GRACE_MS", "1500"),
+    ];
     let tests: &[(&str, TestFn)] = &[
         (
             "killing_the_runtime_while_clients_send_loses_nothing_and_duplicates_nothing",
@@ -65,7 +55,7 @@ async fn main() -> ExitCode {
             |s| Box::pin(a_reader_that_never_reads_is_cut_off_and_the_others_get_everything(s)),
         ),
     ];
-    run_with_timeout(&mut stack, tests, Duration::from_secs(900)).await
+    start_and_run(vars, tests, Duration::from_secs(900)).await
 }
 
 fn env_number(name: &str, default: u64) -> u64 {
