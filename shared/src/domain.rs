@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Longest message, in Unicode scalar values (what a user would call
-/// characters), as DESIGN.md sets it.
+/// characters): the product's limit (docs/ARCHITECTURE.md, "Limits").
 pub const MAX_CONTENT_CHARS: usize = 4_000;
 /// Longest `client_msg_id`. Clients use UUIDs (36 chars); the slack allows
 /// other schemes without letting the unique index grow unbounded.
