@@ -25,6 +25,7 @@ use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -188,7 +189,10 @@ pub async fn scenario(
     let others: Vec<&User> = users[1..].iter().collect();
     let conv = stack.group(&owner, &others).await?;
 
-    let mut sinks: Vec<SplitSink<Socket, Message>> = Vec::with_capacity(members);
+    // Each WebSocket member's writer: the sender loop and the member's own
+    // reader (answering the room's backlog probes) share it.
+    let mut sinks: Vec<mpsc::UnboundedSender<Message>> = Vec::with_capacity(members);
+    let mut writers = Vec::with_capacity(members);
     let mut readers = Vec::with_capacity(members + sse_members);
     let http = reqwest::Client::new();
     // SSE streams never end by themselves (heartbeats); readers stop when
@@ -217,8 +221,10 @@ pub async fn scenario(
             .await
             .context("connect a member")?;
         let (sink, stream) = ws.split();
-        sinks.push(sink);
-        readers.push(tokio::spawn(read_all(stream)));
+        let (tx, rx) = mpsc::unbounded_channel();
+        writers.push(tokio::spawn(write_all(sink, rx)));
+        readers.push(tokio::spawn(read_all(stream, tx.clone())));
+        sinks.push(tx);
     }
     // Let every member settle before the clock starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -226,6 +232,7 @@ pub async fn scenario(
     let total = (rate * duration.as_secs_f64()).round() as usize;
     let interval = Duration::from_secs_f64(1.0 / rate);
     let mut sent_at: Vec<Instant> = Vec::with_capacity(total);
+    let mut send_failures: HashMap<String, usize> = HashMap::new();
     let start = Instant::now();
     for k in 0..total {
         let due = start + interval.mul_f64(k as f64);
@@ -241,23 +248,24 @@ pub async fn scenario(
         })
         .to_string();
         sent_at.push(Instant::now());
-        sinks[k % members]
-            .send(Message::text(frame))
-            .await
-            .context("send")?;
+        // A member whose socket was closed (the room cut it off) counts
+        // as an error, and its share of the messages as lost.
+        if sinks[k % members].send(Message::text(frame)).is_err() {
+            *send_failures.entry("socket closed".to_owned()).or_default() += 1;
+        }
     }
     let elapsed = start.elapsed();
     // Stragglers.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    for mut sink in sinks {
-        let _ = sink.close().await;
-    }
+    // Closing the channels closes the sockets (once the readers, which
+    // hold a sender for their pongs, are done too).
+    drop(sinks);
     let _ = done_tx.send(true);
     let members = members + sse_members;
     let mut latest: Vec<Option<Instant>> = vec![None; total];
     let mut received = 0usize;
     let mut duplicated = 0usize;
-    let mut errors: HashMap<String, usize> = HashMap::new();
+    let mut errors = send_failures;
     for reader in readers {
         let seen = reader.await.context("reader task")?;
         for (code, n) in seen.errors {
@@ -324,6 +332,15 @@ async fn read_sse(res: reqwest::Response, mut done: tokio::sync::watch::Receiver
     seen
 }
 
+/// The `n` of a `{"type":"ping","n":…}` probe.
+fn probe(text: &str) -> Option<u64> {
+    if !text.contains("\"ping\"") {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    (v["type"] == "ping").then(|| v["n"].as_u64()).flatten()
+}
+
 /// Accounts one frame's JSON.
 fn record(seen: &mut Seen, text: &str, at: Instant) {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
@@ -350,11 +367,23 @@ fn record(seen: &mut Seen, text: &str, at: Instant) {
         .or_insert((at, 1));
 }
 
-/// Reads until the socket closes (or goes quiet for 30 s).
-async fn read_all(mut stream: SplitStream<Socket>) -> Seen {
+/// Sends what the member's channel carries until it closes, then closes
+/// the socket.
+async fn write_all(mut sink: SplitSink<Socket, Message>, mut rx: mpsc::UnboundedReceiver<Message>) {
+    while let Some(m) = rx.recv().await {
+        if sink.send(m).await.is_err() {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// Reads until the socket closes (or goes quiet for 30 s), answering the
+/// room's backlog probes as every well-behaved client does.
+async fn read_all(mut stream: SplitStream<Socket>, pongs: mpsc::UnboundedSender<Message>) -> Seen {
     let mut seen = Seen::default();
     loop {
-        let next = tokio::time::timeout(Duration::from_secs(30), stream.next()).await;
+        let next = tokio::time::timeout(Duration::from_secs(3), stream.next()).await;
         let msg = match next {
             Ok(Some(Ok(m))) => m,
             _ => break,
@@ -365,6 +394,10 @@ async fn read_all(mut stream: SplitStream<Socket>) -> Seen {
             }
             continue;
         };
+        if let Some(n) = probe(&text) {
+            let _ = pongs.send(Message::text(format!(r#"{{"type":"pong","n":{n}}}"#)));
+            continue;
+        }
         record(&mut seen, &text, Instant::now());
     }
     seen

@@ -243,18 +243,32 @@ impl Connections {
         }
     }
 
+    /// Every live connection's tag, without copying them out.
+    fn each_tag(&self, mut f: impl FnMut(&SocketTag)) {
+        self.sockets.borrow().values().for_each(|s| f(&s.tag));
+        self.streams.borrow().values().for_each(|s| f(&s.tag));
+    }
+
     /// Connections whose token ran out by `now`.
     pub fn expired(&self, now: u64) -> Vec<u64> {
-        self.live()
-            .into_iter()
-            .filter(|t| t.valid_until.is_some_and(|at| at <= now))
-            .map(|t| t.conn)
-            .collect()
+        let mut out = Vec::new();
+        self.each_tag(|t| {
+            if t.valid_until.is_some_and(|at| at <= now) {
+                out.push(t.conn);
+            }
+        });
+        out
     }
 
     /// When the next connection's token runs out.
     pub fn next_expiry(&self) -> Option<u64> {
-        self.live().into_iter().filter_map(|t| t.valid_until).min()
+        let mut next: Option<u64> = None;
+        self.each_tag(|t| {
+            if let Some(at) = t.valid_until {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        });
+        next
     }
 
     /// Forgets a socket that closed or failed.

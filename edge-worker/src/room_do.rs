@@ -434,6 +434,8 @@ impl Room {
         // reattaches every live connection to the state machine.
         self.conns.reattach(&self.state);
         self.load(config, fetched_at)?;
+        // Reattaching may close the sockets of members removed meanwhile.
+        self.drain()?;
         // Plain-text "ping" is answered by the runtime without waking us.
         if let Ok(pair) = worker::WebSocketRequestResponsePair::new("ping", "pong") {
             self.state.set_websocket_auto_response(&pair);

@@ -9,7 +9,8 @@
 //! `{"type":"pong","n":…}` once the client has read everything before it
 //! (frames arrive in order). The answer releases what was sent before the
 //! ping; a client that leaves more than [`Limits::max_unconfirmed`] unread
-//! is closed, and resumes with `since` when it reconnects.
+//! is closed, and resumes with `since` when it reconnects. (The bound is
+//! also what a dead reader costs: `close()` queues behind the backlog.)
 
 /// Thresholds in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,10 +20,15 @@ pub struct Limits {
 }
 
 impl Default for Limits {
+    /// The answer to a probe waits behind every frame the room has not yet
+    /// handled, so a room that is seconds behind on its input sees a
+    /// healthy reader's confirmation late. The bound is set well above
+    /// what a room can send to one reader in those seconds (about 1 MB/s
+    /// at its knee), so only a reader that really stopped reaching it.
     fn default() -> Self {
         Self {
-            probe_at: 64 * 1024,
-            max_unconfirmed: 1024 * 1024,
+            probe_at: 256 * 1024,
+            max_unconfirmed: 4 * 1024 * 1024,
         }
     }
 }

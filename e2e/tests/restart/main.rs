@@ -480,7 +480,7 @@ pub async fn a_reader_that_never_reads_is_cut_off_and_the_others_get_everything(
     );
     // A healthy reader (it answers the probes) beside them.
     let mut healthy = s.ws(&sam, conv, None).await?;
-    let n = 1_500; // ~5.5 MB to each reader
+    let n = 2_000; // ~7.4 MB to each reader, past the 4 MiB bound
     let sender = flood(s, &alex, conv, n);
     let reader = async {
         let mut seqs = BTreeSet::new();
