@@ -16,6 +16,7 @@ pub mod edge;
 pub mod error;
 pub mod hashing;
 pub mod http;
+pub mod ingest;
 pub mod login_guard;
 pub mod metrics;
 pub mod seed;

@@ -186,9 +186,21 @@ pub mod internal {
     }
 
     /// `POST /internal/v1/messages/batch`
-    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    ///
+    /// Messages, watermarks, or both, applied in one transaction: a 200
+    /// answer means the messages listed as `stored` are in PostgreSQL and
+    /// every receipt was applied (watermarks only move forward; receipts of
+    /// users who are not members change nothing). `messages` may be empty.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
     pub struct IngestBatch {
         pub messages: Vec<StoredMessage>,
+        /// The room's watermarks, as `POST /internal/v1/receipts` takes
+        /// them, so one request per flush carries both. Absent from an edge
+        /// that predates it (it posts them to `/internal/v1/receipts`,
+        /// which still works). A negative watermark refuses the whole
+        /// batch (422), before anything is written.
+        #[serde(default)]
+        pub receipts: Vec<ReceiptUpdate>,
     }
 
     /// What the origin holds after an ingest call. An id is in `stored` when
@@ -202,8 +214,9 @@ pub mod internal {
         /// member when it was sent: `not_member`…). Retrying will not help.
         pub rejected: Vec<IngestRejection>,
         /// The current `members_version` of every existing conversation in
-        /// the batch. A room whose cached version differs refetches its
-        /// members. Empty from an origin that predates it.
+        /// the batch (named by its messages or its receipts). A room whose
+        /// cached version differs refetches its members. Empty from an
+        /// origin that predates it.
         #[serde(default)]
         pub members_versions: Vec<ConversationVersion>,
     }
@@ -335,6 +348,35 @@ mod tests {
         )
         .expect("parse");
         assert_eq!(m.members_version, 0);
+    }
+
+    #[test]
+    fn an_ingest_batch_from_an_older_edge_parses_with_no_receipts() {
+        let b: internal::IngestBatch = serde_json::from_str(r#"{"messages":[]}"#).expect("parse");
+        assert!(b.messages.is_empty());
+        assert!(b.receipts.is_empty());
+    }
+
+    #[test]
+    fn an_ingest_batch_carries_receipts_in_the_receipt_route_shape() {
+        let b = internal::IngestBatch {
+            messages: Vec::new(),
+            receipts: vec![internal::ReceiptUpdate {
+                conversation_id: 7,
+                user_id: 3,
+                delivered_seq: 9,
+                read_seq: 8,
+            }],
+        };
+        let v = serde_json::to_value(&b).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"messages": [], "receipts": [
+                {"conversation_id": 7, "user_id": 3, "delivered_seq": 9, "read_seq": 8}
+            ]})
+        );
+        let back: internal::IngestBatch = serde_json::from_value(v).expect("parse");
+        assert_eq!(back, b);
     }
 
     #[test]

@@ -293,3 +293,288 @@ async fn a_stored_message_can_be_read_back_by_seq_and_a_missing_one_is_404() {
         .await;
     assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
 }
+
+/// `(user_id, delivered_seq, read_seq)` of each member, as the edge reads
+/// them.
+async fn watermarks(app: &crate::helpers::TestApp, conversation: i64) -> Vec<(i64, i64, i64)> {
+    let (s, body) = app
+        .internal_get(&format!(
+            "/internal/v1/conversations/{conversation}/members"
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["user_id"].as_i64().unwrap(),
+                m["delivered_seq"].as_i64().unwrap(),
+                m["read_seq"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn receipt(conversation: i64, user: i64, delivered: i64, read: i64) -> Value {
+    json!({"conversation_id": conversation, "user_id": user, "delivered_seq": delivered, "read_seq": read})
+}
+
+#[tokio::test]
+async fn receipts_in_an_ingest_batch_move_watermarks_forward_only_and_a_replay_changes_nothing() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let id = app.direct(&alex, &sam).await;
+    app.ingest(id, &alex, 1, 7).await;
+
+    let batch = json!({
+        "messages": (8..=10).map(|s| message(id, alex.id, s)).collect::<Vec<_>>(),
+        "receipts": [
+            receipt(id, sam.id, 9, 5),
+            receipt(id, sam.id, 6, 6),
+            receipt(id, alex.id, 10, 10),
+        ],
+    });
+    let (s, first) = app
+        .internal_post("/internal/v1/messages/batch", &batch)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{first}");
+    assert_eq!(first["stored"].as_array().unwrap().len(), 3);
+    assert_eq!(first["rejected"], json!([]));
+    let mut expected = vec![(alex.id, 10, 10), (sam.id, 9, 6)];
+    expected.sort_unstable();
+    assert_eq!(watermarks(&app, id).await, expected);
+
+    // Older watermarks, through the ingest or the route of older edges,
+    // move nothing back.
+    let (s, body) = app
+        .internal_post(
+            "/internal/v1/messages/batch",
+            &json!({"messages": [], "receipts": [receipt(id, sam.id, 2, 1), receipt(id, alex.id, 0, 0)]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, body) = app
+        .internal_post(
+            "/internal/v1/receipts",
+            &json!({"receipts": [receipt(id, sam.id, 3, 3)]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(watermarks(&app, id).await, expected);
+
+    // The whole batch again: the same answer, the same state.
+    let (s, again) = app
+        .internal_post("/internal/v1/messages/batch", &batch)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(again, first);
+    assert_eq!(watermarks(&app, id).await, expected);
+    assert_eq!(app.count("SELECT count(*) FROM messages").await, 10);
+
+    // A read implies delivery, as on the receipts route.
+    let (s, _) = app
+        .internal_post(
+            "/internal/v1/messages/batch",
+            &json!({"messages": [], "receipts": [receipt(id, sam.id, 0, 10)]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(watermarks(&app, id).await.contains(&(sam.id, 10, 10)));
+}
+
+#[tokio::test]
+async fn a_batch_of_receipts_alone_applies_them_and_reports_the_conversation_version() {
+    let app = spawn_app().await;
+    let coach = app.user("Coach", Role::Trainer).await;
+    let alex = app.user("Alex", Role::Member).await;
+    let group = app.group(&coach, "Crew", &[&alex]).await;
+    app.ingest(group, &coach, 1, 4).await;
+    let version = app
+        .count(&format!(
+            "SELECT members_version FROM conversations WHERE id = {group}"
+        ))
+        .await;
+
+    let (s, body) = app
+        .internal_post(
+            "/internal/v1/messages/batch",
+            &json!({"messages": [], "receipts": [receipt(group, alex.id, 4, 3)]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({
+            "stored": [],
+            "rejected": [],
+            "members_versions": [{"conversation_id": group, "members_version": version}],
+        })
+    );
+    assert!(watermarks(&app, group).await.contains(&(alex.id, 4, 3)));
+    assert_eq!(app.count("SELECT count(*) FROM messages").await, 4);
+}
+
+#[tokio::test]
+async fn receipts_for_non_members_in_an_ingest_batch_change_nothing_and_the_others_apply() {
+    let app = spawn_app().await;
+    let coach = app.user("Coach", Role::Trainer).await;
+    let alex = app.user("Alex", Role::Member).await;
+    let eve = app.user("Eve", Role::Member).await;
+    let group = app.group(&coach, "Crew", &[&alex]).await;
+    app.ingest(group, &coach, 1, 5).await;
+    let (s, _) = app
+        .delete(
+            &coach,
+            &format!("/api/v1/chat/conversations/{group}/participants"),
+            json!({"user_ids": [alex.id]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+
+    let (s, body) = app
+        .internal_post(
+            "/internal/v1/messages/batch",
+            &json!({"messages": [], "receipts": [
+                receipt(group, alex.id, 5, 5),
+                receipt(group, eve.id, 5, 5),
+                receipt(424_242, coach.id, 5, 5),
+                receipt(group, coach.id, 5, 4),
+            ]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(watermarks(&app, group).await, vec![(coach.id, 5, 4)]);
+    // Nobody became a participant by reporting a watermark.
+    assert_eq!(
+        app.count("SELECT count(*) FROM conversation_participants")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_batch_with_rejected_messages_still_applies_its_receipts() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let eve = app.user("Eve", Role::Member).await;
+    let id = app.direct(&alex, &sam).await;
+    app.ingest(id, &alex, 1, 3).await;
+
+    let mut conflict = message(id, sam.id, 3);
+    conflict["id"] = json!(uuid::Uuid::now_v7());
+    conflict["client_msg_id"] = json!("another-key");
+    let mut blank = message(id, alex.id, 5);
+    blank["content"] = json!("  ");
+    let from_eve = message(id, eve.id, 6);
+    let good = message(id, sam.id, 4);
+    let (s, body) = app
+        .internal_post(
+            "/internal/v1/messages/batch",
+            &json!({
+                "messages": [conflict, blank, from_eve, good],
+                "receipts": [receipt(id, sam.id, 4, 4), receipt(id, alex.id, 3, 2)],
+            }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["stored"], json!([message_id(id, 4)]));
+    let mut codes: Vec<&str> = body["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect();
+    codes.sort_unstable();
+    assert_eq!(codes, vec!["conflict", "empty_field", "not_member"]);
+    let mut expected = vec![(alex.id, 3, 2), (sam.id, 4, 4)];
+    expected.sort_unstable();
+    assert_eq!(watermarks(&app, id).await, expected);
+
+    // Even when no message of the batch can be stored.
+    let mut blank = message(id, alex.id, 5);
+    blank["content"] = json!("");
+    let (s, body) = app
+        .internal_post(
+            "/internal/v1/messages/batch",
+            &json!({"messages": [blank], "receipts": [receipt(id, alex.id, 4, 4)]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["stored"], json!([]));
+    assert_eq!(body["rejected"][0]["code"], "empty_field");
+    assert!(watermarks(&app, id).await.contains(&(alex.id, 4, 4)));
+}
+
+#[tokio::test]
+async fn a_negative_watermark_refuses_the_whole_batch_before_anything_is_written() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let id = app.direct(&alex, &sam).await;
+    let (s, body) = app
+        .internal_post(
+            "/internal/v1/messages/batch",
+            &json!({
+                "messages": [message(id, alex.id, 1)],
+                "receipts": [receipt(id, sam.id, 1, 1), receipt(id, alex.id, 1, -1)],
+            }),
+        )
+        .await;
+    assert_error(
+        s,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    );
+    assert_eq!(app.count("SELECT count(*) FROM messages").await, 0);
+    assert!(watermarks(&app, id).await.contains(&(sam.id, 0, 0)));
+}
+
+#[tokio::test]
+async fn concurrent_batches_with_receipts_for_the_same_members_neither_deadlock_nor_lose_the_highest()
+ {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let kim = app.user("Kim", Role::Member).await;
+    let direct = app.direct(&alex, &sam).await;
+    let group = app.group(&kim, "Crew", &[&alex, &sam]).await;
+    // Each batch: messages in both conversations, and receipts of every
+    // member listed in a different order with different values.
+    let batches: Vec<Value> = (1..=8i64)
+        .map(|n| {
+            let mut receipts = vec![
+                receipt(group, kim.id, n, n),
+                receipt(group, sam.id, 9 - n, 9 - n),
+                receipt(direct, alex.id, n, n - 1),
+                receipt(group, alex.id, n, n),
+                receipt(direct, sam.id, 9 - n, 9 - n),
+            ];
+            if n % 2 == 0 {
+                receipts.reverse();
+            }
+            json!({
+                "messages": [message(direct, alex.id, n), message(group, kim.id, n)],
+                "receipts": receipts,
+            })
+        })
+        .collect();
+    let calls = batches
+        .iter()
+        .map(|b| app.internal_post("/internal/v1/messages/batch", b));
+    for (s, body) in futures::future::join_all(calls).await {
+        assert_eq!(s, StatusCode::OK, "{body}");
+        assert_eq!(body["rejected"], json!([]));
+    }
+    assert_eq!(app.count("SELECT count(*) FROM messages").await, 16);
+    let mut direct_expected = vec![(alex.id, 8, 7), (sam.id, 8, 8)];
+    direct_expected.sort_unstable();
+    assert_eq!(watermarks(&app, direct).await, direct_expected);
+    let mut group_expected = vec![(alex.id, 8, 8), (sam.id, 8, 8), (kim.id, 8, 8)];
+    group_expected.sort_unstable();
+    assert_eq!(watermarks(&app, group).await, group_expected);
+}

@@ -11,4 +11,5 @@ mod internal;
 mod membership;
 mod migrations;
 mod ops;
+mod plans;
 mod sessions;
