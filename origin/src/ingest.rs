@@ -40,13 +40,13 @@
 //! transaction therefore starts with [`PLANNER_GUARD`]:
 //!
 //! - `SET LOCAL enable_seqscan = off` removes it (PostgreSQL charges a
-//!   disabled path so much that any index path wins; 17 and later count
+//!   disabled path so much that any index path wins; 18 and later count
 //!   disabled nodes first). The foreign-key checks of the `INSERT`
 //!   (`conversations` and `users` by primary key) are planned under it too,
 //!   and since only the ingest inserts messages, their cached plans are
 //!   always made under it.
 //! - `SET LOCAL jit = off`: these are short key lookups, where JIT only
-//!   costs, and the cost of a disabled path (10¹⁰ before PostgreSQL 17)
+//!   costs, and the cost of a disabled path (10¹⁰ before PostgreSQL 18)
 //!   would push a plan that still held one over `jit_above_cost`, turning a
 //!   slow plan into a plan that first compiles for tens of milliseconds.
 //!
