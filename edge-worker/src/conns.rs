@@ -418,7 +418,7 @@ pub fn burn_ticket(sql: &SqlStorage, req: &Request, now_ms: u64) -> EdgeResult<(
     struct Row {
         n: i64,
     }
-    let Some(raw) = req.headers().get(crate::room_do::TICKET_HEADER)? else {
+    let Some(raw) = req.headers().get(crate::headers::TICKET_HEADER)? else {
         return Ok(());
     };
     let (jti, exp) = raw

@@ -17,6 +17,7 @@ mod auth;
 mod config;
 mod conns;
 mod error;
+mod headers;
 mod lobby_do;
 mod origin;
 mod room_do;

@@ -31,8 +31,8 @@ use crate::conns::{
     Alarm, Connections, SocketTag, answer, answer_close, burn_ticket, probe_answer,
 };
 use crate::error::{EdgeError, EdgeResult};
+use crate::headers::{USER_HEADER, VALID_UNTIL_HEADER};
 use crate::origin::OriginClient;
-use crate::room_do::{USER_HEADER, VALID_UNTIL_HEADER};
 
 /// Unconfirmed presence reports are retried this often.
 const PRESENCE_RETRY_MS: u64 = 5_000;

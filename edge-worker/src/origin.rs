@@ -8,7 +8,7 @@ use futures_util::future::{Either, select};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shared::protocol::internal::{
-    CLIENT_IP_HEADER, ConversationMembers, IngestBatch, IngestResult, PresenceBatch, ReceiptBatch,
+    CLIENT_IP_HEADER, ConversationMembers, IngestBatch, IngestResult, PresenceBatch,
     SERVICE_SECRET_HEADER, StoredMessage,
 };
 use worker::wasm_bindgen::JsValue;
@@ -122,12 +122,6 @@ impl<'a> OriginClient<'a> {
     pub async fn ingest(&self, batch: &IngestBatch) -> EdgeResult<IngestResult> {
         let res = self.post("/internal/v1/messages/batch", batch).await?;
         Self::json(res, "ingest").await
-    }
-
-    /// Receipt watermarks (they only move forward at the origin).
-    pub async fn receipts(&self, batch: &ReceiptBatch) -> EdgeResult<()> {
-        let res = self.post("/internal/v1/receipts", batch).await?;
-        Self::no_content(&res, "receipts")
     }
 
     /// Presence changes (last write wins by `last_seen` at the origin).

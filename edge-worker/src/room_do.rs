@@ -23,7 +23,7 @@
 use std::cell::{Cell, RefCell};
 
 use serde::Deserialize;
-use shared::protocol::internal::{IngestBatch, ReceiptBatch};
+use shared::protocol::internal::IngestBatch;
 use shared::protocol::{MessageView, ServerFrame};
 use shared::receipts::{Watermark, status_of};
 use shared::room::{
@@ -43,15 +43,7 @@ use crate::error::{EdgeError, EdgeResult};
 use crate::origin::OriginClient;
 use crate::room_store::{self, RoomSql};
 
-/// Headers the Worker sets on requests it forwards to a room. A client
-/// never reaches a Durable Object directly, so these are trusted.
-pub const USER_HEADER: &str = "x-vibe-user-id";
-pub const CONVERSATION_HEADER: &str = "x-vibe-conversation-id";
-/// When the caller's token stops being valid (ms since the epoch): a
-/// realtime connection it opens lives until then unless renewed.
-pub const VALID_UNTIL_HEADER: &str = "x-vibe-valid-until";
-/// `{jti}:{exp}` of the ticket the caller came with: burnt where it is used.
-pub const TICKET_HEADER: &str = "x-vibe-ticket";
+use crate::headers::{CONVERSATION_HEADER, USER_HEADER, VALID_UNTIL_HEADER};
 
 /// A connect from a user the cache does not know refetches the members at
 /// most this often.
@@ -167,6 +159,15 @@ impl DurableObject for Room {
             Err(e) => worker::console_error!("websocket message: {e}"),
         }
         self.schedule().await;
+        // A batch due now leaves from here, not the alarm: under load the
+        // alarm would compete with the messages. This event's own work is
+        // done (the ack went out above); other events run while it awaits.
+        if self.flush_due_now() {
+            if let Err(e) = self.pump().await {
+                worker::console_warn!("outbox: {e}");
+            }
+            self.schedule().await;
+        }
         Ok(())
     }
 
@@ -617,78 +618,90 @@ impl Room {
         }
         self.with_room(|r| r.handle_timeout(now))?;
         self.drain()?;
-        let Some(batch) = self.with_room(|r| r.poll_flush(now))? else {
-            return Ok(());
-        };
-        // What the batch tells the origin is written here first; if that
-        // write fails the batch stays home (the room was rebuilt).
-        self.drain()?;
-        let result = self.flush(&batch).await;
-        let now = now_ms();
-        let mut members_changed = false;
-        match result {
-            Ok((outcome, version)) => {
-                self.with_loaded(|l| {
-                    l.room.handle_flush_result(now, &outcome);
-                    members_changed = version.is_some_and(|v| v != l.members_version);
-                })?;
-            }
-            Err(e) => {
-                worker::console_warn!("outbox flush failed, will retry: {e}");
-                self.with_room(|r| r.handle_flush_failure(now))?;
-            }
-        }
-        self.drain()?;
-        if members_changed {
-            // Membership changed by a path that did not tell us (or the
-            // notice was lost): removed members' connections close now.
-            self.refresh_members().await?;
-        }
-        Ok(())
+        self.pump().await
     }
 
-    /// Sends one batch to the origin. Also returns the member-list version
-    /// the origin reported for this conversation, if any.
+    /// Whether a batch may leave now (cheap: asked after every frame).
+    fn flush_due_now(&self) -> bool {
+        let now = now_ms();
+        self.loaded
+            .borrow()
+            .as_ref()
+            .and_then(|l| l.room.flush_due())
+            .is_some_and(|due| due <= now)
+    }
+
+    /// Sends the batches that are due, one after another; other events go
+    /// on while each is in flight, and their own pumps may send more, up
+    /// to the room's pipeline depth. A batch leaves only once the
+    /// watermarks it carries are written; if that write fails it stays
+    /// home (the room was rebuilt).
+    async fn pump(&self) -> EdgeResult<()> {
+        loop {
+            let now = now_ms();
+            let Some(batch) = self.with_room(|r| r.poll_flush(now))? else {
+                return Ok(());
+            };
+            self.drain()?;
+            let result = self.flush(&batch).await;
+            let now = now_ms();
+            let mut members_changed = false;
+            match result {
+                Ok((outcome, version)) => {
+                    self.with_loaded(|l| {
+                        l.room.handle_flush_result(now, batch.id, &outcome);
+                        members_changed = version.is_some_and(|v| v != l.members_version);
+                    })?;
+                }
+                Err(e) => {
+                    worker::console_warn!("outbox flush failed, will retry: {e}");
+                    self.with_room(|r| r.handle_flush_failure(now, batch.id))?;
+                }
+            }
+            self.drain()?;
+            if members_changed {
+                // Membership changed by a path that did not tell us (or
+                // the notice was lost): removed members' connections close
+                // now.
+                self.refresh_members().await?;
+            }
+        }
+    }
+
+    /// Sends one batch to the origin: its messages and the watermarks it
+    /// carries, in one request. Also returns the member-list version the
+    /// origin reported for this conversation, if any.
     async fn flush(&self, batch: &FlushBatch) -> EdgeResult<(FlushOutcome, Option<i64>)> {
         let (config, conversation_id) =
             self.with_loaded(|l| (l.config.clone(), l.room.conversation_id()))?;
-        let origin = OriginClient::new(&config);
-        let mut outcome = FlushOutcome {
-            receipts_ok: true,
-            ..FlushOutcome::default()
-        };
-        let mut version = None;
-        if !batch.messages.is_empty() {
-            let result = origin
-                .ingest(&IngestBatch {
-                    messages: batch.messages.clone(),
-                })
-                .await?;
-            for r in &result.rejected {
-                worker::console_error!(
-                    "origin rejected message {} ({}): {}",
-                    r.id,
-                    r.code,
-                    r.message
-                );
-            }
-            outcome.stored = result.stored;
-            outcome.rejected = result.rejected.into_iter().map(|r| r.id).collect();
-            version = result
-                .members_versions
-                .iter()
-                .find(|v| v.conversation_id == conversation_id)
-                .map(|v| v.members_version);
+        let result = OriginClient::new(&config)
+            .ingest(&IngestBatch {
+                messages: batch.messages.clone(),
+                receipts: batch.receipts.clone(),
+            })
+            .await?;
+        for r in &result.rejected {
+            worker::console_error!(
+                "origin rejected message {} ({}): {}",
+                r.id,
+                r.code,
+                r.message
+            );
         }
-        if !batch.receipts.is_empty() {
-            outcome.receipts_ok = origin
-                .receipts(&ReceiptBatch {
-                    receipts: batch.receipts.clone(),
-                })
-                .await
-                .is_ok();
-        }
-        Ok((outcome, version))
+        let version = result
+            .members_versions
+            .iter()
+            .find(|v| v.conversation_id == conversation_id)
+            .map(|v| v.members_version);
+        Ok((
+            FlushOutcome {
+                stored: result.stored,
+                rejected: result.rejected.into_iter().map(|r| r.id).collect(),
+                // A 200 means every receipt in the request was applied.
+                receipts_ok: true,
+            },
+            version,
+        ))
     }
 
     fn forget_socket(&self, ws: &WebSocket) {

@@ -16,15 +16,16 @@
 //!   schema version.
 
 use std::cell::RefCell;
+use std::ops::RangeInclusive;
 
 use serde::Deserialize;
 use shared::auth::{AUDIENCE_API, AuthError, LEEWAY_SECS};
-use shared::lobby::ConversationNotice;
 use shared::protocol::ServerFrame;
+use shared::protocol::internal::ConversationNotice;
 use shared::receipts::Watermark;
 use shared::room::{
-    ConnId, Context, Driver, KnownKey, Millis, Record, RoomStorage, StorageFailed, StoredWatermark,
-    Target, Verified,
+    ConnId, Context, Driver, KnownKey, Millis, Recipients, Record, RoomStorage, StorageFailed,
+    StoredWatermark, Verified,
 };
 use worker::{SqlStorage, SqlStorageValue};
 
@@ -387,20 +388,26 @@ impl Driver for RoomSql<'_> {
         Ok(())
     }
 
-    fn mark_flushed(&mut self, seqs: &[i64]) -> EdgeResult<()> {
-        let (Some(&bottom), Some(&top)) = (seqs.iter().min(), seqs.iter().max()) else {
+    fn mark_flushed(&mut self, runs: &[RangeInclusive<i64>]) -> EdgeResult<()> {
+        if runs.is_empty() {
             return Ok(());
-        };
-        // The room confirms whole runs; a range update is one statement.
-        self.exec(
-            "UPDATE messages SET flushed = 1 WHERE seq BETWEEN ? AND ?",
-            vec![bottom.into(), top.into()],
-        )?;
-        // Outside the replay window and the retention, a confirmed message
-        // lives on only in PostgreSQL (its key stays in msg_keys).
+        }
+        // Exactly the confirmed seqs: one statement per run of them.
+        for run in runs {
+            self.exec(
+                "UPDATE messages SET flushed = 1 WHERE seq BETWEEN ? AND ?",
+                vec![(*run.start()).into(), (*run.end()).into()],
+            )?;
+        }
+        // Outside the retention, a confirmed message lives on only in
+        // PostgreSQL (its key stays in msg_keys). Only a confirmed prefix
+        // goes: batches are confirmed out of order, and a hole below an
+        // unconfirmed row would be a log the room cannot load.
         self.exec(
             "DELETE FROM messages WHERE flushed = 1
-             AND seq <= (SELECT max(seq) FROM messages) - ?",
+             AND seq <= (SELECT max(seq) FROM messages) - ?
+             AND seq < (SELECT coalesce(min(seq), 9223372036854775807)
+                        FROM messages WHERE flushed = 0)",
             vec![RETAIN_MESSAGES.into()],
         )
     }
@@ -416,12 +423,11 @@ impl Driver for RoomSql<'_> {
         Ok(())
     }
 
-    fn send(&mut self, to: Target, frame: &ServerFrame) {
-        let sent = self.conns.send(frame, |conn, user| match to {
-            Target::Conn(c) => c.0 == conn,
-            Target::All => true,
-            Target::OthersOf(u) => user != u,
-        });
+    fn send(&mut self, to: &Recipients<'_>, frame: &ServerFrame) {
+        // The room names the recipients among its own connections.
+        let sent = self
+            .conns
+            .send(frame, |conn, _user| to.includes(ConnId(conn)));
         if let Err(e) = sent {
             worker::console_error!("room send: {e}");
         }

@@ -24,8 +24,8 @@ use crate::auth::{self, now_unix};
 use crate::config::EdgeConfig;
 use crate::conns::refuse_ws;
 use crate::error::{EdgeError, EdgeResult};
+use crate::headers::{CONVERSATION_HEADER, TICKET_HEADER, USER_HEADER, VALID_UNTIL_HEADER};
 use crate::origin;
-use crate::room_do::{CONVERSATION_HEADER, TICKET_HEADER, USER_HEADER, VALID_UNTIL_HEADER};
 
 pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
     let config = EdgeConfig::from_env(env)?;

@@ -22,6 +22,7 @@ pub mod admission;
 pub mod auth;
 pub mod backlog;
 pub mod bucket;
+pub mod conn;
 pub mod domain;
 pub mod lobby;
 pub mod protocol;

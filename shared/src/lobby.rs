@@ -16,11 +16,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 
+pub use crate::protocol::internal::ConversationNotice;
+
+use crate::conn::{ConnId, Millis};
+use crate::protocol::ServerFrame;
 use crate::protocol::internal::PresenceUpdate;
-use crate::protocol::{MessagePreview, ServerFrame};
-use crate::room::{ConnId, Millis};
 
 /// Tunables.
 #[derive(Debug, Clone)]
@@ -33,17 +34,6 @@ impl Default for LobbyConfig {
     fn default() -> Self {
         Self { grace_ms: 10_000 }
     }
-}
-
-/// What a room tells the lobby: a conversation changed, and each
-/// recipient's unread count.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ConversationNotice {
-    pub conversation_id: i64,
-    pub seq: i64,
-    pub last_message: Option<MessagePreview>,
-    /// (user, unread count): only these users are told.
-    pub recipients: Vec<(i64, i64)>,
 }
 
 /// Who a frame goes to.

@@ -258,6 +258,17 @@ pub mod internal {
         pub read_seq: i64,
     }
 
+    /// What a room tells the per-user layer: a conversation changed, and
+    /// each recipient's unread count. Between Durable Objects only.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ConversationNotice {
+        pub conversation_id: i64,
+        pub seq: i64,
+        pub last_message: Option<MessagePreview>,
+        /// (user, unread count): only these users are told.
+        pub recipients: Vec<(i64, i64)>,
+    }
+
     /// `POST /internal/v1/presence`
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     pub struct PresenceBatch {

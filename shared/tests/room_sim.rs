@@ -1,8 +1,9 @@
 //! A simulator for the sans-IO room: many clients, a virtual clock, and
 //! random interleavings of sends, resends, typing, reads, disconnects,
-//! reconnects, garbage, origin flushes that succeed, fail or lose their
-//! answer, durable writes that fail, and **restarts** of the room at any
-//! point (a wake from hibernation, an eviction, a kill -9).
+//! reconnects, garbage, **several origin flushes in flight at once whose
+//! answers arrive in any order**, succeed, fail or are lost after the origin
+//! stored the batch, durable writes that fail, and **restarts** of the room
+//! at any point (a wake from hibernation, an eviction, a kill -9).
 //!
 //! The world around the room is modelled the way the Durable Object has it:
 //! a durable log (its SQLite: messages, every idempotency key ever stored,
@@ -25,12 +26,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use proptest::prelude::*;
 use shared::auth::AuthError;
-use shared::lobby::ConversationNotice;
 use shared::protocol::ServerFrame;
+use shared::protocol::internal::ConversationNotice;
 use shared::receipts::Watermark;
+use std::ops::RangeInclusive;
+
 use shared::room::{
-    ConnId, Context, Driver, FlushBatch, FlushOutcome, KnownKey, Millis, Record, Room, RoomConfig,
-    RoomStorage, StorageFailed, StoredWatermark, Target, Verified, drain,
+    ConnId, Context, Driver, FlushBatch, FlushOutcome, KnownKey, Millis, Recipients, Record, Room,
+    RoomConfig, RoomStorage, StorageFailed, StoredWatermark, Target, Verified, drain,
 };
 use uuid::Uuid;
 
@@ -51,9 +54,15 @@ enum Action {
     Read(usize),
     Garbage(usize),
     Advance(u64),
+    /// Start a batch if one is due (several can be in flight).
     FlushStart,
-    FlushOk,
-    FlushFail,
+    /// The origin answers the k-th batch in flight (mod their number).
+    FlushOk(usize),
+    /// The k-th batch fails before reaching the origin.
+    FlushFail(usize),
+    /// The origin stores the k-th batch, but the answer is lost: the driver
+    /// reports a failure (its request timed out).
+    FlushLost(usize),
     /// The next durable write fails.
     FailNextWrite,
     /// The room's instance goes away and a new one loads from storage.
@@ -77,9 +86,10 @@ fn action() -> impl Strategy<Value = Action> {
         2 => client.clone().prop_map(Action::Read),
         1 => client.clone().prop_map(Action::Garbage),
         3 => (0..3_000u64).prop_map(Action::Advance),
-        2 => Just(Action::FlushStart),
-        2 => Just(Action::FlushOk),
-        1 => Just(Action::FlushFail),
+        3 => Just(Action::FlushStart),
+        2 => (0..4usize).prop_map(Action::FlushOk),
+        1 => (0..4usize).prop_map(Action::FlushFail),
+        1 => (0..4usize).prop_map(Action::FlushLost),
         1 => Just(Action::FailNextWrite),
         1 => (any::<u8>(), any::<bool>())
             .prop_map(|(survivors, answer_lost)| Action::Restart { survivors, answer_lost }),
@@ -272,19 +282,27 @@ impl Driver for World {
         Ok(())
     }
 
-    fn mark_flushed(&mut self, seqs: &[i64]) -> Result<(), &'static str> {
+    fn mark_flushed(&mut self, runs: &[RangeInclusive<i64>]) -> Result<(), &'static str> {
         self.write()?;
-        for s in seqs {
+        for s in runs.iter().flat_map(|r| r.clone()) {
             assert!(
-                self.origin.contains_key(s),
+                self.origin.contains_key(&s),
                 "flushed before PostgreSQL has it"
             );
-            if let Some(r) = self.durable.get_mut(s) {
+            if let Some(r) = self.durable.get_mut(&s) {
                 r.flushed = true;
             }
         }
+        // Only a confirmed prefix goes: below the oldest unconfirmed row
+        // (confirmations arrive out of order), and beyond the retention.
         let last = self.last_durable_seq();
-        self.durable.retain(|s, r| !r.flushed || *s > last - RETAIN);
+        let oldest_unflushed = self
+            .durable
+            .values()
+            .find(|r| !r.flushed)
+            .map_or(i64::MAX, |r| r.seq);
+        self.durable
+            .retain(|s, r| !r.flushed || *s > last - RETAIN || *s > oldest_unflushed);
         Ok(())
     }
 
@@ -300,21 +318,13 @@ impl Driver for World {
         Ok(())
     }
 
-    fn send(&mut self, to: Target, frame: &ServerFrame) {
+    fn send(&mut self, to: &Recipients<'_>, frame: &ServerFrame) {
         let targets: Vec<usize> = (0..self.clients.len())
-            .filter(|&i| {
-                let c = &self.clients[i];
-                match (to, c.conn) {
-                    (_, None) => false,
-                    (Target::Conn(t), Some(conn)) => t == conn,
-                    (Target::All, Some(_)) => true,
-                    (Target::OthersOf(u), Some(_)) => c.user != u,
-                }
-            })
+            .filter(|&i| self.clients[i].conn.is_some_and(|conn| to.includes(conn)))
             .collect();
         // A relay goes to the others; a Conn-targeted typing frame is the
         // current state for a new connection.
-        if let (ServerFrame::Typing { user_id, .. }, Target::OthersOf(_)) = (frame, to) {
+        if let (ServerFrame::Typing { user_id, .. }, Target::OthersOf(_)) = (frame, to.target()) {
             self.typing_log
                 .entry(*user_id)
                 .or_default()
@@ -378,7 +388,8 @@ struct Sim {
     room: Room,
     world: World,
     config: RoomConfig,
-    in_flight: Option<FlushBatch>,
+    /// Batches sent and not answered, oldest first.
+    in_flight: Vec<FlushBatch>,
     next_conn: u64,
     next_key: u64,
     next_seed: u64,
@@ -413,7 +424,7 @@ impl Sim {
             room,
             world,
             config,
-            in_flight: None,
+            in_flight: Vec::new(),
             next_conn: 1,
             next_key: 1,
             next_seed: 43,
@@ -548,20 +559,24 @@ impl Sim {
                 self.room.handle_timeout(self.world.now);
             }
             Action::FlushStart => {
-                if self.in_flight.is_none() {
-                    if let Some(batch) = self.room.poll_flush(self.world.now) {
-                        // The batch leaves only once what it says is
-                        // durable here; a failed write keeps it home.
-                        if self.drain() {
-                            self.in_flight = Some(batch);
-                        }
+                if let Some(batch) = self.room.poll_flush(self.world.now) {
+                    // The batch leaves only once what it says is durable
+                    // here; a failed write keeps it home.
+                    if self.drain() {
+                        self.in_flight.push(batch);
                     }
                 }
             }
-            Action::FlushOk => self.flush_ok(),
-            Action::FlushFail => {
-                if self.in_flight.take().is_some() {
-                    self.room.handle_flush_failure(self.world.now);
+            Action::FlushOk(k) => self.flush_ok(k),
+            Action::FlushFail(k) => {
+                if let Some(batch) = self.take_in_flight(k) {
+                    self.room.handle_flush_failure(self.world.now, batch.id);
+                }
+            }
+            Action::FlushLost(k) => {
+                if let Some(batch) = self.take_in_flight(k) {
+                    self.origin_store(&batch);
+                    self.room.handle_flush_failure(self.world.now, batch.id);
                 }
             }
             Action::FailNextWrite => self.world.fail_next_write = true,
@@ -569,7 +584,9 @@ impl Sim {
                 survivors,
                 answer_lost,
             } => {
-                if let Some(batch) = self.in_flight.take() {
+                // The instance and its requests are gone; the origin may
+                // have stored what they carried.
+                for batch in std::mem::take(&mut self.in_flight) {
                     if answer_lost {
                         self.origin_store(&batch);
                     }
@@ -600,13 +617,22 @@ impl Sim {
         stored
     }
 
-    fn flush_ok(&mut self) {
-        let Some(batch) = self.in_flight.take() else {
+    fn take_in_flight(&mut self, k: usize) -> Option<FlushBatch> {
+        if self.in_flight.is_empty() {
+            return None;
+        }
+        let i = k % self.in_flight.len();
+        Some(self.in_flight.remove(i))
+    }
+
+    fn flush_ok(&mut self, k: usize) {
+        let Some(batch) = self.take_in_flight(k) else {
             return;
         };
         let stored = self.origin_store(&batch);
         self.room.handle_flush_result(
             self.world.now,
+            batch.id,
             &FlushOutcome {
                 stored,
                 rejected: Vec::new(),
@@ -715,12 +741,12 @@ fn settle(sim: &mut Sim) {
                 .unwrap_or((0, 0))
                 == (w.delivered_seq, w.read_seq)
         });
-        if sim.room.unflushed() == 0 && sim.in_flight.is_none() && receipts_synced {
+        if sim.room.unflushed() == 0 && sim.in_flight.is_empty() && receipts_synced {
             break;
         }
         sim.apply(&Action::Advance(15_000));
         sim.apply(&Action::FlushStart);
-        sim.apply(&Action::FlushOk);
+        sim.apply(&Action::FlushOk(0));
     }
     assert_eq!(sim.room.unflushed(), 0, "the outbox drains");
     for w in sim.room.members() {
@@ -819,7 +845,7 @@ fn a_long_outage_then_recovery_loses_nothing() {
         sim.apply(&Action::Send(round % 4));
         sim.apply(&Action::Advance(700));
         sim.apply(&Action::FlushStart);
-        sim.apply(&Action::FlushFail);
+        sim.apply(&Action::FlushFail(0));
         if round % 7 == 0 {
             sim.apply(&Action::Disconnect(2));
         }
@@ -848,7 +874,7 @@ fn a_crash_mid_flush_and_a_failed_write_lose_nothing_and_duplicate_nothing() {
         sim.apply(&Action::Advance(600));
     }
     sim.apply(&Action::FlushStart);
-    assert!(sim.in_flight.is_some());
+    assert!(!sim.in_flight.is_empty());
     // The origin stores the batch; the answer is lost with the instance,
     // and only client 0's socket survives (hibernation vs. crash).
     sim.apply(&Action::Restart {

@@ -9,12 +9,40 @@
 //! ([`super::Room::load`]) before it handles anything else, because its
 //! memory now claims something storage does not hold.
 
+use std::ops::RangeInclusive;
+
+use super::conns::Conns;
+use super::storage::StoredWatermark;
 use super::{ConnId, Output, Room, Target};
-use crate::lobby::ConversationNotice;
 use crate::protocol::ServerFrame;
+use crate::protocol::internal::ConversationNotice;
 use crate::receipts::Watermark;
 
-use super::storage::StoredWatermark;
+/// The connections a frame goes to, resolved against the room's own
+/// registry: the driver sends to the connections this includes and to no
+/// others, whatever sockets it holds itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Recipients<'a> {
+    to: Target,
+    conns: &'a Conns,
+}
+
+impl Recipients<'_> {
+    /// Whether `conn` gets the frame.
+    pub fn includes(&self, conn: ConnId) -> bool {
+        match self.to {
+            // Named explicitly: also a connection the room has just closed
+            // (the error frame before the close).
+            Target::Conn(c) => c == conn,
+            Target::All => self.conns.user_of(conn).is_some(),
+            Target::OthersOf(user) => self.conns.user_of(conn).is_some_and(|u| u != user),
+        }
+    }
+
+    pub fn target(&self) -> Target {
+        self.to
+    }
+}
 
 /// The I/O behind the outputs. Durable writes return errors; sends and
 /// closes do not (a dead connection is cleaned up by its own close event).
@@ -28,11 +56,11 @@ pub trait Driver {
     fn store_watermark(&mut self, watermark: &Watermark) -> Result<(), Self::Error>;
     /// Replaces the member list (after the origin's list changed).
     fn replace_members(&mut self, members: &[StoredWatermark]) -> Result<(), Self::Error>;
-    /// The origin holds these messages.
-    fn mark_flushed(&mut self, seqs: &[i64]) -> Result<(), Self::Error>;
+    /// The origin holds exactly the messages in these runs of seqs.
+    fn mark_flushed(&mut self, runs: &[RangeInclusive<i64>]) -> Result<(), Self::Error>;
     /// The origin holds these exact watermarks.
     fn mark_receipts_synced(&mut self, watermarks: &[Watermark]) -> Result<(), Self::Error>;
-    fn send(&mut self, to: Target, frame: &ServerFrame);
+    fn send(&mut self, to: &Recipients<'_>, frame: &ServerFrame);
     fn close(&mut self, conn: ConnId, code: u16, reason: &str);
     /// A notice for the per-user layer (best effort).
     fn notify(&mut self, notice: ConversationNotice);
@@ -58,7 +86,11 @@ pub fn drain<D: Driver>(room: &mut Room, driver: &mut D) -> Result<(), WriteFail
             Output::MarkFlushed(seqs) => driver.mark_flushed(&seqs),
             Output::MarkReceiptsSynced(ws) => driver.mark_receipts_synced(&ws),
             Output::Send { to, frame } => {
-                driver.send(to, &frame);
+                let recipients = Recipients {
+                    to,
+                    conns: &room.conns,
+                };
+                driver.send(&recipients, &frame);
                 Ok(())
             }
             Output::Close { conn, code, reason } => {

@@ -3,88 +3,98 @@
 //! Modelled on quinn-proto: no sockets, no clock, no storage. A driver (the
 //! Room Durable Object, the simulator in the tests, the benchmark) feeds
 //! events in through `handle_*(now, …)` and drains what the room wants done
-//! through [`Room::poll_output`], [`Room::poll_timeout`] and
-//! [`Room::poll_flush`].
+//! through [`Room::poll_output`] (with [`drain`]), [`Room::poll_timeout`]
+//! and [`Room::poll_flush`].
 //!
-//! What the room decides:
-//! - membership (who may connect, whose sockets close when they are removed);
-//! - the total order: each accepted message gets the next `seq`;
-//! - idempotency: a resend with a known `(sender, client_msg_id)` returns
-//!   the original message and stores nothing;
-//! - typing relay: at most one relay per user per 2 s, forgotten after 5 s,
-//!   and cleared by that user's next message;
-//! - read/delivered watermarks and the `receipt` frames (coalesced per user);
-//! - replay on resume (`since=N`), or `resync` when `N` is older than the
-//!   window;
-//! - a per-user token bucket, and size limits;
-//! - the outbox to the origin: which messages to flush, when, and the
-//!   backoff after a failure.
+//! What the room decides, each part in its own module with its own tests:
+//! - [`window`]: the total order (each accepted message gets the next
+//!   `seq`), the replay window, resume or `resync`, and which messages the
+//!   origin lacks;
+//! - [`outbox`]: when to send the origin what it lacks: coalesced under
+//!   light load, pipelined under heavy load, backing off after failures;
+//! - [`idempotency`]: a resend with a known `(sender, client_msg_id)`
+//!   returns the original message and stores nothing, however old the key;
+//! - [`members`]: membership, read/delivered watermarks, which of them the
+//!   origin lacks, and the `receipt` frames (coalesced per user);
+//! - [`conns`]: the live connections and when their tokens run out;
+//! - [`typing`]: at most one relay per user per 2 s, forgotten after 5 s,
+//!   cleared by that user's next message;
+//! - [`rate`]: a per-user token bucket every frame draws on;
+//! - [`notices`]: coalesced "conversation updated" notices for the
+//!   per-user layer.
 //!
 //! # The contract with a driver
 //!
-//! - Build the room with [`Room::load`] from durable storage (or
-//!   [`Room::new`] + [`Room::set_members`] in tests), then reattach the
-//!   connections that survived ([`Room::handle_reattach`]).
-//! - After **every** `handle_*`, `submit`, `set_members` or flush call,
-//!   execute the queued outputs with [`drain`], in order, before the next
-//!   event. An [`Output::Store`] always precedes the `ack` and the broadcast
-//!   of the same message, so a driver that writes before it sends never
-//!   acknowledges a message that is not durable.
-//! - When a durable write fails, [`drain`] stops and drops the rest: the
-//!   room's memory is now ahead of its storage, so the driver discards this
-//!   `Room` and loads a new one. The client whose event failed gets a
-//!   `storage` error and may resend (idempotently).
-//! - Keep one timer at [`Room::poll_timeout`]; when it fires call
-//!   [`Room::handle_timeout`], then [`Room::poll_flush`] and, after draining,
-//!   send the batch and answer with [`Room::handle_flush_result`] or
-//!   [`Room::handle_flush_failure`].
+//! - **Restore first.** Build the room with [`Room::load`] from durable
+//!   storage (or [`Room::new`] + [`Room::set_members`] in tests), then
+//!   reattach the connections that survived ([`Room::handle_reattach`]),
+//!   before any other event.
+//! - **Drain after every call.** After every `handle_*`, `submit`,
+//!   `set_members`, `poll_flush` or flush answer, execute the queued outputs
+//!   with [`drain`], in order, before the next event. An [`Output::Store`]
+//!   always precedes the `ack` and the broadcast of the same message, so a
+//!   driver that writes before it sends never acknowledges a message that is
+//!   not durable; a batch from [`Room::poll_flush`] may leave only once the
+//!   watermarks it carries are written.
+//! - **A failed write ends this `Room`.** [`drain`] stops at it and drops
+//!   the rest: memory is now ahead of storage, so the driver discards this
+//!   value and loads a new one. The client whose event failed gets a
+//!   `storage_unavailable` error and may resend (idempotently).
+//! - **One monotonic clock.** `now` never goes back between calls (the
+//!   driver's wall clock, or the simulator's virtual one).
+//! - **One timer.** Keep it at [`Room::poll_timeout`]; when it fires, call
+//!   [`Room::handle_timeout`] and then [`Room::poll_flush`] until it says
+//!   no. Every batch is answered with [`Room::handle_flush_result`] or
+//!   [`Room::handle_flush_failure`]; several may be in flight and their
+//!   answers may come in any order (or never, after a restart).
+//! - **Send only to whom the room names.** [`drain`] resolves each frame's
+//!   [`Target`] against the room's own connections ([`Recipients`]); the
+//!   driver's registry of sockets is not consulted.
 //! - Reads the room needs synchronously (an idempotency key older than its
 //!   memory, a token verification) go through the [`Context`] the driver
 //!   passes in.
 
+mod conns;
 mod driver;
+mod idempotency;
+mod members;
+mod notices;
+mod outbox;
+mod rate;
 mod storage;
+mod typing;
+mod window;
 
-pub use driver::{Driver, WriteFailed, drain};
+pub use driver::{Driver, Recipients, WriteFailed, drain};
+pub use outbox::OutboxConfig;
+pub use rate::cost;
 pub use storage::{
     Context, KnownKey, Restore, RestoreError, RoomStorage, StorageFailed, StoredWatermark, Verified,
 };
+pub use window::BatchId;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::ops::RangeInclusive;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+pub use crate::conn::{ConnId, Millis};
+
 use crate::auth::AuthError;
-use crate::bucket::{Bucket, Rate};
+use crate::bucket::Rate;
 use crate::domain::{ClientMsgId, DomainError, MAX_FRAME_BYTES, MessageContent};
-use crate::lobby::ConversationNotice;
-use crate::protocol::internal::{ReceiptUpdate, StoredMessage};
+use crate::protocol::internal::{ConversationNotice, ReceiptUpdate, StoredMessage};
 use crate::protocol::{ClientFrame, MessagePreview, MessageView, ServerFrame, preview_text};
 use crate::receipts::{Watermark, status_of};
 
-/// Milliseconds since the Unix epoch on the driver's clock (virtual in tests).
-pub type Millis = u64;
-
-/// What each kind of frame costs from its user's token bucket (a message
-/// is one token). Every frame costs something, so a flood of typing,
-/// reads, pings or garbage is throttled like a flood of messages; the
-/// frequent small ones cost less.
-pub mod cost {
-    pub const MESSAGE: f64 = 1.0;
-    /// A resend of a key the room remembers: answered from memory.
-    pub const RESEND: f64 = 0.25;
-    pub const TYPING: f64 = 0.5;
-    pub const READ: f64 = 0.5;
-    pub const PING: f64 = 0.25;
-    pub const AUTH: f64 = 1.0;
-    /// Malformed JSON, an unknown type, a bad field.
-    pub const GARBAGE: f64 = 1.0;
-}
-
-/// A live connection (a WebSocket or an SSE stream), named by the driver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub u64);
+use conns::Conns;
+use idempotency::KeyCache;
+use members::Members;
+use notices::Notices;
+use outbox::Outbox;
+use rate::Limiter;
+use typing::Typing;
+use window::{Replay, Window};
 
 /// WebSocket close codes the room asks for.
 pub mod close {
@@ -119,9 +129,13 @@ pub struct RoomConfig {
     /// Refused sends in a row (while the bucket is empty) before the
     /// connection is closed with 1008.
     pub flood_strikes: u32,
-    /// Wait after the first unflushed message, so a burst goes in one batch.
+    /// How long the first waiting message waits for others to join its
+    /// batch (light load: at most one request per this interval).
     pub flush_delay_ms: u64,
+    /// Most messages in one batch (the origin takes up to 1,000).
     pub flush_batch: usize,
+    /// Batches in flight at once (heavy load).
+    pub flush_max_in_flight: usize,
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
 }
@@ -140,11 +154,22 @@ impl Default for RoomConfig {
             rate_per_sec: 10,
             flood_strikes: 20,
             flush_delay_ms: 100,
-            // The origin takes up to 1,000 per call; bigger batches keep the
-            // outbox ahead of a busy room (see docs/BENCHMARKS.md).
             flush_batch: 1_000,
+            flush_max_in_flight: 4,
             backoff_initial_ms: 500,
             backoff_max_ms: 10_000,
+        }
+    }
+}
+
+impl RoomConfig {
+    fn outbox(&self) -> OutboxConfig {
+        OutboxConfig {
+            flush_delay_ms: self.flush_delay_ms,
+            flush_batch: self.flush_batch,
+            max_in_flight: self.flush_max_in_flight,
+            backoff_initial_ms: self.backoff_initial_ms,
+            backoff_max_ms: self.backoff_max_ms,
         }
     }
 }
@@ -180,9 +205,10 @@ impl Record {
     }
 }
 
-/// Who a frame goes to.
+/// Who a frame goes to, among the room's own connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
+    /// This connection (also one the room just closed: its last words).
     Conn(ConnId),
     /// Every connection in the room.
     All,
@@ -193,7 +219,8 @@ pub enum Target {
 /// What the driver must do, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
-    /// Write this message durably before executing any later output.
+    /// Write this message and its idempotency key durably before executing
+    /// any later output.
     Store(Record),
     Send {
         to: Target,
@@ -209,11 +236,12 @@ pub enum Output {
     StoreWatermark(Watermark),
     /// The member list changed (from the origin): replace the stored one.
     ReplaceMembers(Vec<StoredWatermark>),
-    /// These messages are confirmed by the origin; mark them so.
-    MarkFlushed(Vec<i64>),
+    /// These seqs (exactly these: each run is consecutive) are confirmed
+    /// by the origin; mark them so.
+    MarkFlushed(Vec<RangeInclusive<i64>>),
     /// The origin holds exactly these watermarks.
     MarkReceiptsSynced(Vec<Watermark>),
-    /// Tell the Lobby (best effort: the REST list is the truth).
+    /// Tell the per-user layer (best effort: the REST list is the truth).
     Notify(ConversationNotice),
 }
 
@@ -311,9 +339,11 @@ impl Sent {
     }
 }
 
-/// A batch for the origin.
+/// A batch for the origin: messages it lacks and watermarks it may lack.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlushBatch {
+    /// Answer with this number.
+    pub id: BatchId,
     pub messages: Vec<StoredMessage>,
     pub receipts: Vec<ReceiptUpdate>,
 }
@@ -323,62 +353,29 @@ pub struct FlushBatch {
 pub struct FlushOutcome {
     /// Ids the origin holds.
     pub stored: Vec<Uuid>,
-    /// Ids the origin will never take (a conflict, an unknown sender). They
+    /// Ids the origin will never take (a conflict, a non-member). They
     /// leave the outbox too; retrying cannot help.
     pub rejected: Vec<Uuid>,
     /// The receipts in the batch were written.
     pub receipts_ok: bool,
 }
 
-#[derive(Debug)]
-struct Conn {
-    user_id: i64,
-    /// When the token that opened (or last renewed) it stops being valid.
-    valid_until: Option<Millis>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Typing {
-    last_relay: Millis,
-    expires: Millis,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct ReceiptClock {
-    last_sent: Millis,
-    /// A broadcast waits for `last_sent + interval`.
-    pending: bool,
-}
-
-/// One conversation's live state. See the module docs.
+/// One conversation's live state. See the module docs for the contract.
 #[derive(Debug)]
 pub struct Room {
     conversation_id: i64,
     config: RoomConfig,
-    members: BTreeMap<i64, Watermark>,
-    conns: BTreeMap<ConnId, Conn>,
-    /// Connections by the time their token runs out, earliest first.
-    expiries: BTreeSet<(Millis, ConnId)>,
-    last_seq: i64,
-    /// Recent and unflushed messages, oldest first, contiguous by seq.
-    window: VecDeque<Record>,
-    unflushed: usize,
-    /// (sender, client_msg_id) → original, the most recent
-    /// `dedup_horizon` of them. A cache: storage answers the rest.
-    keys: HashMap<(i64, String), KnownKey>,
-    key_order: VecDeque<(i64, String)>,
-    buckets: HashMap<i64, Bucket>,
-    typing: HashMap<i64, Typing>,
-    receipts: HashMap<i64, ReceiptClock>,
-    /// Members whose watermarks the origin has not seen yet.
-    dirty_receipts: HashSet<i64>,
-    next_flush_at: Option<Millis>,
-    flush_in_flight: Option<FlushBatch>,
-    /// Members the next Lobby notice is for, and when the last one went.
-    notify_users: HashSet<i64>,
-    notify_last: Option<Millis>,
-    backoff_ms: u64,
-    outputs: VecDeque<Output>,
+    members: Members,
+    conns: Conns,
+    window: Window,
+    outbox: Outbox,
+    /// Watermarks each in-flight batch carried, by batch.
+    receipts_in_flight: Vec<(BatchId, Vec<Watermark>)>,
+    keys: KeyCache,
+    limiter: Limiter,
+    typing: Typing,
+    notices: Notices,
+    outputs: std::collections::VecDeque<Output>,
     rng: SplitMix64,
 }
 
@@ -386,29 +383,26 @@ impl Room {
     /// An empty room. `seed` feeds the id generator (the driver passes real
     /// randomness; tests pass a constant).
     pub fn new(conversation_id: i64, config: RoomConfig, seed: u64) -> Self {
-        let backoff_ms = config.backoff_initial_ms;
+        let mut rng = SplitMix64(seed);
+        // 32 random bits up front: batch numbers of two lives never meet.
+        let first_batch = (rng.next() >> 32) << 20;
         Self {
             conversation_id,
+            members: Members::new(config.receipt_interval_ms),
+            conns: Conns::default(),
+            window: Window::new(config.replay_window),
+            outbox: Outbox::new(config.outbox(), first_batch),
+            receipts_in_flight: Vec::new(),
+            keys: KeyCache::new(config.dedup_horizon),
+            limiter: Limiter::new(Rate {
+                burst: config.rate_burst,
+                per_sec: config.rate_per_sec,
+            }),
+            typing: Typing::new(config.typing_interval_ms, config.typing_ttl_ms),
+            notices: Notices::new(config.notify_interval_ms),
+            outputs: std::collections::VecDeque::new(),
+            rng,
             config,
-            members: BTreeMap::new(),
-            conns: BTreeMap::new(),
-            expiries: BTreeSet::new(),
-            last_seq: 0,
-            window: VecDeque::new(),
-            unflushed: 0,
-            keys: HashMap::new(),
-            key_order: VecDeque::new(),
-            buckets: HashMap::new(),
-            typing: HashMap::new(),
-            receipts: HashMap::new(),
-            dirty_receipts: HashSet::new(),
-            next_flush_at: None,
-            flush_in_flight: None,
-            notify_users: HashSet::new(),
-            notify_last: None,
-            backoff_ms,
-            outputs: VecDeque::new(),
-            rng: SplitMix64(seed),
         }
     }
 
@@ -430,7 +424,7 @@ impl Room {
 
     fn restore(&mut self, now: Millis, state: Restore) {
         for record in state.messages {
-            self.remember_key(
+            self.keys.remember(
                 record.sender_id,
                 record.client_msg_id.clone(),
                 KnownKey {
@@ -439,25 +433,15 @@ impl Room {
                     created_at_ms: record.created_at_ms,
                 },
             );
-            self.last_seq = self.last_seq.max(record.seq);
-            if !record.flushed {
-                self.unflushed += 1;
-            }
-            self.window.push_back(record);
+            self.window.push(record);
         }
-        self.last_seq = self.last_seq.max(state.last_seq);
-        for m in state.members {
-            let user = m.watermark.user_id;
-            self.members.insert(user, m.watermark);
-            // Written before it was sent, so the origin may lack it.
-            if !m.synced {
-                self.dirty_receipts.insert(user);
-            }
+        self.window.advance_last_seq(state.last_seq);
+        self.members.restore(state.members);
+        if self.window.waiting() > 0 || self.members.any_dirty() {
+            // Whatever the last life did not confirm goes at once.
+            self.outbox
+                .waiting(now.saturating_sub(self.config.flush_delay_ms));
         }
-        if self.unflushed > 0 || !self.dirty_receipts.is_empty() {
-            self.next_flush_at = Some(now);
-        }
-        self.prune_window();
     }
 
     pub fn conversation_id(&self) -> i64 {
@@ -465,15 +449,15 @@ impl Room {
     }
 
     pub fn last_seq(&self) -> i64 {
-        self.last_seq
+        self.window.last_seq()
     }
 
     pub fn is_member(&self, user_id: i64) -> bool {
-        self.members.contains_key(&user_id)
+        self.members.contains(user_id)
     }
 
     pub fn members(&self) -> impl Iterator<Item = &Watermark> {
-        self.members.values()
+        self.members.iter()
     }
 
     pub fn connection_count(&self) -> usize {
@@ -482,28 +466,28 @@ impl Room {
 
     /// The user behind a connection.
     pub fn user_of(&self, conn: ConnId) -> Option<i64> {
-        self.conns.get(&conn).map(|c| c.user_id)
+        self.conns.user_of(conn)
     }
 
-    /// Messages waiting for the origin.
+    /// Messages waiting for the origin (in a batch or not).
     pub fn unflushed(&self) -> usize {
-        self.unflushed
+        self.window.unflushed()
+    }
+
+    /// Batches sent and not answered yet.
+    pub fn flushes_in_flight(&self) -> usize {
+        self.outbox.in_flight()
     }
 
     /// Seq of the oldest message replayable from memory.
     pub fn window_start(&self) -> i64 {
-        self.window.front().map_or(self.last_seq + 1, |r| r.seq)
+        self.window.start()
     }
 
     /// A message by seq, if still in the window.
     pub fn message(&self, seq: i64) -> Option<MessageView> {
-        self.record(seq).map(|r| self.view(r, &self.watermarks()))
-    }
-
-    fn record(&self, seq: i64) -> Option<&Record> {
-        let start = self.window.front()?.seq;
-        let idx = usize::try_from(seq - start).ok()?;
-        self.window.get(idx)
+        let watermarks = self.members.snapshot();
+        self.window.get(seq).map(|r| self.view(r, &watermarks))
     }
 
     // ---- membership -------------------------------------------------------
@@ -511,53 +495,21 @@ impl Room {
     /// Replaces the member list (from the origin). Watermarks only move
     /// forward. Removed members' connections get an error and are closed.
     pub fn set_members(&mut self, now: Millis, members: &[Watermark], origin_last_seq: i64) {
-        let incoming: BTreeMap<i64, Watermark> = members.iter().map(|w| (w.user_id, *w)).collect();
-        let removed: Vec<i64> = self
-            .members
-            .keys()
-            .filter(|u| !incoming.contains_key(u))
-            .copied()
-            .collect();
-        for user in &removed {
-            self.members.remove(user);
-            self.typing.remove(user);
-            self.buckets.remove(user);
-            self.receipts.remove(user);
-            self.dirty_receipts.remove(user);
-            let conns: Vec<ConnId> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| c.user_id == *user)
-                .map(|(id, _)| *id)
-                .collect();
-            for conn in conns {
+        let changed = self.members.replace(members);
+        for user in &changed.removed {
+            self.typing.stopped(*user);
+            self.limiter.forget(*user);
+            for conn in self.conns.of_user(*user) {
                 self.reject(conn, &RoomError::NotMember);
                 self.close(conn, close::POLICY, "removed from the conversation");
             }
         }
-        let mut stored = Vec::with_capacity(incoming.len());
-        for (user, w) in incoming {
-            let entry = self.members.entry(user).or_insert(w);
-            entry.delivered_seq = entry.delivered_seq.max(w.delivered_seq);
-            entry.read_seq = entry.read_seq.max(w.read_seq);
-            // The origin just told us its values: ours are synced exactly
-            // when they are the same.
-            let synced = *entry == w;
-            if synced {
-                self.dirty_receipts.remove(&user);
-            } else {
-                self.dirty_receipts.insert(user);
-            }
-            stored.push(StoredWatermark {
-                watermark: *entry,
-                synced,
-            });
+        self.outputs
+            .push_back(Output::ReplaceMembers(changed.stored));
+        if !self.receipts_waiting().is_empty() {
+            self.outbox.waiting(now);
         }
-        self.outputs.push_back(Output::ReplaceMembers(stored));
-        if !self.dirty_receipts.is_empty() {
-            self.want_flush(now);
-        }
-        self.last_seq = self.last_seq.max(origin_last_seq);
+        self.window.advance_last_seq(origin_last_seq);
     }
 
     // ---- connections ------------------------------------------------------
@@ -574,23 +526,11 @@ impl Room {
         if !self.is_member(user_id) {
             return Err(RoomError::NotMember);
         }
-        self.conns.insert(
-            conn,
-            Conn {
-                user_id,
-                valid_until: None,
-            },
-        );
+        self.conns.add(conn, user_id, None);
         if let Some(since) = since {
             self.replay(now, conn, user_id, since.max(0));
         }
-        let typing: Vec<i64> = self
-            .typing
-            .iter()
-            .filter(|(u, t)| **u != user_id && t.expires > now)
-            .map(|(u, _)| *u)
-            .collect();
-        for user in typing {
+        for user in self.typing.typing_now(now, user_id) {
             self.send(Target::Conn(conn), self.typing_frame(user));
         }
         Ok(())
@@ -601,14 +541,7 @@ impl Room {
     /// longer a member is closed.
     pub fn handle_reattach(&mut self, conn: ConnId, user_id: i64, valid_until: Option<Millis>) {
         if self.is_member(user_id) {
-            self.conns.insert(
-                conn,
-                Conn {
-                    user_id,
-                    valid_until: None,
-                },
-            );
-            self.set_valid_until(conn, valid_until);
+            self.conns.add(conn, user_id, valid_until);
         } else {
             self.reject(conn, &RoomError::NotMember);
             self.close(conn, close::POLICY, "removed from the conversation");
@@ -619,69 +552,49 @@ impl Room {
     /// client renews with `{"type":"auth"}`, the connection gets a
     /// `token_expired` error and is closed.
     pub fn set_valid_until(&mut self, conn: ConnId, valid_until: Option<Millis>) {
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        if let Some(old) = c.valid_until.take() {
-            self.expiries.remove(&(old, conn));
-        }
-        c.valid_until = valid_until;
-        if let Some(at) = valid_until {
-            self.expiries.insert((at, conn));
-        }
+        self.conns.set_valid_until(conn, valid_until);
     }
 
     /// When the token behind `conn` stops being valid, if it was set.
     pub fn valid_until(&self, conn: ConnId) -> Option<Millis> {
-        self.conns.get(&conn).and_then(|c| c.valid_until)
+        self.conns.valid_until(conn)
     }
 
     pub fn handle_disconnect(&mut self, _now: Millis, conn: ConnId) {
-        self.forget_conn(conn);
-    }
-
-    fn forget_conn(&mut self, conn: ConnId) {
-        if let Some(c) = self.conns.remove(&conn) {
-            if let Some(at) = c.valid_until {
-                self.expiries.remove(&(at, conn));
-            }
-        }
+        self.conns.remove(conn);
     }
 
     fn replay(&mut self, now: Millis, conn: ConnId, user_id: i64, since: i64) {
         // The client holds everything up to `since`: that much is delivered
         // to this user, whatever the room remembered (a restart forgets
         // delivery that was not yet written).
-        self.advance_delivered(now, user_id, since.min(self.last_seq));
-        if since >= self.last_seq {
-            return;
-        }
-        let start = self.window_start();
-        if since + 1 < start {
+        self.advance_delivered(now, user_id, since.min(self.last_seq()));
+        match self.window.replay(since) {
+            Replay::UpToDate => {}
             // Everything before the window is confirmed by the origin (the
-            // window never drops an unflushed message), so REST has it.
-            self.send(
+            // window never drops an unconfirmed message), so REST has it.
+            Replay::Resync { from_seq } => self.send(
                 Target::Conn(conn),
                 ServerFrame::Resync {
                     conversation_id: self.conversation_id,
-                    from_seq: since + 1,
+                    from_seq,
                 },
-            );
-            return;
+            ),
+            Replay::Messages(range) => {
+                let watermarks = self.members.snapshot();
+                let frames: Vec<ServerFrame> = self
+                    .window
+                    .since(*range.start())
+                    .map(|r| ServerFrame::Message {
+                        message: self.view(r, &watermarks),
+                    })
+                    .collect();
+                for frame in frames {
+                    self.send(Target::Conn(conn), frame);
+                }
+                self.advance_delivered(now, user_id, *range.end());
+            }
         }
-        let watermarks = self.watermarks();
-        let frames: Vec<ServerFrame> = self
-            .window
-            .iter()
-            .filter(|r| r.seq > since)
-            .map(|r| ServerFrame::Message {
-                message: self.view(r, &watermarks),
-            })
-            .collect();
-        for frame in frames {
-            self.send(Target::Conn(conn), frame);
-        }
-        self.advance_delivered(now, user_id, self.last_seq);
     }
 
     // ---- inbound frames ---------------------------------------------------
@@ -731,11 +644,10 @@ impl Room {
         if let Err(e) = result {
             self.reject(conn, &e);
             match e {
-                RoomError::RateLimited { .. } => {
-                    let strikes = self.buckets.get(&user_id).map_or(0, |b| b.strikes);
-                    if strikes >= self.config.flood_strikes {
-                        self.close(conn, close::POLICY, "flood");
-                    }
+                RoomError::RateLimited { .. }
+                    if self.limiter.strikes(user_id) >= self.config.flood_strikes =>
+                {
+                    self.close(conn, close::POLICY, "flood");
                 }
                 RoomError::AuthWrongUser => {
                     self.close(conn, close::POLICY, "token for another user")
@@ -774,18 +686,6 @@ impl Room {
         }
     }
 
-    fn ack(&mut self, conn: ConnId, m: &MessageView) {
-        self.send(
-            Target::Conn(conn),
-            ServerFrame::Ack {
-                client_msg_id: m.client_msg_id.clone(),
-                seq: m.seq,
-                id: m.id,
-                conversation_id: m.conversation_id,
-            },
-        );
-    }
-
     /// Accepts a message from `user_id` (any transport). A new message is
     /// queued as `Store`, then the `ack` to `ack_to` (the sending
     /// connection, if any), then the broadcast. A resend queues only the
@@ -811,8 +711,7 @@ impl Room {
         if let Some(key) = &key {
             // Idempotency is forever: a key that left the in-memory cache is
             // looked up in storage (indexed) before a new seq is spent on it.
-            let cached = self.keys.get(&(user_id, key.as_str().to_owned())).copied();
-            let known = match cached {
+            let known = match self.keys.get(user_id, key.as_str()) {
                 Some(k) => {
                     self.take_token(now, user_id, cost::RESEND)?;
                     Some(k)
@@ -824,14 +723,14 @@ impl Room {
                         .find_key(user_id, key.as_str())
                         .map_err(|StorageFailed| RoomError::Storage)?;
                     if let Some(k) = found {
-                        self.remember_key(user_id, key.as_str().to_owned(), k);
+                        self.keys.remember(user_id, key.as_str().to_owned(), k);
                     }
                     found
                 }
             };
             if let Some(known) = known {
-                let sent = match self.record(known.seq) {
-                    Some(r) => Sent::Duplicate(self.view(r, &self.watermarks())),
+                let sent = match self.window.get(known.seq) {
+                    Some(r) => Sent::Duplicate(self.view(r, &self.members.snapshot())),
                     None => Sent::DuplicateOlder(known),
                 };
                 if let Some(conn) = ack_to {
@@ -851,11 +750,11 @@ impl Room {
         if !charged {
             self.take_token(now, user_id, cost::MESSAGE)?;
         }
-        if self.unflushed >= self.config.max_unflushed {
+        if self.window.unflushed() >= self.config.max_unflushed {
             return Err(RoomError::Backpressure);
         }
 
-        let seq = self.last_seq + 1;
+        let seq = self.last_seq() + 1;
         let id = self.next_id(now);
         let client_msg_id = key.map_or_else(|| id.to_string(), ClientMsgId::into_inner);
         let created_at_ms = i64::try_from(now).unwrap_or(i64::MAX);
@@ -868,8 +767,7 @@ impl Room {
             client_msg_id: client_msg_id.clone(),
             flushed: false,
         };
-        self.last_seq = seq;
-        self.remember_key(
+        self.keys.remember(
             user_id,
             client_msg_id,
             KnownKey {
@@ -878,29 +776,31 @@ impl Room {
                 created_at_ms,
             },
         );
-        self.unflushed += 1;
-        self.want_flush(now);
+        self.outbox.waiting(now);
         // A message ends its sender's typing.
-        self.typing.remove(&user_id);
+        self.typing.stopped(user_id);
         // The sender has it, and so has everyone with a live connection
         // (the broadcast below reaches them). The message's status reflects
         // that; no receipt frames, which would cost one per member per
         // message.
-        let mut online: HashSet<i64> = self.conns.values().map(|c| c.user_id).collect();
+        let mut online = self.conns.users();
         online.insert(user_id);
         for user in online {
-            if let Some(w) = self.members.get_mut(&user) {
-                if w.delivered_seq < seq {
-                    w.delivered_seq = seq;
-                    self.dirty_receipts.insert(user);
-                }
-            }
+            self.members.delivered(user, seq);
         }
-        let message = self.view(&record, &self.watermarks());
+        let message = self.view(&record, &self.members.snapshot());
         self.outputs.push_back(Output::Store(record.clone()));
-        self.window.push_back(record);
+        self.window.push(record);
         if let Some(conn) = ack_to {
-            self.ack(conn, &message);
+            self.send(
+                Target::Conn(conn),
+                ServerFrame::Ack {
+                    client_msg_id: message.client_msg_id.clone(),
+                    seq,
+                    id,
+                    conversation_id: self.conversation_id,
+                },
+            );
         }
         self.send(
             Target::All,
@@ -908,9 +808,8 @@ impl Room {
                 message: message.clone(),
             },
         );
-        let everyone: Vec<i64> = self.members.keys().copied().collect();
+        let everyone: Vec<i64> = self.members.ids().collect();
         self.want_notify(now, everyone);
-        self.prune_window();
         Ok(Sent::New(message))
     }
 
@@ -920,21 +819,8 @@ impl Room {
             return Err(RoomError::NotMember);
         }
         self.take_token(now, user_id, cost::TYPING)?;
-        let relay = match self.typing.get(&user_id) {
-            Some(t) => now >= t.last_relay + self.config.typing_interval_ms,
-            None => true,
-        };
-        if relay {
-            self.typing.insert(
-                user_id,
-                Typing {
-                    last_relay: now,
-                    expires: now + self.config.typing_ttl_ms,
-                },
-            );
+        if self.typing.typed(now, user_id) {
             self.send(Target::OthersOf(user_id), self.typing_frame(user_id));
-        } else if let Some(t) = self.typing.get_mut(&user_id) {
-            t.expires = now + self.config.typing_ttl_ms;
         }
         Ok(())
     }
@@ -951,20 +837,13 @@ impl Room {
             }));
         }
         self.take_token(now, user_id, cost::READ)?;
-        let Some(w) = self.members.get_mut(&user_id) else {
-            return Err(RoomError::NotMember);
-        };
         // Nobody reads the future.
-        let seq = seq.min(self.last_seq);
-        if seq <= w.read_seq {
+        let seq = seq.min(self.last_seq());
+        let Some(w) = self.members.read(user_id, seq) else {
             return Ok(());
-        }
-        w.read_seq = seq;
-        w.delivered_seq = w.delivered_seq.max(seq);
-        let w = *w;
+        };
         self.outputs.push_back(Output::StoreWatermark(w));
-        self.dirty_receipts.insert(user_id);
-        self.want_flush(now);
+        self.outbox.waiting(now);
         self.schedule_receipt(now, user_id);
         // Their other tabs and devices show the conversation read.
         self.want_notify(now, [user_id]);
@@ -972,52 +851,38 @@ impl Room {
     }
 
     fn advance_delivered(&mut self, now: Millis, user_id: i64, seq: i64) {
-        let Some(w) = self.members.get_mut(&user_id) else {
-            return;
-        };
-        if w.delivered_seq >= seq {
-            return;
+        if self.members.delivered(user_id, seq) {
+            self.outbox.waiting(now);
+            self.schedule_receipt(now, user_id);
         }
-        w.delivered_seq = seq;
-        self.dirty_receipts.insert(user_id);
-        self.want_flush(now);
-        self.schedule_receipt(now, user_id);
     }
 
-    /// Queues a Lobby notice for `users`: at once if the last one is older
-    /// than the interval, else at the end of it (coalesced).
+    /// Queues a notice for `users`: at once if the last one is older than
+    /// the interval, else at the end of it (coalesced).
     fn want_notify(&mut self, now: Millis, users: impl IntoIterator<Item = i64>) {
-        self.notify_users.extend(users);
-        let due = self
-            .notify_last
-            .is_none_or(|last| now >= last + self.config.notify_interval_ms);
-        if due {
+        if self.notices.want(now, users) {
             self.emit_notice(now);
         }
     }
 
     fn emit_notice(&mut self, now: Millis) {
-        if self.notify_users.is_empty() {
-            return;
-        }
-        let mut users: Vec<i64> = self.notify_users.drain().collect();
-        users.sort_unstable();
-        let recipients = users
+        let recipients = self
+            .notices
+            .take(now)
             .into_iter()
-            .filter(|u| self.members.contains_key(u))
+            .filter(|u| self.members.contains(*u))
             .map(|u| (u, self.unread_for(u)))
             .collect();
-        let last_message = self.window.back().map(|r| MessagePreview {
+        let last_message = self.window.newest().map(|r| MessagePreview {
             id: r.id,
             seq: r.seq,
             sender_id: r.sender_id,
             content: preview_text(&r.content),
             created_at: r.created_at(),
         });
-        self.notify_last = Some(now);
         self.outputs.push_back(Output::Notify(ConversationNotice {
             conversation_id: self.conversation_id,
-            seq: self.last_seq,
+            seq: self.last_seq(),
             last_message,
             recipients,
         }));
@@ -1028,43 +893,24 @@ impl Room {
     /// ones included): the cap makes the difference moot for long gaps.
     pub fn unread_for(&self, user: i64) -> i64 {
         const CAP: i64 = 999;
-        let Some(w) = self.members.get(&user) else {
+        let Some(w) = self.members.get(user) else {
             return 0;
         };
-        let start = self.window_start();
+        let start = self.window.start();
         let before_window = (start - 1 - w.read_seq).max(0);
-        let in_window = self
-            .window
-            .iter()
-            .filter(|r| r.seq > w.read_seq && r.sender_id != user)
-            .count() as i64;
+        let from = w.read_seq.max(start - 1);
+        let in_window = self.window.count_from_others_after(from, user) as i64;
         (before_window + in_window).min(CAP)
     }
 
-    /// Something new for the origin: flush soon, unless a flush is already
-    /// scheduled or in flight (its completion picks this up).
-    fn want_flush(&mut self, now: Millis) {
-        if self.next_flush_at.is_none() && self.flush_in_flight.is_none() {
-            self.next_flush_at = Some(now + self.config.flush_delay_ms);
-        }
-    }
-
     fn schedule_receipt(&mut self, now: Millis, user_id: i64) {
-        let interval = self.config.receipt_interval_ms;
-        let clock = self.receipts.entry(user_id).or_insert(ReceiptClock {
-            last_sent: 0,
-            pending: false,
-        });
-        if now >= clock.last_sent + interval && !clock.pending {
-            clock.last_sent = now;
+        if self.members.receipt_now(now, user_id) {
             self.broadcast_receipt(user_id);
-        } else {
-            clock.pending = true;
         }
     }
 
     fn broadcast_receipt(&mut self, user_id: i64) {
-        if let Some(w) = self.members.get(&user_id) {
+        if let Some(w) = self.members.get(user_id).copied() {
             let frame = ServerFrame::Receipt {
                 conversation_id: self.conversation_id,
                 user_id,
@@ -1078,61 +924,33 @@ impl Room {
     // ---- time -------------------------------------------------------------
 
     /// Fires what is due at `now`: connections whose token ran out,
-    /// coalesced receipts, expired typing and the Lobby notice.
+    /// coalesced receipts, expired typing and the pending notice.
     pub fn handle_timeout(&mut self, now: Millis) {
-        while let Some(&(at, conn)) = self.expiries.first() {
-            if at > now {
-                break;
-            }
+        while let Some(conn) = self.conns.next_expired(now) {
             self.reject(conn, &RoomError::Auth(AuthError::Expired));
             self.close(conn, close::POLICY, "token expired");
         }
-        let interval = self.config.receipt_interval_ms;
-        let due: Vec<i64> = self
-            .receipts
-            .iter()
-            .filter(|(_, c)| c.pending && now >= c.last_sent + interval)
-            .map(|(u, _)| *u)
-            .collect();
-        for user in due {
-            if let Some(c) = self.receipts.get_mut(&user) {
-                c.pending = false;
-                c.last_sent = now;
-            }
+        for user in self.members.due_receipts(now) {
             self.broadcast_receipt(user);
         }
-        self.typing.retain(|_, t| t.expires > now);
-        let notice_due = self
-            .notify_last
-            .is_none_or(|last| now >= last + self.config.notify_interval_ms);
-        if !self.notify_users.is_empty() && notice_due {
+        self.typing.expire(now);
+        if self.notices.due_at().is_some_and(|t| now >= t) {
             self.emit_notice(now);
         }
     }
 
-    /// When the driver should next call [`Room::handle_timeout`] or
+    /// When the driver should next call [`Room::handle_timeout`] and
     /// [`Room::poll_flush`].
     pub fn poll_timeout(&self) -> Option<Millis> {
-        let interval = self.config.receipt_interval_ms;
-        let receipt = self
-            .receipts
-            .values()
-            .filter(|c| c.pending)
-            .map(|c| c.last_sent + interval)
-            .min();
-        let notice = if self.notify_users.is_empty() {
-            None
-        } else {
-            Some(
-                self.notify_last
-                    .map_or(0, |last| last + self.config.notify_interval_ms),
-            )
-        };
-        let expiry = self.expiries.first().map(|(at, _)| *at);
-        [receipt, self.next_flush_at, notice, expiry]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.members.next_receipt(),
+            self.flush_due(),
+            self.notices.due_at(),
+            self.conns.next_expiry(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
@@ -1148,122 +966,113 @@ impl Room {
 
     // ---- outbox -----------------------------------------------------------
 
-    /// The next batch for the origin, when one is due and none is in
-    /// flight. The driver must answer with [`Room::handle_flush_result`] or
-    /// [`Room::handle_flush_failure`].
+    /// When the next batch may start (`None`: nothing waits, or the
+    /// pipeline is full).
+    pub fn flush_due(&self) -> Option<Millis> {
+        self.outbox
+            .due(self.window.waiting(), !self.receipts_waiting().is_empty())
+    }
+
+    /// Watermarks the origin may lack that no batch in flight carries (a
+    /// value that moved since its batch left waits again).
+    fn receipts_waiting(&self) -> Vec<Watermark> {
+        let mut dirty = self.members.dirty();
+        dirty.retain(|w| {
+            !self
+                .receipts_in_flight
+                .iter()
+                .any(|(_, sent)| sent.contains(w))
+        });
+        dirty
+    }
+
+    /// The next batch for the origin, when one is due and the pipeline has
+    /// room. Drain before sending it (it queues the watermarks it carries
+    /// as writes); answer it with [`Room::handle_flush_result`] or
+    /// [`Room::handle_flush_failure`]. Call again until it says `None`.
     pub fn poll_flush(&mut self, now: Millis) -> Option<FlushBatch> {
-        if self.flush_in_flight.is_some() {
-            return None;
-        }
-        let due = self.next_flush_at.is_some_and(|t| now >= t);
-        if !due {
-            return None;
-        }
+        let receipts = self.receipts_waiting();
+        let id = self
+            .outbox
+            .start(now, self.window.waiting(), !receipts.is_empty())?;
+        let conversation_id = self.conversation_id;
+        let batch_size = self.outbox.batch_size();
         let messages: Vec<StoredMessage> = self
             .window
-            .iter()
-            .filter(|r| !r.flushed)
-            .take(self.config.flush_batch)
-            .map(|r| r.to_stored(self.conversation_id))
+            .take_waiting(id, batch_size)
+            .into_iter()
+            .map(|r| r.to_stored(conversation_id))
             .collect();
-        let receipts: Vec<ReceiptUpdate> = self
-            .dirty_receipts
+        // The watermarks just taken are in flight now: none left waiting.
+        self.outbox.taken(self.window.waiting(), false);
+        // What the origin is about to learn must be durable here first, so
+        // a restart never leaves this room behind what the origin has.
+        for w in &receipts {
+            self.outputs.push_back(Output::StoreWatermark(*w));
+        }
+        let updates = receipts
             .iter()
-            .filter_map(|u| self.members.get(u))
             .map(|w| ReceiptUpdate {
-                conversation_id: self.conversation_id,
+                conversation_id,
                 user_id: w.user_id,
                 delivered_seq: w.delivered_seq,
                 read_seq: w.read_seq,
             })
             .collect();
-        if messages.is_empty() && receipts.is_empty() {
-            self.next_flush_at = None;
-            return None;
+        if !receipts.is_empty() {
+            self.receipts_in_flight.push((id, receipts));
         }
-        // What the origin is about to learn must be durable here first, so
-        // a restart never leaves this room behind what the origin has.
-        for r in &receipts {
-            self.outputs.push_back(Output::StoreWatermark(Watermark {
-                user_id: r.user_id,
-                delivered_seq: r.delivered_seq,
-                read_seq: r.read_seq,
-            }));
-        }
-        let batch = FlushBatch { messages, receipts };
-        self.flush_in_flight = Some(batch.clone());
-        self.next_flush_at = None;
-        Some(batch)
+        Some(FlushBatch {
+            id,
+            messages,
+            receipts: updates,
+        })
     }
 
-    /// The origin answered the in-flight batch.
-    pub fn handle_flush_result(&mut self, now: Millis, outcome: &FlushOutcome) {
-        let Some(batch) = self.flush_in_flight.take() else {
-            return;
-        };
-        let done: HashSet<Uuid> = outcome
+    /// The origin answered batch `id`. Answers may come in any order, and
+    /// one from a batch this room never sent (a previous life) still
+    /// confirms what it lists.
+    pub fn handle_flush_result(&mut self, now: Millis, id: BatchId, outcome: &FlushOutcome) {
+        let done: std::collections::HashSet<Uuid> = outcome
             .stored
             .iter()
             .chain(outcome.rejected.iter())
             .copied()
             .collect();
-        let mut flushed = Vec::new();
-        for r in self.window.iter_mut() {
-            if !r.flushed && done.contains(&r.id) {
-                r.flushed = true;
-                flushed.push(r.seq);
+        // Anything this batch carried that is still unconfirmed waits again.
+        let settled = self.window.settle(id, &|r| done.contains(&r.id));
+        if !settled.confirmed.is_empty() {
+            self.outputs
+                .push_back(Output::MarkFlushed(settled.confirmed));
+        }
+        let carried = self.take_receipts(id);
+        if outcome.receipts_ok {
+            if let Some(sent) = carried {
+                self.members.synced(&sent);
+                self.outputs.push_back(Output::MarkReceiptsSynced(sent));
             }
         }
-        self.unflushed -= flushed.len();
-        if !flushed.is_empty() {
-            self.outputs.push_back(Output::MarkFlushed(flushed));
+        let complete = settled.released == 0 && outcome.receipts_ok;
+        self.outbox.answered(now, id, complete);
+        if self.window.waiting() > 0 || !self.receipts_waiting().is_empty() {
+            self.outbox.waiting(now);
         }
-        if outcome.receipts_ok && !batch.receipts.is_empty() {
-            let synced: Vec<Watermark> = batch
-                .receipts
-                .iter()
-                .map(|r| Watermark {
-                    user_id: r.user_id,
-                    delivered_seq: r.delivered_seq,
-                    read_seq: r.read_seq,
-                })
-                .collect();
-            for sent in &synced {
-                if self.members.get(&sent.user_id) == Some(sent) {
-                    self.dirty_receipts.remove(&sent.user_id);
-                }
-            }
-            self.outputs.push_back(Output::MarkReceiptsSynced(synced));
-        }
-        let complete = batch.messages.iter().all(|m| done.contains(&m.id)) && outcome.receipts_ok;
-        if complete {
-            self.backoff_ms = self.config.backoff_initial_ms;
-            if self.unflushed > 0 || !self.dirty_receipts.is_empty() {
-                self.next_flush_at = Some(now);
-            }
-        } else {
-            self.retry_later(now);
-        }
-        self.prune_window();
     }
 
-    /// The in-flight batch failed (origin down, timeout). It is retried
-    /// with exponential backoff; nothing leaves the outbox.
-    pub fn handle_flush_failure(&mut self, now: Millis) {
-        self.flush_in_flight = None;
-        self.retry_later(now);
+    /// Batch `id` failed (the origin is down, a timeout): what it carried
+    /// waits again, and the outbox backs off. Nothing leaves the outbox.
+    pub fn handle_flush_failure(&mut self, now: Millis, id: BatchId) {
+        self.window.release(id);
+        self.take_receipts(id);
+        self.outbox.failed(now, id);
     }
 
-    fn retry_later(&mut self, now: Millis) {
-        self.next_flush_at = Some(now + self.backoff_ms);
-        self.backoff_ms = (self.backoff_ms * 2).min(self.config.backoff_max_ms);
+    fn take_receipts(&mut self, id: BatchId) -> Option<Vec<Watermark>> {
+        let pos = self.receipts_in_flight.iter().position(|(b, _)| *b == id)?;
+        Some(self.receipts_in_flight.swap_remove(pos).1)
     }
 
     // ---- helpers ------------------------------------------------------------
-
-    fn watermarks(&self) -> Vec<Watermark> {
-        self.members.values().copied().collect()
-    }
 
     fn view(&self, r: &Record, members: &[Watermark]) -> MessageView {
         MessageView {
@@ -1294,7 +1103,7 @@ impl Room {
     }
 
     fn close(&mut self, conn: ConnId, code: u16, reason: &str) {
-        self.forget_conn(conn);
+        self.conns.remove(conn);
         self.outputs.push_back(Output::Close {
             conn,
             code,
@@ -1303,37 +1112,9 @@ impl Room {
     }
 
     fn take_token(&mut self, now: Millis, user_id: i64, cost: f64) -> Result<(), RoomError> {
-        let rate = Rate {
-            burst: self.config.rate_burst,
-            per_sec: self.config.rate_per_sec,
-        };
-        self.buckets
-            .entry(user_id)
-            .or_insert_with(|| Bucket::full(rate, now))
-            .take(now, cost, rate)
+        self.limiter
+            .take(now, user_id, cost)
             .map_err(|retry_after_ms| RoomError::RateLimited { retry_after_ms })
-    }
-
-    fn remember_key(&mut self, sender: i64, key: String, known: KnownKey) {
-        if self.keys.insert((sender, key.clone()), known).is_none() {
-            self.key_order.push_back((sender, key));
-        }
-        while self.key_order.len() > self.config.dedup_horizon {
-            if let Some(old) = self.key_order.pop_front() {
-                self.keys.remove(&old);
-            }
-        }
-    }
-
-    /// Drops the oldest messages beyond the replay window, but never an
-    /// unflushed one: the window must reach back to the oldest message the
-    /// origin lacks, or a `resync` would send clients to an incomplete REST.
-    fn prune_window(&mut self) {
-        while self.window.len() > self.config.replay_window
-            && self.window.front().is_some_and(|r| r.flushed)
-        {
-            self.window.pop_front();
-        }
     }
 
     fn next_id(&mut self, now: Millis) -> Uuid {
@@ -1398,6 +1179,7 @@ impl SplitMix64 {
 mod tests {
     use super::*;
     use crate::protocol::MessageStatus;
+    use crate::protocol::internal::ConversationNotice;
 
     /// A room with nothing in storage beyond its memory, and no tokens.
     struct Bare;
@@ -1670,6 +1452,7 @@ mod tests {
         let stored = batch.messages.iter().map(|m| m.id).collect();
         room.handle_flush_result(
             T0 + 1_000,
+            batch.id,
             &FlushOutcome {
                 stored,
                 rejected: vec![],
@@ -1939,6 +1722,7 @@ mod tests {
         );
         room.handle_flush_result(
             T0 + 1_100,
+            batch.id,
             &FlushOutcome {
                 stored: batch.messages.iter().map(|m| m.id).collect(),
                 rejected: vec![],
@@ -1976,13 +1760,13 @@ mod tests {
         fn replace_members(&mut self, _: &[StoredWatermark]) -> Result<(), &'static str> {
             Ok(())
         }
-        fn mark_flushed(&mut self, _: &[i64]) -> Result<(), &'static str> {
+        fn mark_flushed(&mut self, _: &[RangeInclusive<i64>]) -> Result<(), &'static str> {
             Ok(())
         }
         fn mark_receipts_synced(&mut self, _: &[Watermark]) -> Result<(), &'static str> {
             Ok(())
         }
-        fn send(&mut self, _: Target, frame: &ServerFrame) {
+        fn send(&mut self, _: &Recipients<'_>, frame: &ServerFrame) {
             self.sent.push(frame.clone());
         }
         fn close(&mut self, _: ConnId, _: u16, _: &str) {}
@@ -2034,8 +1818,8 @@ mod tests {
         let mut now = T0 + 100;
         let mut waits = Vec::new();
         for _ in 0..5 {
-            assert!(room.poll_flush(now).is_some());
-            room.handle_flush_failure(now);
+            let batch = room.poll_flush(now).expect("due");
+            room.handle_flush_failure(now, batch.id);
             let next = room.poll_timeout().expect("retry scheduled");
             waits.push(next - now);
             now = next;
@@ -2045,6 +1829,7 @@ mod tests {
         let batch = room.poll_flush(now).expect("due");
         room.handle_flush_result(
             now,
+            batch.id,
             &FlushOutcome {
                 stored: vec![batch.messages[0].id],
                 rejected: vec![],
@@ -2053,7 +1838,7 @@ mod tests {
         );
         assert_eq!(room.unflushed(), 0);
         let outs = outputs(&mut room);
-        assert!(outs.contains(&Output::MarkFlushed(vec![1])));
+        assert!(outs.contains(&Output::MarkFlushed(vec![1..=1])));
     }
 
     #[test]
