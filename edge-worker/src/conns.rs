@@ -522,12 +522,21 @@ pub fn answer(upgrade: bool, result: EdgeResult<Response>) -> Result<Response> {
 #[derive(Debug, Default)]
 pub struct Alarm {
     at: Cell<Option<u64>>,
+    /// The alarm handler is running: requests wait for its end (each
+    /// `set_alarm` is a durable write, and the handler reschedules anyway).
+    running: Cell<bool>,
 }
 
 impl Alarm {
     /// Call when the alarm fires.
     pub fn fired(&self) {
         self.at.set(None);
+        self.running.set(true);
+    }
+
+    /// Call when the alarm handler is done, before rescheduling.
+    pub fn done(&self) {
+        self.running.set(false);
     }
 
     /// Adopts the alarm a previous instance left.
@@ -541,7 +550,7 @@ impl Alarm {
         let Some(at) = deadlines.iter().flatten().copied().min() else {
             return;
         };
-        if self.at.get().is_some_and(|current| current <= at) {
+        if self.running.get() || self.at.get().is_some_and(|current| current <= at) {
             return;
         }
         self.at.set(Some(at));

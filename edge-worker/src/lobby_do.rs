@@ -90,6 +90,7 @@ impl DurableObject for Lobby {
         if let Err(e) = self.on_alarm().await {
             worker::console_error!("lobby alarm: {e}");
         }
+        self.alarm.done();
         self.after_events().await;
         Response::ok("")
     }

@@ -21,13 +21,18 @@
 //! this object while one awaits.
 
 use std::cell::{Cell, RefCell};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::future::{Either, select};
+use futures_util::stream::FuturesUnordered;
 
 use serde::Deserialize;
 use shared::protocol::internal::IngestBatch;
 use shared::protocol::{MessageView, ServerFrame};
 use shared::receipts::{Watermark, status_of};
 use shared::room::{
-    ConnId, FlushBatch, FlushOutcome, Record, Room as RoomState, RoomError, Sent, drain,
+    BatchId, ConnId, FlushBatch, FlushOutcome, Record, Room as RoomState, RoomError, Sent, drain,
 };
 use worker::{
     DurableObject, Env, Request, Response, Result, SqlStorage, State, WebSocket,
@@ -112,6 +117,7 @@ impl DurableObject for Room {
         if let Err(e) = self.on_alarm().await {
             worker::console_error!("room alarm: {e}");
         }
+        self.alarm.done();
         // Reschedule whatever is still due (including after an error).
         self.schedule().await;
         Response::ok("")
@@ -159,15 +165,6 @@ impl DurableObject for Room {
             Err(e) => worker::console_error!("websocket message: {e}"),
         }
         self.schedule().await;
-        // A batch due now leaves from here, not the alarm: under load the
-        // alarm would compete with the messages. This event's own work is
-        // done (the ack went out above); other events run while it awaits.
-        if self.flush_due_now() {
-            if let Err(e) = self.pump().await {
-                worker::console_warn!("outbox: {e}");
-            }
-            self.schedule().await;
-        }
         Ok(())
     }
 
@@ -608,64 +605,94 @@ impl Room {
             .await;
     }
 
+    /// The alarm: timers, then the outbox. The outbox runs here and never
+    /// in a socket's handler: workerd hands a socket its next frame only
+    /// when the handler of the previous one has finished, so a handler that
+    /// waited for the origin would stall its sender. While batches are in
+    /// flight the handler stays, starting the next ones as answers come
+    /// back or as they come due, up to the room's pipeline depth; every
+    /// other event (messages, acks, broadcasts) runs meanwhile.
     async fn on_alarm(&self) -> EdgeResult<()> {
         self.ensure_loaded(None).await?;
-        let now = now_ms();
-        if self.conns.next_heartbeat().is_some_and(|t| now >= t) {
-            let heartbeat = self.with_loaded(|l| l.config.sse_heartbeat_ms)?;
-            self.conns.maintain_streams(now, heartbeat);
-            self.forget_gone(now)?;
-        }
-        self.with_room(|r| r.handle_timeout(now))?;
-        self.drain()?;
-        self.pump().await
-    }
-
-    /// Whether a batch may leave now (cheap: asked after every frame).
-    fn flush_due_now(&self) -> bool {
-        let now = now_ms();
-        self.loaded
-            .borrow()
-            .as_ref()
-            .and_then(|l| l.room.flush_due())
-            .is_some_and(|due| due <= now)
-    }
-
-    /// Sends the batches that are due, one after another; other events go
-    /// on while each is in flight, and their own pumps may send more, up
-    /// to the room's pipeline depth. A batch leaves only once the
-    /// watermarks it carries are written; if that write fails it stays
-    /// home (the room was rebuilt).
-    async fn pump(&self) -> EdgeResult<()> {
+        let mut in_flight = FuturesUnordered::new();
         loop {
             let now = now_ms();
-            let Some(batch) = self.with_room(|r| r.poll_flush(now))? else {
-                return Ok(());
-            };
-            self.drain()?;
-            let result = self.flush(&batch).await;
-            let now = now_ms();
-            let mut members_changed = false;
-            match result {
-                Ok((outcome, version)) => {
-                    self.with_loaded(|l| {
-                        l.room.handle_flush_result(now, batch.id, &outcome);
-                        members_changed = version.is_some_and(|v| v != l.members_version);
-                    })?;
-                }
-                Err(e) => {
-                    worker::console_warn!("outbox flush failed, will retry: {e}");
-                    self.with_room(|r| r.handle_flush_failure(now, batch.id))?;
-                }
+            if self.conns.next_heartbeat().is_some_and(|t| now >= t) {
+                let heartbeat = self.with_loaded(|l| l.config.sse_heartbeat_ms)?;
+                self.conns.maintain_streams(now, heartbeat);
+                self.forget_gone(now)?;
             }
+            self.with_room(|r| r.handle_timeout(now))?;
             self.drain()?;
-            if members_changed {
-                // Membership changed by a path that did not tell us (or
-                // the notice was lost): removed members' connections close
-                // now.
-                self.refresh_members().await?;
+            self.send_notices();
+            while let Some(batch) = self.with_room(|r| r.poll_flush(now))? {
+                // What the batch tells the origin is written here first; if
+                // that write fails the batch stays home (the room was
+                // rebuilt).
+                self.drain()?;
+                in_flight.push(self.send_batch(batch));
+            }
+            if in_flight.is_empty() {
+                return Ok(());
+            }
+            // An answer, or the moment the next batch comes due.
+            let wait = self
+                .loaded
+                .borrow()
+                .as_ref()
+                .and_then(|l| l.room.poll_timeout())
+                .map(|due| due.saturating_sub(now_ms()));
+            let answer = match wait {
+                Some(ms) => {
+                    let timer = Box::pin(worker::Delay::from(Duration::from_millis(ms.max(1))));
+                    match select(in_flight.next(), timer).await {
+                        Either::Left((answer, _)) => answer,
+                        Either::Right(((), _)) => None,
+                    }
+                }
+                None => in_flight.next().await,
+            };
+            if let Some((id, result)) = answer {
+                self.answered(id, result).await?;
             }
         }
+    }
+
+    /// One batch to the origin, named by its number.
+    async fn send_batch(
+        &self,
+        batch: FlushBatch,
+    ) -> (BatchId, EdgeResult<(FlushOutcome, Option<i64>)>) {
+        (batch.id, self.flush(&batch).await)
+    }
+
+    /// The origin answered batch `id` (or did not).
+    async fn answered(
+        &self,
+        id: BatchId,
+        result: EdgeResult<(FlushOutcome, Option<i64>)>,
+    ) -> EdgeResult<()> {
+        let now = now_ms();
+        let mut members_changed = false;
+        match result {
+            Ok((outcome, version)) => {
+                self.with_loaded(|l| {
+                    l.room.handle_flush_result(now, id, &outcome);
+                    members_changed = version.is_some_and(|v| v != l.members_version);
+                })?;
+            }
+            Err(e) => {
+                worker::console_warn!("outbox flush failed, will retry: {e}");
+                self.with_room(|r| r.handle_flush_failure(now, id))?;
+            }
+        }
+        self.drain()?;
+        if members_changed {
+            // Membership changed by a path that did not tell us (or the
+            // notice was lost): removed members' connections close now.
+            self.refresh_members().await?;
+        }
+        Ok(())
     }
 
     /// Sends one batch to the origin: its messages and the watermarks it
