@@ -10,12 +10,16 @@ pub mod fanout;
 pub mod lobby_bench;
 pub mod origin_bench;
 pub mod report;
+pub mod room_machine;
 
 pub async fn run(which: &str) -> anyhow::Result<()> {
     match which {
         "origin" => origin_bench::run().await,
         "fanout" => fanout::run().await,
         "lobby" => lobby_bench::run().await,
-        other => anyhow::bail!("unknown benchmark {other:?}; available: origin, fanout, lobby"),
+        "room" => room_machine::run(),
+        other => {
+            anyhow::bail!("unknown benchmark {other:?}; available: origin, fanout, lobby, room")
+        }
     }
 }

@@ -21,7 +21,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask <dev | test | bench origin|fanout|lobby | build-edge>";
+const USAGE: &str = "usage: cargo xtask <dev | test | bench origin|fanout|lobby|room | build-edge>";
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let root = workspace_root();
@@ -182,7 +182,11 @@ fn bench(root: &Path, which: Option<&str>) -> anyhow::Result<()> {
             pg::drop_test_databases(&admin_url)?;
             result
         }
-        other => bail!("unknown benchmark {other:?}; available: origin, fanout, lobby"),
+        "room" => step(
+            "room state machine benchmark (native)",
+            cargo(&["run", "--release", "-p", "vibe-bench", "--", "room"]),
+        ),
+        other => bail!("unknown benchmark {other:?}; available: origin, fanout, lobby, room"),
     }
 }
 
