@@ -31,6 +31,11 @@
 //! outbox's buffers cannot hide a rate the room does not sustain.
 //! `BENCH_RATES` (comma-separated) overrides the throughput rates.
 //!
+//! Members connect to the workerd runtime itself, as clients reach the
+//! Worker in production: `wrangler dev` puts a Node.js proxy in front of
+//! it that relays every frame (on this 2-core machine it competes with
+//! the room for CPU). `BENCH_VIA_PROXY=1` goes through the proxy instead.
+//!
 //! The stack is the e2e harness's: a fresh database, the origin in this
 //! process (a release build under `cargo xtask bench`) and a real
 //! `wrangler dev` on free ports. Rate limits are raised for the bench (the
@@ -163,6 +168,7 @@ pub async fn run() -> anyhow::Result<()> {
         );
     }
 
+    let edge = edge_url(&stack).await?;
     let mut fan: Vec<RunResult> = Vec::with_capacity(cfg.runs);
     let mut tp: Vec<Vec<RunResult>> = cfg.rates.iter().map(|_| Vec::new()).collect();
     for run in 1..=cfg.runs {
@@ -172,6 +178,7 @@ pub async fn run() -> anyhow::Result<()> {
             rate: FANOUT_RATE,
             duration: cfg.duration(),
             tag: format!("r{run}fan"),
+            edge: edge.clone(),
         };
         fan.push(one(&stack, &s, run, &cfg, "fan-out").await?);
         for (i, &rate) in cfg.rates.iter().enumerate() {
@@ -181,6 +188,7 @@ pub async fn run() -> anyhow::Result<()> {
                 rate,
                 duration: cfg.duration(),
                 tag: format!("r{run}tp{rate:.0}"),
+                edge: edge.clone(),
             };
             tp[i].push(one(&stack, &s, run, &cfg, "throughput").await?);
         }
@@ -209,6 +217,23 @@ pub async fn run() -> anyhow::Result<()> {
         began.elapsed().as_secs_f64() / 60.0
     );
     Ok(())
+}
+
+/// The URL members connect to, announced.
+async fn edge_url(stack: &Stack) -> anyhow::Result<String> {
+    if std::env::var_os("BENCH_VIA_PROXY").is_some_and(|v| v != "0") {
+        println!(
+            "members connect through wrangler dev's proxy: {}",
+            stack.edge
+        );
+        return Ok(stack.edge.clone());
+    }
+    let runtime = stack.runtime_url().await?;
+    println!(
+        "members connect to the workerd runtime directly: {runtime} (past wrangler dev's proxy at {}; BENCH_VIA_PROXY=1 to go through it)",
+        stack.edge
+    );
+    Ok(runtime)
 }
 
 async fn drop_database(name: &str) -> anyhow::Result<()> {

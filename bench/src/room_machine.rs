@@ -13,7 +13,6 @@
 //!
 //! Reported per message, min–max over `BENCH_RUNS` runs (default 3).
 
-use std::ops::RangeInclusive;
 use std::time::Instant;
 
 use shared::auth::AuthError;
@@ -21,8 +20,8 @@ use shared::protocol::ServerFrame;
 use shared::protocol::internal::ConversationNotice;
 use shared::receipts::Watermark;
 use shared::room::{
-    ConnId, Context, Driver, FlushOutcome, KnownKey, Millis, Recipients, Record, Room, RoomConfig,
-    StorageFailed, StoredWatermark, Verified, drain,
+    Confirmed, ConnId, Context, Driver, FlushOutcome, KnownKey, Millis, Recipients, Record, Room,
+    RoomConfig, StorageFailed, StoredWatermark, Verified, drain,
 };
 
 use crate::report::table;
@@ -61,7 +60,7 @@ impl Driver for Counting {
     fn replace_members(&mut self, _: &[StoredWatermark]) -> Result<(), Self::Error> {
         Ok(())
     }
-    fn mark_flushed(&mut self, _: &[RangeInclusive<i64>]) -> Result<(), Self::Error> {
+    fn mark_flushed(&mut self, _: &Confirmed) -> Result<(), Self::Error> {
         Ok(())
     }
     fn mark_receipts_synced(&mut self, _: &[Watermark]) -> Result<(), Self::Error> {

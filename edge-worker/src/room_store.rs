@@ -15,18 +15,16 @@
 //! - `meta`: the conversation id, the origin's last seq at creation, the
 //!   schema version.
 
-use std::cell::RefCell;
-use std::ops::RangeInclusive;
-
 use serde::Deserialize;
 use shared::auth::{AUDIENCE_API, AuthError, LEEWAY_SECS};
 use shared::protocol::ServerFrame;
 use shared::protocol::internal::ConversationNotice;
 use shared::receipts::Watermark;
 use shared::room::{
-    ConnId, Context, Driver, KnownKey, Millis, Recipients, Record, RoomStorage, StorageFailed,
-    StoredWatermark, Verified,
+    Confirmed, ConnId, Context, Driver, KnownKey, Millis, Recipients, Record, RoomStorage,
+    StorageFailed, StoredWatermark, Verified,
 };
+use std::cell::RefCell;
 use worker::{SqlStorage, SqlStorageValue};
 
 use crate::conns::Connections;
@@ -37,7 +35,7 @@ use crate::error::{EdgeError, EdgeResult};
 /// replay window without the origin.
 pub const RETAIN_MESSAGES: i64 = 5_000;
 /// The schema this code writes; older rooms are migrated on load.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// The Room's SQLite, and what the room needs beside it for one event.
 pub struct RoomSql<'a> {
@@ -84,8 +82,6 @@ pub fn create_schema(sql: &SqlStorage) -> EdgeResult<()> {
              client_msg_id TEXT NOT NULL,
              flushed INTEGER NOT NULL DEFAULT 0
          );
-         CREATE UNIQUE INDEX IF NOT EXISTS messages_key ON messages (sender_id, client_msg_id);
-         CREATE INDEX IF NOT EXISTS messages_unflushed ON messages (flushed, seq);
          CREATE TABLE IF NOT EXISTS msg_keys (
              sender_id INTEGER NOT NULL,
              client_msg_id TEXT NOT NULL,
@@ -120,6 +116,16 @@ pub fn create_schema(sql: &SqlStorage) -> EdgeResult<()> {
         sql.exec(
             "INSERT OR IGNORE INTO msg_keys (sender_id, client_msg_id, seq, id, created_at_ms)
              SELECT sender_id, client_msg_id, seq, id, created_at_ms FROM messages",
+            None,
+        )?;
+    }
+    if version < 3 {
+        // Version 2 indexed messages by key (msg_keys' primary key already
+        // makes keys unique) and by flushed (the room now names the
+        // confirmed prefix itself): two B-trees written per message and
+        // per confirmation for nothing.
+        sql.exec(
+            "DROP INDEX IF EXISTS messages_key; DROP INDEX IF EXISTS messages_unflushed;",
             None,
         )?;
     }
@@ -248,6 +254,9 @@ impl RoomStorage for RoomSql<'_> {
         Ok(logged.max(base))
     }
 
+    /// A scan of the retained log and the outbox (no index is kept for
+    /// it: it runs once per load, and an index would cost a write per
+    /// message).
     fn oldest_unflushed(&self) -> Result<Option<i64>, StorageFailed> {
         #[derive(Deserialize)]
         struct Row {
@@ -388,28 +397,21 @@ impl Driver for RoomSql<'_> {
         Ok(())
     }
 
-    fn mark_flushed(&mut self, runs: &[RangeInclusive<i64>]) -> EdgeResult<()> {
-        if runs.is_empty() {
-            return Ok(());
-        }
+    fn mark_flushed(&mut self, confirmed: &Confirmed) -> EdgeResult<()> {
         // Exactly the confirmed seqs: one statement per run of them.
-        for run in runs {
+        for run in &confirmed.runs {
             self.exec(
                 "UPDATE messages SET flushed = 1 WHERE seq BETWEEN ? AND ?",
                 vec![(*run.start()).into(), (*run.end()).into()],
             )?;
         }
         // Outside the retention, a confirmed message lives on only in
-        // PostgreSQL (its key stays in msg_keys). Only a confirmed prefix
-        // goes: batches are confirmed out of order, and a hole below an
-        // unconfirmed row would be a log the room cannot load.
-        self.exec(
-            "DELETE FROM messages WHERE flushed = 1
-             AND seq <= (SELECT max(seq) FROM messages) - ?
-             AND seq < (SELECT coalesce(min(seq), 9223372036854775807)
-                        FROM messages WHERE flushed = 0)",
-            vec![RETAIN_MESSAGES.into()],
-        )
+        // PostgreSQL (its key stays in msg_keys), and only below the
+        // room's confirmed prefix: a range of the primary key, no scan.
+        let keep_from = confirmed
+            .prefix_end
+            .min(confirmed.last_seq.saturating_sub(RETAIN_MESSAGES) + 1);
+        self.exec("DELETE FROM messages WHERE seq < ?", vec![keep_from.into()])
     }
 
     fn mark_receipts_synced(&mut self, watermarks: &[Watermark]) -> EdgeResult<()> {

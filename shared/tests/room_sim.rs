@@ -29,11 +29,9 @@ use shared::auth::AuthError;
 use shared::protocol::ServerFrame;
 use shared::protocol::internal::ConversationNotice;
 use shared::receipts::Watermark;
-use std::ops::RangeInclusive;
-
 use shared::room::{
-    ConnId, Context, Driver, FlushBatch, FlushOutcome, KnownKey, Millis, Recipients, Record, Room,
-    RoomConfig, RoomStorage, StorageFailed, StoredWatermark, Target, Verified, drain,
+    Confirmed, ConnId, Context, Driver, FlushBatch, FlushOutcome, KnownKey, Millis, Recipients,
+    Record, Room, RoomConfig, RoomStorage, StorageFailed, StoredWatermark, Target, Verified, drain,
 };
 use uuid::Uuid;
 
@@ -282,9 +280,9 @@ impl Driver for World {
         Ok(())
     }
 
-    fn mark_flushed(&mut self, runs: &[RangeInclusive<i64>]) -> Result<(), &'static str> {
+    fn mark_flushed(&mut self, confirmed: &Confirmed) -> Result<(), &'static str> {
         self.write()?;
-        for s in runs.iter().flat_map(|r| r.clone()) {
+        for s in confirmed.runs.iter().flat_map(|r| r.clone()) {
             assert!(
                 self.origin.contains_key(&s),
                 "flushed before PostgreSQL has it"
@@ -293,16 +291,11 @@ impl Driver for World {
                 r.flushed = true;
             }
         }
-        // Only a confirmed prefix goes: below the oldest unconfirmed row
-        // (confirmations arrive out of order), and beyond the retention.
-        let last = self.last_durable_seq();
-        let oldest_unflushed = self
-            .durable
-            .values()
-            .find(|r| !r.flushed)
-            .map_or(i64::MAX, |r| r.seq);
-        self.durable
-            .retain(|s, r| !r.flushed || *s > last - RETAIN || *s > oldest_unflushed);
+        // As the Durable Object does: rows below the room's confirmed
+        // prefix and beyond the retention go, trusting the room's bound (a
+        // wrong one leaves a gap that the restore check catches).
+        let keep_from = confirmed.prefix_end.min(confirmed.last_seq - RETAIN + 1);
+        self.durable.retain(|s, _| *s >= keep_from);
         Ok(())
     }
 

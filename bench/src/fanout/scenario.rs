@@ -42,6 +42,9 @@ pub struct Scenario {
     pub duration: Duration,
     /// Prefix of every `client_msg_id` (unique per scenario and run).
     pub tag: String,
+    /// Where members connect: the workerd runtime, or wrangler dev's proxy
+    /// in front of it (see `fanout::edge_url`).
+    pub edge: String,
 }
 
 /// One scenario's counts and timings.
@@ -217,7 +220,7 @@ pub async fn scenario(stack: &Stack, s: &Scenario, load_1m: f64) -> anyhow::Resu
         let res = http
             .get(format!(
                 "{}/api/v1/chat/conversations/{conv}/events",
-                stack.edge
+                s.edge
             ))
             .bearer_auth(&user.token)
             .send()
@@ -234,7 +237,7 @@ pub async fn scenario(stack: &Stack, s: &Scenario, load_1m: f64) -> anyhow::Resu
     for user in &users[..s.ws] {
         let url = format!(
             "{}/api/v1/chat/conversations/{conv}/ws?token={}",
-            stack.edge.replacen("http", "ws", 1),
+            s.edge.replacen("http", "ws", 1),
             user.token
         );
         let (ws, _) = tokio_tungstenite::connect_async(url)

@@ -9,11 +9,9 @@
 //! ([`super::Room::load`]) before it handles anything else, because its
 //! memory now claims something storage does not hold.
 
-use std::ops::RangeInclusive;
-
 use super::conns::Conns;
 use super::storage::StoredWatermark;
-use super::{ConnId, Output, Room, Target};
+use super::{Confirmed, ConnId, Output, Room, Target};
 use crate::protocol::ServerFrame;
 use crate::protocol::internal::ConversationNotice;
 use crate::receipts::Watermark;
@@ -56,8 +54,9 @@ pub trait Driver {
     fn store_watermark(&mut self, watermark: &Watermark) -> Result<(), Self::Error>;
     /// Replaces the member list (after the origin's list changed).
     fn replace_members(&mut self, members: &[StoredWatermark]) -> Result<(), Self::Error>;
-    /// The origin holds exactly the messages in these runs of seqs.
-    fn mark_flushed(&mut self, runs: &[RangeInclusive<i64>]) -> Result<(), Self::Error>;
+    /// The origin holds exactly the messages in `confirmed.runs`; rows
+    /// below `confirmed.prefix_end` may be pruned.
+    fn mark_flushed(&mut self, confirmed: &Confirmed) -> Result<(), Self::Error>;
     /// The origin holds these exact watermarks.
     fn mark_receipts_synced(&mut self, watermarks: &[Watermark]) -> Result<(), Self::Error>;
     fn send(&mut self, to: &Recipients<'_>, frame: &ServerFrame);
@@ -83,7 +82,7 @@ pub fn drain<D: Driver>(room: &mut Room, driver: &mut D) -> Result<(), WriteFail
             Output::Store(record) => driver.store(&record),
             Output::StoreWatermark(w) => driver.store_watermark(&w),
             Output::ReplaceMembers(members) => driver.replace_members(&members),
-            Output::MarkFlushed(seqs) => driver.mark_flushed(&seqs),
+            Output::MarkFlushed(confirmed) => driver.mark_flushed(&confirmed),
             Output::MarkReceiptsSynced(ws) => driver.mark_receipts_synced(&ws),
             Output::Send { to, frame } => {
                 let recipients = Recipients {

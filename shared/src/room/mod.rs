@@ -236,13 +236,28 @@ pub enum Output {
     StoreWatermark(Watermark),
     /// The member list changed (from the origin): replace the stored one.
     ReplaceMembers(Vec<StoredWatermark>),
-    /// These seqs (exactly these: each run is consecutive) are confirmed
-    /// by the origin; mark them so.
-    MarkFlushed(Vec<RangeInclusive<i64>>),
+    /// The origin confirmed these messages; mark them so, and drop what
+    /// the log no longer needs.
+    MarkFlushed(Confirmed),
     /// The origin holds exactly these watermarks.
     MarkReceiptsSynced(Vec<Watermark>),
     /// Tell the per-user layer (best effort: the REST list is the truth).
     Notify(ConversationNotice),
+}
+
+/// What one answer from the origin confirmed, for the driver's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirmed {
+    /// Exactly the newly confirmed seqs, as runs of consecutive seqs (one
+    /// storage update per run).
+    pub runs: Vec<RangeInclusive<i64>>,
+    /// Every seq below this one is confirmed. Answers arrive out of order,
+    /// so only rows below it may leave the log: a hole below an
+    /// unconfirmed row would be a log the room cannot load. Carrying the
+    /// bound here spares the driver an index over the unconfirmed rows.
+    pub prefix_end: i64,
+    /// The room's last seq, for the driver's retention.
+    pub last_seq: i64,
 }
 
 /// Why the room refused something. Each maps to a WS `error` code, an HTTP
@@ -1042,8 +1057,11 @@ impl Room {
         // Anything this batch carried that is still unconfirmed waits again.
         let settled = self.window.settle(id, &|r| done.contains(&r.id));
         if !settled.confirmed.is_empty() {
-            self.outputs
-                .push_back(Output::MarkFlushed(settled.confirmed));
+            self.outputs.push_back(Output::MarkFlushed(Confirmed {
+                runs: settled.confirmed,
+                prefix_end: settled.prefix_end,
+                last_seq: self.last_seq(),
+            }));
         }
         let carried = self.take_receipts(id);
         if outcome.receipts_ok {
@@ -1760,7 +1778,7 @@ mod tests {
         fn replace_members(&mut self, _: &[StoredWatermark]) -> Result<(), &'static str> {
             Ok(())
         }
-        fn mark_flushed(&mut self, _: &[RangeInclusive<i64>]) -> Result<(), &'static str> {
+        fn mark_flushed(&mut self, _: &Confirmed) -> Result<(), &'static str> {
             Ok(())
         }
         fn mark_receipts_synced(&mut self, _: &[Watermark]) -> Result<(), &'static str> {
@@ -1838,7 +1856,11 @@ mod tests {
         );
         assert_eq!(room.unflushed(), 0);
         let outs = outputs(&mut room);
-        assert!(outs.contains(&Output::MarkFlushed(vec![1..=1])));
+        assert!(outs.contains(&Output::MarkFlushed(Confirmed {
+            runs: vec![1..=1],
+            prefix_end: 2,
+            last_seq: 1,
+        })));
     }
 
     #[test]

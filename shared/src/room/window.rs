@@ -27,6 +27,9 @@ struct Entry {
 pub struct Settled {
     /// Newly confirmed seqs, as runs.
     pub confirmed: Vec<RangeInclusive<i64>>,
+    /// Every seq below this one is confirmed (answers arrive out of order,
+    /// so this is where the confirmed prefix of the log ends).
+    pub prefix_end: i64,
     /// Messages the batch carried that the origin did not confirm: they
     /// wait again.
     pub released: usize,
@@ -189,8 +192,19 @@ impl Window {
         self.prune();
         Settled {
             confirmed: runs(&confirmed),
+            prefix_end: self.oldest_unconfirmed(),
             released,
         }
+    }
+
+    /// The seq of the oldest message the origin has not confirmed, or the
+    /// next seq when it has them all. The window holds every unconfirmed
+    /// message, so nothing older can be unconfirmed.
+    pub fn oldest_unconfirmed(&self) -> i64 {
+        self.entries
+            .iter()
+            .find(|e| !e.record.flushed)
+            .map_or(self.last_seq + 1, |e| e.record.seq)
     }
 
     /// Batch `batch` failed: its messages wait again.
@@ -263,6 +277,7 @@ mod tests {
         assert_eq!(batch, 6);
         let settled = w.settle(1, &|r| r.seq <= 4);
         assert_eq!(settled.confirmed, vec![1..=4]);
+        assert_eq!(settled.prefix_end, 5, "5 is the oldest unconfirmed");
         assert_eq!(settled.released, 2);
         assert_eq!(
             w.start(),
@@ -294,9 +309,11 @@ mod tests {
         assert_eq!(w.waiting(), 0);
         // The last answers first; the second fails; the first is lost and
         // its messages are confirmed by a later answer that lists them.
+        let late = w.settle(3, &|r| (7..=9).contains(&r.seq));
+        assert_eq!(late.confirmed, vec![7..=9]);
         assert_eq!(
-            w.settle(3, &|r| (7..=9).contains(&r.seq)).confirmed,
-            vec![7..=9]
+            late.prefix_end, 1,
+            "confirmed above a hole: nothing may leave the log yet"
         );
         w.release(2);
         assert_eq!(w.waiting(), 3);
@@ -308,6 +325,7 @@ mod tests {
             vec![1..=6],
             "1..=3 were confirmed by this answer too"
         );
+        assert_eq!(settled.prefix_end, 10, "all confirmed: the next seq");
         assert_eq!(settled.released, 0);
         assert_eq!(w.unflushed(), 0);
         assert_eq!(w.waiting(), 0);
