@@ -543,8 +543,12 @@ fn print_throughput(cfg: &Config, tp: &[Vec<RunResult>]) {
         .iter()
         .map(|k| k.map_or(format!("not reached up to {top:.0}"), |k| format!("{k:.0}")))
         .collect();
-    // A run without a knee sustained every rate tried.
-    let knee_ok = knees.iter().all(|k| k.is_none_or(|k| k >= 3_000.0));
+    // Met when 3,000 msgs/s itself ran clean, with every rate below it:
+    // the knee lies above 3,000 (a run without a knee sustained every rate
+    // tried, which counts only if those reached 3,000).
+    let knee_ok = knees
+        .iter()
+        .all(|k| k.map_or(top >= 3_000.0, |k| k > 3_000.0));
     let p50_1000 = cfg
         .rates
         .iter()

@@ -21,7 +21,7 @@ use shared::protocol::ServerFrame;
 use shared::protocol::internal::ConversationNotice;
 use shared::receipts::Watermark;
 use shared::room::{
-    Confirmed, ConnId, Context, Driver, KnownKey, Millis, Recipients, Record, RoomStorage,
+    Claim, Confirmed, ConnId, Context, Driver, KnownKey, Millis, Recipients, Record, RoomStorage,
     StorageFailed, StoredWatermark, Verified,
 };
 use std::cell::RefCell;
@@ -286,14 +286,42 @@ impl RoomStorage for RoomSql<'_> {
             .map_err(|e| failed("messages", &e))?;
         Ok(rows.into_iter().map(MessageRow::into_record).collect())
     }
+
+    fn forget_keys_after(&self, last_seq: i64) -> Result<(), StorageFailed> {
+        self.sql
+            .exec("DELETE FROM msg_keys WHERE seq > ?", vec![last_seq.into()])
+            .map_err(|e| failed("forget unstored keys", &e))?;
+        Ok(())
+    }
 }
 
 impl Context for RoomSql<'_> {
-    fn find_key(
+    fn claim_key(
         &self,
         sender_id: i64,
         client_msg_id: &str,
-    ) -> Result<Option<KnownKey>, StorageFailed> {
+        candidate: KnownKey,
+    ) -> Result<Claim, StorageFailed> {
+        // One statement on the hot path: the insert either writes the key
+        // or meets the primary key and writes nothing.
+        let claimed = self
+            .sql
+            .exec(
+                "INSERT INTO msg_keys (sender_id, client_msg_id, seq, id, created_at_ms)
+                 VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                vec![
+                    sender_id.into(),
+                    client_msg_id.into(),
+                    candidate.seq.into(),
+                    candidate.id.to_string().into(),
+                    candidate.created_at_ms.into(),
+                ],
+            )
+            .map_err(|e| failed("key claim", &e))?
+            .rows_written();
+        if claimed > 0 {
+            return Ok(Claim::Claimed);
+        }
         #[derive(Deserialize)]
         struct Row {
             seq: i64,
@@ -309,10 +337,14 @@ impl Context for RoomSql<'_> {
             )
             .and_then(|c| c.to_array())
             .map_err(|e| failed("key lookup", &e))?;
-        Ok(rows.into_iter().next().map(|r| KnownKey {
-            seq: r.seq,
-            id: r.id.parse().unwrap_or_default(),
-            created_at_ms: r.created_at_ms,
+        let row = rows.into_iter().next().ok_or_else(|| {
+            worker::console_error!("room storage: a key neither claimed nor found");
+            StorageFailed
+        })?;
+        Ok(Claim::Known(KnownKey {
+            seq: row.seq,
+            id: row.id.parse().unwrap_or_default(),
+            created_at_ms: row.created_at_ms,
         }))
     }
 
@@ -343,28 +375,17 @@ impl Driver for RoomSql<'_> {
     type Error = EdgeError;
 
     fn store(&mut self, r: &Record) -> EdgeResult<()> {
-        let id = r.id.to_string();
+        // Its key was claimed in msg_keys just before (`claim_key`).
         self.exec(
             "INSERT INTO messages (seq, id, sender_id, content, created_at_ms, client_msg_id, flushed)
              VALUES (?, ?, ?, ?, ?, ?, 0)",
             vec![
                 r.seq.into(),
-                id.clone().into(),
+                r.id.to_string().into(),
                 r.sender_id.into(),
                 r.content.clone().into(),
                 r.created_at_ms.into(),
                 r.client_msg_id.clone().into(),
-            ],
-        )?;
-        self.exec(
-            "INSERT INTO msg_keys (sender_id, client_msg_id, seq, id, created_at_ms)
-             VALUES (?, ?, ?, ?, ?)",
-            vec![
-                r.sender_id.into(),
-                r.client_msg_id.clone().into(),
-                r.seq.into(),
-                id.into(),
-                r.created_at_ms.into(),
             ],
         )
     }

@@ -22,6 +22,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use proptest::prelude::*;
@@ -30,8 +31,9 @@ use shared::protocol::ServerFrame;
 use shared::protocol::internal::ConversationNotice;
 use shared::receipts::Watermark;
 use shared::room::{
-    Confirmed, ConnId, Context, Driver, FlushBatch, FlushOutcome, KnownKey, Millis, Recipients,
-    Record, Room, RoomConfig, RoomStorage, StorageFailed, StoredWatermark, Target, Verified, drain,
+    Claim, Confirmed, ConnId, Context, Driver, FlushBatch, FlushOutcome, KnownKey, Millis,
+    Recipients, Record, Room, RoomConfig, RoomStorage, StorageFailed, StoredWatermark, Target,
+    Verified, drain,
 };
 use uuid::Uuid;
 
@@ -61,8 +63,9 @@ enum Action {
     /// The origin stores the k-th batch, but the answer is lost: the driver
     /// reports a failure (its request timed out).
     FlushLost(usize),
-    /// The next durable write fails.
-    FailNextWrite,
+    /// A durable write fails: the next one (0), or the one after (1), which
+    /// for a new message is its store after its key's claim.
+    FailWrite(u8),
     /// The room's instance goes away and a new one loads from storage.
     /// `survivors`: which clients' connections survive (bit per client;
     /// hibernation keeps sockets, a crash drops them). `answer_lost`: an
@@ -88,7 +91,7 @@ fn action() -> impl Strategy<Value = Action> {
         2 => (0..4usize).prop_map(Action::FlushOk),
         1 => (0..4usize).prop_map(Action::FlushFail),
         1 => (0..4usize).prop_map(Action::FlushLost),
-        1 => Just(Action::FailNextWrite),
+        1 => (0..2u8).prop_map(Action::FailWrite),
         1 => (any::<u8>(), any::<bool>())
             .prop_map(|(survivors, answer_lost)| Action::Restart { survivors, answer_lost }),
     ]
@@ -122,8 +125,9 @@ struct World {
     clients: Vec<Client>,
     /// The room's durable log: seq → record (its SQLite).
     durable: BTreeMap<i64, Record>,
-    /// Every idempotency key ever stored (never pruned).
-    keys: HashMap<(i64, String), KnownKey>,
+    /// Every idempotency key ever claimed (never pruned; a claim whose
+    /// message was not stored goes at the next load).
+    keys: RefCell<HashMap<(i64, String), KnownKey>>,
     /// Every message ever stored: seq → id (for checks; pruning spares it).
     ever_stored: BTreeMap<i64, Uuid>,
     watermarks: BTreeMap<i64, StoredWatermark>,
@@ -133,13 +137,14 @@ struct World {
     origin: BTreeMap<i64, Uuid>,
     /// PostgreSQL's watermarks: user → (delivered, read).
     origin_receipts: BTreeMap<i64, (i64, i64)>,
-    fail_next_write: bool,
+    /// Writes to let through before one fails.
+    fail_in: Cell<Option<u8>>,
     typing_log: HashMap<i64, Vec<(TypingEvent, Millis)>>,
     /// Clients told to `resync` (and from where), to reload from REST and
     /// reconnect once the outputs are drained.
     pending_resyncs: Vec<(usize, i64)>,
     /// Writes that failed (the room was rebuilt after each).
-    failed_writes: usize,
+    failed_writes: Cell<usize>,
 }
 
 impl World {
@@ -157,12 +162,18 @@ impl World {
     }
 
     /// A write the driver may be asked to fail.
-    fn write(&mut self) -> Result<(), &'static str> {
-        if std::mem::take(&mut self.fail_next_write) {
-            self.failed_writes += 1;
-            Err("injected write failure")
-        } else {
-            Ok(())
+    fn write(&self) -> Result<(), &'static str> {
+        match self.fail_in.get() {
+            None => Ok(()),
+            Some(0) => {
+                self.fail_in.set(None);
+                self.failed_writes.set(self.failed_writes.get() + 1);
+                Err("injected write failure")
+            }
+            Some(n) => {
+                self.fail_in.set(Some(n - 1));
+                Ok(())
+            }
         }
     }
 
@@ -238,20 +249,13 @@ impl Driver for World {
             self.last_durable_seq() + 1,
             "seq is contiguous in the durable log"
         );
-        // The Durable Object's unique index: one message per key.
+        // The key was claimed for exactly this message just before.
         let key = (r.sender_id, r.client_msg_id.clone());
-        assert!(
-            !self.keys.contains_key(&key),
-            "a known key was stored again as seq {}",
-            r.seq
-        );
-        self.keys.insert(
-            key,
-            KnownKey {
-                seq: r.seq,
-                id: r.id,
-                created_at_ms: r.created_at_ms,
-            },
+        let claimed = self.keys.borrow().get(&key).copied();
+        assert_eq!(
+            claimed.map(|k| (k.seq, k.id)),
+            Some((r.seq, r.id)),
+            "a message is stored under the key claimed for it"
         );
         self.typing_log
             .entry(r.sender_id)
@@ -350,8 +354,25 @@ impl Driver for World {
 }
 
 impl Context for World {
-    fn find_key(&self, sender: i64, key: &str) -> Result<Option<KnownKey>, StorageFailed> {
-        Ok(self.keys.get(&(sender, key.to_owned())).copied())
+    fn claim_key(
+        &self,
+        sender: i64,
+        key: &str,
+        candidate: KnownKey,
+    ) -> Result<Claim, StorageFailed> {
+        self.write().map_err(|_| StorageFailed)?;
+        let mut keys = self.keys.borrow_mut();
+        let k = (sender, key.to_owned());
+        if let Some(known) = keys.get(&k) {
+            return Ok(Claim::Known(*known));
+        }
+        assert_eq!(
+            candidate.seq,
+            self.last_durable_seq() + 1,
+            "a key is claimed for the next seq"
+        );
+        keys.insert(k, candidate);
+        Ok(Claim::Claimed)
     }
 
     fn verify_token(&self, _: &str, _: Millis) -> Result<Verified, AuthError> {
@@ -374,6 +395,11 @@ impl RoomStorage for World {
 
     fn messages_from(&self, from: i64) -> Result<Vec<Record>, StorageFailed> {
         Ok(self.durable.range(from..).map(|(_, r)| r.clone()).collect())
+    }
+
+    fn forget_keys_after(&self, last_seq: i64) -> Result<(), StorageFailed> {
+        self.keys.borrow_mut().retain(|_, k| k.seq <= last_seq);
+        Ok(())
     }
 }
 
@@ -509,7 +535,7 @@ impl Sim {
                 if self.world.clients[i].conn.is_none() {
                     return;
                 }
-                let before = self.world.keys.len();
+                let before = self.world.keys.borrow().len();
                 self.text(
                     i,
                     &serde_json::json!({
@@ -519,7 +545,11 @@ impl Sim {
                 );
                 self.drain();
                 if acked.is_some() {
-                    assert_eq!(self.world.keys.len(), before, "a resend stores nothing");
+                    assert_eq!(
+                        self.world.keys.borrow().len(),
+                        before,
+                        "a resend stores nothing"
+                    );
                 }
                 return;
             }
@@ -572,7 +602,7 @@ impl Sim {
                     self.room.handle_flush_failure(self.world.now, batch.id);
                 }
             }
-            Action::FailNextWrite => self.world.fail_next_write = true,
+            Action::FailWrite(skip) => self.world.fail_in.set(Some(skip)),
             Action::Restart {
                 survivors,
                 answer_lost,
@@ -784,8 +814,9 @@ fn check_end(sim: &Sim) {
         );
         for (key, _, acked) in &c.sent {
             if let Some((seq, id)) = acked {
-                let k = w
+                let k = *w
                     .keys
+                    .borrow()
                     .get(&(c.user, key.clone()))
                     .expect("acked keys are stored");
                 assert_eq!((k.seq, k.id), (*seq, *id), "an ack names what is stored");
@@ -882,7 +913,7 @@ fn a_crash_mid_flush_and_a_failed_write_lose_nothing_and_duplicate_nothing() {
         .iter()
         .filter(|s| s.2.is_some())
         .count();
-    sim.apply(&Action::FailNextWrite);
+    sim.apply(&Action::FailWrite(0));
     sim.apply(&Action::Send(0));
     let acked_after = sim.world.clients[0]
         .sent
@@ -893,10 +924,32 @@ fn a_crash_mid_flush_and_a_failed_write_lose_nothing_and_duplicate_nothing() {
         acked_before, acked_after,
         "no ack for a message that was not stored"
     );
-    assert_eq!(sim.world.failed_writes, 1);
+    assert_eq!(sim.world.failed_writes.get(), 1);
     // The first message left memory with the old instance; resending it
     // returns the original from storage.
     sim.apply(&Action::Resend(0, 0));
+    // Now the key's claim succeeds and the message's own write fails: the
+    // claim is left behind for a seq that another message takes next.
+    let failed_seq = sim.room.last_seq() + 1;
+    sim.apply(&Action::FailWrite(1));
+    sim.apply(&Action::Send(0));
+    assert_eq!(sim.world.failed_writes.get(), 2);
+    assert_eq!(sim.room.last_seq(), failed_seq - 1, "nothing was stored");
+    let lost = sim.world.clients[0].sent.len() - 1;
+    sim.apply(&Action::Send(0));
+    assert_eq!(
+        sim.room.last_seq(),
+        failed_seq,
+        "the seq was handed out again"
+    );
+    // The unacked message's resend is a new message, not the other's.
+    sim.apply(&Action::Resend(0, lost));
+    let (_, _, acked) = sim.world.clients[0].sent[lost].clone();
+    assert_eq!(
+        acked.map(|(seq, _)| seq),
+        Some(failed_seq + 1),
+        "stored anew after the lost write"
+    );
     for i in 0..sim.world.clients.len() {
         sim.apply(&Action::Connect(i));
     }

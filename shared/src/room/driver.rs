@@ -47,7 +47,8 @@ impl Recipients<'_> {
 pub trait Driver {
     type Error;
 
-    /// Writes a new message and its idempotency key, atomically.
+    /// Writes a new message (its idempotency key was claimed just before,
+    /// through `Context::claim_key`).
     fn store(&mut self, record: &super::Record) -> Result<(), Self::Error>;
     /// Upserts a member's watermarks (never moving them back), as not yet
     /// confirmed by the origin.

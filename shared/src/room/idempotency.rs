@@ -1,9 +1,10 @@
 //! The in-memory cache of idempotency keys: the newest `horizon` of them.
 //!
-//! Idempotency itself has no horizon: a key the cache no longer holds is
-//! looked up in storage (`Context::find_key`) before a new seq is spent on
-//! it. The cache only saves that lookup for the resends that matter most,
-//! the recent ones (a client back from a short outage).
+//! Idempotency itself has no horizon: a key the cache does not hold is
+//! claimed in storage (`Context::claim_key`), which answers with the
+//! original if the room ever stored it. The cache answers the resends that
+//! matter most, the recent ones (a client back from a short outage),
+//! without touching storage.
 
 use std::collections::{HashMap, VecDeque};
 

@@ -69,7 +69,8 @@ pub use driver::{Driver, Recipients, WriteFailed, drain};
 pub use outbox::OutboxConfig;
 pub use rate::cost;
 pub use storage::{
-    Context, KnownKey, Restore, RestoreError, RoomStorage, StorageFailed, StoredWatermark, Verified,
+    Claim, Context, KnownKey, Restore, RestoreError, RoomStorage, StorageFailed, StoredWatermark,
+    Verified,
 };
 pub use window::BatchId;
 
@@ -722,49 +723,14 @@ impl Room {
             Some(k) => Some(ClientMsgId::parse(k).map_err(RoomError::Invalid)?),
             None => None,
         };
-        let mut charged = false;
+        // A recent resend is answered from memory.
         if let Some(key) = &key {
-            // Idempotency is forever: a key that left the in-memory cache is
-            // looked up in storage (indexed) before a new seq is spent on it.
-            let known = match self.keys.get(user_id, key.as_str()) {
-                Some(k) => {
-                    self.take_token(now, user_id, cost::RESEND)?;
-                    Some(k)
-                }
-                None => {
-                    self.take_token(now, user_id, cost::MESSAGE)?;
-                    charged = true;
-                    let found = ctx
-                        .find_key(user_id, key.as_str())
-                        .map_err(|StorageFailed| RoomError::Storage)?;
-                    if let Some(k) = found {
-                        self.keys.remember(user_id, key.as_str().to_owned(), k);
-                    }
-                    found
-                }
-            };
-            if let Some(known) = known {
-                let sent = match self.window.get(known.seq) {
-                    Some(r) => Sent::Duplicate(self.view(r, &self.members.snapshot())),
-                    None => Sent::DuplicateOlder(known),
-                };
-                if let Some(conn) = ack_to {
-                    self.send(
-                        Target::Conn(conn),
-                        ServerFrame::Ack {
-                            client_msg_id: key.as_str().to_owned(),
-                            seq: known.seq,
-                            id: known.id,
-                            conversation_id: self.conversation_id,
-                        },
-                    );
-                }
-                return Ok(sent);
+            if let Some(known) = self.keys.get(user_id, key.as_str()) {
+                self.take_token(now, user_id, cost::RESEND)?;
+                return Ok(self.duplicate(known, key.as_str(), ack_to));
             }
         }
-        if !charged {
-            self.take_token(now, user_id, cost::MESSAGE)?;
-        }
+        self.take_token(now, user_id, cost::MESSAGE)?;
         if self.window.unflushed() >= self.config.max_unflushed {
             return Err(RoomError::Backpressure);
         }
@@ -773,6 +739,25 @@ impl Room {
         let id = self.next_id(now);
         let client_msg_id = key.map_or_else(|| id.to_string(), ClientMsgId::into_inner);
         let created_at_ms = i64::try_from(now).unwrap_or(i64::MAX);
+        let candidate = KnownKey {
+            seq,
+            id,
+            created_at_ms,
+        };
+        // Idempotency is forever: the key is claimed in storage for this
+        // seq unless the room ever stored it, which one statement decides
+        // (nothing can refuse the message after this point, and its store
+        // comes next).
+        match ctx
+            .claim_key(user_id, &client_msg_id, candidate)
+            .map_err(|StorageFailed| RoomError::Storage)?
+        {
+            Claim::Claimed => {}
+            Claim::Known(known) => {
+                self.keys.remember(user_id, client_msg_id.clone(), known);
+                return Ok(self.duplicate(known, &client_msg_id, ack_to));
+            }
+        }
         let record = Record {
             id,
             seq,
@@ -782,15 +767,7 @@ impl Room {
             client_msg_id: client_msg_id.clone(),
             flushed: false,
         };
-        self.keys.remember(
-            user_id,
-            client_msg_id,
-            KnownKey {
-                seq,
-                id,
-                created_at_ms,
-            },
-        );
+        self.keys.remember(user_id, client_msg_id, candidate);
         self.outbox.waiting(now);
         // A message ends its sender's typing.
         self.typing.stopped(user_id);
@@ -826,6 +803,26 @@ impl Room {
         let everyone: Vec<i64> = self.members.ids().collect();
         self.want_notify(now, everyone);
         Ok(Sent::New(message))
+    }
+
+    /// A resend of a stored message: the original, and its ack again.
+    fn duplicate(&mut self, known: KnownKey, client_msg_id: &str, ack_to: Option<ConnId>) -> Sent {
+        let sent = match self.window.get(known.seq) {
+            Some(r) => Sent::Duplicate(self.view(r, &self.members.snapshot())),
+            None => Sent::DuplicateOlder(known),
+        };
+        if let Some(conn) = ack_to {
+            self.send(
+                Target::Conn(conn),
+                ServerFrame::Ack {
+                    client_msg_id: client_msg_id.to_owned(),
+                    seq: known.seq,
+                    id: known.id,
+                    conversation_id: self.conversation_id,
+                },
+            );
+        }
+        sent
     }
 
     /// A typing signal from `user_id`.
@@ -1203,8 +1200,8 @@ mod tests {
     struct Bare;
 
     impl Context for Bare {
-        fn find_key(&self, _: i64, _: &str) -> Result<Option<KnownKey>, StorageFailed> {
-            Ok(None)
+        fn claim_key(&self, _: i64, _: &str, _: KnownKey) -> Result<Claim, StorageFailed> {
+            Ok(Claim::Claimed)
         }
         fn verify_token(&self, _: &str, _: Millis) -> Result<Verified, AuthError> {
             Err(AuthError::Invalid)
@@ -1533,10 +1530,10 @@ mod tests {
     struct OldKey(Option<KnownKey>);
 
     impl Context for OldKey {
-        fn find_key(&self, sender: i64, key: &str) -> Result<Option<KnownKey>, StorageFailed> {
+        fn claim_key(&self, sender: i64, key: &str, _: KnownKey) -> Result<Claim, StorageFailed> {
             match self.0 {
-                Some(k) if sender == 1 && key == "old" => Ok(Some(k)),
-                Some(_) => Ok(None),
+                Some(k) if sender == 1 && key == "old" => Ok(Claim::Known(k)),
+                Some(_) => Ok(Claim::Claimed),
                 None => Err(StorageFailed),
             }
         }
@@ -1594,7 +1591,7 @@ mod tests {
     }
 
     #[test]
-    fn a_key_lookup_that_fails_refuses_the_send_and_stores_nothing() {
+    fn a_key_claim_that_fails_refuses_the_send_and_stores_nothing() {
         let mut room = room_with(RoomConfig::default(), &[1]);
         let refused = room.submit(T0, 1, "x".into(), Some("k".into()), None, &OldKey(None));
         assert_eq!(refused, Err(RoomError::Storage));
@@ -1640,8 +1637,8 @@ mod tests {
     struct Tokens;
 
     impl Context for Tokens {
-        fn find_key(&self, _: i64, _: &str) -> Result<Option<KnownKey>, StorageFailed> {
-            Ok(None)
+        fn claim_key(&self, _: i64, _: &str, _: KnownKey) -> Result<Claim, StorageFailed> {
+            Ok(Claim::Claimed)
         }
         fn verify_token(&self, token: &str, now: Millis) -> Result<Verified, AuthError> {
             match token {

@@ -52,15 +52,34 @@ pub struct Verified {
     pub valid_until: Millis,
 }
 
+/// What [`Context::claim_key`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The key is new and now recorded with the candidate's seq and id.
+    Claimed,
+    /// The room stored this key before: nothing was written, and this is
+    /// the original.
+    Known(KnownKey),
+}
+
 /// What the room asks of its driver synchronously, while handling an event.
 pub trait Context {
-    /// The original `(seq, id)` of `client_msg_id` from `sender_id`, if the
-    /// room ever stored it. Called only when the in-memory cache misses.
-    fn find_key(
+    /// Records `client_msg_id` from `sender_id` as belonging to the new
+    /// message `candidate`, unless the room ever stored that key: then
+    /// nothing is written and the original comes back. Called when the
+    /// in-memory cache misses, once nothing can refuse the message any
+    /// more; its `Output::Store` comes next. One conditional insert decides
+    /// what used to take a lookup and an insert.
+    ///
+    /// If the message's own write then fails, the claim stays behind with a
+    /// seq the log never stored; the next load drops it
+    /// ([`RoomStorage::forget_keys_after`]) before that seq is reused.
+    fn claim_key(
         &self,
         sender_id: i64,
         client_msg_id: &str,
-    ) -> Result<Option<KnownKey>, StorageFailed>;
+        candidate: KnownKey,
+    ) -> Result<Claim, StorageFailed>;
 
     /// Verifies a session token a client sends to renew its connection.
     fn verify_token(&self, token: &str, now: Millis) -> Result<Verified, crate::auth::AuthError>;
@@ -77,6 +96,11 @@ pub trait RoomStorage {
     fn oldest_unflushed(&self) -> Result<Option<i64>, StorageFailed>;
     /// Stored messages with `seq >= from`, oldest first.
     fn messages_from(&self, from: i64) -> Result<Vec<Record>, StorageFailed>;
+    /// Drops idempotency keys claimed for seqs after `last_seq`: claims
+    /// whose message write failed ([`Context::claim_key`]). The only write
+    /// of a load, and it must happen before the room hands out those seqs
+    /// again, or a resend of the lost message would get another's.
+    fn forget_keys_after(&self, last_seq: i64) -> Result<(), StorageFailed>;
 }
 
 /// The durable state a room starts from.
@@ -108,6 +132,7 @@ impl Restore {
     /// `resync` would send clients to a REST that lacks it).
     pub fn load(storage: &impl RoomStorage, config: &RoomConfig) -> Result<Self, RestoreError> {
         let last_seq = storage.last_seq()?;
+        storage.forget_keys_after(last_seq)?;
         let window = i64::try_from(config.replay_window).unwrap_or(i64::MAX);
         let window_from = last_seq.saturating_sub(window).saturating_add(1).max(1);
         let from = match storage.oldest_unflushed()? {
@@ -199,6 +224,9 @@ mod tests {
                 .filter(|r| r.seq >= from)
                 .cloned()
                 .collect())
+        }
+        fn forget_keys_after(&self, _: i64) -> Result<(), StorageFailed> {
+            Ok(())
         }
     }
 
