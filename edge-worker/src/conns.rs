@@ -28,6 +28,9 @@ use serde::{Deserialize, Serialize};
 use shared::admission::{Admission, Caps, Live, admit};
 use shared::backlog::{Backlog, Limits, Verdict};
 use shared::protocol::ServerFrame;
+use wasm_bindgen::prelude::wasm_bindgen;
+use wasm_bindgen::{JsCast, JsValue};
+use worker::js_sys::{Object, WeakMap};
 use worker::{Headers, Request, Response, Result, SqlStorage, State, WebSocket, WebSocketPair};
 
 use crate::error::{EdgeError, EdgeResult};
@@ -72,10 +75,30 @@ pub struct ConnCaps {
     pub streams: Caps,
 }
 
+#[wasm_bindgen]
+extern "C" {
+    /// A WebSocket as JavaScript sees it. Its `send` takes a string that is
+    /// already a JavaScript string, so a broadcast converts its text once
+    /// rather than once per recipient.
+    type JsSocket;
+    #[wasm_bindgen(method, catch, js_name = send)]
+    fn send_js(this: &JsSocket, data: &JsValue) -> std::result::Result<(), JsValue>;
+}
+
+fn js_socket(ws: &WebSocket) -> &JsSocket {
+    let raw: &worker::web_sys::WebSocket = ws.as_ref();
+    raw.unchecked_ref()
+}
+
 /// Live connections by id, each with its user.
 #[derive(Debug, Default)]
 pub struct Connections {
     sockets: RefCell<HashMap<u64, Socket>>,
+    /// Socket object → connection id, so a frame finds its connection
+    /// without deserialising the socket's attachment (a structured clone and
+    /// a serde pass on every frame). A miss (a socket this instance has
+    /// not seen yet) falls back to the attachment.
+    ids: RefCell<Option<WeakMap>>,
     streams: RefCell<HashMap<u64, SseStream>>,
     next_heartbeat: Cell<Option<u64>>,
     /// Connections ended here, not yet reported to the state machine.
@@ -178,6 +201,7 @@ impl Connections {
         };
         state.accept_websocket_with_tags(&pair.server, &[&format!("u{user}")]);
         pair.server.serialize_attachment(tag)?;
+        self.remember(&pair.server, tag.conn);
         self.sockets.borrow_mut().insert(
             tag.conn,
             Socket {
@@ -195,6 +219,7 @@ impl Connections {
         let mut tags = Vec::new();
         for ws in state.get_websockets() {
             if let Ok(Some(tag)) = ws.deserialize_attachment::<SocketTag>() {
+                self.remember(&ws, tag.conn);
                 sockets.insert(
                     tag.conn,
                     Socket {
@@ -208,6 +233,39 @@ impl Connections {
         }
         *self.sockets.borrow_mut() = sockets;
         tags
+    }
+
+    fn remember(&self, ws: &WebSocket, conn: u64) {
+        let raw: &worker::web_sys::WebSocket = ws.as_ref();
+        let mut ids = self.ids.borrow_mut();
+        // Connection ids have 53 bits: exact as a JavaScript number.
+        #[allow(clippy::cast_precision_loss)]
+        ids.get_or_insert_with(WeakMap::new).set(
+            raw.unchecked_ref::<Object>(),
+            &JsValue::from_f64(conn as f64),
+        );
+    }
+
+    /// What a socket carries: from memory when this instance knows it, else
+    /// from its attachment (after a wake from hibernation).
+    pub fn tag_of(&self, ws: &WebSocket) -> Option<SocketTag> {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let known = self.ids.borrow().as_ref().and_then(|ids| {
+            let raw: &worker::web_sys::WebSocket = ws.as_ref();
+            ids.get(raw.unchecked_ref::<Object>())
+                .as_f64()
+                .map(|c| c as u64)
+        });
+        if let Some(conn) = known {
+            if let Some(s) = self.sockets.borrow().get(&conn) {
+                return Some(s.tag);
+            }
+        }
+        let tag = ws.deserialize_attachment::<SocketTag>().ok().flatten()?;
+        if self.sockets.borrow().contains_key(&tag.conn) {
+            self.remember(ws, tag.conn);
+        }
+        Some(tag)
     }
 
     /// Records a connection's renewed token, in the socket's attachment so
@@ -273,7 +331,7 @@ impl Connections {
 
     /// Forgets a socket that closed or failed.
     pub fn forget_socket(&self, ws: &WebSocket) -> Option<SocketTag> {
-        let tag = ws.deserialize_attachment::<SocketTag>().ok().flatten()?;
+        let tag = self.tag_of(ws)?;
         self.sockets.borrow_mut().remove(&tag.conn);
         Some(tag)
     }
@@ -317,13 +375,15 @@ impl Connections {
         let text = serde_json::to_string(frame).map_err(|e| EdgeError::Internal(e.to_string()))?;
         let limits = Limits::default();
         let mut slow = Vec::new();
+        let mut js_text: Option<JsValue> = None;
         for (conn, s) in self.sockets.borrow_mut().iter_mut() {
             if !wanted(*conn, s.tag.user) {
                 continue;
             }
+            let js = js_text.get_or_insert_with(|| JsValue::from_str(&text));
             // A failed send means the socket is going away; its close
             // event cleans up.
-            let _ = s.ws.send_with_str(&text);
+            let _ = js_socket(&s.ws).send_js(js);
             match s.backlog.sent(text.len() as u64, limits) {
                 Verdict::Fine => {}
                 Verdict::Probe(n) => {

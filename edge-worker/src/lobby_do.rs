@@ -100,7 +100,7 @@ impl DurableObject for Lobby {
         ws: WebSocket,
         message: WebSocketIncomingMessage,
     ) -> Result<()> {
-        let Ok(Some(tag)) = ws.deserialize_attachment::<SocketTag>() else {
+        let Some(tag) = self.conns.tag_of(&ws) else {
             let _ = ws.close(Some(1011), Some("lost connection state"));
             return Ok(());
         };

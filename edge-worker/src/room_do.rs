@@ -42,7 +42,7 @@ use worker::{
 use crate::auth::now_ms;
 use crate::config::EdgeConfig;
 use crate::conns::{
-    Alarm, Connections, SocketTag, answer, answer_close, burn_ticket, probe_answer, random_u64,
+    Alarm, Connections, answer, answer_close, burn_ticket, probe_answer, random_u64,
 };
 use crate::error::{EdgeError, EdgeResult};
 use crate::origin::OriginClient;
@@ -128,7 +128,7 @@ impl DurableObject for Room {
         ws: WebSocket,
         message: WebSocketIncomingMessage,
     ) -> Result<()> {
-        let Ok(Some(tag)) = ws.deserialize_attachment::<SocketTag>() else {
+        let Some(tag) = self.conns.tag_of(&ws) else {
             let _ = ws.close(Some(1011), Some("lost connection state"));
             return Ok(());
         };
