@@ -29,5 +29,6 @@ pub mod protocol;
 pub mod receipts;
 pub mod redact;
 pub mod room;
+pub mod user;
 
 pub use domain::{ClientMsgId, ConversationName, DomainError, MessageContent, Role};

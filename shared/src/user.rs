@@ -1,0 +1,556 @@
+//! The per-user layer's state machine: one [`User`] per user id, to be
+//! driven by a `User` Durable Object that replaces the tenant-wide Lobby
+//! (see `docs/ARCHITECTURE.md`, "The per-user layer"). Sans-IO, like
+//! [`crate::room`]: inputs are `handle_*` calls, effects are
+//! [`UserOutput`]s the driver executes in order after every call.
+//!
+//! It holds one user's live connections on every tab and device, their
+//! presence (online from the first connection, offline once the last one
+//! has been gone for a grace period, so a reload does not flap), what they
+//! know of their **contacts'** presence (people they share a conversation
+//! with), their unread count per conversation, and relays what rooms send
+//! them to their own connections.
+//!
+//! Nothing here grows with the deployment. A presence change is announced
+//! to the contacts this user knows to be online (the others read it from
+//! the origin when they come online), and a contact who comes online is
+//! answered once, so both views converge without a round trip through
+//! everyone. A relayed frame goes to this user's connections only.
+//!
+//! Privacy: presence is accepted only from contacts. A notice about anyone
+//! else is dropped, so nobody learns the live presence of a person they
+//! share no conversation with (REST answers that on request, as before).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use chrono::{DateTime, Utc};
+
+use crate::conn::{ConnId, Millis};
+use crate::protocol::internal::PresenceUpdate;
+use crate::protocol::{MessagePreview, ServerFrame};
+
+/// Tunables.
+#[derive(Debug, Clone)]
+pub struct UserConfig {
+    /// How long a user with no connection stays online.
+    pub grace_ms: u64,
+}
+
+impl Default for UserConfig {
+    fn default() -> Self {
+        Self { grace_ms: 10_000 }
+    }
+}
+
+/// Which of the user's connections a frame goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserTarget {
+    Conn(ConnId),
+    /// Every live connection of the user (all tabs and devices).
+    All,
+}
+
+/// What the driver must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UserOutput {
+    Send {
+        to: UserTarget,
+        frame: ServerFrame,
+    },
+    /// This user's presence, for the `User` objects of `to` (contacts known
+    /// to be online) and, when `report` is set, for the origin's presence
+    /// table (a change; a reply to one contact is not reported again).
+    Announce {
+        update: PresenceUpdate,
+        to: Vec<i64>,
+        report: bool,
+    },
+}
+
+/// A contact as the origin or the contact's own object reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Contact {
+    pub user_id: i64,
+    pub is_online: bool,
+    /// When they were last seen (for an offline contact).
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    online: bool,
+    last_seen: Option<DateTime<Utc>>,
+}
+
+/// One user's connections, presence, contacts and unread counts. See the
+/// module docs.
+#[derive(Debug)]
+pub struct User {
+    user_id: i64,
+    config: UserConfig,
+    conns: BTreeSet<ConnId>,
+    online: bool,
+    /// Set while online with no connection: when the grace period ends.
+    offline_at: Option<Millis>,
+    /// When the last connection closed (the `last_seen` to announce).
+    last_seen: Millis,
+    contacts: BTreeMap<i64, Seen>,
+    /// conversation id → (its last seq, this user's unread count there).
+    unread: BTreeMap<i64, (i64, i64)>,
+    outputs: VecDeque<UserOutput>,
+}
+
+fn at(ms: Millis) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX)).unwrap_or_default()
+}
+
+impl User {
+    pub fn new(user_id: i64, config: UserConfig) -> Self {
+        Self {
+            user_id,
+            config,
+            conns: BTreeSet::new(),
+            online: false,
+            offline_at: None,
+            last_seen: 0,
+            contacts: BTreeMap::new(),
+            unread: BTreeMap::new(),
+            outputs: VecDeque::new(),
+        }
+    }
+
+    pub fn user_id(&self) -> i64 {
+        self.user_id
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Online right now (the grace period included).
+    pub fn is_online(&self) -> bool {
+        self.online
+    }
+
+    /// Contacts this user knows to be online, ascending.
+    pub fn online_contacts(&self) -> Vec<i64> {
+        self.contacts
+            .iter()
+            .filter(|(_, s)| s.online)
+            .map(|(u, _)| *u)
+            .collect()
+    }
+
+    /// This user's unread count in a conversation, as the room last said.
+    pub fn unread(&self, conversation_id: i64) -> Option<i64> {
+        self.unread.get(&conversation_id).map(|(_, n)| *n)
+    }
+
+    pub fn poll_output(&mut self) -> Option<UserOutput> {
+        self.outputs.pop_front()
+    }
+
+    /// The next grace deadline, if one is running.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        self.offline_at
+    }
+
+    /// Replaces the contact list (from the origin: at load, and when a
+    /// conversation gains or loses a member). A new contact who is online
+    /// hears of this user at once; a contact who is gone is shown offline
+    /// on this user's connections and is no longer listened to.
+    pub fn set_contacts(&mut self, now: Millis, contacts: &[Contact]) {
+        let old = std::mem::take(&mut self.contacts);
+        let me = self.user_id;
+        for c in contacts.iter().filter(|c| c.user_id != me) {
+            let seen = Seen {
+                online: c.is_online,
+                last_seen: c.last_seen,
+            };
+            let before = old.get(&c.user_id).copied();
+            self.contacts.insert(c.user_id, seen);
+            if before.map(|b| b.online) != Some(seen.online) {
+                self.show(c.user_id, seen);
+            }
+            if before.is_none() && seen.online && self.online {
+                self.announce_to(now, vec![c.user_id], false);
+            }
+        }
+        for (user, seen) in old {
+            if seen.online && !self.contacts.contains_key(&user) {
+                self.show(
+                    user,
+                    Seen {
+                        online: false,
+                        last_seen: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// A connection that survived a restart (hibernation): counted, not
+    /// announced.
+    pub fn handle_reattach(&mut self, conn: ConnId) {
+        self.conns.insert(conn);
+        self.online = true;
+        self.offline_at = None;
+    }
+
+    /// After a restart with no connection left: if the origin still shows
+    /// this user online, the grace period runs again (its timer was lost
+    /// with the old instance) and ends in an announcement.
+    pub fn handle_restore(&mut self, now: Millis, reported_online: bool) {
+        if reported_online && self.conns.is_empty() {
+            self.online = true;
+            self.last_seen = now;
+            self.offline_at = Some(now + self.config.grace_ms);
+        }
+    }
+
+    /// A new connection: it gets the contacts' presence first, so its view
+    /// starts complete; the user's contacts hear of them if they were
+    /// offline (back within the grace period is a reload: nothing to say).
+    pub fn handle_connect(&mut self, now: Millis, conn: ConnId) {
+        if !self.conns.insert(conn) {
+            return;
+        }
+        self.offline_at = None;
+        self.outputs.push_back(UserOutput::Send {
+            to: UserTarget::Conn(conn),
+            frame: ServerFrame::PresenceSnapshot {
+                online: self.online_contacts(),
+            },
+        });
+        if !self.online {
+            self.online = true;
+            let to = self.online_contacts();
+            self.announce_to(now, to, true);
+        }
+    }
+
+    /// A connection closed; the last one starts the grace period.
+    pub fn handle_disconnect(&mut self, now: Millis, conn: ConnId) {
+        if self.conns.remove(&conn) && self.conns.is_empty() {
+            self.last_seen = now;
+            self.offline_at = Some(now + self.config.grace_ms);
+        }
+    }
+
+    /// Ends a grace period that is over.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        if self.offline_at.is_some_and(|t| now >= t) && self.conns.is_empty() {
+            self.offline_at = None;
+            self.online = false;
+            let to = self.online_contacts();
+            let last_seen = self.last_seen;
+            self.announce_to(last_seen, to, true);
+        }
+    }
+
+    /// Another user's `User` object says how they are. Accepted only from a
+    /// contact (returns whether it was); a change shows on every connection
+    /// of this user, and a contact who just came online while this user is
+    /// online is answered, so their view of this user is current too.
+    pub fn handle_contact_presence(&mut self, now: Millis, update: &PresenceUpdate) -> bool {
+        let Some(seen) = self.contacts.get_mut(&update.user_id) else {
+            return false;
+        };
+        let was_online = seen.online;
+        seen.online = update.is_online;
+        seen.last_seen = Some(update.last_seen);
+        let seen = *seen;
+        if was_online != update.is_online {
+            self.show(update.user_id, seen);
+            if update.is_online && self.online {
+                self.announce_to(now, vec![update.user_id], false);
+            }
+        }
+        true
+    }
+
+    /// A room's notice for this user: every connection gets
+    /// `conversation_updated` with the unread count (reading on one device
+    /// clears the badge on the others).
+    pub fn handle_notice(
+        &mut self,
+        conversation_id: i64,
+        seq: i64,
+        last_message: Option<MessagePreview>,
+        unread_count: i64,
+    ) {
+        let entry = self.unread.entry(conversation_id).or_insert((seq, 0));
+        if seq < entry.0 {
+            // An older notice overtaken by a newer one: drop it.
+            return;
+        }
+        *entry = (seq, unread_count);
+        self.send_all(ServerFrame::ConversationUpdated {
+            conversation_id,
+            seq,
+            last_message,
+            unread_count,
+        });
+    }
+
+    /// A frame a room sends this user (a message, typing, a receipt): to
+    /// every connection.
+    pub fn relay(&mut self, frame: ServerFrame) {
+        self.send_all(frame);
+    }
+
+    fn send_all(&mut self, frame: ServerFrame) {
+        if !self.conns.is_empty() {
+            self.outputs.push_back(UserOutput::Send {
+                to: UserTarget::All,
+                frame,
+            });
+        }
+    }
+
+    fn show(&mut self, user_id: i64, seen: Seen) {
+        self.send_all(ServerFrame::Presence {
+            user_id,
+            is_online: seen.online,
+            last_seen: seen.last_seen,
+        });
+    }
+
+    fn announce_to(&mut self, when: Millis, to: Vec<i64>, report: bool) {
+        if to.is_empty() && !report {
+            return;
+        }
+        self.outputs.push_back(UserOutput::Announce {
+            update: PresenceUpdate {
+                user_id: self.user_id,
+                is_online: self.online,
+                last_seen: at(when),
+            },
+            to,
+            report,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Millis = 1_800_000_000_000;
+    const ME: i64 = 1;
+
+    fn drain(u: &mut User) -> Vec<UserOutput> {
+        std::iter::from_fn(|| u.poll_output()).collect()
+    }
+
+    fn contact(user_id: i64, is_online: bool) -> Contact {
+        Contact {
+            user_id,
+            is_online,
+            last_seen: None,
+        }
+    }
+
+    fn update(user_id: i64, is_online: bool, ms: Millis) -> PresenceUpdate {
+        PresenceUpdate {
+            user_id,
+            is_online,
+            last_seen: at(ms),
+        }
+    }
+
+    fn announcements(outs: &[UserOutput]) -> Vec<(bool, Vec<i64>, bool)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                UserOutput::Announce { update, to, report } => {
+                    Some((update.is_online, to.clone(), *report))
+                }
+                UserOutput::Send { .. } => None,
+            })
+            .collect()
+    }
+
+    fn presence_frames(outs: &[UserOutput]) -> Vec<(i64, bool)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                UserOutput::Send {
+                    to: UserTarget::All,
+                    frame:
+                        ServerFrame::Presence {
+                            user_id, is_online, ..
+                        },
+                } => Some((*user_id, *is_online)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A user with contacts 2 (online) and 3 (offline), connected once.
+    fn connected() -> User {
+        let mut u = User::new(ME, UserConfig::default());
+        u.set_contacts(T0, &[contact(2, true), contact(3, false)]);
+        u.handle_connect(T0, ConnId(10));
+        drain(&mut u);
+        u
+    }
+
+    #[test]
+    fn coming_online_is_told_to_online_contacts_and_the_origin_only() {
+        let mut u = User::new(ME, UserConfig::default());
+        u.set_contacts(
+            T0,
+            &[contact(2, true), contact(3, false), contact(ME, true)],
+        );
+        assert!(drain(&mut u).is_empty(), "nobody connected, nothing shown");
+        u.handle_connect(T0, ConnId(10));
+        let outs = drain(&mut u);
+        assert_eq!(
+            outs.first(),
+            Some(&UserOutput::Send {
+                to: UserTarget::Conn(ConnId(10)),
+                frame: ServerFrame::PresenceSnapshot { online: vec![2] },
+            }),
+            "the snapshot first, contacts only, never oneself"
+        );
+        assert_eq!(announcements(&outs), vec![(true, vec![2], true)]);
+    }
+
+    #[test]
+    fn a_reload_within_the_grace_period_does_not_flap() {
+        let mut u = connected();
+        u.handle_disconnect(T0 + 100, ConnId(10));
+        u.handle_timeout(T0 + 5_000);
+        u.handle_connect(T0 + 6_000, ConnId(11));
+        let outs = drain(&mut u);
+        assert!(announcements(&outs).is_empty(), "{outs:?}");
+        assert_eq!(u.poll_timeout(), None);
+        u.handle_disconnect(T0 + 7_000, ConnId(11));
+        assert_eq!(u.poll_timeout(), Some(T0 + 17_000));
+        u.handle_timeout(T0 + 16_999);
+        assert!(drain(&mut u).is_empty());
+        u.handle_timeout(T0 + 17_000);
+        let outs = drain(&mut u);
+        assert_eq!(announcements(&outs), vec![(false, vec![2], true)]);
+        assert!(matches!(
+            &outs[0],
+            UserOutput::Announce { update, .. } if update.last_seen == at(T0 + 7_000)
+        ));
+        assert!(!u.is_online());
+    }
+
+    #[test]
+    fn the_last_device_closing_starts_the_grace_period_not_the_first() {
+        let mut u = connected();
+        u.handle_connect(T0, ConnId(11));
+        drain(&mut u);
+        u.handle_disconnect(T0 + 10, ConnId(10));
+        assert_eq!(u.poll_timeout(), None, "another device is still here");
+        u.handle_timeout(T0 + 60_000);
+        assert!(u.is_online());
+        assert!(drain(&mut u).is_empty());
+    }
+
+    #[test]
+    fn presence_from_someone_who_is_not_a_contact_is_dropped() {
+        let mut u = connected();
+        assert!(!u.handle_contact_presence(T0, &update(99, true, T0)));
+        assert!(drain(&mut u).is_empty(), "nothing about a stranger");
+        assert!(!u.online_contacts().contains(&99));
+    }
+
+    #[test]
+    fn a_contact_coming_online_shows_on_every_device_and_is_answered_once() {
+        let mut u = connected();
+        u.handle_connect(T0, ConnId(11));
+        drain(&mut u);
+        assert!(u.handle_contact_presence(T0 + 1, &update(3, true, T0 + 1)));
+        let outs = drain(&mut u);
+        assert_eq!(presence_frames(&outs), vec![(3, true)]);
+        assert_eq!(
+            announcements(&outs),
+            vec![(true, vec![3], false)],
+            "the newcomer learns this user is online; not reported again"
+        );
+        // Hearing the same again changes nothing and answers nothing, so
+        // two objects never ping-pong.
+        assert!(u.handle_contact_presence(T0 + 2, &update(3, true, T0 + 2)));
+        assert!(drain(&mut u).is_empty());
+    }
+
+    #[test]
+    fn an_offline_user_keeps_track_of_contacts_silently() {
+        let mut u = User::new(ME, UserConfig::default());
+        u.set_contacts(T0, &[contact(2, false)]);
+        assert!(u.handle_contact_presence(T0, &update(2, true, T0)));
+        assert!(drain(&mut u).is_empty(), "no connection, no answer");
+        assert_eq!(u.online_contacts(), vec![2]);
+        u.handle_connect(T0 + 1, ConnId(10));
+        let outs = drain(&mut u);
+        assert!(matches!(
+            &outs[0],
+            UserOutput::Send { frame: ServerFrame::PresenceSnapshot { online }, .. } if online == &vec![2]
+        ));
+    }
+
+    #[test]
+    fn a_removed_contact_goes_offline_on_screen_and_is_no_longer_heard() {
+        let mut u = connected();
+        u.set_contacts(T0 + 1, &[contact(3, false)]);
+        let outs = drain(&mut u);
+        assert_eq!(presence_frames(&outs), vec![(2, false)]);
+        assert!(!u.handle_contact_presence(T0 + 2, &update(2, true, T0 + 2)));
+        assert!(drain(&mut u).is_empty());
+    }
+
+    #[test]
+    fn a_new_online_contact_hears_of_this_user_at_once() {
+        let mut u = connected();
+        u.set_contacts(
+            T0 + 1,
+            &[contact(2, true), contact(3, false), contact(4, true)],
+        );
+        let outs = drain(&mut u);
+        assert_eq!(presence_frames(&outs), vec![(4, true)]);
+        assert_eq!(announcements(&outs), vec![(true, vec![4], false)]);
+    }
+
+    #[test]
+    fn notices_reach_every_device_and_an_older_one_never_overwrites_a_newer() {
+        let mut u = connected();
+        u.handle_connect(T0, ConnId(11));
+        drain(&mut u);
+        u.handle_notice(5, 10, None, 3);
+        u.handle_notice(5, 12, None, 0);
+        u.handle_notice(5, 11, None, 1);
+        let outs = drain(&mut u);
+        let counts: Vec<i64> = outs
+            .iter()
+            .filter_map(|o| match o {
+                UserOutput::Send {
+                    to: UserTarget::All,
+                    frame: ServerFrame::ConversationUpdated { unread_count, .. },
+                } => Some(*unread_count),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(counts, vec![3, 0], "read on one device clears all");
+        assert_eq!(u.unread(5), Some(0));
+    }
+
+    #[test]
+    fn after_a_restart_a_user_the_origin_shows_online_goes_offline_after_grace() {
+        let mut u = User::new(ME, UserConfig::default());
+        u.set_contacts(T0, &[contact(2, true)]);
+        u.handle_restore(T0, true);
+        assert!(u.is_online());
+        u.handle_timeout(T0 + 10_000);
+        assert_eq!(announcements(&drain(&mut u)), vec![(false, vec![2], true)]);
+        // Survivors of hibernation keep the user online, unannounced.
+        let mut v = User::new(ME, UserConfig::default());
+        v.handle_reattach(ConnId(10));
+        v.handle_restore(T0, true);
+        assert!(v.is_online());
+        assert_eq!(v.poll_timeout(), None);
+        assert!(drain(&mut v).is_empty());
+    }
+}
