@@ -282,6 +282,23 @@ pub mod internal {
         pub last_seen: DateTime<Utc>,
     }
 
+    /// `GET /internal/v1/users/{id}/contacts`: what a `User` object loads.
+    /// The user's own presence as the origin last heard it, and everyone
+    /// they share a conversation with now, with their presence.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct UserContacts {
+        pub user_id: i64,
+        pub is_online: bool,
+        pub contacts: Vec<ContactPresence>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ContactPresence {
+        pub user_id: i64,
+        pub is_online: bool,
+        pub last_seen: Option<DateTime<Utc>>,
+    }
+
     /// `POST /internal/v1/receipts`. Watermarks only move forward.
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     pub struct ReceiptBatch {

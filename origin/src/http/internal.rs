@@ -12,8 +12,8 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use shared::protocol::internal::{
-    ConversationMembers, IngestBatch, IngestResult, MemberWatermark, PresenceBatch, ReceiptBatch,
-    StoredMessage,
+    ContactPresence, ConversationMembers, IngestBatch, IngestResult, MemberWatermark,
+    PresenceBatch, ReceiptBatch, StoredMessage, UserContacts,
 };
 
 use super::{ApiJson, ApiPath};
@@ -31,6 +31,7 @@ pub fn router() -> Router<AppState> {
             get(message_by_seq),
         )
         .route("/internal/v1/presence", post(presence))
+        .route("/internal/v1/users/{id}/contacts", get(contacts))
         .route("/internal/v1/receipts", post(receipts))
 }
 
@@ -101,6 +102,55 @@ async fn message_by_seq(
         content: row.get(2),
         created_at: row.get(3),
         client_msg_id: row.get(4),
+    }))
+}
+
+/// GET /internal/v1/users/{id}/contacts
+///
+/// Everyone the user shares a conversation with now (the people their
+/// presence goes to, and the only ones whose presence they hear live),
+/// each with their presence, and the user's own presence as last reported.
+/// The cost is the user's conversations and their members, never the
+/// deployment (the participants' index on the user, then their primary
+/// key).
+async fn contacts(
+    _: ServiceCaller,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Json<UserContacts>> {
+    let client = state.pool.get().await?;
+    let me = client
+        .query_opt(
+            "SELECT COALESCE(p.is_online, false)
+             FROM users u LEFT JOIN user_presence p ON p.user_id = u.id
+             WHERE u.id = $1",
+            &[&id],
+        )
+        .await?
+        .ok_or(ApiError::NotFound("user"))?;
+    let rows = client
+        .query(
+            "SELECT DISTINCT other.user_id, COALESCE(p.is_online, false), p.last_seen
+             FROM conversation_participants mine
+             JOIN conversation_participants other
+               ON other.conversation_id = mine.conversation_id AND other.user_id <> mine.user_id
+             LEFT JOIN user_presence p ON p.user_id = other.user_id
+             WHERE mine.user_id = $1
+             ORDER BY other.user_id",
+            &[&id],
+        )
+        .await?;
+    Ok(Json(UserContacts {
+        user_id: id,
+        is_online: me.get(0),
+        contacts: rows
+            .iter()
+            .map(|r| ContactPresence {
+                user_id: r.get(0),
+                is_online: r.get(1),
+                last_seen: r.get(2),
+            })
+            .collect(),
     }))
 }
 

@@ -14,6 +14,7 @@ async fn internal_routes_without_the_right_service_secret_get_401() {
         ("GET", "/internal/v1/conversations/1/messages/1"),
         ("POST", "/internal/v1/presence"),
         ("POST", "/internal/v1/receipts"),
+        ("GET", "/internal/v1/users/1/contacts"),
     ];
     for (method, path) in routes {
         for secret in [None, Some("wrong-secret"), Some("")] {
@@ -577,4 +578,54 @@ async fn concurrent_batches_with_receipts_for_the_same_members_neither_deadlock_
     let mut group_expected = vec![(alex.id, 8, 8), (sam.id, 8, 8), (kim.id, 8, 8)];
     group_expected.sort_unstable();
     assert_eq!(watermarks(&app, group).await, group_expected);
+}
+
+#[tokio::test]
+async fn contacts_are_the_people_one_shares_a_conversation_with_and_their_presence() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let kim = app.user("Kim", Role::Member).await;
+    let stranger = app.user("Stranger", Role::Member).await;
+    app.direct(&alex, &sam).await;
+    app.group(&alex, "Squad", &[&sam, &kim]).await;
+    app.direct(&kim, &stranger).await;
+    let now = chrono::Utc::now();
+    let (s, _) = app
+        .internal_post(
+            "/internal/v1/presence",
+            &json!({"updates": [
+                {"user_id": sam.id, "is_online": true, "last_seen": now},
+                {"user_id": alex.id, "is_online": true, "last_seen": now}
+            ]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, body) = app
+        .internal_get(&format!("/internal/v1/users/{}/contacts", alex.id))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["user_id"], alex.id);
+    assert_eq!(body["is_online"], true);
+    let contacts: Vec<(i64, bool)> = body["contacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["user_id"].as_i64().unwrap(),
+                c["is_online"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    // Sam once, though shared twice; Kim offline; never the stranger or
+    // Alex.
+    assert_eq!(contacts, vec![(sam.id, true), (kim.id, false)]);
+    let (_, body) = app
+        .internal_get(&format!("/internal/v1/users/{}/contacts", stranger.id))
+        .await;
+    assert_eq!(body["is_online"], false);
+    assert_eq!(body["contacts"].as_array().unwrap().len(), 1);
+    let (s, b) = app.internal_get("/internal/v1/users/424242/contacts").await;
+    assert_error(s, &b, StatusCode::NOT_FOUND, "not_found");
 }
