@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_membership_history.sql",
         sql: include_str!("../../migrations/0003_membership_history.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_user_directory.sql",
+        sql: include_str!("../../migrations/0004_user_directory.sql"),
+    },
 ];
 
 /// Key of the advisory lock held while migrating ("vibe" in ASCII).

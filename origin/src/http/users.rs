@@ -5,11 +5,11 @@ use axum::extract::State;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::Role;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::ApiPath;
+use super::{ApiPath, ApiQuery};
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::state::AppState;
@@ -18,6 +18,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(active_users))
         .routes(routes!(presence))
+        .routes(routes!(directory))
 }
 
 /// Users listed by `active-users`.
@@ -123,4 +124,198 @@ async fn presence(
         is_online: row.get(1),
         last_seen: row.get(2),
     }))
+}
+
+/// Largest directory page.
+const DIRECTORY_MAX_PAGE: i64 = 50;
+const DIRECTORY_DEFAULT_PAGE: i64 = 20;
+/// Longest search prefix, in characters.
+const DIRECTORY_MAX_QUERY: usize = 100;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DirectoryQuery {
+    /// A prefix of the name or of the email, case-insensitive; empty or
+    /// absent lists everyone.
+    #[param(max_length = 100)]
+    pub query: Option<String>,
+    /// `next_cursor` from the previous page.
+    #[param(minimum = 1)]
+    pub cursor: Option<i64>,
+    /// Page size, 1 to 50 (default 20).
+    #[param(minimum = 1, maximum = 50)]
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DirectoryPage {
+    /// By name, then id.
+    pub users: Vec<ActiveUser>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<i64>,
+}
+
+/// The smallest string after every string that starts with `prefix`, in
+/// the "C" collation (byte order, which for UTF-8 is code point order):
+/// the prefix with its last character replaced by the next one. `None`
+/// when there is no such bound (empty, or nothing but U+10FFFF).
+fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = (u32::from(last) + 1..=0x10_FFFF).find_map(char::from_u32);
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+/// GET /api/v1/users
+///
+/// How a member finds a trainer they have not talked to yet: everyone
+/// whose name or email starts with `query`, by name (byte order of the
+/// lower-cased name, the order the index keeps), paged by a keyset
+/// cursor (each page is one index range, whatever the directory's size),
+/// with presence. Emails are matched, never returned.
+#[utoipa::path(
+    get,
+    path = "/api/v1/users",
+    tag = "users",
+    security(("bearer" = [])),
+    params(DirectoryQuery),
+    responses(
+        (status = 200, description = "A page of users, by name", body = DirectoryPage),
+        (status = 401, description = "No or bad token", body = ErrorBody),
+        (status = 422, description = "Bad query, cursor or limit", body = ErrorBody),
+    )
+)]
+async fn directory(
+    user: AuthUser,
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<DirectoryQuery>,
+) -> ApiResult<Json<DirectoryPage>> {
+    let limit = q.limit.unwrap_or(DIRECTORY_DEFAULT_PAGE);
+    if !(1..=DIRECTORY_MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(format!(
+            "limit must be between 1 and {DIRECTORY_MAX_PAGE}"
+        )));
+    }
+    let raw = q.query.unwrap_or_default();
+    if raw.chars().count() > DIRECTORY_MAX_QUERY {
+        return Err(ApiError::invalid(format!(
+            "query must be at most {DIRECTORY_MAX_QUERY} characters"
+        )));
+    }
+    if raw.contains('\0') {
+        // PostgreSQL text cannot hold it, and no name or email does.
+        return Err(ApiError::invalid("query must not contain NUL"));
+    }
+    let query = raw.trim().to_lowercase();
+    let client = state.pool.get().await?;
+    // The cursor is the last user of the previous page; the page goes on
+    // after its (name, id).
+    let after: Option<(String, i64)> = match q.cursor {
+        None => None,
+        Some(id) => {
+            let row = client
+                .query_opt("SELECT lower(full_name) FROM users WHERE id = $1", &[&id])
+                .await?
+                .ok_or_else(|| ApiError::invalid("cursor is not a page's next_cursor"))?;
+            Some((row.get(0), id))
+        }
+    };
+    let (after_name, after_id) = after.unwrap_or_default();
+    let fetch = limit + 1;
+    // A prefix is a range of each index, [query, prefix_end(query)), not a
+    // pattern that a generic plan could not turn into one; each branch
+    // reads only its matches (checked with generic plans on 50,000
+    // users). Without a query the page is one range of the name index
+    // from the cursor on. Presence is a lookup per listed user.
+    let rows = match prefix_end(&query) {
+        None => {
+            let stmt = client
+                .prepare_cached(
+                    r#"SELECT u.id, u.full_name, u.role, COALESCE(p.is_online, false), p.last_seen
+                       FROM users u
+                       LEFT JOIN LATERAL (SELECT is_online, last_seen FROM user_presence
+                                          WHERE user_id = u.id) p ON true
+                       WHERE (lower(u.full_name) COLLATE "C", u.id) > ($1 COLLATE "C", $2)
+                         AND u.id <> $3
+                       ORDER BY lower(u.full_name) COLLATE "C", u.id
+                       LIMIT $4"#,
+                )
+                .await?;
+            client
+                .query(&stmt, &[&after_name, &after_id, &user.id, &fetch])
+                .await?
+        }
+        Some(end) => {
+            let stmt = client
+                .prepare_cached(
+                    r#"WITH hits AS (
+                           SELECT id, full_name, role FROM users
+                            WHERE lower(full_name) COLLATE "C" >= $1 COLLATE "C"
+                              AND lower(full_name) COLLATE "C" < $2 COLLATE "C"
+                              AND (lower(full_name) COLLATE "C", id) > ($3 COLLATE "C", $4)
+                              AND id <> $5
+                           UNION
+                           SELECT id, full_name, role FROM users
+                            WHERE email COLLATE "C" >= $1 COLLATE "C"
+                              AND email COLLATE "C" < $2 COLLATE "C"
+                              AND (lower(full_name) COLLATE "C", id) > ($3 COLLATE "C", $4)
+                              AND id <> $5
+                       )
+                       SELECT h.id, h.full_name, h.role, COALESCE(p.is_online, false), p.last_seen
+                       FROM hits h
+                       LEFT JOIN LATERAL (SELECT is_online, last_seen FROM user_presence
+                                          WHERE user_id = h.id) p ON true
+                       ORDER BY lower(h.full_name) COLLATE "C", h.id
+                       LIMIT $6"#,
+                )
+                .await?;
+            client
+                .query(
+                    &stmt,
+                    &[&query, &end, &after_name, &after_id, &user.id, &fetch],
+                )
+                .await?
+        }
+    };
+    let more = rows.len() as i64 > limit;
+    let users: Vec<ActiveUser> = rows
+        .iter()
+        .take(usize::try_from(limit).unwrap_or(0))
+        .map(|r| {
+            Ok(ActiveUser {
+                id: r.get(0),
+                full_name: r.get(1),
+                role: Role::parse(r.get(2)).map_err(|e| ApiError::Internal(e.into()))?,
+                is_online: r.get(3),
+                last_seen: r.get(4),
+            })
+        })
+        .collect::<ApiResult<_>>()?;
+    let next_cursor = if more {
+        users.last().map(|u| u.id)
+    } else {
+        None
+    };
+    Ok(Json(DirectoryPage { users, next_cursor }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn a_prefix_ends_at_the_next_character() {
+        assert_eq!(prefix_end("ma").as_deref(), Some("mb"));
+        assert_eq!(prefix_end("ma_").as_deref(), Some("ma`"));
+        assert_eq!(prefix_end("zé").as_deref(), Some("zê"));
+        // Surrogates are not characters: the next one after U+D7FF.
+        assert_eq!(prefix_end("a\u{D7FF}").as_deref(), Some("a\u{E000}"));
+        assert_eq!(prefix_end("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(prefix_end(""), None);
+    }
 }

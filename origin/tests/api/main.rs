@@ -5,6 +5,7 @@
 
 mod auth;
 mod conversations;
+mod directory;
 mod helpers;
 mod history;
 mod internal;
