@@ -196,6 +196,10 @@ export class Api {
   activeUsers() {
     return this.request('GET', '/api/v1/chat/active-users');
   }
+  /** The user directory: names or emails starting with `query`. */
+  directory(query, limit = 20) {
+    return this.request('GET', `/api/v1/users?query=${encodeURIComponent(query)}&limit=${limit}`);
+  }
   openDirect(userId) {
     return this.request('POST', '/api/v1/chat/conversations', { type: 'direct', participant_id: userId });
   }

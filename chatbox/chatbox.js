@@ -1,5 +1,6 @@
 // The Vibe Chat ChatBox: a floating launcher with an unread badge, and a
-// panel with three views: conversations, active users, and a chat.
+// panel with three views: conversations, people (contacts, and a search
+// of the directory), and a chat.
 //
 // Embed it on any page of the platform:
 //
@@ -33,6 +34,11 @@ class ChatBox {
     this.conversations = new Map();
     this.users = new Map();
     this.online = new Set();
+    // The People view's directory search: what was typed, and its results
+    // (null while the box is empty: the view lists contacts).
+    this.peopleQuery = '';
+    this.found = null;
+    this.searchTimer = null;
     this.lobby = null;
     this.chat = null;
     this.transportKind = this.choice.kind;
@@ -171,16 +177,18 @@ class ChatBox {
       case 'presence':
         if (frame.is_online) this.online.add(frame.user_id);
         else this.online.delete(frame.user_id);
+        // Only contacts are listed; presence of anyone else is not reloaded
+        // for (a new contact arrives with their conversation).
         if (this.users.has(frame.user_id)) {
           Object.assign(this.users.get(frame.user_id), { is_online: frame.is_online, last_seen: frame.last_seen });
-        } else if (frame.user_id !== this.user?.id) {
-          this.loadUsers();
         }
         break;
       case 'conversation_updated': {
         const known = this.conversations.get(frame.conversation_id);
         if (!known) {
+          // A new conversation: its members may be new contacts.
           this.loadConversations();
+          this.loadUsers();
           return;
         }
         const open = this.chat?.id === frame.conversation_id && !this.panel.hidden && !document.hidden;
@@ -316,12 +324,25 @@ class ChatBox {
   }
 
   renderPeople() {
-    const list = el('ul', { class: 'vc-list', 'aria-label': 'People' });
-    const people = [...this.users.values()].sort(
-      (a, b) => Number(this.online.has(b.id)) - Number(this.online.has(a.id)) || a.full_name.localeCompare(b.full_name),
-    );
+    const search = el('input', {
+      type: 'search',
+      class: 'vc-search',
+      placeholder: 'Find people by name or email',
+      'aria-label': 'Find people by name or email',
+      autocomplete: 'off',
+    });
+    search.value = this.peopleQuery;
+    search.addEventListener('input', () => this.searchPeople(search.value));
+    const searching = this.found !== null;
+    const people = searching
+      ? this.found
+      : [...this.users.values()].sort(
+          (a, b) => Number(this.online.has(b.id)) - Number(this.online.has(a.id)) || a.full_name.localeCompare(b.full_name),
+        );
+    const list = el('ul', { class: 'vc-list', 'aria-label': searching ? 'Search results' : 'People' });
     for (const u of people) {
-      const online = this.online.has(u.id);
+      // Contacts' presence is live; a directory result's is as REST said.
+      const online = this.users.has(u.id) ? this.online.has(u.id) : u.is_online;
       const item = el('li');
       const button = el('button', { type: 'button', class: 'vc-row', 'data-user-id': String(u.id), 'aria-label': `${u.full_name}, ${u.role}, ${online ? 'online' : 'offline'}` });
       const name = el('span', { class: 'vc-row-title' });
@@ -331,7 +352,43 @@ class ChatBox {
       item.append(button);
       list.append(item);
     }
-    this.frame('People', list);
+    if (people.length === 0) {
+      list.append(el('li', { class: 'vc-empty' }, searching ? `Nobody found for “${this.peopleQuery.trim()}”.` : 'No contacts yet. Find someone above.'));
+    }
+    // Re-rendered on every presence change: keep the search box's focus
+    // and caret.
+    const focused = document.activeElement?.classList?.contains('vc-search');
+    const caret = focused ? document.activeElement.selectionStart : null;
+    const body = el('div', { class: 'vc-people' });
+    body.append(search, list);
+    this.frame('People', body);
+    if (focused) {
+      search.focus();
+      search.setSelectionRange(caret, caret);
+    }
+  }
+
+  /** Debounced directory search; an empty box goes back to the contacts. */
+  searchPeople(query) {
+    this.peopleQuery = query;
+    clearTimeout(this.searchTimer);
+    const q = query.trim();
+    if (!q) {
+      this.found = null;
+      if (this.view === 'people') this.renderPeople();
+      return;
+    }
+    this.searchTimer = setTimeout(async () => {
+      try {
+        const { users } = await this.api.directory(q);
+        // A slower answer to an older query must not replace a newer one.
+        if (this.peopleQuery.trim() !== q) return;
+        this.found = users;
+        if (this.view === 'people') this.renderPeople();
+      } catch (e) {
+        this.flash(e);
+      }
+    }, 250);
   }
 
   async startDirect(userId) {

@@ -94,6 +94,23 @@ await test('alex and sam log in and see each other online', async () => {
   await shot(alex.page, 'active-users');
 });
 
+await test('people search finds anyone by name or email and goes back to the contacts', async () => {
+  await alex.page.getByRole('tab', { name: 'People' }).click();
+  const search = alex.page.getByRole('searchbox', { name: 'Find people by name or email' });
+  const results = alex.page.getByRole('list', { name: 'Search results' });
+  await search.fill('cas');
+  await results.getByRole('button', { name: /^Casey Coach, trainer, / }).waitFor();
+  expectEqual(await results.getByRole('button').count(), 1, 'people whose name starts with "cas"');
+  await search.fill('sam@');
+  await results.getByRole('button', { name: /^Sam Patel, member, / }).waitFor();
+  await search.fill('zzz-nobody');
+  await alex.page.getByText('Nobody found for “zzz-nobody”.').waitFor();
+  // The box keeps focus while results come and go.
+  expectEqual(await search.evaluate((n) => n === document.activeElement), true, 'search keeps focus');
+  await search.fill('');
+  await alex.page.getByRole('list', { name: 'People' }).getByRole('button', { name: /^Sam Patel/ }).waitFor();
+});
+
 await test('alex starts a direct chat and they exchange messages both ways', async () => {
   await alex.page.getByRole('button', { name: /^Sam Patel/ }).click();
   await alex.page.locator('.vc-title', { hasText: 'Sam Patel' }).waitFor();

@@ -1,4 +1,4 @@
-//! Active users and presence, as the Lobby reports them.
+//! Contacts, presence and the user directory.
 
 use axum::Json;
 use axum::extract::State;
@@ -48,15 +48,17 @@ pub struct Presence {
 
 /// GET /api/v1/chat/active-users
 ///
-/// Everyone the caller can start a chat with: online users first, then the
-/// most recently seen.
+/// The caller's contacts (everyone they share a conversation with), online
+/// first, then the most recently seen. Presence is for contacts: anyone
+/// else is found through the directory (`GET /api/v1/users`). The cost is
+/// the caller's conversations and their members, not the deployment.
 #[utoipa::path(
     get,
     path = "/api/v1/chat/active-users",
     tag = "users",
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "Users, online first", body = ActiveUsers),
+        (status = 200, description = "The caller's contacts, online first", body = ActiveUsers),
         (status = 401, description = "No or bad token", body = ErrorBody),
     )
 )]
@@ -69,7 +71,12 @@ async fn active_users(
         .prepare_cached(
             "SELECT u.id, u.full_name, u.role, COALESCE(p.is_online, false), p.last_seen
              FROM users u LEFT JOIN user_presence p ON p.user_id = u.id
-             WHERE u.id <> $1
+             WHERE u.id IN (
+                 SELECT other.user_id
+                 FROM conversation_participants mine
+                 JOIN conversation_participants other
+                   ON other.conversation_id = mine.conversation_id
+                 WHERE mine.user_id = $1 AND other.user_id <> $1)
              ORDER BY COALESCE(p.is_online, false) DESC, p.last_seen DESC NULLS LAST, u.full_name
              LIMIT $2",
         )

@@ -405,11 +405,19 @@ async fn a_direct_conversations_participants_cannot_change() {
 }
 
 #[tokio::test]
-async fn active_users_lists_others_online_first_and_presence_matches() {
+async fn active_users_lists_contacts_online_first_and_presence_matches() {
     let app = spawn_app().await;
     let alex = app.user("Alex", Role::Member).await;
     let sam = app.user("Sam", Role::Member).await;
     let coach = app.user("Coach", Role::Trainer).await;
+    let stranger = app.user("Stranger", Role::Trainer).await;
+    app.direct(&alex, &sam).await;
+    app.group(&coach, "Squad", &[&alex, &stranger]).await;
+    // Stranger shares a group with Alex, so is a contact; a user who
+    // shares nothing is not.
+    let loner = app.user("Loner", Role::Trainer).await;
+    let (_, body) = app.get(&loner, "/api/v1/chat/active-users").await;
+    assert_eq!(body["users"], json!([]), "no conversations, no contacts");
     let now = chrono::Utc::now();
     let (s, _) = app
         .internal_post(
@@ -421,12 +429,17 @@ async fn active_users_lists_others_online_first_and_presence_matches() {
     let (s, body) = app.get(&alex, "/api/v1/chat/active-users").await;
     assert_eq!(s, StatusCode::OK, "{body}");
     let users = body["users"].as_array().unwrap();
-    assert_eq!(users.len(), 2, "the caller is not listed");
+    assert_eq!(users.len(), 3, "contacts only, never the caller: {body}");
     assert_eq!(users[0]["id"], coach.id);
     assert_eq!(users[0]["is_online"], true);
     assert_eq!(users[0]["role"], "trainer");
     assert_eq!(users[1]["id"], sam.id);
     assert_eq!(users[1]["is_online"], false);
+    assert_eq!(users[2]["id"], stranger.id);
+    assert!(
+        !users.iter().any(|u| u["id"] == loner.id),
+        "someone who shares nothing is not listed"
+    );
 
     let (s, body) = app
         .get(&alex, &format!("/api/v1/chat/presence/{}", coach.id))
