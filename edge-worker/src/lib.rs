@@ -23,6 +23,7 @@ mod origin;
 mod room_do;
 mod room_store;
 mod router;
+mod single_socket;
 
 use worker::{Context, Env, Request, Response, event};
 

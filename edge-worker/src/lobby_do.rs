@@ -114,8 +114,15 @@ impl DurableObject for Lobby {
             self.conns.probe_answered(tag.conn, n);
             return Ok(());
         }
-        let (reply, close) = self.answer_frame(&tag, &text);
-        if let Ok(text) = serde_json::to_string(&reply) {
+        let (reply, close) = match self.answer_frame(&tag, &text) {
+            Answer::Reply(reply, close) => (Some(reply), close),
+            // The seed's single socket: the frame goes to its room.
+            Answer::Room(frame) => (
+                crate::single_socket::into_room(&self.env, tag.user, &frame).await,
+                None,
+            ),
+        };
+        if let Some(Ok(text)) = reply.map(|r| serde_json::to_string(&r)) {
             let _ = ws.send_with_str(&text);
         }
         if let Some(reason) = close {
@@ -151,10 +158,11 @@ impl Lobby {
     }
 
     /// The answer to a client frame, and whether to close the connection:
-    /// every frame costs from the user's bucket, a flood closes.
-    fn answer_frame(&self, tag: &SocketTag, text: &str) -> (ServerFrame, Option<&'static str>) {
+    /// every frame costs from the user's bucket, a flood closes. Messages,
+    /// typing and reads go to their room.
+    fn answer_frame(&self, tag: &SocketTag, text: &str) -> Answer {
         let Ok(config) = self.config() else {
-            return (error("internal", "configuration"), None);
+            return Answer::Reply(error("internal", "configuration"), None);
         };
         let rate = Rate {
             burst: config.room.rate_burst,
@@ -164,7 +172,11 @@ impl Lobby {
         let frame = shared::room::parse_frame(text);
         let cost = match &frame {
             Ok(ClientFrame::Ping | ClientFrame::Pong { .. }) => cost::PING,
-            Ok(_) | Err(_) => cost::GARBAGE,
+            Ok(ClientFrame::Message { .. }) => cost::MESSAGE,
+            Ok(ClientFrame::Typing { .. }) => cost::TYPING,
+            Ok(ClientFrame::Read { .. }) => cost::READ,
+            Ok(ClientFrame::Auth { .. }) => cost::AUTH,
+            Err(_) => cost::GARBAGE,
         };
         let taken = self
             .buckets
@@ -180,9 +192,16 @@ impl Lobby {
                 .map_or(0, |b| b.strikes);
             let e = shared::room::RoomError::RateLimited { retry_after_ms };
             let close = (strikes >= config.room.flood_strikes).then_some("flood");
-            return (error(e.code(), &e.to_string()), close);
+            return Answer::Reply(error(e.code(), &e.to_string()), close);
         }
-        match frame {
+        if let Some(frame) = frame
+            .as_ref()
+            .ok()
+            .filter(|f| crate::single_socket::room_of(f).is_some())
+        {
+            return Answer::Room(frame.clone());
+        }
+        let (reply, close) = match frame {
             Ok(ClientFrame::Ping) => (ServerFrame::Pong, None),
             Ok(ClientFrame::Auth { token }) => {
                 match crate::room_store::verify_session(&token, &config.jwt_secret, now) {
@@ -197,15 +216,14 @@ impl Lobby {
                     Err(e) => (error(e.code(), &e.to_string()), None),
                 }
             }
+            // Answers to probes never get here, and room frames went above.
             Ok(_) => (
-                error(
-                    "unknown_type",
-                    "the lobby accepts only ping, pong and auth frames",
-                ),
+                error("unknown_type", "this frame has no meaning here"),
                 None,
             ),
             Err(e) => (error(e.code(), &e.to_string()), None),
-        }
+        };
+        Answer::Reply(reply, close)
     }
 
     async fn route(&self, mut req: Request) -> EdgeResult<Response> {
@@ -524,6 +542,14 @@ pub async fn notify(env: &Env, notices: &[ConversationNotice]) -> EdgeResult<()>
         }
     }
     Ok(())
+}
+
+/// What a client frame on the always-on connection gets.
+enum Answer {
+    /// This frame, then a close with this reason if any.
+    Reply(ServerFrame, Option<&'static str>),
+    /// The frame is for a room (the seed's single socket).
+    Room(ClientFrame),
 }
 
 fn error(code: &str, message: &str) -> ServerFrame {

@@ -306,3 +306,89 @@ pub async fn a_flood_of_pings_on_the_users_connection_is_throttled_then_closed(
     ensure!(limited >= 1, "refusals come before the close");
     Ok(())
 }
+
+/// A client written to the seed's protocol: one socket on
+/// `/api/v1/chat/ws/{token}` sends messages, typing and reads for any of
+/// its conversations; the room decides them exactly as on its own socket.
+pub async fn a_seed_client_sends_messages_typing_and_reads_on_its_single_socket(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let (a, b, conv) = s.pair().await?;
+    let stranger = s.user("Stranger").await?;
+    let mut seed = s
+        .ws_with_path(&format!("/api/v1/chat/ws/{}", a.token), "")
+        .await?;
+    seed.expect("presence_snapshot").await?;
+    // B reads the conversation on the room's own socket.
+    let mut room = s.ws(&b, conv, None).await?;
+    seed.send(json!({"type": "message", "conversation_id": conv,
+                     "content": "hello from the seed", "client_msg_id": "seed-1"}))
+        .await?;
+    let ack = seed.expect("ack").await?;
+    ensure!(
+        ack["client_msg_id"] == "seed-1" && ack["seq"] == 1 && ack["conversation_id"] == conv,
+        "{ack}"
+    );
+    let got = room.expect("message").await?;
+    ensure!(
+        got["message"]["content"] == "hello from the seed"
+            && got["message"]["seq"] == 1
+            && got["message"]["id"] == ack["id"],
+        "{got}"
+    );
+    // A resend is answered with the original, nothing stored twice.
+    seed.send(json!({"type": "message", "conversation_id": conv,
+                     "content": "hello from the seed", "client_msg_id": "seed-1"}))
+        .await?;
+    let again = seed.expect("ack").await?;
+    ensure!(again["seq"] == 1 && again["id"] == ack["id"], "{again}");
+    // Order holds across frames of one socket.
+    for i in 2..=4 {
+        seed.send(json!({"type": "message", "conversation_id": conv,
+                         "content": format!("m{i}"), "client_msg_id": format!("seed-{i}")}))
+            .await?;
+    }
+    for i in 2..=4 {
+        let ack = seed.expect("ack").await?;
+        ensure!(ack["seq"] == i, "ack {i}: {ack}");
+    }
+    // Typing reaches the other member; a read moves A's watermark, which
+    // B's room socket sees as a receipt.
+    seed.send(json!({"type": "typing", "conversation_id": conv}))
+        .await?;
+    let typing = room.expect("typing").await?;
+    ensure!(typing["user_id"] == a.id, "{typing}");
+    room.say(conv, "from b", "b-1").await?;
+    room.expect("ack").await?;
+    seed.send(json!({"type": "read", "conversation_id": conv, "seq": 5}))
+        .await?;
+    room.expect_where("A's read receipt", |f| {
+        f["type"] == "receipt" && f["user_id"] == a.id && f["read_seq"] == 5
+    })
+    .await?;
+    // Refusals are the room's own, typed.
+    let mut other = s
+        .ws_with_path(&format!("/api/v1/chat/ws/{}", stranger.token), "")
+        .await?;
+    other.expect("presence_snapshot").await?;
+    other
+        .send(json!({"type": "message", "conversation_id": conv,
+                     "content": "let me in", "client_msg_id": "x-1"}))
+        .await?;
+    let refused = other.expect("error").await?;
+    ensure!(refused["code"] == "forbidden", "{refused}");
+    seed.send(json!({"type": "message", "conversation_id": conv,
+                     "content": "", "client_msg_id": "seed-empty"}))
+        .await?;
+    let invalid = seed.expect("error").await?;
+    ensure!(invalid["code"] == "empty_field", "{invalid}");
+    seed.send(json!({"type": "message", "conversation_id": 987_654_321,
+                     "content": "nobody home", "client_msg_id": "seed-x"}))
+        .await?;
+    let missing = seed.expect("error").await?;
+    ensure!(missing["code"] == "not_found", "{missing}");
+    // Nothing refused was stored: PostgreSQL gets exactly the five.
+    let stored = s.wait_stored(conv, 5, Duration::from_secs(10)).await?;
+    ensure!(stored.len() == 5, "{stored:?}");
+    Ok(())
+}

@@ -238,6 +238,14 @@ async fn main() -> ExitCode {
         ("the_seed_token_path_and_sse_reach_the_lobby_too", |s| {
             Box::pin(lobby::the_seed_token_path_and_sse_reach_the_lobby_too(s))
         }),
+        (
+            "a_seed_client_sends_messages_typing_and_reads_on_its_single_socket",
+            |s| {
+                Box::pin(
+                    lobby::a_seed_client_sends_messages_typing_and_reads_on_its_single_socket(s),
+                )
+            },
+        ),
         // Last: it stops and restarts the origin.
         (
             "while_the_origin_is_down_chat_goes_on_and_the_outbox_drains_after",

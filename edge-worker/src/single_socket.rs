@@ -1,0 +1,118 @@
+//! The seed's single socket: `message`, `typing` and `read` frames sent on a
+//! user's always-on connection go into that conversation's Room, which
+//! decides everything about them exactly as for its own socket and its
+//! POST fallback (membership, validation, idempotency, rate limits,
+//! durability). This module only carries the frame there and the Room's
+//! answer back as the frame the Room socket would have sent: an `ack` for a
+//! stored message (the original's, for a resend), nothing for typing and
+//! reads, an `error` with the Room's code for a refusal.
+//!
+//! The connection's handler waits for the Room, and workerd hands a socket
+//! its next frame only when the handler of the previous one is done, so
+//! one connection's frames reach their rooms in the order sent.
+
+use serde::Deserialize;
+use shared::protocol::{ClientFrame, MessageView, ServerFrame};
+use worker::{Env, Headers, Method, Request, RequestInit, Response};
+
+use crate::error::{EdgeError, EdgeResult};
+use crate::headers::{CONVERSATION_HEADER, USER_HEADER};
+
+/// Whether `frame` belongs in a room (and which).
+pub fn room_of(frame: &ClientFrame) -> Option<i64> {
+    match frame {
+        ClientFrame::Message {
+            conversation_id, ..
+        }
+        | ClientFrame::Typing { conversation_id }
+        | ClientFrame::Read {
+            conversation_id, ..
+        } => Some(*conversation_id),
+        ClientFrame::Ping | ClientFrame::Auth { .. } | ClientFrame::Pong { .. } => None,
+    }
+}
+
+/// Hands `frame` from `user` to its Room; the frame to send back, if any.
+pub async fn into_room(env: &Env, user: i64, frame: &ClientFrame) -> Option<ServerFrame> {
+    match deliver(env, user, frame).await {
+        Ok(reply) => reply,
+        Err(e) => Some(ServerFrame::Error {
+            code: e.code().to_owned(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+async fn deliver(env: &Env, user: i64, frame: &ClientFrame) -> EdgeResult<Option<ServerFrame>> {
+    let (conversation_id, action, body) = match frame {
+        ClientFrame::Message {
+            conversation_id,
+            content,
+            client_msg_id,
+        } => (
+            *conversation_id,
+            "messages",
+            serde_json::json!({"content": content, "client_msg_id": client_msg_id}),
+        ),
+        ClientFrame::Typing { conversation_id } => {
+            (*conversation_id, "typing", serde_json::json!({}))
+        }
+        ClientFrame::Read {
+            conversation_id,
+            seq,
+        } => (*conversation_id, "read", serde_json::json!({"seq": seq})),
+        ClientFrame::Ping | ClientFrame::Auth { .. } | ClientFrame::Pong { .. } => {
+            return Ok(None);
+        }
+    };
+    let headers = Headers::new();
+    headers.set(USER_HEADER, &user.to_string())?;
+    headers.set(CONVERSATION_HEADER, &conversation_id.to_string())?;
+    headers.set("content-type", "application/json")?;
+    let mut init = RequestInit::new();
+    init.with_method(Method::Post)
+        .with_headers(headers)
+        .with_body(Some(body.to_string().into()));
+    let req = Request::new_with_init(&format!("https://room/{action}"), &init)?;
+    let stub = env
+        .durable_object("ROOM")?
+        .get_by_name(&conversation_id.to_string())?;
+    let mut res = stub.fetch_with_request(req).await?;
+    if !(200..300).contains(&res.status_code()) {
+        return Ok(Some(refusal(&mut res).await));
+    }
+    if !matches!(frame, ClientFrame::Message { .. }) {
+        return Ok(None);
+    }
+    let stored: MessageView = res.json().await?;
+    Ok(Some(ServerFrame::Ack {
+        client_msg_id: stored.client_msg_id,
+        seq: stored.seq,
+        id: stored.id,
+        conversation_id,
+    }))
+}
+
+/// The Room's typed refusal (`{code, message}`), as an `error` frame.
+async fn refusal(res: &mut Response) -> ServerFrame {
+    #[derive(Deserialize)]
+    struct Body {
+        code: String,
+        message: String,
+    }
+    let status = res.status_code();
+    match res.json::<Body>().await {
+        Ok(b) => ServerFrame::Error {
+            code: b.code,
+            message: b.message,
+        },
+        Err(_) => {
+            let e = EdgeError::Internal(format!("room answered {status} without a body"));
+            worker::console_error!("single socket: {e:?}");
+            ServerFrame::Error {
+                code: e.code().to_owned(),
+                message: e.to_string(),
+            }
+        }
+    }
+}
