@@ -7,7 +7,6 @@
 #![allow(clippy::print_stdout)]
 
 pub mod fanout;
-pub mod lobby_bench;
 pub mod origin_bench;
 pub mod report;
 pub mod room_machine;
@@ -16,10 +15,9 @@ pub async fn run(which: &str) -> anyhow::Result<()> {
     match which {
         "origin" => origin_bench::run().await,
         "fanout" => fanout::run().await,
-        "lobby" => lobby_bench::run().await,
         "room" => room_machine::run(),
         other => {
-            anyhow::bail!("unknown benchmark {other:?}; available: origin, fanout, lobby, room")
+            anyhow::bail!("unknown benchmark {other:?}; available: origin, fanout, room")
         }
     }
 }

@@ -200,8 +200,9 @@ impl Stack {
         self.ws_with(conversation, &query).await
     }
 
-    /// Opens the Lobby WebSocket (`/api/v1/chat/ws`) as `user`.
-    pub async fn lobby(&self, user: &User) -> anyhow::Result<Ws> {
+    /// Opens `user`'s always-on WebSocket (`/api/v1/chat/ws`, their User
+    /// object).
+    pub async fn always_on(&self, user: &User) -> anyhow::Result<Ws> {
         self.ws_with_path("/api/v1/chat/ws", &format!("token={}", user.token))
             .await
     }

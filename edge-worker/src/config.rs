@@ -31,15 +31,9 @@ pub struct EdgeConfig {
     pub max_conns_per_user: usize,
     /// `ROOM_SSE_HEARTBEAT_MS`: comment line to every SSE stream this often.
     pub sse_heartbeat_ms: u64,
-    /// `LOBBY_TENANT`: which Lobby object this deployment uses.
-    pub lobby_tenant: String,
-    /// `LOBBY_GRACE_MS`: how long a user stays online after their last
+    /// `PRESENCE_GRACE_MS`: how long a user stays online after their last
     /// connection closes.
-    pub lobby_grace_ms: u64,
-    /// `LOBBY_MAX_SSE`: SSE streams per Lobby.
-    pub lobby_max_sse: usize,
-    /// `LOBBY_MAX_SOCKETS`: WebSockets per Lobby.
-    pub lobby_max_sockets: usize,
+    pub presence_grace_ms: u64,
 }
 
 impl std::fmt::Debug for EdgeConfig {
@@ -112,10 +106,7 @@ impl EdgeConfig {
             sockets_max_per_room: number(env, "ROOM_MAX_SOCKETS", 10_000)?,
             max_conns_per_user: number(env, "MAX_CONNS_PER_USER", 10)?,
             sse_heartbeat_ms: number(env, "ROOM_SSE_HEARTBEAT_MS", 15_000)?,
-            lobby_tenant: string(env, "LOBBY_TENANT").unwrap_or_else(|| "global".to_owned()),
-            lobby_grace_ms: number(env, "LOBBY_GRACE_MS", 10_000)?,
-            lobby_max_sse: number(env, "LOBBY_MAX_SSE", 10_000)?,
-            lobby_max_sockets: number(env, "LOBBY_MAX_SOCKETS", 30_000)?,
+            presence_grace_ms: number(env, "PRESENCE_GRACE_MS", 10_000)?,
         })
     }
 
@@ -133,17 +124,16 @@ impl EdgeConfig {
         }
     }
 
-    /// Connection caps of the Lobby.
-    pub fn lobby_caps(&self) -> ConnCaps {
+    /// Connection caps of a user's own object: it holds only their
+    /// connections, so the per-user cap is the whole cap.
+    pub fn user_caps(&self) -> ConnCaps {
+        let caps = Caps {
+            per_user: self.max_conns_per_user,
+            total: self.max_conns_per_user,
+        };
         ConnCaps {
-            sockets: Caps {
-                per_user: self.max_conns_per_user,
-                total: self.lobby_max_sockets,
-            },
-            streams: Caps {
-                per_user: self.max_conns_per_user,
-                total: self.lobby_max_sse,
-            },
+            sockets: caps,
+            streams: caps,
         }
     }
 

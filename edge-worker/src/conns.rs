@@ -1,5 +1,5 @@
 //! A Durable Object's live connections: hibernatable WebSockets and
-//! Server-Sent Event streams, behind one `send`. The Room and the Lobby
+//! Server-Sent Event streams, behind one `send`. The Room and the User
 //! both use it, so both transports behave the same everywhere.
 //!
 //! What one connection may cost is bounded:

@@ -1,6 +1,6 @@
 //! The headers the Worker sets on requests it forwards to a Durable Object.
 //! A client never reaches a Durable Object directly, so these are trusted.
-//! Below the Room and the Lobby, so neither imports the other for them.
+//! Below the Room and the User object, so neither imports the other for them.
 
 /// Who the caller is (set after the token was verified).
 pub const USER_HEADER: &str = "x-vibe-user-id";

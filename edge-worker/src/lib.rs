@@ -8,7 +8,8 @@
 //!   the origin.
 //! - [`room_do::Room`]: one per conversation; a thin driver around the
 //!   sans-IO `shared::room::Room`.
-//! - [`lobby_do::Lobby`]: presence and notifications (the Lobby issue).
+//! - [`user_do::User`]: one per user: their connections on every device,
+//!   presence for their contacts, notices, and the seed's single socket.
 //!
 //! Tokens never reach a log line: the only URL ever logged goes through
 //! `shared::redact`.
@@ -18,17 +19,17 @@ mod config;
 mod conns;
 mod error;
 mod headers;
-mod lobby_do;
 mod origin;
 mod room_do;
 mod room_store;
 mod router;
 mod single_socket;
+mod user_do;
 
 use worker::{Context, Env, Request, Response, event};
 
-pub use lobby_do::Lobby;
 pub use room_do::Room;
+pub use user_do::User;
 
 #[event(fetch)]
 async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {

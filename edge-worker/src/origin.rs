@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shared::protocol::internal::{
     CLIENT_IP_HEADER, ConversationMembers, IngestBatch, IngestResult, PresenceBatch,
-    SERVICE_SECRET_HEADER, StoredMessage,
+    SERVICE_SECRET_HEADER, StoredMessage, UserContacts,
 };
 use worker::wasm_bindgen::JsValue;
 use worker::{AbortController, Delay, Fetch, Headers, Method, Request, RequestInit, Response};
@@ -122,6 +122,18 @@ impl<'a> OriginClient<'a> {
     pub async fn ingest(&self, batch: &IngestBatch) -> EdgeResult<IngestResult> {
         let res = self.post("/internal/v1/messages/batch", batch).await?;
         Self::json(res, "ingest").await
+    }
+
+    /// A user's contacts with their presence, and the user's own.
+    pub async fn contacts(&self, user_id: i64) -> EdgeResult<UserContacts> {
+        let res = self
+            .call(
+                Method::Get,
+                &format!("/internal/v1/users/{user_id}/contacts"),
+                None,
+            )
+            .await?;
+        Self::json(res, "contacts").await
     }
 
     /// Presence changes (last write wins by `last_seen` at the origin).

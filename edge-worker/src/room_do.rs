@@ -76,8 +76,9 @@ pub struct Room {
     loaded: RefCell<Option<Loaded>>,
     /// Live WebSockets and SSE streams.
     conns: Connections,
-    /// Notices for the Lobby, sent after the outputs that produced them.
-    notices: RefCell<Vec<shared::lobby::ConversationNotice>>,
+    /// Notices for members' User objects, sent after the outputs that
+    /// produced them.
+    notices: RefCell<Vec<shared::protocol::internal::ConversationNotice>>,
     alarm: Alarm,
     /// Until when the origin's "no such conversation" is trusted.
     unknown_until: Cell<u64>,
@@ -576,7 +577,7 @@ impl Room {
         })
     }
 
-    /// Hands queued notices to the Lobby without waiting for it: a
+    /// Hands queued notices to the members' User objects without waiting: a
     /// notification is best effort (the conversation list in REST is the
     /// truth), and the room must not slow down for it.
     fn send_notices(&self) {
@@ -586,13 +587,13 @@ impl Room {
         }
         let env = self.env.clone();
         self.state.wait_until(async move {
-            if let Err(e) = crate::lobby_do::notify(&env, &notices).await {
-                worker::console_warn!("lobby notice: {e}");
+            if let Err(e) = crate::user_do::notify(&env, &notices).await {
+                worker::console_warn!("member notice: {e}");
             }
         });
     }
 
-    /// Sends queued Lobby notices, then asks for an alarm at the room's
+    /// Sends queued member notices, then asks for an alarm at the room's
     /// next deadline unless an earlier one is already set.
     async fn schedule(&self) {
         self.send_notices();

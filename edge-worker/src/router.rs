@@ -8,9 +8,9 @@
 //! | `GET /api/v1/chat/conversations/{id}/events` | Room `{id}` (Server-Sent Events) |
 //! | `POST /api/v1/chat/conversations/{id}/messages\|typing\|read` | Room `{id}` (the SSE fallback's sends) |
 //! | `POST,DELETE /api/v1/chat/conversations/{id}/participants` | origin, then Room `{id}` refreshes its members |
-//! | `GET /api/v1/chat/ws`, `GET /api/v1/chat/ws/{token}` | the Lobby (WebSocket) |
-//! | `GET /api/v1/chat/events` | the Lobby (Server-Sent Events) |
-//! | `POST /api/v1/chat/conversations` | origin; a new conversation is announced in the Lobby |
+//! | `GET /api/v1/chat/ws`, `GET /api/v1/chat/ws/{token}` | the caller's User object (WebSocket) |
+//! | `GET /api/v1/chat/events` | the caller's User object (Server-Sent Events) |
+//! | `POST /api/v1/chat/conversations` | origin; a new conversation is announced to its participants' User objects |
 //! | `POST /api/v1/internal/rooms/{id}/members-changed` | from the origin (service secret): Room `{id}` refreshes its members |
 //! | `GET /api/v1/edge/health` | answered here |
 //! | any other `/api/**` | proxied to the origin |
@@ -95,13 +95,13 @@ async fn route(req: Request, env: &Env, config: &EdgeConfig) -> EdgeResult<Respo
             Ok(Response::empty()?.with_status(204))
         }
         (Method::Get, ["api", "v1", "chat", "ws"]) => {
-            lobby_connect(&req, env, &config, &url, None, "/ws").await
+            user_connect(&req, env, &config, &url, None, "/ws").await
         }
         (Method::Get, ["api", "v1", "chat", "ws", token]) => {
-            lobby_connect(&req, env, &config, &url, Some(token), "/ws").await
+            user_connect(&req, env, &config, &url, Some(token), "/ws").await
         }
         (Method::Get, ["api", "v1", "chat", "events"]) => {
-            lobby_connect(&req, env, &config, &url, None, "/events").await
+            user_connect(&req, env, &config, &url, None, "/events").await
         }
         (Method::Post, ["api", "v1", "chat", "conversations"]) => {
             create_conversation(req, env, &config).await
@@ -392,8 +392,8 @@ async fn forward(
 }
 
 /// The ChatBox's always-on connection: `path` is `/ws` (upgrade) or
-/// `/events` (SSE) on the tenant's Lobby.
-async fn lobby_connect(
+/// `/events` (SSE) on the caller's own User object.
+async fn user_connect(
     req: &Request,
     env: &Env,
     config: &EdgeConfig,
@@ -417,14 +417,14 @@ async fn lobby_connect(
     }
     let mut init = RequestInit::new();
     init.with_method(Method::Get).with_headers(headers);
-    let forwarded = Request::new_with_init(&format!("https://lobby{path}"), &init)?;
-    Ok(crate::lobby_do::stub(env)?
+    let forwarded = Request::new_with_init(&format!("https://user{path}"), &init)?;
+    Ok(crate::user_do::stub(env, caller.user_id)?
         .fetch_with_request(forwarded)
         .await?)
 }
 
 /// `POST /api/v1/chat/conversations`: created at the origin; a new
-/// conversation then appears in its participants' Lobby connections at once.
+/// conversation then appears on its participants' connections at once.
 async fn create_conversation(req: Request, env: &Env, config: &EdgeConfig) -> EdgeResult<Response> {
     #[derive(serde::Deserialize)]
     struct Created {
@@ -443,7 +443,7 @@ async fn create_conversation(req: Request, env: &Env, config: &EdgeConfig) -> Ed
     let status = response.status_code();
     let body = response.text().await?;
     if let Ok(created) = serde_json::from_str::<Created>(&body) {
-        let notice = shared::lobby::ConversationNotice {
+        let notice = shared::protocol::internal::ConversationNotice {
             conversation_id: created.id,
             seq: created.last_seq,
             last_message: None,
@@ -453,8 +453,8 @@ async fn create_conversation(req: Request, env: &Env, config: &EdgeConfig) -> Ed
                 .map(|p| (p.user_id, 0))
                 .collect(),
         };
-        if let Err(e) = crate::lobby_do::notify(env, &[notice]).await {
-            worker::console_warn!("lobby notice for a new conversation: {e}");
+        if let Err(e) = crate::user_do::notify(env, &[notice]).await {
+            worker::console_warn!("notice of a new conversation: {e}");
         }
     }
     let headers = Headers::new();

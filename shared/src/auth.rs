@@ -59,7 +59,7 @@ pub fn conversation_scope(conversation_id: i64) -> String {
     format!("conversation:{conversation_id}")
 }
 
-/// `scope` of a ticket that opens the user's own (Lobby) connection.
+/// `scope` of a ticket that opens the user's own (always-on) connection.
 pub const USER_SCOPE: &str = "user";
 
 /// The claims of an access token or a ticket.

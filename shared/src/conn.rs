@@ -1,5 +1,5 @@
 //! The two types every realtime state machine shares: the driver's clock
-//! and its name for a connection. Below both `room` and `lobby`, so neither
+//! and its name for a connection. Below both `room` and `user`, so neither
 //! imports the other.
 
 /// Milliseconds since the Unix epoch on the driver's clock (virtual in

@@ -11,8 +11,8 @@
 //!   argument, because `SystemTime::now()` panics on wasm32.
 //! - [`receipts`]: message status derived from read/delivered watermarks.
 //! - [`redact`]: strips tokens from URLs before they reach a log line.
-//! - [`room`] and [`lobby`]: the sans-IO state machines behind the Room and
-//!   Lobby Durable Objects.
+//! - [`room`] and [`user`]: the sans-IO state machines behind the Room and
+//!   User Durable Objects.
 //! - [`admission`] and [`backlog`]: what one connection may cost a Durable
 //!   Object (caps per user and per object; unread bytes per socket).
 //!
@@ -24,7 +24,6 @@ pub mod backlog;
 pub mod bucket;
 pub mod conn;
 pub mod domain;
-pub mod lobby;
 pub mod protocol;
 pub mod receipts;
 pub mod redact;

@@ -89,7 +89,8 @@ pub enum ServerFrame {
         is_online: bool,
         last_seen: Option<DateTime<Utc>>,
     },
-    /// Sent once on a new Lobby connection: who is online right now.
+    /// Sent once on a new always-on connection: which of the user's
+    /// contacts are online right now.
     /// Later changes arrive as `presence` frames.
     PresenceSnapshot {
         online: Vec<i64>,
@@ -114,7 +115,8 @@ pub enum ServerFrame {
         conversation_id: i64,
         from_seq: i64,
     },
-    /// Something about the conversation changed (Lobby notification).
+    /// Something about the conversation changed (a room's notice, on the
+    /// user's always-on connection).
     ConversationUpdated {
         conversation_id: i64,
         seq: i64,

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 const REDACTED: &str = "[redacted]";
 /// Query parameters whose values are credentials.
 const SECRET_PARAMS: &[&str] = &["token", "ticket", "access_token"];
-/// Path prefix whose next segment is a token (the seed's Lobby route).
+/// Path prefix whose next segment is a token (the seed's always-on route).
 const TOKEN_PATH_PREFIX: &str = "/api/v1/chat/ws/";
 
 /// Returns `url` (a path with optional query, or an absolute URL) with

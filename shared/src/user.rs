@@ -1,6 +1,6 @@
-//! The per-user layer's state machine: one [`User`] per user id, to be
-//! driven by a `User` Durable Object that replaces the tenant-wide Lobby
-//! (see `docs/ARCHITECTURE.md`, "The per-user layer"). Sans-IO, like
+//! The per-user layer's state machine: one [`User`] per user id, driven by
+//! the `User` Durable Object that replaced the tenant-wide Lobby (see
+//! `docs/ARCHITECTURE.md`, "The per-user layer"). Sans-IO, like
 //! [`crate::room`]: inputs are `handle_*` calls, effects are
 //! [`UserOutput`]s the driver executes in order after every call.
 //!
@@ -95,6 +95,10 @@ pub struct User {
     /// When the last connection closed (the `last_seen` to announce).
     last_seen: Millis,
     contacts: BTreeMap<i64, Seen>,
+    /// Whether the contact list has been given once. Until then a new
+    /// connection's snapshot waits: it is sent to every connection when
+    /// the list arrives, so nobody starts from an empty view.
+    contacts_known: bool,
     /// conversation id → (its last seq, this user's unread count there).
     unread: BTreeMap<i64, (i64, i64)>,
     outputs: VecDeque<UserOutput>,
@@ -114,6 +118,7 @@ impl User {
             offline_at: None,
             last_seen: 0,
             contacts: BTreeMap::new(),
+            contacts_known: false,
             unread: BTreeMap::new(),
             outputs: VecDeque::new(),
         }
@@ -155,13 +160,22 @@ impl User {
         self.offline_at
     }
 
-    /// Replaces the contact list (from the origin: at load, and when a
-    /// conversation gains or loses a member). A new contact who is online
-    /// hears of this user at once; a contact who is gone is shown offline
-    /// on this user's connections and is no longer listened to.
+    /// Replaces the contact list (from the origin: when the user comes
+    /// online, and when a conversation gains or loses a member). A contact
+    /// whose state changed shows on this user's connections; a contact who
+    /// is gone is shown offline and no longer listened to.
+    ///
+    /// While this user is online, every **new** contact, and every contact
+    /// the origin now shows online, hears of them at once: the origin's copy
+    /// of a contact's presence can trail their object by one report, so two
+    /// users who come online together would otherwise each wait for the
+    /// other. The answer from a contact who is online closes the loop (see
+    /// [`User::handle_contact_presence`]).
     pub fn set_contacts(&mut self, now: Millis, contacts: &[Contact]) {
         let old = std::mem::take(&mut self.contacts);
+        let first = !std::mem::replace(&mut self.contacts_known, true);
         let me = self.user_id;
+        let mut tell = Vec::new();
         for c in contacts.iter().filter(|c| c.user_id != me) {
             let seen = Seen {
                 online: c.is_online,
@@ -169,11 +183,12 @@ impl User {
             };
             let before = old.get(&c.user_id).copied();
             self.contacts.insert(c.user_id, seen);
-            if before.map(|b| b.online) != Some(seen.online) {
+            if !first && before.map(|b| b.online) != Some(seen.online) {
                 self.show(c.user_id, seen);
             }
-            if before.is_none() && seen.online && self.online {
-                self.announce_to(now, vec![c.user_id], false);
+            let came_online = seen.online && before.is_some_and(|b| !b.online);
+            if self.online && (before.is_none() || came_online) {
+                tell.push(c.user_id);
             }
         }
         for (user, seen) in old {
@@ -187,6 +202,11 @@ impl User {
                 );
             }
         }
+        if first {
+            let online = self.online_contacts();
+            self.send_all(ServerFrame::PresenceSnapshot { online });
+        }
+        self.announce_to(now, tell, false);
     }
 
     /// A connection that survived a restart (hibernation): counted, not
@@ -211,22 +231,29 @@ impl User {
     /// A new connection: it gets the contacts' presence first, so its view
     /// starts complete; the user's contacts hear of them if they were
     /// offline (back within the grace period is a reload: nothing to say).
-    pub fn handle_connect(&mut self, now: Millis, conn: ConnId) {
+    /// Returns whether the user came online with it (the driver then
+    /// refreshes the contacts' presence from the origin: what this object
+    /// holds may be stale after a time offline).
+    pub fn handle_connect(&mut self, now: Millis, conn: ConnId) -> bool {
         if !self.conns.insert(conn) {
-            return;
+            return false;
         }
         self.offline_at = None;
-        self.outputs.push_back(UserOutput::Send {
-            to: UserTarget::Conn(conn),
-            frame: ServerFrame::PresenceSnapshot {
-                online: self.online_contacts(),
-            },
-        });
-        if !self.online {
-            self.online = true;
-            let to = self.online_contacts();
-            self.announce_to(now, to, true);
+        if self.contacts_known {
+            self.outputs.push_back(UserOutput::Send {
+                to: UserTarget::Conn(conn),
+                frame: ServerFrame::PresenceSnapshot {
+                    online: self.online_contacts(),
+                },
+            });
         }
+        if self.online {
+            return false;
+        }
+        self.online = true;
+        let to = self.online_contacts();
+        self.announce_to(now, to, true);
+        true
     }
 
     /// A connection closed; the last one starts the grace period.
@@ -503,15 +530,62 @@ mod tests {
     }
 
     #[test]
-    fn a_new_online_contact_hears_of_this_user_at_once() {
+    fn new_contacts_and_contacts_now_online_hear_of_this_user_at_once() {
         let mut u = connected();
         u.set_contacts(
             T0 + 1,
-            &[contact(2, true), contact(3, false), contact(4, true)],
+            &[
+                contact(2, true),
+                contact(3, true),
+                contact(4, true),
+                contact(5, false),
+            ],
         );
         let outs = drain(&mut u);
-        assert_eq!(presence_frames(&outs), vec![(4, true)]);
-        assert_eq!(announcements(&outs), vec![(true, vec![4], false)]);
+        assert_eq!(
+            presence_frames(&outs),
+            vec![(3, true), (4, true), (5, false)]
+        );
+        assert_eq!(
+            announcements(&outs),
+            vec![(true, vec![3, 4, 5], false)],
+            "3 came online, 4 and 5 are new (5's online state may trail); 2 knew"
+        );
+        // Offline, nobody is told anything.
+        let mut v = User::new(ME, UserConfig::default());
+        v.set_contacts(T0, &[contact(2, true)]);
+        assert!(announcements(&drain(&mut v)).is_empty());
+    }
+
+    #[test]
+    fn a_connection_before_the_contacts_are_known_gets_its_snapshot_when_they_are() {
+        let mut u = User::new(ME, UserConfig::default());
+        u.handle_connect(T0, ConnId(10));
+        let outs = drain(&mut u);
+        assert!(
+            !outs.iter().any(|o| matches!(o, UserOutput::Send { .. })),
+            "no empty snapshot: {outs:?}"
+        );
+        u.set_contacts(T0 + 5, &[contact(2, true), contact(3, false)]);
+        let outs = drain(&mut u);
+        assert_eq!(
+            outs[0],
+            UserOutput::Send {
+                to: UserTarget::All,
+                frame: ServerFrame::PresenceSnapshot { online: vec![2] },
+            },
+            "one snapshot, no presence frame per contact"
+        );
+        assert!(presence_frames(&outs).is_empty());
+        assert_eq!(announcements(&outs), vec![(true, vec![2, 3], false)]);
+    }
+
+    #[test]
+    fn coming_online_is_reported_once_and_a_second_device_is_not() {
+        let mut u = User::new(ME, UserConfig::default());
+        assert!(u.handle_connect(T0, ConnId(10)));
+        assert!(!u.handle_connect(T0, ConnId(11)));
+        assert!(!u.handle_connect(T0, ConnId(11)), "a known connection");
     }
 
     #[test]

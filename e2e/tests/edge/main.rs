@@ -4,12 +4,12 @@
 
 #![allow(clippy::print_stdout)]
 
-mod lobby;
 mod membership;
 mod realtime;
 mod rest;
 mod sse;
 mod tokens;
+mod user;
 
 use std::process::ExitCode;
 
@@ -29,7 +29,7 @@ async fn main() -> ExitCode {
         // to observe (production: 200 subscribers, 15 s).
         ("ROOM_MAX_SSE", "3"),
         ("ROOM_SSE_HEARTBEAT_MS", "1000"),
-        ("LOBBY_GRACE_MS", "1500"),
+        ("PRESENCE_GRACE_MS", "1500"),
     ];
     let tests: &[(&str, TestFn)] = &[
         ("sessions_rotate_revoke_and_end_through_the_edge", |s| {
@@ -48,9 +48,7 @@ async fn main() -> ExitCode {
         (
             "a_flood_of_pings_on_the_users_connection_is_throttled_then_closed",
             |s| {
-                Box::pin(
-                    lobby::a_flood_of_pings_on_the_users_connection_is_throttled_then_closed(s),
-                )
+                Box::pin(user::a_flood_of_pings_on_the_users_connection_is_throttled_then_closed(s))
             },
         ),
         (
@@ -208,41 +206,42 @@ async fn main() -> ExitCode {
             },
         ),
         ("b_sees_a_come_online_and_rest_agrees", |s| {
-            Box::pin(lobby::b_sees_a_come_online_and_rest_agrees(s))
+            Box::pin(user::b_sees_a_come_online_and_rest_agrees(s))
         }),
         ("a_with_two_tabs_stays_online_when_one_tab_closes", |s| {
-            Box::pin(lobby::a_with_two_tabs_stays_online_when_one_tab_closes(s))
+            Box::pin(user::a_with_two_tabs_stays_online_when_one_tab_closes(s))
         }),
         (
             "when_all_tabs_close_a_goes_offline_after_the_grace_period",
-            |s| Box::pin(lobby::when_all_tabs_close_a_goes_offline_after_the_grace_period(s)),
+            |s| Box::pin(user::when_all_tabs_close_a_goes_offline_after_the_grace_period(s)),
         ),
         ("a_reload_within_the_grace_period_does_not_flap", |s| {
-            Box::pin(lobby::a_reload_within_the_grace_period_does_not_flap(s))
+            Box::pin(user::a_reload_within_the_grace_period_does_not_flap(s))
         }),
         (
             "a_message_notifies_the_other_participant_and_reading_clears_the_count",
             |s| {
                 Box::pin(
-                    lobby::a_message_notifies_the_other_participant_and_reading_clears_the_count(s),
+                    user::a_message_notifies_the_other_participant_and_reading_clears_the_count(s),
                 )
             },
         ),
         ("non_participants_receive_nothing", |s| {
-            Box::pin(lobby::non_participants_receive_nothing(s))
+            Box::pin(user::non_participants_receive_nothing(s))
         }),
         (
             "a_new_conversation_appears_for_its_participants_at_once",
-            |s| Box::pin(lobby::a_new_conversation_appears_for_its_participants_at_once(s)),
+            |s| Box::pin(user::a_new_conversation_appears_for_its_participants_at_once(s)),
         ),
-        ("the_seed_token_path_and_sse_reach_the_lobby_too", |s| {
-            Box::pin(lobby::the_seed_token_path_and_sse_reach_the_lobby_too(s))
-        }),
+        (
+            "the_seed_token_path_and_sse_reach_the_users_object_too",
+            |s| Box::pin(user::the_seed_token_path_and_sse_reach_the_users_object_too(s)),
+        ),
         (
             "a_seed_client_sends_messages_typing_and_reads_on_its_single_socket",
             |s| {
                 Box::pin(
-                    lobby::a_seed_client_sends_messages_typing_and_reads_on_its_single_socket(s),
+                    user::a_seed_client_sends_messages_typing_and_reads_on_its_single_socket(s),
                 )
             },
         ),

@@ -35,7 +35,7 @@ async fn main() -> ExitCode {
         ("ROOM_RATE_PER_SEC", "1000"),
         ("ROOM_RATE_BURST", "1000"),
         ("ROOM_BACKOFF_MAX_MS", "1000"),
-        ("LOBBY_GRACE_MS", "1500"),
+        ("PRESENCE_GRACE_MS", "1500"),
     ];
     let tests: &[(&str, TestFn)] = &[
         (
@@ -388,8 +388,8 @@ pub async fn after_a_kill_presence_converges_and_nobody_stays_online(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
     let (alex, sam, _conv) = s.pair().await?;
-    let mut a = s.lobby(&alex).await?;
-    let mut b = s.lobby(&sam).await?;
+    let mut a = s.always_on(&alex).await?;
+    let mut b = s.always_on(&sam).await?;
     a.expect("presence_snapshot").await?;
     b.expect("presence_snapshot").await?;
     wait_presence(s, &alex, sam.id, true).await?;
@@ -398,10 +398,11 @@ pub async fn after_a_kill_presence_converges_and_nobody_stays_online(
     drop(a);
     drop(b);
     s.start_edge().await?;
-    // Alex comes back; Sam never does. The restored Lobby still believes
-    // Sam online (its report survived the kill), so Alex is told, and then
-    // told again when Sam's fresh grace period runs out.
-    let mut a = s.lobby(&alex).await?;
+    // Alex comes back; Sam never does. Sam's object still believes Sam
+    // online (its report survived the kill); woken by Alex's object (or by
+    // its own watchdog alarm), it finds no connection, runs a fresh grace
+    // period, and tells Alex when it runs out.
+    let mut a = s.always_on(&alex).await?;
     a.expect("presence_snapshot").await?;
     a.expect_where("Sam going offline", |f| {
         f["type"] == "presence" && f["user_id"] == sam.id && f["is_online"] == false
@@ -410,7 +411,7 @@ pub async fn after_a_kill_presence_converges_and_nobody_stays_online(
     wait_presence(s, &alex, sam.id, false).await?;
     wait_presence(s, &sam, alex.id, true).await?;
     if let Some(Event::Closed(c)) = a.next_within(Duration::from_millis(100)).await? {
-        bail!("the new lobby socket closed: {c:?}");
+        bail!("the new always-on socket closed: {c:?}");
     }
     Ok(())
 }

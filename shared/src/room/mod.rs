@@ -121,7 +121,7 @@ pub struct RoomConfig {
     pub typing_ttl_ms: u64,
     /// Least time between two `receipt` broadcasts for one user.
     pub receipt_interval_ms: u64,
-    /// Least time between two notices to the Lobby (a busy room's
+    /// Least time between two notices to the members' User objects (a busy room's
     /// messages are coalesced into one `conversation_updated` per member).
     pub notify_interval_ms: u64,
     /// Token bucket per user: burst size and refill rate (messages/s).

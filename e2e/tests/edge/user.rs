@@ -1,6 +1,7 @@
-//! The Lobby: presence and notifications on the always-on connection.
-//! Every test shares the tenant's one Lobby, so each filters for its own
-//! users.
+//! The per-user layer: presence and notifications on the always-on
+//! connection, each user's own `User` object. Presence goes only to
+//! contacts (people who share a conversation), so each test makes its
+//! users contacts first, and checks that a stranger hears nothing.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use anyhow::{Context, ensure};
 use e2e::{Stack, Ws};
 use serde_json::{Value, json};
 
-/// The suite runs the Lobby with a 1.5 s grace period (10 s in production).
+/// The suite runs with a 1.5 s grace period (10 s in production).
 const GRACE: Duration = Duration::from_millis(1_500);
 
 fn presence_of(user: i64, online: bool) -> impl Fn(&Value) -> bool {
@@ -26,8 +27,8 @@ async fn no_presence_of(ws: &mut Ws, user: i64, within: Duration) -> anyhow::Res
     Ok(())
 }
 
-/// Polls REST until `user`'s presence is `online` (it trails the Lobby by
-/// one origin call).
+/// Polls REST until `user`'s presence is `online` (it trails the User
+/// object by one origin call).
 async fn rest_says(
     s: &Stack,
     viewer: &e2e::User,
@@ -51,7 +52,11 @@ async fn rest_says(
 pub async fn b_sees_a_come_online_and_rest_agrees(s: &mut Stack) -> anyhow::Result<()> {
     let a = s.user("A").await?;
     let b = s.user("B").await?;
-    let mut wb = s.lobby(&b).await?;
+    let stranger = s.user("Stranger").await?;
+    s.direct(&a, &b).await?;
+    let mut ws = s.always_on(&stranger).await?;
+    ws.expect("presence_snapshot").await?;
+    let mut wb = s.always_on(&b).await?;
     let snapshot = wb.expect("presence_snapshot").await?;
     ensure!(
         snapshot["online"]
@@ -59,13 +64,16 @@ pub async fn b_sees_a_come_online_and_rest_agrees(s: &mut Stack) -> anyhow::Resu
             .is_some_and(|o| !o.contains(&json!(b.id))),
         "{snapshot}"
     );
-    let _wa = s.lobby(&a).await?;
+    let _wa = s.always_on(&a).await?;
     let seen = wb.expect_where("A online", presence_of(a.id, true)).await?;
     ensure!(seen["last_seen"].is_string(), "{seen}");
     rest_says(s, &b, a.id, true).await?;
-    // A newcomer learns A is online from the snapshot.
+    // Someone who shares no conversation with A hears nothing of it.
+    no_presence_of(&mut ws, a.id, Duration::from_millis(800)).await?;
+    // A newcomer among A's contacts learns A is online from the snapshot.
     let c = s.user("C").await?;
-    let mut wc = s.lobby(&c).await?;
+    s.direct(&a, &c).await?;
+    let mut wc = s.always_on(&c).await?;
     let snapshot = wc.expect("presence_snapshot").await?;
     ensure!(
         snapshot["online"]
@@ -77,11 +85,10 @@ pub async fn b_sees_a_come_online_and_rest_agrees(s: &mut Stack) -> anyhow::Resu
 }
 
 pub async fn a_with_two_tabs_stays_online_when_one_tab_closes(s: &mut Stack) -> anyhow::Result<()> {
-    let a = s.user("A").await?;
-    let b = s.user("B").await?;
-    let mut wb = s.lobby(&b).await?;
-    let tab1 = s.lobby(&a).await?;
-    let _tab2 = s.lobby(&a).await?;
+    let (a, b, _) = s.pair().await?;
+    let mut wb = s.always_on(&b).await?;
+    let tab1 = s.always_on(&a).await?;
+    let _tab2 = s.always_on(&a).await?;
     wb.expect_where("A online", presence_of(a.id, true)).await?;
     tab1.close().await?;
     no_presence_of(&mut wb, a.id, GRACE * 2).await?;
@@ -92,11 +99,10 @@ pub async fn a_with_two_tabs_stays_online_when_one_tab_closes(s: &mut Stack) -> 
 pub async fn when_all_tabs_close_a_goes_offline_after_the_grace_period(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
-    let a = s.user("A").await?;
-    let b = s.user("B").await?;
-    let mut wb = s.lobby(&b).await?;
-    let tab1 = s.lobby(&a).await?;
-    let tab2 = s.lobby(&a).await?;
+    let (a, b, _) = s.pair().await?;
+    let mut wb = s.always_on(&b).await?;
+    let tab1 = s.always_on(&a).await?;
+    let tab2 = s.always_on(&a).await?;
     wb.expect_where("A online", presence_of(a.id, true)).await?;
     let closed_at = chrono::Utc::now();
     tab1.close().await?;
@@ -127,14 +133,13 @@ pub async fn when_all_tabs_close_a_goes_offline_after_the_grace_period(
 }
 
 pub async fn a_reload_within_the_grace_period_does_not_flap(s: &mut Stack) -> anyhow::Result<()> {
-    let a = s.user("A").await?;
-    let b = s.user("B").await?;
-    let mut wb = s.lobby(&b).await?;
-    let tab = s.lobby(&a).await?;
+    let (a, b, _) = s.pair().await?;
+    let mut wb = s.always_on(&b).await?;
+    let tab = s.always_on(&a).await?;
     wb.expect_where("A online", presence_of(a.id, true)).await?;
     tab.close().await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let _reloaded = s.lobby(&a).await?;
+    let _reloaded = s.always_on(&a).await?;
     no_presence_of(&mut wb, a.id, GRACE * 2).await?;
     rest_says(s, &b, a.id, true).await?;
     Ok(())
@@ -146,7 +151,7 @@ pub async fn a_message_notifies_the_other_participant_and_reading_clears_the_cou
     let a = s.user("A").await?;
     let b = s.user("B").await?;
     let conv = s.direct(&a, &b).await?;
-    let mut lb = s.lobby(&b).await?;
+    let mut lb = s.always_on(&b).await?;
     let mut room = s.ws(&a, conv, None).await?;
     for i in 1..=3 {
         room.say(conv, &format!("hello {i}"), &format!("n-{i}"))
@@ -163,7 +168,7 @@ pub async fn a_message_notifies_the_other_participant_and_reading_clears_the_cou
     ensure!(updated["seq"] == 3, "{updated}");
     ensure!(updated["last_message"]["content"] == "hello 3", "{updated}");
     ensure!(updated["last_message"]["sender_id"] == a.id, "{updated}");
-    // B reads (over the POST fallback here): B's lobby shows 0.
+    // B reads (over the POST fallback here): B's connection shows 0.
     let res = s
         .http()
         .post(format!("{}/api/v1/chat/conversations/{conv}/read", s.edge))
@@ -185,7 +190,7 @@ pub async fn non_participants_receive_nothing(s: &mut Stack) -> anyhow::Result<(
     let a = s.user("A").await?;
     let b = s.user("B").await?;
     let eve = s.user("Eve").await?;
-    let mut le = s.lobby(&eve).await?;
+    let mut le = s.always_on(&eve).await?;
     let conv = s.direct(&a, &b).await?;
     let mut room = s.ws(&a, conv, None).await?;
     room.say(conv, "private", "np-1").await?;
@@ -206,8 +211,8 @@ pub async fn a_new_conversation_appears_for_its_participants_at_once(
     let a = s.user("A").await?;
     let b = s.user("B").await?;
     let eve = s.user("Eve").await?;
-    let mut lb = s.lobby(&b).await?;
-    let mut le = s.lobby(&eve).await?;
+    let mut lb = s.always_on(&b).await?;
+    let mut le = s.always_on(&eve).await?;
     let conv = s.group(&a, &[&b]).await?;
     let created = lb
         .expect_where("the new conversation", |f| {
@@ -226,10 +231,11 @@ pub async fn a_new_conversation_appears_for_its_participants_at_once(
     Ok(())
 }
 
-pub async fn the_seed_token_path_and_sse_reach_the_lobby_too(s: &mut Stack) -> anyhow::Result<()> {
+pub async fn the_seed_token_path_and_sse_reach_the_users_object_too(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let a = s.user("A").await?;
-    let b = s.user("B").await?;
+    let (a, b, _) = s.pair().await?;
     let url = format!(
         "{}/api/v1/chat/ws/{}",
         s.edge.replacen("http", "ws", 1),
@@ -250,7 +256,7 @@ pub async fn the_seed_token_path_and_sse_reach_the_lobby_too(s: &mut Stack) -> a
         .await?;
     ensure!(res.status().as_u16() == 200, "{}", res.status());
     let mut stream = res.bytes_stream();
-    let _wa = s.lobby(&a).await?;
+    let _wa = s.always_on(&a).await?;
     let needle = format!("\"user_id\":{}", a.id);
     let mut text = String::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -261,7 +267,7 @@ pub async fn the_seed_token_path_and_sse_reach_the_lobby_too(s: &mut Stack) -> a
             .context("stream ended")??;
         text.push_str(&String::from_utf8_lossy(&chunk));
     }
-    // A bad token is refused on every lobby path.
+    // A bad token is refused on every path of the always-on connection.
     let (status, body) = s
         .call(
             None,
@@ -284,7 +290,7 @@ pub async fn a_flood_of_pings_on_the_users_connection_is_throttled_then_closed(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
     let alex = s.user("Alex").await?;
-    let mut ws = s.lobby(&alex).await?;
+    let mut ws = s.always_on(&alex).await?;
     ws.expect("presence_snapshot").await?;
     // Pings cost a quarter of a token: the burst of 30 passes 120 of them.
     for _ in 0..400 {
