@@ -269,9 +269,13 @@ impl Connections {
     }
 
     /// Records a connection's renewed token, in the socket's attachment so
-    /// it survives hibernation.
+    /// it survives hibernation. The connection must be in this registry:
+    /// after a wake, reattach first (`reattach`), or the renewal is lost and
+    /// the attachment's old expiry closes the socket later.
     pub fn set_valid_until(&self, conn: u64, valid_until: Option<u64>) {
+        let mut found = false;
         if let Some(s) = self.sockets.borrow_mut().get_mut(&conn) {
+            found = true;
             if s.tag.valid_until != valid_until {
                 s.tag.valid_until = valid_until;
                 if let Err(e) = s.ws.serialize_attachment(s.tag) {
@@ -280,7 +284,11 @@ impl Connections {
             }
         }
         if let Some(s) = self.streams.borrow_mut().get_mut(&conn) {
+            found = true;
             s.tag.valid_until = valid_until;
+        }
+        if !found {
+            worker::console_error!("renewal for connection {conn}, which is not registered");
         }
     }
 

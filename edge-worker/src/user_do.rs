@@ -120,6 +120,13 @@ impl DurableObject for User {
             let _ = ws.close(Some(1011), Some("lost connection state"));
             return Ok(());
         };
+        // A frame may be the first event of a new instance (after
+        // hibernation): the sockets must be reattached before anything here
+        // touches them, or a renewal (`auth`) would update no socket and
+        // the stale expiry in the attachment would close it later.
+        if let Err(e) = self.ensure_loaded(tag.user).await {
+            worker::console_error!("user websocket message: {e}");
+        }
         let text = match message {
             WebSocketIncomingMessage::String(t) => t,
             WebSocketIncomingMessage::Binary(_) => String::new(),
