@@ -269,9 +269,11 @@ export class RoomConnection extends Connection {
     return this.conversationId;
   }
 
+  // Always says what the view holds, 0 included: a conversation whose first
+  // messages are acked at the edge but not yet in PostgreSQL shows nothing
+  // over REST, and only `since=0` makes the room replay them.
   sinceParam() {
-    const since = this.lastSeq();
-    return since > 0 ? `&since=${since}` : '';
+    return `&since=${Math.max(0, this.lastSeq())}`;
   }
   wsPath(ticket) {
     return `/api/v1/chat/conversations/${this.conversationId}/ws?ticket=${encodeURIComponent(ticket)}${this.sinceParam()}`;
