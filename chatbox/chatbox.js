@@ -8,11 +8,11 @@
 //           data-vibe-chat data-edge="https://chat.vibe.fit"></script>
 //
 // or import { mountChatBox } and call it. It talks to the edge only: REST
-// (proxied to the origin), one always-on Lobby connection for presence and
+// (proxied to the origin), one always-on connection (the user's own) for presence and
 // unread counts, and one Room connection for the open chat.
 
 import { Api, ApiError } from './api.js';
-import { LobbyConnection, RoomConnection, TransportChoice } from './realtime.js';
+import { UserConnection, RoomConnection, TransportChoice } from './realtime.js';
 
 const TYPING_SHOW_MS = 5_000;
 const TYPING_SEND_EVERY_MS = 2_000;
@@ -39,7 +39,7 @@ class ChatBox {
     this.peopleQuery = '';
     this.found = null;
     this.searchTimer = null;
-    this.lobby = null;
+    this.own = null;
     this.chat = null;
     this.transportKind = this.choice.kind;
     this.root = this.build(host, open);
@@ -102,13 +102,13 @@ class ChatBox {
 
   async signIn(session) {
     this.user = session.user;
-    this.lobby = new LobbyConnection({
+    this.own = new UserConnection({
       api: this.api,
       choice: this.choice,
-      onFrame: (f) => this.onLobbyFrame(f),
+      onFrame: (f) => this.onUserFrame(f),
       onState: (state, kind) => this.onConnectionState(state, kind),
     });
-    this.lobby.start();
+    this.own.start();
     await Promise.all([this.loadConversations(), this.loadUsers()]);
     const openChat = Number(sessionStorage.getItem('vibe-chat-open'));
     if (openChat && this.conversations.has(openChat)) this.openChat(openChat);
@@ -122,8 +122,8 @@ class ChatBox {
   }
 
   signedOut() {
-    this.lobby?.stop();
-    this.lobby = null;
+    this.own?.stop();
+    this.own = null;
     this.closeChat();
     sessionStorage.removeItem('vibe-chat-open');
     this.user = null;
@@ -169,7 +169,7 @@ class ChatBox {
     }
   }
 
-  onLobbyFrame(frame) {
+  onUserFrame(frame) {
     switch (frame.type) {
       case 'presence_snapshot':
         this.online = new Set(frame.online);
@@ -258,7 +258,7 @@ class ChatBox {
     }
     this.panel.append(body);
     const footer = el('footer', { class: 'vc-footer' });
-    footer.append(el('span', { class: 'vc-conn', 'aria-live': 'polite' }, this.lobby ? connectionLabel(this.lobby.state, this.transportKind) : ''));
+    footer.append(el('span', { class: 'vc-conn', 'aria-live': 'polite' }, this.own ? connectionLabel(this.own.state, this.transportKind) : ''));
     this.panel.append(footer);
   }
 

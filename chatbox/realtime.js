@@ -245,7 +245,7 @@ class Connection {
 }
 
 /** The ChatBox's always-on connection: presence and notifications. */
-export class LobbyConnection extends Connection {
+export class UserConnection extends Connection {
   ticketFor() {
     return undefined;
   }

@@ -389,22 +389,21 @@ fn add_edge_routes(doc: &mut Value) {
         "/api/v1/chat/conversations/{id}/read": {"post": read_op},
         "/api/v1/chat/ws-ticket": {"post": ticket_op},
         "/api/v1/chat/ws": {"get": edge_op(
-            "The user's always-on WebSocket (edge, Lobby)",
-            "Presence (`presence_snapshot`, `presence`) and `conversation_updated` notices for the caller's conversations.",
+            "The user's always-on WebSocket (edge, the caller's own User object)",
+            "Their contacts' presence (`presence_snapshot`, `presence`; contacts are people who share a conversation with the caller) and `conversation_updated` notices for the caller's conversations, on every device. Takes `message`, `typing` and `read` frames for any of the caller's conversations and answers as the room's own socket would (`ack` or a typed `error`).",
             user_params.clone(), websocket_responses())},
         "/api/v1/chat/ws/{token}": {"get": edge_op(
-            "The user's always-on WebSocket, token in the path (edge, Lobby; the seed's form)",
+            "The user's always-on WebSocket, token in the path (edge, the caller's own User object; the seed's form)",
             "As `GET /api/v1/chat/ws`, for clients that can only put the token in the path.",
             vec![json!({"name": "token", "in": "path", "required": true, "description": "An access token", "schema": {"type": "string"}})],
             websocket_responses())},
         "/api/v1/chat/events": {"get": edge_op(
-            "The user's always-on SSE stream (edge, Lobby)",
+            "The user's always-on SSE stream (edge, the caller's own User object)",
             "As `GET /api/v1/chat/ws`, over Server-Sent Events.",
             user_params, json!({
                 "200": {"description": "`text/event-stream` of presence and notices", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                 "401": error_response("No, bad, expired or used token or ticket"),
                 "403": error_response("A ticket for another scope, or an `Origin` that is not allowed (`forbidden`)"),
-                "503": with_retry_after(error_response("The Lobby holds all the streams it can (`too_many_connections`)"), "Seconds to wait"),
             }))},
         "/api/v1/edge/health": {"get": {
             "tags": ["edge"],
