@@ -34,6 +34,10 @@ pub struct EdgeConfig {
     /// `PRESENCE_GRACE_MS`: how long a user stays online after their last
     /// connection closes.
     pub presence_grace_ms: u64,
+    /// `PRESENCE_WATCHDOG_MS`: while a user has connections, their object's
+    /// alarm is never further away than this, so a runtime that died with
+    /// them still lets them go offline (see `user_do`).
+    pub presence_watchdog_ms: u64,
 }
 
 impl std::fmt::Debug for EdgeConfig {
@@ -107,6 +111,7 @@ impl EdgeConfig {
             max_conns_per_user: number(env, "MAX_CONNS_PER_USER", 10)?,
             sse_heartbeat_ms: number(env, "ROOM_SSE_HEARTBEAT_MS", 15_000)?,
             presence_grace_ms: number(env, "PRESENCE_GRACE_MS", 10_000)?,
+            presence_watchdog_ms: number(env, "PRESENCE_WATCHDOG_MS", 60_000)?,
         })
     }
 

@@ -40,11 +40,6 @@ use crate::origin::OriginClient;
 /// Unconfirmed presence reports, and a contact list the origin could not
 /// give, are retried this often.
 const RETRY_MS: u64 = 5_000;
-/// While the user has connections, an alarm is never further away than
-/// this: if the runtime dies with them, the alarm wakes the new instance,
-/// which finds no connection and lets the user go offline. Without it, a
-/// user nobody else pokes would stay online until their token expired.
-const WATCHDOG_MS: u64 = 60_000;
 
 #[durable_object]
 pub struct User {
@@ -657,8 +652,16 @@ impl User {
             let guard = self.user.borrow();
             guard.as_ref().and_then(UserState::poll_timeout)
         };
+        // While the user has connections an alarm is never further away
+        // than the watchdog (`PRESENCE_WATCHDOG_MS`, 60 s): if the runtime
+        // dies with them, the alarm wakes the new instance, which finds no
+        // connection and lets the user go offline. Without it, a user nobody
+        // else pokes would stay online until their token expired.
         let connected = self.conns.socket_count() + self.conns.stream_count() > 0;
-        let watchdog = connected.then(|| now_ms() + WATCHDOG_MS);
+        let watchdog = match self.config() {
+            Ok(c) if connected => Some(now_ms() + c.presence_watchdog_ms),
+            _ => None,
+        };
         let deadlines = [
             grace,
             self.conns.next_heartbeat(),

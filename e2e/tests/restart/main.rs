@@ -36,6 +36,7 @@ async fn main() -> ExitCode {
         ("ROOM_RATE_BURST", "1000"),
         ("ROOM_BACKOFF_MAX_MS", "1000"),
         ("PRESENCE_GRACE_MS", "1500"),
+        ("PRESENCE_WATCHDOG_MS", "2000"),
     ];
     let tests: &[(&str, TestFn)] = &[
         (
@@ -49,6 +50,10 @@ async fn main() -> ExitCode {
         (
             "after_a_kill_presence_converges_and_nobody_stays_online",
             |s| Box::pin(after_a_kill_presence_converges_and_nobody_stays_online(s)),
+        ),
+        (
+            "after_a_kill_a_user_nobody_pokes_goes_offline_by_their_own_alarm",
+            |s| Box::pin(after_a_kill_a_user_nobody_pokes_goes_offline_by_their_own_alarm(s)),
         ),
         (
             "a_reader_that_never_reads_is_cut_off_and_the_others_get_everything",
@@ -413,6 +418,25 @@ pub async fn after_a_kill_presence_converges_and_nobody_stays_online(
     if let Some(Event::Closed(c)) = a.next_within(Duration::from_millis(100)).await? {
         bail!("the new always-on socket closed: {c:?}");
     }
+    Ok(())
+}
+
+/// Sam is online with no contact online; the runtime dies. Nobody ever
+/// connects again or tells Sam's object anything: its own watchdog alarm
+/// (2 s here, 60 s in production) wakes the new instance, which finds no
+/// connection, runs the grace period and reports Sam offline.
+pub async fn after_a_kill_a_user_nobody_pokes_goes_offline_by_their_own_alarm(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let sam = s.user("Loner").await?;
+    let viewer = s.user("Viewer").await?;
+    let mut b = s.always_on(&sam).await?;
+    b.expect("presence_snapshot").await?;
+    wait_presence(s, &viewer, sam.id, true).await?;
+    s.kill_edge();
+    drop(b);
+    s.start_edge().await?;
+    wait_presence(s, &viewer, sam.id, false).await?;
     Ok(())
 }
 
