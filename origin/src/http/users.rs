@@ -33,6 +33,20 @@ pub struct ActiveUser {
     pub last_seen: Option<DateTime<Utc>>,
 }
 
+impl ActiveUser {
+    /// A row of `id, full_name, role, is_online, last_seen`, the columns
+    /// every listing of users here selects.
+    fn from_row(r: &tokio_postgres::Row) -> ApiResult<Self> {
+        Ok(Self {
+            id: r.get(0),
+            full_name: r.get(1),
+            role: Role::parse(r.get(2)).map_err(|e| ApiError::Internal(e.into()))?,
+            is_online: r.get(3),
+            last_seen: r.get(4),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ActiveUsers {
     pub users: Vec<ActiveUser>,
@@ -86,15 +100,7 @@ async fn active_users(
         .await?;
     let users = rows
         .iter()
-        .map(|r| {
-            Ok(ActiveUser {
-                id: r.get(0),
-                full_name: r.get(1),
-                role: Role::parse(r.get(2)).map_err(|e| ApiError::Internal(e.into()))?,
-                is_online: r.get(3),
-                last_seen: r.get(4),
-            })
-        })
+        .map(ActiveUser::from_row)
         .collect::<ApiResult<_>>()?;
     Ok(Json(ActiveUsers { users }))
 }
@@ -293,15 +299,7 @@ async fn directory(
     let users: Vec<ActiveUser> = rows
         .iter()
         .take(usize::try_from(limit).unwrap_or(0))
-        .map(|r| {
-            Ok(ActiveUser {
-                id: r.get(0),
-                full_name: r.get(1),
-                role: Role::parse(r.get(2)).map_err(|e| ApiError::Internal(e.into()))?,
-                is_online: r.get(3),
-                last_seen: r.get(4),
-            })
-        })
+        .map(ActiveUser::from_row)
         .collect::<ApiResult<_>>()?;
     let next_cursor = if more {
         users.last().map(|u| u.id)
