@@ -14,7 +14,7 @@
 //! Nothing here grows with the deployment: an object holds one user's
 //! connections and contacts (see the cost model in ARCHITECTURE.md).
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 
 use futures_util::future::join_all;
 use serde::Deserialize;
@@ -47,6 +47,7 @@ pub struct User {
     env: Env,
     sql: SqlStorage,
     user: RefCell<Option<UserState>>,
+    config: OnceCell<EdgeConfig>,
     conns: Connections,
     alarm: Alarm,
     /// When the unconfirmed presence report is next sent (the alarm sends
@@ -81,6 +82,7 @@ impl DurableObject for User {
             env,
             sql,
             user: RefCell::new(None),
+            config: OnceCell::new(),
             conns: Connections::default(),
             alarm: Alarm::default(),
             retry_report_at: Cell::new(None),
@@ -169,8 +171,14 @@ impl DurableObject for User {
 }
 
 impl User {
-    fn config(&self) -> EdgeResult<EdgeConfig> {
-        EdgeConfig::from_env(&self.env)
+    /// The Worker's settings, read from the environment once per instance
+    /// (every frame and every event needs them).
+    fn config(&self) -> EdgeResult<&EdgeConfig> {
+        if let Some(config) = self.config.get() {
+            return Ok(config);
+        }
+        let config = EdgeConfig::from_env(&self.env)?;
+        Ok(self.config.get_or_init(|| config))
     }
 
     /// The answer to a client frame, and whether to close the connection:
@@ -387,7 +395,7 @@ impl User {
     /// Fetches the contact list again; on failure the alarm retries.
     async fn refresh_contacts(&self, user: i64) {
         let Ok(config) = self.config() else { return };
-        match OriginClient::new(&config).contacts(user).await {
+        match OriginClient::new(config).contacts(user).await {
             Ok(c) => {
                 self.retry_contacts_at.set(None);
                 self.contacts_loaded.set(true);
@@ -545,7 +553,7 @@ impl User {
             .collect();
         let sent = match self.config() {
             Ok(config) => {
-                OriginClient::new(&config)
+                OriginClient::new(config)
                     .presence(&PresenceBatch { updates })
                     .await
             }
