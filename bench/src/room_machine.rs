@@ -73,6 +73,7 @@ impl Driver for Counting {
     }
     fn close(&mut self, _: ConnId, _: u16, _: &str) {}
     fn notify(&mut self, _: ConversationNotice) {}
+    fn forward(&mut self, _: &[i64], _: &ServerFrame) {}
 }
 
 struct RunResult {

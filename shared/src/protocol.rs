@@ -44,6 +44,29 @@ pub enum ClientFrame {
     Pong {
         n: u64,
     },
+    /// Only on the always-on connection: "I hold every message up to this
+    /// seq in these conversations" (conversation id → seq, 0 for none). The
+    /// user's object replays what follows each (or `resync`), keeps the
+    /// live stream of those conversations flowing after it without a gap or
+    /// a duplicate, and answers `resumed`. See `docs/PROTOCOL.md`.
+    Resume {
+        #[serde(deserialize_with = "conversation_keys")]
+        since: std::collections::BTreeMap<i64, i64>,
+    },
+}
+
+/// A JSON object keyed by conversation id (JSON keys are strings).
+fn conversation_keys<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<i64, i64>, D::Error> {
+    let raw = std::collections::BTreeMap::<String, i64>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            k.parse::<i64>()
+                .map(|k| (k, v))
+                .map_err(|_| serde::de::Error::custom("a key is not a conversation id"))
+        })
+        .collect()
 }
 
 /// Delivery status of a message, derived from the other members'
@@ -135,6 +158,12 @@ pub enum ServerFrame {
     /// too much unconfirmed is closed (it reconnects and resumes).
     Ping {
         n: u64,
+    },
+    /// The answer to `resume`: these conversations are live on this
+    /// connection from where the client said it was (refused ones got an
+    /// `error` frame each before this).
+    Resumed {
+        conversations: Vec<i64>,
     },
 }
 
@@ -292,6 +321,10 @@ pub mod internal {
         pub user_id: i64,
         pub is_online: bool,
         pub contacts: Vec<ContactPresence>,
+        /// The user's conversations, whose rooms their object subscribes to
+        /// while they are online.
+        #[serde(default)]
+        pub conversations: Vec<i64>,
     }
 
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -101,7 +101,45 @@ pub struct User {
     contacts_known: bool,
     /// conversation id → (its last seq, this user's unread count there).
     unread: BTreeMap<i64, (i64, i64)>,
+    /// The last message seq each connection got, per conversation: a
+    /// replay and the live stream may overlap, and a connection sees each
+    /// message once, in order.
+    relayed: BTreeMap<(ConnId, i64), i64>,
+    /// Conversations whose subscription (with its replay) is in flight:
+    /// live frames wait here until the replay has gone out, so they never
+    /// overtake it.
+    holding: BTreeMap<i64, Held>,
     outputs: VecDeque<UserOutput>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    /// Subscriptions in flight for the conversation.
+    pending: u32,
+    frames: Vec<ServerFrame>,
+}
+
+/// The conversation a room's frame is about.
+fn conversation_of(frame: &ServerFrame) -> Option<i64> {
+    match frame {
+        ServerFrame::Message { message } => Some(message.conversation_id),
+        ServerFrame::Typing {
+            conversation_id, ..
+        }
+        | ServerFrame::Receipt {
+            conversation_id, ..
+        }
+        | ServerFrame::Resync {
+            conversation_id, ..
+        }
+        | ServerFrame::Ack {
+            conversation_id, ..
+        }
+        | ServerFrame::ConversationUpdated {
+            conversation_id, ..
+        } => Some(*conversation_id),
+        _ => None,
+    }
 }
 
 fn at(ms: Millis) -> DateTime<Utc> {
@@ -120,6 +158,8 @@ impl User {
             contacts: BTreeMap::new(),
             contacts_known: false,
             unread: BTreeMap::new(),
+            relayed: BTreeMap::new(),
+            holding: BTreeMap::new(),
             outputs: VecDeque::new(),
         }
     }
@@ -258,6 +298,7 @@ impl User {
 
     /// A connection closed; the last one starts the grace period.
     pub fn handle_disconnect(&mut self, now: Millis, conn: ConnId) {
+        self.relayed.retain(|(c, _), _| *c != conn);
         if self.conns.remove(&conn) && self.conns.is_empty() {
             self.last_seen = now;
             self.offline_at = Some(now + self.config.grace_ms);
@@ -320,10 +361,89 @@ impl User {
         });
     }
 
-    /// A frame a room sends this user (a message, typing, a receipt): to
-    /// every connection.
+    /// A live frame a room sends this user (a message, typing, a receipt):
+    /// to every connection, each message once per connection and in order;
+    /// held while a subscription to its room is in flight.
     pub fn relay(&mut self, frame: ServerFrame) {
-        self.send_all(frame);
+        if let Some(held) = conversation_of(&frame).and_then(|c| self.holding.get_mut(&c)) {
+            held.frames.push(frame);
+            return;
+        }
+        self.deliver(UserTarget::All, frame);
+    }
+
+    /// A subscription to `conversation_id`'s room (with a replay) is on its
+    /// way: its live frames wait for [`User::finish_subscribe`].
+    pub fn begin_subscribe(&mut self, conversation_id: i64) {
+        self.holding.entry(conversation_id).or_default().pending += 1;
+    }
+
+    /// The room answered a subscription: its `replay` goes to `to` (the
+    /// connection that asked, or everyone), then, once no other
+    /// subscription to that room is in flight, the live frames that waited,
+    /// without what the replay already gave. A failed subscription passes
+    /// an empty replay.
+    pub fn finish_subscribe(
+        &mut self,
+        conversation_id: i64,
+        to: UserTarget,
+        replay: Vec<ServerFrame>,
+    ) {
+        for frame in replay {
+            self.deliver(to, frame);
+        }
+        let Some(held) = self.holding.get_mut(&conversation_id) else {
+            return;
+        };
+        held.pending = held.pending.saturating_sub(1);
+        if held.pending > 0 {
+            return;
+        }
+        let frames = self
+            .holding
+            .remove(&conversation_id)
+            .map(|h| h.frames)
+            .unwrap_or_default();
+        for frame in frames {
+            self.deliver(UserTarget::All, frame);
+        }
+    }
+
+    /// Sends `frame` to `to`; a message only to the connections that do not
+    /// have it yet (its seq is above the last they got).
+    fn deliver(&mut self, to: UserTarget, frame: ServerFrame) {
+        let ServerFrame::Message { message } = &frame else {
+            if !self.conns.is_empty() {
+                self.outputs.push_back(UserOutput::Send { to, frame });
+            }
+            return;
+        };
+        let (conversation, seq) = (message.conversation_id, message.seq);
+        let targets: Vec<ConnId> = match to {
+            UserTarget::Conn(c) => self.conns.get(&c).copied().into_iter().collect(),
+            UserTarget::All => self.conns.iter().copied().collect(),
+        };
+        let mut fresh = Vec::with_capacity(targets.len());
+        for conn in &targets {
+            let last = self.relayed.entry((*conn, conversation)).or_insert(0);
+            if seq > *last {
+                *last = seq;
+                fresh.push(*conn);
+            }
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        if fresh.len() == self.conns.len() && matches!(to, UserTarget::All) {
+            self.outputs.push_back(UserOutput::Send { to, frame });
+            return;
+        }
+        for conn in fresh {
+            self.outputs.push_back(UserOutput::Send {
+                to: UserTarget::Conn(conn),
+                frame: frame.clone(),
+            });
+        }
     }
 
     fn send_all(&mut self, frame: ServerFrame) {
@@ -626,5 +746,87 @@ mod tests {
         assert!(v.is_online());
         assert_eq!(v.poll_timeout(), None);
         assert!(drain(&mut v).is_empty());
+    }
+
+    fn message(seq: i64) -> ServerFrame {
+        ServerFrame::Message {
+            message: crate::protocol::MessageView {
+                id: uuid::Uuid::nil(),
+                seq,
+                conversation_id: 5,
+                sender_id: 2,
+                content: format!("m{seq}"),
+                status: crate::protocol::MessageStatus::Sent,
+                created_at: at(T0),
+                client_msg_id: format!("k{seq}"),
+            },
+        }
+    }
+
+    /// (connection or None for all, seq) of every message sent.
+    fn messages_sent(outs: &[UserOutput]) -> Vec<(Option<u64>, i64)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                UserOutput::Send {
+                    to,
+                    frame: ServerFrame::Message { message },
+                } => Some((
+                    match to {
+                        UserTarget::Conn(c) => Some(c.0),
+                        UserTarget::All => None,
+                    },
+                    message.seq,
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn live_frames_wait_for_a_replay_in_flight_and_nobody_gets_a_message_twice() {
+        let mut u = connected();
+        u.handle_connect(T0, ConnId(11));
+        drain(&mut u);
+        u.relay(message(1));
+        assert_eq!(messages_sent(&drain(&mut u)), vec![(None, 1)]);
+        // Connection 10 resumes from 1 while 3 and 4 arrive live.
+        u.begin_subscribe(5);
+        u.relay(message(3));
+        u.relay(message(4));
+        assert!(drain(&mut u).is_empty(), "held until the replay is out");
+        u.finish_subscribe(
+            5,
+            UserTarget::Conn(ConnId(10)),
+            vec![message(2), message(3)],
+        );
+        assert_eq!(
+            messages_sent(&drain(&mut u)),
+            vec![(Some(10), 2), (Some(10), 3), (Some(11), 3), (None, 4)],
+            "the replay first, then what waited, each once per connection"
+        );
+        // A late duplicate of the live stream is dropped.
+        u.relay(message(4));
+        assert!(drain(&mut u).is_empty());
+        u.relay(message(5));
+        assert_eq!(messages_sent(&drain(&mut u)), vec![(None, 5)]);
+    }
+
+    #[test]
+    fn overlapping_subscriptions_release_only_when_both_answered() {
+        let mut u = connected();
+        u.begin_subscribe(5);
+        u.begin_subscribe(5);
+        u.relay(message(2));
+        u.finish_subscribe(5, UserTarget::All, vec![message(1)]);
+        assert_eq!(messages_sent(&drain(&mut u)), vec![(None, 1)]);
+        // A failed subscription answers with nothing; the live frame goes.
+        u.finish_subscribe(5, UserTarget::All, Vec::new());
+        assert_eq!(messages_sent(&drain(&mut u)), vec![(None, 2)]);
+        // A connection that closed forgets what it had.
+        u.handle_disconnect(T0, ConnId(10));
+        u.handle_connect(T0, ConnId(12));
+        drain(&mut u);
+        u.relay(message(2));
+        assert_eq!(messages_sent(&drain(&mut u)), vec![(None, 2)]);
     }
 }

@@ -43,6 +43,9 @@ const CLIENT_USERS: [i64; 4] = [1, 1, 2, 3];
 /// Flushed rows older than this many seqs leave the durable log (the
 /// Durable Object keeps 5,000; small here so pruning happens).
 const RETAIN: i64 = 8;
+/// The member whose `User` object subscribes to the room (they also have a
+/// client of their own: both paths at once).
+const SUBSCRIBER: i64 = 3;
 
 #[derive(Debug, Clone)]
 enum Action {
@@ -145,6 +148,8 @@ struct World {
     pending_resyncs: Vec<(usize, i64)>,
     /// Writes that failed (the room was rebuilt after each).
     failed_writes: Cell<usize>,
+    /// Seqs forwarded to the subscribed user's object, in order.
+    forwarded: Vec<i64>,
 }
 
 impl World {
@@ -234,7 +239,8 @@ impl World {
             | ServerFrame::Ping { .. }
             | ServerFrame::Presence { .. }
             | ServerFrame::PresenceSnapshot { .. }
-            | ServerFrame::ConversationUpdated { .. } => {}
+            | ServerFrame::ConversationUpdated { .. }
+            | ServerFrame::Resumed { .. } => {}
         }
     }
 }
@@ -329,6 +335,21 @@ impl Driver for World {
         }
         for i in targets {
             self.deliver(i, frame);
+        }
+    }
+
+    fn forward(&mut self, users: &[i64], frame: &ServerFrame) {
+        assert_eq!(users, [SUBSCRIBER], "only the subscribed member's object");
+        if let ServerFrame::Message { message } = frame {
+            let stored = self.ever_stored.get(&message.seq);
+            assert_eq!(stored, Some(&message.id), "forwarded only once stored");
+            let last = self.forwarded.last().copied().unwrap_or(0);
+            assert!(
+                message.seq > last,
+                "forwarded seq {} after {last}: out of order or twice",
+                message.seq
+            );
+            self.forwarded.push(message.seq);
         }
     }
 
@@ -438,6 +459,9 @@ impl Sim {
             })
             .collect();
         room.set_members(world.now, &members, 0);
+        // One member is online on their always-on connection only.
+        room.handle_subscribe(world.now, SUBSCRIBER, None)
+            .expect("a member may subscribe");
         drain(&mut room, &mut world).expect("the first write succeeds");
         Self {
             room,
@@ -463,6 +487,8 @@ impl Sim {
             &self.world,
         )
         .expect("storage holds a loadable room");
+        // The Durable Object keeps subscriptions in its SQLite.
+        self.room.restore_subscriber(SUBSCRIBER);
         for (i, client) in self.world.clients.iter_mut().enumerate() {
             let Some(conn) = client.conn else { continue };
             if survivors(i) {
@@ -794,6 +820,18 @@ fn check_end(sim: &Sim) {
     let w = &sim.world;
     let n = w.last_durable_seq();
     assert_eq!(sim.room.last_seq(), n);
+    // A forward is dropped only with a failed write's outputs; the rest
+    // reached the subscriber's object (in order: checked on the way).
+    if n > 0 && w.failed_writes.get() == 0 {
+        assert_eq!(
+            w.forwarded,
+            (1..=n).collect::<Vec<_>>(),
+            "every message forwarded"
+        );
+    }
+    if n > 0 {
+        assert!(!w.forwarded.is_empty(), "the subscriber got live messages");
+    }
     assert_eq!(
         w.origin.keys().copied().collect::<Vec<_>>(),
         (1..=n).collect::<Vec<_>>(),

@@ -64,6 +64,9 @@ pub trait Driver {
     fn close(&mut self, conn: ConnId, code: u16, reason: &str);
     /// A notice for the per-user layer (best effort).
     fn notify(&mut self, notice: ConversationNotice);
+    /// A live frame for these members' `User` objects, in the room's order
+    /// per member.
+    fn forward(&mut self, users: &[i64], frame: &ServerFrame);
 }
 
 /// A durable write failed; the room that produced it must be rebuilt.
@@ -99,6 +102,10 @@ pub fn drain<D: Driver>(room: &mut Room, driver: &mut D) -> Result<(), WriteFail
             }
             Output::Notify(notice) => {
                 driver.notify(notice);
+                Ok(())
+            }
+            Output::Forward { users, frame } => {
+                driver.forward(&users, &frame);
                 Ok(())
             }
         };

@@ -74,6 +74,7 @@ pub use storage::{
 };
 pub use window::BatchId;
 
+use std::collections::BTreeSet;
 use std::ops::RangeInclusive;
 
 use chrono::{DateTime, Utc};
@@ -244,6 +245,13 @@ pub enum Output {
     MarkReceiptsSynced(Vec<Watermark>),
     /// Tell the per-user layer (best effort: the REST list is the truth).
     Notify(ConversationNotice),
+    /// A live frame (`message`, `typing`, `receipt`) for these members'
+    /// `User` objects, which relay it to their always-on connections. One
+    /// request per member per event, in the room's order, no window.
+    Forward {
+        users: Vec<i64>,
+        frame: ServerFrame,
+    },
 }
 
 /// What one answer from the origin confirmed, for the driver's log.
@@ -391,6 +399,11 @@ pub struct Room {
     limiter: Limiter,
     typing: Typing,
     notices: Notices,
+    /// Members whose `User` object wants this room's live frames (they are
+    /// online on an always-on connection). Kept by the driver across
+    /// restarts; a member removed from the conversation stays listed but
+    /// gets nothing (see [`Room::forward_to`]).
+    subscribers: BTreeSet<i64>,
     outputs: std::collections::VecDeque<Output>,
     rng: SplitMix64,
 }
@@ -416,6 +429,7 @@ impl Room {
             }),
             typing: Typing::new(config.typing_interval_ms, config.typing_ttl_ms),
             notices: Notices::new(config.notify_interval_ms),
+            subscribers: BTreeSet::new(),
             outputs: std::collections::VecDeque::new(),
             rng,
             config,
@@ -581,21 +595,27 @@ impl Room {
     }
 
     fn replay(&mut self, now: Millis, conn: ConnId, user_id: i64, since: i64) {
+        for frame in self.replay_frames(now, user_id, since) {
+            self.send(Target::Conn(conn), frame);
+        }
+    }
+
+    /// What a client of `user_id` holding everything up to `since` is
+    /// missing: the later messages, or `resync` when `since` is older than
+    /// the window. What it holds and what it is given count as delivered.
+    fn replay_frames(&mut self, now: Millis, user_id: i64, since: i64) -> Vec<ServerFrame> {
         // The client holds everything up to `since`: that much is delivered
         // to this user, whatever the room remembered (a restart forgets
         // delivery that was not yet written).
         self.advance_delivered(now, user_id, since.min(self.last_seq()));
         match self.window.replay(since) {
-            Replay::UpToDate => {}
+            Replay::UpToDate => Vec::new(),
             // Everything before the window is confirmed by the origin (the
             // window never drops an unconfirmed message), so REST has it.
-            Replay::Resync { from_seq } => self.send(
-                Target::Conn(conn),
-                ServerFrame::Resync {
-                    conversation_id: self.conversation_id,
-                    from_seq,
-                },
-            ),
+            Replay::Resync { from_seq } => vec![ServerFrame::Resync {
+                conversation_id: self.conversation_id,
+                from_seq,
+            }],
             Replay::Messages(range) => {
                 let watermarks = self.members.snapshot();
                 let frames: Vec<ServerFrame> = self
@@ -605,12 +625,64 @@ impl Room {
                         message: self.view(r, &watermarks),
                     })
                     .collect();
-                for frame in frames {
-                    self.send(Target::Conn(conn), frame);
-                }
                 self.advance_delivered(now, user_id, *range.end());
+                frames
             }
         }
+    }
+
+    // ---- the per-user layer -----------------------------------------------
+
+    /// `user_id`'s `User` object wants this room's live frames from now on
+    /// (their user is online). With `since`, the answer is what follows it
+    /// (as for a connection's replay), computed in the same event as the
+    /// subscription, so the replay and the live frames that follow it
+    /// neither overlap nor leave a gap.
+    pub fn handle_subscribe(
+        &mut self,
+        now: Millis,
+        user_id: i64,
+        since: Option<i64>,
+    ) -> Result<Vec<ServerFrame>, RoomError> {
+        if !self.is_member(user_id) {
+            return Err(RoomError::NotMember);
+        }
+        self.subscribers.insert(user_id);
+        Ok(since.map_or_else(Vec::new, |since| {
+            self.replay_frames(now, user_id, since.max(0))
+        }))
+    }
+
+    /// A subscription the driver kept across a restart.
+    pub fn restore_subscriber(&mut self, user_id: i64) {
+        self.subscribers.insert(user_id);
+    }
+
+    /// `user_id`'s object is offline: it gets nothing more until it
+    /// subscribes again.
+    pub fn unsubscribe(&mut self, user_id: i64) {
+        self.subscribers.remove(&user_id);
+    }
+
+    /// Whether `user_id`'s object gets this room's live frames.
+    pub fn is_subscribed(&self, user_id: i64) -> bool {
+        self.subscribers.contains(&user_id) && self.is_member(user_id)
+    }
+
+    /// The subscribed members a frame for `to` goes to. Only members: a
+    /// subscription outlives a removal (the driver's copy is not rewritten
+    /// for it), so a member added back is live again at once.
+    fn forward_to(&self, to: Target) -> Vec<i64> {
+        let except = match to {
+            Target::Conn(_) => return Vec::new(),
+            Target::All => None,
+            Target::OthersOf(user) => Some(user),
+        };
+        self.subscribers
+            .iter()
+            .copied()
+            .filter(|u| Some(*u) != except && self.is_member(*u))
+            .collect()
     }
 
     // ---- inbound frames ---------------------------------------------------
@@ -656,6 +728,11 @@ impl Room {
             }) => self
                 .check_conversation(conversation_id)
                 .and_then(|()| self.handle_read(now, user_id, seq)),
+            // Resuming many conversations is the always-on connection's
+            // job; a room's socket resumes with `?since=`.
+            Ok(ClientFrame::Resume { .. }) => self
+                .take_token(now, user_id, cost::GARBAGE)
+                .and(Err(RoomError::UnknownType("resume".to_owned()))),
         };
         if let Err(e) = result {
             self.reject(conn, &e);
@@ -777,6 +854,8 @@ impl Room {
         // message.
         let mut online = self.conns.users();
         online.insert(user_id);
+        // A subscribed member's object is online and relays it.
+        online.extend(self.forward_to(Target::All));
         for user in online {
             self.members.delivered(user, seq);
         }
@@ -1110,7 +1189,24 @@ impl Room {
     }
 
     fn send(&mut self, to: Target, frame: ServerFrame) {
-        self.outputs.push_back(Output::Send { to, frame });
+        let forward = matches!(
+            frame,
+            ServerFrame::Message { .. } | ServerFrame::Typing { .. } | ServerFrame::Receipt { .. }
+        );
+        let users = if forward {
+            self.forward_to(to)
+        } else {
+            Vec::new()
+        };
+        if users.is_empty() {
+            self.outputs.push_back(Output::Send { to, frame });
+        } else {
+            self.outputs.push_back(Output::Send {
+                to,
+                frame: frame.clone(),
+            });
+            self.outputs.push_back(Output::Forward { users, frame });
+        }
     }
 
     fn reject(&mut self, conn: ConnId, error: &RoomError) {
@@ -1154,7 +1250,7 @@ pub fn parse_frame(text: &str) -> Result<ClientFrame, RoomError> {
     };
     if !matches!(
         kind,
-        "message" | "typing" | "read" | "ping" | "auth" | "pong"
+        "message" | "typing" | "read" | "ping" | "auth" | "pong" | "resume"
     ) {
         return Err(RoomError::UnknownType(kind.to_owned()));
     }
@@ -1281,6 +1377,85 @@ mod tests {
             }
             other => panic!("expected the broadcast, got {other:?}"),
         }
+    }
+
+    fn forwards(outs: &[Output]) -> Vec<(Vec<i64>, &'static str)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Output::Forward { users, frame } => Some((
+                    users.clone(),
+                    match frame {
+                        ServerFrame::Message { .. } => "message",
+                        ServerFrame::Typing { .. } => "typing",
+                        ServerFrame::Receipt { .. } => "receipt",
+                        _ => "other",
+                    },
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn subscribed_members_objects_get_live_frames_and_a_replay_from_where_they_are() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2, 3]);
+        room.handle_connect(T0, ConnId(1), 1, None).expect("member");
+        room.handle_text(T0, ConnId(1), &msg("one", "k1"), &Bare);
+        assert!(
+            forwards(&outputs(&mut room)).is_empty(),
+            "nobody subscribed"
+        );
+        assert_eq!(
+            room.handle_subscribe(T0, 99, None),
+            Err(RoomError::NotMember)
+        );
+        // Subscribing from 0 replays what the member's clients lack.
+        let replay = room.handle_subscribe(T0, 2, Some(0)).expect("member");
+        assert!(matches!(&replay[..], [ServerFrame::Message { message }] if message.seq == 1));
+        assert!(
+            room.handle_subscribe(T0, 3, None)
+                .expect("member")
+                .is_empty()
+        );
+        outputs(&mut room);
+        room.handle_text(T0 + 1, ConnId(1), &msg("two", "k2"), &Bare);
+        let outs = outputs(&mut room);
+        assert_eq!(forwards(&outs), vec![(vec![2, 3], "message")]);
+        // A subscribed member's object relays it: delivered.
+        assert!(outs.iter().any(|o| matches!(
+            o,
+            Output::Send { to: Target::All, frame: ServerFrame::Message { message } }
+                if message.status == MessageStatus::Delivered
+        )));
+        // Typing goes to the others' objects only.
+        room.handle_typing(T0 + 2, 2).expect("member");
+        assert_eq!(forwards(&outputs(&mut room)), vec![(vec![3], "typing")]);
+        // A removed member's object gets nothing, and again once added back.
+        let members = |ids: &[i64]| -> Vec<Watermark> {
+            ids.iter()
+                .map(|&user_id| Watermark {
+                    user_id,
+                    delivered_seq: 0,
+                    read_seq: 0,
+                })
+                .collect()
+        };
+        room.set_members(T0 + 3, &members(&[1, 2]), 0);
+        outputs(&mut room);
+        room.handle_text(T0 + 4, ConnId(1), &msg("three", "k3"), &Bare);
+        assert_eq!(forwards(&outputs(&mut room)), vec![(vec![2], "message")]);
+        room.set_members(T0 + 5, &members(&[1, 2, 3]), 0);
+        room.unsubscribe(2);
+        outputs(&mut room);
+        room.handle_text(T0 + 6, ConnId(1), &msg("four", "k4"), &Bare);
+        assert_eq!(forwards(&outputs(&mut room)), vec![(vec![3], "message")]);
+        // `resume` is the always-on connection's frame, not a room's.
+        let resume = serde_json::json!({"type":"resume","since":{"1":0}}).to_string();
+        room.handle_text(T0 + 7, ConnId(1), &resume, &Bare);
+        assert_eq!(
+            errors_to(&outputs(&mut room), ConnId(1)),
+            vec!["unknown_type"]
+        );
     }
 
     #[test]
@@ -1786,6 +1961,9 @@ mod tests {
         }
         fn close(&mut self, _: ConnId, _: u16, _: &str) {}
         fn notify(&mut self, _: ConversationNotice) {}
+        fn forward(&mut self, _: &[i64], frame: &ServerFrame) {
+            self.sent.push(frame.clone());
+        }
     }
 
     #[test]
