@@ -18,6 +18,7 @@ mod auth;
 mod config;
 mod conns;
 mod error;
+mod forward;
 mod headers;
 mod origin;
 mod room_do;

@@ -79,6 +79,9 @@ pub struct Room {
     /// Notices for members' User objects, sent after the outputs that
     /// produced them.
     notices: RefCell<Vec<shared::protocol::internal::ConversationNotice>>,
+    /// Live frames for subscribed members' User objects, in order per
+    /// member.
+    forwarder: crate::forward::Forwarder,
     alarm: Alarm,
     /// Until when the origin's "no such conversation" is trusted.
     unknown_until: Cell<u64>,
@@ -103,6 +106,7 @@ impl DurableObject for Room {
             loaded: RefCell::new(None),
             conns: Connections::default(),
             notices: RefCell::new(Vec::new()),
+            forwarder: crate::forward::Forwarder::default(),
             alarm: Alarm::default(),
             unknown_until: Cell::new(0),
         }
@@ -193,6 +197,7 @@ impl Room {
             sql: &self.sql,
             conns: &self.conns,
             notices: &self.notices,
+            forwarder: &self.forwarder,
             jwt_secret: &config.jwt_secret,
         }
     }
@@ -216,6 +221,7 @@ impl Room {
             "/messages" => self.post_message(req).await,
             "/typing" => self.post_typing(&req).await,
             "/read" => self.post_read(req).await,
+            "/subscribe" => self.subscribe(req).await,
             _ => Err(EdgeError::NotFound("room route")),
         }
     }
@@ -348,6 +354,31 @@ impl Room {
         Ok(Response::empty()?.with_status(204))
     }
 
+    /// `POST /subscribe` `{since}` from a member's User object: the room's
+    /// live frames go to it from now on (`crate::forward`), and the answer
+    /// `{frames}` is what follows `since` (nothing without it). Both happen
+    /// in this one event, so nothing falls between them.
+    async fn subscribe(&self, mut req: Request) -> EdgeResult<Response> {
+        #[derive(Deserialize)]
+        struct Body {
+            #[serde(default)]
+            since: Option<i64>,
+        }
+        #[derive(serde::Serialize)]
+        struct Answer {
+            frames: Vec<ServerFrame>,
+        }
+        let user = self.member(&req).await?;
+        let body: Body = json_body(&mut req).await?;
+        room_store::set_subscribed(&self.sql, user, true)?;
+        self.forwarder.subscribed(user);
+        let now = now_ms();
+        let frames = self.with_room(|r| r.handle_subscribe(now, user, body.since))??;
+        self.drain()?;
+        self.schedule().await;
+        Ok(Response::from_json(&Answer { frames })?)
+    }
+
     /// Upgrades a member's request to a hibernatable WebSocket.
     async fn connect_ws(&self, req: &Request) -> EdgeResult<Response> {
         let since = since_param(req)?;
@@ -461,6 +492,9 @@ impl Room {
         for live in self.conns.live() {
             room.handle_reattach(ConnId(live.conn), live.user, live.valid_until);
         }
+        for user in room_store::subscribers(&self.sql)? {
+            room.restore_subscriber(user);
+        }
         let members_version = room_store::meta_get(&self.sql, "members_version")?.unwrap_or(0);
         *self.loaded.borrow_mut() = Some(Loaded {
             room,
@@ -546,6 +580,7 @@ impl Room {
                 sql: &self.sql,
                 conns: &self.conns,
                 notices: &self.notices,
+                forwarder: &self.forwarder,
                 jwt_secret: &l.config.jwt_secret,
             };
             drain(&mut l.room, &mut store)
@@ -559,6 +594,8 @@ impl Room {
             self.rebuild();
             return Err(EdgeError::Room(RoomError::Storage));
         }
+        // Forwards leave at once: they wait for no alarm and no window.
+        self.send_forwards();
         // Connections the transport ended on its own (slow readers) leave
         // the room too.
         self.forget_gone(now_ms())
@@ -591,6 +628,28 @@ impl Room {
                 worker::console_warn!("member notice: {e}");
             }
         });
+    }
+
+    /// Starts the forwards the last outputs queued, and forgets the
+    /// subscriptions of members whose objects said they are offline.
+    fn send_forwards(&self) {
+        let gone = self.forwarder.take_gone();
+        if !gone.is_empty() {
+            for user in &gone {
+                if let Err(e) = room_store::set_subscribed(&self.sql, *user, false) {
+                    worker::console_error!("unsubscribe {user}: {e}");
+                }
+            }
+            let _ = self.with_room(|r| gone.iter().for_each(|u| r.unsubscribe(*u)));
+        }
+        let conversation_id = self
+            .loaded
+            .borrow()
+            .as_ref()
+            .map(|l| l.room.conversation_id());
+        if let Some(id) = conversation_id {
+            self.forwarder.start(&self.state, &self.env, id);
+        }
     }
 
     /// Sends queued member notices, then asks for an alarm at the room's

@@ -14,6 +14,8 @@
 //! - `members`: watermarks, with `synced` once the origin has those values.
 //! - `meta`: the conversation id, the origin's last seq at creation, the
 //!   schema version.
+//! - `subscribers`: members whose `User` object gets the room's live frames
+//!   (`crate::forward`); a row goes when the object says its user is offline.
 
 use serde::Deserialize;
 use shared::auth::{AUDIENCE_API, AuthError, LEEWAY_SECS};
@@ -42,6 +44,7 @@ pub struct RoomSql<'a> {
     pub sql: &'a SqlStorage,
     pub conns: &'a Connections,
     pub notices: &'a RefCell<Vec<ConversationNotice>>,
+    pub forwarder: &'a crate::forward::Forwarder,
     pub jwt_secret: &'a [u8],
 }
 
@@ -96,7 +99,8 @@ pub fn create_schema(sql: &SqlStorage) -> EdgeResult<()> {
              read_seq INTEGER NOT NULL,
              synced INTEGER NOT NULL DEFAULT 0
          );
-         CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+         CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS subscribers (user_id INTEGER PRIMARY KEY);",
         None,
     )?;
     let version = meta_get(sql, "schema_version")?.unwrap_or(1);
@@ -463,4 +467,30 @@ impl Driver for RoomSql<'_> {
     fn notify(&mut self, notice: ConversationNotice) {
         self.notices.borrow_mut().push(notice);
     }
+
+    fn forward(&mut self, users: &[i64], frame: &ServerFrame) {
+        self.forwarder.push(users, frame);
+    }
+}
+
+/// The members whose objects subscribed.
+pub fn subscribers(sql: &SqlStorage) -> EdgeResult<Vec<i64>> {
+    #[derive(Deserialize)]
+    struct Row {
+        user_id: i64,
+    }
+    let rows: Vec<Row> = sql
+        .exec("SELECT user_id FROM subscribers", None)?
+        .to_array()?;
+    Ok(rows.into_iter().map(|r| r.user_id).collect())
+}
+
+pub fn set_subscribed(sql: &SqlStorage, user: i64, subscribed: bool) -> EdgeResult<()> {
+    let query = if subscribed {
+        "INSERT OR IGNORE INTO subscribers (user_id) VALUES (?)"
+    } else {
+        "DELETE FROM subscribers WHERE user_id = ?"
+    };
+    sql.exec(query, vec![user.into()])?;
+    Ok(())
 }

@@ -7,8 +7,11 @@
 //! stored message (the original's, for a resend), nothing for typing and
 //! reads, an `error` with the Room's code for a refusal.
 //!
-//! The connection's handler waits for the Room, and workerd hands a socket
-//! its next frame only when the handler of the previous one is done, so
+//! It also subscribes a user's object to a Room (`subscribe`): the Room's
+//! live frames come back through `crate::forward`.
+//!
+//! The User object runs one connection's frames one at a time, in arrival
+//! order (`user_do::User::queued`), each waiting for its Room's answer, so
 //! one connection's frames reach their rooms in the order sent.
 
 use serde::Deserialize;
@@ -28,7 +31,10 @@ pub fn room_of(frame: &ClientFrame) -> Option<i64> {
         | ClientFrame::Read {
             conversation_id, ..
         } => Some(*conversation_id),
-        ClientFrame::Ping | ClientFrame::Auth { .. } | ClientFrame::Pong { .. } => None,
+        ClientFrame::Ping
+        | ClientFrame::Auth { .. }
+        | ClientFrame::Pong { .. }
+        | ClientFrame::Resume { .. } => None,
     }
 }
 
@@ -61,23 +67,14 @@ async fn deliver(env: &Env, user: i64, frame: &ClientFrame) -> EdgeResult<Option
             conversation_id,
             seq,
         } => (*conversation_id, "read", serde_json::json!({"seq": seq})),
-        ClientFrame::Ping | ClientFrame::Auth { .. } | ClientFrame::Pong { .. } => {
+        ClientFrame::Ping
+        | ClientFrame::Auth { .. }
+        | ClientFrame::Pong { .. }
+        | ClientFrame::Resume { .. } => {
             return Ok(None);
         }
     };
-    let headers = Headers::new();
-    headers.set(USER_HEADER, &user.to_string())?;
-    headers.set(CONVERSATION_HEADER, &conversation_id.to_string())?;
-    headers.set("content-type", "application/json")?;
-    let mut init = RequestInit::new();
-    init.with_method(Method::Post)
-        .with_headers(headers)
-        .with_body(Some(body.to_string().into()));
-    let req = Request::new_with_init(&format!("https://room/{action}"), &init)?;
-    let stub = env
-        .durable_object("ROOM")?
-        .get_by_name(&conversation_id.to_string())?;
-    let mut res = stub.fetch_with_request(req).await?;
+    let mut res = to_room(env, user, conversation_id, action, &body).await?;
     if !(200..300).contains(&res.status_code()) {
         return Ok(Some(refusal(&mut res).await));
     }
@@ -91,6 +88,61 @@ async fn deliver(env: &Env, user: i64, frame: &ClientFrame) -> EdgeResult<Option
         id: stored.id,
         conversation_id,
     }))
+}
+
+/// `user`'s object subscribes to a conversation's Room: its live frames
+/// come to the object from now on, and the answer is what follows `since`
+/// (nothing without it). A refusal is the `error` frame the Room's socket
+/// would have sent.
+pub async fn subscribe(
+    env: &Env,
+    user: i64,
+    conversation_id: i64,
+    since: Option<i64>,
+) -> Result<Vec<ServerFrame>, ServerFrame> {
+    #[derive(Deserialize)]
+    struct Answer {
+        frames: Vec<ServerFrame>,
+    }
+    let body = serde_json::json!({ "since": since });
+    let answer = async {
+        let mut res = to_room(env, user, conversation_id, "subscribe", &body).await?;
+        if !(200..300).contains(&res.status_code()) {
+            return Ok(Err(refusal(&mut res).await));
+        }
+        let answer: Answer = res.json().await?;
+        EdgeResult::Ok(Ok(answer.frames))
+    };
+    match answer.await {
+        Ok(answer) => answer,
+        Err(e) => Err(ServerFrame::Error {
+            code: e.code().to_owned(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// A JSON POST from `user` to a conversation's Room.
+async fn to_room(
+    env: &Env,
+    user: i64,
+    conversation_id: i64,
+    action: &str,
+    body: &serde_json::Value,
+) -> EdgeResult<Response> {
+    let headers = Headers::new();
+    headers.set(USER_HEADER, &user.to_string())?;
+    headers.set(CONVERSATION_HEADER, &conversation_id.to_string())?;
+    headers.set("content-type", "application/json")?;
+    let mut init = RequestInit::new();
+    init.with_method(Method::Post)
+        .with_headers(headers)
+        .with_body(Some(body.to_string().into()));
+    let req = Request::new_with_init(&format!("https://room/{action}"), &init)?;
+    let stub = env
+        .durable_object("ROOM")?
+        .get_by_name(&conversation_id.to_string())?;
+    Ok(stub.fetch_with_request(req).await?)
 }
 
 /// The Room's typed refusal (`{code, message}`), as an `error` frame.

@@ -8,6 +8,17 @@
 //! contacts' presence on the user's connections, relays the
 //! `conversation_updated` notices rooms send, and passes the seed's
 //! single-socket frames (`message`, `typing`, `read`) into their rooms.
+//!
+//! While the user is online the object is subscribed to the Rooms of their
+//! conversations (table `subscribed`, emptied when they go offline): each
+//! Room forwards its live `message`, `typing` and `receipt` frames here
+//! (`/relay`, in the room's order), and the object relays them to every
+//! connection. A `resume` frame subscribes with the client's last seq per
+//! conversation and gets the gap replayed in the same Room event, so
+//! nothing falls between replay and live stream (`shared::user` holds the
+//! live frames while a replay is in flight and drops what a connection
+//! already has). A Room that forwards to an offline user gets 410 and
+//! drops the subscription.
 //! The user's own presence is kept in SQLite (`reported`) until the origin
 //! confirms it, so REST catches up even after an outage.
 //!
@@ -15,7 +26,9 @@
 //! connections and contacts (see the cost model in ARCHITECTURE.md).
 
 use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
+use futures_util::StreamExt;
 use futures_util::future::join_all;
 use serde::Deserialize;
 use shared::bucket::{Bucket, Rate};
@@ -40,6 +53,12 @@ use crate::origin::OriginClient;
 /// Unconfirmed presence reports, and a contact list the origin could not
 /// give, are retried this often.
 const RETRY_MS: u64 = 5_000;
+/// Conversations one `resume` frame may name.
+const MAX_RESUME: usize = 200;
+/// Answers one connection may have waiting; beyond, it is a flood.
+const MAX_QUEUED_FRAMES: usize = 256;
+/// Room subscriptions in flight at once when a user comes online.
+const SUBSCRIBE_CONCURRENCY: usize = 16;
 
 #[durable_object]
 pub struct User {
@@ -63,6 +82,14 @@ pub struct User {
     /// Bumped by every presence change, so a report that was in flight
     /// while another change came does not mark that one sent.
     report_generation: Cell<u64>,
+    /// Room subscriptions in flight, by conversation.
+    subscribing: RefCell<HashMap<i64, u32>>,
+    /// Answers waiting for their turn, per connection. workerd delivers a
+    /// socket's next frame while a handler waits on another object, so
+    /// without this queue two frames of one connection could reach their
+    /// room out of order, or a flood's close could overtake the ack of a
+    /// message stored just before it.
+    queued: RefCell<HashMap<u64, VecDeque<Answer>>>,
 }
 
 impl std::fmt::Debug for User {
@@ -90,6 +117,8 @@ impl DurableObject for User {
             contacts_loaded: Cell::new(false),
             bucket: RefCell::new(None),
             report_generation: Cell::new(0),
+            subscribing: RefCell::new(HashMap::new()),
+            queued: RefCell::new(HashMap::new()),
         }
     }
 
@@ -132,22 +161,46 @@ impl DurableObject for User {
             self.conns.probe_answered(tag.conn, n);
             return Ok(());
         }
-        let (reply, close) = match self.answer_frame(&tag, &text) {
-            Answer::Reply(reply, close) => (Some(reply), close),
-            // The seed's single socket: the frame goes to its room.
-            Answer::Room(frame) => (
-                crate::single_socket::into_room(&self.env, tag.user, &frame).await,
-                None,
-            ),
+        // The bucket is charged on arrival; the answers run in arrival
+        // order, one at a time per connection (see `queued`).
+        let answer = self.answer_frame(&tag, &text);
+        let first = {
+            let mut queued = self.queued.borrow_mut();
+            match queued.get_mut(&tag.conn) {
+                Some(queue) if queue.len() >= MAX_QUEUED_FRAMES => None,
+                Some(queue) => {
+                    queue.push_back(answer);
+                    Some(false)
+                }
+                None => {
+                    queued.insert(tag.conn, VecDeque::from([answer]));
+                    Some(true)
+                }
+            }
         };
-        if let Some(Ok(text)) = reply.map(|r| serde_json::to_string(&r)) {
-            let _ = ws.send_with_str(&text);
+        match first {
+            None => {
+                self.conns.close(tag.conn, 1008, "flood");
+                self.disconnected(tag.user, tag.conn).await;
+                return Ok(());
+            }
+            Some(false) => return Ok(()), // the handler already running takes it
+            Some(true) => {}
         }
-        if let Some(reason) = close {
-            self.conns.close(tag.conn, 1008, reason);
-            self.disconnected(tag.user, tag.conn).await;
-        } else {
-            self.after_events().await;
+        loop {
+            let next = {
+                let mut queued = self.queued.borrow_mut();
+                let next = queued.get_mut(&tag.conn).and_then(VecDeque::pop_front);
+                if next.is_none() {
+                    queued.remove(&tag.conn);
+                }
+                next
+            };
+            let Some(answer) = next else { break };
+            if self.execute(&ws, &tag, answer).await {
+                self.queued.borrow_mut().remove(&tag.conn);
+                break;
+            }
         }
         Ok(())
     }
@@ -171,6 +224,31 @@ impl DurableObject for User {
 }
 
 impl User {
+    /// Carries out one answer to a client frame; true when it closed the
+    /// connection.
+    async fn execute(&self, ws: &WebSocket, tag: &SocketTag, answer: Answer) -> bool {
+        let (reply, close) = match answer {
+            Answer::Reply(reply, close) => (Some(reply), close),
+            Answer::Resume(since) => (Some(self.resume(ws, tag, since).await), None),
+            // The seed's single socket: the frame goes to its room.
+            Answer::Room(frame) => (
+                crate::single_socket::into_room(&self.env, tag.user, &frame).await,
+                None,
+            ),
+        };
+        if let Some(Ok(text)) = reply.map(|r| serde_json::to_string(&r)) {
+            let _ = ws.send_with_str(&text);
+        }
+        if let Some(reason) = close {
+            self.conns.close(tag.conn, 1008, reason);
+            self.disconnected(tag.user, tag.conn).await;
+            true
+        } else {
+            self.after_events().await;
+            false
+        }
+    }
+
     /// The Worker's settings, read from the environment once per instance
     /// (every frame and every event needs them).
     fn config(&self) -> EdgeResult<&EdgeConfig> {
@@ -200,6 +278,7 @@ impl User {
             Ok(ClientFrame::Typing { .. }) => cost::TYPING,
             Ok(ClientFrame::Read { .. }) => cost::READ,
             Ok(ClientFrame::Auth { .. }) => cost::AUTH,
+            Ok(ClientFrame::Resume { .. }) => cost::MESSAGE,
             Err(_) => cost::GARBAGE,
         };
         let (taken, strikes) = {
@@ -220,6 +299,16 @@ impl User {
             return Answer::Room(frame.clone());
         }
         let (reply, close) = match frame {
+            Ok(ClientFrame::Resume { since }) if since.len() <= MAX_RESUME => {
+                return Answer::Resume(since);
+            }
+            Ok(ClientFrame::Resume { .. }) => (
+                error(
+                    "invalid_field",
+                    &format!("resume names at most {MAX_RESUME} conversations"),
+                ),
+                None,
+            ),
             Ok(ClientFrame::Ping) => (ServerFrame::Pong, None),
             Ok(ClientFrame::Auth { token }) => {
                 match crate::room_store::verify_session(&token, &config.jwt_secret, now) {
@@ -297,6 +386,19 @@ impl User {
                 self.after_events().await;
                 Ok(Response::empty()?.with_status(204))
             }
+            "/relay" => {
+                // A Room's live frame. Offline (after the grace period)
+                // the Room is told so and stops sending.
+                if !self.with_user(|u| u.is_online())? {
+                    return Ok(Response::empty()?.with_status(410));
+                }
+                let text = req.text().await?;
+                let frame: ServerFrame = serde_json::from_str(&text)
+                    .map_err(|e| EdgeError::bad_request("invalid_json", e.to_string()))?;
+                self.with_user(|u| u.relay(frame))?;
+                self.drain();
+                Ok(Response::empty()?.with_status(204))
+            }
             "/notify" => {
                 let notice: ConversationNotice = req
                     .json()
@@ -321,6 +423,16 @@ impl User {
                     );
                 })?;
                 self.drain();
+                // A conversation this object is not subscribed to while the
+                // user is online (a new chat, or a group that added them):
+                // its messages so far, then live ones.
+                if self.with_user(|u| u.is_online())?
+                    && !self.subscribed_to(notice.conversation_id)?
+                {
+                    let _ = self
+                        .subscribe(user, notice.conversation_id, Some(0), UserTarget::All)
+                        .await;
+                }
                 self.after_events().await;
                 Ok(Response::empty()?.with_status(204))
             }
@@ -345,7 +457,8 @@ impl User {
                  last_seen_ms INTEGER NOT NULL,
                  synced INTEGER NOT NULL DEFAULT 0
              );
-             CREATE TABLE IF NOT EXISTS owner (user_id INTEGER PRIMARY KEY);",
+             CREATE TABLE IF NOT EXISTS owner (user_id INTEGER PRIMARY KEY);
+             CREATE TABLE IF NOT EXISTS subscribed (conversation_id INTEGER PRIMARY KEY);",
             None,
         )?;
         // Whose object this is, for an alarm that wakes a new instance.
@@ -402,6 +515,11 @@ impl User {
                 let now = now_ms();
                 let _ = self.with_user(|u| u.set_contacts(now, &contacts_of(&c.contacts)));
                 self.drain();
+                if self.with_user(|u| u.is_online()).unwrap_or(false)
+                    && !self.subscribe_all(user, &c.conversations).await
+                {
+                    self.retry_contacts_at.set(Some(now_ms() + RETRY_MS));
+                }
             }
             Err(e) => {
                 worker::console_warn!("contacts of user {user}: {e}");
@@ -640,6 +758,10 @@ impl User {
         self.forget_gone(now)?;
         self.with_user(|u| u.handle_timeout(now))?;
         self.drain();
+        if !self.with_user(|u| u.is_online())? {
+            // Rooms learn it from their next frame (410).
+            self.sql.exec("DELETE FROM subscribed", None)?;
+        }
         if self.retry_contacts_at.get().is_some_and(|t| now >= t) {
             self.refresh_contacts(user).await;
         }
@@ -647,6 +769,130 @@ impl User {
             self.sync_presence().await;
         }
         Ok(())
+    }
+
+    /// Whether this object is subscribed to (or subscribing to) the room.
+    fn subscribed_to(&self, conversation_id: i64) -> EdgeResult<bool> {
+        if self.subscribing.borrow().contains_key(&conversation_id) {
+            return Ok(true);
+        }
+        #[derive(Deserialize)]
+        struct Row {}
+        let rows: Vec<Row> = self
+            .sql
+            .exec(
+                "SELECT 1 AS one FROM subscribed WHERE conversation_id = ?",
+                vec![conversation_id.into()],
+            )?
+            .to_array()?;
+        Ok(!rows.is_empty())
+    }
+
+    /// Subscribes to the rooms of `conversations` this object is not
+    /// subscribed to, a few at a time (one request per room, once per time
+    /// online). Returns whether every one succeeded.
+    async fn subscribe_all(&self, user: i64, conversations: &[i64]) -> bool {
+        #[derive(Deserialize)]
+        struct Row {
+            conversation_id: i64,
+        }
+        let have: HashSet<i64> = self
+            .sql
+            .exec("SELECT conversation_id FROM subscribed", None)
+            .and_then(|c| c.to_array::<Row>())
+            .map(|rows| rows.into_iter().map(|r| r.conversation_id).collect())
+            .unwrap_or_default();
+        let missing: Vec<i64> = conversations
+            .iter()
+            .copied()
+            .filter(|c| !have.contains(c) && !self.subscribing.borrow().contains_key(c))
+            .collect();
+        let results: Vec<bool> = futures_util::stream::iter(missing)
+            .map(|c| async move {
+                self.subscribe(user, c, None, UserTarget::All)
+                    .await
+                    .inspect_err(|e| worker::console_warn!("subscribe {c}: {e:?}"))
+                    .is_ok()
+            })
+            .buffer_unordered(SUBSCRIBE_CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().all(|ok| ok)
+    }
+
+    /// Subscribes to one room; its replay (from `since`) goes to `to`, and
+    /// the live frames that came meanwhile follow it.
+    async fn subscribe(
+        &self,
+        user: i64,
+        conversation_id: i64,
+        since: Option<i64>,
+        to: UserTarget,
+    ) -> Result<(), ServerFrame> {
+        self.with_user(|u| u.begin_subscribe(conversation_id))
+            .map_err(|e| error(e.code(), &e.to_string()))?;
+        *self
+            .subscribing
+            .borrow_mut()
+            .entry(conversation_id)
+            .or_insert(0) += 1;
+        let answer = crate::single_socket::subscribe(&self.env, user, conversation_id, since).await;
+        {
+            let mut subscribing = self.subscribing.borrow_mut();
+            if let Some(n) = subscribing.get_mut(&conversation_id) {
+                *n -= 1;
+                if *n == 0 {
+                    subscribing.remove(&conversation_id);
+                }
+            }
+        }
+        let (replay, result) = match answer {
+            Ok(frames) => {
+                if let Err(e) = self.sql.exec(
+                    "INSERT OR IGNORE INTO subscribed (conversation_id) VALUES (?)",
+                    vec![conversation_id.into()],
+                ) {
+                    worker::console_error!("record subscription: {e}");
+                }
+                (frames, Ok(()))
+            }
+            Err(refused) => (Vec::new(), Err(refused)),
+        };
+        let _ = self.with_user(|u| u.finish_subscribe(conversation_id, to, replay));
+        self.drain();
+        result
+    }
+
+    /// A `resume` frame: each named conversation is subscribed with the
+    /// client's seq, its gap replayed to this connection only; a refusal is
+    /// an `error` frame. The answer is `resumed` with the ones that worked.
+    async fn resume(
+        &self,
+        ws: &WebSocket,
+        tag: &SocketTag,
+        since: BTreeMap<i64, i64>,
+    ) -> ServerFrame {
+        let to = UserTarget::Conn(ConnId(tag.conn));
+        let results: Vec<(i64, Result<(), ServerFrame>)> = futures_util::stream::iter(since)
+            .map(|(c, seq)| async move { (c, self.subscribe(tag.user, c, Some(seq), to).await) })
+            .buffer_unordered(SUBSCRIBE_CONCURRENCY)
+            .collect()
+            .await;
+        let mut conversations = Vec::new();
+        for (c, result) in results {
+            match result {
+                Ok(()) => conversations.push(c),
+                Err(ServerFrame::Error { code, message }) => {
+                    let frame = error(&code, &format!("conversation {c}: {message}"));
+                    if let Ok(text) = serde_json::to_string(&frame) {
+                        let _ = ws.send_with_str(&text);
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        conversations.sort_unstable();
+        ServerFrame::Resumed { conversations }
     }
 
     fn loaded_user(&self) -> Option<i64> {
@@ -749,6 +995,8 @@ enum Answer {
     Reply(ServerFrame, Option<&'static str>),
     /// The frame is for a room (the seed's single socket).
     Room(ClientFrame),
+    /// Resume these conversations from these seqs.
+    Resume(BTreeMap<i64, i64>),
 }
 
 fn error(code: &str, message: &str) -> ServerFrame {

@@ -245,6 +245,14 @@ async fn main() -> ExitCode {
                 )
             },
         ),
+        (
+            "two_seed_clients_chat_on_their_single_sockets_and_resume_without_a_gap",
+            |s| {
+                Box::pin(
+                    user::two_seed_clients_chat_on_their_single_sockets_and_resume_without_a_gap(s),
+                )
+            },
+        ),
         // Last: it stops and restarts the origin.
         (
             "while_the_origin_is_down_chat_goes_on_and_the_outbox_drains_after",

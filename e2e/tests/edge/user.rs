@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use e2e::{Stack, Ws};
+use e2e::{Stack, User, Ws};
 use serde_json::{Value, json};
 
 /// The suite runs with a 1.5 s grace period (10 s in production).
@@ -396,5 +396,187 @@ pub async fn a_seed_client_sends_messages_typing_and_reads_on_its_single_socket(
     // Nothing refused was stored: PostgreSQL gets exactly the five.
     let stored = s.wait_stored(conv, 5, Duration::from_secs(10)).await?;
     ensure!(stored.len() == 5, "{stored:?}");
+    Ok(())
+}
+
+/// The seed's single socket of `user`.
+async fn seed_socket(s: &Stack, user: &User) -> anyhow::Result<Ws> {
+    let mut ws = s
+        .ws_with_path(&format!("/api/v1/chat/ws/{}", user.token), "")
+        .await?;
+    ws.expect("presence_snapshot").await?;
+    Ok(ws)
+}
+
+/// The seqs of the next `message` frames of `conv` on `ws`, in the order
+/// they arrived, up to and including `last`.
+async fn messages_up_to(ws: &mut Ws, conv: i64, last: i64) -> anyhow::Result<Vec<i64>> {
+    let mut seqs = Vec::new();
+    while seqs.last().is_none_or(|s| *s < last) {
+        let f = ws
+            .expect_where(&format!("message {last} of {conv}"), |f| {
+                f["type"] == "message" && f["message"]["conversation_id"] == conv
+            })
+            .await?;
+        seqs.push(f["message"]["seq"].as_i64().unwrap_or(-1));
+    }
+    Ok(seqs)
+}
+
+/// Fails if a `message` frame of `conv` arrives on `ws` within a quiet
+/// moment.
+async fn no_more_messages(ws: &mut Ws, conv: i64) -> anyhow::Result<()> {
+    let late: Vec<Value> = ws
+        .drain(Duration::from_millis(600))
+        .await?
+        .into_iter()
+        .filter(|f| f["type"] == "message" && f["message"]["conversation_id"] == conv)
+        .collect();
+    ensure!(late.is_empty(), "unexpected message frames: {late:?}");
+    Ok(())
+}
+
+pub async fn two_seed_clients_chat_on_their_single_sockets_and_resume_without_a_gap(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let a = s.user("Ada").await?;
+    let b = s.user("Bo").await?;
+    let stranger = s.user("Stranger").await?;
+    let mut sa = seed_socket(s, &a).await?;
+    let mut sb = seed_socket(s, &b).await?;
+    // The conversation is made over REST after both are connected: their
+    // objects learn of it from the room and catch up from its start.
+    let conv = s.direct(&a, &b).await?;
+    for i in 1..=3 {
+        sa.send(json!({"type": "message", "conversation_id": conv,
+                       "content": format!("m{i}"), "client_msg_id": format!("a-{i}")}))
+            .await?;
+    }
+    for i in 1..=3 {
+        let ack = sa.expect("ack").await?;
+        ensure!(
+            ack["seq"] == i && ack["conversation_id"] == conv,
+            "ack {i}: {ack}"
+        );
+    }
+    ensure!(
+        messages_up_to(&mut sb, conv, 3).await? == [1, 2, 3],
+        "B's order"
+    );
+    ensure!(
+        messages_up_to(&mut sa, conv, 3).await? == [1, 2, 3],
+        "A's own copies"
+    );
+    no_more_messages(&mut sb, conv).await?;
+    // Typing and an answer, each on the other's one socket.
+    sa.send(json!({"type": "typing", "conversation_id": conv}))
+        .await?;
+    sb.expect_where("A typing", |f| {
+        f["type"] == "typing" && f["user_id"] == a.id && f["conversation_id"] == conv
+    })
+    .await?;
+    sb.send(json!({"type": "message", "conversation_id": conv,
+                   "content": "hi Ada", "client_msg_id": "b-1"}))
+        .await?;
+    ensure!(sb.expect("ack").await?["seq"] == 4);
+    ensure!(
+        messages_up_to(&mut sb, conv, 4).await? == [4],
+        "B's own copy"
+    );
+    let got = sa
+        .expect_where("B's answer", |f| {
+            f["type"] == "message" && f["message"]["seq"] == 4
+        })
+        .await?;
+    ensure!(got["message"]["content"] == "hi Ada" && got["message"]["sender_id"] == b.id);
+    // A resend is the original: acked again, relayed to nobody.
+    sa.send(json!({"type": "message", "conversation_id": conv,
+                   "content": "m1", "client_msg_id": "a-1"}))
+        .await?;
+    ensure!(sa.expect("ack").await?["seq"] == 1);
+    no_more_messages(&mut sb, conv).await?;
+    // B reads on its socket; A sees the receipt on its own.
+    sb.send(json!({"type": "read", "conversation_id": conv, "seq": 4}))
+        .await?;
+    sa.expect_where("B's receipt", |f| {
+        f["type"] == "receipt" && f["user_id"] == b.id && f["read_seq"] == 4
+    })
+    .await?;
+
+    // B drops (a reload: back within the grace period) while A sends 5–7.
+    sb.close().await?;
+    for i in 5..=7 {
+        sa.say(conv, &format!("m{i}"), &format!("a-{i}")).await?;
+        ensure!(sa.expect("ack").await?["seq"] == i);
+    }
+    let mut sb = seed_socket(s, &b).await?;
+    sb.send(json!({"type": "resume", "since": {conv.to_string(): 4}}))
+        .await?;
+    ensure!(
+        messages_up_to(&mut sb, conv, 7).await? == [5, 6, 7],
+        "B's gap"
+    );
+    let resumed = sb.expect("resumed").await?;
+    ensure!(resumed["conversations"] == json!([conv]), "{resumed}");
+    sa.say(conv, "m8", "a-8").await?;
+    ensure!(sa.expect("ack").await?["seq"] == 8);
+    ensure!(
+        messages_up_to(&mut sb, conv, 8).await? == [8],
+        "live after the replay"
+    );
+    no_more_messages(&mut sb, conv).await?;
+
+    // B goes offline (past the grace period): the room is told by B's
+    // object at its next frame and stops; B comes back, resumes, and is
+    // live again.
+    sb.close().await?;
+    sa.expect_where("B offline", presence_of(b.id, false))
+        .await?;
+    sa.say(conv, "m9", "a-9").await?;
+    ensure!(sa.expect("ack").await?["seq"] == 9);
+    let mut sb = seed_socket(s, &b).await?;
+    sb.send(json!({"type": "resume", "since": {conv.to_string(): 8, "987654321": 0}}))
+        .await?;
+    ensure!(messages_up_to(&mut sb, conv, 9).await? == [9]);
+    let refused = sb.expect("error").await?;
+    ensure!(refused["code"] == "not_found", "{refused}");
+    ensure!(sb.expect("resumed").await?["conversations"] == json!([conv]));
+    sa.say(conv, "m10", "a-10").await?;
+    ensure!(sa.expect("ack").await?["seq"] == 10);
+    ensure!(messages_up_to(&mut sb, conv, 10).await? == [10]);
+
+    // Errors are the room socket's: a stranger, a bad frame, a flood.
+    let mut other = seed_socket(s, &stranger).await?;
+    other
+        .send(json!({"type": "resume", "since": {conv.to_string(): 0}}))
+        .await?;
+    ensure!(other.expect("error").await?["code"] == "forbidden");
+    ensure!(other.expect("resumed").await?["conversations"] == json!([]));
+    sa.send_raw("{not json".to_owned()).await?;
+    ensure!(sa.expect("error").await?["code"] == "invalid_json");
+    sa.send(json!({"type": "ping"})).await?;
+    sa.expect("pong").await?;
+    for i in 0..120 {
+        if sa.say(conv, "spam", &format!("f-{i}")).await.is_err() {
+            break;
+        }
+    }
+    let (frames, closed) = sa.closed().await?;
+    ensure!(closed.code == 1008, "{closed:?}");
+    let flood_acks = frames.iter().filter(|f| f["type"] == "ack").count();
+    ensure!(
+        frames.iter().any(|f| f["code"] == "rate_limited"),
+        "errors before the close"
+    );
+    // PostgreSQL holds exactly what was acknowledged, once.
+    let expected = 10 + flood_acks;
+    let stored = s
+        .wait_stored(conv, expected, Duration::from_secs(15))
+        .await?;
+    ensure!(
+        stored.len() == expected,
+        "{} stored, {expected} acked",
+        stored.len()
+    );
     Ok(())
 }
