@@ -207,6 +207,16 @@ impl Stack {
             .await
     }
 
+    /// `user`'s seed single socket (`/api/v1/chat/ws/{token}`), past its
+    /// `presence_snapshot`.
+    pub async fn seed_socket(&self, user: &User) -> anyhow::Result<Ws> {
+        let mut ws = self
+            .ws_with_path(&format!("/api/v1/chat/ws/{}", user.token), "")
+            .await?;
+        ws.expect("presence_snapshot").await?;
+        Ok(ws)
+    }
+
     /// `GET /api/v1/chat/presence/{id}` as `viewer`: (is_online, last_seen).
     pub async fn presence(&self, viewer: &User, id: i64) -> anyhow::Result<(bool, Option<String>)> {
         let (status, body) = self
@@ -372,6 +382,21 @@ impl Ws {
     pub async fn expect(&mut self, kind: &str) -> anyhow::Result<Value> {
         self.expect_where(&format!("a {kind} frame"), |f| f["type"] == kind)
             .await
+    }
+
+    /// The seqs of the next `message` frames of `conv`, in the order they
+    /// arrived, up to and including `last`.
+    pub async fn messages_up_to(&mut self, conv: i64, last: i64) -> anyhow::Result<Vec<i64>> {
+        let mut seqs = Vec::new();
+        while seqs.last().is_none_or(|s| *s < last) {
+            let f = self
+                .expect_where(&format!("message {last} of {conv}"), |f| {
+                    f["type"] == "message" && f["message"]["conversation_id"] == conv
+                })
+                .await?;
+            seqs.push(f["message"]["seq"].as_i64().unwrap_or(-1));
+        }
+        Ok(seqs)
     }
 
     /// The backlog, then every frame that arrives until the line has been

@@ -399,30 +399,6 @@ pub async fn a_seed_client_sends_messages_typing_and_reads_on_its_single_socket(
     Ok(())
 }
 
-/// The seed's single socket of `user`.
-async fn seed_socket(s: &Stack, user: &User) -> anyhow::Result<Ws> {
-    let mut ws = s
-        .ws_with_path(&format!("/api/v1/chat/ws/{}", user.token), "")
-        .await?;
-    ws.expect("presence_snapshot").await?;
-    Ok(ws)
-}
-
-/// The seqs of the next `message` frames of `conv` on `ws`, in the order
-/// they arrived, up to and including `last`.
-async fn messages_up_to(ws: &mut Ws, conv: i64, last: i64) -> anyhow::Result<Vec<i64>> {
-    let mut seqs = Vec::new();
-    while seqs.last().is_none_or(|s| *s < last) {
-        let f = ws
-            .expect_where(&format!("message {last} of {conv}"), |f| {
-                f["type"] == "message" && f["message"]["conversation_id"] == conv
-            })
-            .await?;
-        seqs.push(f["message"]["seq"].as_i64().unwrap_or(-1));
-    }
-    Ok(seqs)
-}
-
 /// Fails if a `message` frame of `conv` arrives on `ws` within a quiet
 /// moment.
 async fn no_more_messages(ws: &mut Ws, conv: i64) -> anyhow::Result<()> {
@@ -442,8 +418,8 @@ pub async fn two_seed_clients_chat_on_their_single_sockets_and_resume_without_a_
     let a = s.user("Ada").await?;
     let b = s.user("Bo").await?;
     let stranger = s.user("Stranger").await?;
-    let mut sa = seed_socket(s, &a).await?;
-    let mut sb = seed_socket(s, &b).await?;
+    let mut sa = s.seed_socket(&a).await?;
+    let mut sb = s.seed_socket(&b).await?;
     // The conversation is made over REST after both are connected: their
     // objects learn of it from the room and catch up from its start.
     let conv = s.direct(&a, &b).await?;
@@ -459,12 +435,9 @@ pub async fn two_seed_clients_chat_on_their_single_sockets_and_resume_without_a_
             "ack {i}: {ack}"
         );
     }
+    ensure!(sb.messages_up_to(conv, 3).await? == [1, 2, 3], "B's order");
     ensure!(
-        messages_up_to(&mut sb, conv, 3).await? == [1, 2, 3],
-        "B's order"
-    );
-    ensure!(
-        messages_up_to(&mut sa, conv, 3).await? == [1, 2, 3],
+        sa.messages_up_to(conv, 3).await? == [1, 2, 3],
         "A's own copies"
     );
     no_more_messages(&mut sb, conv).await?;
@@ -479,10 +452,7 @@ pub async fn two_seed_clients_chat_on_their_single_sockets_and_resume_without_a_
                    "content": "hi Ada", "client_msg_id": "b-1"}))
         .await?;
     ensure!(sb.expect("ack").await?["seq"] == 4);
-    ensure!(
-        messages_up_to(&mut sb, conv, 4).await? == [4],
-        "B's own copy"
-    );
+    ensure!(sb.messages_up_to(conv, 4).await? == [4], "B's own copy");
     let got = sa
         .expect_where("B's answer", |f| {
             f["type"] == "message" && f["message"]["seq"] == 4
@@ -509,19 +479,16 @@ pub async fn two_seed_clients_chat_on_their_single_sockets_and_resume_without_a_
         sa.say(conv, &format!("m{i}"), &format!("a-{i}")).await?;
         ensure!(sa.expect("ack").await?["seq"] == i);
     }
-    let mut sb = seed_socket(s, &b).await?;
+    let mut sb = s.seed_socket(&b).await?;
     sb.send(json!({"type": "resume", "since": {conv.to_string(): 4}}))
         .await?;
-    ensure!(
-        messages_up_to(&mut sb, conv, 7).await? == [5, 6, 7],
-        "B's gap"
-    );
+    ensure!(sb.messages_up_to(conv, 7).await? == [5, 6, 7], "B's gap");
     let resumed = sb.expect("resumed").await?;
     ensure!(resumed["conversations"] == json!([conv]), "{resumed}");
     sa.say(conv, "m8", "a-8").await?;
     ensure!(sa.expect("ack").await?["seq"] == 8);
     ensure!(
-        messages_up_to(&mut sb, conv, 8).await? == [8],
+        sb.messages_up_to(conv, 8).await? == [8],
         "live after the replay"
     );
     no_more_messages(&mut sb, conv).await?;
@@ -534,19 +501,19 @@ pub async fn two_seed_clients_chat_on_their_single_sockets_and_resume_without_a_
         .await?;
     sa.say(conv, "m9", "a-9").await?;
     ensure!(sa.expect("ack").await?["seq"] == 9);
-    let mut sb = seed_socket(s, &b).await?;
+    let mut sb = s.seed_socket(&b).await?;
     sb.send(json!({"type": "resume", "since": {conv.to_string(): 8, "987654321": 0}}))
         .await?;
-    ensure!(messages_up_to(&mut sb, conv, 9).await? == [9]);
+    ensure!(sb.messages_up_to(conv, 9).await? == [9]);
     let refused = sb.expect("error").await?;
     ensure!(refused["code"] == "not_found", "{refused}");
     ensure!(sb.expect("resumed").await?["conversations"] == json!([conv]));
     sa.say(conv, "m10", "a-10").await?;
     ensure!(sa.expect("ack").await?["seq"] == 10);
-    ensure!(messages_up_to(&mut sb, conv, 10).await? == [10]);
+    ensure!(sb.messages_up_to(conv, 10).await? == [10]);
 
     // Errors are the room socket's: a stranger, a bad frame, a flood.
-    let mut other = seed_socket(s, &stranger).await?;
+    let mut other = s.seed_socket(&stranger).await?;
     other
         .send(json!({"type": "resume", "since": {conv.to_string(): 0}}))
         .await?;

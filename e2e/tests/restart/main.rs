@@ -56,6 +56,10 @@ async fn main() -> ExitCode {
             |s| Box::pin(after_a_kill_a_user_nobody_pokes_goes_offline_by_their_own_alarm(s)),
         ),
         (
+            "after_a_kill_the_single_socket_resumes_without_a_gap_and_is_live_again",
+            |s| Box::pin(after_a_kill_the_single_socket_resumes_without_a_gap_and_is_live_again(s)),
+        ),
+        (
             "a_reader_that_never_reads_is_cut_off_and_the_others_get_everything",
             |s| Box::pin(a_reader_that_never_reads_is_cut_off_and_the_others_get_everything(s)),
         ),
@@ -472,6 +476,52 @@ async fn flood(s: &Stack, alex: &User, conv: i64, n: usize) -> anyhow::Result<()
             .await?;
         }
     }
+    Ok(())
+}
+
+/// The Room's subscriptions and the User objects' records of them live in
+/// SQLite: after the runtime dies, a message sent before the member comes
+/// back reaches them through `resume`, and live frames flow again without
+/// anyone subscribing by hand.
+pub async fn after_a_kill_the_single_socket_resumes_without_a_gap_and_is_live_again(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let (alex, sam, conv) = s.pair().await?;
+    let mut a = s.seed_socket(&alex).await?;
+    let mut b = s.seed_socket(&sam).await?;
+    for ws in [&mut a, &mut b] {
+        ws.send(json!({"type": "resume", "since": {conv.to_string(): 0}}))
+            .await?;
+        ensure!(ws.expect("resumed").await?["conversations"] == json!([conv]));
+    }
+    for i in 1..=2 {
+        a.say(conv, &format!("m{i}"), &format!("k{i}")).await?;
+        ensure!(a.expect("ack").await?["seq"] == i);
+    }
+    ensure!(b.messages_up_to(conv, 2).await? == [1, 2]);
+    s.kill_edge();
+    drop(a);
+    drop(b);
+    s.start_edge().await?;
+    // Alex is back first and sends while Sam is still away.
+    let mut a = s.seed_socket(&alex).await?;
+    a.say(conv, "m3", "k3").await?;
+    ensure!(a.expect("ack").await?["seq"] == 3);
+    let mut b = s.seed_socket(&sam).await?;
+    b.send(json!({"type": "resume", "since": {conv.to_string(): 2}}))
+        .await?;
+    ensure!(b.messages_up_to(conv, 3).await? == [3], "the gap, once");
+    ensure!(b.expect("resumed").await?["conversations"] == json!([conv]));
+    a.say(conv, "m4", "k4").await?;
+    ensure!(a.expect("ack").await?["seq"] == 4);
+    ensure!(b.messages_up_to(conv, 4).await? == [4], "live again");
+    let late: Vec<Value> = b
+        .drain(Duration::from_millis(600))
+        .await?
+        .into_iter()
+        .filter(|f| f["type"] == "message")
+        .collect();
+    ensure!(late.is_empty(), "nothing twice: {late:?}");
     Ok(())
 }
 
