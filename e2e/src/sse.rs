@@ -51,10 +51,21 @@ impl Stack {
         query: &str,
         headers: &[(&str, String)],
     ) -> anyhow::Result<Result<Sse, (u16, Value)>> {
-        let mut req = self.http().get(format!(
-            "{}/api/v1/chat/conversations/{conversation}/events?{query}",
-            self.edge
-        ));
+        self.sse_at(
+            &format!("/api/v1/chat/conversations/{conversation}/events?{query}"),
+            headers,
+        )
+        .await
+    }
+
+    /// Opens any event stream of the edge (`path` with its query), as
+    /// [`Stack::sse`] does.
+    pub async fn sse_at(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<Result<Sse, (u16, Value)>> {
+        let mut req = self.http().get(format!("{}{path}", self.edge));
         for (k, v) in headers {
             req = req.header(*k, v);
         }

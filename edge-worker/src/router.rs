@@ -415,9 +415,20 @@ async fn user_connect(
     if websocket {
         headers.set("upgrade", "websocket")?;
     }
+    // An SSE stream's resume point, checked here so a bad one is a 400
+    // before any object is touched.
+    let query = match url.query_pairs().find(|(k, _)| k == "resume") {
+        Some((_, resume)) if !websocket => {
+            shared::user::parse_resume(&resume)
+                .map_err(|e| EdgeError::bad_request("invalid_query", e))?;
+            // Only digits, `:`, `,` and `-` get past the parse.
+            format!("?resume={resume}")
+        }
+        _ => String::new(),
+    };
     let mut init = RequestInit::new();
     init.with_method(Method::Get).with_headers(headers);
-    let forwarded = Request::new_with_init(&format!("https://user{path}"), &init)?;
+    let forwarded = Request::new_with_init(&format!("https://user{path}{query}"), &init)?;
     Ok(crate::user_do::stub(env, caller.user_id)?
         .fetch_with_request(forwarded)
         .await?)

@@ -35,7 +35,7 @@ use shared::bucket::{Bucket, Rate};
 use shared::protocol::internal::{ConversationNotice, PresenceBatch, PresenceUpdate};
 use shared::protocol::{ClientFrame, ServerFrame};
 use shared::room::{ConnId, cost};
-use shared::user::{Contact, User as UserState, UserConfig, UserOutput, UserTarget};
+use shared::user::{Contact, MAX_RESUME, User as UserState, UserConfig, UserOutput, UserTarget};
 use worker::{
     DurableObject, Env, Headers, Method, Request, RequestInit, Response, Result, SqlStorage, State,
     WebSocket, WebSocketIncomingMessage, durable_object,
@@ -53,8 +53,6 @@ use crate::origin::OriginClient;
 /// Unconfirmed presence reports, and a contact list the origin could not
 /// give, are retried this often.
 const RETRY_MS: u64 = 5_000;
-/// Conversations one `resume` frame may name.
-const MAX_RESUME: usize = 200;
 /// Answers one connection may have waiting; beyond, it is a flood.
 const MAX_QUEUED_FRAMES: usize = 256;
 /// Room subscriptions in flight at once when a user comes online.
@@ -229,7 +227,7 @@ impl User {
     async fn execute(&self, ws: &WebSocket, tag: &SocketTag, answer: Answer) -> bool {
         let (reply, close) = match answer {
             Answer::Reply(reply, close) => (Some(reply), close),
-            Answer::Resume(since) => (Some(self.resume(ws, tag, since).await), None),
+            Answer::Resume(since) => (Some(self.resume(tag.user, tag.conn, since).await), None),
             // The seed's single socket: the frame goes to its room.
             Answer::Room(frame) => (
                 crate::single_socket::into_room(&self.env, tag.user, &frame).await,
@@ -370,6 +368,14 @@ impl User {
                 )?;
                 self.forget_gone(now)?;
                 self.connected(now, conn)?;
+                // An SSE client cannot send `resume`: it names its resume
+                // point in the URL, and the stream starts with the gaps.
+                if let Some(since) = resume_of(&req)? {
+                    let resumed = self.resume(user, conn, since).await;
+                    if let Ok(text) = serde_json::to_string(&resumed) {
+                        self.conns.send_to(conn, &text);
+                    }
+                }
                 self.after_events().await;
                 Ok(response)
             }
@@ -863,18 +869,14 @@ impl User {
         result
     }
 
-    /// A `resume` frame: each named conversation is subscribed with the
-    /// client's seq, its gap replayed to this connection only; a refusal is
-    /// an `error` frame. The answer is `resumed` with the ones that worked.
-    async fn resume(
-        &self,
-        ws: &WebSocket,
-        tag: &SocketTag,
-        since: BTreeMap<i64, i64>,
-    ) -> ServerFrame {
-        let to = UserTarget::Conn(ConnId(tag.conn));
+    /// A `resume` frame (or an SSE stream's `?resume=`): each named
+    /// conversation is subscribed with the client's seq, its gap replayed
+    /// to this connection only; a refusal is an `error` frame. The answer
+    /// is `resumed` with the ones that worked.
+    async fn resume(&self, user: i64, conn: u64, since: BTreeMap<i64, i64>) -> ServerFrame {
+        let to = UserTarget::Conn(ConnId(conn));
         let results: Vec<(i64, Result<(), ServerFrame>)> = futures_util::stream::iter(since)
-            .map(|(c, seq)| async move { (c, self.subscribe(tag.user, c, Some(seq), to).await) })
+            .map(|(c, seq)| async move { (c, self.subscribe(user, c, Some(seq), to).await) })
             .buffer_unordered(SUBSCRIBE_CONCURRENCY)
             .collect()
             .await;
@@ -885,7 +887,7 @@ impl User {
                 Err(ServerFrame::Error { code, message }) => {
                     let frame = error(&code, &format!("conversation {c}: {message}"));
                     if let Ok(text) = serde_json::to_string(&frame) {
-                        let _ = ws.send_with_str(&text);
+                        self.conns.send_to(conn, &text);
                     }
                 }
                 Err(_) => {}
@@ -1003,6 +1005,16 @@ fn error(code: &str, message: &str) -> ServerFrame {
     ServerFrame::Error {
         code: code.to_owned(),
         message: message.to_owned(),
+    }
+}
+
+/// `?resume=7:42,9:0` as the Worker forwards it.
+fn resume_of(req: &Request) -> EdgeResult<Option<BTreeMap<i64, i64>>> {
+    match req.url()?.query_pairs().find(|(k, _)| k == "resume") {
+        Some((_, v)) => shared::user::parse_resume(&v)
+            .map(Some)
+            .map_err(|e| EdgeError::bad_request("invalid_query", e)),
+        None => Ok(None),
     }
 }
 

@@ -479,6 +479,34 @@ impl User {
     }
 }
 
+/// Conversations one resume may name (a `resume` frame, or an SSE
+/// stream's `?resume=`).
+pub const MAX_RESUME: usize = 200;
+
+/// An SSE client's resume point, `?resume=7:42,9:0` (conversation id:seq,
+/// the highest seq it holds): the same as a `resume` frame's `since`.
+pub fn parse_resume(query: &str) -> Result<BTreeMap<i64, i64>, &'static str> {
+    let mut since = BTreeMap::new();
+    for pair in query.split(',').filter(|p| !p.is_empty()) {
+        let (conv, seq) = pair
+            .split_once(':')
+            .ok_or("resume is conversation:seq pairs separated by commas")?;
+        let conv: i64 = conv
+            .parse()
+            .map_err(|_| "a conversation id in resume is not a number")?;
+        let seq: i64 = seq
+            .parse()
+            .ok()
+            .filter(|s| *s >= 0)
+            .ok_or("a seq in resume is not a whole number")?;
+        since.insert(conv, seq);
+    }
+    if since.len() > MAX_RESUME {
+        return Err("resume names more than 200 conversations");
+    }
+    Ok(since)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -828,5 +856,19 @@ mod tests {
         drain(&mut u);
         u.relay(message(2));
         assert_eq!(messages_sent(&drain(&mut u)), vec![(None, 2)]);
+    }
+
+    #[test]
+    fn an_sse_resume_query_is_conversation_seq_pairs() {
+        assert_eq!(
+            parse_resume("7:42,9:0"),
+            Ok(BTreeMap::from([(7, 42), (9, 0)]))
+        );
+        assert_eq!(parse_resume(""), Ok(BTreeMap::new()));
+        assert!(parse_resume("7").is_err());
+        assert!(parse_resume("x:1").is_err());
+        assert!(parse_resume("7:-1").is_err());
+        let many: Vec<String> = (0..201).map(|i| format!("{i}:0")).collect();
+        assert!(parse_resume(&many.join(",")).is_err());
     }
 }

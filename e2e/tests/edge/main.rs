@@ -253,6 +253,14 @@ async fn main() -> ExitCode {
                 )
             },
         ),
+        (
+            "an_sse_client_resumes_every_conversation_from_the_url",
+            |s| {
+                Box::pin(user::an_sse_client_resumes_every_conversation_from_the_url(
+                    s,
+                ))
+            },
+        ),
         // Last: it stops and restarts the origin.
         (
             "while_the_origin_is_down_chat_goes_on_and_the_outbox_drains_after",

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use e2e::{Stack, User, Ws};
+use e2e::{Stack, Ws};
 use serde_json::{Value, json};
 
 /// The suite runs with a 1.5 s grace period (10 s in production).
@@ -545,5 +545,45 @@ pub async fn two_seed_clients_chat_on_their_single_sockets_and_resume_without_a_
         "{} stored, {expected} acked",
         stored.len()
     );
+    Ok(())
+}
+
+pub async fn an_sse_client_resumes_every_conversation_from_the_url(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let (a, b, conv) = s.pair().await?;
+    let mut room = s.ws(&a, conv, None).await?;
+    for i in 1..=3 {
+        room.say(conv, &format!("m{i}"), &format!("k{i}")).await?;
+        ensure!(room.expect("ack").await?["seq"] == i);
+    }
+    let auth = [("authorization", format!("Bearer {}", b.token))];
+    let mut events = s
+        .sse_at(
+            &format!("/api/v1/chat/events?resume={conv}:1,987654321:0"),
+            &auth,
+        )
+        .await?
+        .map_err(|(status, body)| anyhow::anyhow!("{status}: {body}"))?;
+    let mut seqs = Vec::new();
+    for _ in 0..2 {
+        let (_, f) = events.expect("message").await?;
+        seqs.push(f["message"]["seq"].as_i64().unwrap_or(-1));
+    }
+    ensure!(seqs == [2, 3], "the gap in order: {seqs:?}");
+    let (_, refused) = events.expect("error").await?;
+    ensure!(refused["code"] == "not_found", "{refused}");
+    let (_, resumed) = events.expect("resumed").await?;
+    ensure!(resumed["conversations"] == json!([conv]), "{resumed}");
+    room.say(conv, "m4", "k4").await?;
+    let (_, live) = events.expect("message").await?;
+    ensure!(live["message"]["seq"] == 4, "{live}");
+    // A resume point that is not one is refused before anything opens.
+    let bad = s
+        .sse_at("/api/v1/chat/events?resume=7", &auth)
+        .await?
+        .err()
+        .context("a bad resume opened a stream")?;
+    ensure!(bad.0 == 400 && bad.1["code"] == "invalid_query", "{bad:?}");
     Ok(())
 }
