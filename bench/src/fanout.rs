@@ -7,6 +7,13 @@
 //! 3. **The outbox**: for every scenario above, each acknowledged message
 //!    checked in PostgreSQL, the time from its ack to its row, and the
 //!    origin requests the room made per second.
+//! 4. **The single socket**: one room of 50 members at 20 msg/s, 40 on the
+//!    room's WebSocket and 10 on the seed's single socket only (their User
+//!    object, which the room forwards to): each delivery's latency by the
+//!    kind of socket that carried it.
+//!
+//! `BENCH_SCENARIOS` (comma-separated of `fanout`, `throughput`, `single`;
+//! all by default) picks which run.
 //!
 //! What "counted" means here:
 //! - **Open loop**: message k is due at start + k / rate, and its latency
@@ -60,6 +67,10 @@ const FANOUT_WS: usize = 50;
 const FANOUT_SSE: usize = 10;
 const FANOUT_RATE: f64 = 20.0;
 const THROUGHPUT_MEMBERS: usize = 10;
+/// The single-socket comparison: room-socket members (who send) and
+/// single-socket members, 50 in all.
+const SINGLE_ROOM_WS: usize = 40;
+const SINGLE_SOCKETS: usize = 10;
 /// Time per scenario beyond its sending window, measured in smoke runs
 /// (users and sockets, the machine sample, the drain and the checks); for
 /// the duration estimate only.
@@ -71,6 +82,10 @@ struct Config {
     seconds: u64,
     runs: usize,
     rates: Vec<f64>,
+    /// Which scenario groups run.
+    fanout: bool,
+    throughput: bool,
+    single: bool,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
@@ -103,10 +118,26 @@ impl Config {
             rates.iter().all(|r| *r > 0.0),
             "BENCH_RATES must be positive"
         );
+        let picked = std::env::var("BENCH_SCENARIOS")
+            .unwrap_or_else(|_| "fanout,throughput,single".to_owned());
+        let picked: Vec<&str> = picked.split(',').map(str::trim).collect();
+        for p in &picked {
+            anyhow::ensure!(
+                ["fanout", "throughput", "single"].contains(p),
+                "BENCH_SCENARIOS: {p:?} is not fanout, throughput or single"
+            );
+        }
         Ok(Self {
             seconds,
             runs,
-            rates,
+            rates: if picked.contains(&"throughput") {
+                rates
+            } else {
+                Vec::new()
+            },
+            fanout: picked.contains(&"fanout"),
+            throughput: picked.contains(&"throughput"),
+            single: picked.contains(&"single"),
         })
     }
 
@@ -134,9 +165,10 @@ pub async fn run() -> anyhow::Result<()> {
     println!(
         "edge: edge-worker/build as built by `cargo xtask build-edge` (worker-build --release) under wrangler dev"
     );
-    let scenarios = cfg.runs * (1 + cfg.rates.len());
-    let estimate = cfg.runs as f64 * (cfg.seconds as f64 * (1 + cfg.rates.len()) as f64)
-        + scenarios as f64 * OVERHEAD_SECS;
+    let per_run = usize::from(cfg.fanout) + usize::from(cfg.single) + cfg.rates.len();
+    let scenarios = cfg.runs * per_run;
+    let estimate =
+        cfg.runs as f64 * (cfg.seconds as f64 * per_run as f64) + scenarios as f64 * OVERHEAD_SECS;
     println!(
         "BENCH_SECONDS={} BENCH_RUNS={} rates {:?} msgs/s: {scenarios} scenarios, about {:.0} min (longer where the room falls behind and drains)",
         cfg.seconds,
@@ -170,21 +202,38 @@ pub async fn run() -> anyhow::Result<()> {
 
     let edge = edge_url(&stack).await?;
     let mut fan: Vec<RunResult> = Vec::with_capacity(cfg.runs);
+    let mut single: Vec<RunResult> = Vec::with_capacity(cfg.runs);
     let mut tp: Vec<Vec<RunResult>> = cfg.rates.iter().map(|_| Vec::new()).collect();
     for run in 1..=cfg.runs {
-        let s = Scenario {
-            ws: FANOUT_WS,
-            sse: FANOUT_SSE,
-            rate: FANOUT_RATE,
-            duration: cfg.duration(),
-            tag: format!("r{run}fan"),
-            edge: edge.clone(),
-        };
-        fan.push(one(&stack, &s, run, &cfg, "fan-out").await?);
+        if cfg.fanout {
+            let s = Scenario {
+                ws: FANOUT_WS,
+                sse: FANOUT_SSE,
+                single: 0,
+                rate: FANOUT_RATE,
+                duration: cfg.duration(),
+                tag: format!("r{run}fan"),
+                edge: edge.clone(),
+            };
+            fan.push(one(&stack, &s, run, &cfg, "fan-out").await?);
+        }
+        if cfg.single {
+            let s = Scenario {
+                ws: SINGLE_ROOM_WS,
+                sse: 0,
+                single: SINGLE_SOCKETS,
+                rate: FANOUT_RATE,
+                duration: cfg.duration(),
+                tag: format!("r{run}single"),
+                edge: edge.clone(),
+            };
+            single.push(one(&stack, &s, run, &cfg, "single socket").await?);
+        }
         for (i, &rate) in cfg.rates.iter().enumerate() {
             let s = Scenario {
                 ws: THROUGHPUT_MEMBERS,
                 sse: 0,
+                single: 0,
                 rate,
                 duration: cfg.duration(),
                 tag: format!("r{run}tp{rate:.0}"),
@@ -208,9 +257,18 @@ pub async fn run() -> anyhow::Result<()> {
         println!("could not drop the bench's database {database}: {e:#}");
     }
 
-    print_fanout(&cfg, &fan);
-    print_throughput(&cfg, &tp);
-    print_outbox(&cfg, &fan, &tp);
+    if cfg.fanout {
+        print_fanout(&cfg, &fan);
+    }
+    if cfg.single {
+        print_single(&cfg, &single);
+    }
+    if cfg.throughput {
+        print_throughput(&cfg, &tp);
+    }
+    if cfg.fanout && cfg.throughput {
+        print_outbox(&cfg, &fan, &tp);
+    }
     println!(
         "\n{} scenario runs in {:.1} min",
         scenarios,
@@ -236,7 +294,7 @@ async fn edge_url(stack: &Stack) -> anyhow::Result<String> {
     Ok(runtime)
 }
 
-async fn drop_database(name: &str) -> anyhow::Result<()> {
+pub(crate) async fn drop_database(name: &str) -> anyhow::Result<()> {
     let admin = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
     let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await?;
@@ -259,10 +317,11 @@ async fn one(
     let load_1m = loadavg_1m();
     let neighbours = busy(Duration::from_secs(1)).await;
     println!(
-        "\nrun {run}/{} · {what}: {} WS + {} SSE members, {} msgs/s for {} s · load average {load} · {neighbours}",
+        "\nrun {run}/{} · {what}: {} WS + {} SSE + {} single-socket members, {} msgs/s for {} s · load average {load} · {neighbours}",
         cfg.runs,
         s.ws,
         s.sse,
+        s.single,
         s.rate,
         s.duration.as_secs()
     );
@@ -482,6 +541,65 @@ fn knee(rates: &[f64], tp: &[Vec<RunResult>], run: usize) -> Option<f64> {
             || r.acked_per_sec < 0.95 * rate;
         bad.then_some(*rate)
     })
+}
+
+fn print_single(cfg: &Config, runs: &[RunResult]) {
+    let all: Vec<&RunResult> = runs.iter().collect();
+    let q = |r: &RunResult, kind: &str, q: f64| {
+        r.delivery.get(kind).map_or(f64::NAN, |h| quantile_ms(h, q))
+    };
+    table(
+        &format!(
+            "Single socket vs room socket: one room, {SINGLE_ROOM_WS} room WebSocket + {SINGLE_SOCKETS} single-socket members, {FANOUT_RATE} msgs/s ({})",
+            runs_note(cfg)
+        ),
+        &[
+            "acked",
+            "lost",
+            "duplicated",
+            "room socket p50 ms",
+            "room socket p99 ms",
+            "single socket p50 ms",
+            "single socket p99 ms",
+            "p99 single / room",
+            "load avg before",
+        ],
+        &[vec![
+            col(&all, |r| r.acked as f64, 0),
+            col(&all, |r| r.lost as f64, 0),
+            col(&all, |r| r.duplicated as f64, 0),
+            col(&all, |r| q(r, "room ws", 0.5), 2),
+            col(&all, |r| q(r, "room ws", 0.99), 2),
+            col(&all, |r| q(r, "single socket", 0.5), 2),
+            col(&all, |r| q(r, "single socket", 0.99), 2),
+            col(
+                &all,
+                |r| q(r, "single socket", 0.99) / q(r, "room ws", 0.99),
+                2,
+            ),
+            col(&all, |r| r.load_1m, 2),
+        ]],
+    );
+    println!(
+        "\nLatency: from the scheduled send to each delivery, by the kind of socket that carried it (the sender's own copy included, on the room socket)."
+    );
+    target(
+        "a member on the seed's single socket gets messages with p99 ≤ 2× a room-socket member's (one more hop, no coalescing window), nothing lost or duplicated",
+    );
+    let worst = runs
+        .iter()
+        .map(|r| q(r, "single socket", 0.99) / q(r, "room ws", 0.99))
+        .fold(0.0, f64::max);
+    let lost: usize = runs.iter().map(|r| r.lost + r.unanswered).sum();
+    let dup: usize = runs.iter().map(|r| r.duplicated).sum();
+    let pg_ok = runs.iter().all(|r| r.pg.exactly_once());
+    println!(
+        "- **Measured** (worst of {} runs): single-socket p99 / room-socket p99 = {worst:.2}, {lost} lost or unanswered, {dup} duplicated, PostgreSQL exactly once: {}. {}{}",
+        runs.len(),
+        if pg_ok { "yes" } else { "NO" },
+        verdict(worst <= 2.0 && lost == 0 && dup == 0 && pg_ok),
+        if cfg.reportable() { "" } else { " (smoke run)" }
+    );
 }
 
 fn print_throughput(cfg: &Config, tp: &[Vec<RunResult>]) {

@@ -38,6 +38,9 @@ pub(super) const PERSIST_QUIET: Duration = Duration::from_secs(30);
 pub struct Scenario {
     pub ws: usize,
     pub sse: usize,
+    /// Members on the seed's single socket only (`/api/v1/chat/ws/{token}`,
+    /// their User object), who get the room's frames through it.
+    pub single: usize,
     pub rate: f64,
     pub duration: Duration,
     /// Prefix of every `client_msg_id` (unique per scenario and run).
@@ -78,6 +81,9 @@ pub struct RunResult {
     pub cut_off: usize,
     /// Scheduled send → the last member received it (acked messages).
     pub latency: Histogram<u64>,
+    /// Scheduled send → each delivery, by the kind of connection that got
+    /// it ("room ws", "sse", "single socket").
+    pub delivery: BTreeMap<&'static str, Histogram<u64>>,
     /// Scheduled send → the sender had its ack.
     pub ack_latency: Histogram<u64>,
     /// Ack at the sender → the row first seen in PostgreSQL.
@@ -106,6 +112,10 @@ pub(super) struct Tally {
     epoch: Instant,
     prefix: String,
     pub(super) total: usize,
+    /// When message 0 was due (µs since `epoch`, + 1; 0 until the clock
+    /// starts) and the schedule's interval: each delivery's latency.
+    start_us: AtomicU64,
+    interval_us: f64,
     /// Per message: the latest arrival at any member (µs since `epoch`, + 1;
     /// 0: nobody yet).
     last_arrival: Vec<AtomicU64>,
@@ -123,12 +133,14 @@ pub(super) struct Tally {
 }
 
 impl Tally {
-    fn new(total: usize, tag: &str) -> Self {
+    fn new(total: usize, tag: &str, interval_us: f64) -> Self {
         let slots = |_| AtomicU64::new(0);
         Self {
             epoch: Instant::now(),
             prefix: format!("{tag}-"),
             total,
+            start_us: AtomicU64::new(0),
+            interval_us,
             last_arrival: (0..total).map(slots).collect(),
             receivers: (0..total).map(|_| AtomicU32::new(0)).collect(),
             ack_at: (0..total).map(slots).collect(),
@@ -159,12 +171,17 @@ impl Tally {
             .filter(|k| *k < self.total)
     }
 
-    fn delivered(&self, k: usize, at_us: u64, got: &mut [bool]) {
+    fn delivered(&self, k: usize, at_us: u64, got: &mut [bool], latency: &mut Histogram<u64>) {
         if got[k] {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
             return;
         }
         got[k] = true;
+        let start = self.start_us.load(Ordering::Relaxed);
+        if start > 0 {
+            let due = start + (self.interval_us * k as f64) as u64;
+            let _ = latency.record(at_us.saturating_sub(due).max(1));
+        }
         self.last_arrival[k].fetch_max(at_us, Ordering::Relaxed);
         self.receivers[k].fetch_add(1, Ordering::Relaxed);
         self.deliveries.fetch_add(1, Ordering::Relaxed);
@@ -200,23 +217,24 @@ pub(super) struct Ack {
 /// Runs one scenario on `stack` and counts what happened.
 pub async fn scenario(stack: &Stack, s: &Scenario, load_1m: f64) -> anyhow::Result<RunResult> {
     anyhow::ensure!(s.ws > 0, "a scenario needs WebSocket members to send");
-    let mut users: Vec<User> = Vec::with_capacity(s.ws + s.sse);
-    for i in 0..s.ws + s.sse {
+    let members = s.ws + s.sse + s.single;
+    let mut users: Vec<User> = Vec::with_capacity(members);
+    for i in 0..members {
         users.push(stack.user(&format!("Bench{i}")).await?);
     }
     let owner = users[0].clone();
     let others: Vec<&User> = users[1..].iter().collect();
     let conv = stack.group(&owner, &others).await?;
-    let members = s.ws + s.sse;
     let total = (s.rate * s.duration.as_secs_f64()).round() as usize;
-    let tally = Arc::new(Tally::new(total, &s.tag));
+    let interval_us = 1e6 / s.rate;
+    let tally = Arc::new(Tally::new(total, &s.tag, interval_us));
 
     // Readers run until the driver says the run is over (never on a quiet
     // line alone: a stall of seconds must show as latency, not as loss).
     let (done_tx, done_rx) = watch::channel(false);
     let http = reqwest::Client::new();
     let mut sse_readers = Vec::with_capacity(s.sse);
-    for user in &users[s.ws..] {
+    for user in &users[s.ws..s.ws + s.sse] {
         let res = http
             .get(format!(
                 "{}/api/v1/chat/conversations/{conv}/events",
@@ -227,7 +245,12 @@ pub async fn scenario(stack: &Stack, s: &Scenario, load_1m: f64) -> anyhow::Resu
             .await
             .context("open an SSE member")?;
         anyhow::ensure!(res.status().is_success(), "SSE member: {}", res.status());
-        sse_readers.push(tokio::spawn(read_sse(res, tally.clone(), done_rx.clone())));
+        sse_readers.push(tokio::spawn(read_sse(
+            res,
+            tally.clone(),
+            done_rx.clone(),
+            micros_histogram()?,
+        )));
     }
     // Each WebSocket member's writer: the sender loop and the member's own
     // reader (answering the room's backlog probes) share it.
@@ -251,8 +274,52 @@ pub async fn scenario(stack: &Stack, s: &Scenario, load_1m: f64) -> anyhow::Resu
             tx.clone(),
             tally.clone(),
             done_rx.clone(),
+            micros_histogram()?,
         )));
         sinks.push(tx);
+    }
+    // Single-socket members: their object subscribes to the room
+    // (`resume` from 0, answered `resumed`) before the clock starts.
+    let mut single_readers = Vec::with_capacity(s.single);
+    let mut single_writers = Vec::with_capacity(s.single);
+    let mut single_sinks = Vec::with_capacity(s.single);
+    for user in &users[s.ws + s.sse..] {
+        let url = format!(
+            "{}/api/v1/chat/ws/{}",
+            s.edge.replacen("http", "ws", 1),
+            user.token
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .context("connect a single-socket member")?;
+        ws.send(Message::text(format!(
+            r#"{{"type":"resume","since":{{"{conv}":0}}}}"#
+        )))
+        .await?;
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(m) = ws.next().await {
+                if let Message::Text(t) = m? {
+                    if t.contains(r#""type":"resumed""#) {
+                        anyhow::ensure!(t.contains(&conv.to_string()), "not resumed: {t}");
+                        return Ok(());
+                    }
+                }
+            }
+            anyhow::bail!("closed before resumed")
+        })
+        .await
+        .context("a single-socket member's resume")??;
+        let (sink, stream) = ws.split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        single_writers.push(tokio::spawn(write_all(sink, rx)));
+        single_readers.push(tokio::spawn(read_ws(
+            stream,
+            tx.clone(),
+            tally.clone(),
+            done_rx.clone(),
+            micros_histogram()?,
+        )));
+        single_sinks.push(tx);
     }
     // Let every member settle before the clock starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -269,10 +336,10 @@ pub async fn scenario(stack: &Stack, s: &Scenario, load_1m: f64) -> anyhow::Resu
     // Open loop: message k is due at start + k / rate whatever happened to
     // the ones before; latency counts from then, so a sender that falls
     // behind shows its own queueing.
-    let interval_us = 1e6 / s.rate;
     let cpu_before = CpuSample::take();
     let start = Instant::now();
     let start_us = tally.us_of(start);
+    tally.start_us.store(start_us, Ordering::Relaxed);
     let mut unsent = 0usize;
     for k in 0..total {
         let due = start + Duration::from_micros((interval_us * k as f64) as u64);
@@ -338,15 +405,32 @@ pub async fn scenario(stack: &Stack, s: &Scenario, load_1m: f64) -> anyhow::Resu
     // Closing the channels closes the sockets once the readers, which hold
     // a sender for their pongs, are done too.
     drop(sinks);
+    drop(single_sinks);
     let first_seen = poller.await.context("PostgreSQL poller task")??;
     let mut acks: Vec<Ack> = Vec::new();
+    let mut delivery: BTreeMap<&'static str, Histogram<u64>> = BTreeMap::new();
+    let mut merge = |kind: &'static str, h: Histogram<u64>| -> anyhow::Result<()> {
+        match delivery.get_mut(kind) {
+            Some(all) => all.add(&h)?,
+            None => {
+                delivery.insert(kind, h);
+            }
+        }
+        Ok(())
+    };
     for r in ws_readers {
-        acks.extend(r.await.context("reader task")?);
+        let (a, h) = r.await.context("reader task")?;
+        acks.extend(a);
+        merge("room ws", h)?;
     }
     for r in sse_readers {
-        r.await.context("SSE reader task")?;
+        merge("sse", r.await.context("SSE reader task")?)?;
     }
-    for w in writers {
+    for r in single_readers {
+        let (_, h) = r.await.context("single-socket reader task")?;
+        merge("single socket", h)?;
+    }
+    for w in writers.into_iter().chain(single_writers) {
         let _ = w.await;
     }
     let pg = persisted::verify(&stack.pool, conv, &tally, &acks).await?;
@@ -404,6 +488,7 @@ pub async fn scenario(stack: &Stack, s: &Scenario, load_1m: f64) -> anyhow::Resu
         delivered_unacked,
         cut_off: tally.cut_off.load(Ordering::Relaxed),
         latency,
+        delivery,
         ack_latency,
         ack_to_row,
         pg,
@@ -463,7 +548,12 @@ fn classify(tally: &Tally, text: &str) -> Frame {
 }
 
 /// Reads an SSE member's stream until the run is over.
-async fn read_sse(res: reqwest::Response, tally: Arc<Tally>, mut done: watch::Receiver<bool>) {
+async fn read_sse(
+    res: reqwest::Response,
+    tally: Arc<Tally>,
+    mut done: watch::Receiver<bool>,
+    mut latency: Histogram<u64>,
+) -> Histogram<u64> {
     let mut got = vec![false; tally.total];
     let mut stream = res.bytes_stream();
     let mut buf = String::new();
@@ -485,11 +575,12 @@ async fn read_sse(res: reqwest::Response, tally: Arc<Tally>, mut done: watch::Re
             let line: String = buf.drain(..=pos).collect();
             if let Some(data) = line.trim_end().strip_prefix("data: ") {
                 if let Frame::Message(k) = classify(&tally, data) {
-                    tally.delivered(k, at, &mut got);
+                    tally.delivered(k, at, &mut got, &mut latency);
                 }
             }
         }
     }
+    latency
 }
 
 /// Sends what the member's channel carries until it closes, then closes
@@ -506,13 +597,15 @@ async fn write_all(mut sink: SplitSink<Socket, Message>, mut rx: mpsc::Unbounded
 /// Reads a WebSocket member until the run is over, answering the room's
 /// backlog probes as every well-behaved client does (docs/PROTOCOL.md,
 /// "Slow readers"), and counting deliveries, acks and refusals. Returns
-/// the acks this member got for its own messages.
+/// the acks this member got for its own messages, and its deliveries'
+/// latencies.
 async fn read_ws(
     mut stream: SplitStream<Socket>,
     pongs: mpsc::UnboundedSender<Message>,
     tally: Arc<Tally>,
     mut done: watch::Receiver<bool>,
-) -> Vec<Ack> {
+    mut latency: Histogram<u64>,
+) -> (Vec<Ack>, Histogram<u64>) {
     let mut got = vec![false; tally.total];
     let mut acked = vec![false; tally.total];
     let mut acks = Vec::new();
@@ -540,7 +633,7 @@ async fn read_ws(
             _ => continue,
         };
         match classify(&tally, &text) {
-            Frame::Message(k) => tally.delivered(k, at, &mut got),
+            Frame::Message(k) => tally.delivered(k, at, &mut got, &mut latency),
             Frame::Ack(ack) => {
                 // An ack repeated for the same key (a resend's) is not a
                 // second message.
@@ -558,5 +651,5 @@ async fn read_ws(
             Frame::Other => {}
         }
     }
-    acks
+    (acks, latency)
 }
