@@ -457,6 +457,7 @@ async fn create_conversation(req: Request, env: &Env, config: &EdgeConfig) -> Ed
         let notice = shared::protocol::internal::ConversationNotice {
             conversation_id: created.id,
             seq: created.last_seq,
+            prev_seq: created.last_seq,
             last_message: None,
             recipients: created
                 .participants

@@ -26,7 +26,7 @@
 //! connections and contacts (see the cost model in ARCHITECTURE.md).
 
 use std::cell::{Cell, OnceCell, RefCell};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use futures_util::StreamExt;
 use futures_util::future::join_all;
@@ -429,14 +429,22 @@ impl User {
                     );
                 })?;
                 self.drain();
-                // A conversation this object is not subscribed to while the
-                // user is online (a new chat, or a group that added them):
-                // its messages so far, then live ones.
+                // A room with news this object is not subscribed to while
+                // the user is online: subscribing is lazy, on the room's
+                // first notice, from the seq of the notice before it, so
+                // the user gets every message since the room last told
+                // them anything, then live ones. A room that stays quiet
+                // costs nothing.
                 if self.with_user(|u| u.is_online())?
                     && !self.subscribed_to(notice.conversation_id)?
                 {
                     let _ = self
-                        .subscribe(user, notice.conversation_id, Some(0), UserTarget::All)
+                        .subscribe(
+                            user,
+                            notice.conversation_id,
+                            Some(notice.prev_seq),
+                            UserTarget::All,
+                        )
                         .await;
                 }
                 self.after_events().await;
@@ -521,11 +529,6 @@ impl User {
                 let now = now_ms();
                 let _ = self.with_user(|u| u.set_contacts(now, &contacts_of(&c.contacts)));
                 self.drain();
-                if self.with_user(|u| u.is_online()).unwrap_or(false)
-                    && !self.subscribe_all(user, &c.conversations).await
-                {
-                    self.retry_contacts_at.set(Some(now_ms() + RETRY_MS));
-                }
             }
             Err(e) => {
                 worker::console_warn!("contacts of user {user}: {e}");
@@ -794,38 +797,6 @@ impl User {
         Ok(!rows.is_empty())
     }
 
-    /// Subscribes to the rooms of `conversations` this object is not
-    /// subscribed to, a few at a time (one request per room, once per time
-    /// online). Returns whether every one succeeded.
-    async fn subscribe_all(&self, user: i64, conversations: &[i64]) -> bool {
-        #[derive(Deserialize)]
-        struct Row {
-            conversation_id: i64,
-        }
-        let have: HashSet<i64> = self
-            .sql
-            .exec("SELECT conversation_id FROM subscribed", None)
-            .and_then(|c| c.to_array::<Row>())
-            .map(|rows| rows.into_iter().map(|r| r.conversation_id).collect())
-            .unwrap_or_default();
-        let missing: Vec<i64> = conversations
-            .iter()
-            .copied()
-            .filter(|c| !have.contains(c) && !self.subscribing.borrow().contains_key(c))
-            .collect();
-        let results: Vec<bool> = futures_util::stream::iter(missing)
-            .map(|c| async move {
-                self.subscribe(user, c, None, UserTarget::All)
-                    .await
-                    .inspect_err(|e| worker::console_warn!("subscribe {c}: {e:?}"))
-                    .is_ok()
-            })
-            .buffer_unordered(SUBSCRIBE_CONCURRENCY)
-            .collect()
-            .await;
-        results.into_iter().all(|ok| ok)
-    }
-
     /// Subscribes to one room; its replay (from `since`) goes to `to`, and
     /// the live frames that came meanwhile follow it.
     async fn subscribe(
@@ -965,6 +936,7 @@ pub async fn notify(env: &Env, notices: &[ConversationNotice]) -> EdgeResult<()>
             let own = ConversationNotice {
                 conversation_id: notice.conversation_id,
                 seq: notice.seq,
+                prev_seq: notice.prev_seq,
                 last_message: notice.last_message.clone(),
                 recipients: vec![(user, unread)],
             };

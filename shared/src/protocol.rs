@@ -295,6 +295,11 @@ pub mod internal {
     pub struct ConversationNotice {
         pub conversation_id: i64,
         pub seq: i64,
+        /// The `seq` of the room's previous notice: a User object that is
+        /// not subscribed to the room subscribes from here, so its user
+        /// gets every message since the room last told them anything.
+        #[serde(default)]
+        pub prev_seq: i64,
         pub last_message: Option<MessagePreview>,
         /// (user, unread count): only these users are told.
         pub recipients: Vec<(i64, i64)>,
@@ -321,10 +326,6 @@ pub mod internal {
         pub user_id: i64,
         pub is_online: bool,
         pub contacts: Vec<ContactPresence>,
-        /// The user's conversations, whose rooms their object subscribes to
-        /// while they are online.
-        #[serde(default)]
-        pub conversations: Vec<i64>,
     }
 
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

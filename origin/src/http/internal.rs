@@ -109,8 +109,7 @@ async fn message_by_seq(
 ///
 /// Everyone the user shares a conversation with now (the people their
 /// presence goes to, and the only ones whose presence they hear live),
-/// each with their presence, the user's own presence as last reported, and
-/// their conversations (whose rooms their object subscribes to).
+/// each with their presence, and the user's own presence as last reported.
 /// The cost is the user's conversations and their members, never the
 /// deployment (the participants' index on the user, then their primary
 /// key).
@@ -141,20 +140,9 @@ async fn contacts(
             &[&id],
         )
         .await?;
-    let conversations = client
-        .query(
-            "SELECT conversation_id FROM conversation_participants
-             WHERE user_id = $1 ORDER BY conversation_id",
-            &[&id],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
     Ok(Json(UserContacts {
         user_id: id,
         is_online: me.get(0),
-        conversations,
         contacts: rows
             .iter()
             .map(|r| ContactPresence {

@@ -587,8 +587,8 @@ async fn contacts_are_the_people_one_shares_a_conversation_with_and_their_presen
     let sam = app.user("Sam", Role::Member).await;
     let kim = app.user("Kim", Role::Member).await;
     let stranger = app.user("Stranger", Role::Member).await;
-    let direct = app.direct(&alex, &sam).await;
-    let squad = app.group(&alex, "Squad", &[&sam, &kim]).await;
+    app.direct(&alex, &sam).await;
+    app.group(&alex, "Squad", &[&sam, &kim]).await;
     app.direct(&kim, &stranger).await;
     let now = chrono::Utc::now();
     let (s, _) = app
@@ -621,10 +621,6 @@ async fn contacts_are_the_people_one_shares_a_conversation_with_and_their_presen
     // Sam once, though shared twice; Kim offline; never the stranger or
     // Alex.
     assert_eq!(contacts, vec![(sam.id, true), (kim.id, false)]);
-    // The rooms Alex's object subscribes to while Alex is online.
-    let mut mine = vec![direct, squad];
-    mine.sort_unstable();
-    assert_eq!(body["conversations"], json!(mine));
     let (_, body) = app
         .internal_get(&format!("/internal/v1/users/{}/contacts", stranger.id))
         .await;

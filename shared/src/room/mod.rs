@@ -404,6 +404,8 @@ pub struct Room {
     /// restarts; a member removed from the conversation stays listed but
     /// gets nothing (see [`Room::forward_to`]).
     subscribers: BTreeSet<i64>,
+    /// The seq the last notice named (none yet in this instance).
+    last_notice_seq: Option<i64>,
     outputs: std::collections::VecDeque<Output>,
     rng: SplitMix64,
 }
@@ -430,6 +432,7 @@ impl Room {
             typing: Typing::new(config.typing_interval_ms, config.typing_ttl_ms),
             notices: Notices::new(config.notify_interval_ms),
             subscribers: BTreeSet::new(),
+            last_notice_seq: None,
             outputs: std::collections::VecDeque::new(),
             rng,
             config,
@@ -971,9 +974,14 @@ impl Room {
             content: preview_text(&r.content),
             created_at: r.created_at(),
         });
+        let seq = self.last_seq();
+        // A new instance's first notice goes at once after the event that
+        // wants it (see `Notices`), so only its last message is new.
+        let prev_seq = self.last_notice_seq.replace(seq).unwrap_or(seq - 1).max(0);
         self.outputs.push_back(Output::Notify(ConversationNotice {
             conversation_id: self.conversation_id,
-            seq: self.last_seq(),
+            seq,
+            prev_seq,
             last_message,
             recipients,
         }));
@@ -1456,6 +1464,27 @@ mod tests {
             errors_to(&outputs(&mut room), ConnId(1)),
             vec!["unknown_type"]
         );
+    }
+
+    #[test]
+    fn each_notice_names_the_seq_of_the_one_before_so_a_late_subscriber_misses_nothing() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2]);
+        room.handle_connect(T0, ConnId(1), 1, None).expect("member");
+        let notices = |outs: &[Output]| -> Vec<(i64, i64)> {
+            outs.iter()
+                .filter_map(|o| match o {
+                    Output::Notify(n) => Some((n.prev_seq, n.seq)),
+                    _ => None,
+                })
+                .collect()
+        };
+        room.handle_text(T0, ConnId(1), &msg("one", "k1"), &Bare);
+        assert_eq!(notices(&outputs(&mut room)), vec![(0, 1)], "the first at once");
+        room.handle_text(T0 + 1, ConnId(1), &msg("two", "k2"), &Bare);
+        room.handle_text(T0 + 2, ConnId(1), &msg("three", "k3"), &Bare);
+        assert!(notices(&outputs(&mut room)).is_empty(), "coalesced");
+        room.handle_timeout(T0 + 10_000);
+        assert_eq!(notices(&outputs(&mut room)), vec![(1, 3)]);
     }
 
     #[test]
