@@ -386,7 +386,9 @@ impl User {
                     .await
                     .map_err(|e| EdgeError::bad_request("invalid_json", e.to_string()))?;
                 let now = now_ms();
-                self.with_user(|u| u.handle_contact_presence(now, &update))?;
+                if self.with_user(|u| u.handle_contact_presence(now, &update))? {
+                    self.save_contact(&update);
+                }
                 self.drain();
                 // Loading may have started a grace period (after a crash).
                 self.after_events().await;
@@ -472,7 +474,13 @@ impl User {
                  synced INTEGER NOT NULL DEFAULT 0
              );
              CREATE TABLE IF NOT EXISTS owner (user_id INTEGER PRIMARY KEY);
-             CREATE TABLE IF NOT EXISTS subscribed (conversation_id INTEGER PRIMARY KEY);",
+             CREATE TABLE IF NOT EXISTS subscribed (conversation_id INTEGER PRIMARY KEY);
+             CREATE TABLE IF NOT EXISTS contacts (
+                 user_id INTEGER PRIMARY KEY,
+                 is_online INTEGER NOT NULL,
+                 last_seen_ms INTEGER
+             );
+             CREATE TABLE IF NOT EXISTS contacts_saved (one INTEGER PRIMARY KEY);",
             None,
         )?;
         // Whose object this is, for an alarm that wakes a new instance.
@@ -504,15 +512,24 @@ impl User {
             state.handle_reattach(ConnId(tag.conn));
         }
         state.handle_restore(now, reported.first().is_some_and(|r| r.is_online != 0));
+        // The contacts as last saved: a wake from hibernation (every
+        // watchdog alarm, every poke after ten idle seconds) costs no
+        // origin call and tells nobody anything, since nothing changed.
+        let saved = self.saved_contacts()?;
+        if let Some(contacts) = &saved {
+            state.restore_contacts(contacts);
+        }
         if self.user.borrow().is_some() {
             return Ok(());
         }
         let online = state.is_online();
         *self.user.borrow_mut() = Some(state);
-        if online {
-            // Sockets survived hibernation, or a grace period runs again
-            // after a crash: either way the contacts must hear how this
-            // user is, so they come right after.
+        if saved.is_some() {
+            self.contacts_loaded.set(true);
+        } else if online {
+            // Never saved (an object from before contacts were kept):
+            // fetched right after, which tells the contacts how this user
+            // is.
             self.retry_contacts_at.set(Some(now));
         }
         self.alarm.load(&self.state).await;
@@ -529,6 +546,7 @@ impl User {
                 let now = now_ms();
                 let _ = self.with_user(|u| u.set_contacts(now, &contacts_of(&c.contacts)));
                 self.drain();
+                self.save_contacts();
             }
             Err(e) => {
                 worker::console_warn!("contacts of user {user}: {e}");
@@ -778,6 +796,85 @@ impl User {
             self.sync_presence().await;
         }
         Ok(())
+    }
+
+    /// The contact list this object saved, if it ever did.
+    fn saved_contacts(&self) -> EdgeResult<Option<Vec<Contact>>> {
+        #[derive(Deserialize)]
+        struct Marker {}
+        #[derive(Deserialize)]
+        struct Row {
+            user_id: i64,
+            is_online: i64,
+            last_seen_ms: Option<i64>,
+        }
+        let saved: Vec<Marker> = self
+            .sql
+            .exec("SELECT one FROM contacts_saved", None)?
+            .to_array()?;
+        if saved.is_empty() {
+            return Ok(None);
+        }
+        let rows: Vec<Row> = self
+            .sql
+            .exec(
+                "SELECT user_id, is_online, last_seen_ms FROM contacts",
+                None,
+            )?
+            .to_array()?;
+        Ok(Some(
+            rows.into_iter()
+                .map(|r| Contact {
+                    user_id: r.user_id,
+                    is_online: r.is_online != 0,
+                    last_seen: r
+                        .last_seen_ms
+                        .and_then(chrono::DateTime::from_timestamp_millis),
+                })
+                .collect(),
+        ))
+    }
+
+    /// Saves the whole contact list (after the origin gave it).
+    fn save_contacts(&self) {
+        let Ok(contacts) = self.with_user(|u| u.contacts()) else {
+            return;
+        };
+        let saved = (|| -> EdgeResult<()> {
+            self.sql.exec("DELETE FROM contacts", None)?;
+            for c in &contacts {
+                self.sql.exec(
+                    "INSERT INTO contacts (user_id, is_online, last_seen_ms) VALUES (?, ?, ?)",
+                    vec![
+                        c.user_id.into(),
+                        i64::from(c.is_online).into(),
+                        c.last_seen.map(|t| t.timestamp_millis()).into(),
+                    ],
+                )?;
+            }
+            self.sql.exec(
+                "INSERT OR IGNORE INTO contacts_saved (one) VALUES (1)",
+                None,
+            )?;
+            Ok(())
+        })();
+        if let Err(e) = saved {
+            worker::console_error!("save contacts: {e}");
+        }
+    }
+
+    /// Saves one contact's presence as their object told it.
+    fn save_contact(&self, update: &PresenceUpdate) {
+        if let Err(e) = self.sql.exec(
+            "UPDATE contacts SET is_online = ?, last_seen_ms = ? WHERE user_id = ?",
+            vec![
+                i64::from(update.is_online).into(),
+                update.last_seen.timestamp_millis().into(),
+                update.user_id.into(),
+            ],
+        ) {
+            worker::console_error!("save contact: {e}");
+        }
     }
 
     /// Whether this object is subscribed to (or subscribing to) the room.

@@ -249,6 +249,40 @@ impl User {
         self.announce_to(now, tell, false);
     }
 
+    /// The contact list as this object last saved it (a wake from
+    /// hibernation, or a restart): known again, nothing shown or told, since
+    /// nothing changed. The origin's list replaces it when the user comes
+    /// online again or a new conversation appears.
+    pub fn restore_contacts(&mut self, contacts: &[Contact]) {
+        let me = self.user_id;
+        self.contacts = contacts
+            .iter()
+            .filter(|c| c.user_id != me)
+            .map(|c| {
+                (
+                    c.user_id,
+                    Seen {
+                        online: c.is_online,
+                        last_seen: c.last_seen,
+                    },
+                )
+            })
+            .collect();
+        self.contacts_known = true;
+    }
+
+    /// The contacts as this object knows them now (to save).
+    pub fn contacts(&self) -> Vec<Contact> {
+        self.contacts
+            .iter()
+            .map(|(user_id, s)| Contact {
+                user_id: *user_id,
+                is_online: s.online,
+                last_seen: s.last_seen,
+            })
+            .collect()
+    }
+
     /// A connection that survived a restart (hibernation): counted, not
     /// announced.
     pub fn handle_reattach(&mut self, conn: ConnId) {
@@ -870,5 +904,21 @@ mod tests {
         assert!(parse_resume("7:-1").is_err());
         let many: Vec<String> = (0..201).map(|i| format!("{i}:0")).collect();
         assert!(parse_resume(&many.join(",")).is_err());
+    }
+
+    #[test]
+    fn restored_contacts_are_known_without_a_word_to_anyone() {
+        let mut u = User::new(ME, UserConfig::default());
+        u.handle_reattach(ConnId(10));
+        u.restore_contacts(&[contact(2, true), contact(3, false), contact(ME, true)]);
+        assert!(drain(&mut u).is_empty(), "no snapshot, nobody told");
+        assert_eq!(u.online_contacts(), vec![2]);
+        // Presence from a restored contact is heard; the origin's list
+        // later shows only what changed.
+        assert!(u.handle_contact_presence(T0, &update(3, true, T0)));
+        assert_eq!(presence_frames(&drain(&mut u)), vec![(3, true)]);
+        u.set_contacts(T0, &[contact(2, true), contact(3, true)]);
+        assert!(presence_frames(&drain(&mut u)).is_empty());
+        assert_eq!(u.contacts().len(), 2);
     }
 }

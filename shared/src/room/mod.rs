@@ -1479,7 +1479,11 @@ mod tests {
                 .collect()
         };
         room.handle_text(T0, ConnId(1), &msg("one", "k1"), &Bare);
-        assert_eq!(notices(&outputs(&mut room)), vec![(0, 1)], "the first at once");
+        assert_eq!(
+            notices(&outputs(&mut room)),
+            vec![(0, 1)],
+            "the first at once"
+        );
         room.handle_text(T0 + 1, ConnId(1), &msg("two", "k2"), &Bare);
         room.handle_text(T0 + 2, ConnId(1), &msg("three", "k3"), &Bare);
         assert!(notices(&outputs(&mut room)).is_empty(), "coalesced");
