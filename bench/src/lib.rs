@@ -8,6 +8,7 @@
 
 pub mod fanout;
 pub mod origin_bench;
+pub mod presence;
 pub mod report;
 pub mod room_machine;
 
@@ -16,8 +17,9 @@ pub async fn run(which: &str) -> anyhow::Result<()> {
         "origin" => origin_bench::run().await,
         "fanout" => fanout::run().await,
         "room" => room_machine::run(),
+        "presence" => presence::run().await,
         other => {
-            anyhow::bail!("unknown benchmark {other:?}; available: origin, fanout, room")
+            anyhow::bail!("unknown benchmark {other:?}; available: origin, fanout, room, presence")
         }
     }
 }

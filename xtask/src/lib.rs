@@ -21,7 +21,8 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-const USAGE: &str = "usage: cargo xtask <dev | test | bench origin|fanout|room | build-edge>";
+const USAGE: &str =
+    "usage: cargo xtask <dev | test | bench origin|fanout|room|presence | build-edge>";
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let root = workspace_root();
@@ -172,7 +173,7 @@ fn bench(root: &Path, which: Option<&str>) -> anyhow::Result<()> {
             cmd.env("DATABASE_URL", &admin_url);
             step("origin benchmark", cmd)
         }
-        "fanout" => {
+        "fanout" | "presence" => {
             let admin_url = pg::ensure(root)?;
             build_edge(root)?;
             let mut cmd = cargo(&["run", "--release", "-p", "vibe-bench", "--", which]);
@@ -186,7 +187,7 @@ fn bench(root: &Path, which: Option<&str>) -> anyhow::Result<()> {
             "room state machine benchmark (native)",
             cargo(&["run", "--release", "-p", "vibe-bench", "--", "room"]),
         ),
-        other => bail!("unknown benchmark {other:?}; available: origin, fanout, room"),
+        other => bail!("unknown benchmark {other:?}; available: origin, fanout, room, presence"),
     }
 }
 
