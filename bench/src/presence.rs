@@ -74,9 +74,10 @@ use clients::{ConnRecord, Handle, Shared};
 /// Contacts per user.
 const CONTACTS: usize = 20;
 const DEFAULT_USERS: &[usize] = &[1_000, 10_000];
-/// Changes per second. Not 20: each change costs the local runtime about
-/// 0.1 s of workerd CPU (docs/BENCHMARKS.md, "Presence at scale"), and all
-/// objects share one isolate thread, so 20/s would measure a queue.
+/// Changes per second. Not 20: each change costs the local runtime some
+/// 40–60 ms of workerd CPU (docs/BENCHMARKS.md, "Presence at scale"), and
+/// all objects share one isolate thread, so 20/s keeps it about 90 % busy
+/// and the latencies measure its queue.
 const DEFAULT_RATE: f64 = 5.0;
 /// The grace period the bench gives the Worker (the product's default is
 /// 10 s; shorter here so offline changes complete within the run).
@@ -186,6 +187,8 @@ struct RunResult {
     /// Peak descriptors in use, sampled every second over the run.
     fds_bench: usize,
     fds_workerd: usize,
+    /// workerd's descriptor limit (the smallest of its processes').
+    fds_limit: Option<usize>,
     idle_secs: f64,
     idle_cpu_secs: f64,
     /// `presence` frames during the idle window (there should be none).
@@ -755,6 +758,7 @@ async fn measure(
     let end_us = shared.now_us();
     let _ = stop_tx.send(true);
     let (fds_bench, fds_workerd) = peaks.await.context("descriptor sampler")?;
+    let fds_limit = pids.iter().filter_map(|p| procs::nofile_limit(*p)).min();
     let tasks = std::mem::take(&mut conns.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.tasks);
     let mut records = Vec::with_capacity(tasks.len());
     for t in tasks {
@@ -784,6 +788,7 @@ async fn measure(
         rss_mib: rss,
         fds_bench,
         fds_workerd,
+        fds_limit,
         idle_secs,
         idle_cpu_secs,
         idle_frames,
@@ -835,13 +840,14 @@ fn kind_line(name: &str, k: &KindResult) -> String {
 
 fn print_run(r: &RunResult) {
     println!(
-        "  {} users and {} conversations written in {:.1} s; all online in {:.1} s; descriptors at the peak: bench {}, workerd {}",
+        "  {} users and {} conversations written in {:.1} s; all online in {:.1} s; descriptors at the peak: bench {}, workerd {} (limit {})",
         r.users,
         r.conversations,
         r.populate_secs,
         r.connect_secs + r.settle_secs,
         r.fds_bench,
-        r.fds_workerd
+        r.fds_workerd,
+        r.fds_limit.map_or("unknown".to_owned(), |l| l.to_string())
     );
     println!("  {}", kind_line("came online", &r.online));
     println!(
@@ -900,6 +906,12 @@ fn anomalies(r: &RunResult) -> Vec<String> {
             "after everyone connected, {} of {} users did not see all their contacts online",
             r.users - r.complete_views,
             r.users
+        ));
+    }
+    if let Some(limit) = r.fds_limit.filter(|l| r.fds_workerd * 100 >= l * 95) {
+        out.push(format!(
+            "workerd had {} descriptors open at the peak (sampled each second) against its limit of {limit}: past it, it can neither accept a socket nor open an object's SQLite files, and what it then drops shows as lost and cut off",
+            r.fds_workerd
         ));
     }
     if r.never_quiet {

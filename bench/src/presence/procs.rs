@@ -94,6 +94,18 @@ pub fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
+/// A process's soft descriptor limit, from `/proc/<pid>/limits`.
+pub fn nofile_limit(pid: u32) -> Option<usize> {
+    std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
 /// Raises this process's soft descriptor limit to its hard limit (its
 /// children, wrangler and workerd, inherit it) and returns (soft, hard).
 /// Raising the hard limit needs CAP_SYS_RESOURCE, which a sandbox may not
