@@ -69,6 +69,10 @@ fn test(root: &Path) -> anyhow::Result<()> {
             "warnings",
         ]),
     )?;
+    // The ChatBox's state module: pure logic, under node's own test runner.
+    let mut unit = Command::new("node");
+    unit.args(["--test", "e2e/unit/"]).current_dir(root);
+    step("ChatBox state unit tests (node --test)", unit)?;
     step(
         "shared builds for wasm32",
         cargo(&[

@@ -1,0 +1,502 @@
+// The ChatBox's state, with no DOM and no network: conversations, one
+// chat's messages by seq, pending sends, read marks, what the message list
+// shows (day separators, the unread divider, grouping, which bubble says
+// "Read"), drafts and links. The views render from it; the unit tests in
+// e2e/unit drive it under node's own test runner.
+
+/** Consecutive messages from one sender this close together form a group. */
+export const GROUP_GAP_MS = 5 * 60_000;
+/** The list shows "99+" past this (the launcher badge). */
+export const BADGE_MAX = 99;
+
+// ---- conversations ------------------------------------------------------
+
+/** The conversations list: summaries as REST gives them, kept up to date by frames. */
+export class Conversations {
+  constructor() {
+    this.byId = new Map();
+  }
+
+  /** Replaces everything with a fresh REST list. */
+  reset(list) {
+    this.byId = new Map(list.map((c) => [c.id, { ...c }]));
+  }
+
+  get(id) {
+    return this.byId.get(id);
+  }
+
+  has(id) {
+    return this.byId.has(id);
+  }
+
+  get size() {
+    return this.byId.size;
+  }
+
+  remove(id) {
+    return this.byId.delete(id);
+  }
+
+  /**
+   * A `conversation_updated` frame. Returns false for a conversation this
+   * list does not know (the caller fetches it). `open` says the chat is on
+   * screen, so nothing in it counts as unread.
+   */
+  applyUpdate(frame, { open = false } = {}) {
+    const c = this.byId.get(frame.conversation_id);
+    if (!c) return false;
+    c.unread_count = open ? 0 : frame.unread_count;
+    if (frame.last_message && (frame.last_message.seq ?? 0) >= (c.last_message?.seq ?? 0)) {
+      c.last_message = frame.last_message;
+      c.updated_at = frame.last_message.created_at;
+    }
+    c.last_seq = Math.max(c.last_seq ?? 0, frame.seq ?? 0);
+    return true;
+  }
+
+  /** A message seen in the open chat: the list's preview follows it. */
+  noteMessage(id, m) {
+    const c = this.byId.get(id);
+    if (!c || (c.last_message?.seq ?? 0) > m.seq) return;
+    c.last_message = { id: m.id, seq: m.seq, sender_id: m.sender_id, content: m.content, created_at: m.created_at };
+    c.updated_at = m.created_at;
+    c.last_seq = Math.max(c.last_seq ?? 0, m.seq);
+  }
+
+  /** Marks everything up to `seq` read here (the reader saw it). */
+  markRead(id, seq) {
+    const c = this.byId.get(id);
+    if (!c) return false;
+    const changed = c.unread_count > 0 || (c.read_seq ?? 0) < seq;
+    c.read_seq = Math.max(c.read_seq ?? 0, seq);
+    if ((c.last_seq ?? 0) <= c.read_seq) c.unread_count = 0;
+    return changed;
+  }
+
+  /** Newest activity first; ties by id so the order is stable. */
+  sorted() {
+    return [...this.byId.values()].sort((a, b) => Date.parse(b.updated_at) - Date.parse(a.updated_at) || b.id - a.id);
+  }
+
+  unreadTotal() {
+    let n = 0;
+    for (const c of this.byId.values()) n += c.unread_count || 0;
+    return n;
+  }
+}
+
+export function badgeText(unread) {
+  return unread > BADGE_MAX ? `${BADGE_MAX}+` : String(unread);
+}
+
+/**
+ * The launcher's accessible name. It contains what the badge shows ("99+"),
+ * so what a speech-input user reads on screen is what they can say.
+ */
+export function launcherLabel(open, unread) {
+  const base = open ? 'Close chat' : 'Open chat';
+  return unread > 0 ? `${base}, ${badgeText(unread)} unread` : base;
+}
+
+// ---- one chat -----------------------------------------------------------
+
+/**
+ * One open conversation. `status` is what the view can offer: 'loading',
+ * 'ready', 'failed' (the load failed: retry), 'removed' (the user is no
+ * longer a member: nothing can be sent).
+ */
+export class ChatModel {
+  constructor({ id, me }) {
+    this.id = id;
+    this.me = me;
+    this.status = 'loading';
+    this.error = null;
+    this.kind = null;
+    this.name = null;
+    this.createdBy = null;
+    this.messages = new Map(); // seq -> message
+    this.pending = new Map(); // client_msg_id -> { content, state, at, error }
+    this.participants = new Map(); // user_id -> participant
+    this.oldest = null;
+    this.hasMore = false;
+    /** The first unread message when the chat was opened (the divider), or null. */
+    this.firstUnread = null;
+    /** The highest seq this client has marked read. */
+    this.readSent = 0;
+    /** A catch-up after `resync` failed: a gap the view must show. */
+    this.gap = false;
+  }
+
+  /** The conversation's REST detail. `readSeq`: the reader's mark when they opened it. */
+  load(detail, { readSeq = 0 } = {}) {
+    this.kind = detail.type;
+    this.name = detail.name;
+    this.createdBy = detail.created_by;
+    this.participants = new Map(detail.participants.map((p) => [p.user_id, { ...p }]));
+    for (const m of detail.messages) this.messages.set(m.seq, m);
+    this.oldest = detail.messages[0]?.seq ?? null;
+    this.hasMore = detail.has_more;
+    this.readSent = Math.max(this.readSent, readSeq);
+    const me = this.participants.get(this.me);
+    const mark = Math.max(readSeq, me?.read_seq ?? 0);
+    this.readSent = Math.max(this.readSent, mark);
+    this.firstUnread = this.firstFromOthersAfter(mark);
+    this.unreadMark = mark;
+    this.status = 'ready';
+    this.error = null;
+  }
+
+  /** Participants changed (a `conversation_changed`): keeps the read marks learned since. */
+  refresh(detail) {
+    this.kind = detail.type;
+    this.name = detail.name;
+    this.createdBy = detail.created_by;
+    const next = new Map();
+    for (const p of detail.participants) {
+      const known = this.participants.get(p.user_id);
+      next.set(p.user_id, {
+        ...p,
+        delivered_seq: Math.max(p.delivered_seq ?? 0, known?.delivered_seq ?? 0),
+        read_seq: Math.max(p.read_seq ?? 0, known?.read_seq ?? 0),
+      });
+    }
+    this.participants = next;
+  }
+
+  firstFromOthersAfter(seq) {
+    let first = null;
+    for (const [s, m] of this.messages) if (s > seq && m.sender_id !== this.me && (first === null || s < first)) first = s;
+    return first;
+  }
+
+  /** True while the unread divider's message is older than anything loaded. */
+  needsOlderForDivider() {
+    return this.hasMore && this.unreadMark != null && this.oldest != null && this.oldest > this.unreadMark + 1;
+  }
+
+  get isGroup() {
+    return this.kind === 'group';
+  }
+
+  /** May the reader rename the group and change its members? */
+  get canManage() {
+    return this.isGroup && this.createdBy === this.me && this.participants.has(this.me);
+  }
+
+  title(fallback = 'Chat') {
+    if (this.name) return this.name;
+    const other = [...this.participants.values()].find((p) => p.user_id !== this.me);
+    return other ? other.full_name : fallback;
+  }
+
+  others() {
+    return [...this.participants.values()].filter((p) => p.user_id !== this.me);
+  }
+
+  maxSeq() {
+    let top = 0;
+    for (const seq of this.messages.keys()) top = Math.max(top, seq);
+    return top;
+  }
+
+  /** Adds a message from a frame or a page; false when it was known. */
+  addMessage(m) {
+    if (this.messages.has(m.seq)) return false;
+    this.messages.set(m.seq, m);
+    if (m.sender_id === this.me && m.client_msg_id) this.pending.delete(m.client_msg_id);
+    return true;
+  }
+
+  /** An older page (REST, `before_seq`). */
+  addOlder(page) {
+    for (const m of page.messages) this.messages.set(m.seq, m);
+    if (page.messages.length) this.oldest = Math.min(this.oldest ?? Infinity, page.messages[0].seq);
+    this.hasMore = page.has_more;
+    if (this.firstUnread === null || (this.unreadMark != null && this.firstUnread > this.unreadMark)) {
+      this.firstUnread = this.firstFromOthersAfter(this.unreadMark ?? this.readSent);
+    }
+  }
+
+  /** A new send: shown at once as "Sending…". */
+  queue(clientMsgId, content, at = new Date().toISOString()) {
+    this.pending.set(clientMsgId, { content, state: 'sending', at, error: null });
+  }
+
+  ack(frame) {
+    const p = this.pending.get(frame.client_msg_id);
+    if (!p) return false;
+    p.state = 'acked';
+    p.seq = frame.seq;
+    return true;
+  }
+
+  fail(clientMsgId, error) {
+    const p = this.pending.get(clientMsgId);
+    if (!p) return;
+    p.state = 'failed';
+    p.error = error;
+  }
+
+  retry(clientMsgId) {
+    const p = this.pending.get(clientMsgId);
+    if (!p) return;
+    p.state = 'sending';
+    p.error = null;
+  }
+
+  /** The reader is no longer a member: nothing more goes out. */
+  removed() {
+    this.status = 'removed';
+    for (const p of this.pending.values()) {
+      if (p.state !== 'acked') {
+        p.state = 'failed';
+        p.error = 'You are no longer a member of this group.';
+      }
+    }
+  }
+
+  receipt(frame) {
+    const p = this.participants.get(frame.user_id) ?? { user_id: frame.user_id };
+    const before = `${p.delivered_seq}/${p.read_seq}`;
+    p.delivered_seq = Math.max(p.delivered_seq ?? 0, frame.delivered_seq ?? 0);
+    p.read_seq = Math.max(p.read_seq ?? 0, frame.read_seq ?? 0);
+    this.participants.set(frame.user_id, p);
+    return before !== `${p.delivered_seq}/${p.read_seq}`;
+  }
+
+  /** sent / delivered / read, from everyone else's marks. */
+  statusOf(m) {
+    const others = this.others();
+    if (!others.length) return 'sent';
+    if (others.every((p) => (p.read_seq ?? 0) >= m.seq)) return 'read';
+    if (others.every((p) => Math.max(p.delivered_seq ?? 0, p.read_seq ?? 0) >= m.seq)) return 'delivered';
+    return 'sent';
+  }
+
+  /** The seq of the reader's last message everyone else has read (0: none). */
+  lastReadMine() {
+    const others = this.others();
+    if (!others.length) return 0;
+    const read = Math.min(...others.map((p) => p.read_seq ?? 0));
+    let last = 0;
+    for (const [seq, m] of this.messages) if (m.sender_id === this.me && seq <= read && seq > last) last = seq;
+    return last;
+  }
+
+  /**
+   * What the message list shows, in order, each item with a stable `key`:
+   * the "older messages" row, day separators, the unread divider, messages
+   * (with grouping and which one says what), then sends not yet stored.
+   */
+  items(now = new Date(), locale = undefined) {
+    const out = [];
+    if (this.hasMore) out.push({ key: 'more', kind: 'more' });
+    const seqs = [...this.messages.keys()].sort((a, b) => a - b);
+    const readMine = this.lastReadMine();
+    let prev = null;
+    let prevDay = null;
+    for (const seq of seqs) {
+      const m = this.messages.get(seq);
+      const at = new Date(m.created_at);
+      const day = dayKey(at);
+      let breakGroup = false;
+      if (day !== prevDay) {
+        out.push({ key: `day:${day}`, kind: 'day', label: dayLabel(at, now, locale) });
+        prevDay = day;
+        breakGroup = true;
+      }
+      if (seq === this.firstUnread) {
+        out.push({ key: 'unread', kind: 'unread' });
+        breakGroup = true;
+      }
+      const mine = m.sender_id === this.me;
+      const continues = !breakGroup && prev && prev.m.sender_id === m.sender_id && at - new Date(prev.m.created_at) < GROUP_GAP_MS;
+      let status = null;
+      if (mine) {
+        if (seq === readMine) status = 'read';
+        else if (seq > readMine) status = this.statusOf(m);
+      }
+      const item = { key: `m:${seq}`, kind: 'message', seq, m, mine, first: !continues, last: true, status };
+      if (continues) prev.last = false;
+      out.push(item);
+      prev = item;
+    }
+    const stored = new Set();
+    for (const m of this.messages.values()) if (m.sender_id === this.me && m.client_msg_id) stored.add(m.client_msg_id);
+    for (const [id, p] of this.pending) {
+      if (stored.has(id)) continue;
+      const status = p.state === 'failed' ? 'failed' : p.state === 'acked' ? 'sent' : 'sending';
+      out.push({ key: `p:${id}`, kind: 'pending', id, content: p.content, at: p.at, mine: true, first: true, last: true, status, error: p.error });
+    }
+    return out;
+  }
+}
+
+// ---- read tracking ------------------------------------------------------
+
+/**
+ * What to mark read: the highest seq on screen, when the reader can see the
+ * page (the tab is visible and the panel open). Null: nothing new to mark.
+ */
+export function readTarget({ visible, canSee, readSent }) {
+  if (!canSee || !visible || visible.size === 0) return null;
+  let top = 0;
+  for (const seq of visible) top = Math.max(top, seq);
+  return top > readSent ? top : null;
+}
+
+// ---- days and times -----------------------------------------------------
+
+/** A local calendar day, as a sortable key. */
+export function dayKey(d) {
+  return `${d.getFullYear()}-${String(d.getMonth() + 1).padStart(2, '0')}-${String(d.getDate()).padStart(2, '0')}`;
+}
+
+/** "Today", "Yesterday", a weekday this week, else a date (with the year when it is not this year's). */
+export function dayLabel(d, now = new Date(), locale = undefined) {
+  const days = Math.round((startOfDay(now) - startOfDay(d)) / 86_400_000);
+  if (days === 0) return 'Today';
+  if (days === 1) return 'Yesterday';
+  if (days > 1 && days < 7) return d.toLocaleDateString(locale, { weekday: 'long' });
+  const opts = { weekday: 'short', day: 'numeric', month: 'short' };
+  if (d.getFullYear() !== now.getFullYear()) opts.year = 'numeric';
+  return d.toLocaleDateString(locale, opts);
+}
+
+/** A time of day for a bubble (its day is on the separator above it). */
+export function timeLabel(d, locale = undefined) {
+  return d.toLocaleTimeString(locale, { hour: '2-digit', minute: '2-digit' });
+}
+
+/** The conversations list's time: today a time, else "Yesterday" or a date. */
+export function listTime(d, now = new Date(), locale = undefined) {
+  const days = Math.round((startOfDay(now) - startOfDay(d)) / 86_400_000);
+  if (days === 0) return timeLabel(d, locale);
+  if (days === 1) return 'Yesterday';
+  const opts = { day: 'numeric', month: 'short' };
+  if (d.getFullYear() !== now.getFullYear()) opts.year = 'numeric';
+  return d.toLocaleDateString(locale, opts);
+}
+
+function startOfDay(d) {
+  return new Date(d.getFullYear(), d.getMonth(), d.getDate()).getTime();
+}
+
+// ---- drafts ---------------------------------------------------------------
+
+/** Unsent text per conversation, kept across reloads (in localStorage). */
+export class Drafts {
+  constructor(store, userId) {
+    this.store = store;
+    this.prefix = `vibe-chat-draft:${userId}:`;
+  }
+  get(conversationId) {
+    try {
+      return this.store.getItem(this.prefix + conversationId) ?? '';
+    } catch {
+      return '';
+    }
+  }
+  set(conversationId, text) {
+    try {
+      if (text) this.store.setItem(this.prefix + conversationId, text);
+      else this.store.removeItem(this.prefix + conversationId);
+    } catch {
+      // Storage full or blocked: the draft lives only in the page.
+    }
+  }
+  clear(conversationId) {
+    this.set(conversationId, '');
+  }
+}
+
+// ---- text -----------------------------------------------------------------
+
+const URL_RE = /\bhttps?:\/\/[^\s<>"]+/gi;
+
+/**
+ * Splits text into plain runs and links. Only http and https become links;
+ * trailing punctuation stays text ("see https://x.io/a." links without the
+ * dot), and an unbalanced closing parenthesis is left out.
+ */
+export function linkify(text) {
+  const out = [];
+  let last = 0;
+  for (const match of text.matchAll(URL_RE)) {
+    let url = match[0];
+    url = trimUrl(url);
+    const start = match.index;
+    let href = null;
+    try {
+      const parsed = new URL(url);
+      if (parsed.protocol === 'http:' || parsed.protocol === 'https:') href = parsed.href;
+    } catch {
+      href = null;
+    }
+    if (!href) continue;
+    if (start > last) out.push({ text: text.slice(last, start) });
+    out.push({ text: url, href });
+    last = start + url.length;
+  }
+  if (last < text.length) out.push({ text: text.slice(last) });
+  return out;
+}
+
+function trimUrl(url) {
+  for (;;) {
+    const end = url[url.length - 1];
+    if (/[.,;:!?'*]/.test(end)) url = url.slice(0, -1);
+    else if (end === ')' && count(url, '(') < count(url, ')')) url = url.slice(0, -1);
+    else return url;
+  }
+}
+
+function count(s, ch) {
+  return s.split(ch).length - 1;
+}
+
+/** "Alex Rivera" → "AR"; one name → its first letter. */
+export function initials(name) {
+  const words = (name ?? '').trim().split(/\s+/).filter(Boolean);
+  if (!words.length) return '?';
+  const first = [...words[0]][0] ?? '';
+  const last = words.length > 1 ? [...words[words.length - 1]][0] ?? '' : '';
+  return (first + last).toUpperCase();
+}
+
+/**
+ * A colour per user for their initials: each has at least 4.5:1 contrast
+ * with white text.
+ */
+export const AVATAR_COLOURS = ['#1d4ed8', '#7c3aed', '#b91c1c', '#047857', '#9a3412', '#0f766e', '#be185d', '#4338ca'];
+
+export function avatarColour(userId) {
+  const n = Math.abs(Number(userId) || 0);
+  return AVATAR_COLOURS[n % AVATAR_COLOURS.length];
+}
+
+export function firstName(full) {
+  return (full ?? '').trim().split(/\s+/)[0] || 'Someone';
+}
+
+// ---- JWT (a host's token) -------------------------------------------------
+
+/** The claims of a JWT, unverified: the client only reads its own token's expiry and name. */
+export function jwtClaims(token) {
+  const part = String(token).split('.')[1];
+  if (!part) return null;
+  try {
+    const json = atobUrl(part);
+    return JSON.parse(json);
+  } catch {
+    return null;
+  }
+}
+
+function atobUrl(s) {
+  const b64 = s.replace(/-/g, '+').replace(/_/g, '/').padEnd(Math.ceil(s.length / 4) * 4, '=');
+  const bin = atob(b64);
+  const bytes = Uint8Array.from(bin, (c) => c.charCodeAt(0));
+  return new TextDecoder().decode(bytes);
+}
