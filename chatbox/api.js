@@ -12,6 +12,8 @@
 // adopts the session the other tab just stored. Listeners (the realtime
 // connections) hear every new access token, so open sockets renew in band.
 
+import { jwtClaims } from './state.js';
+
 export class ApiError extends Error {
   constructor(status, code, message) {
     super(message);
@@ -36,7 +38,7 @@ export class Api {
     this.timer = null;
     // Another tab refreshed, logged in or logged out.
     window.addEventListener('storage', (e) => {
-      if (e.key !== SESSION_KEY) return;
+      if (e.key !== SESSION_KEY || this.host) return;
       const next = safeJson(e.newValue);
       if (!next) {
         if (this.session) this.ended();
@@ -56,8 +58,40 @@ export class Api {
     return () => this.tokenListeners.delete(fn);
   }
 
+  /**
+   * Embedding with the host's session: `provider` is an access token or an
+   * async function that returns one (called again whenever a fresh token
+   * is needed). The ChatBox then never shows its login and never refreshes
+   * or logs out by itself: the host owns the session.
+   */
+  useHost(provider) {
+    this.host = typeof provider === 'function' ? provider : async () => provider;
+  }
+
+  /** A session built from a host's token (its claims name the user). */
+  async hostSession() {
+    const token = await this.host();
+    const claims = token ? jwtClaims(token) : null;
+    if (!claims?.sub || !claims.exp) throw new ApiError(401, 'invalid_token', 'The host page gave no usable token.');
+    return {
+      token,
+      expires_at: new Date(claims.exp * 1000).toISOString(),
+      obtained_at: Date.now(),
+      user: { id: Number(claims.sub), full_name: claims.name, role: claims.role },
+    };
+  }
+
   /** The saved session, refreshed if its access token is stale; null if there is none. */
   async restore() {
+    if (this.host) {
+      try {
+        const session = await this.hostSession();
+        this.use(session, false);
+        return this.session;
+      } catch {
+        return null;
+      }
+    }
     const saved = safeJson(this.store.getItem(SESSION_KEY));
     if (!saved?.refresh_token || Date.parse(saved.refresh_expires_at) <= Date.now()) return null;
     this.use(saved, false);
@@ -100,6 +134,22 @@ export class Api {
   }
 
   async refreshNow() {
+    if (this.host) {
+      const before = this.session?.token;
+      let next;
+      try {
+        next = await this.hostSession();
+      } catch (e) {
+        this.ended();
+        throw e;
+      }
+      if (next.token === before && stale(next)) {
+        this.ended();
+        throw new ApiError(401, 'token_expired', 'The host page’s token has expired.');
+      }
+      this.use(next, false);
+      return;
+    }
     const run = async () => {
       // Another tab may have refreshed while this one waited for the lock.
       const stored = safeJson(this.store.getItem(SESSION_KEY));
@@ -132,6 +182,7 @@ export class Api {
 
   /** Logs this session out at the origin, then forgets it here. */
   async logout() {
+    if (this.host) return; // the host owns the session
     try {
       if (this.session) await this.request('POST', '/api/v1/auth/logout');
     } catch {
@@ -148,7 +199,7 @@ export class Api {
     try {
       return await this.send(method, path, body, true);
     } catch (e) {
-      if (e.status !== 401 || !this.session?.refresh_token) throw e;
+      if (e.status !== 401 || !(this.session?.refresh_token || this.host)) throw e;
       await this.refresh();
       return this.send(method, path, body, true);
     }
@@ -199,6 +250,30 @@ export class Api {
   /** The user directory: names or emails starting with `query`. */
   directory(query, limit = 20) {
     return this.request('GET', `/api/v1/users?query=${encodeURIComponent(query)}&limit=${limit}`);
+  }
+  /** One person, for a presence or a conversation that names someone not yet known. */
+  user(id) {
+    return this.request('GET', `/api/v1/users/${id}`);
+  }
+  createGroup(name, participantIds) {
+    return this.request('POST', '/api/v1/chat/conversations', { type: 'group', name, participant_ids: participantIds });
+  }
+  renameGroup(id, name) {
+    return this.request('PATCH', `/api/v1/chat/conversations/${id}`, { name });
+  }
+  addMembers(id, userIds) {
+    return this.request('POST', `/api/v1/chat/conversations/${id}/participants`, { user_ids: userIds });
+  }
+  removeMembers(id, userIds) {
+    return this.request('DELETE', `/api/v1/chat/conversations/${id}/participants`, { user_ids: userIds });
+  }
+  /** Demo accounts, offered by dev builds only (404 elsewhere). */
+  async demo() {
+    try {
+      return await this.send('GET', '/api/v1/edge/demo', undefined, false);
+    } catch {
+      return null;
+    }
   }
   openDirect(userId) {
     return this.request('POST', '/api/v1/chat/conversations', { type: 'direct', participant_id: userId });

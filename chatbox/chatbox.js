@@ -1,48 +1,73 @@
 // The Vibe Chat ChatBox: a floating launcher with an unread badge, and a
-// panel with three views: conversations, people (contacts, and a search
-// of the directory), and a chat.
+// panel with the conversations, people, a chat, a new group and a group's
+// settings.
 //
-// Embed it on any page of the platform:
+// Embed it on any page of the platform, either with its own login:
 //
 //   <script type="module" src="https://chat.vibe.fit/chatbox.js"
 //           data-vibe-chat data-edge="https://chat.vibe.fit"></script>
 //
-// or import { mountChatBox } and call it. It talks to the edge only: REST
-// (proxied to the origin), one always-on connection (the user's own) for presence and
-// unread counts, and one Room connection for the open chat.
+// or with the session the host page already has (no second login):
+//
+//   import { mountChatBox } from 'https://chat.vibe.fit/chatbox.js';
+//   mountChatBox({ edge: 'https://chat.vibe.fit', token: async () => getChatToken() });
+//
+// This file is the controller: the session, the connections and which view
+// is on screen. State lives in state.js (no DOM, no network); the views in
+// chat-view.js and views.js render from it. It talks to the edge only:
+// REST (proxied to the origin), the user's own connection (presence, notices
+// and group changes), and one Room connection for the open chat.
 
 import { Api, ApiError } from './api.js';
 import { UserConnection, RoomConnection, TransportChoice } from './realtime.js';
+import { ChatModel, Conversations, Drafts, badgeText, launcherLabel, firstName } from './state.js';
+import { ChatView } from './chat-view.js';
+import { ConversationsView, GroupSettingsView, NewGroupView, PeopleView, loginView } from './views.js';
+import { backIcon, button, chatIcon, closeIcon, el, infoIcon } from './dom.js';
 
 const TYPING_SHOW_MS = 5_000;
-const TYPING_SEND_EVERY_MS = 2_000;
-const DEMO_USERS = ['coach@vibe.fit', 'alex@vibe.fit', 'sam@vibe.fit'];
+/** Pages of older history fetched to reach the first unread message on open. */
+const DIVIDER_PAGES = 10;
+/** Contacts older than this are reloaded when People opens. */
+const CONTACTS_STALE_MS = 60_000;
 
-/** Mounts the ChatBox into `host` (default: document.body). */
-export function mountChatBox({ edge = '', host = document.body, open = false } = {}) {
-  const box = new ChatBox(new Api(edge), host, open);
+/**
+ * Mounts the ChatBox into `host` (default: document.body).
+ * - `edge`: the chat's origin ("" = this page's).
+ * - `token`: the host's access token, or an async function returning a
+ *   fresh one; without it the ChatBox shows its own login.
+ * - `demo`: offer the dev build's demo accounts on the login.
+ */
+export function mountChatBox({ edge = '', host = document.body, open = false, token, demo = false } = {}) {
+  const api = new Api(edge);
+  if (token) api.useHost(token);
+  const box = new ChatBox({ api, host, open, demo });
   box.start();
   return box;
 }
 
 class ChatBox {
-  constructor(api, host, open) {
+  constructor({ api, host, open, demo }) {
     this.api = api;
+    this.demo = demo;
     this.choice = TransportChoice.fromLocation();
     this.user = null;
-    this.view = 'conversations';
-    this.conversations = new Map();
-    this.users = new Map();
+    this.view = 'loading';
+    this.conversations = new Conversations();
+    this.listLoaded = false;
+    this.listError = null;
+    this.contacts = new Map();
+    this.contactsAt = 0;
+    this.fetchingUsers = new Set();
     this.online = new Set();
-    // The People view's directory search: what was typed, and its results
-    // (null while the box is empty: the view lists contacts).
-    this.peopleQuery = '';
-    this.found = null;
-    this.searchTimer = null;
     this.own = null;
-    this.chat = null;
+    this.chat = null; // { model, view, conn, typing }
     this.transportKind = this.choice.kind;
-    this.root = this.build(host, open);
+    this.reloadTimer = null;
+    this.build(host, open);
+    document.addEventListener('visibilitychange', () => {
+      if (!document.hidden) this.chat?.view.checkRead();
+    });
   }
 
   // ---- skeleton ---------------------------------------------------------
@@ -53,37 +78,42 @@ class ChatBox {
     css.href = new URL('./chatbox.css', import.meta.url).href;
     document.head.append(css);
 
-    const root = el('div', { class: 'vc-root' });
-    this.launcher = el('button', {
-      class: 'vc-launcher',
-      type: 'button',
-      'aria-label': 'Open chat',
-      'aria-expanded': String(open),
-      'aria-controls': 'vc-panel',
-    });
+    this.root = el('div', { class: 'vc-root' });
+    this.launcher = el('button', { class: 'vc-launcher', type: 'button', 'aria-expanded': String(open), 'aria-controls': 'vc-panel' });
     this.launcher.append(chatIcon());
-    this.badge = el('span', { class: 'vc-badge', hidden: '' });
+    this.badge = el('span', { class: 'vc-badge', hidden: true });
     this.launcher.append(this.badge);
     this.launcher.addEventListener('click', () => this.toggle());
-
     this.panel = el('section', { id: 'vc-panel', class: 'vc-panel', role: 'dialog', 'aria-label': 'Vibe Chat' });
     if (!open) this.panel.hidden = true;
     this.panel.addEventListener('keydown', (e) => {
       if (e.key === 'Escape') this.toggle(false);
     });
-    root.append(this.panel, this.launcher);
-    host.append(root);
-    return root;
+    // Incoming messages are read out here (the panel's views come and go).
+    this.live = el('div', { class: 'vc-sr', 'aria-live': 'polite', 'aria-atomic': 'true' });
+    this.root.append(this.panel, this.launcher, this.live);
+    host.append(this.root);
+    this.updateBadge();
+  }
+
+  get isOpen() {
+    return !this.panel.hidden;
+  }
+
+  /** The reader can see the panel: it is open and the tab is visible. */
+  canSee() {
+    return this.isOpen && !document.hidden;
   }
 
   toggle(force) {
     const show = force ?? this.panel.hidden;
     this.panel.hidden = !show;
     this.launcher.setAttribute('aria-expanded', String(show));
-    this.launcher.setAttribute('aria-label', show ? 'Close chat' : 'Open chat');
+    this.updateBadge();
     if (show) {
-      this.panel.querySelector('input, textarea, button')?.focus();
-      this.markRead();
+      if (this.chat && this.view === 'chat') this.chat.view.focus();
+      else this.panel.querySelector('input, textarea, button:not(.vc-close)')?.focus();
+      this.chat?.view.checkRead();
     } else {
       this.launcher.focus();
     }
@@ -91,7 +121,7 @@ class ChatBox {
 
   async start() {
     // The session is refreshed silently; when it ends (revoked, logged out
-    // in another tab, refresh refused) the login comes back.
+    // in another tab, refresh refused, the host's token gone) it says so.
     this.api.onSignedOut = () => this.signedOut();
     const session = await this.api.restore();
     if (session) this.signIn(session);
@@ -102,20 +132,26 @@ class ChatBox {
 
   async signIn(session) {
     this.user = session.user;
+    this.drafts = new Drafts(window.localStorage, this.user.id);
+    let opened = false;
     this.own = new UserConnection({
       api: this.api,
       choice: this.choice,
       onFrame: (f) => this.onUserFrame(f),
-      onState: (state, kind) => this.onConnectionState(state, kind),
+      onState: (state, kind) => {
+        this.onConnectionState(state, kind);
+        // Notices missed while away: the list is fetched again on reconnect.
+        if (state === 'open' && opened) this.scheduleListReload();
+        if (state === 'open') opened = true;
+      },
     });
     this.own.start();
-    await Promise.all([this.loadConversations(), this.loadUsers()]);
+    await Promise.all([this.loadConversations(), this.loadContacts()]);
     const openChat = Number(sessionStorage.getItem('vibe-chat-open'));
     if (openChat && this.conversations.has(openChat)) this.openChat(openChat);
     else this.show('conversations');
   }
 
-  /** The Log out button: ends the session at the origin too. */
   async signOut() {
     await this.api.logout();
     this.signedOut();
@@ -127,8 +163,8 @@ class ChatBox {
     this.closeChat();
     sessionStorage.removeItem('vibe-chat-open');
     this.user = null;
-    this.conversations.clear();
-    this.users.clear();
+    this.conversations = new Conversations();
+    this.contacts.clear();
     this.updateBadge();
     this.renderLogin();
   }
@@ -142,7 +178,7 @@ class ChatBox {
     }
     this.root.dataset.transport = kind;
     const status = this.panel.querySelector('.vc-conn');
-    if (status) status.textContent = connectionLabel(state, kind);
+    if (status) status.textContent = connectionLabel(this.own?.state ?? state, kind);
   }
 
   // ---- data -------------------------------------------------------------
@@ -150,23 +186,52 @@ class ChatBox {
   async loadConversations() {
     try {
       const { conversations } = await this.api.conversations();
-      this.conversations = new Map(conversations.map((c) => [c.id, c]));
-      this.updateBadge();
-      if (this.view === 'conversations') this.renderConversations();
+      this.conversations.reset(conversations);
+      this.listError = null;
+    } catch (e) {
+      this.listError = e.message;
+    }
+    this.listLoaded = true;
+    this.updateBadge();
+    this.refreshView();
+  }
+
+  /** Several notices in a burst make one request. */
+  scheduleListReload() {
+    clearTimeout(this.reloadTimer);
+    this.reloadTimer = setTimeout(() => this.loadConversations(), 300);
+  }
+
+  async loadContacts() {
+    try {
+      const { users } = await this.api.activeUsers();
+      this.contacts = new Map(users.map((u) => [u.id, u]));
+      for (const u of users) if (u.is_online) this.online.add(u.id);
+      this.contactsAt = Date.now();
+      this.refreshView();
     } catch (e) {
       this.flash(e);
     }
   }
 
-  async loadUsers() {
+  /** Someone not in the contacts appeared (a presence, a new chat): fetch just them. */
+  async learnUser(id) {
+    if (this.contacts.has(id) || this.fetchingUsers.has(id) || id === this.user?.id) return;
+    this.fetchingUsers.add(id);
     try {
-      const { users } = await this.api.activeUsers();
-      this.users = new Map(users.map((u) => [u.id, u]));
-      for (const u of users) if (u.is_online) this.online.add(u.id);
-      if (this.view === 'people') this.renderPeople();
-    } catch (e) {
-      this.flash(e);
+      const u = await this.api.user(id);
+      if (!this.online.has(id) && u.is_online) this.online.add(id);
+      this.contacts.set(id, u);
+      this.refreshView();
+    } catch {
+      // Not shown until the next full load; nothing else depends on it.
+    } finally {
+      this.fetchingUsers.delete(id);
     }
+  }
+
+  nameOf(userId) {
+    return this.chat?.model.participants.get(userId)?.full_name ?? this.contacts.get(userId)?.full_name ?? 'Someone';
   }
 
   onUserFrame(frame) {
@@ -177,218 +242,132 @@ class ChatBox {
       case 'presence':
         if (frame.is_online) this.online.add(frame.user_id);
         else this.online.delete(frame.user_id);
-        // Only contacts are listed; presence of anyone else is not reloaded
-        // for (a new contact arrives with their conversation).
-        if (this.users.has(frame.user_id)) {
-          Object.assign(this.users.get(frame.user_id), { is_online: frame.is_online, last_seen: frame.last_seen });
+        if (this.contacts.has(frame.user_id)) {
+          Object.assign(this.contacts.get(frame.user_id), { is_online: frame.is_online, last_seen: frame.last_seen });
+        } else {
+          this.learnUser(frame.user_id);
         }
         break;
-      case 'conversation_updated': {
-        const known = this.conversations.get(frame.conversation_id);
-        if (!known) {
-          // A new conversation: its members may be new contacts.
-          this.loadConversations();
-          this.loadUsers();
+      case 'conversation_updated':
+        if (!this.conversations.applyUpdate(frame)) {
+          this.scheduleListReload();
           return;
         }
-        const open = this.chat?.id === frame.conversation_id && !this.panel.hidden && !document.hidden;
-        known.unread_count = open ? 0 : frame.unread_count;
-        if (frame.last_message) known.last_message = frame.last_message;
-        known.last_seq = Math.max(known.last_seq ?? 0, frame.seq);
-        if (frame.last_message) known.updated_at = frame.last_message.created_at;
         this.updateBadge();
         break;
-      }
+      case 'conversation_changed':
+        this.scheduleListReload();
+        if (this.chat?.model.id === frame.conversation_id) this.refreshChat();
+        return;
+      case 'conversation_removed':
+        this.conversations.remove(frame.conversation_id);
+        this.updateBadge();
+        if (this.chat?.model.id === frame.conversation_id) this.removedFromChat();
+        break;
       default:
         return;
     }
-    if (this.view === 'conversations') this.renderConversations();
-    if (this.view === 'people') this.renderPeople();
-    if (this.view === 'chat') this.renderChatHeader();
+    this.refreshView();
   }
 
   updateBadge() {
-    const unread = [...this.conversations.values()].reduce((n, c) => n + (c.unread_count || 0), 0);
+    const unread = this.conversations.unreadTotal();
     this.badge.hidden = unread === 0;
-    this.badge.textContent = unread > 99 ? '99+' : String(unread);
-    this.launcher.setAttribute('aria-label', (this.panel.hidden ? 'Open chat' : 'Close chat') + (unread ? `, ${unread} unread` : ''));
+    this.badge.textContent = badgeText(unread);
+    this.launcher.setAttribute('aria-label', launcherLabel(this.isOpen, unread));
   }
 
   // ---- views ------------------------------------------------------------
 
   show(view) {
+    if (view !== 'chat' && view !== 'group') this.closeChat();
     this.view = view;
-    if (view === 'conversations') this.renderConversations();
-    if (view === 'people') this.renderPeople();
+    if (view === 'conversations') {
+      this.current = new ConversationsView({ onOpen: (id) => this.openChat(id), onNewGroup: () => this.show('new-group'), onRetry: () => this.loadConversations() });
+      this.frame('Chats', this.current.element, { tabs: true });
+    } else if (view === 'people') {
+      if (Date.now() - this.contactsAt > CONTACTS_STALE_MS) this.loadContacts();
+      this.current = new PeopleView({ api: this.api, flash: (e) => this.flash(e), onPick: (u) => this.startDirect(u.id) });
+      this.frame('People', this.current.element, { tabs: true });
+    } else if (view === 'new-group') {
+      this.current = new NewGroupView({ api: this.api, flash: (e) => this.flash(e), onCreate: (name, ids) => this.createGroup(name, ids) });
+      this.frame('New group', this.current.element, { back: ['Back to conversations', () => this.show('conversations')] });
+      this.current.name.focus();
+    }
+    this.refreshView();
   }
 
-  frame(title, body, { back = false } = {}) {
+  /** Brings the view on screen in line with the state. */
+  refreshView() {
+    const state = { contacts: [...this.contacts.values()], isOnline: (id) => this.online.has(id) };
+    switch (this.view) {
+      case 'conversations':
+        this.current.update({ conversations: this.conversations.sorted(), isOnline: state.isOnline, me: this.user?.id, failed: this.listError, loaded: this.listLoaded });
+        break;
+      case 'people':
+      case 'new-group':
+      case 'group':
+        this.current?.update(state);
+        break;
+      case 'chat':
+        this.chat?.view.renderHeader();
+        break;
+      default:
+        break;
+    }
+  }
+
+  frame(title, body, { back = null, tabs = false, extra = [] } = {}) {
     this.panel.replaceChildren();
     const header = el('header', { class: 'vc-header' });
     if (back) {
-      const b = el('button', { type: 'button', class: 'vc-back', 'aria-label': 'Back to conversations' }, '←');
-      b.addEventListener('click', () => {
-        this.closeChat();
-        this.show('conversations');
-      });
+      const b = button(null, { class: 'vc-icon', 'aria-label': back[0] }, back[1]);
+      b.append(backIcon());
       header.append(b);
     }
     header.append(el('h2', { class: 'vc-title' }, title));
-    if (this.user) {
-      const out = el('button', { type: 'button', class: 'vc-link' }, 'Log out');
-      out.addEventListener('click', () => this.signOut());
-      header.append(out);
-    }
+    header.append(...extra);
+    if (this.user && tabs && !this.api.host) header.append(button('Log out', { class: 'vc-link vc-logout' }, () => this.signOut()));
     // On a phone the panel covers the launcher, so it closes from here too.
-    const close = el('button', { type: 'button', class: 'vc-close', 'aria-label': 'Minimise chat' }, '×');
-    close.addEventListener('click', () => this.toggle(false));
+    const close = button(null, { class: 'vc-icon vc-close', 'aria-label': 'Minimise chat' }, () => this.toggle(false));
+    close.append(closeIcon());
     header.append(close);
     this.panel.append(header);
-    if (this.user && !back) {
-      const tabs = el('nav', { class: 'vc-tabs', role: 'tablist', 'aria-label': 'Chat views' });
+    if (this.user && tabs) {
+      const nav = el('div', { class: 'vc-tabs', role: 'tablist', 'aria-label': 'Chat views' });
       for (const [id, label] of [
         ['conversations', 'Chats'],
         ['people', 'People'],
       ]) {
-        const tab = el('button', { type: 'button', role: 'tab', 'aria-selected': String(this.view === id), class: 'vc-tab' }, label);
-        tab.addEventListener('click', () => this.show(id));
-        tabs.append(tab);
+        const selected = this.view === id;
+        nav.append(button(label, { role: 'tab', 'aria-selected': String(selected), class: 'vc-tab', tabindex: selected ? '0' : '-1' }, () => this.show(id)));
       }
-      this.panel.append(tabs);
+      nav.addEventListener('keydown', (e) => {
+        if (e.key !== 'ArrowRight' && e.key !== 'ArrowLeft') return;
+        this.show(this.view === 'conversations' ? 'people' : 'conversations');
+        this.panel.querySelector('.vc-tab[aria-selected="true"]')?.focus();
+      });
+      this.panel.append(nav);
     }
-    this.panel.append(body);
+    const main = el('div', { class: 'vc-body', role: tabs ? 'tabpanel' : null, 'aria-label': tabs ? title : null });
+    main.append(body);
+    this.panel.append(main);
     const footer = el('footer', { class: 'vc-footer' });
-    footer.append(el('span', { class: 'vc-conn', 'aria-live': 'polite' }, this.own ? connectionLabel(this.own.state, this.transportKind) : ''));
+    footer.append(el('span', { class: 'vc-conn', role: 'status' }, this.own ? connectionLabel(this.own.state, this.transportKind) : ''));
     this.panel.append(footer);
   }
 
-  renderLogin(error) {
+  async renderLogin(error) {
     this.view = 'login';
-    const form = el('form', { class: 'vc-login', novalidate: '' });
-    form.append(
-      el('p', { class: 'vc-hint' }, 'Sign in to chat with your trainer and your group.'),
-      labelled('Email', el('input', { name: 'email', type: 'email', autocomplete: 'username', required: '' })),
-      labelled('Password', el('input', { name: 'password', type: 'password', autocomplete: 'current-password', required: '' })),
-    );
-    const err = el('p', { class: 'vc-error', role: 'alert' }, error ?? '');
-    const submit = el('button', { type: 'submit', class: 'vc-primary' }, 'Log in');
-    form.append(err, submit);
-    const demos = el('div', { class: 'vc-demos' }, 'Demo: ');
-    for (const email of DEMO_USERS) {
-      const b = el('button', { type: 'button', class: 'vc-link' }, email.split('@')[0]);
-      b.addEventListener('click', () => {
-        form.email.value = email;
-        form.password.value = 'demo-password';
-        form.requestSubmit();
-      });
-      demos.append(b);
-    }
-    form.append(demos);
-    form.addEventListener('submit', async (e) => {
-      e.preventDefault();
-      submit.disabled = true;
-      err.textContent = '';
-      try {
-        const session = await this.api.login(form.email.value.trim(), form.password.value);
-        await this.signIn(session);
-      } catch (ex) {
-        err.textContent = ex.code === 'bad_credentials' ? 'Wrong email or password.' : ex.message;
-        submit.disabled = false;
-      }
-    });
-    this.frame('Vibe Chat', form);
-  }
-
-  renderConversations() {
-    const list = el('ul', { class: 'vc-list', 'aria-label': 'Conversations' });
-    const sorted = [...this.conversations.values()].sort((a, b) => Date.parse(b.updated_at) - Date.parse(a.updated_at) || b.id - a.id);
-    if (sorted.length === 0) list.append(el('li', { class: 'vc-empty' }, 'No conversations yet. Start one from People.'));
-    for (const c of sorted) {
-      const item = el('li');
-      const button = el('button', { type: 'button', class: 'vc-row', 'data-conversation-id': String(c.id) });
-      const online = c.peer && this.online.has(c.peer.user_id);
-      const name = el('span', { class: 'vc-row-title' });
-      if (c.peer) name.append(presenceDot(online));
-      name.append(document.createTextNode(c.title));
-      const preview = el('span', { class: 'vc-row-preview' }, c.last_message ? c.last_message.content : 'No messages yet');
-      const meta = el('span', { class: 'vc-row-meta' }, c.last_message ? shortTime(c.last_message.created_at) : '');
-      button.append(name, meta, preview);
-      if (c.unread_count > 0) {
-        button.append(el('span', { class: 'vc-unread', 'aria-label': `${c.unread_count} unread` }, c.unread_count > 999 ? '999+' : String(c.unread_count)));
-      }
-      button.addEventListener('click', () => this.openChat(c.id));
-      item.append(button);
-      list.append(item);
-    }
-    this.frame('Chats', list);
-  }
-
-  renderPeople() {
-    const search = el('input', {
-      type: 'search',
-      class: 'vc-search',
-      placeholder: 'Find people by name or email',
-      'aria-label': 'Find people by name or email',
-      autocomplete: 'off',
-    });
-    search.value = this.peopleQuery;
-    search.addEventListener('input', () => this.searchPeople(search.value));
-    const searching = this.found !== null;
-    const people = searching
-      ? this.found
-      : [...this.users.values()].sort(
-          (a, b) => Number(this.online.has(b.id)) - Number(this.online.has(a.id)) || a.full_name.localeCompare(b.full_name),
-        );
-    const list = el('ul', { class: 'vc-list', 'aria-label': searching ? 'Search results' : 'People' });
-    for (const u of people) {
-      // Contacts' presence is live; a directory result's is as REST said.
-      const online = this.users.has(u.id) ? this.online.has(u.id) : u.is_online;
-      const item = el('li');
-      const button = el('button', { type: 'button', class: 'vc-row', 'data-user-id': String(u.id), 'aria-label': `${u.full_name}, ${u.role}, ${online ? 'online' : 'offline'}` });
-      const name = el('span', { class: 'vc-row-title' });
-      name.append(presenceDot(online), document.createTextNode(u.full_name));
-      button.append(name, el('span', { class: 'vc-role' }, u.role), el('span', { class: 'vc-row-preview' }, online ? 'Online' : u.last_seen ? `Last seen ${shortTime(u.last_seen)}` : 'Offline'));
-      button.addEventListener('click', () => this.startDirect(u.id));
-      item.append(button);
-      list.append(item);
-    }
-    if (people.length === 0) {
-      list.append(el('li', { class: 'vc-empty' }, searching ? `Nobody found for “${this.peopleQuery.trim()}”.` : 'No contacts yet. Find someone above.'));
-    }
-    // Re-rendered on every presence change: keep the search box's focus
-    // and caret.
-    const focused = document.activeElement?.classList?.contains('vc-search');
-    const caret = focused ? document.activeElement.selectionStart : null;
-    const body = el('div', { class: 'vc-people' });
-    body.append(search, list);
-    this.frame('People', body);
-    if (focused) {
-      search.focus();
-      search.setSelectionRange(caret, caret);
-    }
-  }
-
-  /** Debounced directory search; an empty box goes back to the contacts. */
-  searchPeople(query) {
-    this.peopleQuery = query;
-    clearTimeout(this.searchTimer);
-    const q = query.trim();
-    if (!q) {
-      this.found = null;
-      if (this.view === 'people') this.renderPeople();
+    if (this.api.host) {
+      const box = el('div', { class: 'vc-login' });
+      box.append(el('p', { class: 'vc-error', role: 'alert' }, 'Your chat session has ended.'), button('Try again', { class: 'vc-primary' }, () => this.start()));
+      this.frame('Vibe Chat', box);
       return;
     }
-    this.searchTimer = setTimeout(async () => {
-      try {
-        const { users } = await this.api.directory(q);
-        // A slower answer to an older query must not replace a newer one.
-        if (this.peopleQuery.trim() !== q) return;
-        this.found = users;
-        if (this.view === 'people') this.renderPeople();
-      } catch (e) {
-        this.flash(e);
-      }
-    }, 250);
+    const demo = this.demo ? await this.api.demo() : null;
+    if (this.view !== 'login') return;
+    this.frame('Vibe Chat', loginView({ demo, error, onSubmit: async (email, password) => this.signIn(await this.api.login(email, password)) }));
   }
 
   async startDirect(userId) {
@@ -401,57 +380,145 @@ class ChatBox {
     }
   }
 
+  async createGroup(name, ids) {
+    const conv = await this.api.createGroup(name, ids);
+    await this.loadConversations();
+    this.openChat(conv.id);
+  }
+
   // ---- chat -------------------------------------------------------------
 
-  async openChat(id) {
+  openChat(id) {
     this.closeChat();
     this.view = 'chat';
     sessionStorage.setItem('vibe-chat-open', String(id));
-    const chat = {
-      id,
-      messages: new Map(), // seq -> message
-      pending: new Map(), // client_msg_id -> { content, state }
-      participants: new Map(),
-      oldest: null,
-      hasMore: false,
-      typing: new Map(), // user_id -> timeout
-      lastTypingSent: 0,
-      readSent: 0,
-      conn: null,
-    };
+    const model = new ChatModel({ id, me: this.user.id });
+    const chat = { model, conn: null, typing: new Map() };
+    chat.view = new ChatView({
+      model,
+      draft: this.drafts.get(id),
+      nameOf: (u) => this.nameOf(u),
+      isOnline: (u) => this.online.has(u),
+      canSee: () => this.canSee() && this.view === 'chat',
+      actions: {
+        send: (text) => this.send(chat, text),
+        retrySend: (clientId) => this.retrySend(chat, clientId),
+        loadOlder: () => this.loadOlder(chat),
+        retryLoad: () => this.loadChat(chat),
+        retryGap: () => this.catchUp(chat, chat.gapFrom),
+        typing: () => chat.conn?.typing(),
+        read: (seq) => this.markRead(chat, seq),
+        back: () => this.show('conversations'),
+        draft: (text) => this.drafts.set(id, text),
+      },
+    });
     this.chat = chat;
-    this.renderChat();
+    this.showChat();
+    this.loadChat(chat);
+  }
+
+  /** Puts the open chat's view in the panel (again, coming back from its settings). */
+  showChat() {
+    const chat = this.chat;
+    this.view = 'chat';
+    const extra = [];
+    if (chat.model.isGroup && chat.model.status === 'ready') {
+      const info = button(null, { class: 'vc-icon', 'aria-label': 'Group settings' }, () => this.showGroup());
+      info.append(infoIcon());
+      extra.push(info);
+    }
+    this.frame(chat.model.title(this.conversations.get(chat.model.id)?.title ?? 'Chat'), chat.view.element, {
+      back: ['Back to conversations', () => this.show('conversations')],
+      extra,
+    });
+    chat.view.render('status');
+    chat.view.focus();
+  }
+
+  async loadChat(chat) {
+    chat.model.status = 'loading';
+    chat.view.render();
+    const summary = this.conversations.get(chat.model.id);
     try {
-      const detail = await this.api.conversation(id);
+      const detail = await this.api.conversation(chat.model.id);
       if (this.chat !== chat) return;
-      for (const p of detail.participants) chat.participants.set(p.user_id, p);
-      for (const m of detail.messages) chat.messages.set(m.seq, m);
-      chat.oldest = detail.messages[0]?.seq ?? null;
-      chat.hasMore = detail.has_more;
-      chat.title = titleOf(detail, this.user.id);
+      chat.model.load(detail, { readSeq: summary?.read_seq ?? 0 });
+      // With many unread, the first of them may be older than the latest
+      // page: fetch back to it, so the divider is where the reader left.
+      for (let i = 0; i < DIVIDER_PAGES && chat.model.needsOlderForDivider(); i++) {
+        chat.model.addOlder(await this.api.messagesBefore(chat.model.id, chat.model.oldest, 100));
+        if (this.chat !== chat) return;
+      }
     } catch (e) {
-      this.flash(e);
+      if (this.chat !== chat) return;
+      if (e.status === 403 || e.status === 404) {
+        this.conversations.remove(chat.model.id);
+        this.updateBadge();
+      }
+      chat.model.status = 'failed';
+      chat.model.error = e.status === 403 ? 'you are not a member of this conversation' : e.message;
+      this.showChat();
       return;
     }
+    this.showChat();
+    chat.conn?.stop();
     chat.conn = new RoomConnection({
       api: this.api,
       choice: this.choice,
-      conversationId: id,
-      lastSeq: () => maxSeq(chat),
+      conversationId: chat.model.id,
+      lastSeq: () => chat.model.maxSeq(),
       onFrame: (f) => this.onRoomFrame(chat, f),
       onState: (state, kind) => {
         this.onConnectionState(state, kind);
+        if (this.chat !== chat) return;
         if (state === 'open') this.flushPending(chat);
+        if (state === 'forbidden') this.removedFromChat();
       },
     });
     chat.conn.start();
-    this.renderChat();
-    this.markRead();
+  }
+
+  /** The group's name or members changed: the chat and its settings follow. */
+  async refreshChat() {
+    const chat = this.chat;
+    try {
+      const detail = await this.api.conversation(chat.model.id);
+      if (this.chat !== chat) return;
+      chat.model.refresh(detail);
+      if (!chat.model.participants.has(this.user.id)) {
+        this.removedFromChat();
+        return;
+      }
+    } catch (e) {
+      if (this.chat === chat && (e.status === 403 || e.status === 404)) this.removedFromChat();
+      return;
+    }
+    if (this.view === 'chat') {
+      const title = this.panel.querySelector('.vc-title');
+      if (title) title.textContent = chat.model.title();
+      chat.view.render();
+    } else if (this.view === 'group') {
+      this.showGroup();
+    }
+  }
+
+  /** The reader was removed from (or left) the open group. */
+  removedFromChat() {
+    const chat = this.chat;
+    if (!chat || chat.model.status === 'removed') return;
+    chat.conn?.stop();
+    chat.conn = null;
+    chat.model.removed();
+    this.conversations.remove(chat.model.id);
+    this.updateBadge();
+    sessionStorage.removeItem('vibe-chat-open');
+    this.showChat();
   }
 
   closeChat() {
     if (!this.chat) return;
     this.chat.conn?.stop();
+    this.chat.view.destroy();
     for (const t of this.chat.typing.values()) clearTimeout(t);
     this.chat = null;
     sessionStorage.removeItem('vibe-chat-open');
@@ -459,249 +526,188 @@ class ChatBox {
 
   onRoomFrame(chat, frame) {
     if (this.chat !== chat) return;
+    const model = chat.model;
     switch (frame.type) {
       case 'message': {
         const m = frame.message;
-        if (!chat.messages.has(m.seq)) {
-          chat.messages.set(m.seq, m);
-          if (m.sender_id === this.user.id) chat.pending.delete(m.client_msg_id);
-          this.clearTyping(chat, m.sender_id);
-          const conv = this.conversations.get(chat.id);
-          if (conv) {
-            conv.last_message = { ...m };
-            conv.updated_at = m.created_at;
-          }
-          this.renderMessages('follow');
-          this.markRead();
+        if (!model.addMessage(m)) return;
+        this.conversations.noteMessage(model.id, m);
+        const mine = m.sender_id === this.user.id;
+        if (!mine) this.stopTyping(chat, m.sender_id);
+        chat.view.render(mine ? 'status' : 'incoming');
+        if (!mine) {
+          chat.view.noteIncoming(1);
+          if (this.canSee()) this.announce(`${firstName(this.nameOf(m.sender_id))}: ${m.content}`);
         }
+        if (this.view === 'conversations') this.refreshView();
         break;
       }
-      case 'ack': {
-        const p = chat.pending.get(frame.client_msg_id);
-        if (p) p.state = 'acked';
-        this.renderMessages('keep');
+      case 'ack':
+        if (model.ack(frame)) chat.view.render('status');
         break;
-      }
-      case 'typing':
+      case 'typing': {
         if (frame.user_id === this.user.id) return;
-        this.clearTyping(chat, frame.user_id);
-        chat.typing.set(
-          frame.user_id,
-          setTimeout(() => {
-            chat.typing.delete(frame.user_id);
-            this.renderTyping();
-          }, TYPING_SHOW_MS),
-        );
-        this.renderTyping();
-        break;
-      case 'receipt': {
-        const p = chat.participants.get(frame.user_id) ?? { user_id: frame.user_id };
-        p.delivered_seq = Math.max(p.delivered_seq ?? 0, frame.delivered_seq);
-        p.read_seq = Math.max(p.read_seq ?? 0, frame.read_seq);
-        chat.participants.set(frame.user_id, p);
-        this.renderMessages('keep');
+        clearTimeout(chat.typing.get(frame.user_id));
+        chat.typing.set(frame.user_id, setTimeout(() => this.stopTyping(chat, frame.user_id), TYPING_SHOW_MS));
+        chat.view.renderTyping([...chat.typing.keys()]);
         break;
       }
+      case 'receipt':
+        if (model.receipt(frame)) chat.view.render('status');
+        break;
       case 'resync':
         this.catchUp(chat, frame.from_seq - 1);
         break;
       case 'error':
-        if (frame.code !== 'rate_limited') this.flash(new ApiError(0, frame.code, frame.message));
+        if (frame.code === 'not_member' || frame.code === 'forbidden') this.removedFromChat();
+        else if (frame.code !== 'rate_limited') this.flash(new ApiError(0, frame.code, frame.message));
         break;
       default:
         break;
     }
   }
 
-  /** After `resync`: pages forward through REST from `after`. */
+  stopTyping(chat, userId) {
+    const t = chat.typing.get(userId);
+    if (t === undefined) return;
+    clearTimeout(t);
+    chat.typing.delete(userId);
+    chat.view.renderTyping([...chat.typing.keys()]);
+  }
+
+  /** After `resync`: pages forward through REST from `after`; a failure is shown with a retry. */
   async catchUp(chat, after) {
     let cursor = after;
-    for (;;) {
-      const page = await this.api.messagesAfter(chat.id, cursor).catch(() => null);
-      if (!page || this.chat !== chat) return;
-      for (const m of page.messages) chat.messages.set(m.seq, m);
-      if (!page.messages.length || !page.has_more) break;
-      cursor = page.messages[page.messages.length - 1].seq;
+    chat.gapFrom = after;
+    try {
+      for (;;) {
+        const page = await this.api.messagesAfter(chat.model.id, cursor);
+        if (this.chat !== chat) return;
+        for (const m of page.messages) chat.model.addMessage(m);
+        if (!page.messages.length || !page.has_more) break;
+        cursor = page.messages[page.messages.length - 1].seq;
+        chat.gapFrom = cursor;
+      }
+    } catch {
+      if (this.chat !== chat) return;
+      chat.model.gap = true;
+      chat.view.render('status');
+      return;
     }
-    this.renderMessages('follow');
+    chat.model.gap = false;
+    chat.view.render('incoming');
     // Reconnect from the new high-water mark.
-    chat.conn.stop();
-    chat.conn.start();
+    chat.conn?.stop();
+    chat.conn?.start();
   }
 
-  clearTyping(chat, userId) {
-    const t = chat.typing.get(userId);
-    if (t) {
-      clearTimeout(t);
-      chat.typing.delete(userId);
-      this.renderTyping();
-    }
-  }
-
-  async send(content) {
-    const chat = this.chat;
-    if (!chat) return;
+  send(chat, content) {
     const id = crypto.randomUUID();
-    chat.pending.set(id, { content, state: 'sending', at: new Date().toISOString() });
-    this.renderMessages('end');
-    await this.trySend(chat, id);
+    chat.model.queue(id, content);
+    chat.view.render('sent');
+    this.trySend(chat, id);
+  }
+
+  retrySend(chat, id) {
+    chat.model.retry(id);
+    chat.view.render('status');
+    this.trySend(chat, id);
   }
 
   async trySend(chat, id) {
-    const p = chat.pending.get(id);
+    const p = chat.model.pending.get(id);
     if (!p || !chat.conn || p.state === 'acked') return;
     try {
-      const handed = await chat.conn.sendMessage(p.content, id);
-      if (!handed) p.state = 'sending'; // waits for the reconnect
+      await chat.conn.sendMessage(p.content, id); // false: goes out on reconnect
     } catch (e) {
-      p.state = 'failed';
-      p.error = e.message;
-      this.renderMessages('keep');
+      if (e.status === 403) {
+        this.removedFromChat();
+        return;
+      }
+      chat.model.fail(id, e.message);
+      chat.view.render('status');
     }
   }
 
   /** Resends everything not yet acknowledged, with the same client_msg_id. */
   flushPending(chat) {
-    for (const [id, p] of chat.pending) if (p.state === 'sending') this.trySend(chat, id);
+    for (const [id, p] of chat.model.pending) if (p.state === 'sending') this.trySend(chat, id);
   }
 
-  markRead() {
-    const chat = this.chat;
-    if (!chat || !chat.conn || this.panel.hidden || document.hidden) return;
-    const top = maxSeq(chat);
-    if (top > chat.readSent) {
-      chat.readSent = top;
-      chat.conn.read(top);
-    }
-    const conv = this.conversations.get(chat.id);
-    if (conv && conv.unread_count) {
-      conv.unread_count = 0;
-      this.updateBadge();
-    }
+  /** The reader saw everything up to `seq`. */
+  markRead(chat, seq) {
+    if (!chat.conn || seq <= chat.model.readSent) return;
+    chat.model.readSent = seq;
+    chat.conn.read(seq);
+    if (this.conversations.markRead(chat.model.id, seq)) this.updateBadge();
   }
 
-  renderChat() {
-    const chat = this.chat;
-    const body = el('div', { class: 'vc-chat' });
-    this.chatHeaderSlot = el('p', { class: 'vc-subtitle', 'aria-live': 'polite' });
-    const scroller = el('ol', { class: 'vc-messages', 'aria-label': 'Messages', tabindex: '0' });
-    scroller.addEventListener('scroll', () => {
-      if (scroller.scrollTop < 40) this.loadOlder();
-      if (scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 40) this.markRead();
-    });
-    this.scroller = scroller;
-    this.typingSlot = el('p', { class: 'vc-typing', 'aria-live': 'polite' });
-    const form = el('form', { class: 'vc-compose' });
-    const input = el('textarea', { rows: '1', 'aria-label': 'Message', placeholder: 'Write a message…', maxlength: '4000' });
-    const sendBtn = el('button', { type: 'submit', class: 'vc-primary', disabled: '' }, 'Send');
-    input.addEventListener('input', () => {
-      sendBtn.disabled = input.value.trim() === '';
-      const now = Date.now();
-      if (input.value && now - chat.lastTypingSent > TYPING_SEND_EVERY_MS) {
-        chat.lastTypingSent = now;
-        chat.conn?.typing();
-      }
-    });
-    input.addEventListener('keydown', (e) => {
-      if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
-        e.preventDefault();
-        form.requestSubmit();
-      }
-    });
-    form.addEventListener('submit', (e) => {
-      e.preventDefault();
-      const text = input.value;
-      if (!text.trim()) return;
-      input.value = '';
-      sendBtn.disabled = true;
-      chat.lastTypingSent = 0;
-      this.send(text);
-      input.focus();
-    });
-    form.append(input, sendBtn);
-    body.append(this.chatHeaderSlot, scroller, this.typingSlot, form);
-    this.frame(chat.title ?? 'Chat', body, { back: true });
-    this.renderChatHeader();
-    this.renderMessages('end');
-    input.focus();
-  }
-
-  renderChatHeader() {
-    const chat = this.chat;
-    if (!chat || !this.chatHeaderSlot) return;
-    const title = this.panel.querySelector('.vc-title');
-    if (title && chat.title) title.textContent = chat.title;
-    const others = [...chat.participants.keys()].filter((u) => u !== this.user.id);
-    if (others.length === 1) {
-      const online = this.online.has(others[0]);
-      this.chatHeaderSlot.replaceChildren(presenceDot(online), document.createTextNode(online ? 'Online' : 'Offline'));
-    } else {
-      this.chatHeaderSlot.textContent = `${chat.participants.size} members`;
-    }
-  }
-
-  renderTyping() {
-    const chat = this.chat;
-    if (!chat || !this.typingSlot) return;
-    const names = [...chat.typing.keys()].map((u) => firstName(chat.participants.get(u)?.full_name ?? this.users.get(u)?.full_name ?? 'Someone'));
-    this.typingSlot.textContent = names.length ? `${names.join(', ')} ${names.length > 1 ? 'are' : 'is'} typing…` : '';
-  }
-
-  renderMessages(mode) {
-    const chat = this.chat;
-    const scroller = this.scroller;
-    if (!chat || !scroller) return;
-    const atEnd = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 60;
-    const items = [];
-    if (chat.hasMore) items.push(el('li', { class: 'vc-more' }, 'Scroll up for older messages'));
-    const seqs = [...chat.messages.keys()].sort((a, b) => a - b);
-    for (const seq of seqs) {
-      const m = chat.messages.get(seq);
-      const mine = m.sender_id === this.user.id;
-      const status = mine ? statusOf(chat, m, this.user.id) : null;
-      items.push(bubble({ mine, text: m.content, at: m.created_at, status, seq, sender: mine ? null : this.senderName(chat, m.sender_id) }));
-    }
-    for (const [id, p] of chat.pending) {
-      if ([...chat.messages.values()].some((m) => m.client_msg_id === id)) continue;
-      const status = { failed: 'failed', acked: 'sent' }[p.state] ?? 'sending';
-      items.push(bubble({ mine: true, text: p.content, at: p.at, status, pendingId: id, error: p.error }));
-    }
-    scroller.replaceChildren(...items);
-    // 'end': always (opening, sending); 'follow': only if the reader was at
-    // the end already (new messages); 'keep': never (status updates).
-    if (mode === 'end' || (mode === 'follow' && atEnd)) this.scrollToEnd();
-  }
-
-  senderName(chat, userId) {
-    if (chat.participants.size <= 2) return null;
-    return firstName(chat.participants.get(userId)?.full_name ?? 'Someone');
-  }
-
-  scrollToEnd(force) {
-    if (!this.scroller) return;
-    if (force) this.scroller.scrollTop = this.scroller.scrollHeight;
-    else requestAnimationFrame(() => (this.scroller.scrollTop = this.scroller.scrollHeight));
-  }
-
-  async loadOlder() {
-    const chat = this.chat;
-    if (!chat || !chat.hasMore || chat.loadingOlder || chat.oldest == null) return;
+  async loadOlder(chat) {
+    const model = chat.model;
+    if (!model.hasMore || chat.loadingOlder || model.oldest == null) return;
     chat.loadingOlder = true;
     try {
-      const page = await this.api.messagesBefore(chat.id, chat.oldest);
+      const page = await this.api.messagesBefore(model.id, model.oldest);
       if (this.chat !== chat) return;
-      const before = this.scroller.scrollHeight;
-      for (const m of page.messages) chat.messages.set(m.seq, m);
-      chat.oldest = page.messages[0]?.seq ?? chat.oldest;
-      chat.hasMore = page.has_more;
-      this.renderMessages('keep');
-      // Keep the reader's place.
-      this.scroller.scrollTop += this.scroller.scrollHeight - before;
+      model.addOlder(page);
+      chat.view.render('older');
     } catch (e) {
       this.flash(e);
     } finally {
       chat.loadingOlder = false;
     }
+  }
+
+  // ---- groups -------------------------------------------------------------
+
+  showGroup() {
+    const chat = this.chat;
+    if (!chat) return;
+    this.view = 'group';
+    const model = chat.model;
+    this.current = new GroupSettingsView({
+      api: this.api,
+      flash: (e) => this.flash(e),
+      model,
+      me: this.user.id,
+      actions: {
+        rename: async (name) => {
+          const view = await this.api.renameGroup(model.id, name);
+          model.refresh(view);
+          const c = this.conversations.get(model.id);
+          if (c) Object.assign(c, { name: view.name, title: view.name });
+          this.showGroup();
+          this.announce(`Group renamed to ${view.name}`);
+        },
+        add: async (userId) => {
+          model.refresh(await this.api.addMembers(model.id, [userId]));
+          this.refreshView();
+        },
+        remove: async (userId) => {
+          model.refresh(await this.api.removeMembers(model.id, [userId]));
+          this.refreshView();
+        },
+        leave: async () => {
+          await this.api.removeMembers(model.id, [this.user.id]);
+          this.conversations.remove(model.id);
+          this.drafts.clear(model.id);
+          this.updateBadge();
+          this.show('conversations');
+          this.announce(`You left ${model.name}`);
+        },
+      },
+    });
+    this.frame(`${model.title()} · Settings`, this.current.element, { back: ['Back to the chat', () => this.showChat()] });
+    this.refreshView();
+    this.panel.querySelector('.vc-body input, .vc-body button')?.focus();
+  }
+
+  // ---- feedback -----------------------------------------------------------
+
+  announce(text) {
+    this.live.textContent = '';
+    // A change after a tick is what screen readers pick up.
+    setTimeout(() => (this.live.textContent = text), 50);
   }
 
   flash(error) {
@@ -711,101 +717,13 @@ class ChatBox {
   }
 }
 
-// ---- helpers ----------------------------------------------------------
-
-function statusOf(chat, m, me) {
-  const others = [...chat.participants.values()].filter((p) => p.user_id !== me);
-  let status = m.status ?? 'sent';
-  if (others.length) {
-    if (others.every((p) => (p.read_seq ?? 0) >= m.seq)) status = 'read';
-    else if (status !== 'read' && others.every((p) => Math.max(p.delivered_seq ?? 0, p.read_seq ?? 0) >= m.seq)) status = 'delivered';
-  }
-  return status;
-}
-
-function maxSeq(chat) {
-  let top = 0;
-  for (const seq of chat.messages.keys()) top = Math.max(top, seq);
-  return top;
-}
-
-function titleOf(detail, me) {
-  if (detail.name) return detail.name;
-  const other = detail.participants.find((p) => p.user_id !== me);
-  return other ? other.full_name : 'Chat';
-}
-
-function bubble({ mine, text, at, status, seq, pendingId, sender, error }) {
-  const li = el('li', { class: `vc-bubble ${mine ? 'vc-mine' : 'vc-theirs'}` });
-  if (seq != null) li.dataset.seq = String(seq);
-  if (pendingId) li.dataset.pending = pendingId;
-  if (status) li.dataset.status = status;
-  if (sender) li.append(el('span', { class: 'vc-sender' }, sender));
-  li.append(el('span', { class: 'vc-text' }, text));
-  const meta = el('span', { class: 'vc-meta' }, shortTime(at));
-  if (status) meta.append(el('span', { class: `vc-status vc-status-${status}`, title: error ?? status }, statusLabel(status)));
-  li.append(meta);
-  return li;
-}
-
-function statusLabel(status) {
-  return { sending: 'Sending…', sent: '✓ Sent', delivered: '✓✓ Delivered', read: '✓✓ Read', failed: 'Not sent' }[status] ?? status;
-}
-
 function connectionLabel(state, kind) {
   const via = kind === 'sse' ? 'SSE' : 'WebSocket';
   return { open: `Connected (${via})`, connecting: 'Connecting…', reconnecting: 'Reconnecting…', closed: '', forbidden: 'No access' }[state] ?? '';
 }
 
-/** A speech-bubble icon (inline SVG: no icon font or emoji needed). */
-function chatIcon() {
-  const ns = 'http://www.w3.org/2000/svg';
-  const svg = document.createElementNS(ns, 'svg');
-  svg.setAttribute('viewBox', '0 0 24 24');
-  svg.setAttribute('width', '28');
-  svg.setAttribute('height', '28');
-  svg.setAttribute('aria-hidden', 'true');
-  svg.setAttribute('focusable', 'false');
-  const path = document.createElementNS(ns, 'path');
-  path.setAttribute('fill', 'currentColor');
-  path.setAttribute('d', 'M4 3h16a2 2 0 0 1 2 2v11a2 2 0 0 1-2 2H9l-5 4v-4H4a2 2 0 0 1-2-2V5a2 2 0 0 1 2-2zm3 6v2h2V9H7zm4 0v2h2V9h-2zm4 0v2h2V9h-2z');
-  svg.append(path);
-  return svg;
-}
-
-function presenceDot(online) {
-  return el('span', { class: `vc-dot ${online ? 'vc-online' : 'vc-offline'}`, 'aria-hidden': 'true' });
-}
-
-function shortTime(iso) {
-  if (!iso) return '';
-  const d = new Date(iso);
-  const today = new Date();
-  return d.toDateString() === today.toDateString()
-    ? d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })
-    : d.toLocaleDateString([], { month: 'short', day: 'numeric' });
-}
-
-function firstName(full) {
-  return (full ?? '').split(' ')[0];
-}
-
-function labelled(text, input) {
-  const label = el('label', { class: 'vc-field' });
-  label.append(el('span', {}, text), input);
-  return label;
-}
-
-function el(tag, attrs = {}, text) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
-  if (text != null) node.textContent = text;
-  return node;
-}
-
-
 // Auto-mount from <script type="module" src=".../chatbox.js" data-vibe-chat>.
 const script = document.querySelector('script[data-vibe-chat]');
 if (script) {
-  mountChatBox({ edge: script.dataset.edge ?? '', open: script.dataset.open === 'true' });
+  mountChatBox({ edge: script.dataset.edge ?? '', open: script.dataset.open === 'true', demo: script.dataset.demo === 'true' });
 }

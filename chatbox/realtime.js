@@ -151,6 +151,11 @@ class Connection {
         this.setState('unauthorized');
         return;
       }
+      if (e.status === 403 || e.status === 404) {
+        // Not (or no longer) a member: retrying cannot help.
+        this.setState('forbidden');
+        return;
+      }
       this.retry();
       return;
     }

@@ -46,7 +46,8 @@ export class Conversations {
   applyUpdate(frame, { open = false } = {}) {
     const c = this.byId.get(frame.conversation_id);
     if (!c) return false;
-    c.unread_count = open ? 0 : frame.unread_count;
+    // A notice counted before this client's last read mark is already read.
+    c.unread_count = open || (c.read_seq ?? 0) >= (frame.seq ?? 0) ? 0 : frame.unread_count;
     if (frame.last_message && (frame.last_message.seq ?? 0) >= (c.last_message?.seq ?? 0)) {
       c.last_message = frame.last_message;
       c.updated_at = frame.last_message.created_at;

@@ -4,7 +4,11 @@
 //
 // env: EDGE_URL (required), SCREENSHOT_DIR (optional: save each view).
 
+import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { chromium } from 'playwright-core';
+
+const AXE = readFileSync(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
 
 const EDGE = process.env.EDGE_URL;
 const SHOTS = process.env.SCREENSHOT_DIR;
@@ -55,6 +59,79 @@ async function open(email, { query = '', viewport = { width: 1100, height: 760 }
   return { context, page, errors };
 }
 
+/**
+ * axe-core on the page as it is now: any serious or critical violation
+ * fails the test, with the rule, the nodes and how to fix it.
+ */
+async function axe(page, view) {
+  if (!(await page.evaluate(() => Boolean(window.axe)))) await page.addScriptTag({ content: AXE });
+  const violations = await page.evaluate(async () => {
+    const result = await window.axe.run(document, { resultTypes: ['violations'] });
+    return result.violations
+      .filter((v) => v.impact === 'serious' || v.impact === 'critical')
+      .map((v) => `${v.id} (${v.impact}): ${v.help}\n      ${v.nodes.slice(0, 3).map((n) => n.target.join(' ') + ' — ' + n.failureSummary.replace(/\n/g, ' ')).join('\n      ')}`);
+  });
+  if (violations.length) throw new Error(`accessibility, ${view} view:\n    ${violations.join('\n    ')}`);
+}
+
+/** A REST call as the page's signed-in user (through the edge). */
+async function rest(page, method, path, body) {
+  return page.evaluate(
+    async ({ method, path, body }) => {
+      const token = JSON.parse(localStorage.getItem('vibe-chat-session')).token;
+      const headers = { authorization: `Bearer ${token}` };
+      if (body) headers['content-type'] = 'application/json';
+      const r = await fetch(path, { method, headers, body: body ? JSON.stringify(body) : undefined });
+      return { status: r.status, body: await r.json().catch(() => null) };
+    },
+    { method, path, body },
+  );
+}
+
+/** Sends `n` messages over REST, one after another (waiting out a 429). */
+async function sendBurst(page, conversationId, n, prefix) {
+  for (let i = 1; i <= n; i++) {
+    for (;;) {
+      const r = await rest(page, 'POST', `/api/v1/chat/conversations/${conversationId}/messages`, { content: `${prefix} ${i}`, client_msg_id: crypto.randomUUID() });
+      if (r.status === 201 || r.status === 200) break;
+      if (r.status !== 429) throw new Error(`send ${prefix} ${i}: ${r.status} ${JSON.stringify(r.body)}`);
+      await new Promise((ok) => setTimeout(ok, 500));
+    }
+  }
+}
+
+/** Pretends the tab is hidden (or visible again), as switching tabs would. */
+async function setHidden(page, hidden) {
+  await page.evaluate((hidden) => {
+    Object.defineProperty(document, 'hidden', { configurable: true, get: () => hidden });
+    Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => (hidden ? 'hidden' : 'visible') });
+    document.dispatchEvent(new Event('visibilitychange'));
+  }, hidden);
+}
+
+/** Is the element inside the message list's visible area? */
+async function onScreen(page, locator) {
+  const box = await locator.boundingBox();
+  const list = await page.locator('.vc-messages').boundingBox();
+  return Boolean(box && list && box.y >= list.y - 1 && box.y + box.height <= list.y + list.height + 1);
+}
+
+async function until(what, check, timeout = TIMEOUT) {
+  const end = Date.now() + timeout;
+  for (;;) {
+    if (await check()) return;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((ok) => setTimeout(ok, 100));
+  }
+}
+
+const toList = async (page) => {
+  const back = page.getByRole('button', { name: 'Back to conversations' });
+  if (await back.count()) await back.click();
+  await page.getByRole('tab', { name: 'Chats' }).click();
+};
+const conversationId = (page, title) => page.locator('.vc-row', { hasText: title }).first().getAttribute('data-conversation-id').then(Number);
+
 function expectEqual(actual, expected, what) {
   if (actual !== expected) throw new Error(`${what}: expected ${JSON.stringify(expected)}, got ${JSON.stringify(actual)}`);
 }
@@ -77,6 +154,9 @@ await test('the login form refuses a wrong password with a clear message', async
   page.setDefaultTimeout(TIMEOUT);
   await page.goto(`${EDGE}/`);
   await shot(page, 'login');
+  await axe(page, 'login');
+  // The dev build offers its demo accounts (production has none to offer).
+  await page.getByRole('button', { name: 'Log in as sam@vibe.fit' }).waitFor();
   await page.getByLabel('Email').fill('alex@vibe.fit');
   await page.getByLabel('Password').fill('not the password');
   await page.getByRole('button', { name: 'Log in' }).click();
@@ -88,10 +168,11 @@ await test('alex and sam log in and see each other online', async () => {
   alex = await open('alex@vibe.fit');
   sam = await open('sam@vibe.fit');
   await alex.page.getByRole('tab', { name: 'People' }).click();
-  await alex.page.getByRole('button', { name: /^Sam Patel, member, online$/ }).waitFor();
+  await alex.page.getByRole('button', { name: /^Sam Patel member Online$/ }).waitFor();
   await sam.page.getByRole('tab', { name: 'People' }).click();
-  await sam.page.getByRole('button', { name: /^Alex Rivera, member, online$/ }).waitFor();
+  await sam.page.getByRole('button', { name: /^Alex Rivera member Online$/ }).waitFor();
   await shot(alex.page, 'active-users');
+  await axe(alex.page, 'people');
 });
 
 await test('people search finds anyone by name or email and goes back to the contacts', async () => {
@@ -99,10 +180,10 @@ await test('people search finds anyone by name or email and goes back to the con
   const search = alex.page.getByRole('searchbox', { name: 'Find people by name or email' });
   const results = alex.page.getByRole('list', { name: 'Search results' });
   await search.fill('cas');
-  await results.getByRole('button', { name: /^Casey Coach, trainer, / }).waitFor();
+  await results.getByRole('button', { name: /^Casey Coach trainer/ }).waitFor();
   expectEqual(await results.getByRole('button').count(), 1, 'people whose name starts with "cas"');
   await search.fill('sam@');
-  await results.getByRole('button', { name: /^Sam Patel, member, / }).waitFor();
+  await results.getByRole('button', { name: /^Sam Patel member/ }).waitFor();
   await search.fill('zzz-nobody');
   await alex.page.getByText('Nobody found for “zzz-nobody”.').waitFor();
   // The box keeps focus while results come and go.
@@ -120,6 +201,7 @@ await test('alex starts a direct chat and they exchange messages both ways', asy
   const row = sam.page.locator('.vc-row', { hasText: 'Alex Rivera' });
   await row.locator('.vc-unread', { hasText: '1' }).waitFor();
   await shot(sam.page, 'conversations');
+  await axe(sam.page, 'chats');
   await row.click();
   await bubble(sam.page, 'Hi Sam! Leg day at 7?').waitFor();
   await send(sam.page, 'See you there!');
@@ -134,7 +216,10 @@ await test('typing shows on the other side and read status reaches the sender', 
   // Sam has the chat open and visible, so it is read.
   await bubble(sam.page, 'Bring water').waitFor();
   await alex.page.locator('.vc-bubble[data-status="read"]', { hasText: 'Bring water' }).waitFor();
+  // "Read" shows once: on the last message the other side read.
+  expectEqual(await alex.page.locator('.vc-status-read').count(), 1, 'bubbles saying Read');
   await shot(alex.page, 'chat');
+  await axe(alex.page, 'chat');
 });
 
 await test('the send button is disabled while the input is empty', async () => {
@@ -153,6 +238,8 @@ await test('the launcher badge counts unread messages while the panel is closed'
   await send(sam.page, 'One');
   await send(sam.page, 'Two');
   await alex.page.locator('.vc-badge', { hasText: '2' }).waitFor();
+  // Its name carries what the badge shows.
+  await alex.page.getByRole('button', { name: 'Open chat, 2 unread' }).waitFor();
   await shot(alex.page, 'launcher-badge');
   await alex.page.getByRole('button', { name: /Open chat/ }).click();
   await bubble(alex.page, 'Two').waitFor();
@@ -207,6 +294,10 @@ await test('the chatbox fits a phone-sized screen', async () => {
   const box = await phone.page.locator('.vc-panel').boundingBox();
   if (!box || box.width > 390 || box.x < 0) throw new Error(`panel overflows: ${JSON.stringify(box)}`);
   await shot(phone.page, 'phone');
+  await axe(phone.page, 'phone');
+  // A finger-sized close button (44 × 44 px at least).
+  const close = await phone.page.getByRole('button', { name: 'Minimise chat' }).boundingBox();
+  if (close.width < 44 || close.height < 44) throw new Error(`the close button is ${close.width} × ${close.height} px`);
   // The full-screen panel closes from its own header, and the launcher
   // comes back; the keyboard reaches it.
   await phone.page.getByRole('button', { name: 'Minimise chat' }).click();
@@ -214,6 +305,198 @@ await test('the chatbox fits a phone-sized screen', async () => {
   await phone.page.keyboard.press('Enter');
   await phone.page.getByRole('tab', { name: 'People' }).waitFor();
   await phone.context.close();
+});
+
+let coach;
+const GROUP = 'Morning crew';
+const RENAMED = 'Morning crew 6am';
+
+await test('a trainer creates a group of three from the UI and its members see it', async () => {
+  coach = await open('coach@vibe.fit');
+  await coach.page.getByRole('button', { name: 'New group' }).click();
+  await axe(coach.page, 'new group');
+  await coach.page.getByLabel('Group name').fill(GROUP);
+  const search = coach.page.getByRole('searchbox', { name: 'Add people by name or email' });
+  await search.fill('alex');
+  await coach.page.getByRole('list', { name: 'Search results' }).getByRole('button', { name: /^Alex Rivera/ }).click();
+  await search.fill('sam');
+  await coach.page.getByRole('list', { name: 'Search results' }).getByRole('button', { name: /^Sam Patel/ }).click();
+  await coach.page.getByRole('list', { name: 'Members to add' }).getByText('Sam Patel').waitFor();
+  await coach.page.getByRole('button', { name: 'Create group' }).click();
+  await coach.page.locator('.vc-title', { hasText: GROUP }).waitFor();
+  await coach.page.locator('.vc-subtitle', { hasText: '3 members' }).waitFor();
+  await send(coach.page, 'Welcome to the crew');
+  for (const who of [alex, sam]) {
+    await toList(who.page);
+    await who.page.locator('.vc-row', { hasText: GROUP }).waitFor();
+  }
+});
+
+await test('the creator renames the group and every member sees the new name', async () => {
+  await coach.page.getByRole('button', { name: 'Group settings' }).click();
+  await coach.page.getByRole('heading', { name: '3 members' }).waitFor();
+  await shot(coach.page, 'group-settings');
+  await axe(coach.page, 'group settings');
+  await coach.page.getByLabel('Group name').fill(RENAMED);
+  await coach.page.getByRole('button', { name: 'Rename' }).click();
+  await coach.page.locator('.vc-title', { hasText: RENAMED }).waitFor();
+  for (const who of [alex, sam]) await who.page.locator('.vc-row', { hasText: RENAMED }).waitFor();
+});
+
+await test('a removed member sees a clear state, the group leaves their list, and adding them back returns it', async () => {
+  await sam.page.locator('.vc-row', { hasText: RENAMED }).click();
+  await bubble(sam.page, 'Welcome to the crew').waitFor();
+  await coach.page.getByRole('button', { name: 'Remove Sam Patel' }).click();
+  await coach.page.getByRole('heading', { name: '2 members' }).waitFor();
+  await sam.page.getByRole('alert').filter({ hasText: 'You are no longer a member of this group' }).waitFor();
+  await composer(sam.page).waitFor({ state: 'hidden' });
+  await sam.page.getByRole('button', { name: 'Back to chats' }).click();
+  await sam.page.getByRole('list', { name: 'Conversations' }).waitFor();
+  await sam.page.locator('.vc-row', { hasText: RENAMED }).waitFor({ state: 'detached' });
+  // Added back: the group comes back to their list.
+  await coach.page.getByRole('searchbox', { name: 'Add people by name or email' }).fill('sam');
+  await coach.page.getByRole('list', { name: 'Search results' }).getByRole('button', { name: /^Sam Patel/ }).click();
+  await coach.page.getByRole('heading', { name: '3 members' }).waitFor();
+  await sam.page.locator('.vc-row', { hasText: RENAMED }).waitFor();
+});
+
+await test('a member leaves the group: it leaves their list and the others see them go', async () => {
+  await alex.page.locator('.vc-row', { hasText: RENAMED }).click();
+  await alex.page.getByRole('button', { name: 'Group settings' }).click();
+  // Only the creator manages the group.
+  await alex.page.getByRole('button', { name: 'Rename' }).waitFor({ state: 'detached' });
+  await alex.page.getByRole('button', { name: 'Leave group' }).click();
+  await alex.page.getByRole('button', { name: 'Yes, leave' }).click();
+  await alex.page.getByRole('list', { name: 'Conversations' }).waitFor();
+  await alex.page.locator('.vc-row', { hasText: RENAMED }).waitFor({ state: 'detached' });
+  await coach.page.getByRole('heading', { name: '2 members' }).waitFor();
+});
+
+await test('many unread open at a "New messages" divider; new ones while scrolled up offer a jump', async () => {
+  await toList(alex.page);
+  await toList(sam.page);
+  const id = await conversationId(alex.page, 'Sam Patel');
+  await sendBurst(sam.page, id, 25, 'Burst');
+  await alex.page.locator('.vc-row', { hasText: 'Sam Patel' }).locator('.vc-unread', { hasText: '25' }).waitFor();
+  await sam.page.locator('.vc-row', { hasText: 'Alex Rivera' }).click();
+  await bubble(sam.page, 'Burst 25').waitFor();
+  await alex.page.locator('.vc-row', { hasText: 'Sam Patel' }).click();
+  const divider = alex.page.locator('.vc-divider', { hasText: 'New messages' });
+  await divider.waitFor();
+  await until('the divider on screen', () => onScreen(alex.page, divider));
+  await until('the first unread on screen', () => onScreen(alex.page, bubble(alex.page, 'Burst 1').first()));
+  if (await onScreen(alex.page, bubble(alex.page, 'Burst 25'))) throw new Error('opened at the bottom, not at the divider');
+  // What the reader has not seen is not read: the last stays "Delivered".
+  await sam.page.locator('.vc-bubble[data-status="delivered"]', { hasText: 'Burst 25' }).waitFor();
+  await shot(alex.page, 'unread-divider');
+  await sendBurst(sam.page, id, 3, 'Later');
+  const jump = alex.page.getByRole('button', { name: 'Jump to latest (3 new)' });
+  await jump.waitFor();
+  await shot(alex.page, 'jump-to-latest');
+  await new Promise((ok) => setTimeout(ok, 1_000));
+  expectEqual(await sam.page.locator('.vc-bubble[data-status="read"]', { hasText: 'Later 3' }).count(), 0, 'read while scrolled up');
+  await jump.click();
+  await jump.waitFor({ state: 'hidden' });
+  await until('the latest on screen', () => onScreen(alex.page, bubble(alex.page, 'Later 3')));
+  await sam.page.locator('.vc-bubble[data-status="read"]', { hasText: 'Later 3' }).waitFor();
+  expectEqual(await sam.page.locator('.vc-status-read').count(), 1, 'bubbles saying Read');
+});
+
+await test('read status stays "Delivered" while the reader’s tab is hidden, and turns "Read" when they look', async () => {
+  await setHidden(alex.page, true);
+  await send(sam.page, 'While you were away');
+  await bubble(alex.page, 'While you were away').waitFor();
+  await sam.page.locator('.vc-bubble[data-status="delivered"]', { hasText: 'While you were away' }).waitFor();
+  await new Promise((ok) => setTimeout(ok, 1_000));
+  expectEqual(await sam.page.locator('.vc-bubble[data-status="read"]', { hasText: 'While you were away' }).count(), 0, 'read while hidden');
+  await setHidden(alex.page, false);
+  await sam.page.locator('.vc-bubble[data-status="read"]', { hasText: 'While you were away' }).waitFor();
+});
+
+await test('an incoming message keeps the reader’s selection, is announced, and its links are safe', async () => {
+  const selected = await alex.page.evaluate(() => {
+    const text = [...document.querySelectorAll('.vc-bubble .vc-text')].find((n) => n.textContent === 'Later 2');
+    const range = document.createRange();
+    range.selectNodeContents(text);
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    return getSelection().toString();
+  });
+  expectEqual(selected, 'Later 2', 'selection made');
+  await send(sam.page, 'Plan: https://example.com/plan?week=3. Not javascript:alert(1)');
+  const incoming = bubble(alex.page, 'Plan: https://example.com/plan');
+  await incoming.waitFor();
+  expectEqual(await alex.page.evaluate(() => getSelection().toString()), 'Later 2', 'selection after a message arrived');
+  const links = incoming.locator('a');
+  expectEqual(await links.count(), 1, 'links');
+  expectEqual(await links.getAttribute('href'), 'https://example.com/plan?week=3', 'href');
+  expectEqual(await links.getAttribute('target'), '_blank', 'target');
+  if (!/noopener/.test(await links.getAttribute('rel')) || !/noreferrer/.test(await links.getAttribute('rel'))) throw new Error('rel lacks noopener noreferrer');
+  await alex.page.locator('.vc-root > [aria-live]', { hasText: 'Sam: Plan:' }).waitFor({ state: 'attached' });
+});
+
+await test('a chat that fails to load says so and its retry works', async () => {
+  const id = Number(await alex.page.evaluate(() => sessionStorage.getItem('vibe-chat-open')));
+  await toList(alex.page);
+  await alex.page.route(`**/api/v1/chat/conversations/${id}`, (route) =>
+    route.fulfill({ status: 503, contentType: 'application/json', body: JSON.stringify({ code: 'unavailable', message: 'The service is unavailable' }) }), { times: 1 });
+  await alex.page.locator('.vc-row', { hasText: 'Sam Patel' }).click();
+  await alex.page.getByRole('alert').filter({ hasText: 'This chat could not be loaded' }).waitFor();
+  expectEqual(await composer(alex.page).isVisible(), false, 'a composer for a chat that did not load');
+  await alex.page.getByRole('button', { name: 'Try again' }).click();
+  await bubble(alex.page, 'While you were away').waitFor();
+  await composer(alex.page).waitFor();
+});
+
+await test('a draft survives switching chats and a reload', async () => {
+  await composer(alex.page).fill('Half a plan for Friday');
+  // Another chat, then back.
+  await toList(alex.page);
+  await alex.page.getByRole('tab', { name: 'People' }).click();
+  await alex.page.getByRole('button', { name: /^Casey Coach/ }).click();
+  await alex.page.locator('.vc-title', { hasText: 'Casey Coach' }).waitFor();
+  expectEqual(await composer(alex.page).inputValue(), '', 'another chat’s draft');
+  await toList(alex.page);
+  await alex.page.locator('.vc-row', { hasText: 'Sam Patel' }).click();
+  await until('the draft back', async () => (await composer(alex.page).inputValue()) === 'Half a plan for Friday');
+  await alex.page.reload();
+  await bubble(alex.page, 'While you were away').waitFor();
+  expectEqual(await composer(alex.page).inputValue(), 'Half a plan for Friday', 'draft after a reload');
+  await composer(alex.page).press('Enter');
+  await bubble(sam.page, 'Half a plan for Friday').waitFor();
+  await alex.page.reload();
+  await bubble(alex.page, 'Half a plan for Friday').waitFor();
+  expectEqual(await composer(alex.page).inputValue(), '', 'a sent draft is gone');
+});
+
+await test('a host page hands the ChatBox its own session: no second login', async () => {
+  const context = await browser.newContext({ viewport: { width: 1100, height: 760 } });
+  const page = await context.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+  let asked = 0;
+  await page.exposeFunction('hostToken', async () => {
+    asked += 1;
+    const r = await fetch(`${EDGE}/api/v1/auth/login`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ email: 'coach@vibe.fit', password: 'demo-password' }) });
+    return (await r.json()).token;
+  });
+  await page.route(`${EDGE}/embedded.html`, (route) =>
+    route.fulfill({
+      contentType: 'text/html',
+      body: `<!doctype html><html lang="en"><head><title>Host</title></head><body><main><h1>Host page</h1></main>
+        <script type="module">
+          import { mountChatBox } from '/chatbox.js';
+          mountChatBox({ open: true, token: () => window.hostToken() });
+        </script></body></html>`,
+    }),
+  );
+  await page.goto(`${EDGE}/embedded.html`);
+  await page.getByRole('tab', { name: 'Chats' }).waitFor();
+  await page.locator('.vc-row', { hasText: RENAMED }).waitFor();
+  expectEqual(await page.getByLabel('Password').count(), 0, 'a login form');
+  expectEqual(await page.getByRole('button', { name: 'Log out' }).count(), 0, 'a log-out button (the host owns the session)');
+  expectEqual(await page.getByText('Demo accounts').count(), 0, 'demo accounts on a host page');
+  if (asked < 1) throw new Error('the host was never asked for a token');
+  await context.close();
 });
 
 await test('the session refreshes silently and open sockets renew in band', async () => {
@@ -262,7 +545,7 @@ await test('logging out ends the session at the origin, not just in this tab', a
 });
 
 await test('no page threw an error', async () => {
-  const errors = [...(alex?.errors ?? []), ...(sam?.errors ?? [])];
+  const errors = [...(alex?.errors ?? []), ...(sam?.errors ?? []), ...(coach?.errors ?? [])];
   if (errors.length) throw new Error(errors.map(String).join('; '));
 });
 
