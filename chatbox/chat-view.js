@@ -119,6 +119,8 @@ export class ChatView {
 
     if (this.model.status !== 'ready') return;
     if (!this.positioned) {
+      // A closed panel has no layout yet: place it when it opens.
+      if (this.scroller.clientHeight === 0) return;
       this.positioned = true;
       this.placeOnOpen();
     } else if (cause === 'sent') {
@@ -281,7 +283,8 @@ export class ChatView {
   onIntersect(entries) {
     for (const e of entries) {
       const seq = Number(e.target.dataset.seq);
-      if (!seq) continue;
+      // A bubble made again (its shape changed) leaves its old node behind.
+      if (!seq || !e.target.isConnected) continue;
       const rootHeight = e.rootBounds?.height ?? 0;
       const seen = e.isIntersecting && (e.intersectionRatio >= 0.5 || e.intersectionRect.height >= rootHeight / 2);
       if (seen) this.visible.add(seq);

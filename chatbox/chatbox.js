@@ -111,7 +111,10 @@ class ChatBox {
     this.launcher.setAttribute('aria-expanded', String(show));
     this.updateBadge();
     if (show) {
-      if (this.chat && this.view === 'chat') this.chat.view.focus();
+      if (this.chat && this.view === 'chat') {
+        this.chat.view.render('status');
+        this.chat.view.focus();
+      }
       else this.panel.querySelector('input, textarea, button:not(.vc-close)')?.focus();
       this.chat?.view.checkRead();
     } else {
@@ -498,7 +501,11 @@ class ChatBox {
       if (title) title.textContent = chat.model.title();
       chat.view.render();
     } else if (this.view === 'group') {
-      this.showGroup();
+      // Patched, not rebuilt: the creator may be typing in it.
+      const title = this.panel.querySelector('.vc-title');
+      if (title) title.textContent = `${chat.model.title()} · Settings`;
+      this.current.refreshed();
+      this.refreshView();
     }
   }
 

@@ -311,8 +311,14 @@ export class GroupSettingsView {
     }
   }
 
+  /** The group changed elsewhere: what depends on the reader's rights follows. */
+  refreshed() {
+    if (this.managing !== this.model.canManage) this.renderName();
+  }
+
   renderName() {
     const m = this.model;
+    this.managing = m.canManage;
     if (!m.canManage) {
       this.nameSlot.replaceChildren(el('p', { class: 'vc-hint' }, 'Only the group’s creator can rename it and change who is in it.'));
       return;

@@ -168,9 +168,9 @@ await test('alex and sam log in and see each other online', async () => {
   alex = await open('alex@vibe.fit');
   sam = await open('sam@vibe.fit');
   await alex.page.getByRole('tab', { name: 'People' }).click();
-  await alex.page.getByRole('button', { name: /^Sam Patel member Online$/ }).waitFor();
+  await alex.page.getByRole('button', { name: /^Sam Patel member Online$/i }).waitFor();
   await sam.page.getByRole('tab', { name: 'People' }).click();
-  await sam.page.getByRole('button', { name: /^Alex Rivera member Online$/ }).waitFor();
+  await sam.page.getByRole('button', { name: /^Alex Rivera member Online$/i }).waitFor();
   await shot(alex.page, 'active-users');
   await axe(alex.page, 'people');
 });
@@ -180,10 +180,10 @@ await test('people search finds anyone by name or email and goes back to the con
   const search = alex.page.getByRole('searchbox', { name: 'Find people by name or email' });
   const results = alex.page.getByRole('list', { name: 'Search results' });
   await search.fill('cas');
-  await results.getByRole('button', { name: /^Casey Coach trainer/ }).waitFor();
+  await results.getByRole('button', { name: /^Casey Coach trainer/i }).waitFor();
   expectEqual(await results.getByRole('button').count(), 1, 'people whose name starts with "cas"');
   await search.fill('sam@');
-  await results.getByRole('button', { name: /^Sam Patel member/ }).waitFor();
+  await results.getByRole('button', { name: /^Sam Patel member/i }).waitFor();
   await search.fill('zzz-nobody');
   await alex.page.getByText('Nobody found for “zzz-nobody”.').waitFor();
   // The box keeps focus while results come and go.
