@@ -165,6 +165,20 @@ pub enum ServerFrame {
     Resumed {
         conversations: Vec<i64>,
     },
+    /// On the user's always-on connection: the group's name or members
+    /// changed (through the edge's `PATCH /api/v1/chat/conversations/{id}`
+    /// or `POST|DELETE …/participants`), and the user is a member of it
+    /// now (a member just added gets it too). Refetch the conversation
+    /// (`GET /api/v1/chat/conversations/{id}`).
+    ConversationChanged {
+        conversation_id: i64,
+    },
+    /// On the user's always-on connection: the user is no longer a member
+    /// of this conversation (removed, or left on another device). Drop it
+    /// from the list; its room refuses them from now on.
+    ConversationRemoved {
+        conversation_id: i64,
+    },
 }
 
 /// The short form of a message for conversation lists and notifications.
@@ -305,6 +319,20 @@ pub mod internal {
         pub recipients: Vec<(i64, i64)>,
     }
 
+    /// What the Worker tells a member's `User` object after a change to a
+    /// group went through it (a rename, members added or removed). Between
+    /// the Worker and Durable Objects only.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ConversationChange {
+        pub conversation_id: i64,
+        /// The user is no longer a member (`conversation_removed`); else
+        /// they are one and the group changed (`conversation_changed`).
+        pub removed: bool,
+        /// The members changed (not only the name): the user's contacts
+        /// may have changed with them.
+        pub members: bool,
+    }
+
     /// `POST /internal/v1/presence`
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     pub struct PresenceBatch {
@@ -399,6 +427,22 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({"type":"resync","conversation_id":1,"from_seq":3})
+        );
+    }
+
+    #[test]
+    fn group_change_frames_name_only_the_conversation() {
+        let v = serde_json::to_value(ServerFrame::ConversationChanged { conversation_id: 7 })
+            .expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"conversation_changed","conversation_id":7})
+        );
+        let v = serde_json::to_value(ServerFrame::ConversationRemoved { conversation_id: 7 })
+            .expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"conversation_removed","conversation_id":7})
         );
     }
 

@@ -395,6 +395,23 @@ impl User {
         });
     }
 
+    /// A group of this user's changed (its name or members): every
+    /// connection gets `conversation_changed`, and refetches it. With
+    /// `removed`, the user is no longer a member: every connection gets
+    /// `conversation_removed`, and the conversation's unread count goes
+    /// (added back later, it is a new conversation here again). Its room
+    /// forwards nothing more to this user: a room forwards to current
+    /// members only (`shared::room`). What each connection got of it stays,
+    /// so a replay after being added back never repeats a message.
+    pub fn handle_conversation_change(&mut self, conversation_id: i64, removed: bool) {
+        if removed {
+            self.unread.remove(&conversation_id);
+            self.send_all(ServerFrame::ConversationRemoved { conversation_id });
+        } else {
+            self.send_all(ServerFrame::ConversationChanged { conversation_id });
+        }
+    }
+
     /// A live frame a room sends this user (a message, typing, a receipt):
     /// to every connection, each message once per connection and in order;
     /// held while a subscription to its room is in flight.
@@ -791,6 +808,38 @@ mod tests {
             .collect();
         assert_eq!(counts, vec![3, 0], "read on one device clears all");
         assert_eq!(u.unread(5), Some(0));
+    }
+
+    #[test]
+    fn a_group_change_reaches_every_device_and_a_removal_forgets_the_count() {
+        let mut u = connected();
+        u.handle_connect(T0, ConnId(11));
+        drain(&mut u);
+        u.handle_notice(5, 10, None, 3);
+        drain(&mut u);
+        u.handle_conversation_change(5, false);
+        assert_eq!(
+            drain(&mut u),
+            vec![UserOutput::Send {
+                to: UserTarget::All,
+                frame: ServerFrame::ConversationChanged { conversation_id: 5 },
+            }]
+        );
+        assert_eq!(u.unread(5), Some(3), "still a member: the count stays");
+        u.handle_conversation_change(5, true);
+        assert_eq!(
+            drain(&mut u),
+            vec![UserOutput::Send {
+                to: UserTarget::All,
+                frame: ServerFrame::ConversationRemoved { conversation_id: 5 },
+            }]
+        );
+        assert_eq!(u.unread(5), None, "a removal forgets the conversation");
+        // With no connection, nobody is told anything.
+        let mut offline = User::new(ME, UserConfig::default());
+        offline.handle_conversation_change(5, false);
+        offline.handle_conversation_change(5, true);
+        assert!(drain(&mut offline).is_empty());
     }
 
     #[test]

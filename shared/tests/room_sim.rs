@@ -240,6 +240,8 @@ impl World {
             | ServerFrame::Presence { .. }
             | ServerFrame::PresenceSnapshot { .. }
             | ServerFrame::ConversationUpdated { .. }
+            | ServerFrame::ConversationChanged { .. }
+            | ServerFrame::ConversationRemoved { .. }
             | ServerFrame::Resumed { .. } => {}
         }
     }
