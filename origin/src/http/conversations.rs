@@ -1,5 +1,5 @@
-//! Conversations: create (direct find-or-create, groups), list, read, and
-//! group membership.
+//! Conversations: create (direct find-or-create, groups), list, read,
+//! rename a group, and group membership.
 
 use axum::Json;
 use axum::extract::State;
@@ -22,7 +22,7 @@ use crate::store::{self, MESSAGE_COLUMNS};
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_conversations, create_conversation))
-        .routes(routes!(get_conversation))
+        .routes(routes!(get_conversation, rename_conversation))
         .routes(routes!(add_participants, remove_participants))
 }
 
@@ -146,6 +146,36 @@ pub struct ConversationSummary {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ConversationList {
     pub conversations: Vec<ConversationSummary>,
+}
+
+/// `PATCH /api/v1/chat/conversations/{id}`: the group's new name.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RenameConversation {
+    /// 1–100 characters (white space around it is trimmed off); no
+    /// control characters inside. The same rule as a new group's name.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^\s*[^\s\u0000-\u001f\u007f-\u009f]([^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f])?\s*$"
+    )]
+    pub name: String,
+}
+
+/// A group's name as sent: bounded as sent (the schema's maxLength, not
+/// only what is left after trimming), then trimmed and checked.
+fn group_name(raw: &str) -> ApiResult<ConversationName> {
+    if raw
+        .chars()
+        .nth(shared::domain::MAX_CONVERSATION_NAME_CHARS)
+        .is_some()
+    {
+        return Err(DomainError::TooLong {
+            field: "name",
+            max: shared::domain::MAX_CONVERSATION_NAME_CHARS,
+        }
+        .into());
+    }
+    Ok(ConversationName::parse(raw)?)
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -279,20 +309,7 @@ async fn create_conversation(
             name,
             participant_ids,
         } => {
-            // The raw name is bounded too (the schema's maxLength), not
-            // only what is left after trimming.
-            if name
-                .chars()
-                .nth(shared::domain::MAX_CONVERSATION_NAME_CHARS)
-                .is_some()
-            {
-                return Err(DomainError::TooLong {
-                    field: "name",
-                    max: shared::domain::MAX_CONVERSATION_NAME_CHARS,
-                }
-                .into());
-            }
-            let name = ConversationName::parse(&name)?;
+            let name = group_name(&name)?;
             if participant_ids.len() >= MAX_GROUP_MEMBERS {
                 return Err(ApiError::invalid(format!(
                     "participant_ids holds at most {} ids",
@@ -471,33 +488,94 @@ async fn get_conversation(
     }))
 }
 
-/// Checks that `user` may change the membership of group `id`. Rights come
-/// from *current* membership: the creator manages the group only while a
-/// member (one who left cannot remove anyone or add themselves back), any
-/// member may leave, and a platform admin moderates any group, member or
-/// not. Call it inside the transaction that makes the change, after locking
-/// the conversation, so a concurrent change cannot slip between the check
-/// and the write.
+/// PATCH /api/v1/chat/conversations/{id}
+///
+/// Renames a group. The same rights as changing its members: its creator
+/// while a member, or an admin. Bumps `updated_at`. Through the edge,
+/// every member's connections then get `conversation_changed`.
+#[utoipa::path(
+    patch,
+    path = "/api/v1/chat/conversations/{id}",
+    tag = "conversations",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "Conversation id")),
+    request_body = RenameConversation,
+    responses(
+        (status = 200, description = "Renamed; the conversation as it is now", body = ConversationView),
+        (status = 401, description = "No or bad token", body = ErrorBody),
+        (status = 403, description = "Not the group's creator (while a member) or an admin (`forbidden`)", body = ErrorBody),
+        (status = 404, description = "No such conversation (`not_found`)", body = ErrorBody),
+        (status = 422, description = "A direct conversation (`validation_failed`), or a blank, too long or control-character name (`empty_field`, `too_long`, `invalid_field`)", body = ErrorBody),
+    )
+)]
+async fn rename_conversation(
+    user: AuthUser,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(req): ApiJson<RenameConversation>,
+) -> ApiResult<Json<ConversationView>> {
+    let name = group_name(&req.name)?;
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    // Lock the conversation so the rights check and the write see one
+    // state (a concurrent removal of the creator cannot slip between).
+    tx.execute(
+        "SELECT 1 FROM conversations WHERE id = $1 FOR NO KEY UPDATE",
+        &[&id],
+    )
+    .await?;
+    check_manage(&tx, id, &user, Change::Name).await?;
+    tx.execute(
+        "UPDATE conversations SET name = $2, updated_at = now() WHERE id = $1",
+        &[&id, &name.as_str()],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(load_view(&client, id).await?))
+}
+
+/// What a caller wants to change in a group (see [`check_manage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// Add or remove members other than (only) themselves.
+    Members,
+    /// Remove only themselves: any member may.
+    Leave,
+    /// The group's name.
+    Name,
+}
+
+/// Checks that `user` may make `change` to group `id`. Rights come from
+/// *current* membership: the creator manages the group only while a
+/// member (one who left cannot remove anyone, rename it or add themselves
+/// back), any member may leave, and a platform admin moderates any group,
+/// member or not. Call it inside the transaction that makes the change,
+/// after locking the conversation, so a concurrent change cannot slip
+/// between the check and the write.
 async fn check_manage(
     client: &impl GenericClient,
     id: i64,
     user: &AuthUser,
-    self_leave: bool,
+    change: Change,
 ) -> ApiResult<store::Access> {
     let access = store::conversation_members(client, id).await?;
     let is_member = access.members.iter().any(|m| m.user_id == user.id);
     let may_manage = user.role == Role::Admin || (is_member && access.created_by == user.id);
-    if !(may_manage || self_leave && is_member) {
-        return Err(if is_member {
-            ApiError::Forbidden("only the group's creator or an admin may change its members")
-        } else {
+    if !(may_manage || change == Change::Leave && is_member) {
+        return Err(if !is_member {
             ApiError::Forbidden("you are not a participant of this conversation")
+        } else if change == Change::Name {
+            ApiError::Forbidden("only the group's creator or an admin may rename it")
+        } else {
+            ApiError::Forbidden("only the group's creator or an admin may change its members")
         });
     }
     if access.kind != "group" {
-        return Err(ApiError::invalid(
-            "a direct conversation's participants cannot change",
-        ));
+        return Err(ApiError::invalid(if change == Change::Name {
+            "a direct conversation has no name to change"
+        } else {
+            "a direct conversation's participants cannot change"
+        }));
     }
     Ok(access)
 }
@@ -558,7 +636,7 @@ async fn add_participants(
         &[&id],
     )
     .await?;
-    check_manage(&tx, id, &user, false).await?;
+    check_manage(&tx, id, &user, Change::Members).await?;
     let unknown = store::unknown_users(&tx, &ids).await?;
     if !unknown.is_empty() {
         return Err(ApiError::invalid(format!("unknown users {unknown:?}")));
@@ -624,7 +702,11 @@ async fn remove_participants(
     ApiJson(change): ApiJson<ParticipantsChange>,
 ) -> ApiResult<Json<ConversationView>> {
     let ids = checked_ids(change)?;
-    let self_leave = ids == [user.id];
+    let change = if ids == [user.id] {
+        Change::Leave
+    } else {
+        Change::Members
+    };
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     tx.execute(
@@ -632,7 +714,7 @@ async fn remove_participants(
         &[&id],
     )
     .await?;
-    check_manage(&tx, id, &user, self_leave).await?;
+    check_manage(&tx, id, &user, change).await?;
     // A trigger closes the membership periods and bumps members_version.
     let removed = tx
         .execute(

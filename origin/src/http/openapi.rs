@@ -390,7 +390,7 @@ fn add_edge_routes(doc: &mut Value) {
         "/api/v1/chat/ws-ticket": {"post": ticket_op},
         "/api/v1/chat/ws": {"get": edge_op(
             "The user's always-on WebSocket (edge, the caller's own User object)",
-            "Their contacts' presence (`presence_snapshot`, `presence`; contacts are people who share a conversation with the caller) and `conversation_updated` notices for the caller's conversations, on every device. Takes `message`, `typing` and `read` frames for any of the caller's conversations and answers as the room's own socket would (`ack` or a typed `error`). Carries the live `message`, `typing` and `receipt` frames of all the caller's conversations; `resume` (`{\"type\":\"resume\",\"since\":{\"7\":42}}`) replays each conversation's gap and answers `resumed`.",
+            "Their contacts' presence (`presence_snapshot`, `presence`; contacts are people who share a conversation with the caller), `conversation_updated` notices for the caller's conversations, and `conversation_changed` (a group's name or members changed: refetch it) or `conversation_removed` (the caller is no longer a member), on every device. Takes `message`, `typing` and `read` frames for any of the caller's conversations and answers as the room's own socket would (`ack` or a typed `error`). Carries the live `message`, `typing` and `receipt` frames of all the caller's conversations; `resume` (`{\"type\":\"resume\",\"since\":{\"7\":42}}`) replays each conversation's gap and answers `resumed`.",
             user_params.clone(), websocket_responses())},
         "/api/v1/chat/ws/{token}": {"get": edge_op(
             "The user's always-on WebSocket, token in the path (edge, the caller's own User object; the seed's form)",

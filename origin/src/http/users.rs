@@ -19,6 +19,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(active_users))
         .routes(routes!(presence))
         .routes(routes!(directory))
+        .routes(routes!(user_card))
 }
 
 /// Users listed by `active-users`.
@@ -137,6 +138,44 @@ async fn presence(
         is_online: row.get(1),
         last_seen: row.get(2),
     }))
+}
+
+/// GET /api/v1/users/{id}
+///
+/// One user as the directory lists them, with presence: how a client
+/// learns about one new person (a new member, the sender of a first
+/// message) without fetching a whole list. Open to every signed-in user,
+/// like the directory.
+#[utoipa::path(
+    get,
+    path = "/api/v1/users/{id}",
+    tag = "users",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "User id")),
+    responses(
+        (status = 200, description = "The user", body = ActiveUser),
+        (status = 401, description = "No or bad token", body = ErrorBody),
+        (status = 404, description = "No such user (`not_found`)", body = ErrorBody),
+    )
+)]
+async fn user_card(
+    _user: AuthUser,
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Json<ActiveUser>> {
+    let client = state.pool.get().await?;
+    let stmt = client
+        .prepare_cached(
+            "SELECT u.id, u.full_name, u.role, COALESCE(p.is_online, false), p.last_seen
+             FROM users u LEFT JOIN user_presence p ON p.user_id = u.id
+             WHERE u.id = $1",
+        )
+        .await?;
+    let row = client
+        .query_opt(&stmt, &[&id])
+        .await?
+        .ok_or(ApiError::NotFound("user"))?;
+    Ok(Json(ActiveUser::from_row(&row)?))
 }
 
 /// Largest directory page.

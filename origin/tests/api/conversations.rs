@@ -455,3 +455,128 @@ async fn active_users_lists_contacts_online_first_and_presence_matches() {
     let (s, b) = app.get(&alex, "/api/v1/chat/presence/55555").await;
     assert_error(s, &b, StatusCode::NOT_FOUND, "not_found");
 }
+
+#[tokio::test]
+async fn the_creator_renames_a_group_and_every_member_reads_the_new_name() {
+    let app = spawn_app().await;
+    let coach = app.user("Coach", Role::Trainer).await;
+    let alex = app.user("Alex", Role::Member).await;
+    let group = app.group(&coach, "Crew", &[&alex]).await;
+    let path = format!("/api/v1/chat/conversations/{group}");
+    let (_, before) = app.get(&coach, &path).await;
+    let (s, b) = app
+        .patch(&coach, &path, json!({"name": "  Evening Yoga  "}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["id"], group);
+    assert_eq!(b["name"], "Evening Yoga", "trimmed like a new group's name");
+    assert_eq!(b["type"], "group");
+    assert_eq!(b["participants"].as_array().unwrap().len(), 2);
+    let moved = |b: &serde_json::Value| -> bool {
+        let at = |v: &serde_json::Value| {
+            chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap()
+        };
+        at(&b["updated_at"]) > at(&before["updated_at"])
+    };
+    assert!(moved(&b), "updated_at moves: {b} vs {before}");
+    let (s, b) = app.get(&alex, &path).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["name"], "Evening Yoga");
+    let (_, list) = app.get(&alex, "/api/v1/chat/conversations").await;
+    assert_eq!(list["conversations"][0]["title"], "Evening Yoga");
+    // An admin moderates names too, member or not.
+    let admin = app.user("Admin", Role::Admin).await;
+    let (s, b) = app.patch(&admin, &path, json!({"name": "Crew"})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["name"], "Crew");
+}
+
+#[tokio::test]
+async fn only_the_creator_while_a_member_or_an_admin_renames_a_group() {
+    let app = spawn_app().await;
+    let coach = app.user("Coach", Role::Trainer).await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let eve = app.user("Eve", Role::Member).await;
+    let group = app.group(&coach, "Crew", &[&alex, &sam]).await;
+    let path = format!("/api/v1/chat/conversations/{group}");
+    // A member who did not create it, and a stranger.
+    for who in [&alex, &eve] {
+        let (s, b) = app.patch(who, &path, json!({"name": "Mine now"})).await;
+        assert_error(s, &b, StatusCode::FORBIDDEN, "forbidden");
+    }
+    // The creator, once they left.
+    let (s, b) = app
+        .delete(
+            &coach,
+            &format!("{path}/participants"),
+            json!({"user_ids": [coach.id]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = app
+        .patch(&coach, &path, json!({"name": "Still mine"}))
+        .await;
+    assert_error(s, &b, StatusCode::FORBIDDEN, "forbidden");
+    let (_, b) = app.get(&alex, &path).await;
+    assert_eq!(b["name"], "Crew", "nothing changed");
+    // An unknown conversation, and a malformed id.
+    let (s, b) = app
+        .patch(
+            &coach,
+            "/api/v1/chat/conversations/987654",
+            json!({"name": "X"}),
+        )
+        .await;
+    assert_error(s, &b, StatusCode::NOT_FOUND, "not_found");
+    let (s, b) = app
+        .patch(
+            &coach,
+            "/api/v1/chat/conversations/nope",
+            json!({"name": "X"}),
+        )
+        .await;
+    assert_error(s, &b, StatusCode::BAD_REQUEST, "invalid_path");
+}
+
+#[tokio::test]
+async fn a_direct_conversation_or_a_bad_name_cannot_be_set() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let direct = app.direct(&alex, &sam).await;
+    // Alex created it: the rights hold, the kind does not.
+    let (s, b) = app
+        .patch(
+            &alex,
+            &format!("/api/v1/chat/conversations/{direct}"),
+            json!({"name": "Us"}),
+        )
+        .await;
+    assert_error(s, &b, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    let (_, b) = app
+        .get(&alex, &format!("/api/v1/chat/conversations/{direct}"))
+        .await;
+    assert_eq!(b["name"], serde_json::Value::Null);
+
+    let group = app.group(&alex, "Crew", &[&sam]).await;
+    let path = format!("/api/v1/chat/conversations/{group}");
+    let bad = [
+        (json!({"name": "   "}), "empty_field"),
+        (json!({"name": ""}), "empty_field"),
+        (json!({"name": "x".repeat(101)}), "too_long"),
+        (
+            json!({"name": format!("{}{}", " ".repeat(10), "x".repeat(95))}),
+            "too_long",
+        ),
+        (json!({"name": "tab\there"}), "invalid_field"),
+        (json!({"name": 7}), "invalid_field"),
+        (json!({}), "invalid_field"),
+    ];
+    for (req, code) in bad {
+        let (s, b) = app.patch(&alex, &path, req.clone()).await;
+        assert_error(s, &b, StatusCode::UNPROCESSABLE_ENTITY, code);
+    }
+    let (_, b) = app.get(&alex, &path).await;
+    assert_eq!(b["name"], "Crew", "nothing changed");
+}

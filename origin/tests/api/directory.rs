@@ -1,4 +1,5 @@
-//! `GET /api/v1/users`: the directory a member searches for a trainer.
+//! `GET /api/v1/users`: the directory a member searches for a trainer, and
+//! `GET /api/v1/users/{id}`: one user's card.
 
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -86,5 +87,59 @@ async fn the_directory_refuses_bad_paging_and_strangers() {
         .await
         .map(|r| (r.status(), ()))
         .unwrap();
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn one_users_card_has_the_directorys_shape_for_anyone_signed_in() {
+    let app = spawn_app().await;
+    let me = app.user("Alex", Role::Member).await;
+    let coach = app.user("Maya Coach", Role::Trainer).await;
+    // A stranger's card (no conversation shared): the directory is open
+    // to every signed-in user, and so is this.
+    let (s, card) = app.get(&me, &format!("/api/v1/users/{}", coach.id)).await;
+    assert_eq!(s, StatusCode::OK, "{card}");
+    assert_eq!(
+        card,
+        serde_json::json!({
+            "id": coach.id,
+            "full_name": "Maya Coach",
+            "role": "trainer",
+            "is_online": false,
+            "last_seen": null,
+        })
+    );
+    // The same object the directory lists.
+    let listed = page(&app, &me, "query=maya").await;
+    assert_eq!(listed["users"][0], card);
+    // Presence as the origin knows it.
+    app.pool
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO user_presence (user_id, is_online, last_seen) VALUES ($1, true, now())",
+            &[&coach.id],
+        )
+        .await
+        .unwrap();
+    let (_, card) = app.get(&me, &format!("/api/v1/users/{}", coach.id)).await;
+    assert_eq!(card["is_online"], true, "{card}");
+    assert!(card["last_seen"].is_string(), "{card}");
+    // One's own card too; an unknown id is a typed 404, a malformed one 400.
+    let (s, own) = app.get(&me, &format!("/api/v1/users/{}", me.id)).await;
+    assert_eq!(s, StatusCode::OK, "{own}");
+    assert_eq!(own["full_name"], "Alex");
+    let (s, b) = app.get(&me, "/api/v1/users/424242").await;
+    assert_error(s, &b, StatusCode::NOT_FOUND, "not_found");
+    let (s, b) = app.get(&me, "/api/v1/users/x").await;
+    assert_error(s, &b, StatusCode::BAD_REQUEST, "invalid_path");
+    let s = app
+        .http
+        .get(app.url(&format!("/api/v1/users/{}", coach.id)))
+        .send()
+        .await
+        .unwrap()
+        .status();
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 }

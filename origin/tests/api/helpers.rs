@@ -186,6 +186,18 @@ impl TestApp {
         status_and_json(res).await
     }
 
+    pub async fn patch(&self, user: &TestUser, path: &str, body: Value) -> (StatusCode, Value) {
+        let res = self
+            .http
+            .patch(self.url(path))
+            .bearer_auth(&user.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        status_and_json(res).await
+    }
+
     /// POST to an internal route with the service secret.
     pub async fn internal_post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
         let res = self

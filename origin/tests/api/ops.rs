@@ -64,11 +64,14 @@ async fn the_openapi_document_covers_every_public_route() {
         ("/api/v1/chat/conversations", "get"),
         ("/api/v1/chat/conversations", "post"),
         ("/api/v1/chat/conversations/{id}", "get"),
+        ("/api/v1/chat/conversations/{id}", "patch"),
         ("/api/v1/chat/conversations/{id}/messages", "get"),
         ("/api/v1/chat/conversations/{id}/participants", "post"),
         ("/api/v1/chat/conversations/{id}/participants", "delete"),
         ("/api/v1/chat/active-users", "get"),
         ("/api/v1/chat/presence/{user_id}", "get"),
+        ("/api/v1/users", "get"),
+        ("/api/v1/users/{id}", "get"),
         ("/healthz", "get"),
         ("/metrics", "get"),
         ("/openapi.json", "get"),
@@ -216,6 +219,36 @@ async fn the_openapi_document_states_the_statuses_and_constraints_the_api_really
     assert_eq!(
         (change["minItems"].clone(), change["maxItems"].clone()),
         (1.into(), 1000.into())
+    );
+
+    // A rename: the name's rule as a new group's, every status.
+    has_all(
+        &doc,
+        "/api/v1/chat/conversations/{id}",
+        "patch",
+        &[
+            "200", "400", "401", "403", "404", "413", "415", "422", "500", "503",
+        ],
+    );
+    let rename = &schemas["RenameConversation"]["properties"]["name"];
+    assert_eq!(
+        (rename["minLength"].clone(), rename["maxLength"].clone()),
+        (1.into(), 100.into())
+    );
+    assert_eq!(
+        rename["pattern"],
+        schemas["CreateConversation"]["oneOf"][1]["properties"]["name"]["pattern"]
+    );
+    // One user's card.
+    has_all(
+        &doc,
+        "/api/v1/users/{id}",
+        "get",
+        &["200", "400", "401", "404", "500", "503"],
+    );
+    assert_eq!(
+        doc["paths"]["/api/v1/users/{id}"]["get"]["parameters"][0]["schema"]["minimum"],
+        1
     );
 
     // The edge's own routes.
