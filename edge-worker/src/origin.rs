@@ -155,6 +155,21 @@ impl<'a> OriginClient<'a> {
 /// Forwards a public request to the origin: same method, path, query,
 /// body, and the caller's `Authorization`.
 pub async fn proxy(mut req: Request, config: &EdgeConfig) -> EdgeResult<Response> {
+    let body = if matches!(req.method(), Method::Get | Method::Head) {
+        Vec::new()
+    } else {
+        req.bytes().await?
+    };
+    proxy_with_body(&req, &body, config).await
+}
+
+/// [`proxy`] for a request whose body the caller has already read (to
+/// look at it too).
+pub async fn proxy_with_body(
+    req: &Request,
+    body: &[u8],
+    config: &EdgeConfig,
+) -> EdgeResult<Response> {
     let url = req.url()?;
     let target = match url.query() {
         Some(q) => format!("{}{}?{q}", config.origin_url, url.path()),
@@ -177,7 +192,6 @@ pub async fn proxy(mut req: Request, config: &EdgeConfig) -> EdgeResult<Response
     let mut init = RequestInit::new();
     init.with_method(method.clone()).with_headers(headers);
     if !matches!(method, Method::Get | Method::Head) {
-        let body = req.bytes().await?;
         if body.len() > MAX_PROXY_BODY {
             return Err(EdgeError::Client {
                 status: 413,
@@ -186,7 +200,7 @@ pub async fn proxy(mut req: Request, config: &EdgeConfig) -> EdgeResult<Response
             });
         }
         if !body.is_empty() {
-            let array = worker::js_sys::Uint8Array::from(body.as_slice());
+            let array = worker::js_sys::Uint8Array::from(body);
             init.with_body(Some(array.into()));
         }
     }

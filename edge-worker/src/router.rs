@@ -7,7 +7,8 @@
 //! | `GET /api/v1/chat/conversations/{id}/ws` | Room `{id}` (WebSocket) |
 //! | `GET /api/v1/chat/conversations/{id}/events` | Room `{id}` (Server-Sent Events) |
 //! | `POST /api/v1/chat/conversations/{id}/messages\|typing\|read` | Room `{id}` (the SSE fallback's sends) |
-//! | `POST,DELETE /api/v1/chat/conversations/{id}/participants` | origin, then Room `{id}` refreshes its members |
+//! | `POST,DELETE /api/v1/chat/conversations/{id}/participants` | origin, then Room `{id}` refreshes its members and the members' User objects send `conversation_changed` (the removed ones `conversation_removed`) |
+//! | `PATCH /api/v1/chat/conversations/{id}` | origin (rename), then the members' User objects send `conversation_changed` |
 //! | `GET /api/v1/chat/ws`, `GET /api/v1/chat/ws/{token}` | the caller's User object (WebSocket) |
 //! | `GET /api/v1/chat/events` | the caller's User object (Server-Sent Events) |
 //! | `POST /api/v1/chat/conversations` | origin; a new conversation is announced to its participants' User objects |
@@ -17,7 +18,7 @@
 
 use serde::Serialize;
 use shared::auth::{Claims, USER_SCOPE, WS_TICKET_TTL_SECS, conversation_scope};
-use shared::protocol::internal::SERVICE_SECRET_HEADER;
+use shared::protocol::internal::{ConversationChange, SERVICE_SECRET_HEADER};
 use worker::{Env, Headers, Method, Request, RequestInit, Response, Url};
 
 use crate::auth::{self, now_unix};
@@ -41,7 +42,10 @@ pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
         if let Some(origin) = &cors_origin {
             let h = res.headers_mut();
             h.set("access-control-allow-origin", origin)?;
-            h.set("access-control-allow-methods", "GET, POST, DELETE, OPTIONS")?;
+            h.set(
+                "access-control-allow-methods",
+                "GET, POST, PATCH, DELETE, OPTIONS",
+            )?;
             h.set(
                 "access-control-allow-headers",
                 "authorization, content-type, last-event-id",
@@ -129,19 +133,20 @@ async fn route(req: Request, env: &Env, config: &EdgeConfig) -> EdgeResult<Respo
             room_post(req, env, &config, id, action).await
         }
         (
-            Method::Post | Method::Delete,
+            method @ (Method::Post | Method::Delete),
             ["api", "v1", "chat", "conversations", id, "participants"],
         ) => {
             let id = conversation_id(id)?;
-            let response = origin::proxy(req, &config).await?;
-            if (200..300).contains(&response.status_code()) {
-                // The room must stop trusting its cached member list now:
-                // a removed member's sockets close at once.
-                if let Err(e) = notify_members_changed(env, id).await {
-                    worker::console_error!("members-changed for room {id}: {e}");
-                }
-            }
-            Ok(response)
+            let change = if method == Method::Post {
+                GroupChange::Add
+            } else {
+                GroupChange::Remove
+            };
+            change_group(req, env, &config, id, change).await
+        }
+        (Method::Patch, ["api", "v1", "chat", "conversations", id]) => {
+            let id = conversation_id(id)?;
+            change_group(req, env, &config, id, GroupChange::Rename).await
         }
         (_, ["api", ..]) => origin::proxy(req, &config).await,
         _ => Err(EdgeError::NotFound("route")),
@@ -472,6 +477,105 @@ async fn create_conversation(req: Request, env: &Env, config: &EdgeConfig) -> Ed
     let headers = Headers::new();
     headers.set("content-type", "application/json")?;
     Ok(Response::ok(body)?
+        .with_status(status)
+        .with_headers(headers))
+}
+
+/// What a proxied change to a group did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GroupChange {
+    Add,
+    Remove,
+    Rename,
+}
+
+/// `POST|DELETE /api/v1/chat/conversations/{id}/participants` and
+/// `PATCH /api/v1/chat/conversations/{id}`: made at the origin; when it
+/// succeeds, the room refreshes its members (a removed member's sockets
+/// close at once), every member's User object sends
+/// `conversation_changed` to all their connections, and every user the
+/// DELETE removed gets `conversation_removed`. The origin's answer is
+/// relayed as it is; a failure to tell anyone is logged, never the
+/// caller's error.
+async fn change_group(
+    mut req: Request,
+    env: &Env,
+    config: &EdgeConfig,
+    id: i64,
+    change: GroupChange,
+) -> EdgeResult<Response> {
+    #[derive(serde::Deserialize)]
+    struct Asked {
+        #[serde(default)]
+        user_ids: Vec<i64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct View {
+        participants: Vec<Participant>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Participant {
+        user_id: i64,
+    }
+    let body = req.bytes().await?;
+    let mut response = origin::proxy_with_body(&req, &body, config).await?;
+    if !(200..300).contains(&response.status_code()) {
+        return Ok(response);
+    }
+    let members = change != GroupChange::Rename;
+    if members {
+        // The room must stop trusting its cached member list now.
+        if let Err(e) = notify_members_changed(env, id).await {
+            worker::console_error!("members-changed for room {id}: {e}");
+        }
+    }
+    let status = response.status_code();
+    let text = response.text().await?;
+    match serde_json::from_str::<View>(&text) {
+        Ok(view) => {
+            let mut told: Vec<(i64, ConversationChange)> = view
+                .participants
+                .iter()
+                .map(|p| {
+                    let c = ConversationChange {
+                        conversation_id: id,
+                        removed: false,
+                        members,
+                    };
+                    (p.user_id, c)
+                })
+                .collect();
+            if change == GroupChange::Remove {
+                // The origin accepted the body, so it parses; ids still in
+                // the answer were not removed (the DELETE changed nothing
+                // for them).
+                let asked: Vec<i64> = serde_json::from_slice::<Asked>(&body)
+                    .map(|a| a.user_ids)
+                    .unwrap_or_default();
+                let mut removed: Vec<i64> = asked
+                    .into_iter()
+                    .filter(|u| !view.participants.iter().any(|p| p.user_id == *u))
+                    .collect();
+                removed.sort_unstable();
+                removed.dedup();
+                told.extend(removed.into_iter().map(|u| {
+                    let c = ConversationChange {
+                        conversation_id: id,
+                        removed: true,
+                        members,
+                    };
+                    (u, c)
+                }));
+            }
+            if let Err(e) = crate::user_do::tell_changed(env, &told).await {
+                worker::console_warn!("conversation {id} changed, telling its members: {e}");
+            }
+        }
+        Err(e) => worker::console_warn!("conversation {id} changed, but its view is not: {e}"),
+    }
+    let headers = Headers::new();
+    headers.set("content-type", "application/json")?;
+    Ok(Response::ok(text)?
         .with_status(status)
         .with_headers(headers))
 }

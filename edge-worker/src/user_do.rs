@@ -6,7 +6,9 @@
 //! offline after the last one closes and a grace period passes, set by an
 //! alarm) to their **contacts'** objects and to the origin, shows the
 //! contacts' presence on the user's connections, relays the
-//! `conversation_updated` notices rooms send, and passes the seed's
+//! `conversation_updated` notices rooms send, tells the connections when a
+//! group changed (`conversation_changed`, `conversation_removed`: the
+//! Worker's `/changed` after a rename or a member change), and passes the seed's
 //! single-socket frames (`message`, `typing`, `read`) into their rooms.
 //!
 //! While the user is online the object is subscribed to the Rooms of their
@@ -32,7 +34,9 @@ use futures_util::StreamExt;
 use futures_util::future::join_all;
 use serde::Deserialize;
 use shared::bucket::{Bucket, Rate};
-use shared::protocol::internal::{ConversationNotice, PresenceBatch, PresenceUpdate};
+use shared::protocol::internal::{
+    ConversationChange, ConversationNotice, PresenceBatch, PresenceUpdate,
+};
 use shared::protocol::{ClientFrame, ServerFrame};
 use shared::room::{ConnId, cost};
 use shared::user::{Contact, MAX_RESUME, User as UserState, UserConfig, UserOutput, UserTarget};
@@ -333,6 +337,12 @@ impl User {
 
     async fn route(&self, mut req: Request) -> EdgeResult<Response> {
         let user = user_of(&req)?;
+        // A group change is news only for connections: an object with none
+        // (an offline user, or one that never connected) is not loaded,
+        // and keeps no storage for it.
+        if req.path() == "/changed" && !self.has_connections() {
+            return Ok(Response::empty()?.with_status(204));
+        }
         self.ensure_loaded(user).await?;
         match req.path().as_str() {
             "/ws" => {
@@ -452,7 +462,43 @@ impl User {
                 self.after_events().await;
                 Ok(Response::empty()?.with_status(204))
             }
+            "/changed" => {
+                // A group this user is (or was) in changed through the
+                // Worker: a rename, or members added or removed.
+                let change: ConversationChange = req
+                    .json()
+                    .await
+                    .map_err(|e| EdgeError::bad_request("invalid_json", e.to_string()))?;
+                self.with_user(|u| {
+                    u.handle_conversation_change(change.conversation_id, change.removed);
+                })?;
+                self.drain();
+                // New or departed members are new or departed contacts:
+                // the alarm fetches the list again (its presence shows on
+                // the connections that are here to see it).
+                if change.members && self.conns.socket_count() + self.conns.stream_count() > 0 {
+                    self.retry_contacts_at.set(Some(now_ms()));
+                }
+                // A removed user's subscription to the room may stay: a
+                // room forwards to current members only, so it relays
+                // nothing more to them (and again at once if they are
+                // added back).
+                self.after_events().await;
+                Ok(Response::empty()?.with_status(204))
+            }
             _ => Err(EdgeError::NotFound("user route")),
+        }
+    }
+
+    /// Whether the user has a connection here, without loading anything:
+    /// a loaded object knows its connections; one that is not loaded has
+    /// no SSE stream (a stream keeps its instance in memory), only
+    /// WebSockets that hibernated with it, which the runtime holds.
+    fn has_connections(&self) -> bool {
+        if self.user.borrow().is_some() {
+            self.conns.socket_count() + self.conns.stream_count() > 0
+        } else {
+            !self.state.get_websockets().is_empty()
         }
     }
 
@@ -1040,6 +1086,21 @@ pub async fn notify(env: &Env, notices: &[ConversationNotice]) -> EdgeResult<()>
             async move { post(env, user, "/notify", &own).await }
         })
     });
+    let mut first_error = None;
+    for result in join_all(sends).await {
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Tells each user's object of a change to a group (`/changed`), all at
+/// once. An object with no connection answers at once and loads nothing.
+pub async fn tell_changed(env: &Env, changes: &[(i64, ConversationChange)]) -> EdgeResult<()> {
+    let sends = changes
+        .iter()
+        .map(|(user, change)| async move { post(env, *user, "/changed", change).await });
     let mut first_error = None;
     for result in join_all(sends).await {
         if let Err(e) = result {
