@@ -249,6 +249,9 @@ impl Stack {
                 "ALLOWED_ORIGINS".to_owned(),
                 format!("http://127.0.0.1:{edge_port}"),
             ),
+            // As `cargo xtask dev` sets it: the browser suite may use the
+            // ChatBox's demo hints.
+            ("DEMO_LOGINS".to_owned(), demo_logins()),
         ];
         vars.extend(options.vars.iter().cloned());
         let launch = EdgeLaunch {
@@ -484,6 +487,20 @@ impl Drop for Stack {
         }
         self.stop_origin();
     }
+}
+
+/// The `DEMO_LOGINS` var of a dev server: the seeded demo users' emails
+/// and their password (`GET /api/v1/edge/demo` answers it).
+pub fn demo_logins() -> String {
+    let accounts: Vec<&str> = origin::seed::DEMO_USERS
+        .iter()
+        .map(|(email, _, _)| *email)
+        .collect();
+    format!(
+        r#"{{"password":{},"accounts":{}}}"#,
+        serde_json::json!(origin::seed::DEMO_PASSWORD),
+        serde_json::json!(accounts)
+    )
 }
 
 fn origin_config(

@@ -143,6 +143,23 @@ async fn login(edge: &str, email: &str) -> anyhow::Result<(String, i64)> {
 async fn scenario(dev: &Dev) -> anyhow::Result<()> {
     let mut child = dev.start()?;
     let edge = dev.edge();
+    // The demo logins the dev server offers are the seeded ones (xtask
+    // keeps its own copy of them).
+    let demo: Value = reqwest::Client::new()
+        .get(format!("{edge}/api/v1/edge/demo"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let accounts: Vec<&str> = origin::seed::DEMO_USERS
+        .iter()
+        .map(|(email, _, _)| *email)
+        .collect();
+    ensure!(
+        demo == json!({"password": origin::seed::DEMO_PASSWORD, "accounts": accounts}),
+        "xtask's DEMO_LOGINS is not the seed's: {demo}"
+    );
     let (alex, _) = login(&edge, "alex@vibe.fit").await?;
     let (_, sam) = login(&edge, "sam@vibe.fit").await?;
     let created: Value = reqwest::Client::new()

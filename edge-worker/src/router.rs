@@ -14,6 +14,7 @@
 //! | `POST /api/v1/chat/conversations` | origin; a new conversation is announced to its participants' User objects |
 //! | `POST /api/v1/internal/rooms/{id}/members-changed` | from the origin (service secret): Room `{id}` refreshes its members |
 //! | `GET /api/v1/edge/health` | answered here |
+//! | `GET /api/v1/edge/demo` | answered here: the demo logins when the `DEMO_LOGINS` var is set (`cargo xtask dev`), else 404 |
 //! | any other `/api/**` | proxied to the origin |
 
 use serde::Serialize;
@@ -91,6 +92,7 @@ async fn route(req: Request, env: &Env, config: &EdgeConfig) -> EdgeResult<Respo
     let method = req.method();
     match (method, segments.as_slice()) {
         (Method::Get, ["api", "v1", "edge", "health"]) => json(&Health { status: "ok" }),
+        (Method::Get, ["api", "v1", "edge", "demo"]) => demo_logins(env),
         (Method::Post, ["api", "v1", "chat", "ws-ticket"]) => ws_ticket(req, &config).await,
         (Method::Post, ["api", "v1", "internal", "rooms", id, "members-changed"]) => {
             require_service(&req, &config)?;
@@ -578,6 +580,39 @@ async fn change_group(
     Ok(Response::ok(text)?
         .with_status(status)
         .with_headers(headers))
+}
+
+/// `GET /api/v1/edge/demo`: the demo logins the ChatBox may offer, from
+/// the `DEMO_LOGINS` var (`{"password":…,"accounts":[…]}`). Only a dev
+/// server sets it (`cargo xtask dev`, the end-to-end suites); a deployment
+/// answers 404, so no page of it ever shows a password.
+fn demo_logins(env: &Env) -> EdgeResult<Response> {
+    let raw = env
+        .var("DEMO_LOGINS")
+        .ok()
+        .map(|v| v.to_string())
+        .filter(|v| !v.trim().is_empty())
+        .ok_or(EdgeError::NotFound("demo logins"))?;
+    if !demo_logins_valid(&raw) {
+        return Err(EdgeError::Internal(
+            "DEMO_LOGINS is not {\"password\": string, \"accounts\": [string]}".to_owned(),
+        ));
+    }
+    let headers = Headers::new();
+    headers.set("content-type", "application/json")?;
+    headers.set("cache-control", "no-store")?;
+    Ok(Response::ok(raw)?.with_headers(headers))
+}
+
+/// Whether `raw` is `{"password": string, "accounts": [string, …]}`.
+fn demo_logins_valid(raw: &str) -> bool {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(raw) else {
+        return false;
+    };
+    value["password"].is_string()
+        && value["accounts"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(serde_json::Value::is_string))
 }
 
 async fn notify_members_changed(env: &Env, id: i64) -> EdgeResult<()> {

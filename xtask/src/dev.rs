@@ -29,6 +29,13 @@ const ORIGIN_PORT: u16 = 8081;
 /// Where the edge listens.
 const EDGE_PORT: u16 = 8787;
 const DEV_DATABASE: &str = "vibe_dev";
+/// The demo logins the ChatBox may offer on a dev server (the Worker
+/// answers them at `GET /api/v1/edge/demo` when this var is set, and 404
+/// without it, as in production): the users `origin seed-demo` creates
+/// (`origin/src/seed.rs`), with their password. The e2e `dev` test checks
+/// it against the seed.
+const DEMO_LOGINS: &str =
+    r#"{"password":"demo-password","accounts":["coach@vibe.fit","alex@vibe.fit","sam@vibe.fit"]}"#;
 
 fn port(var: &str, default: u16) -> anyhow::Result<u16> {
     match std::env::var(var) {
@@ -119,6 +126,8 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         .arg(format!(
             "ALLOWED_ORIGINS:http://{edge_addr},http://localhost:{edge_port}"
         ))
+        .arg("--var")
+        .arg(format!("DEMO_LOGINS:{DEMO_LOGINS}"))
         // wrangler's own request log prints raw paths, and the seed's
         // `/api/v1/chat/ws/{token}` route carries a token in its path:
         // keep it to warnings (the origin logs requests, redacted).

@@ -152,6 +152,9 @@ async fn main() -> ExitCode {
                 ))
             },
         ),
+        ("a_dev_server_offers_the_seeded_demo_logins", |s| {
+            Box::pin(rest::a_dev_server_offers_the_seeded_demo_logins(s))
+        }),
         ("unknown_routes_and_bad_ids_get_json_errors", |s| {
             Box::pin(rest::unknown_routes_and_bad_ids_get_json_errors(s))
         }),

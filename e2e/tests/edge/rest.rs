@@ -2,7 +2,7 @@
 
 use anyhow::ensure;
 use e2e::Stack;
-use serde_json::json;
+use serde_json::{Value, json};
 
 pub async fn rest_is_proxied_to_the_origin_with_the_callers_token(
     s: &mut Stack,
@@ -251,8 +251,45 @@ pub async fn the_openapi_document_is_served_at_the_public_host_with_the_edges_ro
         "/api/v1/chat/conversations/{id}/messages",
         "/api/v1/chat/ws-ticket",
         "/api/v1/auth/refresh",
+        "/api/v1/users/{id}",
+        "/api/v1/edge/demo",
     ] {
         ensure!(spec["paths"][path].is_object(), "{path} is not described");
     }
+    ensure!(
+        spec["paths"]["/api/v1/chat/conversations/{id}"]["patch"].is_object(),
+        "the rename is not described"
+    );
+    Ok(())
+}
+
+pub async fn a_dev_server_offers_the_seeded_demo_logins(s: &mut Stack) -> anyhow::Result<()> {
+    // The stack sets DEMO_LOGINS as `cargo xtask dev` does; no token needed.
+    let res = s
+        .http()
+        .get(format!("{}/api/v1/edge/demo", s.edge))
+        .send()
+        .await?;
+    ensure!(res.status().as_u16() == 200, "{}", res.status());
+    ensure!(
+        res.headers()
+            .get("cache-control")
+            .is_some_and(|v| v == "no-store"),
+        "{:?}",
+        res.headers()
+    );
+    let body: Value = res.json().await?;
+    let accounts: Vec<&str> = origin::seed::DEMO_USERS
+        .iter()
+        .map(|(email, _, _)| *email)
+        .collect();
+    ensure!(
+        body == json!({"password": origin::seed::DEMO_PASSWORD, "accounts": accounts}),
+        "{body}"
+    );
+    ensure!(
+        accounts == ["coach@vibe.fit", "alex@vibe.fit", "sam@vibe.fit"],
+        "{accounts:?}"
+    );
     Ok(())
 }

@@ -37,8 +37,13 @@ async fn main() -> ExitCode {
         ("ROOM_BACKOFF_MAX_MS", "1000"),
         ("PRESENCE_GRACE_MS", "1500"),
         ("PRESENCE_WATCHDOG_MS", "2000"),
+        // As in a deployment: no demo logins.
+        ("DEMO_LOGINS", ""),
     ];
     let tests: &[(&str, TestFn)] = &[
+        ("without_demo_logins_the_demo_route_is_a_typed_404", |s| {
+            Box::pin(without_demo_logins_the_demo_route_is_a_typed_404(s))
+        }),
         (
             "killing_the_runtime_while_clients_send_loses_nothing_and_duplicates_nothing",
             |s| {
@@ -65,6 +70,20 @@ async fn main() -> ExitCode {
         ),
     ];
     start_and_run(vars, tests, Duration::from_secs(900)).await
+}
+
+/// A deployment does not set `DEMO_LOGINS` (wrangler.toml never does):
+/// the route answers the edge's usual typed 404, and no password shows.
+async fn without_demo_logins_the_demo_route_is_a_typed_404(s: &mut Stack) -> anyhow::Result<()> {
+    let (status, body) = s
+        .call(None, reqwest::Method::GET, "/api/v1/edge/demo", None)
+        .await?;
+    ensure!(
+        status == 404 && body["code"] == "not_found",
+        "{status} {body}"
+    );
+    ensure!(body.get("password").is_none(), "{body}");
+    Ok(())
 }
 
 fn env_number(name: &str, default: u64) -> u64 {

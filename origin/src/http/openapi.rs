@@ -14,10 +14,10 @@
 //! | needs a bearer token | 401 |
 //! | anything | 500 `internal`, 503 `unavailable` with `Retry-After` (database away, or the request timeout) |
 //!
-//! The edge's routes (WebSocket, SSE, POST fallback, tickets, health) are
-//! answered by the edge, never by the origin; they are described here so the
-//! one document the public host serves (`GET /api/openapi.json`, proxied to
-//! the origin) covers the whole API.
+//! The edge's routes (WebSocket, SSE, POST fallback, tickets, health, the
+//! dev server's demo logins) are answered by the edge, never by the origin;
+//! they are described here so the one document the public host serves
+//! (`GET /api/openapi.json`, proxied to the origin) covers the whole API.
 
 use serde_json::{Map, Value, json};
 
@@ -296,6 +296,14 @@ fn add_edge_routes(doc: &mut Value) {
             "expires_at": {"type": "integer", "format": "int64", "description": "Seconds since the Unix epoch (60 s from now)"}
         }
     });
+    let demo_logins = json!({
+        "type": "object",
+        "required": ["password", "accounts"],
+        "properties": {
+            "password": {"type": "string", "description": "The password of every demo account"},
+            "accounts": {"type": "array", "items": {"type": "string"}, "description": "The demo accounts' emails"}
+        }
+    });
     let json_body = |schema: Value, required: bool| json!({"required": required, "content": {"application/json": {"schema": schema}}});
     let mut conv_ws_params = vec![conversation_id_param(), since_param()];
     conv_ws_params.extend(token_query_params());
@@ -410,6 +418,16 @@ fn add_edge_routes(doc: &mut Value) {
             "summary": "The edge's own health (edge)",
             "description": "Answered by the Worker without touching a Durable Object or the origin.",
             "responses": {"200": {"description": "The edge is up", "content": {"application/json": {"schema": {"type": "object"}}}}}
+        }},
+        "/api/v1/edge/demo": {"get": {
+            "tags": ["edge"],
+            "summary": "The demo logins of a dev server (edge)",
+            "description": "The accounts and password the ChatBox may offer as hints on a development server (`cargo xtask dev` sets the Worker var `DEMO_LOGINS`). A deployment never sets it and answers 404. No authentication.",
+            "responses": {
+                "200": {"description": "The demo logins", "content": {"application/json": {"schema": demo_logins}}},
+                "404": error_response("Not a development server: there are no demo logins (`not_found`)"),
+                "500": error_response("`DEMO_LOGINS` is set but is not `{password, accounts}` (`internal`)"),
+            }
         }},
     });
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {

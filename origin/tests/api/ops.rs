@@ -302,6 +302,7 @@ async fn the_openapi_document_states_the_statuses_and_constraints_the_api_really
     ] {
         assert!(doc["paths"][path]["get"].is_object(), "{path}");
     }
+    has_all(&doc, "/api/v1/edge/demo", "get", &["200", "404"]);
     // The history GET and the edge's POST share a path without clobbering.
     assert!(doc["paths"][history]["get"]["responses"]["200"].is_object());
 }
