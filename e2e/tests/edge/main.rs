@@ -62,6 +62,12 @@ async fn main() -> ExitCode {
             },
         ),
         (
+            "renaming_and_member_changes_through_the_edge_reach_every_device_of_every_member",
+            |s| {
+                Box::pin(membership::renaming_and_member_changes_through_the_edge_reach_every_device_of_every_member(s))
+            },
+        ),
+        (
             "probing_unknown_conversations_costs_one_origin_call_and_stores_nothing",
             |s| {
                 Box::pin(membership::probing_unknown_conversations_costs_one_origin_call_and_stores_nothing(s))

@@ -172,3 +172,187 @@ pub async fn a_resend_of_a_key_the_room_forgot_returns_the_original_over_ws_and_
     ensure!(stored.len() == 6, "{stored:?}");
     Ok(())
 }
+
+/// The next group-change frame (`conversation_changed` or
+/// `conversation_removed`) about `conversation` on `ws`; other frames stay
+/// in its backlog.
+async fn group_frame(ws: &mut e2e::Ws, conversation: i64) -> anyhow::Result<String> {
+    let f = ws
+        .expect_where(&format!("a change of {conversation}"), |f| {
+            (f["type"] == "conversation_changed" || f["type"] == "conversation_removed")
+                && f["conversation_id"] == conversation
+        })
+        .await?;
+    ensure!(
+        f.as_object().is_some_and(|o| o.len() == 2),
+        "only the type and the id: {f}"
+    );
+    Ok(f["type"].as_str().unwrap_or_default().to_owned())
+}
+
+/// The next `kind` event on an always-on SSE stream: about `conversation`.
+async fn group_event(events: &mut e2e::Sse, conversation: i64, kind: &str) -> anyhow::Result<()> {
+    let (_, data) = events.expect(kind).await?;
+    ensure!(data["conversation_id"] == conversation, "{data}");
+    Ok(())
+}
+
+pub async fn renaming_and_member_changes_through_the_edge_reach_every_device_of_every_member(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let a = s.user("A").await?;
+    let b = s.user("B").await?;
+    let c = s.user("C").await?;
+    let d = s.user("D").await?;
+    let group = s.group(&a, &[&b, &c]).await?;
+    let path = format!("/api/v1/chat/conversations/{group}");
+    // Every kind of always-on connection: A and B by token, C by ticket
+    // and on a second device over SSE, D (not in the group yet) by ticket.
+    let mut wa = s.always_on(&a).await?;
+    let mut wb = s.always_on(&b).await?;
+    let ticket = s.ticket(&c, None).await?;
+    let mut wc = s
+        .ws_with_path("/api/v1/chat/ws", &format!("ticket={ticket}"))
+        .await?;
+    let auth = [("authorization", format!("Bearer {}", c.token))];
+    let mut ec = s
+        .sse_at("/api/v1/chat/events", &auth)
+        .await?
+        .map_err(|(status, body)| anyhow::anyhow!("{status}: {body}"))?;
+    let ticket = s.ticket(&d, None).await?;
+    let mut wd = s
+        .ws_with_path("/api/v1/chat/ws", &format!("ticket={ticket}"))
+        .await?;
+    // A message, so that B's and C's objects subscribe to the room.
+    let mut room = s.ws(&a, group, None).await?;
+    room.say(group, "before", "gc-1").await?;
+    room.expect("ack").await?;
+    for ws in [&mut wb, &mut wc] {
+        ws.expect_where("the first message", |f| {
+            f["type"] == "message" && f["message"]["conversation_id"] == group
+        })
+        .await?;
+    }
+
+    // A renames: every member's every device hears of it, A's own too.
+    let (status, body) = s
+        .call(
+            Some(&a),
+            reqwest::Method::PATCH,
+            &path,
+            Some(json!({"name": "Renamed"})),
+        )
+        .await?;
+    ensure!(
+        status == 200 && body["name"] == "Renamed",
+        "{status} {body}"
+    );
+    for ws in [&mut wa, &mut wb, &mut wc] {
+        ensure!(group_frame(ws, group).await? == "conversation_changed");
+    }
+    group_event(&mut ec, group, "conversation_changed").await?;
+    let (status, body) = s.call(Some(&b), reqwest::Method::GET, &path, None).await?;
+    ensure!(
+        status == 200 && body["name"] == "Renamed",
+        "{status} {body}"
+    );
+
+    // A adds D: D is told too (a member now), and so are the others.
+    let (status, body) = s
+        .call(
+            Some(&a),
+            reqwest::Method::POST,
+            &format!("{path}/participants"),
+            Some(json!({"user_ids": [d.id]})),
+        )
+        .await?;
+    ensure!(status == 200, "{status} {body}");
+    for ws in [&mut wd, &mut wb, &mut wc] {
+        ensure!(group_frame(ws, group).await? == "conversation_changed");
+    }
+    group_event(&mut ec, group, "conversation_changed").await?;
+    // B learns who the newcomer is from their card alone.
+    let (status, card) = s
+        .call(
+            Some(&b),
+            reqwest::Method::GET,
+            &format!("/api/v1/users/{}", d.id),
+            None,
+        )
+        .await?;
+    ensure!(status == 200, "{status} {card}");
+    ensure!(
+        card["id"] == d.id && card["full_name"] == "D" && card["is_online"].is_boolean(),
+        "{card}"
+    );
+
+    // A removes C: C is told on both devices that they are out, the
+    // others that the group changed.
+    let (status, body) = s
+        .call(
+            Some(&a),
+            reqwest::Method::DELETE,
+            &format!("{path}/participants"),
+            Some(json!({"user_ids": [c.id]})),
+        )
+        .await?;
+    ensure!(status == 200, "{status} {body}");
+    ensure!(group_frame(&mut wc, group).await? == "conversation_removed");
+    group_event(&mut ec, group, "conversation_removed").await?;
+    for ws in [&mut wb, &mut wd] {
+        ensure!(group_frame(ws, group).await? == "conversation_changed");
+    }
+    let (status, _) = s.call(Some(&c), reqwest::Method::GET, &path, None).await?;
+    ensure!(status == 403, "{status}");
+    // The room forwards nothing more of the group to C's connection,
+    // while B gets it.
+    room.say(group, "after", "gc-2").await?;
+    room.expect("ack").await?;
+    wb.expect_where("the message after the removal", |f| {
+        f["type"] == "message" && f["message"]["content"] == "after"
+    })
+    .await?;
+    // (The first message is seq 1, this one 2.)
+    let late = wc.drain(QUIET).await?;
+    ensure!(
+        !late.iter().any(|f| {
+            (f["type"] == "message"
+                && f["message"]["conversation_id"] == group
+                && f["message"]["seq"] == 2)
+                || (f["type"] == "conversation_updated"
+                    && f["conversation_id"] == group
+                    && f["seq"] == 2)
+        }),
+        "the removed member still hears the group: {late:?}"
+    );
+
+    // B may not rename it: 403 through the edge, and nobody is told. The
+    // next change B hears of is A removing B (frames keep their order on
+    // a connection, so a frame for the refused rename would come first).
+    let (status, body) = s
+        .call(
+            Some(&b),
+            reqwest::Method::PATCH,
+            &path,
+            Some(json!({"name": "B's group"})),
+        )
+        .await?;
+    ensure!(
+        status == 403 && body["code"] == "forbidden",
+        "{status} {body}"
+    );
+    let (status, body) = s
+        .call(
+            Some(&a),
+            reqwest::Method::DELETE,
+            &format!("{path}/participants"),
+            Some(json!({"user_ids": [b.id]})),
+        )
+        .await?;
+    ensure!(status == 200, "{status} {body}");
+    ensure!(group_frame(&mut wb, group).await? == "conversation_removed");
+    ensure!(group_frame(&mut wd, group).await? == "conversation_changed");
+    let (_, body) = s.call(Some(&d), reqwest::Method::GET, &path, None).await?;
+    ensure!(body["name"] == "Renamed", "{body}");
+    Ok(())
+}
