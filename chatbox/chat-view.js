@@ -213,10 +213,11 @@ export class ChatView {
     switch (item.kind) {
       case 'more':
         return el('li', { class: 'vc-more' }, 'Scroll up for older messages');
+      // Plain list items (a separator role is not allowed in a list).
       case 'day':
-        return el('li', { class: 'vc-day', role: 'separator' }, item.label);
+        return el('li', { class: 'vc-day' }, item.label);
       case 'unread':
-        return el('li', { class: 'vc-divider', role: 'separator' }, 'New messages');
+        return el('li', { class: 'vc-divider' }, 'New messages');
       default:
         return this.bubble(item);
     }
@@ -227,10 +228,23 @@ export class ChatView {
     if (item.kind === 'day') return node.textContent === item.label;
     if (item.kind !== 'message' && item.kind !== 'pending') return true;
     if (node.dataset.shape !== shapeOf(item)) return false;
-    if (node.dataset.status !== (item.status ?? '') || node.dataset.error !== (item.error ?? '')) {
-      node.dataset.status = item.status ?? '';
-      node.dataset.error = item.error ?? '';
-      node.querySelector('.vc-meta').replaceWith(this.meta(item));
+    // The text is never touched, so a selection in it survives; only the
+    // group edge and the time/status line change.
+    const last = node.classList.contains('vc-last');
+    const meta = node.querySelector('.vc-meta');
+    const changed = last !== item.last || node.dataset.status !== (item.status ?? '') || node.dataset.error !== (item.error ?? '');
+    if (!changed) return true;
+    node.classList.toggle('vc-last', item.last);
+    node.dataset.status = item.status ?? '';
+    node.dataset.error = item.error ?? '';
+    if (showsMeta(item)) {
+      const next = this.meta(item);
+      if (meta) meta.replaceWith(next);
+      else node.append(next);
+      node.removeAttribute('title');
+    } else {
+      meta?.remove();
+      node.title = node.querySelector('time')?.textContent ?? timeLabel(new Date(item.m ? item.m.created_at : item.at));
     }
     return true;
   }
@@ -253,7 +267,10 @@ export class ChatView {
       else li.append(hidden(`${this.nameOf(sender)}:`));
     }
     li.append(linkedText(m ? m.content : item.content));
-    li.append(this.meta(item));
+    // A group's time and status show once, under its last bubble (and
+    // wherever a status must be seen); the rest keep it as a tooltip.
+    if (showsMeta(item)) li.append(this.meta(item));
+    else li.title = timeLabel(new Date(m ? m.created_at : item.at));
     return li;
   }
 
@@ -301,8 +318,12 @@ export class ChatView {
   }
 }
 
+function showsMeta(item) {
+  return item.last || Boolean(item.status);
+}
+
 function shapeOf(item) {
-  return `${item.kind}|${item.first ? 1 : 0}${item.last ? 1 : 0}`;
+  return `${item.kind}|${item.first ? 1 : 0}`;
 }
 
 export function statusLabel(status) {

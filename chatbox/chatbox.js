@@ -644,9 +644,10 @@ class ChatBox {
   /** The reader saw everything up to `seq`. */
   markRead(chat, seq) {
     if (!chat.conn || seq <= chat.model.readSent) return;
+    const seen = chat.model.countFromOthers(chat.model.readSent, seq);
     chat.model.readSent = seq;
     chat.conn.read(seq);
-    if (this.conversations.markRead(chat.model.id, seq)) this.updateBadge();
+    if (this.conversations.markRead(chat.model.id, seq, seen)) this.updateBadge();
   }
 
   async loadOlder(chat) {

@@ -179,6 +179,7 @@ class Connection {
       opened = true;
       this.backoff.reset();
       this.watch();
+      this.opened();
       this.setState('open');
     };
     ws.onmessage = (event) => this.deliver(event.data);
@@ -238,6 +239,9 @@ class Connection {
     }
     this.onFrame(frame);
   }
+
+  /** A WebSocket just opened (subclasses send what waited for it). */
+  opened() {}
 
   /** Sends a frame over the WebSocket; false when it is not open. */
   sendWs(frame) {
@@ -311,8 +315,25 @@ export class RoomConnection extends Connection {
     else this.api.postTyping(this.conversationId).catch(() => {});
   }
 
+  /**
+   * Marks read up to `seq`. A mark made while the socket is (re)connecting
+   * waits for it: dropping it would leave the room counting the messages
+   * unread, and its next notice would put them back on the badge.
+   */
   read(seq) {
-    if (this.choice.kind === 'ws') this.sendWs({ type: 'read', conversation_id: this.conversationId, seq });
-    else this.api.postRead(this.conversationId, seq).catch(() => {});
+    if (this.choice.kind !== 'ws') {
+      this.api.postRead(this.conversationId, seq).catch(() => {});
+      return;
+    }
+    if (!this.sendWs({ type: 'read', conversation_id: this.conversationId, seq })) {
+      this.unsentRead = Math.max(this.unsentRead ?? 0, seq);
+    }
+  }
+
+  opened() {
+    if (this.unsentRead) {
+      this.sendWs({ type: 'read', conversation_id: this.conversationId, seq: this.unsentRead });
+      this.unsentRead = 0;
+    }
   }
 }

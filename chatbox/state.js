@@ -4,6 +4,8 @@
 // "Read"), drafts and links. The views render from it; the unit tests in
 // e2e/unit drive it under node's own test runner.
 
+const RANK = { sent: 0, delivered: 1, read: 2 };
+
 /** Consecutive messages from one sender this close together form a group. */
 export const GROUP_GAP_MS = 5 * 60_000;
 /** The list shows "99+" past this (the launcher badge). */
@@ -65,14 +67,18 @@ export class Conversations {
     c.last_seq = Math.max(c.last_seq ?? 0, m.seq);
   }
 
-  /** Marks everything up to `seq` read here (the reader saw it). */
-  markRead(id, seq) {
+  /**
+   * Marks everything up to `seq` read here (the reader saw it); `seen` is
+   * how many messages from others that newly covers, so a reader halfway
+   * through a backlog still sees the rest counted.
+   */
+  markRead(id, seq, seen = Infinity) {
     const c = this.byId.get(id);
     if (!c) return false;
-    const changed = c.unread_count > 0 || (c.read_seq ?? 0) < seq;
+    const before = c.unread_count;
     c.read_seq = Math.max(c.read_seq ?? 0, seq);
-    if ((c.last_seq ?? 0) <= c.read_seq) c.unread_count = 0;
-    return changed;
+    c.unread_count = (c.last_seq ?? 0) <= c.read_seq ? 0 : Math.max(0, (c.unread_count || 0) - seen);
+    return before !== c.unread_count;
   }
 
   /** Newest activity first; ties by id so the order is stable. */
@@ -195,6 +201,13 @@ export class ChatModel {
     return [...this.participants.values()].filter((p) => p.user_id !== this.me);
   }
 
+  /** Messages from others with a seq in (after, upTo]. */
+  countFromOthers(after, upTo) {
+    let n = 0;
+    for (const [seq, m] of this.messages) if (seq > after && seq <= upTo && m.sender_id !== this.me) n += 1;
+    return n;
+  }
+
   maxSeq() {
     let top = 0;
     for (const seq of this.messages.keys()) top = Math.max(top, seq);
@@ -266,13 +279,17 @@ export class ChatModel {
     return before !== `${p.delivered_seq}/${p.read_seq}`;
   }
 
-  /** sent / delivered / read, from everyone else's marks. */
+  /**
+   * sent / delivered / read, from everyone else's marks and from what the
+   * message said when it was stored (a message to members who were all
+   * connected arrives "delivered": the room sends no receipt for that).
+   */
   statusOf(m) {
     const others = this.others();
-    if (!others.length) return 'sent';
-    if (others.every((p) => (p.read_seq ?? 0) >= m.seq)) return 'read';
-    if (others.every((p) => Math.max(p.delivered_seq ?? 0, p.read_seq ?? 0) >= m.seq)) return 'delivered';
-    return 'sent';
+    let status = 'sent';
+    if (others.length && others.every((p) => (p.read_seq ?? 0) >= m.seq)) status = 'read';
+    else if (others.length && others.every((p) => Math.max(p.delivered_seq ?? 0, p.read_seq ?? 0) >= m.seq)) status = 'delivered';
+    return RANK[m.status] > RANK[status] ? m.status : status;
   }
 
   /** The seq of the reader's last message everyone else has read (0: none). */

@@ -20,10 +20,10 @@ export function loginView({ onSubmit, demo, error }) {
   form.append(el('p', { class: 'vc-hint' }, 'Sign in to chat with your trainer and your group.'), labelled('Email', email), labelled('Password', password), err, submit);
   if (demo?.accounts?.length) {
     const demos = el('div', { class: 'vc-demos' });
-    demos.append(el('span', {}, 'Demo accounts: '));
+    demos.append(el('span', {}, 'Demo accounts (one click logs in): '));
     for (const account of demo.accounts) {
       demos.append(
-        button(account.split('@')[0], { class: 'vc-link', 'aria-label': `Log in as ${account}` }, () => {
+        button(account, { class: 'vc-link' }, () => {
           email.value = account;
           password.value = demo.password;
           form.requestSubmit();

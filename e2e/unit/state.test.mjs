@@ -121,6 +121,13 @@ test('"Read" shows once, on the last message the other side read; later ones say
   assert.deepEqual(status(), [null, null, null, 'read']);
 });
 
+test('a message stored while everyone was connected says delivered without a receipt', () => {
+  const chat = chatWith([msg(1, ME, 0, { status: 'delivered' }), msg(2, ME, 1)]);
+  assert.deepEqual(chat.items(T0).filter((i) => i.kind === 'message').map((i) => i.status), ['delivered', 'sent']);
+  chat.receipt({ user_id: SAM, delivered_seq: 2, read_seq: 1 });
+  assert.deepEqual(chat.items(T0).filter((i) => i.kind === 'message').map((i) => i.status), ['read', 'delivered']);
+});
+
 test('in a group, read means everyone else read it', () => {
   const chat = chatWith([msg(1, ME, 0)], {
     kind: 'group',
@@ -178,6 +185,13 @@ test('a refresh of the participants keeps read marks learned from receipts', () 
   assert.equal(chat.participants.get(SAM).read_seq, 1);
 });
 
+test('messages from others are counted between two read marks', () => {
+  const chat = chatWith([msg(1, SAM, 0), msg(2, ME, 1), msg(3, SAM, 2), msg(4, SAM, 3)]);
+  assert.equal(chat.countFromOthers(0, 3), 2);
+  assert.equal(chat.countFromOthers(3, 4), 1);
+  assert.equal(chat.countFromOthers(4, 4), 0);
+});
+
 test('read marks follow what is on screen in a visible page, and only move forward', () => {
   assert.equal(readTarget({ visible: new Set([3, 4]), canSee: true, readSent: 2 }), 4);
   assert.equal(readTarget({ visible: new Set([3, 4]), canSee: false, readSent: 2 }), null, 'hidden tab');
@@ -203,6 +217,13 @@ test('conversations: updates, the open chat stays read, unknown ones are reporte
   assert.equal(list.get(1).last_message.content, 'x');
   assert.equal(list.markRead(1, 2), true);
   assert.equal(list.get(1).unread_count, 0);
+  // Halfway through a backlog: the rest still counts.
+  list.reset([{ id: 3, updated_at: at(0), unread_count: 25, last_seq: 25, read_seq: 0 }]);
+  assert.equal(list.markRead(3, 7, 7), true);
+  assert.equal(list.get(3).unread_count, 18);
+  assert.equal(list.markRead(3, 25, 18), true);
+  assert.equal(list.get(3).unread_count, 0);
+  assert.equal(list.markRead(3, 25, 0), false);
 });
 
 test('the badge and the launcher name say the same thing', () => {
