@@ -191,6 +191,8 @@ class ChatBox {
       const { conversations } = await this.api.conversations();
       this.conversations.reset(conversations);
       this.listError = null;
+      // A new direct chat's peer is a new contact: fetch just them.
+      if (this.contactsAt) for (const c of conversations) if (c.peer) this.learnUser(c.peer.user_id);
     } catch (e) {
       this.listError = e.message;
     }
