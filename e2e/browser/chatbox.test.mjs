@@ -440,6 +440,11 @@ await test('an incoming message keeps the reader’s selection, is announced, an
   expectEqual(await links.getAttribute('target'), '_blank', 'target');
   if (!/noopener/.test(await links.getAttribute('rel')) || !/noreferrer/.test(await links.getAttribute('rel'))) throw new Error('rel lacks noopener noreferrer');
   await alex.page.locator('.vc-root > [aria-live]', { hasText: 'Sam: Plan:' }).waitFor({ state: 'attached' });
+  // A long word wraps inside its bubble instead of widening the chat.
+  await send(sam.page, 'Squat'.repeat(60));
+  const long = await bubble(alex.page, 'SquatSquatSquat').boundingBox();
+  const list = await alex.page.locator('.vc-messages').boundingBox();
+  if (long.x + long.width > list.x + list.width) throw new Error(`a long word overflows: ${JSON.stringify({ long, list })}`);
 });
 
 await test('a chat that fails to load says so and its retry works', async () => {
