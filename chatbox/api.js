@@ -267,6 +267,27 @@ export class Api {
   removeMembers(id, userIds) {
     return this.request('DELETE', `/api/v1/chat/conversations/${id}/participants`, { user_ids: userIds });
   }
+  vapidKey() {
+    return this.request('GET', '/api/v1/push/vapid-public-key');
+  }
+  addPushSubscription(subscription) {
+    return this.request('POST', '/api/v1/push/subscriptions', subscription);
+  }
+  deletePushSubscription(id) {
+    return this.request('DELETE', `/api/v1/push/subscriptions/${id}`);
+  }
+  pushSettings() {
+    return this.request('GET', '/api/v1/push/settings');
+  }
+  savePushSettings(settings) {
+    return this.request('PUT', '/api/v1/push/settings', settings);
+  }
+  conversationNotifications(id) {
+    return this.request('GET', `/api/v1/chat/conversations/${id}/notifications`);
+  }
+  saveConversationNotifications(id, prefs) {
+    return this.request('PUT', `/api/v1/chat/conversations/${id}/notifications`, prefs);
+  }
   /** Demo accounts, offered by dev builds only (404 elsewhere). */
   async demo() {
     try {

@@ -23,7 +23,9 @@ import { UserConnection, RoomConnection, TransportChoice } from './realtime.js';
 import { ChatModel, Conversations, Drafts, badgeText, launcherLabel, firstName } from './state.js';
 import { ChatView } from './chat-view.js';
 import { ConversationsView, GroupSettingsView, NewGroupView, PeopleView, loginView } from './views.js';
-import { backIcon, button, chatIcon, closeIcon, el, infoIcon } from './dom.js';
+import { ChatNotificationsView, NotificationsView } from './notify-view.js';
+import { Push } from './push.js';
+import { backIcon, bellIcon, button, chatIcon, closeIcon, el, infoIcon } from './dom.js';
 
 const TYPING_SHOW_MS = 5_000;
 /** Pages of older history fetched to reach the first unread message on open. */
@@ -37,19 +39,23 @@ const CONTACTS_STALE_MS = 60_000;
  * - `token`: the host's access token, or an async function returning a
  *   fresh one; without it the ChatBox shows its own login.
  * - `demo`: offer the dev build's demo accounts on the login.
+ * - `serviceWorker`: the push service worker's URL, on the page's origin
+ *   (default: push-sw.js next to this file; a host on another origin
+ *   serves a copy itself).
  */
-export function mountChatBox({ edge = '', host = document.body, open = false, token, demo = false } = {}) {
+export function mountChatBox({ edge = '', host = document.body, open = false, token, demo = false, serviceWorker } = {}) {
   const api = new Api(edge);
   if (token) api.useHost(token);
-  const box = new ChatBox({ api, host, open, demo });
+  const box = new ChatBox({ api, host, open, demo, push: new Push(api, serviceWorker) });
   box.start();
   return box;
 }
 
 class ChatBox {
-  constructor({ api, host, open, demo }) {
+  constructor({ api, host, open, demo, push }) {
     this.api = api;
     this.demo = demo;
+    this.push = push;
     this.choice = TransportChoice.fromLocation();
     this.user = null;
     this.view = 'loading';
@@ -68,6 +74,16 @@ class ChatBox {
     document.addEventListener('visibilitychange', () => {
       if (!document.hidden) this.chat?.view.checkRead();
     });
+    // A notification was clicked: its service worker names the chat.
+    navigator.serviceWorker?.addEventListener('message', (e) => {
+      if (e.data?.type === 'vibe-chat-open' && this.user) this.openFromNotification(Number(e.data.conversation_id));
+    });
+  }
+
+  openFromNotification(id) {
+    if (!id) return;
+    if (!this.isOpen) this.toggle(true);
+    this.openChat(id);
   }
 
   // ---- skeleton ---------------------------------------------------------
@@ -150,12 +166,16 @@ class ChatBox {
     });
     this.own.start();
     await Promise.all([this.loadConversations(), this.loadContacts()]);
-    const openChat = Number(sessionStorage.getItem('vibe-chat-open'));
-    if (openChat && this.conversations.has(openChat)) this.openChat(openChat);
+    // A notification opened this page at `?conversation=<id>`.
+    const asked = Number(new URLSearchParams(location.search).get('conversation'));
+    const openChat = asked || Number(sessionStorage.getItem('vibe-chat-open'));
+    if (asked) this.toggle(true);
+    if (openChat && (asked || this.conversations.has(openChat))) this.openChat(openChat);
     else this.show('conversations');
   }
 
   async signOut() {
+    await this.push.forget();
     await this.api.logout();
     this.signedOut();
   }
@@ -288,12 +308,20 @@ class ChatBox {
     if (view !== 'chat' && view !== 'group') this.closeChat();
     this.view = view;
     if (view === 'conversations') {
-      this.current = new ConversationsView({ onOpen: (id) => this.openChat(id), onNewGroup: () => this.show('new-group'), onRetry: () => this.loadConversations() });
+      this.current = new ConversationsView({
+        onOpen: (id) => this.openChat(id),
+        onNewGroup: () => this.show('new-group'),
+        onNotifications: () => this.show('notifications'),
+        onRetry: () => this.loadConversations(),
+      });
       this.frame('Chats', this.current.element, { tabs: true });
     } else if (view === 'people') {
       if (Date.now() - this.contactsAt > CONTACTS_STALE_MS) this.loadContacts();
       this.current = new PeopleView({ api: this.api, flash: (e) => this.flash(e), onPick: (u) => this.startDirect(u.id) });
       this.frame('People', this.current.element, { tabs: true });
+    } else if (view === 'notifications') {
+      this.current = new NotificationsView({ api: this.api, push: this.push, userId: this.user.id });
+      this.frame('Notifications', this.current.element, { back: ['Back to conversations', () => this.show('conversations')] });
     } else if (view === 'new-group') {
       this.current = new NewGroupView({ api: this.api, flash: (e) => this.flash(e), onCreate: (name, ids) => this.createGroup(name, ids) });
       this.frame('New group', this.current.element, { back: ['Back to conversations', () => this.show('conversations')] });
@@ -427,6 +455,11 @@ class ChatBox {
     const chat = this.chat;
     this.view = 'chat';
     const extra = [];
+    if (chat.model.status === 'ready') {
+      const bell = button(null, { class: 'vc-icon', 'aria-label': 'Notification settings' }, () => this.showChatNotifications());
+      bell.append(bellIcon());
+      extra.push(bell);
+    }
     if (chat.model.isGroup && chat.model.status === 'ready') {
       const info = button(null, { class: 'vc-icon', 'aria-label': 'Group settings' }, () => this.showGroup());
       info.append(infoIcon());
@@ -666,6 +699,15 @@ class ChatBox {
     } finally {
       chat.loadingOlder = false;
     }
+  }
+
+  /** One conversation's notification level and mute. */
+  showChatNotifications() {
+    const chat = this.chat;
+    if (!chat) return;
+    this.view = 'chat-notifications';
+    this.current = new ChatNotificationsView({ api: this.api, conversationId: chat.model.id });
+    this.frame(`${chat.model.title()} · Notifications`, this.current.element, { back: ['Back to the chat', () => this.showChat()] });
   }
 
   // ---- groups -------------------------------------------------------------

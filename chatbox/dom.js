@@ -110,3 +110,5 @@ export const backIcon = () => icon('M20 11H7.8l5.6-5.6L12 4l-8 8 8 8 1.4-1.4L7.8
 export const infoIcon = () =>
   icon('M11 7h2v2h-2zm0 4h2v6h-2zm1-9a10 10 0 1 0 0 20 10 10 0 0 0 0-20zm0 18a8 8 0 1 1 0-16 8 8 0 0 1 0 16z', 22);
 export const downIcon = () => icon('M12 16.6 5.4 10 6.8 8.6l5.2 5.2 5.2-5.2 1.4 1.4z', 18);
+export const bellIcon = () =>
+  icon('M12 22a2 2 0 0 0 2-2h-4a2 2 0 0 0 2 2zm6-6V11a6 6 0 0 0-5-5.9V4a1 1 0 1 0-2 0v1.1A6 6 0 0 0 6 11v5l-2 2v1h16v-1l-2-2z', 22);

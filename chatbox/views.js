@@ -49,11 +49,11 @@ export function loginView({ onSubmit, demo, error }) {
 // ---- conversations -----------------------------------------------------------
 
 export class ConversationsView {
-  constructor({ onOpen, onNewGroup, onRetry }) {
+  constructor({ onOpen, onNewGroup, onRetry, onNotifications }) {
     this.onOpen = onOpen;
     this.element = el('div', { class: 'vc-pane' });
     const bar = el('div', { class: 'vc-toolbar' });
-    bar.append(button('New group', { class: 'vc-secondary' }, onNewGroup));
+    bar.append(button('Notifications', { class: 'vc-secondary' }, onNotifications), button('New group', { class: 'vc-secondary' }, onNewGroup));
     this.status = el('div', { class: 'vc-status-slot' });
     this.list = el('ul', { class: 'vc-list', 'aria-label': 'Conversations' });
     this.element.append(bar, this.status, this.list);
