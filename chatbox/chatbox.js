@@ -78,6 +78,7 @@ class ChatBox {
     navigator.serviceWorker?.addEventListener('message', (e) => {
       if (e.data?.type === 'vibe-chat-open' && this.user) this.openFromNotification(Number(e.data.conversation_id));
     });
+    navigator.serviceWorker?.startMessages();
   }
 
   openFromNotification(id) {

@@ -46,7 +46,13 @@ async function handle(data) {
 self.addEventListener('notificationclick', (event) => {
   event.notification.close();
   const { conversation_id: id, url } = event.notification.data || {};
-  event.waitUntil(openConversation(id, url));
+  const work = openConversation(id, url);
+  try {
+    event.waitUntil(work);
+  } catch {
+    // Only a browser-made (trusted) event can extend the worker's life;
+    // the work still runs for a synthetic one.
+  }
 });
 
 /** Focuses a tab with the ChatBox and tells it which chat to open; else opens one. */

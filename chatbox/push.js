@@ -3,6 +3,7 @@
 // a user's click ("Turn on notifications"), never on load.
 
 const STATE_KEY = 'vibe-chat-push';
+const SUBSCRIBE_TIMEOUT_MS = 15_000;
 
 export class Push {
   /**
@@ -50,7 +51,11 @@ export class Push {
     const { key } = await this.api.vapidKey();
     let sub;
     try {
-      sub = await reg.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: fromBase64Url(key) });
+      // A browser that cannot reach its push service may never answer.
+      sub = await Promise.race([
+        reg.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: fromBase64Url(key) }),
+        new Promise((_, fail) => setTimeout(() => fail(new Error('its push service did not answer')), SUBSCRIBE_TIMEOUT_MS)),
+      ]);
     } catch (e) {
       throw new Error(`This browser could not subscribe to notifications (${e.message}).`);
     }

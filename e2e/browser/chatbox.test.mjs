@@ -511,6 +511,94 @@ await test('a host page hands the ChatBox its own session: no second login', asy
   await context.close();
 });
 
+await test('notifications: settings private by default, turned on only from a click, a push shows and opens its chat', async () => {
+  const page = alex.page;
+  await alex.context.grantPermissions(['notifications'], { origin: EDGE });
+  await toList(page);
+  const id = await conversationId(page, 'Sam Patel');
+  await page.getByRole('button', { name: 'Notifications' }).click();
+  const content = page.getByRole('checkbox', { name: 'Show the message text in notifications' });
+  await content.waitFor();
+  expectEqual(await content.isChecked(), false, 'message text shown by default');
+  await axe(page, 'notifications');
+  await shot(page, 'notifications');
+  // Quiet hours, saved at the origin.
+  await page.getByRole('checkbox', { name: 'Quiet hours (no notifications)' }).check();
+  await page.getByLabel('From').fill('23:00');
+  await page.getByLabel('To').fill('06:30');
+  await page.getByRole('button', { name: 'Save' }).click();
+  await page.getByRole('status').filter({ hasText: 'Saved.' }).waitFor();
+  const settings = await rest(page, 'GET', '/api/v1/push/settings');
+  expectEqual(JSON.stringify(settings.body.quiet_hours && [settings.body.quiet_hours.start, settings.body.quiet_hours.end]), JSON.stringify(['23:00', '06:30']), 'quiet hours at the origin');
+  expectEqual(settings.body.show_content, false, 'show_content at the origin');
+
+  // Nothing was asked before the click; the click registers the worker.
+  const cdp = await alex.context.newCDPSession(page);
+  const registrations = new Map();
+  cdp.on('ServiceWorker.workerRegistrationUpdated', (e) => {
+    for (const r of e.registrations) registrations.set(r.registrationId, r);
+  });
+  await cdp.send('ServiceWorker.enable');
+  await page.getByRole('button', { name: 'Turn on notifications' }).click();
+  // Headless Chromium has no push service to subscribe with: the ChatBox
+  // says so instead of failing silently (a real browser subscribes here).
+  await until('the worker registered', () => [...registrations.values()].some((r) => r.scopeURL.endsWith('/vibe-chat-push/') && !r.isDeleted), 30_000);
+  await page.getByRole('alert').filter({ hasText: /could not subscribe|Turn on|blocked/ }).or(page.getByText('Notifications are on')).waitFor({ timeout: 30_000 });
+  const registration = [...registrations.values()].find((r) => r.scopeURL.endsWith('/vibe-chat-push/'));
+
+  // A push as the origin sends it, delivered to the worker by DevTools.
+  await page.getByRole('button', { name: 'Back to conversations' }).click();
+  const payload = { type: 'message', conversation_id: id, seq: 1, count: 2, title: 'Sam Patel', body: '2 new messages from Sam Patel', tag: `conversation-${id}`, url: `/?conversation=${id}` };
+  await cdp.send('ServiceWorker.deliverPushMessage', { origin: EDGE, registrationId: registration.registrationId, data: JSON.stringify(payload) });
+  let worker;
+  await until('the service worker', () => (worker = alex.context.serviceWorkers().find((w) => w.url().endsWith('/push-sw.js'))));
+  let shown = [];
+  await until('the notification shown', async () => {
+    shown = await worker.evaluate(async () => (await self.registration.getNotifications()).map((n) => ({ title: n.title, body: n.body, tag: n.tag })));
+    return shown.length > 0;
+  });
+  expectEqual(JSON.stringify(shown), JSON.stringify([{ title: 'Sam Patel', body: '2 new messages from Sam Patel', tag: `conversation-${id}` }]), 'notifications');
+  // A second push for the conversation replaces it (one per conversation).
+  await cdp.send('ServiceWorker.deliverPushMessage', { origin: EDGE, registrationId: registration.registrationId, data: JSON.stringify({ ...payload, count: 3, body: '3 new messages from Sam Patel' }) });
+  await until('the notification replaced', async () => {
+    shown = await worker.evaluate(async () => (await self.registration.getNotifications()).map((n) => n.body));
+    return shown.length === 1 && shown[0].startsWith('3 new');
+  });
+  // A click opens that conversation in this tab.
+  await worker.evaluate(async () => {
+    const [n] = await self.registration.getNotifications();
+    self.dispatchEvent(new NotificationEvent('notificationclick', { notification: n }));
+  });
+  await page.locator('.vc-title', { hasText: 'Sam Patel' }).waitFor();
+  await bubble(page, 'While you were away').waitFor();
+  // Reading clears it: the origin's "clear" push closes it.
+  await cdp.send('ServiceWorker.deliverPushMessage', { origin: EDGE, registrationId: registration.registrationId, data: JSON.stringify({ type: 'clear', conversation_id: id, tag: `conversation-${id}` }) });
+  await until('the notification closed', async () => (await worker.evaluate(async () => (await self.registration.getNotifications()).length)) === 0);
+  await cdp.detach();
+});
+
+await test('a conversation can be muted and set to notify about nothing', async () => {
+  const page = alex.page;
+  const id = Number(await page.evaluate(() => sessionStorage.getItem('vibe-chat-open')));
+  await page.getByRole('button', { name: 'Notification settings' }).click();
+  await page.getByRole('radio', { name: 'Every new message' }).waitFor();
+  await axe(page, 'conversation notifications');
+  await page.getByRole('button', { name: '8 hours' }).click();
+  await page.getByText(/^Muted until/).waitFor();
+  let prefs = await rest(page, 'GET', `/api/v1/chat/conversations/${id}/notifications`);
+  const hours = (Date.parse(prefs.body.muted_until) - Date.now()) / 3_600_000;
+  if (!(hours > 7.5 && hours <= 8)) throw new Error(`muted for ${hours} h`);
+  await page.getByRole('radio', { name: 'Nothing' }).check();
+  await page.getByRole('status').filter({ hasText: 'Saved.' }).waitFor();
+  prefs = await rest(page, 'GET', `/api/v1/chat/conversations/${id}/notifications`);
+  expectEqual(prefs.body.level, 'none', 'level');
+  await page.getByRole('button', { name: 'Unmute' }).click();
+  await page.getByRole('button', { name: '1 hour' }).waitFor();
+  await page.getByRole('radio', { name: 'Every new message' }).check();
+  await page.getByRole('button', { name: 'Back to the chat' }).click();
+  await composer(page).waitFor();
+});
+
 await test('the session refreshes silently and open sockets renew in band', async () => {
   // The suite's access tokens live 60 s (the origin's minimum) and the
   // edge allows 30 s past expiry: a socket that was not renewed is closed

@@ -15,7 +15,15 @@ async fn main() -> ExitCode {
     let stack = match Stack::start(StackOptions {
         // Short-lived access tokens, so the suite sees the ChatBox refresh
         // them silently and renew its open sockets (production: 15 min).
-        origin_vars: vec![("ACCESS_TOKEN_TTL_SECS".to_owned(), "60".to_owned())],
+        origin_vars: vec![
+            ("ACCESS_TOKEN_TTL_SECS".to_owned(), "60".to_owned()),
+            // A throwaway VAPID key for this suite (published on purpose:
+            // no push leaves the machine), so the ChatBox can subscribe.
+            (
+                "VAPID_PRIVATE_KEY".to_owned(),
+                "WO6neA0UinJdUFJ2aL5ehl4Y2KGBFGPz9tSHv3_ejuU".to_owned(),
+            ),
+        ],
         verbose: std::env::var_os("E2E_VERBOSE").is_some(),
         ..StackOptions::default()
     })
