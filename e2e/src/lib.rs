@@ -9,10 +9,12 @@
 #![allow(clippy::print_stdout)]
 
 pub mod client;
+pub mod push;
 pub mod runner;
 pub mod sse;
 pub mod stack;
 
 pub use client::{Closed, Event, User, Ws, message_seqs};
+pub use push::{Delivery, PushService, Subscription};
 pub use sse::{Sse, SseItem, sse_messages};
 pub use stack::{Stack, StackOptions};
