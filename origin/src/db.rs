@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_user_directory.sql",
         sql: include_str!("../../migrations/0004_user_directory.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_push.sql",
+        sql: include_str!("../../migrations/0005_push.sql"),
+    },
 ];
 
 /// Key of the advisory lock held while migrating ("vibe" in ASCII).
