@@ -53,6 +53,88 @@ pub struct Config {
     pub request_timeout: Duration,
     /// `LOG_FORMAT`: `json` (default in production) or `pretty`.
     pub log_json: bool,
+    /// Web Push (the `VAPID_*` and `PUSH_*` variables).
+    pub push: PushConfig,
+}
+
+/// The default of `PUSH_ALLOWED_HOSTS`: the push services of Chrome and
+/// Edge (FCM), Firefox (Mozilla autopush), Windows (WNS) and Safari
+/// (Apple).
+pub const DEFAULT_PUSH_ALLOWED_HOSTS: &str = "fcm.googleapis.com,updates.push.services.mozilla.com,\
+     *.notify.windows.com,web.push.apple.com,*.push.apple.com";
+
+/// The default of `VAPID_SUBJECT`.
+pub const DEFAULT_VAPID_SUBJECT: &str = "mailto:ops@vibe.fit";
+
+/// Web Push settings.
+#[derive(Debug, Clone)]
+pub struct PushConfig {
+    /// `VAPID_PRIVATE_KEY`: base64url (no padding) of the 32-byte P-256
+    /// private scalar that signs the VAPID JWT (RFC 8292). A secret: never
+    /// logged (its `Debug` is redacted). Unset or empty: push is off (the
+    /// push routes answer `503 push_disabled`, except the settings and the
+    /// per-conversation preferences; nothing is queued or sent).
+    /// Changing it invalidates every browser's subscription.
+    pub vapid_private_key: Option<VapidKey>,
+    /// `VAPID_SUBJECT`, default `mailto:ops@vibe.fit`: how a push service
+    /// reaches the operator (`mailto:` or `https:`).
+    pub vapid_subject: String,
+    /// `PUSH_ALLOWED_HOSTS`: comma-separated hosts a subscription endpoint
+    /// may name (`https` only, port 443); `*.example.com` matches every
+    /// subdomain of example.com (not example.com itself). Default: the
+    /// major browsers' push services ([`DEFAULT_PUSH_ALLOWED_HOSTS`]).
+    /// Anything else is refused: the origin must not become a way to make
+    /// requests anywhere (SSRF).
+    pub allowed_hosts: Vec<String>,
+    /// `PUSH_ALLOW_LOOPBACK`, default `false`: also accept `http://` or
+    /// `https://` endpoints on 127.0.0.1, localhost or [::1], any port
+    /// (local runs and tests).
+    pub allow_loopback: bool,
+    /// `PUSH_COALESCE_MS`, default 3000: a pending notification waits this
+    /// long after its latest message before it is sent, so a burst is one
+    /// push.
+    pub coalesce: Duration,
+    /// `PUSH_TTL_SECS`, default 86400: how long a push service keeps a push
+    /// for a device that is offline (the `TTL` header).
+    pub ttl: Duration,
+    /// `PUSH_MAX_ATTEMPTS`, default 6: sends of one notification that fail
+    /// with 429, 5xx or a network error before it is dropped.
+    pub max_attempts: u32,
+    /// `PUSH_RETRY_BASE_MS`, default 1000: the first retry's delay, doubled
+    /// for each further one, at most 5 minutes (a `Retry-After` that asks
+    /// for longer is honoured).
+    pub retry_base: Duration,
+}
+
+/// A VAPID private key: a valid P-256 scalar. Its `Debug` shows nothing.
+#[derive(Clone)]
+pub struct VapidKey([u8; 32]);
+
+impl VapidKey {
+    /// The key from its base64url form (unpadded; trailing `=` tolerated),
+    /// checked to be a P-256 private scalar (in `1..n`).
+    pub fn from_base64url(text: &str) -> Result<Self, String> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text.trim().trim_end_matches('='))
+            .map_err(|_| "not base64url".to_owned())?;
+        let bytes: [u8; 32] = bytes
+            .try_into()
+            .map_err(|b: Vec<u8>| format!("{} bytes, not 32", b.len()))?;
+        p256::SecretKey::from_slice(&bytes).map_err(|_| "not a P-256 private key".to_owned())?;
+        Ok(Self(bytes))
+    }
+
+    /// The 32-byte scalar.
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for VapidKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VapidKey([redacted])")
+    }
 }
 
 // Secrets must never reach a log line, so Debug is written by hand.
@@ -72,6 +154,8 @@ impl std::fmt::Debug for Config {
             .field("edge_url", &self.edge_url)
             .field("request_timeout", &self.request_timeout)
             .field("log_json", &self.log_json)
+            // VapidKey's own Debug is redacted.
+            .field("push", &self.push)
             .finish()
     }
 }
@@ -199,6 +283,7 @@ impl Config {
                 });
             }
         };
+        let push = push_config(&get, &number)?;
         Ok(Self {
             database_url,
             bind_addr,
@@ -218,8 +303,88 @@ impl Config {
             edge_url,
             request_timeout: Duration::from_secs(number("REQUEST_TIMEOUT_SECS", 15, 1, 600)?),
             log_json,
+            push,
         })
     }
+}
+
+/// The `VAPID_*` and `PUSH_*` variables (see [`PushConfig`]).
+fn push_config(
+    get: &impl Fn(&str) -> Option<String>,
+    number: &impl Fn(&'static str, u64, u64, u64) -> Result<u64, ConfigError>,
+) -> Result<PushConfig, ConfigError> {
+    let vapid_private_key = match get("VAPID_PRIVATE_KEY") {
+        Some(v) if !v.trim().is_empty() => {
+            // The reason never quotes the value: it is a secret.
+            Some(
+                VapidKey::from_base64url(&v).map_err(|reason| ConfigError::Invalid {
+                    var: "VAPID_PRIVATE_KEY",
+                    reason,
+                })?,
+            )
+        }
+        _ => None,
+    };
+    let vapid_subject = match get("VAPID_SUBJECT").map(|v| v.trim().to_owned()) {
+        None => DEFAULT_VAPID_SUBJECT.to_owned(),
+        Some(v) if v.is_empty() => DEFAULT_VAPID_SUBJECT.to_owned(),
+        Some(v) => {
+            let contact = v
+                .strip_prefix("mailto:")
+                .or_else(|| v.strip_prefix("https://"));
+            if contact.is_none_or(str::is_empty) || v.chars().any(char::is_control) {
+                return Err(ConfigError::Invalid {
+                    var: "VAPID_SUBJECT",
+                    reason: format!("{v:?} is neither a mailto: nor an https:// contact"),
+                });
+            }
+            v
+        }
+    };
+    let hosts_raw = get("PUSH_ALLOWED_HOSTS").unwrap_or_else(|| DEFAULT_PUSH_ALLOWED_HOSTS.to_owned());
+    let mut allowed_hosts = Vec::new();
+    for entry in hosts_raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let entry = entry.to_ascii_lowercase();
+        let host = entry.strip_prefix("*.").unwrap_or(&entry);
+        let valid = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            && !host.starts_with('.')
+            && !host.ends_with('.')
+            && !host.contains("..");
+        if !valid {
+            return Err(ConfigError::Invalid {
+                var: "PUSH_ALLOWED_HOSTS",
+                reason: format!("{entry:?} is not a host name or *.domain"),
+            });
+        }
+        allowed_hosts.push(entry);
+    }
+    let allow_loopback = match get("PUSH_ALLOW_LOOPBACK").map(|v| v.trim().to_ascii_lowercase()) {
+        None => false,
+        Some(v) => match v.as_str() {
+            "" | "false" | "0" => false,
+            "true" | "1" => true,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    var: "PUSH_ALLOW_LOOPBACK",
+                    reason: format!("{v:?} is neither true nor false"),
+                });
+            }
+        },
+    };
+    Ok(PushConfig {
+        vapid_private_key,
+        vapid_subject,
+        allowed_hosts,
+        allow_loopback,
+        coalesce: Duration::from_millis(number("PUSH_COALESCE_MS", 3000, 0, 600_000)?),
+        // 28 days: the longest any major push service keeps a message.
+        ttl: Duration::from_secs(number("PUSH_TTL_SECS", 86_400, 0, 28 * 86_400)?),
+        max_attempts: number("PUSH_MAX_ATTEMPTS", 6, 1, 100)? as u32,
+        retry_base: Duration::from_millis(number("PUSH_RETRY_BASE_MS", 1000, 1, 300_000)?),
+    })
 }
 
 #[cfg(test)]
@@ -311,11 +476,91 @@ mod tests {
         }
     }
 
+    /// A valid P-256 scalar (RFC 8291's example application server key).
+    const VAPID: &str = "yfWPiYE-n46HLnH0KqZOF1fJJU3MYrct3AELtAQ-oRw";
+
     #[test]
     fn debug_output_hides_secrets() {
-        let c = Config::from_lookup(env(GOOD)).expect("valid");
+        let mut pairs = GOOD.to_vec();
+        pairs.push(("VAPID_PRIVATE_KEY", VAPID));
+        let c = Config::from_lookup(env(&pairs)).expect("valid");
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("jwt-secret"));
         assert!(!dbg.contains("svc-secret"));
+        assert!(!dbg.contains(VAPID));
+        assert!(dbg.contains("VapidKey([redacted])"), "{dbg}");
+    }
+
+    #[test]
+    fn push_is_off_without_a_vapid_key_and_has_defaults() {
+        let c = Config::from_lookup(env(GOOD)).expect("valid");
+        assert!(c.push.vapid_private_key.is_none());
+        assert_eq!(c.push.vapid_subject, "mailto:ops@vibe.fit");
+        assert_eq!(
+            c.push.allowed_hosts,
+            [
+                "fcm.googleapis.com",
+                "updates.push.services.mozilla.com",
+                "*.notify.windows.com",
+                "web.push.apple.com",
+                "*.push.apple.com"
+            ]
+        );
+        assert!(!c.push.allow_loopback);
+        assert_eq!(c.push.coalesce, Duration::from_millis(3000));
+        assert_eq!(c.push.ttl, Duration::from_secs(86_400));
+        assert_eq!(c.push.max_attempts, 6);
+        assert_eq!(c.push.retry_base, Duration::from_millis(1000));
+        let mut pairs = GOOD.to_vec();
+        pairs.push(("VAPID_PRIVATE_KEY", ""));
+        assert!(
+            Config::from_lookup(env(&pairs))
+                .expect("valid")
+                .push
+                .vapid_private_key
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn push_variables_are_checked_and_a_bad_key_is_not_quoted() {
+        let mut pairs = GOOD.to_vec();
+        pairs.extend([
+            ("VAPID_PRIVATE_KEY", VAPID),
+            ("VAPID_SUBJECT", "https://vibe.fit/contact"),
+            ("PUSH_ALLOWED_HOSTS", " Push.Example.com , *.example.net "),
+            ("PUSH_ALLOW_LOOPBACK", "true"),
+            ("PUSH_COALESCE_MS", "0"),
+        ]);
+        let c = Config::from_lookup(env(&pairs)).expect("valid");
+        assert_eq!(
+            c.push.vapid_private_key.map(|k| *k.bytes()),
+            VapidKey::from_base64url(VAPID).ok().map(|k| *k.bytes())
+        );
+        assert_eq!(c.push.allowed_hosts, ["push.example.com", "*.example.net"]);
+        assert!(c.push.allow_loopback);
+        assert_eq!(c.push.coalesce, Duration::ZERO);
+
+        // 32 bytes of 0xff: above the curve order, so not a private key.
+        let too_big = "__________________________________________8";
+        for (var, bad) in [
+            ("VAPID_PRIVATE_KEY", "not-base64!"),
+            ("VAPID_PRIVATE_KEY", "AAAA"),
+            ("VAPID_PRIVATE_KEY", too_big),
+            ("VAPID_PRIVATE_KEY", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+            ("VAPID_SUBJECT", "ops@vibe.fit"),
+            ("PUSH_ALLOWED_HOSTS", "https://fcm.googleapis.com"),
+            ("PUSH_ALLOWED_HOSTS", "*"),
+            ("PUSH_ALLOW_LOOPBACK", "yes please"),
+            ("PUSH_MAX_ATTEMPTS", "0"),
+        ] {
+            let mut pairs = GOOD.to_vec();
+            pairs.push((var, bad));
+            let err = Config::from_lookup(env(&pairs)).expect_err(bad);
+            assert!(err.to_string().starts_with(var), "{err}");
+            if var == "VAPID_PRIVATE_KEY" {
+                assert!(!err.to_string().contains(bad), "{err}");
+            }
+        }
     }
 }

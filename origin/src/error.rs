@@ -79,6 +79,10 @@ pub enum ApiError {
     /// 503: the database cannot be reached right now.
     #[error("service temporarily unavailable")]
     Unavailable(#[source] anyhow::Error),
+    /// 503: Web Push is not configured on this server (no
+    /// `VAPID_PRIVATE_KEY`). Not worth a retry: no `Retry-After`.
+    #[error("push notifications are not enabled on this server")]
+    PushDisabled,
     /// 500: a bug or an unexpected database error. Logged, never shown.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -102,7 +106,9 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Busy { .. } | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Busy { .. } | ApiError::Unavailable(_) | ApiError::PushDisabled => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -125,6 +131,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::TooManyAttempts { .. } => "too_many_attempts",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::PushDisabled => "push_disabled",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -191,6 +198,8 @@ impl IntoResponse for ApiError {
         let retry_after = match &self {
             ApiError::TooManyAttempts { retry_after_secs }
             | ApiError::Busy { retry_after_secs } => Some(*retry_after_secs),
+            // Push stays off until the server is reconfigured.
+            ApiError::PushDisabled => None,
             // Every other 503 (the database is away) is worth a retry soon.
             _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
             _ => None,

@@ -56,6 +56,19 @@
 //! statement here runs only under the guard, so every plan of theirs
 //! (custom or generic) is made under it.
 //!
+//! # Push notifications
+//!
+//! With push on, the same transaction queues the Web Push notifications of
+//! the messages it stored ([`ENQUEUE_PUSH`]: one statement for the batch)
+//! and schedules a `clear` for every notification a receipt has now read
+//! ([`SCHEDULE_CLEARS`]); [`crate::push::worker`] sends them later. The
+//! queueing is the one read here that is not a single key: a
+//! conversation's *members*, once per conversation of the batch, which is
+//! the range of `conversation_participants_pkey` that starts with the
+//! conversation id (bounded by a group's size), written as a row
+//! comparison on both key columns so that, as above, only that index can
+//! serve it.
+//!
 //! `origin/tests/api/plans.rs` checks both the `EXPLAIN` of each statement
 //! (custom and generic plans, before any `ANALYZE` and with statistics
 //! taken while the tables were tiny) and, through `auto_explain`, every
@@ -73,6 +86,7 @@ use shared::{ClientMsgId, MessageContent};
 use uuid::Uuid;
 
 use crate::error::{ApiError, ApiResult};
+pub use crate::push::Enqueue;
 
 /// Clock skew tolerated between a message's `created_at` (the edge's clock)
 /// and the membership periods (PostgreSQL's clock), in seconds. A message
@@ -174,15 +188,82 @@ pub const APPLY_RECEIPTS: &str = "UPDATE conversation_participants p
      WHERE (p.conversation_id, p.user_id) >= (t.conversation_id, t.user_id)
        AND (p.conversation_id, p.user_id) <= (t.conversation_id, t.user_id)";
 
+/// Schedules the `clear` push of every notification a receipt has now
+/// read (the notified seq is at most the read watermark). `$1..$3`:
+/// conversation, user, read, sorted by (conversation, user), as
+/// [`APPLY_RECEIPTS`] takes them.
+///
+/// The notification is named as a row, `(user_id, conversation_id)`, so
+/// only `push_notified_pkey` can serve it, one probe per receipt.
+pub const SCHEDULE_CLEARS: &str = "UPDATE push_notified n
+     SET clear_due_at = now()
+     FROM UNNEST($1::int8[], $2::int8[], $3::int8[]) AS t(conversation_id, user_id, read)
+     WHERE (n.user_id, n.conversation_id) >= (t.user_id, t.conversation_id)
+       AND (n.user_id, n.conversation_id) <= (t.user_id, t.conversation_id)
+       AND n.seq <= t.read AND n.clear_due_at IS NULL";
+
+/// Queues a notification of the messages just stored for every *current*
+/// participant except their sender who has not read them yet (one pending
+/// job per recipient and conversation: count and last_seq grow, and it is
+/// due `$4` seconds after its latest message, at most `$5` seconds after
+/// its first). `$1..$3`: conversation, seq, sender of each message
+/// inserted by this call (a replay queues nothing again).
+///
+/// A conversation's members are read once per conversation of the batch:
+/// the range of the primary key of `conversation_participants` from
+/// `(conversation, 0)` to `(conversation, max)` (user ids are positive, an
+/// identity), written as row comparisons so that only that index can
+/// serve it. The lookup is a `LATERAL` subquery fenced with `OFFSET 0`, so
+/// it stays the inner side of a nested loop driven by the batch's
+/// conversations: as a plain join, the planner could instead walk a whole
+/// participants index in `user_id` order to feed the grouping. Someone
+/// who is not a participant has no row, so can never be notified (and a
+/// non-member's messages were refused before this).
+pub const ENQUEUE_PUSH: &str = "WITH t AS MATERIALIZED (
+         SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[])
+             AS t(conversation_id, seq, sender_id)
+     )
+     INSERT INTO push_jobs AS j
+         (user_id, conversation_id, first_seq, last_seq, count,
+          last_sender_id, several_senders, due_at)
+     SELECT p.user_id, t.conversation_id, min(t.seq), max(t.seq), count(*),
+            (array_agg(t.sender_id ORDER BY t.seq DESC))[1],
+            count(DISTINCT t.sender_id) > 1,
+            now() + make_interval(secs => $4::float8)
+     FROM (SELECT DISTINCT conversation_id FROM t) AS c
+     CROSS JOIN LATERAL (
+         SELECT m.user_id, m.read_seq FROM conversation_participants m
+         WHERE (m.conversation_id, m.user_id) > (c.conversation_id, 0::int8)
+           AND (m.conversation_id, m.user_id) <= (c.conversation_id, 9223372036854775807::int8)
+         OFFSET 0
+     ) AS p
+     JOIN t ON t.conversation_id = c.conversation_id
+           AND t.sender_id <> p.user_id AND t.seq > p.read_seq
+     GROUP BY p.user_id, t.conversation_id
+     ORDER BY p.user_id, t.conversation_id
+     ON CONFLICT (user_id, conversation_id) DO UPDATE
+     SET first_seq = LEAST(j.first_seq, EXCLUDED.first_seq),
+         last_seq = GREATEST(j.last_seq, EXCLUDED.last_seq),
+         count = j.count + EXCLUDED.count,
+         last_sender_id = CASE WHEN EXCLUDED.last_seq > j.last_seq
+                               THEN EXCLUDED.last_sender_id ELSE j.last_sender_id END,
+         several_senders = j.several_senders OR EXCLUDED.several_senders
+                           OR j.last_sender_id <> EXCLUDED.last_sender_id,
+         due_at = GREATEST(j.due_at, LEAST(EXCLUDED.due_at,
+                                           j.created_at + make_interval(secs => $5::float8))),
+         updated_at = now()";
+
 /// Every statement the ingest and the receipts route run, by name: what the
 /// plan tests check.
-pub const STATEMENTS: [(&str, &str); 6] = [
+pub const STATEMENTS: [(&str, &str); 8] = [
     ("lock_conversations", LOCK_CONVERSATIONS),
     ("known_users", KNOWN_USERS),
     ("not_members", NOT_MEMBERS),
     ("upsert_messages", UPSERT_MESSAGES),
     ("advance_conversations", ADVANCE_CONVERSATIONS),
     ("apply_receipts", APPLY_RECEIPTS),
+    ("schedule_clears", SCHEDULE_CLEARS),
+    ("enqueue_push", ENQUEUE_PUSH),
 ];
 
 /// Watermarks per (conversation, user), the highest of each reported: the
@@ -213,7 +294,15 @@ pub fn merge_receipts(receipts: &[ReceiptUpdate]) -> ApiResult<MergedReceipts> {
 /// only once it is really stored. Invalid messages, conflicts and messages
 /// from non-members are rejected one by one; the rest of the batch, and
 /// every receipt, is applied.
-pub async fn ingest(pool: &Pool, batch: IngestBatch) -> ApiResult<IngestResult> {
+///
+/// With `push` (push is on), the same transaction queues the notifications
+/// of the messages it inserted and schedules the clears its receipts call
+/// for (see the module documentation).
+pub async fn ingest(
+    pool: &Pool,
+    batch: IngestBatch,
+    push: Option<Enqueue>,
+) -> ApiResult<IngestResult> {
     if batch.messages.len() > MAX_INGEST_BATCH {
         return Err(ApiError::TooLarge(format!(
             "a batch holds at most {MAX_INGEST_BATCH} messages"
@@ -269,7 +358,7 @@ pub async fn ingest(pool: &Pool, batch: IngestBatch) -> ApiResult<IngestResult> 
         .collect();
 
     let mut stored: HashSet<Uuid> = HashSet::new();
-    let mut new_rows = 0u64;
+    let mut inserted: HashSet<Uuid> = HashSet::new();
     if !valid.is_empty() {
         let known_conversations: HashSet<i64> =
             members_versions.iter().map(|v| v.conversation_id).collect();
@@ -281,15 +370,24 @@ pub async fn ingest(pool: &Pool, batch: IngestBatch) -> ApiResult<IngestResult> 
         if !valid.is_empty() {
             for (id, new) in upsert(&tx, &valid).await? {
                 stored.insert(id);
-                new_rows += u64::from(new);
+                if new {
+                    inserted.insert(id);
+                }
             }
             advance_conversations(&tx, &valid, &stored).await?;
         }
     }
+    // Receipts first: a message its recipient has just read is not queued.
+    // And push_notified (the clears) before push_jobs, the order the push
+    // worker locks them in too.
     if !receipts.is_empty() {
-        apply_receipts(&tx, &receipts).await?;
+        apply_receipts(&tx, &receipts, push).await?;
+    }
+    if let Some(push) = push {
+        enqueue_push(&tx, &valid, &inserted, push).await?;
     }
     tx.commit().await?;
+    let new_rows = inserted.len() as u64;
 
     for m in &valid {
         if !stored.contains(&m.id) {
@@ -319,7 +417,11 @@ pub async fn ingest(pool: &Pool, batch: IngestBatch) -> ApiResult<IngestResult> 
 
 /// Applies receipts alone (`POST /internal/v1/receipts`, from edges that
 /// predate receipts in the ingest batch), under the same guard.
-pub async fn receipts(pool: &Pool, receipts: &[ReceiptUpdate]) -> ApiResult<()> {
+pub async fn receipts(
+    pool: &Pool,
+    receipts: &[ReceiptUpdate],
+    push: Option<Enqueue>,
+) -> ApiResult<()> {
     let merged = merge_receipts(receipts)?;
     if merged.is_empty() {
         return Ok(());
@@ -327,7 +429,7 @@ pub async fn receipts(pool: &Pool, receipts: &[ReceiptUpdate]) -> ApiResult<()> 
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     tx.batch_execute(PLANNER_GUARD).await?;
-    apply_receipts(&tx, &merged).await?;
+    apply_receipts(&tx, &merged, push).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -466,8 +568,12 @@ async fn advance_conversations(
 }
 
 /// Runs [`APPLY_RECEIPTS`] for `merged` (sorted, so rows are locked in key
-/// order).
-async fn apply_receipts(tx: &Transaction<'_>, merged: &MergedReceipts) -> ApiResult<()> {
+/// order), and with push on [`SCHEDULE_CLEARS`].
+async fn apply_receipts(
+    tx: &Transaction<'_>,
+    merged: &MergedReceipts,
+    push: Option<Enqueue>,
+) -> ApiResult<()> {
     let convs: Vec<i64> = merged.keys().map(|k| k.0).collect();
     let users: Vec<i64> = merged.keys().map(|k| k.1).collect();
     let delivered: Vec<i64> = merged.values().map(|v| v.0).collect();
@@ -475,6 +581,41 @@ async fn apply_receipts(tx: &Transaction<'_>, merged: &MergedReceipts) -> ApiRes
     let stmt = tx.prepare_cached(APPLY_RECEIPTS).await?;
     tx.execute(&stmt, &[&convs, &users, &delivered, &read])
         .await?;
+    if push.is_some() {
+        let stmt = tx.prepare_cached(SCHEDULE_CLEARS).await?;
+        tx.execute(&stmt, &[&convs, &users, &read]).await?;
+    }
+    Ok(())
+}
+
+/// Runs [`ENQUEUE_PUSH`] for the messages of `valid` that this call
+/// inserted (in seq order per conversation).
+async fn enqueue_push(
+    tx: &Transaction<'_>,
+    valid: &[StoredMessage],
+    inserted: &HashSet<Uuid>,
+    push: Enqueue,
+) -> ApiResult<()> {
+    let mut new: Vec<&StoredMessage> = valid.iter().filter(|m| inserted.contains(&m.id)).collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    new.sort_unstable_by_key(|m| (m.conversation_id, m.seq));
+    let convs: Vec<i64> = new.iter().map(|m| m.conversation_id).collect();
+    let seqs: Vec<i64> = new.iter().map(|m| m.seq).collect();
+    let senders: Vec<i64> = new.iter().map(|m| m.sender_id).collect();
+    let stmt = tx.prepare_cached(ENQUEUE_PUSH).await?;
+    tx.execute(
+        &stmt,
+        &[
+            &convs,
+            &seqs,
+            &senders,
+            &push.coalesce.as_secs_f64(),
+            &push.max_wait.as_secs_f64(),
+        ],
+    )
+    .await?;
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! An axum service over PostgreSQL (tokio-postgres with a deadpool pool).
 //! It serves the public REST API (auth, conversations, history, presence),
 //! the internal API the edge uses (batch ingest, members, presence,
-//! receipts), and ops endpoints (`/healthz`, `/metrics`, `/openapi.json`).
+//! receipts), Web Push notifications ([`push`]), and ops endpoints (`/healthz`, `/metrics`, `/openapi.json`).
 //!
 //! Realtime traffic never comes here directly: the edge's Room Durable
 //! Objects order messages, acknowledge them once stored in their own SQLite,
@@ -19,6 +19,7 @@ pub mod http;
 pub mod ingest;
 pub mod login_guard;
 pub mod metrics;
+pub mod push;
 pub mod seed;
 pub mod sessions;
 pub mod startup;

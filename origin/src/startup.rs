@@ -52,7 +52,14 @@ impl Application {
                 config.hash_wait,
             )),
             edge: crate::edge::EdgeNotifier::new(config.edge_url.clone(), &config.service_secret),
+            push: crate::push::Push::new(&config.push).context("set up Web Push")?,
         };
+        if state.push.enabled() {
+            tracing::info!(
+                loopback = config.push.allow_loopback,
+                "push notifications on"
+            );
+        }
         let router = crate::http::app(state.clone(), &config);
         let listener = TcpListener::bind(config.bind_addr)
             .await
@@ -79,12 +86,19 @@ impl Application {
         &self.state
     }
 
-    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    /// Serves until `shutdown` resolves, then finishes in-flight requests
+    /// and the push sends in flight (at most [`PUSH_STOP_WAIT`]).
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let sweeper = tokio::spawn(sweep_sessions(self.state.clone()));
+        let (stop_push, stopped) = tokio::sync::watch::channel(false);
+        let pusher = tokio::spawn(crate::push::worker::run(
+            self.state.pool.clone(),
+            self.state.push.clone(),
+            stopped,
+        ));
         // With the peer address: the login guard counts per client address
         // (see `crate::auth::ClientAddr`).
         let app = self
@@ -94,9 +108,24 @@ impl Application {
             .with_graceful_shutdown(shutdown)
             .await;
         sweeper.abort();
+        // The worker finishes the round it is in (each send is bounded),
+        // so a graceful stop sends nothing twice; past the wait, its
+        // leases run out and another start sends those jobs.
+        let _ = stop_push.send(true);
+        let mut pusher = pusher;
+        if tokio::time::timeout(PUSH_STOP_WAIT, &mut pusher)
+            .await
+            .is_err()
+        {
+            pusher.abort();
+            tracing::warn!("push sends still in flight at shutdown; their jobs will be retried");
+        }
         served
     }
 }
+
+/// How long a stopping origin waits for the push sends in flight.
+pub const PUSH_STOP_WAIT: Duration = Duration::from_secs(15);
 
 /// How often expired refresh tokens and dead sessions are deleted.
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);

@@ -21,6 +21,8 @@ pub struct AppState {
     pub hasher: Arc<crate::hashing::Hasher>,
     /// Members-changed notices to the edge (no-op without `EDGE_URL`).
     pub edge: crate::edge::EdgeNotifier,
+    /// Web Push (off without `VAPID_PRIVATE_KEY`).
+    pub push: Arc<crate::push::Push>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -47,7 +47,11 @@ async fn ingest(
     State(state): State<AppState>,
     ApiJson(batch): ApiJson<IngestBatch>,
 ) -> ApiResult<Json<IngestResult>> {
-    Ok(Json(ingest::ingest(&state.pool, batch).await?))
+    let result = ingest::ingest(&state.pool, batch, state.push.enqueue()).await?;
+    if state.push.enabled() {
+        state.push.wake();
+    }
+    Ok(Json(result))
 }
 
 /// GET /internal/v1/conversations/{id}/members
@@ -205,6 +209,9 @@ async fn receipts(
     State(state): State<AppState>,
     ApiJson(batch): ApiJson<ReceiptBatch>,
 ) -> ApiResult<StatusCode> {
-    ingest::receipts(&state.pool, &batch.receipts).await?;
+    ingest::receipts(&state.pool, &batch.receipts, state.push.enqueue()).await?;
+    if state.push.enabled() {
+        state.push.wake();
+    }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -39,6 +39,21 @@ pub async fn fresh_database() -> String {
     name
 }
 
+/// A VAPID private key (base64url P-256 scalar) for the test apps, made
+/// once per run: every test app has push on unless a test turns it off
+/// (`VAPID_PRIVATE_KEY` set to "").
+pub fn vapid_key() -> &'static str {
+    static KEY: OnceLock<String> = OnceLock::new();
+    KEY.get_or_init(|| loop {
+        let mut bytes = [0u8; 32];
+        getrandom::getrandom(&mut bytes).expect("random");
+        // Almost every 32 bytes are a scalar below the curve order.
+        if p256::SecretKey::from_slice(&bytes).is_ok() {
+            break base64url(&bytes);
+        }
+    })
+}
+
 pub fn config_for(db: &str) -> Config {
     config_with(db, &[])
 }
@@ -60,6 +75,7 @@ pub fn config_with(db: &str, overrides: &[(&str, &str)]) -> Config {
             "JWT_SECRET" => Some(JWT_SECRET.to_owned()),
             "ORIGIN_SERVICE_SECRET" => Some(SERVICE_SECRET.to_owned()),
             "DB_POOL_SIZE" => Some("8".to_owned()),
+            "VAPID_PRIVATE_KEY" => Some(vapid_key().to_owned()),
             _ => None,
         }
     })
@@ -178,6 +194,18 @@ impl TestApp {
         let res = self
             .http
             .delete(self.url(path))
+            .bearer_auth(&user.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        status_and_json(res).await
+    }
+
+    pub async fn put(&self, user: &TestUser, path: &str, body: Value) -> (StatusCode, Value) {
+        let res = self
+            .http
+            .put(self.url(path))
             .bearer_auth(&user.token)
             .json(&body)
             .send()

@@ -41,6 +41,11 @@ const KEY_INDEXES: &[(&str, &str, &[&str])] = &[
         "conversation_memberships_member_idx",
         &["conversation_id", "user_id"],
     ),
+    (
+        "push_notified",
+        "push_notified_pkey",
+        &["user_id", "conversation_id"],
+    ),
 ];
 
 /// Messages in the busy room.
@@ -268,6 +273,33 @@ async fn representative_params(db: &tokio_postgres::Client, fx: &Fixture, name: 
                 Box::new(r.iter().map(|r| r.3).collect::<Vec<_>>()),
             ]
         }
+        "schedule_clears" => {
+            let r = receipts(fx, 300, 10);
+            vec![
+                Box::new(r.iter().map(|r| r.0).collect::<Vec<_>>()),
+                Box::new(r.iter().map(|r| r.1).collect::<Vec<_>>()),
+                Box::new(r.iter().map(|r| r.3).collect::<Vec<_>>()),
+            ]
+        }
+        "enqueue_push" => {
+            // The room's batch, and a message from the trainer in each of
+            // 300 other conversations (five members each).
+            let mut convs = convs;
+            let mut seqs: Vec<i64> = batch.iter().map(|m| m.seq).collect();
+            let mut senders = senders;
+            for c in some_conversations.iter().skip(1) {
+                convs.push(*c);
+                seqs.push(1);
+                senders.push(fx.trainer);
+            }
+            vec![
+                Box::new(convs),
+                Box::new(seqs),
+                Box::new(senders),
+                Box::new(3.0f64),
+                Box::new(30.0f64),
+            ]
+        }
         other => panic!("no representative parameters for the statement {other}: add them"),
     }
 }
@@ -336,7 +368,8 @@ fn reads(name: &str) -> &'static str {
         "known_users" => "users",
         "not_members" => "conversation_memberships",
         "upsert_messages" => "messages",
-        "apply_receipts" => "conversation_participants",
+        "apply_receipts" | "enqueue_push" => "conversation_participants",
+        "schedule_clears" => "push_notified",
         other => panic!("which table does {other} read?"),
     }
 }
@@ -559,7 +592,10 @@ async fn a_real_ingest_on_stale_statistics_executes_only_key_lookups_foreign_key
 
         // Twice: the second call runs the plans the connection kept.
         for call in ["first", "replay"] {
-            let result = ingest::ingest(&pool, batch.clone()).await.expect("ingest");
+            let push = Some(ingest::Enqueue::new(std::time::Duration::from_secs(3)));
+            let result = ingest::ingest(&pool, batch.clone(), push)
+                .await
+                .expect("ingest");
             assert_eq!(result.stored.len(), 900, "{mode} {call}");
             assert!(fresh.iter().all(|id| result.stored.contains(id)));
             let mut rejected: Vec<(Uuid, &str)> = result
@@ -589,6 +625,18 @@ async fn a_real_ingest_on_stale_statistics_executes_only_key_lookups_foreign_key
             vec![(fx.trainer, seq, seq), (fx.member, seq, seq - 1)],
             "{mode}"
         );
+        // The member is notified of the 500 new messages (once, replay or
+        // not); the sender and the outsider are not.
+        let jobs = db
+            .query(
+                "SELECT user_id, count FROM push_jobs WHERE conversation_id = $1",
+                &[&fx.room],
+            )
+            .await
+            .expect("jobs");
+        let jobs: Vec<(i64, i64)> = jobs.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let pushed = if mode == "force_custom_plan" { 500 } else { 1000 };
+        assert_eq!(jobs, vec![(fx.member, pushed)], "{mode}");
 
         drop(pool);
         let mut problems = Vec::new();
