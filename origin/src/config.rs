@@ -341,9 +341,14 @@ fn push_config(
             v
         }
     };
-    let hosts_raw = get("PUSH_ALLOWED_HOSTS").unwrap_or_else(|| DEFAULT_PUSH_ALLOWED_HOSTS.to_owned());
+    let hosts_raw =
+        get("PUSH_ALLOWED_HOSTS").unwrap_or_else(|| DEFAULT_PUSH_ALLOWED_HOSTS.to_owned());
     let mut allowed_hosts = Vec::new();
-    for entry in hosts_raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+    for entry in hosts_raw
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
         let entry = entry.to_ascii_lowercase();
         let host = entry.strip_prefix("*.").unwrap_or(&entry);
         let valid = !host.is_empty()
@@ -547,7 +552,10 @@ mod tests {
             ("VAPID_PRIVATE_KEY", "not-base64!"),
             ("VAPID_PRIVATE_KEY", "AAAA"),
             ("VAPID_PRIVATE_KEY", too_big),
-            ("VAPID_PRIVATE_KEY", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+            (
+                "VAPID_PRIVATE_KEY",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            ),
             ("VAPID_SUBJECT", "ops@vibe.fit"),
             ("PUSH_ALLOWED_HOSTS", "https://fcm.googleapis.com"),
             ("PUSH_ALLOWED_HOSTS", "*"),

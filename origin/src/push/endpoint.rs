@@ -57,7 +57,11 @@ impl EndpointRule {
         if url.port().is_some() {
             return Err("endpoint must use the default https port");
         }
-        if !self.allowed_hosts.iter().any(|rule| host_matches(rule, host)) {
+        if !self
+            .allowed_hosts
+            .iter()
+            .any(|rule| host_matches(rule, host))
+        {
             return Err("endpoint is not on an allowed push service");
         }
         Ok(url)
@@ -81,9 +85,13 @@ mod tests {
 
     fn rule(loopback: bool) -> EndpointRule {
         EndpointRule {
-            allowed_hosts: ["fcm.googleapis.com", "*.notify.windows.com", "*.push.apple.com"]
-                .map(str::to_owned)
-                .to_vec(),
+            allowed_hosts: [
+                "fcm.googleapis.com",
+                "*.notify.windows.com",
+                "*.push.apple.com",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
             allow_loopback: loopback,
         }
     }

@@ -326,7 +326,8 @@ mod tests {
 
     #[test]
     fn the_vapid_header_carries_a_token_for_the_origin_with_its_port() {
-        let key = VapidKey::from_base64url("yfWPiYE-n46HLnH0KqZOF1fJJU3MYrct3AELtAQ-oRw").expect("key");
+        let key =
+            VapidKey::from_base64url("yfWPiYE-n46HLnH0KqZOF1fJJU3MYrct3AELtAQ-oRw").expect("key");
         let vapid = Vapid::new(&key, "mailto:ops@vibe.fit").expect("vapid");
         // The public key of RFC 8291's application server key.
         assert_eq!(vapid.public_key(), rfc8291::AS_PUBLIC);
@@ -347,7 +348,10 @@ mod tests {
         assert_eq!(claims["sub"], "mailto:ops@vibe.fit");
         let exp = claims["exp"].as_i64().expect("exp");
         let ahead = exp - chrono::Utc::now().timestamp();
-        assert!((12 * 3600 - 60..=12 * 3600 + 60).contains(&ahead), "{ahead}");
+        assert!(
+            (12 * 3600 - 60..=12 * 3600 + 60).contains(&ahead),
+            "{ahead}"
+        );
         // The signature is r‖s (64 bytes) and verifies with k.
         let signature = b64(parts[2]);
         assert_eq!(signature.len(), 64);

@@ -359,9 +359,7 @@ async fn next_due(pool: &Pool) -> Duration {
     }
     .await;
     match secs {
-        Some(s) if s.is_finite() => {
-            Duration::from_secs_f64(s.clamp(0.01, IDLE_POLL.as_secs_f64()))
-        }
+        Some(s) if s.is_finite() => Duration::from_secs_f64(s.clamp(0.01, IDLE_POLL.as_secs_f64())),
         _ => IDLE_POLL,
     }
 }
@@ -401,11 +399,19 @@ async fn send_one(
         (Ok(url), Ok(keys)) => webpush::send(&push.client, vapid, &url, &keys, request).await,
         (Err(why), _) => {
             // Allowed when registered, not any more (the allowlist shrank).
-            tracing::warn!(subscription = subscription.id, why, "push endpoint no longer allowed; skipped");
+            tracing::warn!(
+                subscription = subscription.id,
+                why,
+                "push endpoint no longer allowed; skipped"
+            );
             Outcome::Refused { status: 0 }
         }
         (_, Err(why)) => {
-            tracing::warn!(subscription = subscription.id, why, "stored push keys unusable; skipped");
+            tracing::warn!(
+                subscription = subscription.id,
+                why,
+                "stored push keys unusable; skipped"
+            );
             Outcome::Refused { status: 0 }
         }
     };
@@ -429,10 +435,17 @@ async fn send_one(
                         &[&subscription.id],
                     )
                     .await?;
-                tracing::info!(subscription = subscription.id, "push subscription gone; deleted");
+                tracing::info!(
+                    subscription = subscription.id,
+                    "push subscription gone; deleted"
+                );
             }
             Outcome::Refused { status } if status != 0 => {
-                tracing::warn!(subscription = subscription.id, status, "push service refused a push; skipped");
+                tracing::warn!(
+                    subscription = subscription.id,
+                    status,
+                    "push service refused a push; skipped"
+                );
             }
             _ => {}
         }
@@ -589,7 +602,11 @@ async fn handle_job(
     let facts = match decide(job, context) {
         Decision::Drop(reason) => {
             metrics::counter!("push_jobs_total", "result" => reason).increment(1);
-            tracing::debug!(conversation_id = job.conversation_id, reason, "push job dropped");
+            tracing::debug!(
+                conversation_id = job.conversation_id,
+                reason,
+                "push job dropped"
+            );
             return finish(pool, push, token, job, false).await;
         }
         Decision::Send(facts) => facts,
@@ -600,7 +617,11 @@ async fn handle_job(
         .collect();
     let already_notified = !job.sent_to.is_empty();
     if targets.is_empty() {
-        let reason = if already_notified { "sent" } else { "no_subscription" };
+        let reason = if already_notified {
+            "sent"
+        } else {
+            "no_subscription"
+        };
         metrics::counter!("push_jobs_total", "result" => reason).increment(1);
         return finish(pool, push, token, job, already_notified).await;
     }

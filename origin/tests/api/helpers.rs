@@ -44,12 +44,14 @@ pub async fn fresh_database() -> String {
 /// (`VAPID_PRIVATE_KEY` set to "").
 pub fn vapid_key() -> &'static str {
     static KEY: OnceLock<String> = OnceLock::new();
-    KEY.get_or_init(|| loop {
-        let mut bytes = [0u8; 32];
-        getrandom::getrandom(&mut bytes).expect("random");
-        // Almost every 32 bytes are a scalar below the curve order.
-        if p256::SecretKey::from_slice(&bytes).is_ok() {
-            break base64url(&bytes);
+    KEY.get_or_init(|| {
+        loop {
+            let mut bytes = [0u8; 32];
+            getrandom::getrandom(&mut bytes).expect("random");
+            // Almost every 32 bytes are a scalar below the curve order.
+            if p256::SecretKey::from_slice(&bytes).is_ok() {
+                break base64url(&bytes);
+            }
         }
     })
 }

@@ -635,7 +635,11 @@ async fn a_real_ingest_on_stale_statistics_executes_only_key_lookups_foreign_key
             .await
             .expect("jobs");
         let jobs: Vec<(i64, i64)> = jobs.iter().map(|r| (r.get(0), r.get(1))).collect();
-        let pushed = if mode == "force_custom_plan" { 500 } else { 1000 };
+        let pushed = if mode == "force_custom_plan" {
+            500
+        } else {
+            1000
+        };
         assert_eq!(jobs, vec![(fx.member, pushed)], "{mode}");
 
         drop(pool);
