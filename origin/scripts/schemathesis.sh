@@ -45,6 +45,10 @@ PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); 
 JWT_SECRET="fuzz-jwt-secret-fuzz-jwt-secret-0001"
 export DATABASE_URL="$DB_URL" BIND_ADDR="127.0.0.1:$PORT" JWT_SECRET
 export ORIGIN_SERVICE_SECRET="fuzz-service-secret-fuzz-service-01"
+# Push on, so its routes are fuzzed past `503 push_disabled`: a throwaway
+# VAPID key (32 random bytes are a P-256 scalar but for odds of 2^-32).
+VAPID_PRIVATE_KEY="$(python3 -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode())')"
+export VAPID_PRIVATE_KEY
 export LOG_FORMAT=pretty RUST_LOG="${RUST_LOG:-warn}"
 
 cargo build --quiet -p vibe-origin

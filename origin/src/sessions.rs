@@ -212,7 +212,9 @@ pub async fn rotate(
     Err(ApiError::RefreshTokenInvalid)
 }
 
-/// Revokes one session (no-op when it already is).
+/// Revokes one session (no-op when it already is), and deletes the push
+/// subscriptions it registered: a logged-out browser hears nothing more
+/// of the account.
 pub async fn revoke(
     client: &impl GenericClient,
     session_id: Uuid,
@@ -220,28 +222,38 @@ pub async fn revoke(
 ) -> ApiResult<()> {
     client
         .execute(
-            "UPDATE sessions SET revoked_at = now(), revoked_reason = $2
-             WHERE id = $1 AND revoked_at IS NULL",
+            "WITH revoked AS (
+                 UPDATE sessions SET revoked_at = now(), revoked_reason = $2
+                 WHERE id = $1 AND revoked_at IS NULL
+                 RETURNING id)
+             DELETE FROM push_subscriptions WHERE session_id = $1",
             &[&session_id, &reason.as_str()],
         )
         .await?;
     Ok(())
 }
 
-/// Revokes every session of `user_id` except `keep`. Returns how many.
+/// Revokes every session of `user_id` except `keep`, and deletes the push
+/// subscriptions they registered. Returns how many sessions.
 pub async fn revoke_all(
     client: &impl GenericClient,
     user_id: i64,
     keep: Option<Uuid>,
     reason: Revocation,
 ) -> ApiResult<u64> {
-    Ok(client
-        .execute(
-            "UPDATE sessions SET revoked_at = now(), revoked_reason = $3
-             WHERE user_id = $1 AND revoked_at IS NULL AND id IS DISTINCT FROM $2",
+    let row = client
+        .query_one(
+            "WITH revoked AS (
+                 UPDATE sessions SET revoked_at = now(), revoked_reason = $3
+                 WHERE user_id = $1 AND revoked_at IS NULL AND id IS DISTINCT FROM $2
+                 RETURNING id),
+             unsubscribed AS (
+                 DELETE FROM push_subscriptions s USING revoked r WHERE s.session_id = r.id)
+             SELECT count(*) FROM revoked",
             &[&user_id, &keep, &reason.as_str()],
         )
-        .await?)
+        .await?;
+    Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
 }
 
 /// True when session `id` of `user_id` exists and is not revoked.

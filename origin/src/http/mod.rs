@@ -12,6 +12,7 @@ mod internal;
 mod messages;
 mod openapi;
 mod ops;
+mod push;
 mod users;
 
 use axum::Router;
@@ -47,6 +48,7 @@ const INTERNAL_BODY_LIMIT: usize = 24 * 1024 * 1024;
         (name = "auth", description = "Sessions"),
         (name = "conversations", description = "Conversations, members and history"),
         (name = "users", description = "Active users and presence"),
+        (name = "push", description = "Web Push notifications: the VAPID key, subscriptions, notification settings and per-conversation preferences"),
         (name = "ops", description = "Health and metrics"),
     )
 )]
@@ -81,6 +83,7 @@ pub fn public_api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(conversations::router())
         .merge(messages::router())
         .merge(users::router())
+        .merge(push::router())
         .merge(ops::router())
         .split_for_parts()
 }
@@ -131,7 +134,13 @@ pub fn app(state: AppState, config: &crate::config::Config) -> Router {
         app = app.layer(
             CorsLayer::new()
                 .allow_origin(origins)
-                .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+                .allow_methods([
+                    Method::GET,
+                    Method::POST,
+                    Method::PUT,
+                    Method::PATCH,
+                    Method::DELETE,
+                ])
                 .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
         );
     }

@@ -13,4 +13,5 @@ mod membership;
 mod migrations;
 mod ops;
 mod plans;
+mod push;
 mod sessions;
