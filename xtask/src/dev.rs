@@ -77,6 +77,9 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         cmd.env("DATABASE_URL", &database_url)
             .env("BIND_ADDR", &origin_addr)
             .env("LOG_FORMAT", "pretty")
+            // Web Push to a push service on this machine too (tests, a
+            // local mock); the real services stay allowed.
+            .env("PUSH_ALLOW_LOOPBACK", "true")
             .envs(secrets.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     };
     let mut seed = Command::new(&origin_bin);
@@ -277,11 +280,21 @@ fn http_status(addr: &str, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
+/// Makes a new secret.
+type Generator = fn() -> anyhow::Result<String>;
+
 /// The local secrets in `.dev.vars` (git-ignored; wrangler reads the same
-/// file), generated on first use.
+/// file), each generated on first use and kept: the JWT and service
+/// secrets, and the origin's VAPID key for Web Push (the browsers'
+/// subscriptions are bound to it, so it must not change from run to run).
+/// Never printed.
 pub fn dev_vars(root: &Path) -> anyhow::Result<Vec<(String, String)>> {
     let path = root.join(".dev.vars");
-    let wanted = ["JWT_SECRET", "ORIGIN_SERVICE_SECRET"];
+    let wanted: [(&str, Generator); 3] = [
+        ("JWT_SECRET", random_secret),
+        ("ORIGIN_SERVICE_SECRET", random_secret),
+        ("VAPID_PRIVATE_KEY", vapid_private_key),
+    ];
     let mut vars: Vec<(String, String)> = std::fs::read_to_string(&path)
         .unwrap_or_default()
         .lines()
@@ -289,10 +302,10 @@ pub fn dev_vars(root: &Path) -> anyhow::Result<Vec<(String, String)>> {
         .map(|(k, v)| (k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
         .collect();
     let mut changed = false;
-    for key in wanted {
+    for (key, generate) in wanted {
         if !vars.iter().any(|(k, v)| k == key && !v.is_empty()) {
             vars.retain(|(k, _)| k != key);
-            vars.push((key.to_owned(), random_secret()?));
+            vars.push((key.to_owned(), generate()?));
             changed = true;
         }
     }
@@ -303,11 +316,66 @@ pub fn dev_vars(root: &Path) -> anyhow::Result<Vec<(String, String)>> {
     Ok(vars)
 }
 
-/// 32 random bytes as hex.
-fn random_secret() -> anyhow::Result<String> {
+/// 32 random bytes.
+fn random_bytes() -> anyhow::Result<[u8; 32]> {
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
         .context("read /dev/urandom")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(bytes)
+}
+
+/// 32 random bytes as hex.
+fn random_secret() -> anyhow::Result<String> {
+    Ok(random_bytes()?.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A P-256 private key as the origin's `VAPID_PRIVATE_KEY` takes it:
+/// base64url (unpadded) of the 32-byte scalar.
+fn vapid_private_key() -> anyhow::Result<String> {
+    use base64::Engine as _;
+    loop {
+        let bytes = random_bytes()?;
+        // 32 random bytes are at or above the curve order (or zero) with
+        // odds of about 2^-32: draw again then.
+        if p256::SecretKey::from_slice(&bytes).is_ok() {
+            return Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn the_local_secrets_gain_a_vapid_key_once_and_keep_every_value() {
+        let root = std::env::temp_dir().join(format!("xtask-dev-vars-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        // A machine set up before Web Push: its secrets stay as they are.
+        std::fs::write(
+            root.join(".dev.vars"),
+            "JWT_SECRET=aaaa\nORIGIN_SERVICE_SECRET=bbbb\n",
+        )
+        .unwrap();
+        let first = dev_vars(&root).unwrap();
+        let get = |vars: &[(String, String)], key: &str| {
+            vars.iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        assert_eq!(get(&first, "JWT_SECRET"), "aaaa");
+        assert_eq!(get(&first, "ORIGIN_SERVICE_SECRET"), "bbbb");
+        let key = get(&first, "VAPID_PRIVATE_KEY");
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&key)
+            .unwrap();
+        assert!(p256::SecretKey::from_slice(&bytes).is_ok());
+        // Generated once: the next run reads the same key.
+        assert_eq!(dev_vars(&root).unwrap(), first);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
