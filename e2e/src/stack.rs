@@ -165,6 +165,9 @@ pub struct Stack {
     db_url: String,
     origin_vars: Vec<(String, String)>,
     origin: Option<OriginProcess>,
+    /// The origin as a child process, while a test has moved it there
+    /// ([`Stack::start_origin_process`]).
+    origin_child: Option<OriginChild>,
     wrangler: Child,
     launch: EdgeLaunch,
     workdir: TempDir,
@@ -271,6 +274,7 @@ impl Stack {
             db_url,
             origin_vars,
             origin: Some(origin),
+            origin_child: None,
             wrangler,
             launch,
             workdir,
@@ -462,6 +466,136 @@ impl Stack {
     }
 }
 
+/// The environment variable that makes a test binary serve as the origin
+/// (see [`serve_origin_if_asked`]); its value is the configuration, a JSON
+/// list of `[name, value]` pairs.
+const ORIGIN_CHILD_ENV: &str = "VIBE_E2E_ORIGIN_CHILD";
+
+/// The origin in a child process of its own.
+struct OriginChild {
+    child: Child,
+    /// Held open: the child exits when it reads end-of-file, so it never
+    /// outlives this process however this process ends.
+    _stdin: Option<std::process::ChildStdin>,
+}
+
+/// In a test binary started by [`Stack::start_origin_process`]: serves the
+/// origin until killed (or until its parent goes away) and returns the exit
+/// code. Otherwise `None`, at once. A suite that moves its origin into a
+/// process calls this first thing in `main`.
+pub async fn serve_origin_if_asked() -> Option<std::process::ExitCode> {
+    let raw = std::env::var(ORIGIN_CHILD_ENV).ok()?;
+    Some(match serve_origin_child(&raw).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("origin child: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    })
+}
+
+async fn serve_origin_child(raw: &str) -> anyhow::Result<()> {
+    let vars: Vec<(String, String)> =
+        serde_json::from_str(raw).context("the origin child's configuration")?;
+    let config = Config::from_lookup(|k| {
+        vars.iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.clone())
+    })?;
+    let app = Application::build(config).await?;
+    // The parent holds our stdin open; end-of-file means it is gone.
+    std::thread::spawn(|| {
+        use std::io::Read;
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+        std::process::exit(0);
+    });
+    app.run(std::future::pending()).await?;
+    Ok(())
+}
+
+impl Stack {
+    /// Moves the origin into a child process on the same port and
+    /// database, with `extra` configuration over the stack's: unlike the
+    /// origin on a thread of this process, a process can be killed with
+    /// SIGKILL ([`Stack::kill_origin_process`]), which runs no shutdown
+    /// code at all. The child is this test binary run again, so the
+    /// suite's `main` must begin with [`serve_origin_if_asked`].
+    /// [`Stack::start_origin`] brings the usual origin back afterwards.
+    pub async fn start_origin_process(&mut self, extra: &[(String, String)]) -> anyhow::Result<()> {
+        self.stop_origin();
+        self.kill_origin_process();
+        let mut vars = origin_env(
+            &self.db_url,
+            self.origin_port,
+            &self.secrets,
+            &self.origin_vars,
+        );
+        for (k, v) in extra {
+            vars.retain(|(name, _)| name != k);
+            vars.push((k.clone(), v.clone()));
+        }
+        let exe = std::env::current_exe().context("this test binary")?;
+        let health = format!("http://127.0.0.1:{}/healthz", self.origin_port);
+        let client = reqwest::Client::new();
+        // The old listener may linger for a moment: a child that cannot
+        // bind exits, and is started again.
+        for _ in 0..20 {
+            let mut cmd = Command::new(&exe);
+            cmd.env(ORIGIN_CHILD_ENV, serde_json::to_string(&vars)?)
+                .stdin(Stdio::piped());
+            if !self.launch.verbose {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+            let mut child = cmd.spawn().context("start the origin process")?;
+            let stdin = child.stdin.take();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if child.try_wait()?.is_some() {
+                    break;
+                }
+                let up = client
+                    .get(&health)
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if up {
+                    self.origin_child = Some(OriginChild {
+                        child,
+                        _stdin: stdin,
+                    });
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("the origin process did not answer /healthz within 60 s");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        bail!("the origin process could not start")
+    }
+
+    /// SIGKILL to the origin's child process, if there is one: it stops
+    /// between any two instructions, with whatever it held in memory lost
+    /// and its PostgreSQL transactions rolled back.
+    pub fn kill_origin_process(&mut self) {
+        if let Some(mut o) = self.origin_child.take() {
+            // `Child::kill` is SIGKILL on Unix.
+            let _ = o.child.kill();
+            let _ = o.child.wait();
+        }
+    }
+
+    /// The origin child's process id, while there is one.
+    pub fn origin_process_id(&self) -> Option<u32> {
+        self.origin_child.as_ref().map(|o| o.child.id())
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         // The edge first: it holds connections to the origin, which would
@@ -485,6 +619,7 @@ impl Drop for Stack {
                 .status();
             let _ = self.wrangler.wait();
         }
+        self.kill_origin_process();
         self.stop_origin();
     }
 }
@@ -501,6 +636,25 @@ pub fn demo_logins() -> String {
         serde_json::json!(origin::seed::DEMO_PASSWORD),
         serde_json::json!(accounts)
     )
+}
+
+/// The origin's configuration as name and value pairs, as
+/// [`origin_config`] sees it (for a child process's environment).
+fn origin_env(
+    db_url: &str,
+    port: u16,
+    secrets: &Secrets,
+    extra: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut vars = vec![
+        ("DATABASE_URL".to_owned(), db_url.to_owned()),
+        ("BIND_ADDR".to_owned(), format!("127.0.0.1:{port}")),
+        ("JWT_SECRET".to_owned(), secrets.jwt.clone()),
+        ("ORIGIN_SERVICE_SECRET".to_owned(), secrets.service.clone()),
+        ("DB_POOL_SIZE".to_owned(), "8".to_owned()),
+    ];
+    vars.extend(extra.iter().cloned());
+    vars
 }
 
 fn origin_config(

@@ -5,6 +5,7 @@
 #![allow(clippy::print_stdout)]
 
 mod membership;
+mod push;
 mod realtime;
 mod rest;
 mod sse;
@@ -13,10 +14,15 @@ mod user;
 
 use std::process::ExitCode;
 
-use e2e::runner::{DEFAULT_TIMEOUT, TestFn, start_and_run};
+use e2e::runner::{DEFAULT_TIMEOUT, TestFn, run_with_timeout};
+use e2e::{Stack, StackOptions};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // The push tests run the origin as a process of its own: this binary.
+    if let Some(code) = e2e::stack::serve_origin_if_asked().await {
+        return code;
+    }
     // The Worker's settings for this suite.
     let vars: &[(&str, &str)] = &[
         // A small replay window, so that `resync` is cheap to reach.
@@ -270,6 +276,52 @@ async fn main() -> ExitCode {
                 ))
             },
         ),
+        (
+            "an_offline_member_gets_one_push_per_burst_with_the_sender_and_no_content",
+            |s| {
+                Box::pin(
+                    push::an_offline_member_gets_one_push_per_burst_with_the_sender_and_no_content(
+                        s,
+                    ),
+                )
+            },
+        ),
+        ("a_member_with_a_live_connection_gets_no_push", |s| {
+            Box::pin(push::a_member_with_a_live_connection_gets_no_push(s))
+        }),
+        (
+            "muted_conversations_level_none_and_quiet_hours_get_no_push",
+            |s| Box::pin(push::muted_conversations_level_none_and_quiet_hours_get_no_push(s)),
+        ),
+        (
+            "content_is_in_the_push_only_when_the_user_allowed_it",
+            |s| {
+                Box::pin(push::content_is_in_the_push_only_when_the_user_allowed_it(
+                    s,
+                ))
+            },
+        ),
+        (
+            "a_410_or_404_from_the_push_service_deletes_the_subscription",
+            |s| Box::pin(push::a_410_or_404_from_the_push_service_deletes_the_subscription(s)),
+        ),
+        (
+            "a_500_or_429_from_the_push_service_is_retried_then_delivered_once",
+            |s| {
+                Box::pin(push::a_500_or_429_from_the_push_service_is_retried_then_delivered_once(s))
+            },
+        ),
+        (
+            "non_participants_cause_no_push_and_removed_members_get_none",
+            |s| Box::pin(push::non_participants_cause_no_push_and_removed_members_get_none(s)),
+        ),
+        ("logging_out_removes_that_sessions_push_subscription", |s| {
+            Box::pin(push::logging_out_removes_that_sessions_push_subscription(s))
+        }),
+        (
+            "an_origin_killed_with_pushes_queued_sends_each_exactly_once",
+            |s| Box::pin(push::an_origin_killed_with_pushes_queued_sends_each_exactly_once(s)),
+        ),
         // Last: it stops and restarts the origin.
         (
             "while_the_origin_is_down_chat_goes_on_and_the_outbox_drains_after",
@@ -280,5 +332,23 @@ async fn main() -> ExitCode {
             },
         ),
     ];
-    start_and_run(vars, tests, DEFAULT_TIMEOUT).await
+    // Web Push on (harmless to the other tests: only the push tests
+    // subscribe), with a VAPID key for this run only.
+    let (vapid_private, _) = e2e::push::vapid_keys();
+    let options = StackOptions {
+        vars: vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        origin_vars: push::origin_vars(&vapid_private),
+        verbose: std::env::var_os("E2E_VERBOSE").is_some(),
+    };
+    let mut stack = match Stack::start(options).await {
+        Ok(s) => s,
+        Err(e) => {
+            println!("could not start the stack: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    run_with_timeout(&mut stack, tests, DEFAULT_TIMEOUT).await
 }
