@@ -76,12 +76,16 @@ CREATE TABLE push_jobs (
     last_sender_id  BIGINT NOT NULL,
     several_senders BOOLEAN NOT NULL DEFAULT false,
     -- When it may go: the latest message plus the coalescing delay, a
-    -- retry's backoff, or the end of a worker's lease while it sends.
+    -- retry's backoff, the end of a worker's lease while it sends, or
+    -- the next look at a parked job.
     due_at          TIMESTAMPTZ NOT NULL,
     -- Failed sends so far (429, 5xx, network); dropped at the maximum.
     attempts        INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
     -- The worker that leased it (until due_at); NULL when not leased.
     claim           UUID,
+    -- Waiting for the user to go offline: they were online when it was
+    -- due. Going offline makes it due at once (the presence route).
+    parked          BOOLEAN NOT NULL DEFAULT false,
     -- Subscriptions that already accepted this notification (a retry of
     -- the others skips them). Emptied when a newer message joins the job.
     sent_to         BIGINT[] NOT NULL DEFAULT '{}',

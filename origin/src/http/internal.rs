@@ -161,7 +161,8 @@ async fn contacts(
 /// POST /internal/v1/presence
 ///
 /// Last write wins by `last_seen`, so a delayed "online" cannot overwrite a
-/// newer "offline". Unknown users are skipped.
+/// newer "offline". Unknown users are skipped. A user now offline has
+/// their parked push notifications made due.
 async fn presence(
     _: ServiceCaller,
     State(state): State<AppState>,
@@ -183,9 +184,10 @@ async fn presence(
     let ids: Vec<i64> = newest.keys().copied().collect();
     let online: Vec<bool> = ids.iter().map(|id| newest[id].0).collect();
     let seen: Vec<DateTime<Utc>> = ids.iter().map(|id| newest[id].1).collect();
-    let client = state.pool.get().await?;
-    client
-        .execute(
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let offline: Vec<i64> = tx
+        .query(
             "INSERT INTO user_presence (user_id, is_online, last_seen)
              SELECT t.id, t.online, t.seen
              FROM UNNEST($1::int8[], $2::bool[], $3::timestamptz[]) AS t(id, online, seen)
@@ -193,10 +195,25 @@ async fn presence(
              ON CONFLICT (user_id) DO UPDATE
                  SET is_online = EXCLUDED.is_online, last_seen = EXCLUDED.last_seen
                  WHERE user_presence.last_seen IS NULL
-                    OR EXCLUDED.last_seen >= user_presence.last_seen",
+                    OR EXCLUDED.last_seen >= user_presence.last_seen
+             RETURNING user_id, is_online",
             &[&ids, &online, &seen],
         )
-        .await?;
+        .await?
+        .iter()
+        .filter(|r| !r.get::<_, bool>(1))
+        .map(|r| r.get(0))
+        .collect();
+    // Notifications that waited for these users to go offline are due now
+    // (see `crate::push::worker`).
+    if !offline.is_empty() {
+        tx.execute(crate::push::worker::WAKE_PARKED, &[&offline])
+            .await?;
+    }
+    tx.commit().await?;
+    if !offline.is_empty() && state.push.enabled() {
+        state.push.wake();
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -15,15 +15,27 @@
 //! [`run`] leases due jobs (`FOR UPDATE SKIP LOCKED`, then `due_at` moved
 //! past the lease and a `claim` token set, committed at once) and decides
 //! for each at send time, from PostgreSQL as it is then: no push if the
-//! user is online on any device (`user_presence`, which the per-user edge
-//! layer reports after its grace period), has read up to `last_seq`, is no
-//! longer a participant, set the conversation to `none` (or `mentions`,
-//! which means none until mentions exist, issue 15), muted it, or is in
-//! their quiet hours. Otherwise the notification goes to each of the
-//! user's subscriptions; then, in one transaction, the job is deleted (or,
-//! if messages joined it while it was being sent, reduced to them) and the
-//! notified seq is recorded (`push_notified`), so that a later read
-//! receipt schedules a `clear` push that closes it on every device.
+//! user has read up to `last_seq`, is no longer a participant, set the
+//! conversation to `none` (or `mentions`, which means none until mentions
+//! exist, issue 15), muted it, or is in their quiet hours.
+//!
+//! Presence (`user_presence`, which the per-user edge layer reports: online
+//! at the first connection, offline once the last one closed *and* its
+//! grace period passed, with `last_seen` the moment it closed) decides the
+//! rest. A member with a live connection is not pushed: a job that comes
+//! due while its user is online is *parked* until they go offline (the
+//! presence route makes it due then, [`WAKE_PARKED`]; it is looked at again
+//! every [`PARK_RECHECK`] in any case). Once the user is offline, only the
+//! unread messages stored after their last connection closed count: those
+//! they could not have seen live (a message in the grace period after
+//! the last tab closed is pushed, one that arrived while a tab was open is
+//! not). None left: no push.
+//!
+//! Otherwise the notification goes to each of the user's subscriptions;
+//! then, in one transaction, the job is deleted (or, if messages joined it
+//! while it was being sent, reduced to them) and the notified seq is
+//! recorded (`push_notified`), so that a later read receipt schedules a
+//! `clear` push that closes it on every device.
 //!
 //! A push service's 2xx marks the subscription's `last_success_at`; 404
 //! and 410 delete the subscription; 429, 5xx and network errors keep the
@@ -77,10 +89,13 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// The longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// How often a parked job is looked at again while its user stays online
+/// (going offline wakes it at once; this only bounds a missed wake).
+pub const PARK_RECHECK: Duration = Duration::from_secs(600);
 
 /// Leases up to `$1` due jobs for `$2` seconds under claim `$3`.
 pub const CLAIM_JOBS: &str = "UPDATE push_jobs j
-     SET due_at = now() + make_interval(secs => $2::float8), claim = $3
+     SET due_at = now() + make_interval(secs => $2::float8), claim = $3, parked = false
      FROM (SELECT user_id, conversation_id FROM push_jobs
            WHERE due_at <= now()
            ORDER BY due_at
@@ -97,7 +112,9 @@ pub const CLAIM_JOBS: &str = "UPDATE push_jobs j
 /// ZONE`); `[start, end)`, and a window whose end is before its start
 /// crosses midnight. `unread` counts the messages from others the
 /// notification covers that are still unread (the job's range after
-/// `read_seq`).
+/// `read_seq`) and, for a user who is offline, that were stored after
+/// their last connection closed (`last_seen`: both times are the edge's
+/// clock).
 const JOB_CONTEXT: &str = "SELECT t.user_id, t.conversation_id,
             p.user_id IS NOT NULL,
             COALESCE(p.read_seq, 0),
@@ -131,7 +148,8 @@ const JOB_CONTEXT: &str = "SELECT t.user_id, t.conversation_id,
          WHERE mm.conversation_id = t.conversation_id
            AND mm.seq > GREATEST(COALESCE(p.read_seq, 0), t.first_seq - 1)
            AND mm.seq <= t.last_seq
-           AND mm.sender_id <> t.user_id) unread";
+           AND mm.sender_id <> t.user_id
+           AND (pr.last_seen IS NULL OR pr.is_online OR mm.created_at > pr.last_seen)) unread";
 
 /// The subscriptions of users `$1`.
 const SUBSCRIPTIONS: &str = "SELECT id, user_id, endpoint, p256dh, auth
@@ -196,6 +214,24 @@ const CLAIM_CLEARS: &str = "UPDATE push_notified n
 const FINISH_CLEAR: &str = "DELETE FROM push_notified
      WHERE user_id = $1 AND conversation_id = $2 AND claim = $3";
 
+/// Makes the parked jobs of the users `$1`, just reported offline, due now.
+/// Run in the presence route's transaction, after the presence rows are
+/// written, as a statement of its own (its snapshot then sees a job that
+/// [`park`] committed while the presence write waited for it).
+pub const WAKE_PARKED: &str = "UPDATE push_jobs SET due_at = now(), parked = false
+     WHERE user_id = ANY($1::int8[]) AND parked AND claim IS NULL";
+
+/// Parks a leased job (`$3`) until its user goes offline, looking again
+/// after `$4` seconds at the latest.
+const PARK_JOB: &str = "UPDATE push_jobs
+     SET parked = true, due_at = now() + make_interval(secs => $4::float8),
+         claim = NULL, updated_at = now()
+     WHERE user_id = $1 AND conversation_id = $2 AND claim = $3";
+
+/// Hands a leased job (`$3`) back, due now.
+const RELEASE_JOB: &str = "UPDATE push_jobs SET due_at = now(), claim = NULL
+     WHERE user_id = $1 AND conversation_id = $2 AND claim = $3";
+
 /// Seconds until the next job or clear is due (NULL: nothing queued).
 const NEXT_DUE: &str = "SELECT EXTRACT(EPOCH FROM LEAST(
          (SELECT min(due_at) FROM push_jobs),
@@ -241,6 +277,8 @@ pub struct Context {
 pub enum Decision {
     /// No push; the reason (a metric label).
     Drop(&'static str),
+    /// The user is online: wait until they are not.
+    Park,
     Send(Box<MessageFacts>),
 }
 
@@ -255,9 +293,6 @@ pub fn decide(job: &Job, context: Option<&Context>) -> Decision {
     if c.read_seq >= job.last_seq {
         return Decision::Drop("read");
     }
-    if c.online {
-        return Decision::Drop("online");
-    }
     // 'mentions' means "only when I am mentioned"; there are no mentions
     // yet (issue 15), so it behaves as 'none' until there are.
     if c.level != "all" {
@@ -269,10 +304,17 @@ pub fn decide(job: &Job, context: Option<&Context>) -> Decision {
     if c.quiet {
         return Decision::Drop("quiet_hours");
     }
+    if c.online {
+        return Decision::Park;
+    }
+    // Every unread message came while a connection was open.
+    if c.unread == 0 {
+        return Decision::Drop("seen_live");
+    }
     Decision::Send(Box::new(MessageFacts {
         conversation_id: job.conversation_id,
         seq: job.last_seq,
-        count: c.unread.max(1),
+        count: c.unread,
         group_name: c
             .group
             .then(|| c.group_name.clone().unwrap_or_else(|| "Group".to_owned())),
@@ -609,6 +651,10 @@ async fn handle_job(
             );
             return finish(pool, push, token, job, false).await;
         }
+        Decision::Park => {
+            metrics::counter!("push_jobs_total", "result" => "parked").increment(1);
+            return park(pool, token, job).await;
+        }
         Decision::Send(facts) => facts,
     };
     let targets: Vec<&Subscription> = subs
@@ -702,6 +748,39 @@ async fn handle_job(
             finish(pool, push, token, job, notified).await
         }
     }
+}
+
+/// Parks a job whose user is online, unless they went offline since the
+/// decision. The presence row is read `FOR SHARE`: a concurrent presence
+/// write waits for this transaction (and then wakes what it parked), or
+/// this one waits for it (and then sees the user offline).
+async fn park(pool: &Pool, token: Uuid, job: &Job) -> anyhow::Result<()> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let online = tx
+        .query_opt(
+            "SELECT is_online FROM user_presence WHERE user_id = $1 FOR SHARE",
+            &[&job.user_id],
+        )
+        .await?
+        .is_some_and(|r| r.get(0));
+    if online {
+        tx.execute(
+            PARK_JOB,
+            &[
+                &job.user_id,
+                &job.conversation_id,
+                &token,
+                &PARK_RECHECK.as_secs_f64(),
+            ],
+        )
+        .await?;
+    } else {
+        tx.execute(RELEASE_JOB, &[&job.user_id, &job.conversation_id, &token])
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Ends a job in one transaction: the notified seq recorded (when a push
@@ -826,10 +905,10 @@ mod tests {
             ),
             (
                 Context {
-                    online: true,
+                    unread: 0,
                     ..context()
                 },
-                "online",
+                "seen_live",
             ),
             (
                 Context {
@@ -872,6 +951,17 @@ mod tests {
             assert_eq!(decide(&job(), Some(&c)), Decision::Drop(reason), "{c:?}");
         }
         assert_eq!(decide(&job(), None), Decision::Drop("gone"));
+        // Online and nothing else against it: wait until offline.
+        let online = Context {
+            online: true,
+            ..context()
+        };
+        assert_eq!(decide(&job(), Some(&online)), Decision::Park);
+        let muted = Context {
+            muted: true,
+            ..online
+        };
+        assert_eq!(decide(&job(), Some(&muted)), Decision::Drop("muted"));
     }
 
     #[test]

@@ -812,7 +812,7 @@ async fn an_offline_member_gets_one_encrypted_signed_push_per_burst_and_a_clear_
 }
 
 #[tokio::test]
-async fn no_push_reaches_an_online_muted_or_quiet_user_and_5xx_is_retried() {
+async fn no_push_reaches_a_muted_or_quiet_user_and_5xx_is_retried() {
     let (app, service) = push_app().await;
     let alex = app.user("Alex", Role::Member).await;
     let sam = app.user("Sam", Role::Member).await;
@@ -835,13 +835,6 @@ async fn no_push_reaches_an_online_muted_or_quiet_user_and_5xx_is_retried() {
         panic!("the job stayed queued");
     };
 
-    // Online on some device.
-    let presence = |online: bool| json!({"updates": [{"user_id": sam.id, "is_online": online, "last_seen": chrono::Utc::now()}]});
-    app.internal_post("/internal/v1/presence", &presence(true))
-        .await;
-    burst(&app).await;
-    app.internal_post("/internal/v1/presence", &presence(false))
-        .await;
     // Muted until tomorrow.
     let tomorrow = chrono::Utc::now() + chrono::Duration::days(1);
     app.put(
@@ -891,13 +884,13 @@ async fn no_push_reaches_an_online_muted_or_quiet_user_and_5xx_is_retried() {
     )
     .await;
     service.answer_next(&[500, 429]);
-    ingest_batch(&app, id, &alex, 5..=5, json!([])).await;
+    ingest_batch(&app, id, &alex, 4..=4, json!([])).await;
     let pushes = service.wait_for("sam", 3).await;
     assert_eq!(pushes.len(), 3);
     let payload = browser.open(&pushes[2]);
-    assert_eq!(payload["seq"], 5);
-    // Only the unread message counts: the earlier ones were dropped, but
-    // still unread, and this notification covers message 5.
+    assert_eq!(payload["seq"], 4);
+    // A notification covers its own messages: the earlier ones, silenced,
+    // are still unread but not counted again.
     assert_eq!(payload["count"], 1);
     for _ in 0..40 {
         if app.count("SELECT count(*) FROM push_jobs").await == 0 {
@@ -914,4 +907,84 @@ async fn no_push_reaches_an_online_muted_or_quiet_user_and_5xx_is_retried() {
 /// window is computed without a time zone database.
 fn chrono_tz_offset() -> chrono::FixedOffset {
     chrono::FixedOffset::east_opt(5 * 3600 + 1800).unwrap()
+}
+
+/// `user_presence` as the per-user edge layer reports it.
+async fn presence(
+    app: &TestApp,
+    user: &TestUser,
+    online: bool,
+    last_seen: chrono::DateTime<chrono::Utc>,
+) {
+    let (status, body) = app
+        .internal_post(
+            "/internal/v1/presence",
+            &json!({"updates": [{"user_id": user.id, "is_online": online, "last_seen": last_seen}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+}
+
+async fn wait_count(app: &TestApp, sql: &str, n: i64) {
+    for _ in 0..100 {
+        if app.count(sql).await == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{sql}: {} instead of {n}", app.count(sql).await);
+}
+
+#[tokio::test]
+async fn an_online_member_is_pushed_only_what_came_after_their_last_connection_closed() {
+    let (app, service) = push_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let browser = service.browser("sam");
+    app.post(&sam, "/api/v1/push/subscriptions", browser.json())
+        .await;
+    let id = app.direct(&alex, &sam).await;
+    let start = chrono::Utc::now() - chrono::Duration::seconds(60);
+
+    // Sam has a tab open: the job waits, parked, for as long as that lasts.
+    presence(&app, &sam, true, start).await;
+    ingest_batch(&app, id, &alex, 1..=2, json!([])).await;
+    wait_count(&app, "SELECT count(*) FROM push_jobs WHERE parked", 1).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        app.count("SELECT count(*) FROM push_jobs WHERE parked")
+            .await,
+        1
+    );
+    // The last tab closes after those messages: they came while Sam could
+    // see them, so going offline ends the job without a push.
+    presence(&app, &sam, false, chrono::Utc::now()).await;
+    wait_count(&app, "SELECT count(*) FROM push_jobs", 0).await;
+
+    // Online again; the last tab closes, and a message comes during the
+    // grace period (before the edge reports Sam offline, with the time
+    // the tab closed): it is pushed once Sam is offline, counted alone.
+    presence(&app, &sam, true, chrono::Utc::now()).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let closed = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    ingest_batch(&app, id, &alex, 3..=3, json!([])).await;
+    wait_count(&app, "SELECT count(*) FROM push_jobs WHERE parked", 1).await;
+    assert!(service.received("sam").is_empty());
+    presence(&app, &sam, false, closed).await;
+    let pushes = service.wait_for("sam", 1).await;
+    let payload = browser.open(&pushes[0]);
+    assert_eq!(payload["seq"], 3);
+    assert_eq!(payload["count"], 1);
+    assert_eq!(payload["body"], "New message from Alex");
+    wait_count(&app, "SELECT count(*) FROM push_jobs", 0).await;
+
+    // Offline from then on: a new message is pushed after the coalescing.
+    ingest_batch(&app, id, &alex, 4..=5, json!([])).await;
+    let pushes = service.wait_for("sam", 2).await;
+    let payload = browser.open(&pushes[1]);
+    assert_eq!(
+        (payload["seq"].clone(), payload["count"].clone()),
+        (json!(5), json!(2))
+    );
 }
