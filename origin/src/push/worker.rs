@@ -15,7 +15,7 @@
 //! [`run`] leases due jobs (`FOR UPDATE SKIP LOCKED`, then `due_at` moved
 //! past the lease and a `claim` token set, committed at once) and decides
 //! for each at send time, from PostgreSQL as it is then: no push if the
-//! user has read up to `last_seq`, is no longer a participant, set the
+//! user has no subscription, has read up to `last_seq`, is no longer a participant, set the
 //! conversation to `none` (or `mentions`, which means none until mentions
 //! exist, issue 15), muted it, or is in their quiet hours.
 //!
@@ -641,6 +641,12 @@ async fn handle_job(
     context: Option<&Context>,
     subs: &[Subscription],
 ) -> anyhow::Result<()> {
+    // Nowhere to send it: nothing to decide (and nothing to park while the
+    // user is online).
+    if subs.is_empty() {
+        metrics::counter!("push_jobs_total", "result" => "no_subscription").increment(1);
+        return finish(pool, push, token, job, !job.sent_to.is_empty()).await;
+    }
     let facts = match decide(job, context) {
         Decision::Drop(reason) => {
             metrics::counter!("push_jobs_total", "result" => reason).increment(1);
