@@ -15,9 +15,10 @@
 //! [`run`] leases due jobs (`FOR UPDATE SKIP LOCKED`, then `due_at` moved
 //! past the lease and a `claim` token set, committed at once) and decides
 //! for each at send time, from PostgreSQL as it is then: no push if the
-//! user has no subscription, has read up to `last_seq`, is no longer a participant, set the
-//! conversation to `none` (or `mentions`, which means none until mentions
-//! exist, issue 15), muted it, or is in their quiet hours.
+//! user has no subscription, has read up to `last_seq`, is no longer a
+//! participant, set the conversation to `none` (or `mentions`, which means
+//! none until mentions exist, issue 15), muted it, or is in their quiet
+//! hours.
 //!
 //! Presence (`user_presence`, which the per-user edge layer reports: online
 //! at the first connection, offline once the last one closed *and* its
