@@ -290,6 +290,14 @@ async fn main() -> ExitCode {
             Box::pin(push::a_member_with_a_live_connection_gets_no_push(s))
         }),
         (
+            "a_message_during_the_grace_period_is_pushed_once_the_member_is_offline",
+            |s| {
+                Box::pin(
+                    push::a_message_during_the_grace_period_is_pushed_once_the_member_is_offline(s),
+                )
+            },
+        ),
+        (
             "muted_conversations_level_none_and_quiet_hours_get_no_push",
             |s| Box::pin(push::muted_conversations_level_none_and_quiet_hours_get_no_push(s)),
         ),
