@@ -47,7 +47,9 @@ export class Push {
     if (permission === 'denied') throw new Error('Notifications are blocked for this site in the browser’s settings.');
     if (permission !== 'granted') throw new Error('Notifications were not allowed.');
     const reg = await this.register();
-    await navigator.serviceWorker.ready;
+    // Not `navigator.serviceWorker.ready`: that waits for a worker whose
+    // scope covers this page, which this one's never does.
+    await activated(reg);
     const { key } = await this.api.vapidKey();
     let sub;
     try {
@@ -87,6 +89,17 @@ export class Push {
       return null;
     }
   }
+}
+
+function activated(reg) {
+  if (reg.active) return Promise.resolve();
+  const worker = reg.installing || reg.waiting;
+  return new Promise((ok, fail) => {
+    worker.addEventListener('statechange', () => {
+      if (worker.state === 'activated') ok();
+      if (worker.state === 'redundant') fail(new Error('The notification worker could not start.'));
+    });
+  });
 }
 
 function fromBase64Url(s) {

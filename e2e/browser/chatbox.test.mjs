@@ -524,8 +524,8 @@ await test('notifications: settings private by default, turned on only from a cl
   await shot(page, 'notifications');
   // Quiet hours, saved at the origin.
   await page.getByRole('checkbox', { name: 'Quiet hours (no notifications)' }).check();
-  await page.getByLabel('From').fill('23:00');
-  await page.getByLabel('To').fill('06:30');
+  await page.getByLabel('From', { exact: true }).fill('23:00');
+  await page.getByLabel('To', { exact: true }).fill('06:30');
   await page.getByRole('button', { name: 'Save' }).click();
   await page.getByRole('status').filter({ hasText: 'Saved.' }).waitFor();
   const settings = await rest(page, 'GET', '/api/v1/push/settings');
@@ -544,6 +544,8 @@ await test('notifications: settings private by default, turned on only from a cl
   // says so instead of failing silently (a real browser subscribes here).
   await until('the worker registered', () => [...registrations.values()].some((r) => r.scopeURL.endsWith('/vibe-chat-push/') && !r.isDeleted), 30_000);
   await page.getByRole('alert').filter({ hasText: /could not subscribe|Turn on|blocked/ }).or(page.getByText('Notifications are on')).waitFor({ timeout: 30_000 });
+  await shot(page, 'notifications-turned-on');
+  console.log(`    (turning on here: ${(await page.locator('.vc-setting').first().innerText()).replace(/\s+/g, ' ')} ${(await page.locator('.vc-error').first().innerText()).trim()})`);
   const registration = [...registrations.values()].find((r) => r.scopeURL.endsWith('/vibe-chat-push/'));
 
   // A push as the origin sends it, delivered to the worker by DevTools.

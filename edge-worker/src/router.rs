@@ -45,7 +45,7 @@ pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
             h.set("access-control-allow-origin", origin)?;
             h.set(
                 "access-control-allow-methods",
-                "GET, POST, PATCH, DELETE, OPTIONS",
+                "GET, POST, PUT, PATCH, DELETE, OPTIONS",
             )?;
             h.set(
                 "access-control-allow-headers",
