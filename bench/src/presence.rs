@@ -546,7 +546,7 @@ async fn measure(
             Err(e) => failed.push((i, e)),
         }
         done += 1;
-        let report = done % 1_000 == 0 || slow > (n / 20).max(50);
+        let report = done.is_multiple_of(1_000) || slow > (n / 20).max(50);
         if report {
             let cpu = procs::cpu(&pids);
             let busy = (cpu.secs - progress.1.secs) / progress.0.elapsed().as_secs_f64() * 100.0;

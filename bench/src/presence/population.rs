@@ -47,7 +47,7 @@ pub fn ring_pairs(n: usize, contacts: usize) -> Vec<(usize, usize)> {
 /// Creates `n` users with `contacts` contacts each in the stack's database.
 pub async fn create(stack: &Stack, n: usize, contacts: usize) -> anyhow::Result<Population> {
     ensure!(
-        contacts % 2 == 0 && contacts > 0,
+        contacts.is_multiple_of(2) && contacts > 0,
         "contacts per user must be even and positive"
     );
     ensure!(
