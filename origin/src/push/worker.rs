@@ -78,7 +78,13 @@ use super::payload::{self, MessageFacts};
 use super::webpush::{self, Keys, Outcome, PushRequest, Urgency, Vapid};
 
 /// Jobs (and clears) leased per round.
-pub const BATCH: i64 = 32;
+///
+/// One wave of [`CONCURRENCY`]: a round then lasts at most one
+/// [`webpush::SEND_TIMEOUT`] (a job's subscriptions are sent at once) plus
+/// its database writes, well inside [`LEASE`] and the graceful stop's wait.
+/// (Four waves of 8 took up to 40 s, past the 30 s lease, so a second
+/// instance could send a slow round's jobs again.)
+pub const BATCH: i64 = CONCURRENCY as i64;
 /// How long a lease lasts: past it, another worker may take the job.
 pub const LEASE: Duration = Duration::from_secs(30);
 /// Jobs sent at once.
