@@ -26,6 +26,8 @@ use tokio_postgres::NoTls;
 use crate::report::{micros_histogram, ms, table, target};
 
 const JWT_SECRET: &str = "bench-jwt-secret-bench-jwt-secret-000";
+/// A throwaway VAPID key (P-256 scalar, base64url), published on purpose.
+const BENCH_VAPID_KEY: &str = "WO6neA0UinJdUFJ2aL5ehl4Y2KGBFGPz9tSHv3_ejuU";
 const SERVICE_SECRET: &str = "bench-service-secret-bench-service-00";
 const DB: &str = "vibe_bench";
 const HISTORY_SIZE: i64 = 1_000_000;
@@ -55,9 +57,17 @@ pub async fn run() -> anyhow::Result<()> {
         bail!("synchronous_commit is {sync_commit}; the benchmark requires on");
     }
 
+    // Web Push on, as in production: the ingest then also queues each
+    // batch's notifications in its transaction. BENCH_PUSH=0 measures
+    // without (the cost of the queue is the difference).
+    let push = std::env::var("BENCH_PUSH").map_or(true, |v| v != "0");
+    println!("Web Push queue: {}", if push { "on" } else { "off" });
     let config_url = url.clone();
     let config = Config::from_lookup(move |k| match k {
         "DATABASE_URL" => Some(config_url.clone()),
+        // A throwaway key: nothing is sent (the bench's users have no
+        // subscription), but every batch queues its notifications.
+        "VAPID_PRIVATE_KEY" if push => Some(BENCH_VAPID_KEY.to_owned()),
         "BIND_ADDR" => Some("127.0.0.1:0".to_owned()),
         "JWT_SECRET" => Some(JWT_SECRET.to_owned()),
         "ORIGIN_SERVICE_SECRET" => Some(SERVICE_SECRET.to_owned()),
