@@ -46,6 +46,12 @@ const KEY_INDEXES: &[(&str, &str, &[&str])] = &[
         "push_notified_pkey",
         &["user_id", "conversation_id"],
     ),
+    // Whether a recipient can be pushed at all (one lookup per member).
+    (
+        "push_subscriptions",
+        "push_subscriptions_user_id_idx",
+        &["user_id"],
+    ),
 ];
 
 /// Messages in the busy room.
@@ -87,7 +93,13 @@ async fn tiny_start(db: &tokio_postgres::Client) -> Fixture {
          INSERT INTO messages (id, conversation_id, seq, sender_id, content, created_at, client_msg_id)
              SELECT gen_random_uuid(), c.id, g, u.id, 'message ' || g, now() - interval '1 hour', 'k' || g
              FROM generate_series(1, 3) g, conversations c, users u
-             WHERE u.email = 'trainer@plans.test';",
+             WHERE u.email = 'trainer@plans.test';
+         -- The member can be pushed (a member without a subscription gets
+         -- no job).
+         INSERT INTO push_subscriptions (user_id, endpoint, p256dh, auth)
+             SELECT id, 'https://fcm.googleapis.com/fcm/send/' || id,
+                    decode(repeat('04', 65), 'hex'), decode(repeat('00', 16), 'hex')
+             FROM users WHERE email = 'member@plans.test';",
     )
     .await
     .expect("tiny start");
@@ -125,6 +137,16 @@ async fn grow_with_stale_statistics(db: &tokio_postgres::Client, fx: &Fixture) {
     )
     .await
     .expect("users");
+    // Most of them can be pushed: a table the planner thinks is tiny.
+    db.execute(
+        "INSERT INTO push_subscriptions (user_id, endpoint, p256dh, auth)
+         SELECT id, 'https://fcm.googleapis.com/fcm/send/' || id,
+                decode(repeat('04', 65), 'hex'), decode(repeat('00', 16), 'hex')
+         FROM users WHERE email LIKE 'bulk%' AND id % 3 <> 0",
+        &[],
+    )
+    .await
+    .expect("subscriptions");
     db.execute(
         "INSERT INTO conversations (kind, name, created_by)
          SELECT 'group', 'Group ' || g, $1 FROM generate_series(1, $2::int8) g",

@@ -497,14 +497,30 @@ async fn jobs(app: &TestApp, conversation: i64) -> Vec<(i64, i64, i64, i64, i64,
 }
 
 #[tokio::test]
-async fn the_ingest_queues_one_job_per_other_current_participant_and_grows_it_per_batch() {
+async fn the_ingest_queues_one_job_per_other_subscribed_participant_and_grows_it_per_batch() {
     // Long enough that the worker leaves the jobs alone during the test.
     let app = spawn_app_with(&[("PUSH_COALESCE_MS", "600000")]).await;
     let alex = app.user("Alex", Role::Member).await;
     let sam = app.user("Sam", Role::Member).await;
     let kim = app.user("Kim", Role::Member).await;
     let lee = app.user("Lee", Role::Member).await;
-    let group = app.group(&alex, "Runners", &[&sam, &kim, &lee]).await;
+    let noor = app.user("Noor", Role::Member).await;
+    let group = app
+        .group(&alex, "Runners", &[&sam, &kim, &lee, &noor])
+        .await;
+    // Everyone but Noor can be reached: a member with no subscription gets
+    // no job (it would cost the message path a write for nothing).
+    for (who, id) in [
+        (&alex, "q-alex"),
+        (&sam, "q-sam"),
+        (&kim, "q-kim"),
+        (&lee, "q-lee"),
+    ] {
+        let (status, body) = app
+            .post(who, "/api/v1/push/subscriptions", subscription(&fcm(id)))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
     // Lee leaves: a removed member is notified of nothing.
     let (status, _) = app
         .delete(
@@ -548,15 +564,18 @@ async fn the_ingest_queues_one_job_per_other_current_participant_and_grows_it_pe
     ingest_batch(&app, group, &alex, 1..=3, json!([])).await;
     ingest_batch(&app, group, &sam, 4..=5, json!([])).await;
     assert_eq!(jobs(&app, group).await.iter().map(|j| j.1).sum::<i64>(), 9);
-    // Nothing for the sender in their own job, nothing for the removed member.
-    assert_eq!(
-        app.count(&format!(
-            "SELECT count(*) FROM push_jobs WHERE user_id = {}",
-            lee.id
-        ))
-        .await,
-        0
-    );
+    // Nothing for the sender in their own job, nothing for the removed
+    // member, nothing for a member with no subscription.
+    for nobody in [&lee, &noor] {
+        assert_eq!(
+            app.count(&format!(
+                "SELECT count(*) FROM push_jobs WHERE user_id = {}",
+                nobody.id
+            ))
+            .await,
+            0
+        );
+    }
     // Due after the coalescing delay.
     assert_eq!(
         app.count(
