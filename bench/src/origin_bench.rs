@@ -148,6 +148,83 @@ pub async fn run() -> anyhow::Result<()> {
             format!("{rate:.0}"),
         ]);
     }
+    // ---- Ingest by group size ----------------------------------------------
+    // With push on, each batch queues one job per subscribed recipient: the
+    // cost grows with the group. Every member is subscribed here (the worst
+    // case); BENCH_PUSH=0 gives the same groups without the queue.
+    let mut by_size = Vec::new();
+    for size in [2i64, 100, 1_000] {
+        let members: Vec<i64> = db
+            .query(
+                "INSERT INTO users (email, full_name, role, password_hash)
+                 SELECT 'size' || $1::int8 || '-' || g || '@vibe.fit', 'Member ' || g, 'member', 'x'
+                 FROM generate_series(1, $1::int8 - 1) g RETURNING id",
+                &[&size],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if push {
+            db.execute(
+                "INSERT INTO push_subscriptions (user_id, endpoint, p256dh, auth)
+                 SELECT u, 'http://127.0.0.1:9/bench/' || u, decode(repeat('04', 65), 'hex'),
+                        decode(repeat('00', 16), 'hex')
+                 FROM unnest($1::int8[]) u",
+                &[&members],
+            )
+            .await?;
+        }
+        let mut everyone = members.clone();
+        everyone.push(users[0]);
+        let (batch, writers, total) = (100usize, 4usize, 40_000usize);
+        let conversations = create_groups(&db, users[0], &everyone, writers).await?;
+        let rate = ingest(
+            &http,
+            &base,
+            &conversations,
+            users[0],
+            batch,
+            writers,
+            total,
+        )
+        .await?;
+        let jobs: i64 = db
+            .query_one(
+                "SELECT count(*) FROM push_jobs WHERE conversation_id = ANY($1)",
+                &[&conversations],
+            )
+            .await?
+            .get(0);
+        let expected = if push { (size - 1) * writers as i64 } else { 0 };
+        if jobs != expected {
+            bail!("group of {size}: {jobs} queued notifications, expected {expected}");
+        }
+        by_size.push(vec![
+            size.to_string(),
+            batch.to_string(),
+            writers.to_string(),
+            total.to_string(),
+            format!("{rate:.0}"),
+            jobs.to_string(),
+        ]);
+    }
+    table(
+        &format!(
+            "Origin ingest by group size (every member subscribed; Web Push queue {})",
+            if push { "on" } else { "off" }
+        ),
+        &[
+            "members",
+            "batch size",
+            "rooms flushing",
+            "messages",
+            "msgs/s",
+            "jobs queued",
+        ],
+        &by_size,
+    );
+
     let ceiling = pgbench_ceiling(&url, &db).await;
     table(
         "Origin ingest (POST /internal/v1/messages/batch, synchronous_commit=on)",
