@@ -27,7 +27,11 @@
 //! suggests) and recorded as a violation; tests assert there are none.
 //! A valid one is recorded with its decrypted payload and headers and
 //! answered 201, or with what the test programmed for that subscription
-//! ([`PushService::set_status`], [`PushService::answer_next`]).
+//! ([`PushService::set_status`], [`PushService::answer_next`], with a
+//! `Retry-After` [`PushService::answer_next_retry_after`]). A subscription
+//! can also be *held* ([`PushService::hold`]): its requests are recorded
+//! on arrival and answered only once [`PushService::release`] is called,
+//! a request in flight for as long as a test needs.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -111,6 +115,30 @@ pub struct Violation {
     pub reason: String,
 }
 
+/// A `Retry-After` for a programmed answer (RFC 9110 §10.2.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryAfter {
+    /// `Retry-After: <n>`, delay-seconds.
+    Seconds(u64),
+    /// `Retry-After: <HTTP-date>`, this long after the answer is sent
+    /// (IMF-fixdate: whole seconds, so up to a second less).
+    DateIn(Duration),
+}
+
+impl RetryAfter {
+    /// The header's value, now.
+    fn value(self) -> String {
+        match self {
+            RetryAfter::Seconds(n) => n.to_string(),
+            RetryAfter::DateIn(d) => {
+                let at = chrono::Utc::now()
+                    + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::zero());
+                at.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+            }
+        }
+    }
+}
+
 /// Per subscription: the browser's keys and the programmed answers.
 struct Entry {
     secret: p256::SecretKey,
@@ -118,11 +146,13 @@ struct Entry {
     /// `applicationServerKey` the subscription was made with, if any.
     server_key: Option<Vec<u8>>,
     /// Answers for the next requests, in order.
-    script: VecDeque<u16>,
+    script: VecDeque<(u16, Option<RetryAfter>)>,
     /// The answer once the script is empty.
     status: u16,
     /// How long to wait before answering.
     delay: Duration,
+    /// Requests wait for [`PushService::release`] before being answered.
+    held: bool,
 }
 
 #[derive(Default)]
@@ -237,6 +267,7 @@ impl PushService {
                 script: VecDeque::new(),
                 status: 201,
                 delay: Duration::ZERO,
+                held: false,
             },
         );
         subscription
@@ -254,7 +285,33 @@ impl PushService {
     /// (e.g. `[500, 429]` before the usual answer).
     pub fn answer_next(&self, sub: &Subscription, statuses: &[u16]) {
         if let Some(e) = self.shared.lock().subscriptions.get_mut(&sub.id) {
-            e.script.extend(statuses.iter().copied());
+            e.script.extend(statuses.iter().map(|s| (*s, None)));
+        }
+    }
+
+    /// The next request to `sub` is answered `status` with `Retry-After`
+    /// (e.g. 429 and `RetryAfter::Seconds(3)`), after any answers
+    /// programmed before it.
+    pub fn answer_next_retry_after(&self, sub: &Subscription, status: u16, after: RetryAfter) {
+        if let Some(e) = self.shared.lock().subscriptions.get_mut(&sub.id) {
+            e.script.push_back((status, Some(after)));
+        }
+    }
+
+    /// Requests to `sub` from now on are recorded on arrival (with the
+    /// answer they will get) but answered only after [`Self::release`]:
+    /// a request held in flight.
+    pub fn hold(&self, sub: &Subscription) {
+        if let Some(e) = self.shared.lock().subscriptions.get_mut(&sub.id) {
+            e.held = true;
+        }
+    }
+
+    /// Answers the requests [`Self::hold`] kept waiting, and answers the
+    /// next ones at once again.
+    pub fn release(&self, sub: &Subscription) {
+        if let Some(e) = self.shared.lock().subscriptions.get_mut(&sub.id) {
+            e.held = false;
         }
     }
 
@@ -353,21 +410,21 @@ async fn receive(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> (StatusCode, String) {
+) -> (StatusCode, HeaderMap, String) {
     let at = Instant::now();
     let checked = {
         let mut inner = shared.lock();
         match inner.subscriptions.get_mut(&id) {
             None => Err((404, format!("no subscription {id}"))),
             Some(entry) => check(&shared.origin, entry, &headers, &body).map(|d| {
-                let status = entry.script.pop_front().unwrap_or(entry.status);
-                (d, status, entry.delay)
+                let (status, after) = entry.script.pop_front().unwrap_or((entry.status, None));
+                (d, status, after, entry.delay)
             }),
         }
     };
     match checked {
-        Ok((mut delivery, status, delay)) => {
-            delivery.subscription = id;
+        Ok((mut delivery, status, after, delay)) => {
+            delivery.subscription = id.clone();
             delivery.status = status;
             delivery.at = at;
             // Recorded on arrival: a slow answer still delivers, even if
@@ -376,8 +433,17 @@ async fn receive(
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
+            while shared.lock().subscriptions.get(&id).is_some_and(|e| e.held) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            (code, String::new())
+            let mut answer = HeaderMap::new();
+            if let Some(after) = after {
+                if let Ok(value) = after.value().parse() {
+                    answer.insert(axum::http::header::RETRY_AFTER, value);
+                }
+            }
+            (code, answer, String::new())
         }
         Err((status, reason)) => {
             shared.lock().violations.push(Violation {
@@ -386,7 +452,7 @@ async fn receive(
                 reason: reason.clone(),
             });
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
-            (code, reason)
+            (code, HeaderMap::new(), reason)
         }
     }
 }
@@ -706,6 +772,62 @@ mod tests {
         assert_eq!(statuses, [500, 429, 201, 410]);
         assert_eq!(service.requests(&sub).len(), 4);
         assert_eq!(service.deliveries(&sub).len(), 1);
+        service.ensure_no_violations().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_goes_with_its_answer_and_a_held_request_waits_for_release() {
+        let service = PushService::start().await.unwrap();
+        let sub = service.subscribe();
+        let (pair, _) = vapid_pair();
+        let auth = vapid(
+            &pair,
+            service.origin(),
+            JwtDuration::from_hours(1),
+            "mailto:a@b.c",
+        );
+        let raw = |request: axum::http::Request<Vec<u8>>| {
+            let (parts, body) = request.into_parts();
+            let mut req = reqwest::Client::new().post(parts.uri.to_string());
+            for (name, value) in &parts.headers {
+                req = req.header(name.as_str(), value.to_str().unwrap());
+            }
+            req.header("authorization", auth.as_str()).body(body)
+        };
+        service.answer_next_retry_after(&sub, 429, RetryAfter::Seconds(3));
+        service.answer_next_retry_after(&sub, 503, RetryAfter::DateIn(Duration::from_secs(60)));
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            let res = raw(builder(&sub).build("{}").unwrap())
+                .send()
+                .await
+                .unwrap();
+            let after = res
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            answers.push((res.status().as_u16(), after));
+        }
+        assert_eq!(answers[0], (429, Some("3".to_owned())));
+        assert_eq!(answers[1].0, 503);
+        let date = answers[1].1.as_deref().expect("a date");
+        let at = chrono::DateTime::parse_from_rfc2822(date).expect("an HTTP-date");
+        let ahead = at.timestamp() - chrono::Utc::now().timestamp();
+        assert!((55..=60).contains(&ahead), "{date}: {ahead} s ahead");
+        assert_eq!(answers[2], (201, None));
+
+        // Held: recorded on arrival, answered only once released.
+        service.hold(&sub);
+        let pending = tokio::spawn(raw(builder(&sub).build("{}").unwrap()).send());
+        service
+            .wait_until(&sub, Duration::from_secs(5), |r| r.len() == 4)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!pending.is_finished(), "answered while held");
+        service.release(&sub);
+        let res = pending.await.unwrap().unwrap();
+        assert_eq!(res.status().as_u16(), 201);
         service.ensure_no_violations().unwrap();
     }
 
