@@ -320,6 +320,16 @@ async fn main() -> ExitCode {
             },
         ),
         (
+            "a_429_with_retry_after_is_retried_no_sooner_than_asked_then_delivered_once",
+            |s| {
+                Box::pin(
+                    push::a_429_with_retry_after_is_retried_no_sooner_than_asked_then_delivered_once(
+                        s,
+                    ),
+                )
+            },
+        ),
+        (
             "non_participants_cause_no_push_and_removed_members_get_none",
             |s| Box::pin(push::non_participants_cause_no_push_and_removed_members_get_none(s)),
         ),

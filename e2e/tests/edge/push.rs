@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use e2e::push::{Delivery, PushService, Subscription};
+use e2e::push::{Delivery, PushService, RetryAfter, Subscription};
 use e2e::{Stack, User};
 use serde_json::{Value, json};
 
@@ -694,6 +694,84 @@ pub async fn a_500_or_429_from_the_push_service_is_retried_then_delivered_once(
             ],
         "{:?}",
         summary(&push.requests(&flaky))
+    );
+    push.ensure_clean()
+}
+
+/// 6b. A 429 with `Retry-After` is retried no sooner than it asked, in
+///    delay-seconds (3) and as an HTTP-date (4 s ahead), far past the
+///    suite's 200 ms backoff; the retry goes only to the device that
+///    refused, and each notification is delivered once.
+pub async fn a_429_with_retry_after_is_retried_no_sooner_than_asked_then_delivered_once(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let sam = s.user("Sam").await?;
+    let maya = s.user("Maya").await?;
+    let conv = s.direct(&sam, &maya).await?;
+    let push = Push::start(s, &maya).await?;
+    let phone = push.subscribe(s, &maya).await?;
+    let laptop = push.subscribe(s, &maya).await?;
+
+    // (Retry-After, the least wait it promises after the 429.)
+    let cases = [
+        (RetryAfter::Seconds(3), Duration::from_secs(3)),
+        // An IMF-fixdate has whole seconds: up to one less than asked.
+        (
+            RetryAfter::DateIn(Duration::from_secs(4)),
+            Duration::from_secs(3),
+        ),
+    ];
+    let mut seqs = Vec::new();
+    for (after, least) in cases {
+        push.service.answer_next_retry_after(&phone.sub, 429, after);
+        let seq = send(s, &sam, conv, &secret("slow down")).await?;
+        let delivered = push.push_for(&phone, conv, seq).await?;
+        let refused = push
+            .requests(&phone)
+            .into_iter()
+            .find(|p| p.status == 429 && is_message(p, conv, seq))
+            .context("the 429")?;
+        let waited = delivered.at.duration_since(refused.at);
+        println!("    Retry-After {after:?}: retried after {waited:?}");
+        ensure!(
+            waited >= least,
+            "Retry-After {after:?}: retried after {waited:?}, sooner than {least:?}"
+        );
+        ensure!(
+            delivered.payload == refused.payload && delivered.topic == refused.topic,
+            "the retry is another notification: {} vs {}",
+            delivered.payload,
+            refused.payload
+        );
+        push.push_for(&laptop, conv, seq).await?;
+        seqs.push(seq);
+    }
+
+    // A later message comes after the retries, and nothing else came in
+    // between: each notification delivered once, the laptop (which
+    // accepted the first time) never asked again.
+    let last = send(s, &sam, conv, &secret("thanks")).await?;
+    push.push_for(&phone, conv, last).await?;
+    push.push_for(&laptop, conv, last).await?;
+    let got = summary(&push.requests(&phone));
+    ensure!(
+        got == [
+            (conv, seqs[0], 429),
+            (conv, seqs[0], 201),
+            (conv, seqs[1], 429),
+            (conv, seqs[1], 201),
+            (conv, last, 201)
+        ],
+        "phone: {got:?}"
+    );
+    let got = summary(&push.requests(&laptop));
+    ensure!(
+        got == [
+            (conv, seqs[0], 201),
+            (conv, seqs[1], 201),
+            (conv, last, 201)
+        ],
+        "laptop: {got:?}"
     );
     push.ensure_clean()
 }
