@@ -320,10 +320,10 @@ async fn main() -> ExitCode {
             },
         ),
         (
-            "a_429_with_retry_after_is_retried_no_sooner_than_asked_then_delivered_once",
+            "a_429_from_the_push_service_with_retry_after_is_retried_no_sooner_than_asked",
             |s| {
                 Box::pin(
-                    push::a_429_with_retry_after_is_retried_no_sooner_than_asked_then_delivered_once(
+                    push::a_429_from_the_push_service_with_retry_after_is_retried_no_sooner_than_asked(
                         s,
                     ),
                 )
@@ -339,6 +339,12 @@ async fn main() -> ExitCode {
         (
             "an_origin_killed_with_pushes_queued_sends_each_exactly_once",
             |s| Box::pin(push::an_origin_killed_with_pushes_queued_sends_each_exactly_once(s)),
+        ),
+        (
+            "an_origin_killed_with_push_requests_in_flight_sends_each_at_least_once_and_repeats_replace",
+            |s| {
+                Box::pin(push::an_origin_killed_with_push_requests_in_flight_sends_each_at_least_once_and_repeats_replace(s))
+            },
         ),
         // Last: it stops and restarts the origin.
         (

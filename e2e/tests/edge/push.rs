@@ -15,6 +15,8 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use e2e::push::{Delivery, PushService, RetryAfter, Subscription};
 use e2e::{Stack, User};
+use origin::push::webpush::SEND_TIMEOUT;
+use origin::push::worker::LEASE;
 use serde_json::{Value, json};
 
 /// The suite's origin settings for push (see `main`).
@@ -702,7 +704,7 @@ pub async fn a_500_or_429_from_the_push_service_is_retried_then_delivered_once(
 ///    delay-seconds (3) and as an HTTP-date (4 s ahead), far past the
 ///    suite's 200 ms backoff; the retry goes only to the device that
 ///    refused, and each notification is delivered once.
-pub async fn a_429_with_retry_after_is_retried_no_sooner_than_asked_then_delivered_once(
+pub async fn a_429_from_the_push_service_with_retry_after_is_retried_no_sooner_than_asked(
     s: &mut Stack,
 ) -> anyhow::Result<()> {
     let sam = s.user("Sam").await?;
@@ -1077,6 +1079,195 @@ async fn killed_with_pushes_queued(s: &mut Stack, vars: &[(String, String)]) -> 
         push.requests(&cal_phone).is_empty(),
         "Cal was pushed after leaving: {:?}",
         summary(&push.requests(&cal_phone))
+    );
+    push.ensure_clean()
+}
+
+/// Whether the origin still has a pending notification for `user` in
+/// `conv` (a row in its queue).
+async fn job_pending(s: &Stack, user: &User, conv: i64) -> anyhow::Result<bool> {
+    let row = s
+        .pool
+        .get()
+        .await?
+        .query_one(
+            "SELECT count(*) FROM push_jobs WHERE user_id = $1 AND conversation_id = $2",
+            &[&user.id, &conv],
+        )
+        .await?;
+    Ok(row.get::<_, i64>(0) > 0)
+}
+
+/// Waits until the origin's queue has nothing left for `user` in `conv`:
+/// their notification was sent and recorded (or dropped), so nothing more
+/// will be sent for it.
+async fn job_done(s: &Stack, user: &User, conv: i64, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while job_pending(s, user, conv).await? {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{}'s notification about {conv} still queued after {timeout:?}",
+            user.name
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// 8b. The origin killed (SIGKILL) while push requests are in flight:
+///    the push service holds two devices' requests open (and has already
+///    accepted a third device's, of the same notification) when the
+///    process dies. At least once at the HTTP boundary
+///    (`origin/src/push/worker.rs`, "Crash safety, honestly"): every
+///    notification arrives; those whose jobs were not finished at the kill
+///    come again once the dead process's lease ([`LEASE`]) is over, with
+///    the same `Topic`, tag and seq (so a device replaces the first with
+///    the repeat); and nothing finished before the kill, nor anything
+///    after, is sent twice.
+pub async fn an_origin_killed_with_push_requests_in_flight_sends_each_at_least_once_and_repeats_replace(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    s.start_origin_process(&[]).await?;
+    let result = killed_with_pushes_in_flight(s).await;
+    // Whatever happened, the rest of the suite gets its usual origin.
+    s.kill_origin_process();
+    s.start_origin()?;
+    result
+}
+
+async fn killed_with_pushes_in_flight(s: &mut Stack) -> anyhow::Result<()> {
+    let sam = s.user("Sam").await?;
+    let push = Push::start(s, &sam).await?;
+    // Cyd's notification is sent and finished before the kill.
+    let cyd = s.user("Cyd").await?;
+    let direct = s.direct(&sam, &cyd).await?;
+    let cyd_phone = push.subscribe(s, &cyd).await?;
+    let d1 = send(s, &sam, direct, &secret("before")).await?;
+    push.push_for(&cyd_phone, direct, d1).await?;
+    job_done(s, &cyd, direct, ARRIVAL).await?;
+
+    // A group: one message is one job per member, all due at once, so
+    // one round of the worker sends them together.
+    let bea = s.user("Bea").await?;
+    let cal = s.user("Cal").await?;
+    let dee = s.user("Dee").await?;
+    let group = s.group(&sam, &[&bea, &cal, &dee]).await?;
+    let bea_phone = push.subscribe(s, &bea).await?;
+    let bea_laptop = push.subscribe(s, &bea).await?;
+    let cal_phone = push.subscribe(s, &cal).await?;
+    let dee_phone = push.subscribe(s, &dee).await?;
+    push.service.hold(&bea_phone.sub);
+    push.service.hold(&cal_phone.sub);
+    let seq = send(s, &sam, group, &secret("in flight")).await?;
+    // Every device's request has arrived: Bea's phone and Cal's are held
+    // open, Bea's laptop and Dee's phone were answered 201.
+    let devices: [(&User, &Device); 4] = [
+        (&bea, &bea_phone),
+        (&bea, &bea_laptop),
+        (&cal, &cal_phone),
+        (&dee, &dee_phone),
+    ];
+    for (_, d) in &devices {
+        push.service
+            .wait_until(&d.sub, ARRIVAL, |r| !r.is_empty())
+            .await?;
+    }
+    let first_held = [&bea_phone, &cal_phone]
+        .iter()
+        .filter_map(|d| push.requests(d).first().map(|p| p.at))
+        .min()
+        .context("held requests")?;
+    s.kill_origin_process();
+    let in_flight_for = first_held.elapsed();
+    // The kill must land while the origin still waits for the held
+    // answers (its client gives up after SEND_TIMEOUT).
+    ensure!(
+        in_flight_for < SEND_TIMEOUT,
+        "too slow to kill while the requests were in flight ({in_flight_for:?})"
+    );
+    // The process is dead: the queue is as it left it. A job still there
+    // was not finished, and may be sent again.
+    let mut unfinished = Vec::new();
+    for user in [&bea, &cal, &dee] {
+        if job_pending(s, user, group).await? {
+            unfinished.push(user.id);
+        }
+    }
+    ensure!(
+        unfinished.contains(&bea.id) && unfinished.contains(&cal.id),
+        "a job held in flight was finished: {unfinished:?}"
+    );
+    push.service.release(&bea_phone.sub);
+    push.service.release(&cal_phone.sub);
+    s.start_origin_process(&[]).await?;
+
+    // The restarted origin finishes every job once the dead process's
+    // lease is over; after that, nothing more is sent for it.
+    for user in [&bea, &cal, &dee] {
+        job_done(s, user, group, LEASE + ARRIVAL).await?;
+    }
+    let mut repeats = Vec::new();
+    for (user, d) in &devices {
+        let requests = push.requests(d);
+        let got = messages(&requests);
+        let may_repeat = unfinished.contains(&user.id);
+        ensure!(
+            !got.is_empty() && got.len() <= if may_repeat { 2 } else { 1 },
+            "{}: {:?}",
+            user.name,
+            summary(&requests)
+        );
+        let first = got[0];
+        ensure_private_push(first, group, seq, 1, &sam, &[])?;
+        for repeat in &got[1..] {
+            ensure!(
+                repeat.accepted()
+                    && repeat.topic == first.topic
+                    && repeat.payload["tag"] == first.payload["tag"]
+                    && repeat.payload["seq"] == first.payload["seq"]
+                    && repeat.payload["conversation_id"] == first.payload["conversation_id"],
+                "{}: the repeat would not replace the first: {:?} {} vs {:?} {}",
+                user.name,
+                repeat.topic,
+                repeat.payload,
+                first.topic,
+                first.payload
+            );
+            ensure_private_push(repeat, group, seq, 1, &sam, &[])?;
+            // Not before the killed process's lease ran out.
+            let gap = repeat.at.duration_since(first.at);
+            ensure!(
+                gap >= LEASE / 2,
+                "{}: repeated after {gap:?}, inside the dead process's lease",
+                user.name
+            );
+            repeats.push((user.name.clone(), gap));
+        }
+    }
+    println!("    in flight for {in_flight_for:?} at the kill; unfinished jobs {unfinished:?}");
+    println!("    repeats: {repeats:?}");
+
+    // Later messages come after all that, once each, and Cyd's
+    // notification from before the kill was never sent again.
+    let next = send(s, &sam, group, &secret("after")).await?;
+    let d2 = send(s, &sam, direct, &secret("after")).await?;
+    for (_, d) in &devices {
+        push.push_for(d, group, next).await?;
+    }
+    push.push_for(&cyd_phone, direct, d2).await?;
+    for (user, d) in &devices {
+        let got = summary(&push.requests(d));
+        let (last, earlier) = got.split_last().context("pushes")?;
+        ensure!(
+            *last == (group, next, 201) && earlier.iter().all(|p| *p == (group, seq, 201)),
+            "{}: {got:?}",
+            user.name
+        );
+    }
+    let got = summary(&push.requests(&cyd_phone));
+    ensure!(
+        got == [(direct, d1, 201), (direct, d2, 201)],
+        "Cyd: {got:?}"
     );
     push.ensure_clean()
 }
