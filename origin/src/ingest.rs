@@ -223,6 +223,12 @@ pub const SCHEDULE_CLEARS: &str = "UPDATE push_notified n
 /// participants index in `user_id` order to feed the grouping. Someone
 /// who is not a participant has no row, so can never be notified (and a
 /// non-member's messages were refused before this).
+///
+/// The join is batch × subscribed members rows (100,000 for a batch of 100
+/// in a group of 1,000), so its aggregates must not sort each group: the
+/// last sender is `max(ARRAY[seq, sender])` and "several senders" is
+/// `min <> max` (with `array_agg(… ORDER BY …)` and `count(DISTINCT …)`,
+/// the origin bench's 1,000-member group ingested 1,109 msgs/s).
 pub const ENQUEUE_PUSH: &str = "WITH t AS MATERIALIZED (
          SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[])
              AS t(conversation_id, seq, sender_id)
@@ -231,8 +237,8 @@ pub const ENQUEUE_PUSH: &str = "WITH t AS MATERIALIZED (
          (user_id, conversation_id, first_seq, last_seq, count,
           last_sender_id, several_senders, due_at)
      SELECT p.user_id, t.conversation_id, min(t.seq), max(t.seq), count(*),
-            (array_agg(t.sender_id ORDER BY t.seq DESC))[1],
-            count(DISTINCT t.sender_id) > 1,
+            (max(ARRAY[t.seq, t.sender_id]))[2],
+            min(t.sender_id) <> max(t.sender_id),
             now() + make_interval(secs => $4::float8)
      FROM (SELECT DISTINCT conversation_id FROM t) AS c
      CROSS JOIN LATERAL (
