@@ -629,6 +629,45 @@ await test('the session refreshes silently and open sockets renew in band', asyn
   await bubble(sam.page, 'And after a reload').waitFor();
 });
 
+await test('a catch-up that fails after resync shows the gap, and its retry fills it', async () => {
+  const page = alex.page;
+  // The room's socket through a relay that can drop frames and inject a
+  // `resync`, as a room whose replay window was passed would send.
+  let client = null;
+  let dropping = false;
+  const dropped = [];
+  await page.routeWebSocket(/\/api\/v1\/chat\/conversations\/\d+\/ws/, (ws) => {
+    client = ws;
+    const server = ws.connectToServer();
+    ws.onMessage((m) => server.send(m));
+    server.onMessage((m) => {
+      const frame = JSON.parse(m);
+      if (dropping && frame.type === 'message') dropped.push(frame.message.seq);
+      else ws.send(m);
+    });
+  });
+  await page.reload();
+  await bubble(page, 'And after a reload').waitFor();
+  await until('the room socket relayed', () => Boolean(client));
+  const id = Number(await page.evaluate(() => sessionStorage.getItem('vibe-chat-open')));
+  dropping = true;
+  await sendBurst(sam.page, id, 2, 'Missed while away');
+  await until('two messages dropped', () => dropped.length === 2);
+  dropping = false;
+  // The catch-up's first page fails.
+  await page.route(`**/api/v1/chat/conversations/${id}/messages?after_seq=*`, (route) =>
+    route.fulfill({ status: 503, contentType: 'application/json', body: JSON.stringify({ code: 'unavailable', message: 'The service is unavailable' }) }), { times: 1 });
+  client.send(JSON.stringify({ type: 'resync', conversation_id: id, from_seq: Math.min(...dropped) }));
+  await page.getByRole('alert').filter({ hasText: 'Some messages could not be loaded' }).waitFor();
+  expectEqual(await bubble(page, 'Missed while away').count(), 0, 'messages shown before the catch-up');
+  await page.getByRole('button', { name: 'Retry', exact: true }).click();
+  await bubble(page, 'Missed while away 1').waitFor();
+  await bubble(page, 'Missed while away 2').waitFor();
+  await page.getByRole('alert').filter({ hasText: 'Some messages could not be loaded' }).waitFor({ state: 'detached' });
+  const seqs = await page.locator('.vc-bubble[data-seq]').evaluateAll((els) => els.map((e) => Number(e.dataset.seq)));
+  expectEqual(new Set(seqs).size, seqs.length, 'no duplicated message');
+});
+
 await test('logging out ends the session at the origin, not just in this tab', async () => {
   const { context, page } = await open('coach@vibe.fit');
   const stored = await page.evaluate(() => JSON.parse(localStorage.getItem('vibe-chat-session')));
