@@ -245,26 +245,27 @@ fn notifications(conv: i64) -> String {
 
 /// Waits until REST says `user` is online (their User object reported it).
 async fn online(s: &Stack, viewer: &User, user: &User) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !s.presence(viewer, user.id).await?.0 {
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{} never showed online",
-            user.name
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Ok(())
+    presence_becomes(s, viewer, user, true).await
 }
 
 /// Waits until REST says `user` is offline (the grace period is over).
 async fn offline(s: &Stack, viewer: &User, user: &User) -> anyhow::Result<()> {
+    presence_becomes(s, viewer, user, false).await
+}
+
+async fn presence_becomes(
+    s: &Stack,
+    viewer: &User,
+    user: &User,
+    online: bool,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while s.presence(viewer, user.id).await?.0 {
+    while s.presence(viewer, user.id).await?.0 != online {
         ensure!(
             tokio::time::Instant::now() < deadline,
-            "{} never showed offline",
-            user.name
+            "{} never showed {}",
+            user.name,
+            if online { "online" } else { "offline" }
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

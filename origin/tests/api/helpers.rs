@@ -181,45 +181,35 @@ impl TestApp {
     }
 
     pub async fn post(&self, user: &TestUser, path: &str, body: Value) -> (StatusCode, Value) {
-        let res = self
-            .http
-            .post(self.url(path))
-            .bearer_auth(&user.token)
-            .json(&body)
-            .send()
+        self.with_body(reqwest::Method::POST, user, path, body)
             .await
-            .expect("request");
-        status_and_json(res).await
     }
 
     pub async fn delete(&self, user: &TestUser, path: &str, body: Value) -> (StatusCode, Value) {
-        let res = self
-            .http
-            .delete(self.url(path))
-            .bearer_auth(&user.token)
-            .json(&body)
-            .send()
+        self.with_body(reqwest::Method::DELETE, user, path, body)
             .await
-            .expect("request");
-        status_and_json(res).await
     }
 
     pub async fn put(&self, user: &TestUser, path: &str, body: Value) -> (StatusCode, Value) {
-        let res = self
-            .http
-            .put(self.url(path))
-            .bearer_auth(&user.token)
-            .json(&body)
-            .send()
-            .await
-            .expect("request");
-        status_and_json(res).await
+        self.with_body(reqwest::Method::PUT, user, path, body).await
     }
 
     pub async fn patch(&self, user: &TestUser, path: &str, body: Value) -> (StatusCode, Value) {
+        self.with_body(reqwest::Method::PATCH, user, path, body)
+            .await
+    }
+
+    /// A request with a JSON body and `user`'s token.
+    async fn with_body(
+        &self,
+        method: reqwest::Method,
+        user: &TestUser,
+        path: &str,
+        body: Value,
+    ) -> (StatusCode, Value) {
         let res = self
             .http
-            .patch(self.url(path))
+            .request(method, self.url(path))
             .bearer_auth(&user.token)
             .json(&body)
             .send()
