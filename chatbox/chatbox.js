@@ -202,7 +202,9 @@ class ChatBox {
     }
     this.root.dataset.transport = kind;
     const status = this.panel.querySelector('.vc-conn');
-    if (status) status.textContent = connectionLabel(this.own?.state ?? state, kind);
+    // The open chat's own connection is what its reader depends on.
+    const shown = this.chat?.conn?.state ?? this.own?.state ?? state;
+    if (status) status.textContent = connectionLabel(shown, kind);
   }
 
   // ---- data -------------------------------------------------------------
