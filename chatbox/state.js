@@ -62,7 +62,8 @@ export class Conversations {
   noteMessage(id, m) {
     const c = this.byId.get(id);
     if (!c || (c.last_message?.seq ?? 0) > m.seq) return;
-    c.last_message = { id: m.id, seq: m.seq, sender_id: m.sender_id, content: m.content, created_at: m.created_at };
+    // A message with only attachments reads as the server's previews do ("📷 Photo").
+    c.last_message = { id: m.id, seq: m.seq, sender_id: m.sender_id, content: messagePreview(m), created_at: m.created_at };
     c.updated_at = m.created_at;
     c.last_seq = Math.max(c.last_seq ?? 0, m.seq);
   }
@@ -232,9 +233,33 @@ export class ChatModel {
     }
   }
 
-  /** A new send: shown at once as "Sending…". */
-  queue(clientMsgId, content, at = new Date().toISOString()) {
-    this.pending.set(clientMsgId, { content, state: 'sending', at, error: null });
+  /** A new send: shown at once as "Sending…"; `attachments`: the uploads it carries. */
+  queue(clientMsgId, content, at = new Date().toISOString(), attachments = []) {
+    this.pending.set(clientMsgId, { content, attachments, state: 'sending', at, error: null });
+  }
+
+  /**
+   * An `attachment_updated` (or a re-signed attachment): replaces it in
+   * every message and pending send that shows it. Returns the keys of the
+   * items that changed (empty when it is not in this chat).
+   */
+  updateAttachment(fresh) {
+    const changed = [];
+    for (const [seq, m] of this.messages) {
+      const next = replaceAttachment(m.attachments, fresh);
+      if (next !== m.attachments) {
+        this.messages.set(seq, { ...m, attachments: next });
+        changed.push(`m:${seq}`);
+      }
+    }
+    for (const [id, p] of this.pending) {
+      const next = replaceAttachment(p.attachments, fresh);
+      if (next !== p.attachments) {
+        p.attachments = next;
+        changed.push(`p:${id}`);
+      }
+    }
+    return changed;
   }
 
   ack(frame) {
@@ -345,7 +370,7 @@ export class ChatModel {
     for (const [id, p] of this.pending) {
       if (stored.has(id)) continue;
       const status = p.state === 'failed' ? 'failed' : p.state === 'acked' ? 'sent' : 'sending';
-      out.push({ key: `p:${id}`, kind: 'pending', id, content: p.content, at: p.at, mine: true, first: true, last: true, status, error: p.error });
+      out.push({ key: `p:${id}`, kind: 'pending', id, content: p.content, attachments: p.attachments ?? [], at: p.at, mine: true, first: true, last: true, status, error: p.error });
     }
     return out;
   }
@@ -517,4 +542,279 @@ function atobUrl(s) {
   const bin = atob(b64);
   const bytes = Uint8Array.from(bin, (c) => c.charCodeAt(0));
   return new TextDecoder().decode(bytes);
+}
+
+// ---- attachments ------------------------------------------------------------
+
+/** At most this many attachments go with one message (the server's limit). */
+export const MAX_ATTACHMENTS = 10;
+
+/**
+ * What the client accepts before uploading, by MIME type: a courtesy so a
+ * wrong file fails at once instead of after its upload. The server sniffs
+ * the bytes and has the last word (and its own size limits).
+ */
+const ACCEPTED = [
+  [/^image\/(jpeg|png|webp|gif)$/, 'image'],
+  [/^video\/(mp4|webm|quicktime)$/, 'video'],
+  [/^audio\/(webm|mp4|aac|x-m4a|m4a|mpeg|ogg)(;.*)?$/, 'audio'],
+  [/^application\/pdf$/, 'file'],
+];
+/** The largest upload any kind allows (video): anything bigger fails at once. */
+export const MAX_UPLOAD_BYTES = 100 * 1024 * 1024;
+/** What the file chooser offers. */
+export const ACCEPT_ATTRIBUTE = 'image/jpeg,image/png,image/webp,image/gif,video/mp4,video/webm,audio/webm,audio/mp4,application/pdf';
+
+/** The kind a file will probably be, from its type; null: not accepted. */
+export function kindOfMime(mime) {
+  const type = String(mime ?? '').toLowerCase();
+  for (const [re, kind] of ACCEPTED) if (re.test(type)) return kind;
+  return null;
+}
+
+/** Why a file cannot be sent (a sentence), or null: try it. */
+export function precheck({ type, size }) {
+  if (!kindOfMime(type)) return 'This type of file can’t be sent (photos, videos, voice messages and PDFs can).';
+  if (size > MAX_UPLOAD_BYTES) return `This file is too large (${formatBytes(size)}; at most ${formatBytes(MAX_UPLOAD_BYTES)}).`;
+  if (size === 0) return 'This file is empty.';
+  return null;
+}
+
+/** "812 B", "14 KB", "1.2 MB": a size for people. */
+export function formatBytes(n) {
+  const bytes = Math.max(0, Number(n) || 0);
+  if (bytes < 1024) return `${bytes} B`;
+  const units = ['KB', 'MB', 'GB'];
+  let v = bytes / 1024;
+  let u = 0;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u += 1;
+  }
+  return `${v < 10 ? v.toFixed(1).replace(/\.0$/, '') : Math.round(v)} ${units[u]}`;
+}
+
+/** "0:07", "12:34", "1:02:03": a duration for a voice message or a video. */
+export function formatDuration(ms) {
+  // A WebM from MediaRecorder reports an Infinity duration: show 0:00, not "NaN".
+  const n = Number(ms);
+  const total = Number.isFinite(n) ? Math.max(0, Math.floor(n / 1000)) : 0;
+  const h = Math.floor(total / 3600);
+  const m = Math.floor((total % 3600) / 60);
+  const s = String(total % 60).padStart(2, '0');
+  return h ? `${h}:${String(m).padStart(2, '0')}:${s}` : `${m}:${s}`;
+}
+
+/**
+ * A message without text in the conversations list (the same words the
+ * server's previews use): "📷 Photo", "🎤 Voice message", "📎 3 attachments".
+ */
+export function attachmentSummary(attachments) {
+  if (!attachments?.length) return '';
+  if (attachments.length > 1) return `📎 ${attachments.length} attachments`;
+  const a = attachments[0];
+  switch (a.kind) {
+    case 'image':
+      return '📷 Photo';
+    case 'video':
+      return '🎬 Video';
+    case 'audio':
+      return '🎤 Voice message';
+    default:
+      return `📄 ${a.name || 'File'}`;
+  }
+}
+
+/** What a list or an announcement says for a message: its text, else what it carries. */
+export function messagePreview(m) {
+  const text = m?.content ?? '';
+  return text.trim() || !m?.attachments?.length ? text : attachmentSummary(m.attachments);
+}
+
+/** What a screen reader calls an attachment. */
+export function attachmentLabel(a) {
+  switch (a.kind) {
+    case 'image':
+      return 'Photo';
+    case 'video':
+      return a.duration_ms ? `Video, ${formatDuration(a.duration_ms)}` : 'Video';
+    case 'audio':
+      return a.duration_ms ? `Voice message, ${formatDuration(a.duration_ms)}` : 'Voice message';
+    default:
+      return a.name || 'File';
+  }
+}
+
+/**
+ * The size to show media at inside a `maxW` × `maxH` box, keeping its
+ * aspect ratio and never enlarging it; known before the bytes arrive, so
+ * nothing below moves when they do. Unknown dimensions get a square-ish box.
+ */
+export function fitBox(width, height, maxW = 240, maxH = 300) {
+  const w = Number(width) || 0;
+  const h = Number(height) || 0;
+  if (w <= 0 || h <= 0) return { width: maxW, height: Math.round((maxW * 3) / 4) };
+  const scale = Math.min(1, maxW / w, maxH / h);
+  return { width: Math.max(1, Math.round(w * scale)), height: Math.max(1, Math.round(h * scale)) };
+}
+
+/**
+ * The MediaRecorder type for a voice message: WebM/Opus where the browser
+ * records it, else MP4/AAC (Safari); the server accepts both. "" lets the
+ * browser choose.
+ */
+export function recorderMime(isTypeSupported) {
+  for (const t of ['audio/webm;codecs=opus', 'audio/webm', 'audio/mp4;codecs=mp4a.40.2', 'audio/mp4']) {
+    try {
+      if (isTypeSupported(t)) return t;
+    } catch {
+      // An old browser that throws for a type it does not know.
+    }
+  }
+  return '';
+}
+
+/** Attachments with `fresh` put in place of the one with its id; the same array when it is not there. */
+export function replaceAttachment(list, fresh) {
+  if (!list?.some((a) => a.id === fresh.id)) return list;
+  return list.map((a) => (a.id === fresh.id ? { ...a, ...fresh } : a));
+}
+
+/**
+ * The files chosen for the next message, each uploading, uploaded, failed
+ * or cancelled. Pure bookkeeping: the controller runs the uploads and
+ * reports to it; the view renders `items()`. A voice recording is an item
+ * too (`auto`: it is sent on its own as soon as it is uploaded).
+ */
+export class UploadTray {
+  constructor() {
+    this.byKey = new Map();
+    this.next = 1;
+  }
+
+  /** A new file: returns its key, or null when the tray is full. */
+  add({ name, type, size, durationMs = null, auto = false, error = null }) {
+    if (this.byKey.size >= MAX_ATTACHMENTS) return null;
+    const key = `u${this.next++}`;
+    this.byKey.set(key, {
+      key,
+      name: name || 'file',
+      type: type || '',
+      kind: kindOfMime(type) ?? 'file',
+      size: size ?? 0,
+      durationMs,
+      auto,
+      // A file refused before upload starts out failed, with no retry.
+      state: error ? 'refused' : 'uploading',
+      loaded: 0,
+      error,
+      attachment: null,
+    });
+    return key;
+  }
+
+  get(key) {
+    return this.byKey.get(key);
+  }
+
+  get size() {
+    return this.byKey.size;
+  }
+
+  /** Room left for more files. */
+  get room() {
+    return MAX_ATTACHMENTS - this.byKey.size;
+  }
+
+  progress(key, loaded, total) {
+    const item = this.byKey.get(key);
+    if (!item || item.state !== 'uploading') return false;
+    item.loaded = loaded;
+    if (total) item.size = total;
+    return true;
+  }
+
+  done(key, attachment) {
+    const item = this.byKey.get(key);
+    if (!item || item.state !== 'uploading') return false;
+    item.state = 'done';
+    item.loaded = item.size;
+    item.attachment = attachment;
+    item.kind = attachment.kind ?? item.kind;
+    return true;
+  }
+
+  fail(key, error) {
+    const item = this.byKey.get(key);
+    if (!item || item.state !== 'uploading') return false;
+    item.state = 'failed';
+    item.error = error;
+    return true;
+  }
+
+  /** A failed upload starts again (a refused file cannot). */
+  retry(key) {
+    const item = this.byKey.get(key);
+    if (!item || item.state !== 'failed') return false;
+    item.state = 'uploading';
+    item.loaded = 0;
+    item.error = null;
+    return true;
+  }
+
+  /** Cancels (the caller aborts the request) or removes an item. */
+  remove(key) {
+    return this.byKey.delete(key);
+  }
+
+  items() {
+    return [...this.byKey.values()];
+  }
+
+  /** Uploads still running: Send waits for them. */
+  get busy() {
+    return this.items().some((i) => i.state === 'uploading' && !i.auto);
+  }
+
+  /** Failed or refused items the user must retry or remove before sending. */
+  get blocked() {
+    return this.items().some((i) => (i.state === 'failed' || i.state === 'refused') && !i.auto);
+  }
+
+  /** The uploaded attachments a message would carry, in the order chosen. */
+  ready() {
+    return this.items().filter((i) => i.state === 'done' && !i.auto).map((i) => i.attachment);
+  }
+
+  /**
+   * Can Send go now, and if not, why (for the hint beside it). A message
+   * needs text or an attachment, and no upload may be unfinished.
+   */
+  sendState(text) {
+    const uploading = this.items().filter((i) => i.state === 'uploading' && !i.auto).length;
+    if (uploading) return { ok: false, why: uploading === 1 ? 'Waiting for 1 upload…' : `Waiting for ${uploading} uploads…` };
+    if (this.blocked) return { ok: false, why: 'Retry or remove the file that failed.' };
+    return { ok: Boolean(String(text ?? '').trim()) || this.ready().length > 0, why: '' };
+  }
+
+  /** After a send: the items it took leave the tray. */
+  takeReady() {
+    const taken = this.ready();
+    for (const i of this.items()) if (i.state === 'done' && !i.auto) this.byKey.delete(i.key);
+    return taken;
+  }
+}
+
+/**
+ * The images and videos of the loaded messages, oldest first: what the
+ * full-size viewer steps through from a bubble.
+ */
+export function chatMedia(model) {
+  const out = [];
+  const seqs = [...model.messages.keys()].sort((a, b) => a - b);
+  for (const seq of seqs) {
+    const m = model.messages.get(seq);
+    for (const a of m.attachments ?? []) if (a.kind === 'image' || a.kind === 'video') out.push({ ...a, seq, sender_id: m.sender_id, created_at: m.created_at });
+  }
+  return out;
 }
