@@ -10,6 +10,8 @@
 //!   required, `iss`/`aud` checked, bounded leeway). The current time is an
 //!   argument, because `SystemTime::now()` panics on wasm32.
 //! - [`receipts`]: message status derived from read/delivered watermarks.
+//! - [`media`]: attachment types, sniffing, the streaming image check and
+//!   signed download paths.
 //! - [`redact`]: strips tokens from URLs before they reach a log line.
 //! - [`room`] and [`user`]: the sans-IO state machines behind the Room and
 //!   User Durable Objects.
@@ -24,6 +26,7 @@ pub mod backlog;
 pub mod bucket;
 pub mod conn;
 pub mod domain;
+pub mod media;
 pub mod protocol;
 pub mod receipts;
 pub mod redact;

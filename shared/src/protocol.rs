@@ -16,11 +16,18 @@ use uuid::Uuid;
 pub enum ClientFrame {
     Message {
         conversation_id: i64,
+        /// May be empty (or absent) when the message carries attachments.
+        #[serde(default)]
         content: String,
         /// The sender's idempotency key. Optional for seed compatibility; a
         /// frame without one cannot be deduplicated on resend.
         #[serde(default)]
         client_msg_id: Option<String>,
+        /// Attachments the sender uploaded to this conversation
+        /// (`POST …/attachments`) and has not sent yet; at most
+        /// [`crate::media::MAX_ATTACHMENTS_PER_MESSAGE`].
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        attachment_ids: Vec<Uuid>,
     },
     Typing {
         conversation_id: i64,
@@ -94,6 +101,9 @@ pub struct MessageView {
     pub status: MessageStatus,
     pub created_at: DateTime<Utc>,
     pub client_msg_id: String,
+    /// In the order the sender listed them. Absent when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<crate::media::AttachmentView>,
 }
 
 /// A frame from the server.
@@ -179,6 +189,13 @@ pub enum ServerFrame {
     ConversationRemoved {
         conversation_id: i64,
     },
+    /// An attachment of a message in this conversation changed: its
+    /// thumbnail, dimensions or duration are ready, or processing failed.
+    /// Replace the attachment with this id wherever it is shown; messages
+    /// replayed or fetched later already carry the new state.
+    AttachmentUpdated {
+        attachment: crate::media::AttachmentView,
+    },
 }
 
 /// The short form of a message for conversation lists and notifications.
@@ -228,6 +245,66 @@ pub mod internal {
         pub content: String,
         pub created_at: DateTime<Utc>,
         pub client_msg_id: String,
+        /// The attachments the message carries, in order. The origin links
+        /// them to the message in the same transaction.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub attachment_ids: Vec<Uuid>,
+    }
+
+    /// `POST /internal/v1/attachments`: the edge reserves an upload before a
+    /// byte reaches the bucket, so the bucket never holds an object the
+    /// database does not know. The origin checks membership, the kind's
+    /// size limit and the uploader's daily quota, and answers 201
+    /// [`Reserved`] or a typed error (403 `not_member`, 413 `too_large` /
+    /// `quota_exceeded`) the edge passes on.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ReserveAttachment {
+        pub conversation_id: i64,
+        pub uploader_id: i64,
+        pub kind: crate::media::MediaKind,
+        pub mime: String,
+        /// The upload's declared length (`Content-Length`), which the edge
+        /// enforces while streaming.
+        pub size: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub name: Option<String>,
+        /// The recorder's own measure of a voice message, used when the
+        /// container does not say (MediaRecorder's WebM has no duration).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub duration_ms: Option<i64>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Reserved {
+        pub id: Uuid,
+    }
+
+    /// `POST /internal/v1/attachments/{id}/commit`: the object is in the
+    /// bucket. The origin answers 200 with the [`crate::media::AttachmentMeta`]
+    /// and queues processing. `DELETE /internal/v1/attachments/{id}` drops
+    /// a reservation whose upload failed.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct CommitAttachment {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub width: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub height: Option<i32>,
+    }
+
+    /// Edge `POST /api/v1/internal/rooms/{id}/attachments/reap`: the
+    /// origin's cleanup offers uploads it holds as unsent for a day. The
+    /// room refuses to attach them from now on, deletes their objects from
+    /// the bucket, and answers which ones it let go (those not attached to
+    /// a message, including ones it never heard of); the origin deletes
+    /// exactly those rows.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ReapAttachments {
+        pub ids: Vec<Uuid>,
+    }
+
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Reaped {
+        pub reaped: Vec<Uuid>,
     }
 
     /// `POST /internal/v1/messages/batch`
@@ -393,7 +470,8 @@ mod tests {
             ClientFrame::Message {
                 conversation_id: 1,
                 content: "Hello!".into(),
-                client_msg_id: Some("abc".into())
+                client_msg_id: Some("abc".into()),
+                attachment_ids: Vec::new(),
             }
         );
         let f: ClientFrame =

@@ -870,6 +870,7 @@ mod tests {
                 status: crate::protocol::MessageStatus::Sent,
                 created_at: at(T0),
                 client_msg_id: format!("k{seq}"),
+                attachments: Vec::new(),
             },
         }
     }

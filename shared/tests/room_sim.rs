@@ -242,6 +242,7 @@ impl World {
             | ServerFrame::ConversationUpdated { .. }
             | ServerFrame::ConversationChanged { .. }
             | ServerFrame::ConversationRemoved { .. }
+            | ServerFrame::AttachmentUpdated { .. }
             | ServerFrame::Resumed { .. } => {}
         }
     }

@@ -69,8 +69,8 @@ pub use driver::{Driver, Recipients, WriteFailed, drain};
 pub use outbox::OutboxConfig;
 pub use rate::cost;
 pub use storage::{
-    Claim, Context, KnownKey, Restore, RestoreError, RoomStorage, StorageFailed, StoredWatermark,
-    Verified,
+    Claim, Context, KnownKey, PendingAttachment, Restore, RestoreError, RoomStorage, StorageFailed,
+    StoredWatermark, Verified,
 };
 pub use window::BatchId;
 
@@ -85,6 +85,7 @@ pub use crate::conn::{ConnId, Millis};
 use crate::auth::AuthError;
 use crate::bucket::Rate;
 use crate::domain::{ClientMsgId, DomainError, MAX_FRAME_BYTES, MessageContent};
+use crate::media::{AttachmentMeta, AttachmentView, MAX_ATTACHMENTS_PER_MESSAGE, MediaKind};
 use crate::protocol::internal::{ConversationNotice, ReceiptUpdate, StoredMessage};
 use crate::protocol::{ClientFrame, MessagePreview, MessageView, ServerFrame, preview_text};
 use crate::receipts::{Watermark, status_of};
@@ -176,6 +177,20 @@ impl RoomConfig {
     }
 }
 
+/// How long after its upload an attachment may still be sent. The
+/// origin's cleanup reaps unsent uploads after a day; the room refuses
+/// them an hour earlier, and the reap itself asks the room (which refuses
+/// from then on), so a message can never carry a deleted object.
+pub const ATTACHMENT_SEND_WINDOW_MS: i64 = 23 * 3_600_000;
+
+/// A message a member sends: text, attachments, or both.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Draft {
+    pub content: String,
+    pub client_msg_id: Option<String>,
+    pub attachment_ids: Vec<Uuid>,
+}
+
 /// A message as the room stores it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -187,6 +202,8 @@ pub struct Record {
     pub client_msg_id: String,
     /// Confirmed stored by the origin.
     pub flushed: bool,
+    /// In the order the sender listed them.
+    pub attachments: Vec<AttachmentMeta>,
 }
 
 impl Record {
@@ -203,7 +220,32 @@ impl Record {
             content: self.content.clone(),
             created_at: self.created_at(),
             client_msg_id: self.client_msg_id.clone(),
+            attachment_ids: self.attachments.iter().map(|a| a.id).collect(),
         }
+    }
+
+    /// The short text for lists and notices: the content, or what the
+    /// message carries when it has none.
+    pub fn preview(&self) -> String {
+        if !self.content.trim().is_empty() || self.attachments.is_empty() {
+            return preview_text(&self.content);
+        }
+        attachment_summary(&self.attachments)
+    }
+}
+
+/// "Photo", "Voice message", "3 attachments": a message without text in a
+/// list or a notification.
+pub fn attachment_summary(attachments: &[AttachmentMeta]) -> String {
+    match attachments {
+        [] => String::new(),
+        [one] => match one.kind {
+            MediaKind::Image => "📷 Photo".to_owned(),
+            MediaKind::Video => "🎬 Video".to_owned(),
+            MediaKind::Audio => "🎤 Voice message".to_owned(),
+            MediaKind::File => format!("📄 {}", one.name.as_deref().unwrap_or("File")),
+        },
+        many => format!("📎 {} attachments", many.len()),
     }
 }
 
@@ -293,6 +335,9 @@ pub enum RoomError {
     Storage,
     #[error("{0}")]
     Auth(AuthError),
+    /// An `attachment_ids` entry the room cannot attach.
+    #[error("{0}")]
+    Attachment(String),
     #[error("the token is for another user")]
     AuthWrongUser,
 }
@@ -311,6 +356,7 @@ impl RoomError {
             RoomError::Storage => "storage_unavailable",
             RoomError::Auth(e) => e.code(),
             RoomError::AuthWrongUser => "invalid_token",
+            RoomError::Attachment(_) => "invalid_attachment",
         }
     }
 
@@ -320,9 +366,10 @@ impl RoomError {
             RoomError::NotMember => 403,
             RoomError::Malformed(_) => 400,
             RoomError::FrameTooLarge | RoomError::Invalid(DomainError::TooLong { .. }) => 413,
-            RoomError::WrongConversation(_) | RoomError::UnknownType(_) | RoomError::Invalid(_) => {
-                422
-            }
+            RoomError::WrongConversation(_)
+            | RoomError::UnknownType(_)
+            | RoomError::Invalid(_)
+            | RoomError::Attachment(_) => 422,
             RoomError::RateLimited { .. } => 429,
             RoomError::Backpressure | RoomError::Storage => 503,
             RoomError::Auth(_) | RoomError::AuthWrongUser => 401,
@@ -718,8 +765,14 @@ impl Room {
                 conversation_id,
                 content,
                 client_msg_id,
+                attachment_ids,
             }) => self.check_conversation(conversation_id).and_then(|()| {
-                self.submit(now, user_id, content, client_msg_id, Some(conn), ctx)
+                let draft = Draft {
+                    content,
+                    client_msg_id,
+                    attachment_ids,
+                };
+                self.submit_draft(now, user_id, draft, Some(conn), ctx)
                     .map(|_| ())
             }),
             Ok(ClientFrame::Typing { conversation_id }) => self
@@ -795,10 +848,44 @@ impl Room {
         ack_to: Option<ConnId>,
         ctx: &impl Context,
     ) -> Result<Sent, RoomError> {
+        let draft = Draft {
+            content,
+            client_msg_id,
+            attachment_ids: Vec::new(),
+        };
+        self.submit_draft(now, user_id, draft, ack_to, ctx)
+    }
+
+    /// [`Room::submit`] for a message that may carry attachments.
+    pub fn submit_draft(
+        &mut self,
+        now: Millis,
+        user_id: i64,
+        draft: Draft,
+        ack_to: Option<ConnId>,
+        ctx: &impl Context,
+    ) -> Result<Sent, RoomError> {
+        let Draft {
+            content,
+            client_msg_id,
+            attachment_ids,
+        } = draft;
         if !self.is_member(user_id) {
             return Err(RoomError::NotMember);
         }
-        let content = MessageContent::parse(content).map_err(RoomError::Invalid)?;
+        if attachment_ids.len() > MAX_ATTACHMENTS_PER_MESSAGE {
+            return Err(RoomError::Attachment(format!(
+                "at most {MAX_ATTACHMENTS_PER_MESSAGE} attachments per message"
+            )));
+        }
+        // Text is optional only next to an attachment.
+        let content = if attachment_ids.is_empty() || !content.trim().is_empty() {
+            MessageContent::parse(content)
+                .map_err(RoomError::Invalid)?
+                .into_inner()
+        } else {
+            String::new()
+        };
         let key = match client_msg_id {
             Some(k) => Some(ClientMsgId::parse(k).map_err(RoomError::Invalid)?),
             None => None,
@@ -814,6 +901,7 @@ impl Room {
         if self.window.unflushed() >= self.config.max_unflushed {
             return Err(RoomError::Backpressure);
         }
+        let attachments = self.check_attachments(now, user_id, &attachment_ids, ctx)?;
 
         let seq = self.last_seq() + 1;
         let id = self.next_id(now);
@@ -842,10 +930,11 @@ impl Room {
             id,
             seq,
             sender_id: user_id,
-            content: content.into_inner(),
+            content,
             created_at_ms,
             client_msg_id: client_msg_id.clone(),
             flushed: false,
+            attachments,
         };
         self.keys.remember(user_id, client_msg_id, candidate);
         self.outbox.waiting(now);
@@ -885,6 +974,67 @@ impl Room {
         let everyone: Vec<i64> = self.members.ids().collect();
         self.want_notify(now, everyone);
         Ok(Sent::New(message))
+    }
+
+    /// The attachments a new message names: each registered with this room,
+    /// uploaded by the sender, not yet sent, and young enough that the
+    /// origin's cleanup (a day after upload) cannot take it before the
+    /// message is flushed. Checked before the key is claimed, so a refusal
+    /// leaves nothing behind.
+    fn check_attachments(
+        &self,
+        now: Millis,
+        user_id: i64,
+        ids: &[Uuid],
+        ctx: &impl Context,
+    ) -> Result<Vec<AttachmentMeta>, RoomError> {
+        let mut out: Vec<AttachmentMeta> = Vec::with_capacity(ids.len());
+        for &id in ids {
+            if out.iter().any(|a| a.id == id) {
+                return Err(RoomError::Attachment(format!(
+                    "attachment {id} is listed twice"
+                )));
+            }
+            let pending = ctx
+                .attachment(id)
+                .map_err(|StorageFailed| RoomError::Storage)?
+                .filter(|p| {
+                    p.meta.uploader_id == user_id && p.meta.conversation_id == self.conversation_id
+                })
+                .ok_or_else(|| {
+                    RoomError::Attachment(format!(
+                        "attachment {id} is not one you uploaded to this conversation"
+                    ))
+                })?;
+            if pending.seq.is_some() {
+                return Err(RoomError::Attachment(format!(
+                    "attachment {id} was already sent"
+                )));
+            }
+            let age = i64::try_from(now).unwrap_or(i64::MAX) - pending.registered_at_ms;
+            if age > ATTACHMENT_SEND_WINDOW_MS {
+                return Err(RoomError::Attachment(format!(
+                    "attachment {id} was uploaded too long ago; upload it again"
+                )));
+            }
+            out.push(pending.meta);
+        }
+        Ok(out)
+    }
+
+    /// The origin finished (or failed) processing an attachment: messages
+    /// in the window that carry it show the new state from now on, and
+    /// every member hears of it. Returns the seqs of the window's messages
+    /// that changed, for the driver's log.
+    pub fn update_attachment(&mut self, meta: AttachmentMeta) -> Vec<i64> {
+        let changed = self.window.update_attachment(&meta);
+        self.send(
+            Target::All,
+            ServerFrame::AttachmentUpdated {
+                attachment: AttachmentView::unsigned(meta),
+            },
+        );
+        changed
     }
 
     /// A resend of a stored message: the original, and its ack again.
@@ -971,7 +1121,7 @@ impl Room {
             id: r.id,
             seq: r.seq,
             sender_id: r.sender_id,
-            content: preview_text(&r.content),
+            content: r.preview(),
             created_at: r.created_at(),
         });
         let seq = self.last_seq();
@@ -1186,6 +1336,12 @@ impl Room {
             status: status_of(r.seq, r.sender_id, members),
             created_at: r.created_at(),
             client_msg_id: r.client_msg_id.clone(),
+            attachments: r
+                .attachments
+                .iter()
+                .cloned()
+                .map(AttachmentView::unsigned)
+                .collect(),
         }
     }
 
@@ -1199,7 +1355,10 @@ impl Room {
     fn send(&mut self, to: Target, frame: ServerFrame) {
         let forward = matches!(
             frame,
-            ServerFrame::Message { .. } | ServerFrame::Typing { .. } | ServerFrame::Receipt { .. }
+            ServerFrame::Message { .. }
+                | ServerFrame::Typing { .. }
+                | ServerFrame::Receipt { .. }
+                | ServerFrame::AttachmentUpdated { .. }
         );
         let users = if forward {
             self.forward_to(to)
@@ -1596,9 +1755,11 @@ mod tests {
             ("{nope".to_owned(), "invalid_json"),
             ("[1,2]".to_owned(), "invalid_json"),
             (r#"{"type":"dance"}"#.to_owned(), "unknown_type"),
+            // Content may be left out next to attachments; without them
+            // a missing content is an empty one.
             (
                 r#"{"type":"message","conversation_id":1}"#.to_owned(),
-                "invalid_field",
+                "empty_field",
             ),
             (
                 r#"{"type":"read","conversation_id":2,"seq":1}"#.to_owned(),
@@ -2149,5 +2310,142 @@ mod tests {
         let read = notices(&outputs(&mut room));
         assert_eq!(read.len(), 1);
         assert_eq!(read[0].recipients, vec![(3, 0)]);
+    }
+
+    // ---- attachments ------------------------------------------------------
+
+    /// A context whose storage knows some uploads.
+    struct Uploads(Vec<PendingAttachment>);
+
+    impl Context for Uploads {
+        fn claim_key(&self, _: i64, _: &str, _: KnownKey) -> Result<Claim, StorageFailed> {
+            Ok(Claim::Claimed)
+        }
+        fn verify_token(&self, _: &str, _: Millis) -> Result<Verified, AuthError> {
+            Err(AuthError::Invalid)
+        }
+        fn attachment(&self, id: Uuid) -> Result<Option<PendingAttachment>, StorageFailed> {
+            Ok(self.0.iter().find(|p| p.meta.id == id).cloned())
+        }
+    }
+
+    fn upload(n: u128, uploader: i64, seq: Option<i64>, age_ms: i64) -> PendingAttachment {
+        PendingAttachment {
+            meta: AttachmentMeta {
+                id: Uuid::from_u128(n),
+                conversation_id: 1,
+                uploader_id: uploader,
+                kind: MediaKind::Image,
+                mime: "image/jpeg".into(),
+                size: 1_000,
+                name: None,
+                width: Some(4),
+                height: Some(3),
+                duration_ms: None,
+                status: crate::media::AttachmentStatus::Processing,
+                has_thumbnail: false,
+            },
+            registered_at_ms: i64::try_from(T0).expect("ms") - age_ms,
+            seq,
+        }
+    }
+
+    fn draft(content: &str, ids: &[u128]) -> Draft {
+        Draft {
+            content: content.into(),
+            client_msg_id: Some(format!("k{}", ids.len())),
+            attachment_ids: ids.iter().map(|&n| Uuid::from_u128(n)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_message_carries_its_senders_uploads_into_storage_and_the_broadcast() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2]);
+        let ctx = Uploads(vec![upload(10, 1, None, 0), upload(11, 1, None, 0)]);
+        let sent = room
+            .submit_draft(T0, 1, draft("", &[11, 10]), None, &ctx)
+            .expect("sent");
+        let Sent::New(view) = sent else {
+            panic!("not new: {sent:?}")
+        };
+        assert_eq!(view.content, "");
+        let ids: Vec<Uuid> = view.attachments.iter().map(|a| a.meta.id).collect();
+        assert_eq!(ids, vec![Uuid::from_u128(11), Uuid::from_u128(10)]);
+        let outs = outputs(&mut room);
+        let stored = outs
+            .iter()
+            .find_map(|o| match o {
+                Output::Store(r) => Some(r.clone()),
+                _ => None,
+            })
+            .expect("stored");
+        assert_eq!(stored.attachments.len(), 2);
+        assert_eq!(
+            stored.to_stored(1).attachment_ids,
+            vec![Uuid::from_u128(11), Uuid::from_u128(10)]
+        );
+        assert_eq!(stored.preview(), "📎 2 attachments");
+        assert!(outs.iter().any(|o| matches!(
+            o,
+            Output::Send { to: Target::All, frame: ServerFrame::Message { message } }
+                if message.attachments.len() == 2
+        )));
+    }
+
+    #[test]
+    fn attachments_a_sender_may_not_send_are_refused_before_anything_is_stored() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2]);
+        let ctx = Uploads(vec![
+            upload(10, 2, None, 0),                             // someone else's
+            upload(11, 1, Some(4), 0),                          // already sent
+            upload(12, 1, None, ATTACHMENT_SEND_WINDOW_MS + 1), // too old
+            upload(13, 1, None, 0),                             // fine
+        ]);
+        for ids in [&[10][..], &[11], &[12], &[99], &[13, 13]] {
+            let r = room.submit_draft(T0, 1, draft("x", ids), None, &ctx);
+            assert!(matches!(r, Err(RoomError::Attachment(_))), "{ids:?}: {r:?}");
+        }
+        let too_many: Vec<u128> = (100..111).collect();
+        assert!(matches!(
+            room.submit_draft(T0, 1, draft("x", &too_many), None, &ctx),
+            Err(RoomError::Attachment(_))
+        ));
+        assert_eq!(RoomError::Attachment(String::new()).http_status(), 422);
+        assert!(
+            !outputs(&mut room)
+                .iter()
+                .any(|o| matches!(o, Output::Store(_))),
+            "a refusal stores nothing"
+        );
+        assert_eq!(room.last_seq(), 0);
+        // Text stays required without attachments.
+        assert!(matches!(
+            room.submit_draft(T0, 1, draft(" ", &[]), None, &ctx),
+            Err(RoomError::Invalid(_))
+        ));
+        assert!(
+            room.submit_draft(T0, 1, draft("", &[13]), None, &ctx)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_processed_attachment_updates_held_messages_and_reaches_everyone() {
+        let mut room = room_with(RoomConfig::default(), &[1, 2]);
+        let ctx = Uploads(vec![upload(10, 1, None, 0)]);
+        room.submit_draft(T0, 1, draft("look", &[10]), None, &ctx)
+            .expect("sent");
+        outputs(&mut room);
+        let mut ready = upload(10, 1, None, 0).meta;
+        ready.status = crate::media::AttachmentStatus::Ready;
+        ready.has_thumbnail = true;
+        assert_eq!(room.update_attachment(ready.clone()), vec![1]);
+        let held = room.message(1).expect("held");
+        assert_eq!(held.attachments[0].meta, ready);
+        assert!(outputs(&mut room).iter().any(|o| matches!(
+            o,
+            Output::Send { to: Target::All, frame: ServerFrame::AttachmentUpdated { attachment } }
+                if attachment.meta == ready
+        )));
     }
 }

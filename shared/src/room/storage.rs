@@ -83,6 +83,23 @@ pub trait Context {
 
     /// Verifies a session token a client sends to renew its connection.
     fn verify_token(&self, token: &str, now: Millis) -> Result<Verified, crate::auth::AuthError>;
+
+    /// An upload registered with this room (`None` if the room never heard
+    /// of it, or it was reaped). The default knows none, for contexts
+    /// that never see attachments.
+    fn attachment(&self, _id: Uuid) -> Result<Option<PendingAttachment>, StorageFailed> {
+        Ok(None)
+    }
+}
+
+/// An upload as the room knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingAttachment {
+    pub meta: crate::media::AttachmentMeta,
+    /// When the edge registered it.
+    pub registered_at_ms: i64,
+    /// The message that carries it, once sent.
+    pub seq: Option<i64>,
 }
 
 /// Reads a room needs when it is rebuilt.
@@ -191,6 +208,7 @@ mod tests {
             created_at_ms: 0,
             client_msg_id: format!("k{seq}"),
             flushed,
+            attachments: Vec::new(),
         }
     }
 

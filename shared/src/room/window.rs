@@ -105,6 +105,24 @@ impl Window {
         self.entries.get(idx).map(|e| &e.record)
     }
 
+    /// Replaces an attachment's metadata in every held message that carries
+    /// it; returns their seqs. A scan: updates are rare (one per upload) and
+    /// the window is bounded.
+    pub fn update_attachment(&mut self, meta: &crate::media::AttachmentMeta) -> Vec<i64> {
+        let mut seqs = Vec::new();
+        for e in &mut self.entries {
+            let mut hit = false;
+            for a in e.record.attachments.iter_mut().filter(|a| a.id == meta.id) {
+                *a = meta.clone();
+                hit = true;
+            }
+            if hit {
+                seqs.push(e.record.seq);
+            }
+        }
+        seqs
+    }
+
     /// Appends the next message (its seq must be `last_seq + 1`, or any seq
     /// past it when restoring).
     pub fn push(&mut self, record: Record) {
@@ -258,6 +276,7 @@ mod tests {
             created_at_ms: 0,
             client_msg_id: format!("k{seq}"),
             flushed: false,
+            attachments: Vec::new(),
         }
     }
 
