@@ -304,8 +304,78 @@ export class Api {
     const body = conversationId ? { conversation_id: conversationId } : undefined;
     return this.request('POST', '/api/v1/chat/ws-ticket', body);
   }
-  postMessage(id, content, clientMsgId) {
-    return this.request('POST', `/api/v1/chat/conversations/${id}/messages`, { content, client_msg_id: clientMsgId });
+  postMessage(id, content, clientMsgId, attachmentIds = []) {
+    const body = { content, client_msg_id: clientMsgId };
+    if (attachmentIds.length) body.attachment_ids = attachmentIds;
+    return this.request('POST', `/api/v1/chat/conversations/${id}/messages`, body);
+  }
+
+  /**
+   * Uploads one file to a conversation: the raw bytes as the body (a Blob,
+   * so the browser sends its Content-Length, which the edge needs). Over
+   * XMLHttpRequest, because fetch reports no upload progress.
+   * `onProgress(loaded, total)`; returns `{ done, abort }`: `done` resolves
+   * to the attachment, or rejects with an ApiError (code 'aborted' after
+   * `abort()`). An expired token is refreshed once and the upload retried.
+   */
+  upload(conversationId, file, { name, durationMs, onProgress } = {}) {
+    let xhr = null;
+    let aborted = false;
+    const params = new URLSearchParams();
+    if (name) params.set('name', name);
+    if (durationMs != null) params.set('duration_ms', String(Math.round(durationMs)));
+    const url = `${this.base}/api/v1/chat/conversations/${conversationId}/attachments?${params}`;
+    const once = () =>
+      new Promise((resolve, reject) => {
+        xhr = new XMLHttpRequest();
+        xhr.open('POST', url);
+        xhr.setRequestHeader('accept', 'application/json');
+        if (this.token) xhr.setRequestHeader('authorization', `Bearer ${this.token}`);
+        // Only says "audio" or "video" for a WebM or MP4: the server sniffs the bytes.
+        xhr.setRequestHeader('content-type', file.type || 'application/octet-stream');
+        xhr.upload.onprogress = (e) => onProgress?.(e.loaded, e.lengthComputable ? e.total : file.size);
+        xhr.onload = () => {
+          const data = safeJson(xhr.responseText);
+          if (xhr.status >= 200 && xhr.status < 300 && data) resolve(data);
+          else reject(new ApiError(xhr.status, data?.code ?? `http_${xhr.status}`, data?.message ?? uploadError(xhr.status)));
+        };
+        xhr.onerror = () => reject(new ApiError(0, 'network', 'The upload was interrupted: the chat server cannot be reached.'));
+        xhr.onabort = () => reject(new ApiError(0, 'aborted', 'Cancelled.'));
+        xhr.send(file);
+      });
+    const done = (async () => {
+      if (this.session && stale(this.session)) await this.refresh().catch(() => {});
+      try {
+        return await once();
+      } catch (e) {
+        if (aborted || e.status !== 401 || !(this.session?.refresh_token || this.host)) throw e;
+        await this.refresh();
+        if (aborted) throw new ApiError(0, 'aborted', 'Cancelled.');
+        return once();
+      }
+    })();
+    return {
+      done,
+      abort: () => {
+        aborted = true;
+        xhr?.abort();
+      },
+    };
+  }
+  /** One attachment with freshly signed links (the old ones expired). */
+  attachment(conversationId, attachmentId) {
+    return this.request('GET', `/api/v1/chat/conversations/${conversationId}/attachments/${attachmentId}`);
+  }
+  /** A page of a conversation's attachments of one kind, newest first. */
+  gallery(conversationId, kind, cursor = null, limit = 30) {
+    const params = new URLSearchParams({ kind, limit: String(limit) });
+    if (cursor) params.set('cursor', cursor);
+    return this.request('GET', `/api/v1/chat/conversations/${conversationId}/attachments?${params}`);
+  }
+  /** An absolute URL for a signed media path (relative to the edge). */
+  mediaUrl(path) {
+    if (!path) return null;
+    return /^https?:/.test(path) ? path : this.url(path);
   }
   postTyping(id) {
     return this.request('POST', `/api/v1/chat/conversations/${id}/typing`, {});
@@ -322,6 +392,16 @@ export class Api {
   url(path) {
     return (this.base || window.location.origin) + path;
   }
+}
+
+/** What to say when an upload's refusal carries no message of its own. */
+function uploadError(status) {
+  if (status === 413) return 'The file is too large.';
+  if (status === 415) return 'This type of file can’t be sent.';
+  if (status === 422) return 'The file is damaged or incomplete.';
+  if (status === 403) return 'You can’t send files to this conversation.';
+  if (status >= 500 || status === 0) return 'The upload failed: the chat server is unavailable. Try again.';
+  return `The upload failed (${status}).`;
 }
 
 function stale(session) {

@@ -4,12 +4,17 @@
 // always offers a way forward: a retry for a failed load or catch-up, a
 // clear state for a removed member, a jump to the latest messages.
 
-import { readTarget, timeLabel, firstName } from './state.js';
-import { avatar, button, el, hidden, linkedText, presenceDot, reconcile, downIcon } from './dom.js';
+import { ACCEPT_ATTRIBUTE, formatDuration, readTarget, timeLabel, firstName } from './state.js';
+import { attachIcon, avatar, button, el, hidden, linkedText, micIcon, presenceDot, reconcile, downIcon, sendIcon, trashIcon } from './dom.js';
+import { TrayView, VoiceRecorder, attachmentsBlock, patchAttachments } from './media-view.js';
 
 /** Within this many pixels of the bottom, the reader is "at the latest". */
 const AT_END_PX = 60;
 const TYPING_SEND_EVERY_MS = 2_000;
+/** A press on the mic held at least this long records until released; a shorter one is a tap (tap again to send). */
+const HOLD_MS = 400;
+/** A recording shorter than this is a slip, not a message. */
+const MIN_VOICE_MS = 500;
 
 export class ChatView {
   /**
@@ -18,10 +23,15 @@ export class ChatView {
    * @param {(userId: number) => string} o.nameOf
    * @param {(userId: number) => boolean} o.isOnline
    * @param {() => boolean} o.canSee the panel is open and the tab visible
-   * @param {object} o.actions send, retrySend, loadOlder, retryLoad, retryGap, typing, read, back, draft
+   * @param {object} o.actions send, retrySend, loadOlder, retryLoad, retryGap, typing, read, back, draft,
+   *   attach(files), cancelUpload(key), retryUpload(key), removeUpload(key), sendVoice(recording), error(message)
+   * @param {import('./state.js').UploadTray} o.tray the files chosen for the next message
+   * @param {import('./media-view.js').Media} o.media how attachments load and open
    */
-  constructor({ model, nameOf, isOnline, canSee, actions, draft }) {
+  constructor({ model, nameOf, isOnline, canSee, actions, draft, tray, media, previewOf }) {
     this.model = model;
+    this.tray = tray;
+    this.media = media;
     this.nameOf = nameOf;
     this.isOnline = isOnline;
     this.canSee = canSee;
@@ -37,10 +47,19 @@ export class ChatView {
     this.scroller = el('ol', { class: 'vc-messages', 'aria-label': 'Messages', tabindex: '0' });
     this.jump = button('', { class: 'vc-jump', hidden: true }, () => this.scrollToEnd(true));
     this.typingSlot = el('p', { class: 'vc-typing', 'aria-live': 'polite' });
-    this.composer = this.buildComposer(draft);
+    this.trayView = new TrayView({
+      actions: { cancel: (k) => this.actions.cancelUpload(k), retry: (k) => this.actions.retryUpload(k), remove: (k) => this.actions.removeUpload(k) },
+      preview: previewOf,
+    });
+    this.hint = el('p', { class: 'vc-send-hint', 'aria-live': 'polite' });
+    this.composer = el('div', { class: 'vc-composer' });
+    this.composer.append(this.trayView.element, this.hint, this.buildComposer(draft));
     const body = el('div', { class: 'vc-scroll-area' });
-    body.append(this.scroller, this.jump);
+    this.dropZone = el('div', { class: 'vc-drop', 'aria-hidden': 'true' }, 'Drop files to attach');
+    body.append(this.scroller, this.jump, this.dropZone);
     this.element.append(this.subtitle, this.banner, body, this.typingSlot, this.composer);
+    this.watchDrops();
+    this.renderTray();
 
     this.scroller.addEventListener('scroll', () => this.onScroll(), { passive: true });
     this.observer = new IntersectionObserver((entries) => this.onIntersect(entries), {
@@ -51,6 +70,7 @@ export class ChatView {
 
   destroy() {
     this.observer.disconnect();
+    this.cancelRecording();
   }
 
   buildComposer(draft) {
@@ -58,9 +78,37 @@ export class ChatView {
     const input = el('textarea', { rows: '1', 'aria-label': 'Message', placeholder: 'Write a message…', maxlength: '4000' });
     input.value = draft ?? '';
     const send = el('button', { type: 'submit', class: 'vc-primary' }, 'Send');
-    send.disabled = input.value.trim() === '';
+    this.sendButton = send;
+    this.input = input;
+    // Files: a chooser behind the paperclip, a drop on the chat, a paste.
+    const picker = el('input', { type: 'file', multiple: true, accept: ACCEPT_ATTRIBUTE, hidden: true, tabindex: '-1' });
+    picker.addEventListener('change', () => {
+      if (picker.files.length) this.actions.attach([...picker.files]);
+      picker.value = '';
+    });
+    const attach = button(null, { class: 'vc-icon vc-attach', 'aria-label': 'Attach files' }, () => picker.click());
+    attach.append(attachIcon());
+    input.addEventListener('paste', (e) => {
+      const files = [...(e.clipboardData?.files ?? [])];
+      if (!files.length) return;
+      // A copied image: attach it (the text of a copied file name is not wanted).
+      e.preventDefault();
+      this.actions.attach(files);
+    });
+    this.mic = button(null, { class: 'vc-icon vc-mic', 'aria-label': 'Record a voice message' });
+    this.mic.append(micIcon());
+    this.mic.hidden = !VoiceRecorder.supported;
+    // A long press on a phone would open the context menu instead of recording.
+    this.mic.addEventListener('contextmenu', (e) => e.preventDefault());
+    this.watchMic();
+    this.recording = el('div', { class: 'vc-rec', hidden: true });
+    this.recTime = el('span', { class: 'vc-rec-time', role: 'timer', 'aria-label': 'Recording time' }, '0:00');
+    const cancelRec = button(null, { class: 'vc-icon vc-rec-cancel', 'aria-label': 'Cancel recording' }, () => this.cancelRecording());
+    cancelRec.append(trashIcon());
+    this.recording.append(cancelRec, el('span', { class: 'vc-rec-dot', 'aria-hidden': 'true' }), el('span', { class: 'vc-rec-label' }, 'Recording'), this.recTime);
+    this.updateSend();
     input.addEventListener('input', () => {
-      send.disabled = input.value.trim() === '';
+      this.updateSend();
       this.actions.draft(input.value);
       const now = Date.now();
       if (input.value && now - this.lastTypingSent > TYPING_SEND_EVERY_MS) {
@@ -77,17 +125,143 @@ export class ChatView {
     form.addEventListener('submit', (e) => {
       e.preventDefault();
       const text = input.value;
-      if (!text.trim() || this.model.status !== 'ready') return;
+      if (!this.tray.sendState(text).ok || this.model.status !== 'ready') return;
       input.value = '';
-      send.disabled = true;
       this.lastTypingSent = 0;
       this.actions.draft('');
       this.actions.send(text);
+      this.updateSend();
       input.focus();
     });
-    form.append(input, send);
-    this.input = input;
+    form.append(attach, picker, input, this.recording, this.mic, send);
+    this.form = form;
     return form;
+  }
+
+  /**
+   * Send goes when there is text or an uploaded file and nothing is still
+   * uploading or failed; the hint beside it says what it waits for.
+   */
+  updateSend() {
+    const state = this.tray.sendState(this.input.value);
+    this.sendButton.disabled = !state.ok;
+    if (this.hint.textContent !== state.why) this.hint.textContent = state.why;
+  }
+
+  /** The tray changed (a file added, progress, done, failed, removed). */
+  renderTray() {
+    this.trayView.render(this.tray);
+    this.updateSend();
+  }
+
+  watchDrops() {
+    const hasFiles = (e) => [...(e.dataTransfer?.types ?? [])].includes('Files');
+    let depth = 0;
+    this.element.addEventListener('dragenter', (e) => {
+      if (!hasFiles(e) || this.model.status !== 'ready') return;
+      depth += 1;
+      this.element.classList.add('vc-dropping');
+    });
+    this.element.addEventListener('dragover', (e) => {
+      if (!hasFiles(e) || this.model.status !== 'ready') return;
+      e.preventDefault();
+      e.dataTransfer.dropEffect = 'copy';
+    });
+    this.element.addEventListener('dragleave', () => {
+      depth = Math.max(0, depth - 1);
+      if (!depth) this.element.classList.remove('vc-dropping');
+    });
+    this.element.addEventListener('drop', (e) => {
+      depth = 0;
+      this.element.classList.remove('vc-dropping');
+      if (!hasFiles(e) || this.model.status !== 'ready') return;
+      e.preventDefault();
+      const files = [...e.dataTransfer.files];
+      if (files.length) this.actions.attach(files);
+    });
+  }
+
+  // ---- voice messages ---------------------------------------------------------
+
+  /**
+   * The mic: hold to record and release to send, or tap to start and tap
+   * (the same button, now "Send voice message") to send; Cancel throws the
+   * recording away. The keyboard taps.
+   */
+  watchMic() {
+    let pressedAt = 0;
+    let fromPointer = false;
+    this.mic.addEventListener('pointerdown', (e) => {
+      if (e.button !== 0 || this.recorder) return;
+      fromPointer = true;
+      pressedAt = performance.now();
+      this.startRecording();
+      const up = () => {
+        // Held: release sends. A tap (or a release before the microphone
+        // was granted) leaves it recording until the next tap.
+        const held = performance.now() - pressedAt >= HOLD_MS;
+        if (held && this.recorder?.startedAt) this.finishRecording();
+      };
+      window.addEventListener('pointerup', up, { once: true });
+    });
+    this.mic.addEventListener('click', () => {
+      if (fromPointer) {
+        // The click that ends the press that started: the press did its part.
+        fromPointer = false;
+        return;
+      }
+      if (this.recorder) this.finishRecording();
+      else this.startRecording();
+    });
+  }
+
+  async startRecording() {
+    if (this.recorder || this.model.status !== 'ready') return;
+    const recorder = new VoiceRecorder();
+    this.recorder = recorder;
+    try {
+      await recorder.start();
+    } catch (e) {
+      if (this.recorder === recorder) this.recorder = null;
+      recorder.release();
+      this.actions.error(e.name === 'NotAllowedError' ? 'The microphone is blocked: allow it in the browser to record voice messages.' : 'The microphone could not be used to record.');
+      return;
+    }
+    if (this.recorder !== recorder) {
+      recorder.cancel(); // cancelled while the microphone was being granted
+      return;
+    }
+    this.showRecording(true);
+    this.recTimer = setInterval(() => (this.recTime.textContent = formatDuration(recorder.elapsed)), 250);
+  }
+
+  async finishRecording() {
+    const recorder = this.recorder;
+    if (!recorder?.startedAt) return;
+    this.recorder = null;
+    this.showRecording(false);
+    if (recorder.elapsed < MIN_VOICE_MS) {
+      recorder.cancel();
+      this.actions.error('Too short: hold the microphone button while you speak, or tap it to start and tap again to send.');
+      return;
+    }
+    this.actions.sendVoice(await recorder.stop());
+  }
+
+  cancelRecording() {
+    const recorder = this.recorder;
+    this.recorder = null;
+    recorder?.cancel();
+    if (this.form) this.showRecording(false);
+  }
+
+  showRecording(on) {
+    clearInterval(this.recTimer);
+    this.form.classList.toggle('vc-recording', on);
+    this.recording.hidden = !on;
+    this.recTime.textContent = '0:00';
+    this.mic.replaceChildren(on ? sendIcon() : micIcon());
+    this.mic.setAttribute('aria-label', on ? 'Send voice message' : 'Record a voice message');
   }
 
   focus() {
@@ -228,6 +402,10 @@ export class ChatView {
     if (item.kind === 'day') return node.textContent === item.label;
     if (item.kind !== 'message' && item.kind !== 'pending') return true;
     if (node.dataset.shape !== shapeOf(item)) return false;
+    // A thumbnail ready, a failure: only that attachment is made again (a
+    // video playing next to it plays on).
+    const atts = item.m ? item.m.attachments : item.attachments;
+    if (atts?.length) patchAttachments(node.querySelector('.vc-atts'), atts, this.media);
     // The text is never touched, so a selection in it survives; only the
     // group edge and the time/status line change.
     const last = node.classList.contains('vc-last');
@@ -266,7 +444,13 @@ export class ChatView {
       if (this.model.isGroup) li.append(el('span', { class: 'vc-sender' }, this.nameOf(sender)));
       else li.append(hidden(`${this.nameOf(sender)}:`));
     }
-    li.append(linkedText(m ? m.content : item.content));
+    const text = m ? m.content : item.content;
+    const atts = (m ? m.attachments : item.attachments) ?? [];
+    if (text || !atts.length) li.append(linkedText(text));
+    if (atts.length) {
+      li.classList.add('vc-has-media');
+      li.append(attachmentsBlock(atts, this.media));
+    }
     // A group's time and status show once, under its last bubble (and
     // wherever a status must be seen); the rest keep it as a tooltip.
     if (showsMeta(item)) li.append(this.meta(item));
@@ -323,7 +507,8 @@ function showsMeta(item) {
 }
 
 function shapeOf(item) {
-  return `${item.kind}|${item.first ? 1 : 0}`;
+  const atts = (item.m ? item.m.attachments : item.attachments) ?? [];
+  return `${item.kind}|${item.first ? 1 : 0}|${atts.length}`;
 }
 
 export function statusLabel(status) {

@@ -20,12 +20,13 @@
 
 import { Api, ApiError } from './api.js';
 import { UserConnection, RoomConnection, TransportChoice } from './realtime.js';
-import { ChatModel, Conversations, Drafts, badgeText, launcherLabel, firstName } from './state.js';
+import { ChatModel, Conversations, Drafts, UploadTray, badgeText, chatMedia, launcherLabel, firstName, messagePreview, precheck } from './state.js';
 import { ChatView } from './chat-view.js';
+import { GalleryView, Lightbox } from './media-view.js';
 import { ConversationsView, GroupSettingsView, NewGroupView, PeopleView, loginView } from './views.js';
 import { ChatNotificationsView, NotificationsView } from './notify-view.js';
 import { Push } from './push.js';
-import { backIcon, bellIcon, button, chatIcon, closeIcon, el, infoIcon } from './dom.js';
+import { backIcon, bellIcon, button, chatIcon, closeIcon, el, galleryIcon, infoIcon } from './dom.js';
 
 const TYPING_SHOW_MS = 5_000;
 /** Pages of older history fetched to reach the first unread message on open. */
@@ -70,6 +71,9 @@ class ChatBox {
     this.chat = null; // { model, view, conn, typing }
     this.transportKind = this.choice.kind;
     this.reloadTimer = null;
+    /** attachment id -> a blob URL of the sender's own image, shown until the server's copy is ready. */
+    this.localMedia = new Map();
+    this.lightbox = null;
     this.build(host, open);
     document.addEventListener('visibilitychange', () => {
       if (!document.hidden) this.chat?.view.checkRead();
@@ -287,6 +291,10 @@ class ChatBox {
         this.scheduleListReload();
         if (this.chat?.model.id === frame.conversation_id) this.refreshChat();
         return;
+      case 'attachment_updated':
+        // Also on the room's connection: applying it twice changes nothing.
+        this.applyAttachment(frame.attachment);
+        return;
       case 'conversation_removed':
         this.conversations.remove(frame.conversation_id);
         this.updateBadge();
@@ -354,6 +362,8 @@ class ChatBox {
   }
 
   frame(title, body, { back = null, tabs = false, extra = [] } = {}) {
+    this.lightbox?.hide();
+    this.closeGallery();
     this.panel.replaceChildren();
     const header = el('header', { class: 'vc-header' });
     if (back) {
@@ -429,9 +439,18 @@ class ChatBox {
     this.view = 'chat';
     sessionStorage.setItem('vibe-chat-open', String(id));
     const model = new ChatModel({ id, me: this.user.id });
-    const chat = { model, conn: null, typing: new Map() };
+    const chat = { model, conn: null, typing: new Map(), tray: new UploadTray(), uploads: new Map() };
+    chat.media = {
+      url: (path) => this.api.mediaUrl(path),
+      localUrl: (attachmentId) => this.localMedia.get(attachmentId) ?? null,
+      resign: (a) => this.resign(chat, a),
+      open: (a, from) => this.openMedia(chat, a, from),
+    };
     chat.view = new ChatView({
       model,
+      tray: chat.tray,
+      media: chat.media,
+      previewOf: (key) => chat.uploads.get(key)?.preview ?? null,
       draft: this.drafts.get(id),
       nameOf: (u) => this.nameOf(u),
       isOnline: (u) => this.online.has(u),
@@ -446,6 +465,12 @@ class ChatBox {
         read: (seq) => this.markRead(chat, seq),
         back: () => this.show('conversations'),
         draft: (text) => this.drafts.set(id, text),
+        attach: (files) => this.attach(chat, files),
+        cancelUpload: (key) => this.removeUpload(chat, key),
+        removeUpload: (key) => this.removeUpload(chat, key),
+        retryUpload: (key) => this.retryUpload(chat, key),
+        sendVoice: (recording) => this.sendVoice(chat, recording),
+        error: (message) => this.flash({ message }),
       },
     });
     this.chat = chat;
@@ -458,6 +483,11 @@ class ChatBox {
     const chat = this.chat;
     this.view = 'chat';
     const extra = [];
+    if (chat.model.status === 'ready') {
+      const media = button(null, { class: 'vc-icon', 'aria-label': 'Photos, videos and files' }, () => this.showGallery());
+      media.append(galleryIcon());
+      extra.push(media);
+    }
     if (chat.model.status === 'ready') {
       const bell = button(null, { class: 'vc-icon', 'aria-label': 'Notification settings' }, () => this.showChatNotifications());
       bell.append(bellIcon());
@@ -564,6 +594,15 @@ class ChatBox {
     if (!this.chat) return;
     this.chat.conn?.stop();
     this.chat.view.destroy();
+    // Uploads for a message that will not be sent from here stop; the
+    // server deletes what was never attached after a day.
+    for (const u of this.chat.uploads.values()) {
+      u.handle?.abort();
+      if (u.preview) URL.revokeObjectURL(u.preview);
+    }
+    for (const url of this.localMedia.values()) URL.revokeObjectURL(url);
+    this.localMedia.clear();
+    this.closeGallery();
     for (const t of this.chat.typing.values()) clearTimeout(t);
     this.chat = null;
     sessionStorage.removeItem('vibe-chat-open');
@@ -582,7 +621,7 @@ class ChatBox {
         chat.view.render(mine ? 'status' : 'incoming');
         if (!mine) {
           chat.view.noteIncoming(1);
-          if (this.canSee()) this.announce(`${firstName(this.nameOf(m.sender_id))}: ${m.content}`);
+          if (this.canSee()) this.announce(`${firstName(this.nameOf(m.sender_id))}: ${messagePreview(m)}`);
         }
         if (this.view === 'conversations') this.refreshView();
         break;
@@ -602,6 +641,9 @@ class ChatBox {
         break;
       case 'resync':
         this.catchUp(chat, frame.from_seq - 1);
+        break;
+      case 'attachment_updated':
+        this.applyAttachment(frame.attachment);
         break;
       case 'error':
         if (frame.code === 'not_member' || frame.code === 'forbidden') this.removedFromChat();
@@ -646,11 +688,149 @@ class ChatBox {
     chat.conn?.start();
   }
 
+  /** Sends the text with every uploaded file in the tray. */
   send(chat, content) {
+    const attachments = chat.tray.takeReady();
+    for (const key of [...chat.uploads.keys()]) if (!chat.tray.get(key)) chat.uploads.delete(key);
+    chat.view.renderTray();
+    this.queueSend(chat, content, attachments);
+  }
+
+  queueSend(chat, content, attachments = []) {
     const id = crypto.randomUUID();
-    chat.model.queue(id, content);
+    chat.model.queue(id, content, undefined, attachments);
     chat.view.render('sent');
     this.trySend(chat, id);
+  }
+
+  // ---- attachments --------------------------------------------------------
+
+  /** Files chosen, dropped or pasted: each goes to the tray and starts uploading. */
+  attach(chat, files) {
+    for (const file of files) {
+      const error = precheck(file);
+      const key = chat.tray.add({ name: file.name, type: file.type, size: file.size, error });
+      if (!key) {
+        this.flash({ message: 'A message can carry at most 10 files: send these first.' });
+        break;
+      }
+      const preview = !error && file.type.startsWith('image/') ? URL.createObjectURL(file) : null;
+      chat.uploads.set(key, { file, preview, handle: null });
+      if (!error) this.startUpload(chat, key);
+    }
+    chat.view.renderTray();
+  }
+
+  async startUpload(chat, key) {
+    const entry = chat.uploads.get(key);
+    const item = chat.tray.get(key);
+    if (!entry || !item) return;
+    const handle = this.api.upload(chat.model.id, entry.file, {
+      name: entry.file.name,
+      durationMs: item.durationMs ?? undefined,
+      onProgress: (loaded, total) => {
+        if (chat.tray.progress(key, loaded, total)) chat.view.renderTray();
+      },
+    });
+    entry.handle = handle;
+    let attachment;
+    try {
+      attachment = await handle.done;
+    } catch (e) {
+      if (e.code === 'aborted') return;
+      if (chat.tray.fail(key, e.message)) chat.view.renderTray();
+      return;
+    }
+    if (!chat.tray.done(key, attachment)) return; // cancelled meanwhile
+    // Until the server has re-encoded the photo, its sender sees their own copy.
+    if (entry.preview && attachment.kind === 'image') this.localMedia.set(attachment.id, entry.preview);
+    if (item.auto) {
+      // A voice message is a message of its own, sent once uploaded.
+      chat.tray.remove(key);
+      chat.uploads.delete(key);
+      this.queueSend(chat, '', [attachment]);
+    }
+    chat.view.renderTray();
+  }
+
+  retryUpload(chat, key) {
+    if (!chat.tray.retry(key)) return;
+    chat.view.renderTray();
+    this.startUpload(chat, key);
+  }
+
+  /** Cancels an upload (aborts it) or takes a file out of the tray. */
+  removeUpload(chat, key) {
+    const entry = chat.uploads.get(key);
+    entry?.handle?.abort();
+    chat.uploads.delete(key);
+    chat.tray.remove(key);
+    if (entry?.preview && ![...this.localMedia.values()].includes(entry.preview)) URL.revokeObjectURL(entry.preview);
+    chat.view.renderTray();
+    chat.view.input.focus();
+  }
+
+  /** A finished recording: uploaded with its measured length, then sent on its own. */
+  sendVoice(chat, { blob, type, durationMs }) {
+    const ext = type.includes('mp4') ? 'm4a' : 'webm';
+    const file = new File([blob], `voice-message.${ext}`, { type });
+    const key = chat.tray.add({ name: file.name, type, size: file.size, durationMs, auto: true });
+    if (!key) {
+      this.flash({ message: 'Send or remove the files waiting first.' });
+      return;
+    }
+    chat.uploads.set(key, { file, preview: null, handle: null });
+    chat.view.renderTray();
+    this.startUpload(chat, key);
+  }
+
+  /** An attachment changed (processing done, failed, or fresh links): every view showing it follows. */
+  applyAttachment(a) {
+    const chat = this.chat;
+    if (!a || !chat || chat.model.id !== a.conversation_id) return;
+    if (chat.model.updateAttachment(a).length) chat.view.render('status');
+    this.lightbox?.updateAttachment(a);
+    this.gallery?.updateAttachment(a);
+  }
+
+  /** Fresh signed links for an attachment whose link failed (expired). */
+  async resign(chat, a) {
+    try {
+      const fresh = await this.api.attachment(a.conversation_id ?? chat.model.id, a.id);
+      if (this.chat === chat) this.applyAttachment(fresh);
+      return fresh;
+    } catch {
+      return null;
+    }
+  }
+
+  /** A photo or video full size, with the chat's others a step away. */
+  openMedia(chat, a, from) {
+    let items = chatMedia(chat.model);
+    let index = items.findIndex((x) => x.id === a.id);
+    if (index < 0) {
+      items = [a]; // a send not yet stored
+      index = 0;
+    }
+    this.lightbox?.hide();
+    this.lightbox = new Lightbox({ items, index, media: chat.media, onClose: () => (this.lightbox = null) });
+    this.lightbox.show(this.panel, from);
+  }
+
+  showGallery() {
+    const chat = this.chat;
+    if (!chat) return;
+    this.view = 'gallery';
+    const gallery = new GalleryView({ api: this.api, conversationId: chat.model.id, media: chat.media });
+    this.current = gallery;
+    this.frame(`${chat.model.title()} · Media`, gallery.element, { back: ['Back to the chat', () => this.showChat()] });
+    this.gallery = gallery;
+    this.panel.querySelector('.vc-gallery .vc-tab[aria-selected="true"]')?.focus();
+  }
+
+  closeGallery() {
+    this.gallery?.destroy();
+    this.gallery = null;
   }
 
   retrySend(chat, id) {
@@ -663,7 +843,7 @@ class ChatBox {
     const p = chat.model.pending.get(id);
     if (!p || !chat.conn || p.state === 'acked') return;
     try {
-      await chat.conn.sendMessage(p.content, id); // false: goes out on reconnect
+      await chat.conn.sendMessage(p.content, id, (p.attachments ?? []).map((a) => a.id)); // false: goes out on reconnect
     } catch (e) {
       if (e.status === 403) {
         this.removedFromChat();

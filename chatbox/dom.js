@@ -112,3 +112,18 @@ export const infoIcon = () =>
 export const downIcon = () => icon('M12 16.6 5.4 10 6.8 8.6l5.2 5.2 5.2-5.2 1.4 1.4z', 18);
 export const bellIcon = () =>
   icon('M12 22a2 2 0 0 0 2-2h-4a2 2 0 0 0 2 2zm6-6V11a6 6 0 0 0-5-5.9V4a1 1 0 1 0-2 0v1.1A6 6 0 0 0 6 11v5l-2 2v1h16v-1l-2-2z', 22);
+export const attachIcon = () =>
+  icon('M16.5 6v11.5a4 4 0 0 1-8 0V5a2.5 2.5 0 0 1 5 0v10.5a1 1 0 0 1-2 0V6H10v9.5a2.5 2.5 0 0 0 5 0V5a4 4 0 0 0-8 0v12.5a5.5 5.5 0 0 0 11 0V6z', 22);
+export const micIcon = () =>
+  icon('M12 14a3 3 0 0 0 3-3V5a3 3 0 0 0-6 0v6a3 3 0 0 0 3 3zm5.3-3c0 3-2.5 5.1-5.3 5.1S6.7 14 6.7 11H5c0 3.4 2.7 6.2 6 6.7V21h2v-3.3c3.3-.5 6-3.3 6-6.7z', 22);
+export const sendIcon = () => icon('M2 21 23 12 2 3v7l15 2-15 2z', 22);
+export const trashIcon = () => icon('M6 19a2 2 0 0 0 2 2h8a2 2 0 0 0 2-2V7H6zM19 4h-3.5l-1-1h-5l-1 1H5v2h14z', 22);
+export const galleryIcon = () =>
+  icon('M22 16V4a2 2 0 0 0-2-2H8a2 2 0 0 0-2 2v12a2 2 0 0 0 2 2h12a2 2 0 0 0 2-2zm-11-4 2 2.7 3-3.7 4 5H8zM2 6v14a2 2 0 0 0 2 2h14v-2H4V6z', 22);
+export const playIcon = () => icon('M8 5v14l11-7z', 22);
+export const pauseIcon = () => icon('M6 19h4V5H6zm8-14v14h4V5z', 22);
+export const fileIcon = () =>
+  icon('M14 2H6a2 2 0 0 0-2 2v16a2 2 0 0 0 2 2h12a2 2 0 0 0 2-2V8zm2 16H8v-2h8zm0-4H8v-2h8zm-3-5V3.5L18.5 9z', 28);
+export const prevIcon = () => icon('M15.4 7.4 14 6l-6 6 6 6 1.4-1.4-4.6-4.6z', 28);
+export const nextIcon = () => icon('M10 6 8.6 7.4l4.6 4.6-4.6 4.6L10 18l6-6z', 28);
+export const downloadIcon = () => icon('M19 9h-4V3H9v6H5l7 7zM5 18v2h14v-2z', 22);

@@ -296,11 +296,12 @@ export class RoomConnection extends Connection {
    * the ack arrives as a frame; over SSE the POST's answer is the ack.
    * Throws an ApiError for a refusal the user must see.
    */
-  async sendMessage(content, clientMsgId) {
+  async sendMessage(content, clientMsgId, attachmentIds = []) {
     const frame = { type: 'message', conversation_id: this.conversationId, content, client_msg_id: clientMsgId };
+    if (attachmentIds.length) frame.attachment_ids = attachmentIds;
     if (this.choice.kind === 'ws') return this.sendWs(frame);
     try {
-      const message = await this.api.postMessage(this.conversationId, content, clientMsgId);
+      const message = await this.api.postMessage(this.conversationId, content, clientMsgId, attachmentIds);
       this.onFrame({ type: 'ack', client_msg_id: clientMsgId, seq: message.seq, id: message.id, conversation_id: this.conversationId });
       this.onFrame({ type: 'message', message });
       return true;

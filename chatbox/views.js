@@ -3,7 +3,7 @@
 // an update that patches it, so a presence change or a new message does not
 // rebuild a list (or take the focus from the search box).
 
-import { badgeText, firstName, listTime } from './state.js';
+import { badgeText, firstName, listTime, messagePreview } from './state.js';
 import { avatar, button, el, hidden, labelled, presenceDot, reconcile } from './dom.js';
 
 const SEARCH_DEBOUNCE_MS = 250;
@@ -86,7 +86,7 @@ export class ConversationsView {
     title.append(document.createTextNode(c.title));
     const last = c.last_message;
     const who = last && c.type === 'group' ? (last.sender_id === me ? 'You: ' : '') : last?.sender_id === me ? 'You: ' : '';
-    const preview = el('span', { class: 'vc-row-preview' }, last ? who + last.content : c.type === 'group' ? `Group · ${c.participant_count} members` : 'No messages yet');
+    const preview = el('span', { class: 'vc-row-preview' }, last ? who + messagePreview(last) : c.type === 'group' ? `Group · ${c.participant_count} members` : 'No messages yet');
     const meta = el('span', { class: 'vc-row-meta' }, last ? listTime(new Date(last.created_at)) : '');
     b.append(title, meta, preview);
     if (c.unread_count > 0) {
