@@ -1,6 +1,6 @@
 //! The ChatBox in a real browser: starts the stack (PostgreSQL, the origin,
 //! `wrangler dev` serving the ChatBox), seeds the demo users, and runs the
-//! playwright-core suite in `e2e/browser/` against it with Debian's
+//! playwright-core suites in `e2e/browser/` against it with Debian's
 //! Chromium.
 
 #![allow(clippy::print_stdout)]
@@ -9,6 +9,10 @@ use std::process::{Command, ExitCode};
 
 use e2e::stack::workspace_root;
 use e2e::{Stack, StackOptions};
+
+/// The suites in `e2e/browser/`, in order: the ChatBox, then attachments
+/// (photos, voice messages, the gallery; Chromium with a fake microphone).
+const SUITES: &[&str] = &["chatbox", "media"];
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -39,21 +43,37 @@ async fn main() -> ExitCode {
         println!("could not seed the demo users: {e:#}");
         return ExitCode::FAILURE;
     }
+    // Each suite is one .mjs file with its own browser; BROWSER_SUITES
+    // (e.g. "media") runs some of them only.
+    let chosen = std::env::var("BROWSER_SUITES").unwrap_or_default();
     let root = workspace_root();
-    let status = Command::new("node")
-        .arg(root.join("e2e/browser/chatbox.test.mjs"))
-        .current_dir(&root)
-        .env("EDGE_URL", &stack.edge)
-        .status();
-    match status {
-        Ok(s) if s.success() => ExitCode::SUCCESS,
-        Ok(s) => {
-            println!("browser suite failed ({s})");
-            ExitCode::FAILURE
+    let mut failed = Vec::new();
+    for suite in SUITES {
+        if !chosen.is_empty() && !chosen.split(',').any(|s| s.trim() == *suite) {
+            continue;
         }
-        Err(e) => {
-            println!("could not run node: {e}");
-            ExitCode::FAILURE
+        println!("browser suite: {suite}");
+        let status = Command::new("node")
+            .arg(root.join(format!("e2e/browser/{suite}.test.mjs")))
+            .current_dir(&root)
+            .env("EDGE_URL", &stack.edge)
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => {
+                println!("browser suite {suite} failed ({s})");
+                failed.push(*suite);
+            }
+            Err(e) => {
+                println!("could not run node: {e}");
+                return ExitCode::FAILURE;
+            }
         }
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        println!("failed browser suites: {}", failed.join(", "));
+        ExitCode::FAILURE
     }
 }
