@@ -103,10 +103,12 @@ function signedSource(node, attr, path, a, media, pick) {
 
 function imageNode(a, media) {
   if (a.status === 'failed') return failedBox(a, 'Couldn’t process this photo.');
-  const open = button(null, { class: 'vc-att vc-att-image', 'aria-label': `Open photo${a.name ? ` ${a.name}` : ''} full size` });
+  const path = a.thumbnail_url || a.url;
+  // The visible "Processing…" is part of the name (what a speech-input user says).
+  const label = `Open photo${a.name ? ` ${a.name}` : ''} full size${path ? '' : ', Processing…'}`;
+  const open = button(null, { class: 'vc-att vc-att-image', 'aria-label': label });
   open.addEventListener('click', () => media.open(a, open));
   const box = sizeBox(open, a, 240, 300);
-  const path = a.thumbnail_url || a.url;
   const local = media.localUrl(a.id);
   if (path || local) {
     const img = el('img', { alt: '', width: String(box.width), height: String(box.height), decoding: 'async' });
@@ -140,7 +142,9 @@ function videoNode(a, media) {
 
 function failedBox(a, text) {
   const box = el('div', { class: `vc-att vc-att-failed${a.status === 'failed' ? '' : ' vc-att-pending'}`, role: 'img', 'aria-label': `${attachmentLabel(a)}: ${text}` });
-  sizeBox(box, a, 240, 200);
+  // A failure needs no more room than its sentence; a video still
+  // processing keeps its shape, so the list does not move when it is ready.
+  if (a.status !== 'failed') sizeBox(box, a, 240, 300);
   box.append(el('span', { 'aria-hidden': 'true' }, text));
   return box;
 }
