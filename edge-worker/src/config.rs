@@ -3,6 +3,7 @@
 
 use shared::admission::Caps;
 use shared::auth::MIN_SECRET_BYTES;
+use shared::media::Signer;
 use shared::room::RoomConfig;
 use worker::Env;
 
@@ -20,6 +21,9 @@ pub struct EdgeConfig {
     pub jwt_secret: Vec<u8>,
     /// `ORIGIN_SERVICE_SECRET` (secret).
     pub service_secret: String,
+    /// Attachment links, keyed from the service secret (the origin mints
+    /// the same ones for REST history).
+    pub signer: Signer,
     /// Room tunables; `ROOM_*` vars override the defaults.
     pub room: RoomConfig,
     /// `ROOM_MAX_SSE`: SSE streams per room.
@@ -100,11 +104,13 @@ impl EdgeConfig {
             backoff_max_ms: number(env, "ROOM_BACKOFF_MAX_MS", defaults.backoff_max_ms)?,
             ..defaults
         };
+        let service_secret = secret("ORIGIN_SERVICE_SECRET")?;
         Ok(Self {
             origin_url,
             allowed_origins,
             jwt_secret: secret("JWT_SECRET")?.into_bytes(),
-            service_secret: secret("ORIGIN_SERVICE_SECRET")?,
+            signer: Signer::new(service_secret.as_bytes()),
+            service_secret,
             room,
             sse_max_per_room: number(env, "ROOM_MAX_SSE", 200)?,
             sockets_max_per_room: number(env, "ROOM_MAX_SOCKETS", 10_000)?,

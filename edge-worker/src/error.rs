@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 use shared::auth::AuthError;
+use shared::media::MediaError;
 use shared::room::RoomError;
 use worker::Response;
 
@@ -28,6 +29,17 @@ pub enum EdgeError {
     /// The room refused (its own status: 400, 403, 413, 422, 429, 503).
     #[error("{0}")]
     Room(RoomError),
+    /// An upload or a download refused (413, 415, 422, 403).
+    #[error("{0}")]
+    Media(MediaError),
+    /// The origin refused an internal call on the caller's behalf with a
+    /// typed error (an upload's reservation: 403, 404, 413): passed on.
+    #[error("{message}")]
+    Relayed {
+        status: u16,
+        code: &'static str,
+        message: String,
+    },
     /// 503: the origin did not answer; chat at the edge goes on.
     #[error("the origin is unavailable")]
     OriginUnavailable(String),
@@ -50,6 +62,8 @@ impl EdgeError {
             EdgeError::NotFound(_) => 404,
             EdgeError::Client { status, .. } => *status,
             EdgeError::Room(e) => e.http_status(),
+            EdgeError::Media(e) => e.http_status(),
+            EdgeError::Relayed { status, .. } => *status,
             EdgeError::OriginUnavailable(_) => 503,
             EdgeError::Internal(_) => 500,
         }
@@ -62,6 +76,8 @@ impl EdgeError {
             EdgeError::NotFound(_) => "not_found",
             EdgeError::Client { code, .. } => code,
             EdgeError::Room(e) => e.code(),
+            EdgeError::Media(e) => e.code(),
+            EdgeError::Relayed { code, .. } => code,
             EdgeError::OriginUnavailable(_) => "origin_unavailable",
             EdgeError::Internal(_) => "internal",
         }

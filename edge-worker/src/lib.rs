@@ -20,6 +20,7 @@ mod conns;
 mod error;
 mod forward;
 mod headers;
+mod media;
 mod origin;
 mod room_do;
 mod room_store;

@@ -7,9 +7,10 @@ use std::time::Duration;
 use futures_util::future::{Either, select};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use shared::media::AttachmentMeta;
 use shared::protocol::internal::{
-    CLIENT_IP_HEADER, ConversationMembers, IngestBatch, IngestResult, PresenceBatch,
-    SERVICE_SECRET_HEADER, StoredMessage, UserContacts,
+    CLIENT_IP_HEADER, CommitAttachment, ConversationMembers, IngestBatch, IngestResult,
+    PresenceBatch, ReserveAttachment, Reserved, SERVICE_SECRET_HEADER, StoredMessage, UserContacts,
 };
 use worker::wasm_bindgen::JsValue;
 use worker::{AbortController, Delay, Fetch, Headers, Method, Request, RequestInit, Response};
@@ -142,6 +143,59 @@ impl<'a> OriginClient<'a> {
         Self::no_content(&res, "presence")
     }
 
+    /// Reserves an upload (membership, size limit, quota).
+    pub async fn reserve(&self, r: &ReserveAttachment) -> EdgeResult<Reserved> {
+        let res = self.post("/internal/v1/attachments", r).await?;
+        Self::typed(res, "reserve").await
+    }
+
+    /// The upload is in the bucket: the origin's metadata for it.
+    pub async fn commit_attachment(
+        &self,
+        id: uuid::Uuid,
+        c: &CommitAttachment,
+    ) -> EdgeResult<AttachmentMeta> {
+        let res = self
+            .post(&format!("/internal/v1/attachments/{id}/commit"), c)
+            .await?;
+        Self::typed(res, "commit").await
+    }
+
+    /// Drops the reservation of an upload that failed.
+    pub async fn abort_attachment(&self, id: uuid::Uuid) -> EdgeResult<()> {
+        let res = self
+            .call(
+                Method::Delete,
+                &format!("/internal/v1/attachments/{id}"),
+                None,
+            )
+            .await?;
+        Self::no_content(&res, "abort")
+    }
+
+    /// A JSON answer, or the origin's own typed refusal passed on (a 4xx
+    /// with `{code, message}` about the caller's request).
+    async fn typed<T: DeserializeOwned>(mut res: Response, what: &str) -> EdgeResult<T> {
+        #[derive(serde::Deserialize)]
+        struct Refusal {
+            code: String,
+            message: String,
+        }
+        let status = res.status_code();
+        if !(400..500).contains(&status) {
+            return Self::json(res, what).await;
+        }
+        let refusal: Refusal = res
+            .json()
+            .await
+            .map_err(|e| EdgeError::OriginUnavailable(format!("{what}: bad refusal: {e}")))?;
+        Err(EdgeError::Relayed {
+            status,
+            code: relayed_code(&refusal.code),
+            message: refusal.message,
+        })
+    }
+
     fn no_content(res: &Response, what: &str) -> EdgeResult<()> {
         match res.status_code() {
             200..=299 => Ok(()),
@@ -150,6 +204,26 @@ impl<'a> OriginClient<'a> {
             ))),
         }
     }
+}
+
+/// The codes an upload's reservation may be refused with, as the edge's
+/// static strings; anything else is passed on as `rejected`.
+fn relayed_code(code: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "forbidden",
+        "not_member",
+        "not_found",
+        "too_large",
+        "quota_exceeded",
+        "invalid_request",
+        "validation_failed",
+        "bad_request",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == code)
+        .copied()
+        .unwrap_or("rejected")
 }
 
 /// Forwards a public request to the origin: same method, path, query,

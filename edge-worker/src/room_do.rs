@@ -28,11 +28,13 @@ use futures_util::future::{Either, select};
 use futures_util::stream::FuturesUnordered;
 
 use serde::Deserialize;
-use shared::protocol::internal::IngestBatch;
+use shared::media::{AttachmentMeta, AttachmentView, Signer};
+use shared::protocol::internal::{IngestBatch, ReapAttachments, Reaped};
 use shared::protocol::{MessageView, ServerFrame};
 use shared::receipts::{Watermark, status_of};
 use shared::room::{
-    BatchId, ConnId, FlushBatch, FlushOutcome, Record, Room as RoomState, RoomError, Sent, drain,
+    BatchId, ConnId, Draft, FlushBatch, FlushOutcome, Record, Room as RoomState, RoomError, Sent,
+    drain,
 };
 use worker::{
     DurableObject, Env, Request, Response, Result, SqlStorage, State, WebSocket,
@@ -199,6 +201,7 @@ impl Room {
             notices: &self.notices,
             forwarder: &self.forwarder,
             jwt_secret: &config.jwt_secret,
+            signer: &config.signer,
         }
     }
 
@@ -222,6 +225,9 @@ impl Room {
             "/typing" => self.post_typing(&req).await,
             "/read" => self.post_read(req).await,
             "/subscribe" => self.subscribe(req).await,
+            "/attachment-register" => self.register_attachment(req).await,
+            "/attachment-updated" => self.attachment_updated(req).await,
+            "/attachments-reap" => self.reap_attachments(req).await,
             _ => Err(EdgeError::NotFound("room route")),
         }
     }
@@ -269,18 +275,27 @@ impl Room {
     async fn post_message(&self, mut req: Request) -> EdgeResult<Response> {
         #[derive(Deserialize)]
         struct Body {
+            #[serde(default)]
             content: String,
             #[serde(default)]
             client_msg_id: Option<String>,
+            #[serde(default)]
+            attachment_ids: Vec<uuid::Uuid>,
         }
         let user = self.member(&req).await?;
         let body: Body = json_body(&mut req).await?;
         let now = now_ms();
-        let sent = self.with_loaded(|l| {
+        let draft = Draft {
+            content: body.content,
+            client_msg_id: body.client_msg_id,
+            attachment_ids: body.attachment_ids,
+        };
+        let (sent, signer) = self.with_loaded(|l| {
             let ctx = self.store(&l.config);
-            l.room
-                .submit(now, user, body.content, body.client_msg_id, None, &ctx)
-        })??;
+            let sent = l.room.submit_draft(now, user, draft, None, &ctx);
+            (sent, l.config.signer.clone())
+        })?;
+        let sent = sent?;
         self.drain()?;
         self.schedule().await;
         let (status, message) = match sent {
@@ -288,6 +303,7 @@ impl Room {
             Sent::Duplicate(m) => (200, m),
             Sent::DuplicateOlder(known) => (200, self.original(known.seq).await?),
         };
+        let message = sign_message(&signer, message);
         Ok(Response::from_json(&message)?.with_status(status))
     }
 
@@ -315,6 +331,10 @@ impl Room {
                     created_at_ms: m.created_at.timestamp_millis(),
                     client_msg_id: m.client_msg_id,
                     flushed: true,
+                    // PostgreSQL's copy names its attachments by id only;
+                    // a resend this old gets the text and the ids' count
+                    // is not rebuilt (documented in PROTOCOL.md).
+                    attachments: Vec::new(),
                 })?,
         };
         Ok(MessageView {
@@ -326,7 +346,49 @@ impl Room {
             created_at: record.created_at(),
             content: record.content,
             client_msg_id: record.client_msg_id,
+            attachments: record
+                .attachments
+                .into_iter()
+                .map(AttachmentView::unsigned)
+                .collect(),
         })
+    }
+
+    /// `POST /attachment-register` (from the Worker, after the upload
+    /// reached the bucket and the origin recorded it): the uploader may
+    /// now send it in this room.
+    async fn register_attachment(&self, mut req: Request) -> EdgeResult<Response> {
+        let meta: AttachmentMeta = json_body(&mut req).await?;
+        room_store::register_attachment(&self.sql, &meta, now_ms())?;
+        Ok(Response::empty()?.with_status(204))
+    }
+
+    /// `POST /attachment-updated` (from the origin, through the Worker):
+    /// processing finished. The stored copies change, and every member
+    /// hears `attachment_updated`.
+    async fn attachment_updated(&self, mut req: Request) -> EdgeResult<Response> {
+        let meta: AttachmentMeta = json_body(&mut req).await?;
+        room_store::update_attachment(&self.sql, &meta)?;
+        self.with_room(|r| r.update_attachment(meta))?;
+        self.drain()?;
+        self.schedule().await;
+        Ok(Response::empty()?.with_status(204))
+    }
+
+    /// `POST /attachments-reap` (from the origin's cleanup): forgets the
+    /// unsent ones and deletes their objects; answers which went.
+    async fn reap_attachments(&self, mut req: Request) -> EdgeResult<Response> {
+        let body: ReapAttachments = json_body(&mut req).await?;
+        let reaped = room_store::reap_attachments(&self.sql, &body.ids)?;
+        // The rows are gone first: from here the room refuses these ids,
+        // so an object deleted below is never sent. A failed delete is
+        // retried by the next round (the origin keeps rows it was not
+        // told are reaped).
+        let bucket = self.env.bucket(crate::media::BUCKET)?;
+        for id in &reaped {
+            crate::media::delete_all(&bucket, *id).await?;
+        }
+        Ok(Response::from_json(&Reaped { reaped })?)
     }
 
     /// `POST /typing`: 204.
@@ -373,7 +435,17 @@ impl Room {
         room_store::set_subscribed(&self.sql, user, true)?;
         self.forwarder.subscribed(user);
         let now = now_ms();
-        let frames = self.with_room(|r| r.handle_subscribe(now, user, body.since))??;
+        let (frames, signer) = self.with_loaded(|l| {
+            (
+                l.room.handle_subscribe(now, user, body.since),
+                l.config.signer.clone(),
+            )
+        })?;
+        let now_secs = room_store::now_secs();
+        let frames: Vec<ServerFrame> = frames?
+            .into_iter()
+            .map(|f| signer.sign_frame(&f, now_secs).unwrap_or(f))
+            .collect();
         self.drain()?;
         self.schedule().await;
         Ok(Response::from_json(&Answer { frames })?)
@@ -582,6 +654,7 @@ impl Room {
                 notices: &self.notices,
                 forwarder: &self.forwarder,
                 jwt_secret: &l.config.jwt_secret,
+                signer: &l.config.signer,
             };
             drain(&mut l.room, &mut store)
         };
@@ -870,4 +943,10 @@ fn valid_until_header(req: &Request) -> EdgeResult<Option<u64>> {
         .headers()
         .get(VALID_UNTIL_HEADER)?
         .and_then(|v| v.parse().ok()))
+}
+
+/// A message with its attachment links signed now.
+fn sign_message(signer: &Signer, mut message: MessageView) -> MessageView {
+    signer.sign_message(&mut message, room_store::now_secs());
+    message
 }

@@ -16,17 +16,24 @@
 //!   schema version.
 //! - `subscribers`: members whose `User` object gets the room's live frames
 //!   (`crate::forward`); a row goes when the object says its user is offline.
+//! - `attachments`: uploads registered by the Worker after they reached the
+//!   bucket, with the seq of the message that carries each once sent. A
+//!   message's row holds its attachments' metadata as JSON, so replay and
+//!   the outbox need no join. Sent rows are pruned with their messages;
+//!   unsent ones leave when the origin's cleanup reaps them.
 
 use serde::Deserialize;
 use shared::auth::{AUDIENCE_API, AuthError, LEEWAY_SECS};
+use shared::media::{AttachmentMeta, Signer};
 use shared::protocol::ServerFrame;
 use shared::protocol::internal::ConversationNotice;
 use shared::receipts::Watermark;
 use shared::room::{
-    Claim, Confirmed, ConnId, Context, Driver, KnownKey, Millis, Recipients, Record, RoomStorage,
-    StorageFailed, StoredWatermark, Verified,
+    Claim, Confirmed, ConnId, Context, Driver, KnownKey, Millis, PendingAttachment, Recipients,
+    Record, RoomStorage, StorageFailed, StoredWatermark, Verified,
 };
 use std::cell::RefCell;
+use uuid::Uuid;
 use worker::{SqlStorage, SqlStorageValue};
 
 use crate::conns::Connections;
@@ -37,7 +44,7 @@ use crate::error::{EdgeError, EdgeResult};
 /// replay window without the origin.
 pub const RETAIN_MESSAGES: i64 = 5_000;
 /// The schema this code writes; older rooms are migrated on load.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// The Room's SQLite, and what the room needs beside it for one event.
 pub struct RoomSql<'a> {
@@ -46,6 +53,8 @@ pub struct RoomSql<'a> {
     pub notices: &'a RefCell<Vec<ConversationNotice>>,
     pub forwarder: &'a crate::forward::Forwarder,
     pub jwt_secret: &'a [u8],
+    /// Signs attachment links in frames as they leave.
+    pub signer: &'a Signer,
 }
 
 impl std::fmt::Debug for RoomSql<'_> {
@@ -83,7 +92,8 @@ pub fn create_schema(sql: &SqlStorage) -> EdgeResult<()> {
              content TEXT NOT NULL,
              created_at_ms INTEGER NOT NULL,
              client_msg_id TEXT NOT NULL,
-             flushed INTEGER NOT NULL DEFAULT 0
+             flushed INTEGER NOT NULL DEFAULT 0,
+             attachments TEXT
          );
          CREATE TABLE IF NOT EXISTS msg_keys (
              sender_id INTEGER NOT NULL,
@@ -100,7 +110,13 @@ pub fn create_schema(sql: &SqlStorage) -> EdgeResult<()> {
              synced INTEGER NOT NULL DEFAULT 0
          );
          CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-         CREATE TABLE IF NOT EXISTS subscribers (user_id INTEGER PRIMARY KEY);",
+         CREATE TABLE IF NOT EXISTS subscribers (user_id INTEGER PRIMARY KEY);
+         CREATE TABLE IF NOT EXISTS attachments (
+             id TEXT PRIMARY KEY,
+             meta TEXT NOT NULL,
+             registered_at_ms INTEGER NOT NULL,
+             seq INTEGER
+         ) WITHOUT ROWID;",
         None,
     )?;
     let version = meta_get(sql, "schema_version")?.unwrap_or(1);
@@ -132,6 +148,15 @@ pub fn create_schema(sql: &SqlStorage) -> EdgeResult<()> {
             "DROP INDEX IF EXISTS messages_key; DROP INDEX IF EXISTS messages_unflushed;",
             None,
         )?;
+    }
+    if version < 4 {
+        // Version 3 had no attachments on messages.
+        let has_column = sql
+            .exec("SELECT attachments FROM messages LIMIT 0", None)
+            .is_ok();
+        if !has_column {
+            sql.exec("ALTER TABLE messages ADD COLUMN attachments TEXT", None)?;
+        }
     }
     if version != SCHEMA_VERSION {
         meta_set(sql, "schema_version", SCHEMA_VERSION)?;
@@ -168,11 +193,23 @@ struct MessageRow {
     created_at_ms: i64,
     client_msg_id: String,
     flushed: i64,
+    #[serde(default)]
+    attachments: Option<String>,
 }
 
 impl MessageRow {
     fn into_record(self) -> Record {
+        // Written by this code from typed values: a row that does not parse
+        // is a bug, logged, and the message keeps its text.
+        let attachments = match self.attachments.as_deref() {
+            None | Some("") => Vec::new(),
+            Some(json) => serde_json::from_str(json).unwrap_or_else(|e| {
+                worker::console_error!("room storage: attachments of seq {}: {e}", self.seq);
+                Vec::new()
+            }),
+        };
         Record {
+            attachments,
             id: self.id.parse().unwrap_or_default(),
             seq: self.seq,
             sender_id: self.sender_id,
@@ -188,7 +225,7 @@ impl MessageRow {
 pub fn message_at(sql: &SqlStorage, seq: i64) -> EdgeResult<Option<Record>> {
     let rows: Vec<MessageRow> = sql
         .exec(
-            "SELECT seq, id, sender_id, content, created_at_ms, client_msg_id, flushed
+            "SELECT seq, id, sender_id, content, created_at_ms, client_msg_id, flushed, attachments
              FROM messages WHERE seq = ?",
             vec![seq.into()],
         )?
@@ -282,7 +319,8 @@ impl RoomStorage for RoomSql<'_> {
         let rows: Vec<MessageRow> = self
             .sql
             .exec(
-                "SELECT seq, id, sender_id, content, created_at_ms, client_msg_id, flushed
+                "SELECT seq, id, sender_id, content, created_at_ms, client_msg_id, flushed,
+                        attachments
                  FROM messages WHERE seq >= ? ORDER BY seq",
                 vec![from.into()],
             )
@@ -355,6 +393,118 @@ impl Context for RoomSql<'_> {
     fn verify_token(&self, token: &str, now: Millis) -> Result<Verified, AuthError> {
         verify_session(token, self.jwt_secret, now)
     }
+
+    fn attachment(&self, id: Uuid) -> Result<Option<PendingAttachment>, StorageFailed> {
+        #[derive(Deserialize)]
+        struct Row {
+            meta: String,
+            registered_at_ms: i64,
+            seq: Option<i64>,
+        }
+        let rows: Vec<Row> = self
+            .sql
+            .exec(
+                "SELECT meta, registered_at_ms, seq FROM attachments WHERE id = ?",
+                vec![id.to_string().into()],
+            )
+            .and_then(|c| c.to_array())
+            .map_err(|e| failed("attachment", &e))?;
+        let Some(row) = rows.into_iter().next() else {
+            return Ok(None);
+        };
+        let meta = serde_json::from_str(&row.meta).map_err(|e| failed("attachment meta", &e))?;
+        Ok(Some(PendingAttachment {
+            meta,
+            registered_at_ms: row.registered_at_ms,
+            seq: row.seq,
+        }))
+    }
+}
+
+/// Records an upload the Worker stored in the bucket, so a message may
+/// carry it. Registering again (a retried request) changes nothing.
+pub fn register_attachment(sql: &SqlStorage, meta: &AttachmentMeta, now: Millis) -> EdgeResult<()> {
+    let json = serde_json::to_string(meta).map_err(|e| EdgeError::Internal(e.to_string()))?;
+    sql.exec(
+        "INSERT INTO attachments (id, meta, registered_at_ms, seq) VALUES (?, ?, ?, NULL)
+         ON CONFLICT (id) DO NOTHING",
+        vec![
+            meta.id.to_string().into(),
+            json.into(),
+            i64::try_from(now).unwrap_or(i64::MAX).into(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// The origin's new metadata for an attachment: in its row and in the
+/// stored message that carries it, so replay shows the new state. Returns
+/// whether the room knows the attachment.
+pub fn update_attachment(sql: &SqlStorage, meta: &AttachmentMeta) -> EdgeResult<bool> {
+    let json = serde_json::to_string(meta).map_err(|e| EdgeError::Internal(e.to_string()))?;
+    let id = meta.id.to_string();
+    let written = sql
+        .exec(
+            "UPDATE attachments SET meta = ? WHERE id = ?",
+            vec![json.into(), id.clone().into()],
+        )?
+        .rows_written();
+    #[derive(Deserialize)]
+    struct Row {
+        seq: i64,
+        attachments: Option<String>,
+    }
+    let rows: Vec<Row> = sql
+        .exec(
+            "SELECT m.seq AS seq, m.attachments AS attachments
+             FROM attachments a JOIN messages m ON m.seq = a.seq WHERE a.id = ?",
+            vec![id.into()],
+        )?
+        .to_array()?;
+    for row in rows {
+        let mut list: Vec<AttachmentMeta> = row
+            .attachments
+            .as_deref()
+            .and_then(|j| serde_json::from_str(j).ok())
+            .unwrap_or_default();
+        for a in list.iter_mut().filter(|a| a.id == meta.id) {
+            *a = meta.clone();
+        }
+        let json = serde_json::to_string(&list).map_err(|e| EdgeError::Internal(e.to_string()))?;
+        sql.exec(
+            "UPDATE messages SET attachments = ? WHERE seq = ?",
+            vec![json.into(), row.seq.into()],
+        )?;
+    }
+    Ok(written > 0)
+}
+
+/// The origin's cleanup offers unsent uploads: every one not carried by a
+/// message is forgotten (a later message naming it is refused) and
+/// returned, including ids this room never registered.
+pub fn reap_attachments(sql: &SqlStorage, ids: &[Uuid]) -> EdgeResult<Vec<Uuid>> {
+    let mut reaped = Vec::with_capacity(ids.len());
+    for id in ids {
+        #[derive(Deserialize)]
+        struct Row {
+            seq: Option<i64>,
+        }
+        let rows: Vec<Row> = sql
+            .exec(
+                "SELECT seq FROM attachments WHERE id = ?",
+                vec![id.to_string().into()],
+            )?
+            .to_array()?;
+        if rows.first().is_some_and(|r| r.seq.is_some()) {
+            continue;
+        }
+        sql.exec(
+            "DELETE FROM attachments WHERE id = ?",
+            vec![id.to_string().into()],
+        )?;
+        reaped.push(*id);
+    }
+    Ok(reaped)
 }
 
 /// Verifies a session token presented on a live connection: the same rule
@@ -380,9 +530,17 @@ impl Driver for RoomSql<'_> {
 
     fn store(&mut self, r: &Record) -> EdgeResult<()> {
         // Its key was claimed in msg_keys just before (`claim_key`).
+        let attachments = if r.attachments.is_empty() {
+            SqlStorageValue::Null
+        } else {
+            serde_json::to_string(&r.attachments)
+                .map_err(|e| EdgeError::Internal(e.to_string()))?
+                .into()
+        };
         self.exec(
-            "INSERT INTO messages (seq, id, sender_id, content, created_at_ms, client_msg_id, flushed)
-             VALUES (?, ?, ?, ?, ?, ?, 0)",
+            "INSERT INTO messages (seq, id, sender_id, content, created_at_ms, client_msg_id,
+                                   flushed, attachments)
+             VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
             vec![
                 r.seq.into(),
                 r.id.to_string().into(),
@@ -390,8 +548,18 @@ impl Driver for RoomSql<'_> {
                 r.content.clone().into(),
                 r.created_at_ms.into(),
                 r.client_msg_id.clone().into(),
+                attachments,
             ],
-        )
+        )?;
+        // In the same event as the message, so a crash keeps both or
+        // neither.
+        for a in &r.attachments {
+            self.exec(
+                "UPDATE attachments SET seq = ? WHERE id = ?",
+                vec![r.seq.into(), a.id.to_string().into()],
+            )?;
+        }
+        Ok(())
     }
 
     fn store_watermark(&mut self, w: &Watermark) -> EdgeResult<()> {
@@ -436,7 +604,13 @@ impl Driver for RoomSql<'_> {
         let keep_from = confirmed
             .prefix_end
             .min(confirmed.last_seq.saturating_sub(RETAIN_MESSAGES) + 1);
-        self.exec("DELETE FROM messages WHERE seq < ?", vec![keep_from.into()])
+        self.exec("DELETE FROM messages WHERE seq < ?", vec![keep_from.into()])?;
+        // A sent upload's row only refuses a second send of it, which an
+        // unknown id is refused for too.
+        self.exec(
+            "DELETE FROM attachments WHERE seq < ?",
+            vec![keep_from.into()],
+        )
     }
 
     fn mark_receipts_synced(&mut self, watermarks: &[Watermark]) -> EdgeResult<()> {
@@ -451,6 +625,8 @@ impl Driver for RoomSql<'_> {
     }
 
     fn send(&mut self, to: &Recipients<'_>, frame: &ServerFrame) {
+        let signed = self.signer.sign_frame(frame, now_secs());
+        let frame = signed.as_ref().unwrap_or(frame);
         // The room names the recipients among its own connections.
         let sent = self
             .conns
@@ -469,8 +645,14 @@ impl Driver for RoomSql<'_> {
     }
 
     fn forward(&mut self, users: &[i64], frame: &ServerFrame) {
-        self.forwarder.push(users, frame);
+        let signed = self.signer.sign_frame(frame, now_secs());
+        self.forwarder.push(users, signed.as_ref().unwrap_or(frame));
     }
+}
+
+/// Seconds on the wall clock, for the expiry of signed links.
+pub fn now_secs() -> i64 {
+    i64::try_from(crate::auth::now_ms() / 1000).unwrap_or(i64::MAX)
 }
 
 /// The members whose objects subscribed.

@@ -13,6 +13,10 @@
 //! | `GET /api/v1/chat/events` | the caller's User object (Server-Sent Events) |
 //! | `POST /api/v1/chat/conversations` | origin; a new conversation is announced to its participants' User objects |
 //! | `POST /api/v1/internal/rooms/{id}/members-changed` | from the origin (service secret): Room `{id}` refreshes its members |
+//! | `POST /api/v1/chat/conversations/{id}/attachments` | streamed into R2 (`media`): reserved at the origin first, committed after, registered with Room `{id}` |
+//! | `GET /api/v1/media/{id}/{variant}?exp=&sig=` | served from R2 by signature (`media`) |
+//! | `GET,PUT /api/v1/internal/media/{id}/{variant}` | from the origin (service secret): reads an original, stores a processed copy |
+//! | `POST /api/v1/internal/rooms/{id}/attachments[/reap]` | from the origin (service secret): Room `{id}` hears a processed attachment / reaps unsent ones |
 //! | `GET /api/v1/edge/health` | answered here |
 //! | `GET /api/v1/edge/demo` | answered here: the demo logins when the `DEMO_LOGINS` var is set (`cargo xtask dev`), else 404 |
 //! | any other `/api/**` | proxied to the origin |
@@ -27,7 +31,7 @@ use crate::config::EdgeConfig;
 use crate::conns::refuse_ws;
 use crate::error::{EdgeError, EdgeResult};
 use crate::headers::{CONVERSATION_HEADER, TICKET_HEADER, USER_HEADER, VALID_UNTIL_HEADER};
-use crate::origin;
+use crate::{media, origin};
 
 pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
     let config = EdgeConfig::from_env(env)?;
@@ -99,6 +103,31 @@ async fn route(req: Request, env: &Env, config: &EdgeConfig) -> EdgeResult<Respo
             let id = conversation_id(id)?;
             notify_members_changed(env, id).await?;
             Ok(Response::empty()?.with_status(204))
+        }
+        (Method::Post, ["api", "v1", "chat", "conversations", id, "attachments"]) => {
+            let id = conversation_id(id)?;
+            media::upload(req, env, &config, id, &url).await
+        }
+        (Method::Get, ["api", "v1", "media", id, variant]) => {
+            media::download(&req, env, &config, id, variant, &url).await
+        }
+        (Method::Get, ["api", "v1", "internal", "media", id, variant]) => {
+            require_service(&req, &config)?;
+            media::internal_get(env, id, variant).await
+        }
+        (Method::Put, ["api", "v1", "internal", "media", id, variant]) => {
+            require_service(&req, &config)?;
+            media::internal_put(req, env, id, variant).await
+        }
+        (Method::Post, ["api", "v1", "internal", "rooms", id, "attachments"]) => {
+            require_service(&req, &config)?;
+            let id = conversation_id(id)?;
+            media::to_room(req, env, id, "/attachment-updated").await
+        }
+        (Method::Post, ["api", "v1", "internal", "rooms", id, "attachments", "reap"]) => {
+            require_service(&req, &config)?;
+            let id = conversation_id(id)?;
+            media::to_room(req, env, id, "/attachments-reap").await
         }
         (Method::Get, ["api", "v1", "chat", "ws"]) => {
             user_connect(&req, env, &config, &url, None, "/ws").await

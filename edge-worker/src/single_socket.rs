@@ -55,10 +55,15 @@ async fn deliver(env: &Env, user: i64, frame: &ClientFrame) -> EdgeResult<Option
             conversation_id,
             content,
             client_msg_id,
+            attachment_ids,
         } => (
             *conversation_id,
             "messages",
-            serde_json::json!({"content": content, "client_msg_id": client_msg_id}),
+            serde_json::json!({
+                "content": content,
+                "client_msg_id": client_msg_id,
+                "attachment_ids": attachment_ids,
+            }),
         ),
         ClientFrame::Typing { conversation_id } => {
             (*conversation_id, "typing", serde_json::json!({}))
