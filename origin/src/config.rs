@@ -55,6 +55,64 @@ pub struct Config {
     pub log_json: bool,
     /// Web Push (the `VAPID_*` and `PUSH_*` variables).
     pub push: PushConfig,
+    /// Attachments (the `MEDIA_*` variables).
+    pub media: MediaConfig,
+}
+
+/// Attachment limits and the background work on them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaConfig {
+    /// `MEDIA_MAX_IMAGE_BYTES`, default 10 MiB: the largest image upload.
+    pub max_image_bytes: i64,
+    /// `MEDIA_MAX_VIDEO_BYTES`, default 100 MiB.
+    pub max_video_bytes: i64,
+    /// `MEDIA_MAX_AUDIO_BYTES`, default 10 MiB (voice messages).
+    pub max_audio_bytes: i64,
+    /// `MEDIA_MAX_FILE_BYTES`, default 20 MiB (PDF).
+    pub max_file_bytes: i64,
+    /// `MEDIA_DAILY_QUOTA_BYTES`, default 500 MiB: what one user may
+    /// upload in any rolling 24 hours, reservations included (an upload
+    /// that failed still counts, so retries cannot get around it).
+    pub daily_quota_bytes: i64,
+    /// `MEDIA_UNSENT_TTL_SECS`, default 86400: an upload never attached to
+    /// a message is reaped after this long.
+    pub unsent_ttl: Duration,
+    /// `MEDIA_CLEANUP_INTERVAL_SECS`, default 600: how often the cleanup
+    /// looks for unsent uploads.
+    pub cleanup_interval: Duration,
+    /// `MEDIA_PROCESS_CONCURRENCY`, default 2: attachments decoded at once
+    /// (each decode is one core, and a 100-megapixel image holds ~400 MB).
+    pub process_concurrency: usize,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            max_image_bytes: 10 * MIB,
+            max_video_bytes: 100 * MIB,
+            max_audio_bytes: 10 * MIB,
+            max_file_bytes: 20 * MIB,
+            daily_quota_bytes: 500 * MIB,
+            unsent_ttl: Duration::from_secs(86_400),
+            cleanup_interval: Duration::from_secs(600),
+            process_concurrency: 2,
+        }
+    }
+}
+
+const MIB: i64 = 1024 * 1024;
+
+impl MediaConfig {
+    /// The largest upload of `kind`.
+    pub fn max_bytes(&self, kind: shared::media::MediaKind) -> i64 {
+        use shared::media::MediaKind;
+        match kind {
+            MediaKind::Image => self.max_image_bytes,
+            MediaKind::Video => self.max_video_bytes,
+            MediaKind::Audio => self.max_audio_bytes,
+            MediaKind::File => self.max_file_bytes,
+        }
+    }
 }
 
 /// The default of `PUSH_ALLOWED_HOSTS`: the push services of Chrome and
@@ -156,6 +214,7 @@ impl std::fmt::Debug for Config {
             .field("log_json", &self.log_json)
             // VapidKey's own Debug is redacted.
             .field("push", &self.push)
+            .field("media", &self.media)
             .finish()
     }
 }
@@ -284,6 +343,7 @@ impl Config {
             }
         };
         let push = push_config(&get, &number)?;
+        let media = media_config(&number)?;
         Ok(Self {
             database_url,
             bind_addr,
@@ -304,8 +364,50 @@ impl Config {
             request_timeout: Duration::from_secs(number("REQUEST_TIMEOUT_SECS", 15, 1, 600)?),
             log_json,
             push,
+            media,
         })
     }
+}
+
+/// The `MEDIA_*` variables (see [`MediaConfig`]).
+fn media_config(
+    number: &impl Fn(&'static str, u64, u64, u64) -> Result<u64, ConfigError>,
+) -> Result<MediaConfig, ConfigError> {
+    let d = MediaConfig::default();
+    // Sizes from 1 KiB to 10 GiB: beyond that R2's single-request upload
+    // (5 GiB) and the origin's download of the original stop making sense.
+    let bytes = |var: &'static str, default: i64| -> Result<i64, ConfigError> {
+        let n = number(var, default.unsigned_abs(), 1024, 10 * 1024 * MIB as u64)?;
+        Ok(i64::try_from(n).unwrap_or(i64::MAX))
+    };
+    Ok(MediaConfig {
+        max_image_bytes: bytes("MEDIA_MAX_IMAGE_BYTES", d.max_image_bytes)?,
+        max_video_bytes: bytes("MEDIA_MAX_VIDEO_BYTES", d.max_video_bytes)?,
+        max_audio_bytes: bytes("MEDIA_MAX_AUDIO_BYTES", d.max_audio_bytes)?,
+        max_file_bytes: bytes("MEDIA_MAX_FILE_BYTES", d.max_file_bytes)?,
+        daily_quota_bytes: bytes("MEDIA_DAILY_QUOTA_BYTES", d.daily_quota_bytes)?,
+        // At least an hour: the room refuses to send an upload older than
+        // 23 hours, and reaping sooner than that would race real sends
+        // more often (the reap asks the room, so it stays correct).
+        unsent_ttl: Duration::from_secs(number(
+            "MEDIA_UNSENT_TTL_SECS",
+            d.unsent_ttl.as_secs(),
+            60,
+            30 * 86_400,
+        )?),
+        cleanup_interval: Duration::from_secs(number(
+            "MEDIA_CLEANUP_INTERVAL_SECS",
+            d.cleanup_interval.as_secs(),
+            1,
+            86_400,
+        )?),
+        process_concurrency: number(
+            "MEDIA_PROCESS_CONCURRENCY",
+            d.process_concurrency as u64,
+            1,
+            64,
+        )? as usize,
+    })
 }
 
 /// The `VAPID_*` and `PUSH_*` variables (see [`PushConfig`]).
@@ -478,6 +580,36 @@ mod tests {
             let mut pairs = GOOD.to_vec();
             pairs.push(("EDGE_URL", bad));
             assert!(Config::from_lookup(env(&pairs)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn media_limits_have_defaults_and_are_checked() {
+        let c = Config::from_lookup(env(GOOD)).expect("valid");
+        assert_eq!(c.media, MediaConfig::default());
+        assert_eq!(c.media.max_image_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.media.max_video_bytes, 100 * 1024 * 1024);
+        assert_eq!(c.media.daily_quota_bytes, 500 * 1024 * 1024);
+        assert_eq!(c.media.unsent_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.media.process_concurrency, 2);
+        let mut pairs = GOOD.to_vec();
+        pairs.extend([
+            ("MEDIA_MAX_FILE_BYTES", "4096"),
+            ("MEDIA_UNSENT_TTL_SECS", "120"),
+        ]);
+        let c = Config::from_lookup(env(&pairs)).expect("valid");
+        assert_eq!(c.media.max_bytes(shared::media::MediaKind::File), 4096);
+        assert_eq!(c.media.unsent_ttl, Duration::from_secs(120));
+        for (var, bad) in [
+            ("MEDIA_MAX_IMAGE_BYTES", "0"),
+            ("MEDIA_DAILY_QUOTA_BYTES", "lots"),
+            ("MEDIA_PROCESS_CONCURRENCY", "0"),
+            ("MEDIA_UNSENT_TTL_SECS", "1"),
+        ] {
+            let mut pairs = GOOD.to_vec();
+            pairs.push((var, bad));
+            let err = Config::from_lookup(env(&pairs)).expect_err(bad);
+            assert!(err.to_string().starts_with(var), "{err}");
         }
     }
 

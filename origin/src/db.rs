@@ -51,6 +51,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_push.sql",
         sql: include_str!("../../migrations/0005_push.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_media.sql",
+        sql: include_str!("../../migrations/0006_media.sql"),
+    },
 ];
 
 /// Key of the advisory lock held while migrating ("vibe" in ASCII).

@@ -62,6 +62,9 @@ pub enum ApiError {
     /// 413: a field or body over its size limit.
     #[error("{0}")]
     TooLarge(String),
+    /// 413: an upload would take its uploader past the daily quota.
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// 415: the body is not `application/json`.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -102,7 +105,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooLarge(_) | ApiError::QuotaExceeded(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -128,6 +131,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
             ApiError::TooLarge(_) => "too_large",
+            ApiError::QuotaExceeded(_) => "quota_exceeded",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::TooManyAttempts { .. } => "too_many_attempts",
             ApiError::Unavailable(_) => "unavailable",

@@ -69,6 +69,13 @@
 //! comparison on both key columns so that, as above, only that index can
 //! serve it.
 //!
+//! # Attachments
+//!
+//! A message's `attachment_ids` are linked to it in the same transaction
+//! ([`LINK_ATTACHMENTS`], one statement for the batch, run only when some
+//! stored message carries attachments), by the primary key of
+//! `attachments` like every other lookup here.
+//!
 //! `origin/tests/api/plans.rs` checks both the `EXPLAIN` of each statement
 //! (custom and generic plans, before any `ANALYZE` and with statistics
 //! taken while the tables were tiny) and, through `auto_explain`, every
@@ -78,6 +85,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Pool, Transaction};
+use shared::media::MAX_ATTACHMENTS_PER_MESSAGE;
 use shared::protocol::internal::{
     ConversationVersion, IngestBatch, IngestRejection, IngestResult, MAX_INGEST_BATCH,
     ReceiptUpdate, StoredMessage,
@@ -264,9 +272,28 @@ pub const ENQUEUE_PUSH: &str = "WITH t AS MATERIALIZED (
                                            j.created_at + make_interval(secs => $5::float8))),
          updated_at = now()";
 
+/// Links the attachments of the messages just stored (or replayed
+/// identically) to them, in the sender's order. `$1..$6`: attachment id,
+/// message id, conversation, sender, seq, position, sorted by attachment
+/// id (so rows are locked in one order).
+///
+/// Only an attachment of the same conversation, uploaded by the sender and
+/// not sent with another message is linked; anything else (an id the
+/// cleanup reaped, someone else's upload) is left alone and the message is
+/// stored without it: the room checked these ids when it accepted the
+/// message, and refusing a message it acknowledged would lose it. Keyed
+/// like the others: `a.id = ANY($1)` on the primary key beside the join.
+pub const LINK_ATTACHMENTS: &str = "UPDATE attachments a
+     SET message_id = t.message_id, message_seq = t.seq, position = t.position
+     FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::int2[])
+         AS t(id, message_id, conversation_id, sender_id, seq, position)
+     WHERE a.id = ANY($1::uuid[]) AND a.id = t.id
+       AND a.conversation_id = t.conversation_id AND a.uploader_id = t.sender_id
+       AND (a.message_id IS NULL OR a.message_id = t.message_id)";
+
 /// Every statement the ingest and the receipts route run, by name: what the
 /// plan tests check.
-pub const STATEMENTS: [(&str, &str); 8] = [
+pub const STATEMENTS: [(&str, &str); 9] = [
     ("lock_conversations", LOCK_CONVERSATIONS),
     ("known_users", KNOWN_USERS),
     ("not_members", NOT_MEMBERS),
@@ -275,6 +302,7 @@ pub const STATEMENTS: [(&str, &str); 8] = [
     ("apply_receipts", APPLY_RECEIPTS),
     ("schedule_clears", SCHEDULE_CLEARS),
     ("enqueue_push", ENQUEUE_PUSH),
+    ("link_attachments", LINK_ATTACHMENTS),
 ];
 
 /// Watermarks per (conversation, user), the highest of each reported: the
@@ -386,6 +414,7 @@ pub async fn ingest(
                 }
             }
             advance_conversations(&tx, &valid, &stored).await?;
+            link_attachments(&tx, &valid, &stored).await?;
         }
     }
     // Receipts first: a message its recipient has just read is not queued.
@@ -578,6 +607,45 @@ async fn advance_conversations(
     Ok(())
 }
 
+/// Runs [`LINK_ATTACHMENTS`] for the messages of `valid` in `stored` that
+/// carry attachments; nothing (not even a statement) when none does, so a
+/// batch of text costs what it did.
+async fn link_attachments(
+    tx: &Transaction<'_>,
+    valid: &[StoredMessage],
+    stored: &HashSet<Uuid>,
+) -> ApiResult<()> {
+    let mut links: Vec<(Uuid, &StoredMessage, i16)> = valid
+        .iter()
+        .filter(|m| !m.attachment_ids.is_empty() && stored.contains(&m.id))
+        .flat_map(|m| {
+            m.attachment_ids
+                .iter()
+                .enumerate()
+                .map(move |(i, id)| (*id, m, i16::try_from(i).unwrap_or(i16::MAX)))
+        })
+        .collect();
+    if links.is_empty() {
+        return Ok(());
+    }
+    links.sort_unstable_by_key(|l| l.0);
+    // An id listed twice (by one message or two) is linked once: the first.
+    links.dedup_by_key(|l| l.0);
+    let ids: Vec<Uuid> = links.iter().map(|l| l.0).collect();
+    let messages: Vec<Uuid> = links.iter().map(|l| l.1.id).collect();
+    let convs: Vec<i64> = links.iter().map(|l| l.1.conversation_id).collect();
+    let senders: Vec<i64> = links.iter().map(|l| l.1.sender_id).collect();
+    let seqs: Vec<i64> = links.iter().map(|l| l.1.seq).collect();
+    let positions: Vec<i16> = links.iter().map(|l| l.2).collect();
+    let stmt = tx.prepare_cached(LINK_ATTACHMENTS).await?;
+    tx.execute(
+        &stmt,
+        &[&ids, &messages, &convs, &senders, &seqs, &positions],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Runs [`APPLY_RECEIPTS`] for `merged` (sorted, so rows are locked in key
 /// order), and with push on [`SCHEDULE_CLEARS`].
 async fn apply_receipts(
@@ -630,12 +698,21 @@ async fn enqueue_push(
     Ok(())
 }
 
-/// Applies the shared field rules to one message.
+/// Applies the shared field rules to one message. Text is optional next
+/// to attachments (the room stores such a message with empty content).
 fn validate(m: &StoredMessage) -> Result<(), (&'static str, String)> {
     if m.seq < 1 {
         return Err(("invalid_field", "seq must be at least 1".to_owned()));
     }
-    MessageContent::parse(m.content.as_str()).map_err(|e| (e.code(), e.to_string()))?;
+    if m.attachment_ids.len() > MAX_ATTACHMENTS_PER_MESSAGE {
+        return Err((
+            "invalid_attachment",
+            format!("at most {MAX_ATTACHMENTS_PER_MESSAGE} attachments per message"),
+        ));
+    }
+    if m.attachment_ids.is_empty() || !m.content.trim().is_empty() {
+        MessageContent::parse(m.content.as_str()).map_err(|e| (e.code(), e.to_string()))?;
+    }
     ClientMsgId::parse(m.client_msg_id.as_str()).map_err(|e| (e.code(), e.to_string()))?;
     Ok(())
 }
@@ -663,6 +740,35 @@ mod tests {
         .map_err(|e| e.to_string());
         let expected: MergedReceipts = [((2, 5), (7, 5)), ((9, 1), (3, 2))].into();
         assert_eq!(merged, Ok(expected));
+    }
+
+    fn stored(content: &str, attachments: usize) -> StoredMessage {
+        StoredMessage {
+            id: Uuid::now_v7(),
+            conversation_id: 1,
+            seq: 1,
+            sender_id: 1,
+            content: content.to_owned(),
+            created_at: Utc::now(),
+            client_msg_id: "k1".to_owned(),
+            attachment_ids: (0..attachments).map(|_| Uuid::now_v7()).collect(),
+        }
+    }
+
+    #[test]
+    fn text_is_optional_only_next_to_attachments() {
+        assert!(validate(&stored("hi", 0)).is_ok());
+        assert!(validate(&stored("", 1)).is_ok());
+        assert!(validate(&stored("  ", 2)).is_ok());
+        assert!(validate(&stored("caption", 1)).is_ok());
+        assert_eq!(
+            validate(&stored("", 0)).map_err(|e| e.0),
+            Err("empty_field")
+        );
+        assert_eq!(
+            validate(&stored("", MAX_ATTACHMENTS_PER_MESSAGE + 1)).map_err(|e| e.0),
+            Err("invalid_attachment")
+        );
     }
 
     #[test]

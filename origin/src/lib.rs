@@ -18,6 +18,7 @@ pub mod hashing;
 pub mod http;
 pub mod ingest;
 pub mod login_guard;
+pub mod media;
 pub mod metrics;
 pub mod push;
 pub mod seed;

@@ -53,6 +53,11 @@ impl Application {
             )),
             edge: crate::edge::EdgeNotifier::new(config.edge_url.clone(), &config.service_secret),
             push: crate::push::Push::new(&config.push).context("set up Web Push")?,
+            media: crate::media::Media::new(
+                config.media.clone(),
+                config.edge_url.as_deref(),
+                &config.service_secret,
+            ),
         };
         if state.push.enabled() {
             tracing::info!(
@@ -93,6 +98,16 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let sweeper = tokio::spawn(sweep_sessions(self.state.clone()));
+        // Processing and cleanup are idempotent and leased, so a stop in
+        // the middle only leaves rows that come due again.
+        let media_worker = tokio::spawn(crate::media::worker::run(
+            self.state.pool.clone(),
+            self.state.media.clone(),
+        ));
+        let media_cleanup = tokio::spawn(crate::media::worker::cleanup(
+            self.state.pool.clone(),
+            self.state.media.clone(),
+        ));
         let (stop_push, stopped) = tokio::sync::watch::channel(false);
         let pusher = tokio::spawn(crate::push::worker::run(
             self.state.pool.clone(),
@@ -108,6 +123,8 @@ impl Application {
             .with_graceful_shutdown(shutdown)
             .await;
         sweeper.abort();
+        media_worker.abort();
+        media_cleanup.abort();
         // The worker finishes the round it is in (each send is bounded),
         // so a graceful stop sends nothing twice; past the wait, its
         // leases run out and another start sends those jobs.

@@ -23,6 +23,8 @@ pub struct AppState {
     pub edge: crate::edge::EdgeNotifier,
     /// Web Push (off without `VAPID_PRIVATE_KEY`).
     pub push: Arc<crate::push::Push>,
+    /// Attachments: limits, URL signing, the processing worker's wake-up.
+    pub media: Arc<crate::media::Media>,
 }
 
 impl std::fmt::Debug for AppState {

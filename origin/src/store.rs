@@ -1,9 +1,11 @@
 //! Queries shared by several routes.
 
 use deadpool_postgres::GenericClient;
+use shared::media::AttachmentView;
 use shared::protocol::MessageView;
 use shared::receipts::{Watermark, status_of};
 use tokio_postgres::Row;
+use uuid::Uuid;
 
 use crate::error::{ApiError, ApiResult};
 
@@ -74,8 +76,39 @@ pub async fn conversation_members(
 pub const MESSAGE_COLUMNS: &str =
     "id, seq, conversation_id, sender_id, content, created_at, client_msg_id";
 
+/// Message rows (selected with [`MESSAGE_COLUMNS`]) as views, each with
+/// its status and its attachments, signed now: one more query for the
+/// whole page, whatever its size.
+pub async fn message_views(
+    client: &impl GenericClient,
+    rows: &[Row],
+    members: &[Watermark],
+    media: &crate::media::Media,
+) -> ApiResult<Vec<MessageView>> {
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    let mut attachments = crate::media::attachments_of(client, &ids).await?;
+    let now = crate::auth::now_unix();
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let id: Uuid = r.get(0);
+            let views = attachments
+                .remove(&id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|meta| media.signer.view(meta, now))
+                .collect();
+            message_view(r, members, views)
+        })
+        .collect())
+}
+
 /// A message row (selected with [`MESSAGE_COLUMNS`]) with its status.
-pub fn message_view(row: &Row, members: &[Watermark]) -> MessageView {
+pub fn message_view(
+    row: &Row,
+    members: &[Watermark],
+    attachments: Vec<AttachmentView>,
+) -> MessageView {
     let seq: i64 = row.get(1);
     let sender_id: i64 = row.get(3);
     MessageView {
@@ -87,6 +120,7 @@ pub fn message_view(row: &Row, members: &[Watermark]) -> MessageView {
         status: status_of(seq, sender_id, members),
         created_at: row.get(5),
         client_msg_id: row.get(6),
+        attachments,
     }
 }
 

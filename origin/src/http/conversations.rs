@@ -230,6 +230,17 @@ async fn list_conversations(
         .query(&stmt, &[&user.id, &LIST_LIMIT, &UNREAD_CAP])
         .await?;
     let mut conversations = Vec::with_capacity(rows.len());
+    // Last messages with no text: they are previewed by what they carry
+    // ("📷 Photo"), read in one query for the whole list.
+    let textless: Vec<uuid::Uuid> = rows
+        .iter()
+        .filter(|r| {
+            r.get::<_, Option<&str>>(10)
+                .is_some_and(|c| c.trim().is_empty())
+        })
+        .filter_map(|r| r.get::<_, Option<uuid::Uuid>>(7))
+        .collect();
+    let mut carried = crate::media::attachments_of(&client, &textless).await?;
     for r in rows {
         let kind = ConversationKind::from_db(r.get(1))?;
         let name: Option<String> = r.get(2);
@@ -237,7 +248,10 @@ async fn list_conversations(
             id,
             seq: r.get(8),
             sender_id: r.get(9),
-            content: preview_text(r.get(10)),
+            content: match carried.remove(&id) {
+                Some(attachments) => shared::room::attachment_summary(&attachments),
+                None => preview_text(r.get(10)),
+            },
             created_at: r.get(11),
         });
         let peer = match r.get::<_, Option<i64>>(14) {
@@ -475,11 +489,9 @@ async fn get_conversation(
         .await?;
     let rows = client.query(&stmt, &[&id, &(LATEST_MESSAGES + 1)]).await?;
     let has_more = rows.len() as i64 > LATEST_MESSAGES;
-    let mut messages: Vec<MessageView> = rows
-        .iter()
-        .take(LATEST_MESSAGES as usize)
-        .map(|r| store::message_view(r, &access.members))
-        .collect();
+    let rows = &rows[..rows.len().min(LATEST_MESSAGES as usize)];
+    let mut messages: Vec<MessageView> =
+        store::message_views(&client, rows, &access.members, &state.media).await?;
     messages.reverse();
     Ok(Json(ConversationDetail {
         conversation,

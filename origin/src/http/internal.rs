@@ -98,14 +98,25 @@ async fn message_by_seq(
         )
         .await?
         .ok_or(ApiError::NotFound("message"))?;
+    let message_id: uuid::Uuid = row.get(0);
+    let attachment_ids: Vec<uuid::Uuid> = client
+        .query(
+            "SELECT id FROM attachments WHERE message_id = $1 ORDER BY position",
+            &[&message_id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     Ok(Json(StoredMessage {
-        id: row.get(0),
+        id: message_id,
         conversation_id: id,
         seq,
         sender_id: row.get(1),
         content: row.get(2),
         created_at: row.get(3),
         client_msg_id: row.get(4),
+        attachment_ids,
     }))
 }
 

@@ -110,28 +110,32 @@ async fn list_messages(
                 ))
                 .await?;
             let rows = client.query(&stmt, &[&id, &after, &fetch, &before]).await?;
-            return Ok(Json(page(&rows, limit, true, &access)));
+            return Ok(Json(
+                page(&client, &state, &rows, limit, true, &access).await?,
+            ));
         }
     };
     let stmt = client.prepare_cached(&sql).await?;
     let rows = client.query(&stmt, &[&id, &forwards.0, &fetch]).await?;
-    Ok(Json(page(&rows, limit, forwards.1, &access)))
+    Ok(Json(
+        page(&client, &state, &rows, limit, forwards.1, &access).await?,
+    ))
 }
 
-fn page(
+async fn page(
+    client: &deadpool_postgres::Client,
+    state: &AppState,
     rows: &[tokio_postgres::Row],
     limit: i64,
     forwards: bool,
     access: &store::Access,
-) -> MessagePage {
+) -> ApiResult<MessagePage> {
     let has_more = rows.len() as i64 > limit;
-    let mut messages: Vec<MessageView> = rows
-        .iter()
-        .take(limit as usize)
-        .map(|r| store::message_view(r, &access.members))
-        .collect();
+    let rows = &rows[..rows.len().min(limit as usize)];
+    let mut messages: Vec<MessageView> =
+        store::message_views(client, rows, &access.members, &state.media).await?;
     if !forwards {
         messages.reverse();
     }
-    MessagePage { messages, has_more }
+    Ok(MessagePage { messages, has_more })
 }

@@ -9,6 +9,7 @@
 mod auth;
 mod conversations;
 mod internal;
+pub mod media;
 mod messages;
 mod openapi;
 mod ops;
@@ -82,6 +83,7 @@ pub fn public_api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(auth::router())
         .merge(conversations::router())
         .merge(messages::router())
+        .merge(media::router())
         .merge(users::router())
         .merge(push::router())
         .merge(ops::router())
@@ -93,7 +95,9 @@ pub fn public_api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 pub fn app(state: AppState, config: &crate::config::Config) -> Router {
     let (public, _) = public_api();
     let public = public.layer(DefaultBodyLimit::max(PUBLIC_BODY_LIMIT));
-    let internal = internal::router().layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT));
+    let internal = internal::router()
+        .merge(media::internal_router())
+        .layer(DefaultBodyLimit::max(INTERNAL_BODY_LIMIT));
 
     let mut app = Router::new()
         .merge(public)

@@ -136,7 +136,7 @@ const JOB_CONTEXT: &str = "SELECT t.user_id, t.conversation_id,
                             OR (now() AT TIME ZONE s.time_zone)::time < s.quiet_end
                      END, false),
             c.kind, c.name, su.full_name,
-            CASE WHEN COALESCE(s.show_content, false) THEN m.content END,
+            CASE WHEN COALESCE(s.show_content, false) THEN NULLIF(m.content, '') END,
             unread.n, unread.senders
      FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
           AS t(user_id, conversation_id, first_seq, last_seq, sender_id)

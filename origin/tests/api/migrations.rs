@@ -27,6 +27,7 @@ async fn migrations_build_the_schema_from_an_empty_database_and_are_recorded_onc
     assert_eq!(
         tables(&pool).await,
         vec![
+            "attachments",
             "conversation_memberships",
             "conversation_notification_prefs",
             "conversation_participants",

@@ -46,6 +46,8 @@ const KEY_INDEXES: &[(&str, &str, &[&str])] = &[
         "push_notified_pkey",
         &["user_id", "conversation_id"],
     ),
+    // A message's attachments, by id.
+    ("attachments", "attachments_pkey", &["id"]),
     // Whether a recipient can be pushed at all (one lookup per member).
     (
         "push_subscriptions",
@@ -219,6 +221,7 @@ async fn room_batch(
             content: r.get(2),
             created_at: r.get(3),
             client_msg_id: r.get(4),
+            attachment_ids: Vec::new(),
         })
         .collect();
     batch.extend((last + 1..=last + new).map(|seq| StoredMessage {
@@ -229,6 +232,13 @@ async fn room_batch(
         content: format!("message {seq}"),
         created_at: Utc::now(),
         client_msg_id: format!("fresh-{seq}"),
+        // Every fifth new message carries an upload (unknown here: linking
+        // skips it, and the lookup still runs).
+        attachment_ids: if seq % 5 == 0 {
+            vec![Uuid::now_v7(), Uuid::now_v7()]
+        } else {
+            Vec::new()
+        },
     }));
     batch
 }
@@ -322,6 +332,19 @@ async fn representative_params(db: &tokio_postgres::Client, fx: &Fixture, name: 
                 Box::new(30.0f64),
             ]
         }
+        "link_attachments" => {
+            let links: Vec<&StoredMessage> = batch.iter().cycle().take(1_000).collect();
+            let mut ids: Vec<Uuid> = links.iter().map(|_| Uuid::now_v7()).collect();
+            ids.sort_unstable();
+            vec![
+                Box::new(ids),
+                Box::new(links.iter().map(|m| m.id).collect::<Vec<_>>()),
+                Box::new(links.iter().map(|m| m.conversation_id).collect::<Vec<_>>()),
+                Box::new(links.iter().map(|m| m.sender_id).collect::<Vec<_>>()),
+                Box::new(links.iter().map(|m| m.seq).collect::<Vec<_>>()),
+                Box::new((0..1_000).map(|i| (i % 10) as i16).collect::<Vec<i16>>()),
+            ]
+        }
         other => panic!("no representative parameters for the statement {other}: add them"),
     }
 }
@@ -392,6 +415,7 @@ fn reads(name: &str) -> &'static str {
         "upsert_messages" => "messages",
         "apply_receipts" | "enqueue_push" => "conversation_participants",
         "schedule_clears" => "push_notified",
+        "link_attachments" => "attachments",
         other => panic!("which table does {other} read?"),
     }
 }
