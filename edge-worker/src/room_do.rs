@@ -368,8 +368,8 @@ impl Room {
     /// hears `attachment_updated`.
     async fn attachment_updated(&self, mut req: Request) -> EdgeResult<Response> {
         let meta: AttachmentMeta = json_body(&mut req).await?;
-        room_store::update_attachment(&self.sql, &meta)?;
-        self.with_room(|r| r.update_attachment(meta))?;
+        let sent = room_store::update_attachment(&self.sql, &meta)?;
+        self.with_room(|r| r.update_attachment(meta, sent))?;
         self.drain()?;
         self.schedule().await;
         Ok(Response::empty()?.with_status(204))

@@ -439,16 +439,26 @@ pub fn register_attachment(sql: &SqlStorage, meta: &AttachmentMeta, now: Millis)
 
 /// The origin's new metadata for an attachment: in its row and in the
 /// stored message that carries it, so replay shows the new state. Returns
-/// whether the room knows the attachment.
+/// whether a message carries it.
 pub fn update_attachment(sql: &SqlStorage, meta: &AttachmentMeta) -> EdgeResult<bool> {
     let json = serde_json::to_string(meta).map_err(|e| EdgeError::Internal(e.to_string()))?;
     let id = meta.id.to_string();
-    let written = sql
+    sql.exec(
+        "UPDATE attachments SET meta = ? WHERE id = ?",
+        vec![json.into(), id.clone().into()],
+    )?;
+    #[derive(Deserialize)]
+    struct Sent {
+        seq: Option<i64>,
+    }
+    let sent = sql
         .exec(
-            "UPDATE attachments SET meta = ? WHERE id = ?",
-            vec![json.into(), id.clone().into()],
+            "SELECT seq FROM attachments WHERE id = ?",
+            vec![id.clone().into()],
         )?
-        .rows_written();
+        .to_array::<Sent>()?
+        .first()
+        .is_some_and(|r| r.seq.is_some());
     #[derive(Deserialize)]
     struct Row {
         seq: i64,
@@ -476,7 +486,7 @@ pub fn update_attachment(sql: &SqlStorage, meta: &AttachmentMeta) -> EdgeResult<
             vec![json.into(), row.seq.into()],
         )?;
     }
-    Ok(written > 0)
+    Ok(sent)
 }
 
 /// The origin's cleanup offers unsent uploads: every one not carried by a

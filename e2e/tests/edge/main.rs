@@ -4,6 +4,7 @@
 
 #![allow(clippy::print_stdout)]
 
+mod media;
 mod membership;
 mod push;
 mod realtime;
@@ -38,6 +39,31 @@ async fn main() -> ExitCode {
         ("PRESENCE_GRACE_MS", "1500"),
     ];
     let tests: &[(&str, TestFn)] = &[
+        (
+            "a_photo_reaches_the_other_member_with_a_thumbnail_and_without_its_location",
+            |s| {
+                Box::pin(
+                    media::a_photo_reaches_the_other_member_with_a_thumbnail_and_without_its_location(s),
+                )
+            },
+        ),
+        ("downloads_need_a_live_signature_and_serve_ranges", |s| {
+            Box::pin(media::downloads_need_a_live_signature_and_serve_ranges(s))
+        }),
+        (
+            "uploads_are_refused_by_type_size_integrity_and_quota",
+            |s| {
+                Box::pin(media::uploads_are_refused_by_type_size_integrity_and_quota(
+                    s,
+                ))
+            },
+        ),
+        ("a_message_carries_only_its_senders_unsent_uploads", |s| {
+            Box::pin(media::a_message_carries_only_its_senders_unsent_uploads(s))
+        }),
+        ("unsent_uploads_are_reaped_and_sent_ones_kept", |s| {
+            Box::pin(media::unsent_uploads_are_reaped_and_sent_ones_kept(s))
+        }),
         ("sessions_rotate_revoke_and_end_through_the_edge", |s| {
             Box::pin(rest::sessions_rotate_revoke_and_end_through_the_edge(s))
         }),
@@ -364,7 +390,10 @@ async fn main() -> ExitCode {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
-        origin_vars: push::origin_vars(&vapid_private),
+        origin_vars: push::origin_vars(&vapid_private)
+            .into_iter()
+            .chain(media::origin_vars())
+            .collect(),
         verbose: std::env::var_os("E2E_VERBOSE").is_some(),
     };
     let mut stack = match Stack::start(options).await {

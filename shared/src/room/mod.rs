@@ -1023,17 +1023,21 @@ impl Room {
     }
 
     /// The origin finished (or failed) processing an attachment: messages
-    /// in the window that carry it show the new state from now on, and
-    /// every member hears of it. Returns the seqs of the window's messages
-    /// that changed, for the driver's log.
-    pub fn update_attachment(&mut self, meta: AttachmentMeta) -> Vec<i64> {
+    /// in the window that carry it show the new state from now on, and,
+    /// once it is in a message (`sent`, as the driver's storage knows),
+    /// every member hears of it. An upload nobody was sent yet stays
+    /// private to its uploader; its message will carry the new state.
+    /// Returns the seqs of the window's messages that changed.
+    pub fn update_attachment(&mut self, meta: AttachmentMeta, sent: bool) -> Vec<i64> {
         let changed = self.window.update_attachment(&meta);
-        self.send(
-            Target::All,
-            ServerFrame::AttachmentUpdated {
-                attachment: AttachmentView::unsigned(meta),
-            },
-        );
+        if sent || !changed.is_empty() {
+            self.send(
+                Target::All,
+                ServerFrame::AttachmentUpdated {
+                    attachment: AttachmentView::unsigned(meta),
+                },
+            );
+        }
         changed
     }
 
@@ -2439,7 +2443,7 @@ mod tests {
         let mut ready = upload(10, 1, None, 0).meta;
         ready.status = crate::media::AttachmentStatus::Ready;
         ready.has_thumbnail = true;
-        assert_eq!(room.update_attachment(ready.clone()), vec![1]);
+        assert_eq!(room.update_attachment(ready.clone(), true), vec![1]);
         let held = room.message(1).expect("held");
         assert_eq!(held.attachments[0].meta, ready);
         assert!(outputs(&mut room).iter().any(|o| matches!(
@@ -2447,5 +2451,10 @@ mod tests {
             Output::Send { to: Target::All, frame: ServerFrame::AttachmentUpdated { attachment } }
                 if attachment.meta == ready
         )));
+        // An upload nobody was sent is nobody else's business yet.
+        let mut other = upload(11, 1, None, 0).meta;
+        other.status = crate::media::AttachmentStatus::Ready;
+        assert!(room.update_attachment(other, false).is_empty());
+        assert!(outputs(&mut room).is_empty());
     }
 }
