@@ -281,15 +281,29 @@ pub const ENQUEUE_PUSH: &str = "WITH t AS MATERIALIZED (
 /// not sent with another message is linked; anything else (an id the
 /// cleanup reaped, someone else's upload) is left alone and the message is
 /// stored without it: the room checked these ids when it accepted the
-/// message, and refusing a message it acknowledged would lose it. Keyed
-/// like the others: `a.id = ANY($1)` on the primary key beside the join.
-pub const LINK_ATTACHMENTS: &str = "UPDATE attachments a
-     SET message_id = t.message_id, message_seq = t.seq, position = t.position
-     FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[], $6::int2[])
-         AS t(id, message_id, conversation_id, sender_id, seq, position)
-     WHERE a.id = ANY($1::uuid[]) AND a.id = t.id
-       AND a.conversation_id = t.conversation_id AND a.uploader_id = t.sender_id
-       AND (a.message_id IS NULL OR a.message_id = t.message_id)";
+/// message, and refusing a message it acknowledged would lose it.
+///
+/// Keyed like the others: `current` reads the rows by primary key alone,
+/// fenced as a `MATERIALIZED` CTE, and the ownership checks compare it
+/// with the batch in memory. Written as join conditions on the table, the
+/// `uploader_id` comparison could steer the planner to
+/// `attachments_quota_idx` (the plan tests caught exactly that).
+pub const LINK_ATTACHMENTS: &str = "WITH t AS (
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int8[], $4::int8[], $5::int8[],
+                              $6::int2[])
+             AS t(id, message_id, conversation_id, sender_id, seq, position)
+     ), current AS MATERIALIZED (
+         SELECT id, conversation_id, uploader_id, message_id
+         FROM attachments WHERE id = ANY($1::uuid[])
+     ), linkable AS (
+         SELECT t.* FROM t JOIN current c ON c.id = t.id
+             AND c.conversation_id = t.conversation_id AND c.uploader_id = t.sender_id
+             AND (c.message_id IS NULL OR c.message_id = t.message_id)
+     )
+     UPDATE attachments a
+     SET message_id = l.message_id, message_seq = l.seq, position = l.position
+     FROM linkable l
+     WHERE a.id = ANY($1::uuid[]) AND a.id = l.id";
 
 /// Every statement the ingest and the receipts route run, by name: what the
 /// plan tests check.

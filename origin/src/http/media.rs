@@ -47,8 +47,9 @@ const MAX_MIME_CHARS: usize = 100;
 /// uploader must be a participant now (403; 404 for no such conversation),
 /// the declared size within the kind's limit (413 `too_large`) and the
 /// uploader's last 24 hours plus this within the daily quota (413
-/// `quota_exceeded`). Reservations count towards the quota whether or not
-/// their upload completes, so failed uploads cannot be retried around it.
+/// `quota_exceeded`). Every reservation of the last 24 hours counts, from
+/// before its first byte (so parallel uploads cannot overshoot), sent or
+/// not, until the edge aborts it (an upload that failed stored nothing).
 async fn reserve(
     _: ServiceCaller,
     State(state): State<AppState>,

@@ -234,6 +234,22 @@ impl TestApp {
         status_and_json(res).await
     }
 
+    /// DELETE on an internal route with the service secret.
+    #[allow(dead_code)]
+    pub async fn internal_delete(&self, path: &str) -> (StatusCode, Value) {
+        let res = self
+            .http
+            .delete(self.url(path))
+            .header(
+                shared::protocol::internal::SERVICE_SECRET_HEADER,
+                SERVICE_SECRET,
+            )
+            .send()
+            .await
+            .expect("request");
+        status_and_json(res).await
+    }
+
     pub async fn internal_get(&self, path: &str) -> (StatusCode, Value) {
         let res = self
             .http

@@ -9,6 +9,7 @@ mod directory;
 mod helpers;
 mod history;
 mod internal;
+mod media;
 mod membership;
 mod migrations;
 mod ops;
