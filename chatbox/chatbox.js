@@ -741,6 +741,9 @@ class ChatBox {
       if (chat.tray.fail(key, e.message)) chat.view.renderTray();
       return;
     }
+    // The server measures a voice message's length while processing it; its
+    // sender knows it already.
+    if (item.durationMs && attachment.duration_ms == null) attachment = { ...attachment, duration_ms: Math.round(item.durationMs) };
     if (!chat.tray.done(key, attachment)) return; // cancelled meanwhile
     // Until the server has re-encoded the photo, its sender sees their own copy.
     if (entry.preview && attachment.kind === 'image') this.localMedia.set(attachment.id, entry.preview);

@@ -255,7 +255,8 @@ export class VoicePlayer {
   show(ms) {
     const at = Math.min(ms, this.duration || ms);
     this.bar.value = String(Math.round(at));
-    const text = `${formatDuration(at)} / ${formatDuration(this.duration)}`;
+    // The length arrives with processing when the upload did not say it.
+    const text = this.duration ? `${formatDuration(at)} / ${formatDuration(this.duration)}` : formatDuration(at);
     this.bar.setAttribute('aria-valuetext', text);
     if (this.time.textContent !== text) this.time.textContent = text;
   }
@@ -412,7 +413,12 @@ export class Lightbox {
     const body = el('div', { class: 'vc-lightbox-body' });
     body.append(this.prev, this.stage, this.next);
     this.element.append(bar, body);
-    this.element.addEventListener('keydown', (e) => this.onKey(e));
+    // On the document while open: a button that became disabled (Next on
+    // the last photo) drops the focus to the page, and the arrows must
+    // still work.
+    this.keys = (e) => {
+      if (this.element.contains(e.target) || e.target === document.body) this.onKey(e);
+    };
     this.render();
   }
 
@@ -466,8 +472,12 @@ export class Lightbox {
     this.element.setAttribute('aria-label', `${a.kind === 'video' ? 'Video' : 'Photo'} ${this.index + 1} of ${total}${this.more ? '+' : ''}`);
     const when = a.created_at ? ` · ${new Date(a.created_at).toLocaleString(undefined, { day: 'numeric', month: 'short', hour: '2-digit', minute: '2-digit' })}` : '';
     this.caption.textContent = `${this.index + 1} of ${total}${this.more ? '+' : ''}${when}`;
+    const focused = document.activeElement;
     this.prev.disabled = this.index === 0;
     this.next.disabled = this.index === total - 1 && !this.more;
+    // Stepping to an end keeps the focus in the dialog, on the way back.
+    if (focused === this.next && this.next.disabled) this.prev.focus();
+    if (focused === this.prev && this.prev.disabled) this.next.focus();
     this.download.hidden = !a.url;
     if (a.url) this.download.href = this.media.url(a.url);
     let node;
@@ -494,10 +504,12 @@ export class Lightbox {
   show(container, from) {
     this.from = from ?? document.activeElement;
     container.append(this.element);
+    document.addEventListener('keydown', this.keys, true);
     this.close.focus();
   }
 
   hide() {
+    document.removeEventListener('keydown', this.keys, true);
     for (const v of this.element.querySelectorAll('video')) v.pause();
     this.element.remove();
     if (this.from?.isConnected) this.from.focus();

@@ -315,8 +315,9 @@ await test('a pasted image and a dropped PDF join the tray; the PDF arrives as a
   const got = await sam.page.evaluate(async (url) => {
     const r = await fetch(url);
     const bytes = new Uint8Array(await r.arrayBuffer());
-    return { status: r.status, type: r.headers.get('content-type'), head: String.fromCharCode(...bytes.slice(0, 5)) };
+    return { status: r.status, type: r.headers.get('content-type'), head: String.fromCharCode(...bytes.slice(0, 5)), headers: [...r.headers] };
   }, href);
+  if (!got.type) console.log(`    (the PDF's response headers: ${JSON.stringify(got.headers)})`);
   expectEqual(`${got.status} ${got.type} ${got.head}`, '200 application/pdf %PDF-', 'the PDF through its signed link');
   await axe(sam.page, 'chat with a file card');
 });
@@ -333,9 +334,13 @@ await test('a voice message recorded by tapping plays on the other side with its
   await timer.waitFor({ state: 'hidden' });
   const voice = sam.page.locator('.vc-bubble .vc-voice').last();
   await voice.getByRole('button', { name: 'Play voice message' }).waitFor();
-  // Its length is the recorder's, not the WebM's (which has none).
-  const label = await voice.locator('.vc-voice-time').textContent();
-  if (!/^0:00 \/ 0:0[2-4]$/.test(label)) throw new Error(`the voice message reads "${label}"`);
+  // Its length is the recorder's, not the WebM's (which has none): it
+  // comes with the message or with `attachment_updated` once processed.
+  const time = voice.locator('.vc-voice-time');
+  await until('the voice message’s length', async () => /^0:00 \/ 0:0[2-4]$/.test(await time.textContent()), PROCESSING_TIMEOUT)
+    .catch(async (e) => {
+      throw new Error(`${e.message}: it reads "${await time.textContent()}"`);
+    });
   await voice.getByRole('button', { name: 'Play voice message' }).click();
   await voice.getByRole('button', { name: 'Pause voice message' }).waitFor();
   await until('the position moving', async () => Number(await voice.getByRole('slider', { name: 'Position' }).inputValue()) > 500);
