@@ -52,6 +52,13 @@ fn query(url: &Url, key: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// Most of a refused upload's body the edge still reads (and discards)
+/// before answering. The refusal is decided before then and nothing is
+/// stored; reading on keeps the answer readable for clients and proxies
+/// that cannot take a response while they are still sending (browsers
+/// mid-upload, `wrangler dev`'s local proxy, which otherwise answers 503).
+const DRAIN_LIMIT: usize = 32 * 1024 * 1024;
+
 /// `POST /api/v1/chat/conversations/{id}/attachments?name=&duration_ms=`
 pub async fn upload(
     mut req: Request,
@@ -60,7 +67,33 @@ pub async fn upload(
     conversation_id: i64,
     url: &Url,
 ) -> EdgeResult<Response> {
-    let caller = auth::from_bearer(&req, &config.jwt_secret)?;
+    let mut body = req.stream().ok();
+    let result = accept(&req, &mut body, env, config, conversation_id, url).await;
+    if result.is_err() {
+        if let Some(mut rest) = body {
+            let mut read = 0;
+            while read < DRAIN_LIMIT {
+                match rest.next().await {
+                    Some(Ok(chunk)) => read += chunk.len(),
+                    _ => break,
+                }
+            }
+        }
+    }
+    result
+}
+
+/// The upload itself; takes `body` out of its option once the stream goes
+/// into the bucket.
+async fn accept(
+    req: &Request,
+    body: &mut Option<worker::ByteStream>,
+    env: &Env,
+    config: &EdgeConfig,
+    conversation_id: i64,
+    url: &Url,
+) -> EdgeResult<Response> {
+    let caller = auth::from_bearer(req, &config.jwt_secret)?;
     let length = req
         .headers()
         .get("content-length")?
@@ -89,10 +122,14 @@ pub async fn upload(
 
     // The first bytes decide the type; nothing is reserved for a file the
     // product does not take.
-    let mut body = req.stream()?;
+    let stream = body.as_mut().ok_or(EdgeError::Client {
+        status: 411,
+        code: "length_required",
+        message: "send the file as the body with its Content-Length".to_owned(),
+    })?;
     let mut head: Vec<u8> = Vec::new();
     while head.len() < SNIFF_BYTES {
-        match body.next().await {
+        match stream.next().await {
             Some(Ok(chunk)) => head.extend_from_slice(&chunk),
             Some(Err(e)) => return Err(upload_broken(&e)),
             None => break,
@@ -119,8 +156,11 @@ pub async fn upload(
     // into the bucket.
     let inspector = Rc::new(RefCell::new(Inspector::new(sniffed.mime)));
     let seen = Rc::clone(&inspector);
+    let rest = body
+        .take()
+        .ok_or_else(|| EdgeError::Internal("the body went".to_owned()))?;
     let stream = futures_util::stream::iter([Ok(head)])
-        .chain(body)
+        .chain(rest)
         .map(move |chunk| {
             if let Ok(bytes) = &chunk {
                 seen.borrow_mut().feed(bytes);
@@ -295,8 +335,7 @@ pub async fn download(
     let Some(object) = object else {
         return Err(EdgeError::NotFound("attachment"));
     };
-    let headers = Headers::new();
-    object.write_http_metadata(headers.clone())?;
+    let headers = stored_headers(&object)?;
     headers.set("x-content-type-options", "nosniff")?;
     // Served bytes are never a document that could script the edge's
     // origin, whatever a browser makes of them.
@@ -325,6 +364,22 @@ pub async fn download(
         .with_headers(headers))
 }
 
+/// The type and disposition stored with an object, as response headers.
+fn stored_headers(object: &worker::Object) -> EdgeResult<Headers> {
+    let meta = object.http_metadata();
+    let headers = Headers::new();
+    headers.set(
+        "content-type",
+        meta.content_type
+            .as_deref()
+            .unwrap_or("application/octet-stream"),
+    )?;
+    if let Some(d) = meta.content_disposition.as_deref() {
+        headers.set("content-disposition", d)?;
+    }
+    Ok(headers)
+}
+
 /// `GET /api/v1/internal/media/{id}/{variant}` (service secret): the
 /// origin reads an original to process it.
 pub async fn internal_get(env: &Env, id: &str, variant: &str) -> EdgeResult<Response> {
@@ -333,8 +388,7 @@ pub async fn internal_get(env: &Env, id: &str, variant: &str) -> EdgeResult<Resp
     let Some(object) = bucket.get(variant.key(id)).execute().await? else {
         return Err(EdgeError::NotFound("attachment"));
     };
-    let headers = Headers::new();
-    object.write_http_metadata(headers.clone())?;
+    let headers = stored_headers(&object)?;
     headers.set("content-length", &object.size().to_string())?;
     let body = object
         .body()

@@ -255,7 +255,7 @@ pub mod internal {
     /// byte reaches the bucket, so the bucket never holds an object the
     /// database does not know. The origin checks membership, the kind's
     /// size limit and the uploader's daily quota, and answers 201
-    /// [`Reserved`] or a typed error (403 `not_member`, 413 `too_large` /
+    /// [`Reserved`] or a typed error (403 `forbidden`, 413 `too_large` /
     /// `quota_exceeded`) the edge passes on.
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     pub struct ReserveAttachment {
