@@ -264,14 +264,68 @@ fn auth_refusals() -> Value {
     )
 }
 
+/// `POST …/attachments`: answered by the edge, which streams the body into
+/// R2 (the origin only reserves and commits it).
+fn upload_op() -> Value {
+    let mut op = edge_op(
+        "Upload an attachment (edge)",
+        "The raw file as the body, with its `Content-Length`. The type is read from the bytes (JPEG, PNG, WebP, GIF, MP4, WebM, PDF; `Content-Type: audio/*` reads a WebM or MP4 as a voice message). The answer is the attachment; send it with a message's `attachment_ids`. An image has no `url` until it is processed (re-encoded without EXIF); `attachment_updated` tells the conversation once it is in a message.",
+        vec![
+            conversation_id_param(),
+            json!({"name": "name", "in": "query", "required": false, "schema": {"type": "string", "maxLength": 255}, "description": "The file's name, cleaned, for file cards and downloads"}),
+            json!({"name": "duration_ms", "in": "query", "required": false, "schema": {"type": "integer", "format": "int64", "minimum": 0}, "description": "A recorder's own measure of a voice message"}),
+        ],
+        json!({
+            "201": {"description": "Stored", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AttachmentView"}}}},
+            "400": error_response("The body ended before its `Content-Length`, it is empty, or a bad parameter (`upload_incomplete`, `empty_upload`, `invalid_query`, `invalid_path`)"),
+            "401": auth_refusals(),
+            "403": error_response("Not a participant (`forbidden`)"),
+            "404": error_response("No such conversation (`not_found`)"),
+            "411": error_response("No `Content-Length` (`length_required`)"),
+            "413": error_response("Over the kind's limit or the daily quota (`too_large`, `quota_exceeded`)"),
+            "415": error_response("Not a type the product takes (`unsupported_media_type`)"),
+            "422": error_response("An image that is broken or truncated (`corrupt_media`)"),
+            "503": with_retry_after(error_response("The origin is unreachable (`origin_unavailable`)"), "Seconds to wait"),
+        }),
+    );
+    op["requestBody"] = json!({"required": true, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}});
+    op["security"] = json!([{"bearer": []}]);
+    op
+}
+
+/// `GET /api/v1/media/…`: the signature is the credential.
+fn download_op() -> Value {
+    let mut op = edge_op(
+        "Download an attachment by signed link (edge)",
+        "The `url`/`thumbnail_url` of an attachment: signed for at most an hour, no token (an `<img>` cannot send one). Served with its stored type, `nosniff`, private caching until the link expires, and ranges.",
+        vec![
+            json!({"name": "attachment_id", "in": "path", "required": true, "schema": {"type": "string", "format": "uuid"}}),
+            json!({"name": "variant", "in": "path", "required": true, "schema": {"type": "string", "enum": ["original", "full", "thumb"]}}),
+            json!({"name": "exp", "in": "query", "required": true, "schema": {"type": "integer", "format": "int64"}}),
+            json!({"name": "sig", "in": "query", "required": true, "schema": {"type": "string"}}),
+            json!({"name": "Range", "in": "header", "required": false, "schema": {"type": "string"}, "description": "`bytes=a-b`, `bytes=a-` or `bytes=-n`"}),
+        ],
+        json!({
+            "200": {"description": "The bytes", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+            "206": {"description": "The requested range, with `Content-Range`", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+            "403": error_response("An altered or expired link (`bad_signature`, `link_expired`)"),
+            "404": error_response("No such attachment (`not_found`)"),
+            "416": {"description": "The range is outside the object (`Content-Range: bytes */size`)"},
+        }),
+    );
+    op["security"] = json!([{}]);
+    op
+}
+
 fn add_edge_routes(doc: &mut Value) {
     let message_send = json!({
         "type": "object",
-        "required": ["content"],
         "properties": {
-            "content": {"type": "string", "minLength": 1, "maxLength": 4000,
-                        "pattern": "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$",
-                        "description": "1–4,000 characters, not blank, no NUL"},
+            "content": {"type": "string", "maxLength": 4000,
+                        "description": "Up to 4,000 characters, no NUL; not blank unless `attachment_ids` is not empty"},
+            "attachment_ids": {"type": "array", "maxItems": 10,
+                               "items": {"type": "string", "format": "uuid"},
+                               "description": "Uploads of the caller's to this conversation (`POST …/attachments`), not sent before"},
             "client_msg_id": {"type": "string", "minLength": 1, "maxLength": 64,
                               "pattern": "^[A-Za-z0-9._:-]{1,64}$",
                               "description": "Idempotency key: the same key again answers the original message with 200"}
@@ -326,7 +380,7 @@ fn add_edge_routes(doc: &mut Value) {
             "404": error_response("No such conversation (`not_found`)"),
             "413": error_response("Body over 64 KiB or content over 4,000 characters (`too_large`, `too_long`)"),
             "415": error_response("Not `application/json` (`unsupported_media_type`)"),
-            "422": error_response("Blank content, a bad `client_msg_id`, or a missing field (`empty_field`, `invalid_field`)"),
+            "422": error_response("Blank content without attachments, a bad `client_msg_id` or field, or an attachment that is not the caller's unsent upload here (`empty_field`, `invalid_field`, `invalid_attachment`)"),
             "429": with_retry_after(error_response("Over the per-user rate (`rate_limited`)"), "Seconds to wait"),
             "503": with_retry_after(error_response("The room's outbox is full during an origin outage (`backpressure`), its storage failed (`storage_unavailable`), or the origin is needed and unreachable (`origin_unavailable`)"), "Seconds to wait"),
         }),
@@ -413,6 +467,8 @@ fn add_edge_routes(doc: &mut Value) {
                 "401": error_response("No, bad, expired or used token or ticket"),
                 "403": error_response("A ticket for another scope, or an `Origin` that is not allowed (`forbidden`)"),
             }))},
+        "/api/v1/chat/conversations/{id}/attachments": {"post": upload_op()},
+        "/api/v1/media/{attachment_id}/{variant}": {"get": download_op()},
         "/api/v1/edge/health": {"get": {
             "tags": ["edge"],
             "summary": "The edge's own health (edge)",
