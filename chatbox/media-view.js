@@ -29,7 +29,7 @@ import { button, el, hidden, reconcile, closeIcon, downloadIcon, fileIcon, nextI
 export function attachmentSig(a, media) {
   const failed = a.status === 'failed' ? 1 : 0;
   if (a.kind === 'image') return ['i', a.status, a.thumbnail_url ? 1 : 0, a.url ? 1 : 0, a.width, a.height, media.localUrl(a.id) ? 1 : 0].join('|');
-  return [a.kind, failed, a.url ? 1 : 0, a.width, a.height].join('|');
+  return [a.kind, failed, a.url ? 1 : 0].join('|');
 }
 
 /** The players in bubbles, by their element, for patching in place. */
@@ -58,7 +58,13 @@ export function patchAttachments(box, attachments, media) {
     node.dataset.status = a.status;
     players.get(node)?.update(a);
     const video = node.querySelector('video');
-    if (video && a.thumbnail_url && !video.poster) video.poster = media.url(a.thumbnail_url);
+    if (video) {
+      // A video's size is known once processed: its box follows in place.
+      const box = sizeBox(node, a, 240, 300);
+      video.width = box.width;
+      video.height = box.height;
+      if (a.thumbnail_url && !video.poster) video.poster = media.url(a.thumbnail_url);
+    }
   });
 }
 

@@ -137,6 +137,47 @@ async function makeImage(page, { width, height, type = 'image/jpeg', colour = '#
   return Buffer.from(base64, 'base64');
 }
 
+/**
+ * A short WebM video made by the browser: a canvas animated for `ms` and
+ * recorded with MediaRecorder (VP8), so the origin has real frames to size.
+ */
+async function makeVideo(page, { width, height, ms = 1_500 }) {
+  const base64 = await page.evaluate(
+    async ({ width, height, ms }) => {
+      const canvas = document.createElement('canvas');
+      canvas.width = width;
+      canvas.height = height;
+      const g = canvas.getContext('2d');
+      const stream = canvas.captureStream(25);
+      const recorder = new MediaRecorder(stream, { mimeType: 'video/webm;codecs=vp8' });
+      const chunks = [];
+      recorder.ondataavailable = (e) => chunks.push(e.data);
+      const started = performance.now();
+      const draw = () => {
+        const t = performance.now() - started;
+        g.fillStyle = '#1d4ed8';
+        g.fillRect(0, 0, width, height);
+        g.fillStyle = '#fff';
+        g.fillRect((t / 5) % width, height / 3, width / 6, height / 3);
+        if (recorder.state === 'recording') requestAnimationFrame(draw);
+      };
+      recorder.start(100);
+      draw();
+      await new Promise((ok) => setTimeout(ok, ms));
+      await new Promise((ok) => {
+        recorder.onstop = ok;
+        recorder.stop();
+      });
+      const bytes = new Uint8Array(await new Blob(chunks).arrayBuffer());
+      let bin = '';
+      for (const b of bytes) bin += String.fromCharCode(b);
+      return btoa(bin);
+    },
+    { width, height, ms },
+  );
+  return Buffer.from(base64, 'base64');
+}
+
 /** A small, valid one-page PDF (its xref offsets computed, not guessed). */
 function makePdf(text) {
   const objects = [
@@ -376,6 +417,25 @@ await test('a voice message recorded by holding the button is sent on release', 
   await composer(sam.page).waitFor();
 });
 
+await test('a video plays inline with its controls, at its shape once processed', async () => {
+  const clip = await makeVideo(alex.page, { width: 320, height: 180 });
+  await attachFiles(alex.page, [{ name: 'deadlift.webm', mimeType: 'video/webm', buffer: clip }]);
+  await tray(alex.page).getByText('ready to send').waitFor();
+  await composer(alex.page).fill('Deadlift form');
+  await composer(alex.page).press('Enter');
+  const video = bubble(sam.page, 'Deadlift form').locator('video');
+  await video.waitFor();
+  expectEqual(await video.getAttribute('preload'), 'metadata', 'preload');
+  expectEqual(await video.evaluate((v) => v.controls), true, 'controls');
+  // The origin reads the size from the frames; the box follows, 16:9.
+  await until('the video at its shape', async () => {
+    const r = await video.boundingBox();
+    return r && Math.abs(r.width / r.height - 16 / 9) < 0.03;
+  }, PROCESSING_TIMEOUT);
+  await until('the video’s first frame', () => video.evaluate((v) => v.readyState >= 1 && v.videoWidth === 320));
+  await axe(sam.page, 'chat with a video');
+});
+
 await test('the gallery shows the photos, opens them full size with next and previous, and lists voice and files', async () => {
   const page = sam.page;
   await page.getByRole('button', { name: 'Photos, videos and files' }).click();
@@ -407,7 +467,12 @@ await test('the gallery shows the photos, opens them full size with next and pre
   await page.getByRole('list', { name: 'Files' }).getByRole('link', { name: /week-3-plan\.pdf/ }).waitFor();
   await axe(page, 'gallery files');
   await page.getByRole('tab', { name: 'Videos' }).click();
-  await page.getByText('No videos yet.').waitFor();
+  await page.getByRole('list', { name: 'Videos' }).getByRole('button', { name: /^Open video/ }).click();
+  const player = page.getByRole('dialog', { name: 'Video 1 of 1' }).locator('video');
+  await player.waitFor();
+  await until('the video full size', () => player.evaluate((v) => v.readyState >= 1 && v.videoWidth === 320));
+  await page.keyboard.press('Escape');
+  await player.waitFor({ state: 'detached' });
   await page.getByRole('button', { name: 'Back to the chat' }).click();
   await composer(page).waitFor();
 });
