@@ -9,6 +9,7 @@
 #![allow(clippy::print_stdout)]
 
 pub mod client;
+pub mod media;
 pub mod push;
 pub mod runner;
 pub mod sse;

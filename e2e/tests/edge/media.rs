@@ -5,93 +5,24 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use e2e::{Stack, User};
+use e2e::Stack;
+use e2e::media::{GPS_MARKER, contains, pdf, photo_with_location, upload, voice};
 use reqwest::Method;
 use serde_json::{Value, json};
 use shared::media::{Signer, Variant};
 
 /// The suite's origin settings (see `main.rs`): small limits, so that the
-/// refusals are cheap to reach, and a fast cleanup.
+/// refusals are cheap to reach, and a cleanup that looks every second.
 pub fn origin_vars() -> Vec<(String, String)> {
     [
         ("MEDIA_MAX_IMAGE_BYTES", "1048576"),
         ("MEDIA_DAILY_QUOTA_BYTES", "4194304"),
-        ("MEDIA_UNSENT_TTL_SECS", "8"),
+        ("MEDIA_UNSENT_TTL_SECS", "60"),
         ("MEDIA_CLEANUP_INTERVAL_SECS", "1"),
     ]
     .iter()
     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
     .collect()
-}
-
-/// A marker spliced into the photo's EXIF block: it must never be served.
-const GPS_MARKER: &[u8] = b"GPSLatitude=51.5007N;VIBE-SECRET-PLACE";
-
-/// A real JPEG (`width`×`height`) with an EXIF APP1 segment that holds a
-/// location, as a phone camera writes one.
-fn photo_with_location(width: u32, height: u32) -> anyhow::Result<Vec<u8>> {
-    let img = image::RgbImage::from_fn(width, height, |x, y| {
-        image::Rgb([(x % 256) as u8, (y % 256) as u8, 128])
-    });
-    let mut jpeg = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 80)
-        .encode_image(&img)
-        .context("encode")?;
-    let mut payload = b"Exif\0\0MM\0\x2a\0\0\0\x08".to_vec();
-    payload.extend_from_slice(GPS_MARKER);
-    let len = u16::try_from(payload.len() + 2)?;
-    let mut out = jpeg[..2].to_vec();
-    out.extend_from_slice(&[0xFF, 0xE1]);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&payload);
-    out.extend_from_slice(&jpeg[2..]);
-    Ok(out)
-}
-
-fn pdf(bytes: usize) -> Vec<u8> {
-    let mut v = b"%PDF-1.7\n".to_vec();
-    v.resize(bytes.saturating_sub(6), b' ');
-    v.extend_from_slice(b"%%EOF\n");
-    v
-}
-
-/// A voice message as MediaRecorder would start one: an EBML header, then
-/// bytes (the origin reads what it can; the edge only sniffs).
-fn voice(bytes: usize) -> Vec<u8> {
-    let mut v = vec![0x1A, 0x45, 0xDF, 0xA3, 0x9F, 0x42, 0x86, 0x81, 0x01];
-    v.extend((0..bytes).map(|i| (i * 7 % 251) as u8));
-    v
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-async fn upload(
-    s: &Stack,
-    user: &User,
-    conv: i64,
-    bytes: Vec<u8>,
-    content_type: &str,
-    query: &str,
-) -> anyhow::Result<(u16, Value)> {
-    let res = s
-        .http()
-        .post(format!(
-            "{}/api/v1/chat/conversations/{conv}/attachments{query}",
-            s.edge
-        ))
-        .bearer_auth(&user.token)
-        .header("content-type", content_type)
-        .body(bytes)
-        .send()
-        .await?;
-    let status = res.status().as_u16();
-    let text = res.text().await?;
-    Ok((
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    ))
 }
 
 async fn get(s: &Stack, path: &str, range: Option<&str>) -> anyhow::Result<reqwest::Response> {
@@ -501,8 +432,15 @@ pub async fn unsent_uploads_are_reaped_and_sent_ones_kept(s: &mut Stack) -> anyh
     alex_ws.expect("ack").await?;
     let dropped_id: uuid::Uuid = dropped["id"].as_str().context("id")?.parse()?;
     let kept_id: uuid::Uuid = kept["id"].as_str().context("id")?.parse()?;
-    // The suite reaps unsent uploads after 8 s, checking every second.
+    // A day passes for both uploads (in the database's clock, which the
+    // cleanup reads); it checks every second in this suite.
     let db = s.pool.get().await?;
+    db.execute(
+        "UPDATE attachments SET created_at = created_at - interval '2 days'
+         WHERE id = ANY($1)",
+        &[&vec![dropped_id, kept_id]],
+    )
+    .await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
     loop {
         let n: i64 = db

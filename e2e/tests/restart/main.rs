@@ -65,6 +65,14 @@ async fn main() -> ExitCode {
             |s| Box::pin(after_a_kill_the_single_socket_resumes_without_a_gap_and_is_live_again(s)),
         ),
         (
+            "an_upload_outlives_a_kill_of_the_runtime_and_is_sent_and_processed_after_it",
+            |s| {
+                Box::pin(
+                    an_upload_outlives_a_kill_of_the_runtime_and_is_sent_and_processed_after_it(s),
+                )
+            },
+        ),
+        (
             "a_reader_that_never_reads_is_cut_off_and_the_others_get_everything",
             |s| Box::pin(a_reader_that_never_reads_is_cut_off_and_the_others_get_everything(s)),
         ),
@@ -635,5 +643,61 @@ pub async fn a_reader_that_never_reads_is_cut_off_and_the_others_get_everything(
         rss_before / 1024,
         rss_after / 1024
     );
+    Ok(())
+}
+
+/// An upload is in R2 and registered with its room; the runtime dies
+/// before it is sent (and while the origin may be fetching it to make the
+/// thumbnail). After the restart its uploader can still send it (the
+/// registration is in the room's SQLite), the origin's processing gets
+/// through (it retries the edge), and the other member gets a photo that
+/// downloads.
+async fn an_upload_outlives_a_kill_of_the_runtime_and_is_sent_and_processed_after_it(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let alex = s.user("Alex").await?;
+    let sam = s.user("Sam").await?;
+    let conv = s.direct(&alex, &sam).await?;
+    let photo = e2e::media::photo_with_location(800, 600)?;
+    let (status, up) = e2e::media::upload(s, &alex, conv, photo, "image/jpeg", "").await?;
+    ensure!(status == 201, "{status} {up}");
+    let id = up["id"].as_str().context("id")?.to_owned();
+    s.kill_edge();
+    s.start_edge().await?;
+
+    let mut a = s.ws(&alex, conv, None).await?;
+    a.send(
+        json!({"type": "message", "conversation_id": conv, "content": "after the crash",
+                  "client_msg_id": "after-kill", "attachment_ids": [id]}),
+    )
+    .await?;
+    let ack = a.expect("ack").await?;
+    ensure!(ack["client_msg_id"] == "after-kill", "{ack}");
+
+    // The origin's retries reach the edge again (2 s, 4 s, … apart).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let url = loop {
+        let (status, page) = s
+            .call(
+                Some(&sam),
+                reqwest::Method::GET,
+                &format!("/api/v1/chat/conversations/{conv}/messages"),
+                None,
+            )
+            .await?;
+        ensure!(status == 200, "{status} {page}");
+        let att = &page["messages"][0]["attachments"][0];
+        if att["status"] == "ready" {
+            break att["url"].as_str().context("url")?.to_owned();
+        }
+        ensure!(att["status"] != "failed", "processing failed: {att}");
+        ensure!(Instant::now() < deadline, "never processed: {page}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let res = s.http().get(format!("{}{url}", s.edge)).send().await?;
+    ensure!(res.status() == 200, "{}", res.status());
+    let bytes = res.bytes().await?;
+    ensure!(!e2e::media::contains(&bytes, e2e::media::GPS_MARKER));
+    a.close().await?;
     Ok(())
 }
