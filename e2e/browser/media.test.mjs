@@ -55,7 +55,7 @@ async function shot(page, name) {
 }
 
 /** A signed-in ChatBox in its own browser context, allowed the microphone. */
-async function open(email, { viewport = { width: 1100, height: 800 } } = {}) {
+async function open(email, { viewport = { width: 1100, height: 760 } } = {}) {
   const context = await browser.newContext({ viewport });
   await context.grantPermissions(['microphone'], { origin: EDGE });
   const page = await context.newPage();
