@@ -64,6 +64,12 @@ async fn main() -> ExitCode {
         ("unsent_uploads_are_reaped_and_sent_ones_kept", |s| {
             Box::pin(media::unsent_uploads_are_reaped_and_sent_ones_kept(s))
         }),
+        (
+            "an_upload_while_the_origin_is_down_is_refused_and_stores_nothing",
+            |s| {
+                Box::pin(media::an_upload_while_the_origin_is_down_is_refused_and_stores_nothing(s))
+            },
+        ),
         ("sessions_rotate_revoke_and_end_through_the_edge", |s| {
             Box::pin(rest::sessions_rotate_revoke_and_end_through_the_edge(s))
         }),

@@ -486,3 +486,44 @@ pub async fn unsent_uploads_are_reaped_and_sent_ones_kept(s: &mut Stack) -> anyh
     ensure!(n == 1);
     Ok(())
 }
+
+pub async fn an_upload_while_the_origin_is_down_is_refused_and_stores_nothing(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let (alex, _sam, conv) = s.pair().await?;
+    // The room exists already (the origin vouched for it).
+    let mut alex_ws = s.ws(&alex, conv, None).await?;
+    s.stop_origin();
+    let result = upload(s, &alex, conv, pdf(50_000), "application/pdf", "").await;
+    s.start_origin()?;
+    let (status, body) = result?;
+    ensure!(
+        status == 503 && body["code"] == "origin_unavailable",
+        "{status} {body}"
+    );
+    let db = s.pool.get().await?;
+    let n: i64 = db
+        .query_one(
+            "SELECT count(*) FROM attachments WHERE uploader_id = $1",
+            &[&alex.id],
+        )
+        .await?
+        .get(0);
+    ensure!(n == 0, "{n} rows after a refused upload");
+    // Text still flows while the origin is away; uploads work once it is back.
+    alex_ws.say(conv, "still here", "k-down").await?;
+    alex_ws.expect("ack").await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = upload(s, &alex, conv, pdf(50_000), "application/pdf", "").await?;
+        if status == 201 {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no upload after the origin came back: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
+}
