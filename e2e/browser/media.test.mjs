@@ -477,6 +477,22 @@ await test('the gallery shows the photos, opens them full size with next and pre
   await composer(page).waitFor();
 });
 
+await test('a media link that expired is signed again and the photo still shows', async () => {
+  const page = sam.page;
+  // The first download after a reload answers as an expired link does.
+  await page.route((url) => url.pathname.startsWith('/api/v1/media/'), (route) =>
+    route.fulfill({ status: 403, contentType: 'application/json', body: JSON.stringify({ code: 'expired', message: 'the download link has expired' }) }), { times: 1 });
+  const resigned = [];
+  page.on('request', (r) => {
+    if (/\/api\/v1\/chat\/conversations\/\d+\/attachments\/[0-9a-f-]{36}$/.test(new URL(r.url()).pathname)) resigned.push(r.url());
+  });
+  await page.reload();
+  const photos = page.locator('.vc-bubble .vc-att-image img');
+  await photos.nth(2).waitFor();
+  await loaded(photos, 'every photo after a link failed', TIMEOUT);
+  expectEqual(resigned.length, 1, 'attachments signed again');
+});
+
 await test('no page threw an error', async () => {
   const errors = [...(alex?.errors ?? []), ...(sam?.errors ?? [])];
   if (errors.length) throw new Error(errors.map(String).join('; '));
