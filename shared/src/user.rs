@@ -123,6 +123,7 @@ struct Held {
 fn conversation_of(frame: &ServerFrame) -> Option<i64> {
     match frame {
         ServerFrame::Message { message } => Some(message.conversation_id),
+        ServerFrame::AttachmentUpdated { attachment } => Some(attachment.meta.conversation_id),
         ServerFrame::Typing {
             conversation_id, ..
         }

@@ -74,6 +74,7 @@ pub async fn a_photo_reaches_the_other_member_with_a_thumbnail_and_without_its_l
 ) -> anyhow::Result<()> {
     let (alex, sam, conv) = s.pair().await?;
     let mut sam_ws = s.ws(&sam, conv, None).await?;
+    let mut sam_everywhere = s.always_on(&sam).await?;
     let mut alex_ws = s.ws(&alex, conv, None).await?;
     let photo = photo_with_location(640, 480)?;
     ensure!(contains(&photo, GPS_MARKER));
@@ -98,6 +99,9 @@ pub async fn a_photo_reaches_the_other_member_with_a_thumbnail_and_without_its_l
     ensure!(ack["client_msg_id"] == "photo-1", "{ack}");
     let att = ready_on(&mut sam_ws, &id).await?;
     ensure!(att["has_thumbnail"] == true, "{att}");
+    // The always-on connection (every device) hears the same.
+    let elsewhere = ready_on(&mut sam_everywhere, &id).await?;
+    ensure!(elsewhere["thumbnail_url"].is_string(), "{elsewhere}");
     let url = att["url"].as_str().context("url")?;
     let thumb = att["thumbnail_url"].as_str().context("thumbnail_url")?;
 

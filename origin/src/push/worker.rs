@@ -137,7 +137,8 @@ const JOB_CONTEXT: &str = "SELECT t.user_id, t.conversation_id,
                      END, false),
             c.kind, c.name, su.full_name,
             CASE WHEN COALESCE(s.show_content, false) THEN NULLIF(m.content, '') END,
-            unread.n, unread.senders
+            unread.n, unread.senders,
+            att.kinds, att.names
      FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
           AS t(user_id, conversation_id, first_seq, last_seq, sender_id)
      JOIN conversations c ON c.id = t.conversation_id
@@ -156,7 +157,14 @@ const JOB_CONTEXT: &str = "SELECT t.user_id, t.conversation_id,
            AND mm.seq > GREATEST(COALESCE(p.read_seq, 0), t.first_seq - 1)
            AND mm.seq <= t.last_seq
            AND mm.sender_id <> t.user_id
-           AND (pr.last_seen IS NULL OR pr.is_online OR mm.created_at > pr.last_seen)) unread";
+           AND (pr.last_seen IS NULL OR pr.is_online OR mm.created_at > pr.last_seen)) unread
+     LEFT JOIN LATERAL (
+         -- What a message without text carries, for its notification's body.
+         SELECT array_agg(a.kind ORDER BY a.position) AS kinds,
+                array_agg(a.name ORDER BY a.position) AS names
+         FROM attachments a
+         WHERE a.message_id = m.id AND COALESCE(s.show_content, false) AND m.content = '') att
+       ON true";
 
 /// The subscriptions of users `$1`.
 const SUBSCRIPTIONS: &str = "SELECT id, user_id, endpoint, p256dh, auth
@@ -272,7 +280,8 @@ pub struct Context {
     pub group: bool,
     pub group_name: Option<String>,
     pub sender_name: Option<String>,
-    /// The text of `last_seq`, only when the user allowed content.
+    /// The text of `last_seq` (or what it carries, when it has none), only
+    /// when the user allowed content.
     pub content: Option<String>,
     /// Unread messages from others in the job's range, and their senders.
     pub unread: i64,
@@ -597,6 +606,20 @@ async fn job_round(pool: &Pool, push: &Push, vapid: &Vapid) -> anyhow::Result<us
 }
 
 /// [`JOB_CONTEXT`] for `jobs`, by (user, conversation).
+/// "📷 Photo", "📎 3 attachments": the body of a notification for a
+/// message without text (when the user shows content at all).
+fn attachments_text(kinds: &[String], names: &[Option<String>]) -> Option<String> {
+    let items: Vec<(shared::media::MediaKind, Option<&str>)> = kinds
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| {
+            let name = names.get(i).and_then(|n| n.as_deref());
+            shared::media::MediaKind::parse(k).map(|k| (k, name))
+        })
+        .collect();
+    (!items.is_empty()).then(|| shared::room::summarize_attachments(&items))
+}
+
 async fn contexts(
     client: &deadpool_postgres::Client,
     jobs: &[Job],
@@ -629,7 +652,11 @@ async fn contexts(
                     group: kind == "group",
                     group_name: r.get(10),
                     sender_name: r.get(11),
-                    content: r.get(12),
+                    content: r.get::<_, Option<String>>(12).or_else(|| {
+                        let kinds: Option<Vec<String>> = r.get(15);
+                        let names: Option<Vec<Option<String>>> = r.get(16);
+                        attachments_text(&kinds.unwrap_or_default(), &names.unwrap_or_default())
+                    }),
                     unread: r.get(13),
                     unread_senders: r.get(14),
                 },

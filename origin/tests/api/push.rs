@@ -833,6 +833,44 @@ async fn an_offline_member_gets_one_encrypted_signed_push_per_burst_and_a_clear_
 }
 
 #[tokio::test]
+async fn a_message_without_text_is_notified_by_what_it_carries() {
+    let (app, service) = push_app().await;
+    let alex = app.user("Alex Rivera", Role::Member).await;
+    let sam = app.user("Sam Patel", Role::Member).await;
+    let browser = service.browser("sam-laptop");
+    let (status, _) = app
+        .post(&sam, "/api/v1/push/subscriptions", browser.json())
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = app
+        .put(
+            &sam,
+            "/api/v1/push/settings",
+            json!({"show_content": true, "quiet_hours": null}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let id = app.direct(&alex, &sam).await;
+    let (status, reserved) = app
+        .internal_post(
+            "/internal/v1/attachments",
+            &json!({"conversation_id": id, "uploader_id": alex.id, "kind": "image",
+                    "mime": "image/jpeg", "size": 1000}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{reserved}");
+    let mut photo = message(id, alex.id, 1);
+    photo["content"] = json!("");
+    photo["attachment_ids"] = json!([reserved["id"]]);
+    let (status, body) = app
+        .internal_post("/internal/v1/messages/batch", &json!({"messages": [photo]}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let pushes = service.wait_for("sam-laptop", 1).await;
+    assert_eq!(browser.open(&pushes[0])["body"], "📷 Photo");
+}
+
+#[tokio::test]
 async fn no_push_reaches_a_muted_or_quiet_user_and_5xx_is_retried() {
     let (app, service) = push_app().await;
     let alex = app.user("Alex", Role::Member).await;

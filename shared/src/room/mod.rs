@@ -237,13 +237,22 @@ impl Record {
 /// "Photo", "Voice message", "3 attachments": a message without text in a
 /// list or a notification.
 pub fn attachment_summary(attachments: &[AttachmentMeta]) -> String {
-    match attachments {
+    let items: Vec<(MediaKind, Option<&str>)> = attachments
+        .iter()
+        .map(|a| (a.kind, a.name.as_deref()))
+        .collect();
+    summarize_attachments(&items)
+}
+
+/// [`attachment_summary`] from kinds and names alone (what a query reads).
+pub fn summarize_attachments(items: &[(MediaKind, Option<&str>)]) -> String {
+    match items {
         [] => String::new(),
-        [one] => match one.kind {
+        [(kind, name)] => match kind {
             MediaKind::Image => "📷 Photo".to_owned(),
             MediaKind::Video => "🎬 Video".to_owned(),
             MediaKind::Audio => "🎤 Voice message".to_owned(),
-            MediaKind::File => format!("📄 {}", one.name.as_deref().unwrap_or("File")),
+            MediaKind::File => format!("📄 {}", name.unwrap_or("File")),
         },
         many => format!("📎 {} attachments", many.len()),
     }
