@@ -655,6 +655,8 @@ type HmacSha256 = Hmac<Sha256>;
 /// same URL for ten minutes and the browser's cache works.
 pub const URL_TTL_SECS: i64 = 3_600;
 const URL_GRID_SECS: i64 = 600;
+/// How far the origin's clock may run ahead of the edge's.
+const CLOCK_SKEW_SECS: i64 = 60;
 
 /// Mints and checks download paths. The key is derived from the service
 /// secret the edge and the origin already share, with a label of its own,
@@ -715,9 +717,10 @@ impl Signer {
         self.mac(id, variant, exp)
             .verify_slice(&raw)
             .map_err(|_| MediaError::BadSignature)?;
-        // A validly signed expiry beyond the longest lifetime was not minted
-        // by this code: refused as well.
-        if exp <= now_secs || exp > now_secs + URL_TTL_SECS {
+        // A validly signed expiry beyond the longest lifetime (give or take
+        // the clock skew between the edge and the origin, which mint the
+        // same links) was not minted by this code: refused as well.
+        if exp <= now_secs || exp > now_secs + URL_TTL_SECS + CLOCK_SKEW_SECS {
             return Err(MediaError::Expired);
         }
         Ok(())

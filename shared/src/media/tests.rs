@@ -242,6 +242,14 @@ fn a_signed_path_verifies_until_it_expires() {
     );
     // Paths minted within one 10-minute slot are the same URL (cacheable).
     assert_eq!(path, signer.path(id, Variant::Full, NOW + 1));
+    // One minted by a clock a little ahead (the origin's, say), just past
+    // a slot's edge, still verifies.
+    let slot_end = (NOW / 600 + 1) * 600;
+    let (_, _, ahead_exp, ahead_sig) = parts(&signer.path(id, Variant::Full, slot_end + 2));
+    assert_eq!(
+        signer.verify(id, Variant::Full, ahead_exp, &ahead_sig, slot_end - 3),
+        Ok(())
+    );
 }
 
 #[test]
