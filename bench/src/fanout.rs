@@ -278,7 +278,7 @@ pub async fn run() -> anyhow::Result<()> {
 }
 
 /// The URL members connect to, announced.
-async fn edge_url(stack: &Stack) -> anyhow::Result<String> {
+pub(crate) async fn edge_url(stack: &Stack) -> anyhow::Result<String> {
     if std::env::var_os("BENCH_VIA_PROXY").is_some_and(|v| v != "0") {
         println!(
             "members connect through wrangler dev's proxy: {}",

@@ -7,6 +7,7 @@
 #![allow(clippy::print_stdout)]
 
 pub mod fanout;
+pub mod media;
 pub mod origin_bench;
 pub mod presence;
 pub mod report;
@@ -18,8 +19,11 @@ pub async fn run(which: &str) -> anyhow::Result<()> {
         "fanout" => fanout::run().await,
         "room" => room_machine::run(),
         "presence" => presence::run().await,
+        "media" => media::run().await,
         other => {
-            anyhow::bail!("unknown benchmark {other:?}; available: origin, fanout, room, presence")
+            anyhow::bail!(
+                "unknown benchmark {other:?}; available: origin, fanout, room, presence, media"
+            )
         }
     }
 }

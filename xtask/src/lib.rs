@@ -22,7 +22,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 const USAGE: &str =
-    "usage: cargo xtask <dev | test | bench origin|fanout|room|presence | build-edge>";
+    "usage: cargo xtask <dev | test | bench origin|fanout|room|presence|media | build-edge>";
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let root = workspace_root();
@@ -187,11 +187,21 @@ fn bench(root: &Path, which: Option<&str>) -> anyhow::Result<()> {
             pg::drop_test_databases(&admin_url)?;
             result
         }
+        // The bench drops its own database; not every vibe_test_* (others'
+        // e2e runs may be using theirs).
+        "media" => {
+            let admin_url = pg::ensure(root)?;
+            build_edge(root)?;
+            let mut cmd = cargo(&["run", "--release", "-p", "vibe-bench", "--", "media"]);
+            cmd.env("DATABASE_URL", &admin_url)
+                .env("WRANGLER_SEND_METRICS", "false");
+            step("media benchmark (wrangler dev)", cmd)
+        }
         "room" => step(
             "room state machine benchmark (native)",
             cargo(&["run", "--release", "-p", "vibe-bench", "--", "room"]),
         ),
-        other => bail!("unknown benchmark {other:?}; available: origin, fanout, room, presence"),
+        other => bail!("unknown benchmark {other:?}; available: origin, fanout, room, presence, media"),
     }
 }
 
