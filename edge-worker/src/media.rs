@@ -27,6 +27,12 @@ use shared::media::{
 };
 use shared::protocol::internal::{CommitAttachment, ReserveAttachment};
 use uuid::Uuid;
+use worker::js_sys::{Reflect, Uint8Array};
+use worker::wasm_bindgen::{JsCast, JsValue};
+use worker::wasm_bindgen_futures::JsFuture;
+use worker::web_sys::{
+    ReadableStream, ReadableStreamDefaultReader, TransformStream, WritableStream,
+};
 use worker::{
     Bucket, Env, FixedLengthStream, Headers, HttpMetadata, Method, Range, Request, RequestInit,
     Response, Url,
@@ -61,23 +67,17 @@ const DRAIN_LIMIT: usize = 32 * 1024 * 1024;
 
 /// `POST /api/v1/chat/conversations/{id}/attachments?name=&duration_ms=`
 pub async fn upload(
-    mut req: Request,
+    req: Request,
     env: &Env,
     config: &EdgeConfig,
     conversation_id: i64,
     url: &Url,
 ) -> EdgeResult<Response> {
-    let mut body = req.stream().ok();
+    let mut body = Body::of(&req);
     let result = accept(&req, &mut body, env, config, conversation_id, url).await;
     if result.is_err() {
-        if let Some(mut rest) = body {
-            let mut read = 0;
-            while read < DRAIN_LIMIT {
-                match rest.next().await {
-                    Some(Ok(chunk)) => read += chunk.len(),
-                    _ => break,
-                }
-            }
+        if let Some(rest) = body {
+            rest.discard(DRAIN_LIMIT).await;
         }
     }
     result
@@ -87,7 +87,7 @@ pub async fn upload(
 /// into the bucket.
 async fn accept(
     req: &Request,
-    body: &mut Option<worker::ByteStream>,
+    body: &mut Option<Body>,
     env: &Env,
     config: &EdgeConfig,
     conversation_id: i64,
@@ -122,17 +122,21 @@ async fn accept(
 
     // The first bytes decide the type; nothing is reserved for a file the
     // product does not take.
-    let stream = body.as_mut().ok_or(EdgeError::Client {
+    let source = body.as_ref().ok_or(EdgeError::Client {
         status: 411,
         code: "length_required",
         message: "send the file as the body with its Content-Length".to_owned(),
     })?;
     let mut head: Vec<u8> = Vec::new();
+    let mut head_chunks: Vec<Uint8Array> = Vec::new();
     while head.len() < SNIFF_BYTES {
-        match stream.next().await {
-            Some(Ok(chunk)) => head.extend_from_slice(&chunk),
-            Some(Err(e)) => return Err(upload_broken(&e)),
-            None => break,
+        match source.next().await {
+            Ok(Some(chunk)) => {
+                head.extend_from_slice(&chunk.to_vec());
+                head_chunks.push(chunk);
+            }
+            Ok(None) => break,
+            Err(e) => return Err(upload_broken(&e)),
         }
     }
     let sniffed = sniff(&head[..head.len().min(SNIFF_BYTES)], declared.as_deref())
@@ -152,38 +156,54 @@ async fn accept(
         .await?;
     let id = reserved.id;
 
-    // The rest streams through: the inspector sees every chunk on its way
-    // into the bucket.
-    let inspector = Rc::new(RefCell::new(Inspector::new(sniffed.mime)));
-    let seen = Rc::clone(&inspector);
-    let rest = body
-        .take()
-        .ok_or_else(|| EdgeError::Internal("the body went".to_owned()))?;
-    let stream = futures_util::stream::iter([Ok(head)])
-        .chain(rest)
-        .map(move |chunk| {
-            if let Ok(bytes) = &chunk {
-                seen.borrow_mut().feed(bytes);
-            }
-            chunk
-        });
     let bucket = env.bucket(BUCKET)?;
     let metadata = HttpMetadata {
         content_type: Some(sniffed.mime.to_owned()),
         content_disposition: Some(disposition(sniffed.kind, name.as_deref())),
         ..HttpMetadata::default()
     };
-    let stored = bucket
-        .put(
-            Variant::Original.key(id),
-            FixedLengthStream::wrap(stream, length),
+    let rest = body
+        .take()
+        .ok_or_else(|| EdgeError::Internal("the body went".to_owned()))?;
+    let key = Variant::Original.key(id);
+    let inspector = Rc::new(RefCell::new(Inspector::new(sniffed.mime)));
+    let stored = if sniffed.kind == MediaKind::Image {
+        // An image passes the inspector on its way into the bucket: its
+        // chunks cross into the Worker's memory (images are small).
+        let seen = Rc::clone(&inspector);
+        let stream = futures_util::stream::iter(head_chunks.into_iter().map(|c| Ok(c.to_vec())))
+            .chain(rest.into_stream())
+            .map(move |chunk| {
+                if let Ok(bytes) = &chunk {
+                    seen.borrow_mut().feed(bytes);
+                }
+                chunk
+            });
+        bucket
+            .put(&key, FixedLengthStream::wrap(stream, length))
+            .http_metadata(metadata)
+            .execute()
+            .await
+            .map(|_| ())
+    } else {
+        // Anything else is piped by the runtime itself, byte for byte,
+        // never copied through the Worker (up to 100 MiB of video).
+        let pipe = worker::worker_sys::FixedLengthStream::new_big_int(
+            worker::js_sys::BigInt::from(length),
         )
-        .http_metadata(metadata)
-        .execute()
-        .await;
+        .map_err(worker::Error::from)?;
+        let pipe: &TransformStream = pipe.unchecked_ref();
+        let put = bucket
+            .put(&key, worker::Data::ReadableStream(pipe.readable()))
+            .http_metadata(metadata)
+            .execute();
+        let (stored, fed) =
+            futures_util::future::join(put, rest.pipe(head_chunks, &pipe.writable())).await;
+        stored.map(|_| ()).and(fed)
+    };
     if let Err(e) = stored {
         // The client went away or sent less than it declared.
-        let _ = bucket.delete(Variant::Original.key(id)).await;
+        let _ = bucket.delete(&key).await;
         let _ = origin.abort_attachment(id).await;
         return Err(upload_broken(&e));
     }
@@ -191,7 +211,7 @@ async fn accept(
     let found = match verdict {
         Ok(found) => found,
         Err(e) => {
-            let _ = bucket.delete(Variant::Original.key(id)).await;
+            let _ = bucket.delete(&key).await;
             let _ = origin.abort_attachment(id).await;
             return Err(EdgeError::Media(e));
         }
@@ -210,6 +230,81 @@ async fn accept(
     register_with_room(env, caller.user_id, &meta).await?;
     let view = config.signer.view(meta, now_secs());
     Ok(Response::from_json(&view)?.with_status(201))
+}
+
+/// A request body as the runtime gives it: a JS stream read with its own
+/// reader, so that bytes cross into the Worker's wasm memory only where the
+/// edge looks at them (the first bytes, an image's structure). Copying
+/// every chunk in and out of wasm cost a core per ~22 MB/s (BENCHMARKS.md,
+/// Media).
+struct Body {
+    stream: ReadableStream,
+    reader: ReadableStreamDefaultReader,
+}
+
+impl Body {
+    fn of(req: &Request) -> Option<Self> {
+        let stream = req.inner().body()?;
+        let reader: ReadableStreamDefaultReader = stream.get_reader().unchecked_into();
+        Some(Self { stream, reader })
+    }
+
+    /// The next chunk, still in JS memory; `None` at the end.
+    async fn next(&self) -> worker::Result<Option<Uint8Array>> {
+        let result = JsFuture::from(self.reader.read())
+            .await
+            .map_err(worker::Error::from)?;
+        let done = Reflect::get(&result, &JsValue::from_str("done"))
+            .map_err(worker::Error::from)?
+            .as_bool()
+            .unwrap_or(true);
+        if done {
+            return Ok(None);
+        }
+        let value =
+            Reflect::get(&result, &JsValue::from_str("value")).map_err(worker::Error::from)?;
+        Ok(Some(value.unchecked_into()))
+    }
+
+    /// Reads and drops up to `limit` bytes (see [`DRAIN_LIMIT`]).
+    async fn discard(&self, limit: usize) {
+        let mut read = 0;
+        while read < limit {
+            match self.next().await {
+                Ok(Some(chunk)) => read += chunk.length() as usize,
+                _ => break,
+            }
+        }
+    }
+
+    /// The rest as a Rust stream of byte vectors (copied into wasm).
+    fn into_stream(self) -> impl futures_util::Stream<Item = worker::Result<Vec<u8>>> {
+        futures_util::stream::unfold(Some(self), |state| async move {
+            let body = state?;
+            match body.next().await {
+                Ok(Some(chunk)) => Some((Ok(chunk.to_vec()), Some(body))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        })
+    }
+
+    /// Writes `head` (the chunks already read) into `to`, then lets the
+    /// runtime pipe the rest: no chunk after the head enters the Worker.
+    async fn pipe(self, head: Vec<Uint8Array>, to: &WritableStream) -> worker::Result<()> {
+        let writer = to.get_writer().map_err(worker::Error::from)?;
+        for chunk in &head {
+            JsFuture::from(writer.write_with_chunk(chunk))
+                .await
+                .map_err(worker::Error::from)?;
+        }
+        writer.release_lock();
+        self.reader.release_lock();
+        JsFuture::from(self.stream.pipe_to(to))
+            .await
+            .map_err(worker::Error::from)?;
+        Ok(())
+    }
 }
 
 fn upload_broken(e: &worker::Error) -> EdgeError {
@@ -401,7 +496,7 @@ pub async fn internal_get(env: &Env, id: &str, variant: &str) -> EdgeResult<Resp
 /// origin stores a processed copy (`full` or `thumb`). The body streams
 /// straight through; it must declare its length.
 pub async fn internal_put(
-    mut req: Request,
+    req: Request,
     env: &Env,
     id: &str,
     variant: &str,
@@ -425,17 +520,32 @@ pub async fn internal_put(
             code: "length_required",
             message: "a processed copy must declare its Content-Length".to_owned(),
         })?;
-    let stream = req.stream()?;
+    // Streamed by the runtime into a fixed-length pipe, never through
+    // the Worker's memory.
+    let Some(body) = Body::of(&req) else {
+        return Err(EdgeError::bad_request("empty_upload", "no body"));
+    };
+    let pipe =
+        worker::worker_sys::FixedLengthStream::new_big_int(worker::js_sys::BigInt::from(length))
+            .map_err(worker::Error::from)?;
+    let pipe: &TransformStream = pipe.unchecked_ref();
     let metadata = HttpMetadata {
         content_type: Some(content_type),
         content_disposition: Some("inline".to_owned()),
         ..HttpMetadata::default()
     };
-    env.bucket(BUCKET)?
-        .put(variant.key(id), FixedLengthStream::wrap(stream, length))
+    let bucket = env.bucket(BUCKET)?;
+    let put = bucket
+        .put(
+            variant.key(id),
+            worker::Data::ReadableStream(pipe.readable()),
+        )
         .http_metadata(metadata)
-        .execute()
-        .await?;
+        .execute();
+    let (stored, fed) =
+        futures_util::future::join(put, body.pipe(Vec::new(), &pipe.writable())).await;
+    stored?;
+    fed?;
     Ok(Response::empty()?.with_status(204))
 }
 
