@@ -201,7 +201,9 @@ fn bench(root: &Path, which: Option<&str>) -> anyhow::Result<()> {
             "room state machine benchmark (native)",
             cargo(&["run", "--release", "-p", "vibe-bench", "--", "room"]),
         ),
-        other => bail!("unknown benchmark {other:?}; available: origin, fanout, room, presence, media"),
+        other => {
+            bail!("unknown benchmark {other:?}; available: origin, fanout, room, presence, media")
+        }
     }
 }
 
