@@ -276,8 +276,9 @@ async fn gallery(
     ApiPath(id): ApiPath<i64>,
     ApiQuery(q): ApiQuery<GalleryQuery>,
 ) -> ApiResult<Json<GalleryPage>> {
+    // An empty `kind=` is not "all": the document says what a kind is.
     let kind = match q.kind.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(raw) => Some(
             MediaKind::parse(raw)
                 .ok_or_else(|| bad_query("kind must be image, video, audio or file"))?,

@@ -503,6 +503,7 @@ async fn the_gallery_pages_newest_first_filters_by_kind_and_is_for_participants(
 
     for q in [
         "kind=exe",
+        "kind=",
         "limit=0",
         "limit=101",
         "limit=many",
