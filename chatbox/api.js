@@ -318,12 +318,16 @@ export class Api {
    * to the attachment, or rejects with an ApiError (code 'aborted' after
    * `abort()`). An expired token is refreshed once and the upload retried.
    */
-  upload(conversationId, file, { name, durationMs, onProgress } = {}) {
+  upload(conversationId, file, { name, durationMs, size, onProgress } = {}) {
     let xhr = null;
     let aborted = false;
     const params = new URLSearchParams();
     if (name) params.set('name', name);
     if (durationMs != null) params.set('duration_ms', String(Math.round(durationMs)));
+    if (size) {
+      params.set('width', String(size.width));
+      params.set('height', String(size.height));
+    }
     const url = `${this.base}/api/v1/chat/conversations/${conversationId}/attachments?${params}`;
     const once = () =>
       new Promise((resolve, reject) => {

@@ -725,9 +725,17 @@ class ChatBox {
     const entry = chat.uploads.get(key);
     const item = chat.tray.get(key);
     if (!entry || !item) return;
+    // A video's size, read by the browser before the upload, lets every
+    // member hold its box from the first frame (the server reads it from
+    // the container only while processing).
+    if (entry.videoSize === undefined && entry.file.type.startsWith('video/')) {
+      entry.videoSize = await videoSize(entry.file);
+      if (chat.uploads.get(key) !== entry) return; // removed meanwhile
+    }
     const handle = this.api.upload(chat.model.id, entry.file, {
       name: entry.file.name,
       durationMs: item.durationMs ?? undefined,
+      size: entry.videoSize ?? undefined,
       onProgress: (loaded, total) => {
         if (chat.tray.progress(key, loaded, total)) chat.view.renderTray();
       },
@@ -964,4 +972,27 @@ function connectionLabel(state, kind) {
 const script = document.querySelector('script[data-vibe-chat]');
 if (script) {
   mountChatBox({ edge: script.dataset.edge ?? '', open: script.dataset.open === 'true', demo: script.dataset.demo === 'true' });
+}
+
+/** A video file's width and height from its own header, or null. */
+async function videoSize(file) {
+  const url = URL.createObjectURL(file);
+  const video = document.createElement('video');
+  try {
+    video.preload = 'metadata';
+    video.muted = true;
+    await new Promise((resolve, reject) => {
+      video.onloadedmetadata = resolve;
+      video.onerror = reject;
+      setTimeout(reject, 3000);
+      video.src = url;
+    });
+    const { videoWidth: width, videoHeight: height } = video;
+    return width > 0 && height > 0 ? { width, height } : null;
+  } catch {
+    return null;
+  } finally {
+    video.removeAttribute('src');
+    URL.revokeObjectURL(url);
+  }
 }

@@ -45,6 +45,9 @@ use crate::headers::{CONVERSATION_HEADER, USER_HEADER};
 use crate::origin::OriginClient;
 use crate::room_store::now_secs;
 
+/// The largest side a video's size hint may give.
+const MAX_VIDEO_SIDE: i32 = 16_384;
+
 /// The R2 binding.
 pub const BUCKET: &str = "MEDIA";
 
@@ -65,7 +68,7 @@ fn query(url: &Url, key: &str) -> Option<String> {
 /// mid-upload, `wrangler dev`'s local proxy, which otherwise answers 503).
 const DRAIN_LIMIT: usize = 32 * 1024 * 1024;
 
-/// `POST /api/v1/chat/conversations/{id}/attachments?name=&duration_ms=`
+/// `POST /api/v1/chat/conversations/{id}/attachments?name=&duration_ms=&width=&height=`
 pub async fn upload(
     req: Request,
     env: &Env,
@@ -119,6 +122,25 @@ async fn accept(
             EdgeError::bad_request("invalid_query", "duration_ms must be a whole number")
         })?),
     };
+    // A video's size as the uploader's browser read it, so members can hold
+    // its box before the origin has read the container (which wins).
+    let size_hint = |key: &str| -> EdgeResult<Option<i32>> {
+        match query(url, key) {
+            None => Ok(None),
+            Some(raw) => raw
+                .parse::<i32>()
+                .ok()
+                .filter(|v| (1..=MAX_VIDEO_SIDE).contains(v))
+                .map(Some)
+                .ok_or_else(|| {
+                    EdgeError::bad_request(
+                        "invalid_query",
+                        format!("{key} must be a whole number from 1 to {MAX_VIDEO_SIDE}"),
+                    )
+                }),
+        }
+    };
+    let hinted = (size_hint("width")?, size_hint("height")?);
 
     // The first bytes decide the type; nothing is reserved for a file the
     // product does not take.
@@ -208,6 +230,10 @@ async fn accept(
         return Err(upload_broken(&e));
     }
     let verdict = inspector.replace(Inspector::new("")).finish();
+    let video_hint = match (sniffed.kind, hinted) {
+        (MediaKind::Video, (Some(w), Some(h))) => (Some(w), Some(h)),
+        _ => (None, None),
+    };
     let found = match verdict {
         Ok(found) => found,
         Err(e) => {
@@ -222,8 +248,8 @@ async fn accept(
         .commit_attachment(
             id,
             &CommitAttachment {
-                width: found.width,
-                height: found.height,
+                width: found.width.or(video_hint.0),
+                height: found.height.or(video_hint.1),
             },
         )
         .await?;

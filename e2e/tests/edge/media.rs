@@ -239,6 +239,27 @@ pub async fn downloads_need_a_live_signature_and_serve_ranges(s: &mut Stack) -> 
         .await?;
     ensure!(status == 403 || status == 404, "{status}");
 
+    // A video takes the size its uploader's browser read, until the origin
+    // reads the container; a nonsense size is refused.
+    let mut clip = b"\0\0\0\x20ftypisom\0\0\x02\0".to_vec();
+    clip.resize(20_000, 0);
+    let (status, up) = upload(
+        s,
+        &alex,
+        conv,
+        clip.clone(),
+        "video/mp4",
+        "?width=1280&height=720",
+    )
+    .await?;
+    ensure!(status == 201 && up["kind"] == "video", "{status} {up}");
+    ensure!(up["width"] == 1280 && up["height"] == 720, "{up}");
+    let (status, body) = upload(s, &alex, conv, clip, "video/mp4", "?width=0&height=720").await?;
+    ensure!(
+        status == 400 && body["code"] == "invalid_query",
+        "{status} {body}"
+    );
+
     // A PDF downloads as a file under its (cleaned) name.
     let (status, up) = upload(
         s,

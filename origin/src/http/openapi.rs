@@ -274,6 +274,8 @@ fn upload_op() -> Value {
             conversation_id_param(),
             json!({"name": "name", "in": "query", "required": false, "schema": {"type": "string", "maxLength": 255}, "description": "The file's name, cleaned, for file cards and downloads"}),
             json!({"name": "duration_ms", "in": "query", "required": false, "schema": {"type": "integer", "format": "int64", "minimum": 0}, "description": "A recorder's own measure of a voice message"}),
+            json!({"name": "width", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 16384}, "description": "A video's width as the uploader's browser read it (with `height`)"}),
+            json!({"name": "height", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 16384}, "description": "A video's height as the uploader's browser read it (with `width`)"}),
         ],
         json!({
             "201": {"description": "Stored", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AttachmentView"}}}},
