@@ -21,6 +21,7 @@ pub mod login_guard;
 pub mod media;
 pub mod metrics;
 pub mod push;
+pub mod queue;
 pub mod seed;
 pub mod sessions;
 pub mod startup;

@@ -293,39 +293,16 @@ pub async fn run(pool: Pool, media: Arc<Media>) {
         tracing::info!("EDGE_URL is not set: attachments are not processed");
         return;
     };
-    let mut failures: u32 = 0;
-    loop {
-        let pause = match round(&pool, &media, &edge).await {
-            Ok(done) => {
-                failures = 0;
-                if done >= media.config.process_concurrency {
-                    continue;
-                }
-                next_due(&pool).await
-            }
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                tracing::warn!(error = %e, "media round failed; retrying");
-                Duration::from_secs(1 << failures.min(5))
-            }
-        };
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = media.wake.notified() => {}
-        }
-    }
-}
-
-async fn next_due(pool: &Pool) -> Duration {
-    let secs: Option<f64> = async {
-        let client = pool.get().await.ok()?;
-        client.query_one(NEXT_DUE, &[]).await.ok()?.get(0)
-    }
+    let queue = crate::queue::Queue {
+        name: "media",
+        next_due_sql: NEXT_DUE,
+        idle: IDLE_POLL,
+        full: media.config.process_concurrency,
+    };
+    crate::queue::drive(&pool, queue, &media.wake, None, || {
+        round(&pool, &media, &edge)
+    })
     .await;
-    match secs {
-        Some(s) if s.is_finite() => Duration::from_secs_f64(s.clamp(0.01, IDLE_POLL.as_secs_f64())),
-        _ => IDLE_POLL,
-    }
 }
 
 /// Leases due rows and works them, `process_concurrency` at once; the

@@ -369,57 +369,22 @@ struct Subscription {
 
 /// Sends until `stop` turns true (or its sender goes), then returns after
 /// finishing the round in flight. Does nothing when push is off.
-pub async fn run(pool: Pool, push: Arc<Push>, mut stop: watch::Receiver<bool>) {
+pub async fn run(pool: Pool, push: Arc<Push>, stop: watch::Receiver<bool>) {
     let Some(vapid) = push.vapid.as_ref() else {
         return;
     };
-    let mut failures: u32 = 0;
-    loop {
-        if *stop.borrow() {
-            break;
-        }
-        let round = async {
-            let clears = clear_round(&pool, &push, vapid).await?;
-            let jobs = job_round(&pool, &push, vapid).await?;
-            anyhow::Ok(clears.max(jobs))
-        };
-        let pause = match round.await {
-            Ok(done) => {
-                failures = 0;
-                if done >= BATCH as usize {
-                    continue;
-                }
-                next_due(&pool).await
-            }
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                tracing::warn!(error = %e, "push round failed; retrying");
-                Duration::from_secs(1 << failures.min(5))
-            }
-        };
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = push.wake.notified() => {}
-            changed = stop.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-            }
-        }
-    }
-}
-
-/// How long to sleep: until the next due time, at most [`IDLE_POLL`].
-async fn next_due(pool: &Pool) -> Duration {
-    let secs: Option<f64> = async {
-        let client = pool.get().await.ok()?;
-        client.query_one(NEXT_DUE, &[]).await.ok()?.get(0)
-    }
+    let queue = crate::queue::Queue {
+        name: "push",
+        next_due_sql: NEXT_DUE,
+        idle: IDLE_POLL,
+        full: BATCH as usize,
+    };
+    crate::queue::drive(&pool, queue, &push.wake, Some(stop), || async {
+        let clears = clear_round(&pool, &push, vapid).await?;
+        let jobs = job_round(&pool, &push, vapid).await?;
+        anyhow::Ok(clears.max(jobs))
+    })
     .await;
-    match secs {
-        Some(s) if s.is_finite() => Duration::from_secs_f64(s.clamp(0.01, IDLE_POLL.as_secs_f64())),
-        _ => IDLE_POLL,
-    }
 }
 
 /// The subscriptions of `users`, by user.
