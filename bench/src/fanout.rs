@@ -155,13 +155,7 @@ pub async fn run() -> anyhow::Result<()> {
     let cfg = Config::from_env()?;
     let began = Instant::now();
     // The origin runs in this process: its build is this binary's.
-    if cfg!(debug_assertions) {
-        println!(
-            "WARNING: a debug build; the origin in this process is unoptimised and the figures are not comparable (use cargo xtask bench fanout)"
-        );
-    } else {
-        println!("build: release (the origin runs in this process, optimised)");
-    }
+    crate::report::build("fanout", "the origin and the clients");
     println!(
         "edge: edge-worker/build as built by `cargo xtask build-edge` (worker-build --release) under wrangler dev"
     );

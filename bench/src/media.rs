@@ -180,15 +180,7 @@ fn photo(width: u32, height: u32) -> anyhow::Result<Vec<u8>> {
 pub async fn run() -> anyhow::Result<()> {
     let cfg = Config::from_env()?;
     let began = Instant::now();
-    if cfg!(debug_assertions) {
-        println!(
-            "WARNING: a debug build; the origin in this process is unoptimised and the figures are not comparable (use cargo xtask bench media)"
-        );
-    } else {
-        println!(
-            "build: release (the origin, its image processing and the clients run in this process, optimised)"
-        );
-    }
+    crate::report::build("media", "the origin, its image processing and the clients");
     println!(
         "edge: edge-worker/build as built by `cargo xtask build-edge` (worker-build --release) under wrangler dev; R2 is workerd's local emulation on this machine's disk"
     );

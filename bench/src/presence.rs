@@ -264,13 +264,7 @@ impl RunResult {
 pub async fn run() -> anyhow::Result<()> {
     let cfg = Config::from_env()?;
     let began = Instant::now();
-    if cfg!(debug_assertions) {
-        println!(
-            "WARNING: a debug build; the origin in this process is unoptimised and the figures are not comparable (use cargo xtask bench presence)"
-        );
-    } else {
-        println!("build: release (the origin runs in this process, optimised)");
-    }
+    crate::report::build("presence", "the origin and the clients");
     println!(
         "edge: edge-worker/build as built by `cargo xtask build-edge` (worker-build --release) under wrangler dev"
     );

@@ -6,6 +6,19 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
+/// Says which build ran: the origin runs in the bench process, so a debug
+/// build's figures are not comparable. `bench` names the xtask command;
+/// `in_process` what runs here beside the origin.
+pub fn build(bench: &str, in_process: &str) {
+    if cfg!(debug_assertions) {
+        println!(
+            "WARNING: a debug build; the origin in this process is unoptimised and the figures are not comparable (use cargo xtask bench {bench})"
+        );
+    } else {
+        println!("build: release ({in_process} run in this process, optimised)");
+    }
+}
+
 /// A histogram of microseconds, up to one minute, 3 significant digits.
 pub fn micros_histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)

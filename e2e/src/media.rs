@@ -78,3 +78,52 @@ pub async fn upload(
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     ))
 }
+
+/// Rows PostgreSQL holds in `attachments` for `user` as uploader.
+pub async fn uploads_by(s: &Stack, user: &User) -> anyhow::Result<i64> {
+    let db = s.pool.get().await?;
+    Ok(db
+        .query_one(
+            "SELECT count(*) FROM attachments WHERE uploader_id = $1",
+            &[&user.id],
+        )
+        .await?
+        .get(0))
+}
+
+/// Whether PostgreSQL still holds attachment `id`, and the message it is
+/// linked to.
+pub async fn attachment_row(
+    s: &Stack,
+    id: uuid::Uuid,
+) -> anyhow::Result<Option<Option<uuid::Uuid>>> {
+    let db = s.pool.get().await?;
+    let row = db
+        .query_opt("SELECT message_id FROM attachments WHERE id = $1", &[&id])
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Polls `check` every 200 ms until it answers `Some`, failing after
+/// `timeout` with `what` and the last `None`'s context.
+pub async fn eventually<T, F, Fut>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(done) = check().await? {
+            return Ok(done);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {timeout:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use e2e::Stack;
-use e2e::media::{GPS_MARKER, contains, pdf, photo_with_location, upload, voice};
+use e2e::media::{
+    GPS_MARKER, attachment_row, contains, eventually, pdf, photo_with_location, upload, uploads_by,
+    voice,
+};
 use reqwest::Method;
 use serde_json::{Value, json};
 use shared::media::{Signer, Variant};
@@ -340,14 +343,7 @@ pub async fn uploads_are_refused_by_type_size_integrity_and_quota(
     );
 
     // Every refusal left nothing behind: one row, the accepted PDF.
-    let db = s.pool.get().await?;
-    let n: i64 = db
-        .query_one(
-            "SELECT count(*) FROM attachments WHERE uploader_id = $1",
-            &[&alex.id],
-        )
-        .await?
-        .get(0);
+    let n = uploads_by(s, &alex).await?;
     ensure!(n == 1, "{n} rows");
     Ok(())
 }
@@ -422,24 +418,17 @@ pub async fn a_message_carries_only_its_senders_unsent_uploads(
 
     // PostgreSQL links both to their messages.
     s.wait_stored(conv, 2, Duration::from_secs(10)).await?;
-    let db = s.pool.get().await?;
     let id: uuid::Uuid = id.parse()?;
     let message_id: uuid::Uuid = message_id.parse()?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let row = db
-            .query_one("SELECT message_id FROM attachments WHERE id = $1", &[&id])
-            .await?;
-        let linked: Option<uuid::Uuid> = row.get(0);
-        if linked == Some(message_id) {
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "attachment not linked: {linked:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        "the attachment linked to its message",
+        Duration::from_secs(10),
+        || async {
+            let linked = attachment_row(s, id).await?.flatten();
+            Ok((linked == Some(message_id)).then_some(()))
+        },
+    )
+    .await?;
     Ok(())
 }
 
@@ -466,24 +455,12 @@ pub async fn unsent_uploads_are_reaped_and_sent_ones_kept(s: &mut Stack) -> anyh
         &[&vec![dropped_id, kept_id]],
     )
     .await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-    loop {
-        let n: i64 = db
-            .query_one(
-                "SELECT count(*) FROM attachments WHERE id = $1",
-                &[&dropped_id],
-            )
-            .await?
-            .get(0);
-        if n == 0 {
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the unsent upload was not reaped"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    eventually(
+        "the unsent upload reaped",
+        Duration::from_secs(40),
+        || async { Ok(attachment_row(s, dropped_id).await?.is_none().then_some(())) },
+    )
+    .await?;
     // Its object is gone from R2 (a link minted now finds nothing), and
     // the room refuses it.
     let signer = Signer::new(s.secrets.service.as_bytes());
@@ -501,14 +478,10 @@ pub async fn unsent_uploads_are_reaped_and_sent_ones_kept(s: &mut Stack) -> anyh
     // The sent one stays, in the bucket and in PostgreSQL.
     let res = get(s, &signer.path(kept_id, Variant::Original, now), None).await?;
     ensure!(res.status() == 200, "{}", res.status());
-    let n: i64 = db
-        .query_one(
-            "SELECT count(*) FROM attachments WHERE id = $1",
-            &[&kept_id],
-        )
-        .await?
-        .get(0);
-    ensure!(n == 1);
+    ensure!(
+        attachment_row(s, kept_id).await?.is_some(),
+        "the sent upload went"
+    );
     Ok(())
 }
 
@@ -526,29 +499,19 @@ pub async fn an_upload_while_the_origin_is_down_is_refused_and_stores_nothing(
         status == 503 && body["code"] == "origin_unavailable",
         "{status} {body}"
     );
-    let db = s.pool.get().await?;
-    let n: i64 = db
-        .query_one(
-            "SELECT count(*) FROM attachments WHERE uploader_id = $1",
-            &[&alex.id],
-        )
-        .await?
-        .get(0);
+    let n = uploads_by(s, &alex).await?;
     ensure!(n == 0, "{n} rows after a refused upload");
     // Text still flows while the origin is away; uploads work once it is back.
     alex_ws.say(conv, "still here", "k-down").await?;
     alex_ws.expect("ack").await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, body) = upload(s, &alex, conv, pdf(50_000), "application/pdf", "").await?;
-        if status == 201 {
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "no upload after the origin came back: {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    eventually(
+        "an upload once the origin is back",
+        Duration::from_secs(20),
+        || async {
+            let (status, _) = upload(s, &alex, conv, pdf(50_000), "application/pdf", "").await?;
+            Ok((status == 201).then_some(()))
+        },
+    )
+    .await?;
     Ok(())
 }
