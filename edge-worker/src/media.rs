@@ -34,14 +34,12 @@ use worker::web_sys::{
     ReadableStream, ReadableStreamDefaultReader, TransformStream, WritableStream,
 };
 use worker::{
-    Bucket, Env, FixedLengthStream, Headers, HttpMetadata, Method, Range, Request, RequestInit,
-    Response, Url,
+    Bucket, Env, FixedLengthStream, Headers, HttpMetadata, Range, Request, Response, Url,
 };
 
 use crate::auth;
 use crate::config::EdgeConfig;
 use crate::error::{EdgeError, EdgeResult};
-use crate::headers::{CONVERSATION_HEADER, USER_HEADER};
 use crate::origin::OriginClient;
 use crate::room_store::now_secs;
 
@@ -352,7 +350,7 @@ fn disposition(kind: MediaKind, name: Option<&str>) -> String {
 
 async fn register_with_room(env: &Env, user_id: i64, meta: &AttachmentMeta) -> EdgeResult<()> {
     let body = serde_json::to_string(meta).map_err(|e| EdgeError::Internal(e.to_string()))?;
-    let res = room_call(
+    let res = crate::room_do::post(
         env,
         meta.conversation_id,
         Some(user_id),
@@ -366,31 +364,6 @@ async fn register_with_room(env: &Env, user_id: i64, meta: &AttachmentMeta) -> E
             "room refused an attachment registration: {status}"
         ))),
     }
-}
-
-/// A POST to Room `conversation_id` from the Worker itself.
-pub async fn room_call(
-    env: &Env,
-    conversation_id: i64,
-    user_id: Option<i64>,
-    path: &str,
-    body: String,
-) -> EdgeResult<Response> {
-    let headers = Headers::new();
-    headers.set(CONVERSATION_HEADER, &conversation_id.to_string())?;
-    if let Some(user) = user_id {
-        headers.set(USER_HEADER, &user.to_string())?;
-    }
-    headers.set("content-type", "application/json")?;
-    let mut init = RequestInit::new();
-    init.with_method(Method::Post)
-        .with_headers(headers)
-        .with_body(Some(body.into()));
-    let req = Request::new_with_init(&format!("https://room{path}"), &init)?;
-    let stub = env
-        .durable_object("ROOM")?
-        .get_by_name(&conversation_id.to_string())?;
-    Ok(stub.fetch_with_request(req).await?)
 }
 
 fn parse_target(id: &str, variant: &str) -> EdgeResult<(Uuid, Variant)> {
@@ -594,5 +567,5 @@ pub async fn to_room(
     path: &str,
 ) -> EdgeResult<Response> {
     let body = req.text().await?;
-    room_call(env, conversation_id, None, path, body).await
+    crate::room_do::post(env, conversation_id, None, path, body).await
 }

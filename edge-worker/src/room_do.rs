@@ -950,3 +950,29 @@ fn sign_message(signer: &Signer, mut message: MessageView) -> MessageView {
     signer.sign_message(&mut message, room_store::now_secs());
     message
 }
+
+/// A POST to Room `conversation_id` from inside the edge (the Worker, or a
+/// User object for its user), on behalf of `user` when there is one.
+pub async fn post(
+    env: &Env,
+    conversation_id: i64,
+    user: Option<i64>,
+    path: &str,
+    body: String,
+) -> EdgeResult<Response> {
+    let headers = worker::Headers::new();
+    headers.set(CONVERSATION_HEADER, &conversation_id.to_string())?;
+    if let Some(user) = user {
+        headers.set(USER_HEADER, &user.to_string())?;
+    }
+    headers.set("content-type", "application/json")?;
+    let mut init = worker::RequestInit::new();
+    init.with_method(worker::Method::Post)
+        .with_headers(headers)
+        .with_body(Some(body.into()));
+    let req = Request::new_with_init(&format!("https://room{path}"), &init)?;
+    let stub = env
+        .durable_object("ROOM")?
+        .get_by_name(&conversation_id.to_string())?;
+    Ok(stub.fetch_with_request(req).await?)
+}

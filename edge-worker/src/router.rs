@@ -645,13 +645,7 @@ fn demo_logins_valid(raw: &str) -> bool {
 }
 
 async fn notify_members_changed(env: &Env, id: i64) -> EdgeResult<()> {
-    let headers = Headers::new();
-    headers.set(CONVERSATION_HEADER, &id.to_string())?;
-    let mut init = RequestInit::new();
-    init.with_method(Method::Post).with_headers(headers);
-    let req = Request::new_with_init("https://room/members-changed", &init)?;
-    let stub = env.durable_object("ROOM")?.get_by_name(&id.to_string())?;
-    let res = stub.fetch_with_request(req).await?;
+    let res = crate::room_do::post(env, id, None, "/members-changed", String::new()).await?;
     match res.status_code() {
         200..=299 => Ok(()),
         status => Err(EdgeError::Internal(format!("room answered {status}"))),

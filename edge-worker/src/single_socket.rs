@@ -16,10 +16,9 @@
 
 use serde::Deserialize;
 use shared::protocol::{ClientFrame, MessageView, ServerFrame};
-use worker::{Env, Headers, Method, Request, RequestInit, Response};
+use worker::{Env, Response};
 
 use crate::error::{EdgeError, EdgeResult};
-use crate::headers::{CONVERSATION_HEADER, USER_HEADER};
 
 /// Whether `frame` belongs in a room (and which).
 pub fn room_of(frame: &ClientFrame) -> Option<i64> {
@@ -79,7 +78,14 @@ async fn deliver(env: &Env, user: i64, frame: &ClientFrame) -> EdgeResult<Option
             return Ok(None);
         }
     };
-    let mut res = to_room(env, user, conversation_id, action, &body).await?;
+    let mut res = crate::room_do::post(
+        env,
+        conversation_id,
+        Some(user),
+        &format!("/{action}"),
+        body.to_string(),
+    )
+    .await?;
     if !(200..300).contains(&res.status_code()) {
         return Ok(Some(refusal(&mut res).await));
     }
@@ -111,7 +117,14 @@ pub async fn subscribe(
     }
     let body = serde_json::json!({ "since": since });
     let answer = async {
-        let mut res = to_room(env, user, conversation_id, "subscribe", &body).await?;
+        let mut res = crate::room_do::post(
+            env,
+            conversation_id,
+            Some(user),
+            "/subscribe",
+            body.to_string(),
+        )
+        .await?;
         if !(200..300).contains(&res.status_code()) {
             return Ok(Err(refusal(&mut res).await));
         }
@@ -125,29 +138,6 @@ pub async fn subscribe(
             message: e.to_string(),
         }),
     }
-}
-
-/// A JSON POST from `user` to a conversation's Room.
-async fn to_room(
-    env: &Env,
-    user: i64,
-    conversation_id: i64,
-    action: &str,
-    body: &serde_json::Value,
-) -> EdgeResult<Response> {
-    let headers = Headers::new();
-    headers.set(USER_HEADER, &user.to_string())?;
-    headers.set(CONVERSATION_HEADER, &conversation_id.to_string())?;
-    headers.set("content-type", "application/json")?;
-    let mut init = RequestInit::new();
-    init.with_method(Method::Post)
-        .with_headers(headers)
-        .with_body(Some(body.to_string().into()));
-    let req = Request::new_with_init(&format!("https://room/{action}"), &init)?;
-    let stub = env
-        .durable_object("ROOM")?
-        .get_by_name(&conversation_id.to_string())?;
-    Ok(stub.fetch_with_request(req).await?)
 }
 
 /// The Room's typed refusal (`{code, message}`), as an `error` frame.
