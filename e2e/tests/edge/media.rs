@@ -78,6 +78,10 @@ pub async fn a_photo_reaches_the_other_member_with_a_thumbnail_and_without_its_l
     let (alex, sam, conv) = s.pair().await?;
     let mut sam_ws = s.ws(&sam, conv, None).await?;
     let mut sam_everywhere = s.always_on(&sam).await?;
+    let mut sam_sse = s
+        .sse(conv, &format!("token={}", sam.token), &[])
+        .await?
+        .map_err(|(status, body)| anyhow::anyhow!("SSE: {status} {body}"))?;
     let mut alex_ws = s.ws(&alex, conv, None).await?;
     let photo = photo_with_location(640, 480)?;
     ensure!(contains(&photo, GPS_MARKER));
@@ -105,6 +109,19 @@ pub async fn a_photo_reaches_the_other_member_with_a_thumbnail_and_without_its_l
     // The always-on connection (every device) hears the same.
     let elsewhere = ready_on(&mut sam_everywhere, &id).await?;
     ensure!(elsewhere["thumbnail_url"].is_string(), "{elsewhere}");
+    // And the SSE fallback: the message, then (unless it was ready by
+    // then) its attachment_updated.
+    let (_, carried) = sam_sse.expect("message").await?;
+    let mut on_sse = carried["message"]["attachments"][0].clone();
+    ensure!(on_sse["id"] == id.as_str(), "{carried}");
+    if on_sse["status"] != "ready" {
+        let (_, updated) = sam_sse.expect("attachment_updated").await?;
+        on_sse = updated["attachment"].clone();
+    }
+    ensure!(
+        on_sse["status"] == "ready" && on_sse["thumbnail_url"].is_string(),
+        "{on_sse}"
+    );
     let url = att["url"].as_str().context("url")?;
     let thumb = att["thumbnail_url"].as_str().context("thumbnail_url")?;
 
