@@ -190,6 +190,47 @@ async fn scenario(dev: &Dev) -> anyhow::Result<()> {
             break v["seq"].as_i64().context("seq")?;
         }
     };
+
+    // A photo is processed (the origin reaches the edge back): its
+    // thumbnail shows up in history.
+    let photo = e2e::media::photo_with_location(320, 240)?;
+    let up: Value = reqwest::Client::new()
+        .post(format!(
+            "{edge}/api/v1/chat/conversations/{conv}/attachments"
+        ))
+        .bearer_auth(&alex)
+        .header("content-type", "image/jpeg")
+        .body(photo)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let frame = json!({"type": "message", "conversation_id": conv, "content": "",
+                       "client_msg_id": "dev-photo", "attachment_ids": [up["id"]]});
+    ws.send(Message::text(frame.to_string())).await?;
+    e2e::media::eventually(
+        "the photo processed under xtask dev",
+        Duration::from_secs(60),
+        || async {
+            let page: Value = reqwest::Client::new()
+                .get(format!("{edge}/api/v1/chat/conversations/{conv}/messages"))
+                .bearer_auth(&alex)
+                .send()
+                .await?
+                .json()
+                .await?;
+            let ready = page["messages"].as_array().is_some_and(|m| {
+                m.iter().any(|m| {
+                    m["attachments"][0]["status"] == "ready"
+                        && m["attachments"][0]["thumbnail_url"].is_string()
+                })
+            });
+            Ok(ready.then_some(()))
+        },
+    )
+    .await?;
+    println!("    a photo was processed (the origin reaches the edge)");
     drop(ws);
 
     // A closed terminal: SIGHUP stops everything.

@@ -80,6 +80,9 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             // Web Push to a push service on this machine too (tests, a
             // local mock); the real services stay allowed.
             .env("PUSH_ALLOW_LOOPBACK", "true")
+            // The origin calls the edge back: membership changes, and the
+            // attachments it processes (thumbnails) and cleans up.
+            .env("EDGE_URL", format!("http://{edge_addr}"))
             .envs(secrets.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     };
     let mut seed = Command::new(&origin_bin);
