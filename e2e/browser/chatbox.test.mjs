@@ -1,78 +1,12 @@
-// Browser tests of the ChatBox: Debian's Chromium driven by playwright-core,
-// two users in two browser contexts, against a real `wrangler dev`, the
-// origin and PostgreSQL (started by e2e/tests/browser.rs).
-//
-// env: EDGE_URL (required), SCREENSHOT_DIR (optional: save each view).
+// Browser tests of the ChatBox: two users in two browser contexts (see
+// harness.mjs for the browser, the runner and the shared helpers).
 
-import { readFileSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { chromium } from 'playwright-core';
+import * as h from './harness.mjs';
+import { EDGE, TIMEOUT, test, shot, axe, until, expectEqual, composer, bubble } from './harness.mjs';
 
-const AXE = readFileSync(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
-
-const EDGE = process.env.EDGE_URL;
-const SHOTS = process.env.SCREENSHOT_DIR;
-const TIMEOUT = 15_000;
-
-if (!EDGE) {
-  console.error('EDGE_URL is not set');
-  process.exit(2);
-}
-
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: [
-    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-  ],
-});
-
-const results = [];
-async function test(name, body) {
-  const started = Date.now();
-  try {
-    await body();
-    results.push([name, null]);
-    console.log(`test ${name} ... ok (${((Date.now() - started) / 1000).toFixed(1)}s)`);
-  } catch (e) {
-    results.push([name, e]);
-    console.log(`test ${name} ... FAILED\n    ${String(e.stack ?? e).split('\n').slice(0, 6).join('\n    ')}`);
-  }
-}
-
-async function shot(page, name) {
-  if (SHOTS) await page.screenshot({ path: `${SHOTS}/${name}.png` });
-}
-
+const browser = await h.launch();
 /** A signed-in ChatBox in its own browser context. */
-async function open(email, { query = '', viewport = { width: 1100, height: 760 } } = {}) {
-  const context = await browser.newContext({ viewport });
-  const page = await context.newPage();
-  page.setDefaultTimeout(TIMEOUT);
-  const errors = [];
-  page.on('pageerror', (e) => errors.push(e));
-  await page.goto(`${EDGE}/${query}`);
-  await page.getByLabel('Email').fill(email);
-  await page.getByLabel('Password').fill('demo-password');
-  await page.getByRole('button', { name: 'Log in', exact: true }).click();
-  await page.getByRole('tab', { name: 'Chats' }).waitFor();
-  return { context, page, errors };
-}
-
-/**
- * axe-core on the page as it is now: any serious or critical violation
- * fails the test, with the rule, the nodes and how to fix it.
- */
-async function axe(page, view) {
-  if (!(await page.evaluate(() => Boolean(window.axe)))) await page.addScriptTag({ content: AXE });
-  const violations = await page.evaluate(async () => {
-    const result = await window.axe.run(document, { resultTypes: ['violations'] });
-    return result.violations
-      .filter((v) => v.impact === 'serious' || v.impact === 'critical')
-      .map((v) => `${v.id} (${v.impact}): ${v.help}\n      ${v.nodes.slice(0, 3).map((n) => n.target.join(' ') + ' — ' + n.failureSummary.replace(/\n/g, ' ')).join('\n      ')}`);
-  });
-  if (violations.length) throw new Error(`accessibility, ${view} view:\n    ${violations.join('\n    ')}`);
-}
+const open = (email, options) => h.open(browser, email, options);
 
 /** A REST call as the page's signed-in user (through the edge). */
 async function rest(page, method, path, body) {
@@ -116,14 +50,6 @@ async function onScreen(page, locator) {
   return Boolean(box && list && box.y >= list.y - 1 && box.y + box.height <= list.y + list.height + 1);
 }
 
-async function until(what, check, timeout = TIMEOUT) {
-  const end = Date.now() + timeout;
-  for (;;) {
-    if (await check()) return;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((ok) => setTimeout(ok, 100));
-  }
-}
 
 const toList = async (page) => {
   const back = page.getByRole('button', { name: 'Back to conversations' });
@@ -132,12 +58,7 @@ const toList = async (page) => {
 };
 const conversationId = (page, title) => page.locator('.vc-row', { hasText: title }).first().getAttribute('data-conversation-id').then(Number);
 
-function expectEqual(actual, expected, what) {
-  if (actual !== expected) throw new Error(`${what}: expected ${JSON.stringify(expected)}, got ${JSON.stringify(actual)}`);
-}
 
-const composer = (page) => page.getByRole('textbox', { name: 'Message' });
-const bubble = (page, text) => page.locator('.vc-bubble', { hasText: text });
 
 async function send(page, text) {
   await composer(page).fill(text);
@@ -690,7 +611,4 @@ await test('no page threw an error', async () => {
   if (errors.length) throw new Error(errors.map(String).join('; '));
 });
 
-await browser.close();
-const failed = results.filter(([, e]) => e);
-console.log(`\ntest result: ${failed.length ? 'FAILED' : 'ok'}. ${results.length - failed.length} passed; ${failed.length} failed`);
-process.exit(failed.length ? 1 : 0);
+await h.finish(browser);

@@ -4,96 +4,22 @@
 // microphone (a tone) and played on the other side, and the gallery with
 // its full-size viewer. Two users in two browser contexts against a real
 // `wrangler dev` (its local R2), the origin and PostgreSQL, started by
-// e2e/tests/browser.rs.
-//
-// env: EDGE_URL (required), SCREENSHOT_DIR (optional: save each view).
+// e2e/tests/browser.rs; see harness.mjs.
 
-import { readFileSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { chromium } from 'playwright-core';
+import * as h from './harness.mjs';
+import { TIMEOUT, test, shot, axe, until, expectEqual, composer, bubble } from './harness.mjs';
 
-const AXE = readFileSync(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
-
-const EDGE = process.env.EDGE_URL;
-const SHOTS = process.env.SCREENSHOT_DIR;
-const TIMEOUT = 15_000;
 /** Thumbnails are made off the request path, by the origin: allow for it. */
 const PROCESSING_TIMEOUT = 45_000;
 
-if (!EDGE) {
-  console.error('EDGE_URL is not set');
-  process.exit(2);
-}
-
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: [
-    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    // A fake microphone (a beeping tone) that needs no permission prompt,
-    // so MediaRecorder records something real.
-    '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
-    '--autoplay-policy=no-user-gesture-required',
-  ],
-});
-
-const results = [];
-async function test(name, body) {
-  const started = Date.now();
-  try {
-    await body();
-    results.push([name, null]);
-    console.log(`test ${name} ... ok (${((Date.now() - started) / 1000).toFixed(1)}s)`);
-  } catch (e) {
-    results.push([name, e]);
-    console.log(`test ${name} ... FAILED\n    ${String(e.stack ?? e).split('\n').slice(0, 6).join('\n    ')}`);
-  }
-}
-
-async function shot(page, name) {
-  if (SHOTS) await page.screenshot({ path: `${SHOTS}/${name}.png` });
-}
-
+const browser = await h.launch([
+  // A fake microphone (a beeping tone) that needs no permission prompt,
+  // so MediaRecorder records something real.
+  '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
+  '--autoplay-policy=no-user-gesture-required',
+]);
 /** A signed-in ChatBox in its own browser context, allowed the microphone. */
-async function open(email, { viewport = { width: 1100, height: 760 } } = {}) {
-  const context = await browser.newContext({ viewport });
-  await context.grantPermissions(['microphone'], { origin: EDGE });
-  const page = await context.newPage();
-  page.setDefaultTimeout(TIMEOUT);
-  const errors = [];
-  page.on('pageerror', (e) => errors.push(e));
-  await page.goto(`${EDGE}/`);
-  await page.getByLabel('Email').fill(email);
-  await page.getByLabel('Password').fill('demo-password');
-  await page.getByRole('button', { name: 'Log in', exact: true }).click();
-  await page.getByRole('tab', { name: 'Chats' }).waitFor();
-  return { context, page, errors };
-}
-
-/** axe-core: any serious or critical violation fails the test. */
-async function axe(page, view) {
-  if (!(await page.evaluate(() => Boolean(window.axe)))) await page.addScriptTag({ content: AXE });
-  const violations = await page.evaluate(async () => {
-    const result = await window.axe.run(document, { resultTypes: ['violations'] });
-    return result.violations
-      .filter((v) => v.impact === 'serious' || v.impact === 'critical')
-      .map((v) => `${v.id} (${v.impact}): ${v.help}\n      ${v.nodes.slice(0, 3).map((n) => n.target.join(' ') + ' — ' + n.failureSummary.replace(/\n/g, ' ')).join('\n      ')}`);
-  });
-  if (violations.length) throw new Error(`accessibility, ${view} view:\n    ${violations.join('\n    ')}`);
-}
-
-async function until(what, check, timeout = TIMEOUT) {
-  const end = Date.now() + timeout;
-  for (;;) {
-    if (await check()) return;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((ok) => setTimeout(ok, 100));
-  }
-}
-
-function expectEqual(actual, expected, what) {
-  if (actual !== expected) throw new Error(`${what}: expected ${JSON.stringify(expected)}, got ${JSON.stringify(actual)}`);
-}
+const open = (email, options) => h.open(browser, email, { permissions: ['microphone'], ...options });
 
 /** Opens (or starts) the direct chat with `name` from People. */
 async function chatWith(page, name) {
@@ -105,8 +31,6 @@ async function chatWith(page, name) {
   await composer(page).waitFor();
 }
 
-const composer = (page) => page.getByRole('textbox', { name: 'Message' });
-const bubble = (page, text) => page.locator('.vc-bubble', { hasText: text });
 const tray = (page) => page.getByRole('list', { name: 'Attachments to send' });
 
 /**
@@ -499,7 +423,4 @@ await test('no page threw an error', async () => {
   if (errors.length) throw new Error(errors.map(String).join('; '));
 });
 
-await browser.close();
-const failed = results.filter(([, e]) => e);
-console.log(`\ntest result: ${failed.length ? 'FAILED' : 'ok'}. ${results.length - failed.length} passed; ${failed.length} failed`);
-process.exit(failed.length ? 1 : 0);
+await h.finish(browser);
