@@ -351,6 +351,11 @@ impl Room {
                 .into_iter()
                 .map(AttachmentView::unsigned)
                 .collect(),
+            edited_at: None,
+            deleted_at: None,
+            reactions: Vec::new(),
+            reply_to: None,
+            mentions: Vec::new(),
         })
     }
 

@@ -491,6 +491,7 @@ async fn create_conversation(req: Request, env: &Env, config: &EdgeConfig) -> Ed
     let body = response.text().await?;
     if let Ok(created) = serde_json::from_str::<Created>(&body) {
         let notice = shared::protocol::internal::ConversationNotice {
+            mentions: Vec::new(),
             conversation_id: created.id,
             seq: created.last_seq,
             prev_seq: created.last_seq,

@@ -29,6 +29,15 @@ pub fn room_of(frame: &ClientFrame) -> Option<i64> {
         | ClientFrame::Typing { conversation_id }
         | ClientFrame::Read {
             conversation_id, ..
+        }
+        | ClientFrame::Edit {
+            conversation_id, ..
+        }
+        | ClientFrame::Delete {
+            conversation_id, ..
+        }
+        | ClientFrame::React {
+            conversation_id, ..
         } => Some(*conversation_id),
         ClientFrame::Ping
         | ClientFrame::Auth { .. }
@@ -55,6 +64,8 @@ async fn deliver(env: &Env, user: i64, frame: &ClientFrame) -> EdgeResult<Option
             content,
             client_msg_id,
             attachment_ids,
+            reply_to,
+            mentions,
         } => (
             *conversation_id,
             "messages",
@@ -62,7 +73,24 @@ async fn deliver(env: &Env, user: i64, frame: &ClientFrame) -> EdgeResult<Option
                 "content": content,
                 "client_msg_id": client_msg_id,
                 "attachment_ids": attachment_ids,
+                "reply_to": reply_to,
+                "mentions": mentions,
             }),
+        ),
+        // A change goes to the room as the frame itself: the room's
+        // `/change` route takes exactly these.
+        ClientFrame::Edit {
+            conversation_id, ..
+        }
+        | ClientFrame::Delete {
+            conversation_id, ..
+        }
+        | ClientFrame::React {
+            conversation_id, ..
+        } => (
+            *conversation_id,
+            "change",
+            serde_json::to_value(frame).unwrap_or_default(),
         ),
         ClientFrame::Typing { conversation_id } => {
             (*conversation_id, "typing", serde_json::json!({}))
@@ -89,6 +117,18 @@ async fn deliver(env: &Env, user: i64, frame: &ClientFrame) -> EdgeResult<Option
     if !(200..300).contains(&res.status_code()) {
         return Ok(Some(refusal(&mut res).await));
     }
+    if matches!(
+        frame,
+        ClientFrame::Edit { .. } | ClientFrame::Delete { .. } | ClientFrame::React { .. }
+    ) {
+        // The room answers a change with its event frame or an ack; the
+        // sender's own socket gets the ack (the event arrives live).
+        let answer: ServerFrame = res.json().await?;
+        return Ok(Some(match answer {
+            ack @ ServerFrame::Ack { .. } => ack,
+            other => change_ack(frame, &other).unwrap_or(other),
+        }));
+    }
     if !matches!(frame, ClientFrame::Message { .. }) {
         return Ok(None);
     }
@@ -99,6 +139,29 @@ async fn deliver(env: &Env, user: i64, frame: &ClientFrame) -> EdgeResult<Option
         id: stored.id,
         conversation_id,
     }))
+}
+
+/// The `ack` for a change the room answered with its event frame.
+fn change_ack(frame: &ClientFrame, event: &ServerFrame) -> Option<ServerFrame> {
+    let client_msg_id = match frame {
+        ClientFrame::Edit { client_msg_id, .. }
+        | ClientFrame::Delete { client_msg_id, .. }
+        | ClientFrame::React { client_msg_id, .. } => client_msg_id.clone(),
+        _ => None,
+    };
+    let (conversation_id, seq) = event.sequenced()?;
+    let id = match event {
+        ServerFrame::MessageEdited { message_id, .. }
+        | ServerFrame::MessageDeleted { message_id, .. }
+        | ServerFrame::Reaction { message_id, .. } => *message_id,
+        _ => return None,
+    };
+    Some(ServerFrame::Ack {
+        client_msg_id: client_msg_id.unwrap_or_default(),
+        seq,
+        id,
+        conversation_id,
+    })
 }
 
 /// `user`'s object subscribes to a conversation's Room: its live frames

@@ -276,7 +276,12 @@ impl User {
         let frame = shared::room::parse_frame(text);
         let cost = match &frame {
             Ok(ClientFrame::Ping | ClientFrame::Pong { .. }) => cost::PING,
-            Ok(ClientFrame::Message { .. }) => cost::MESSAGE,
+            Ok(
+                ClientFrame::Message { .. }
+                | ClientFrame::Edit { .. }
+                | ClientFrame::Delete { .. }
+                | ClientFrame::React { .. },
+            ) => cost::MESSAGE,
             Ok(ClientFrame::Typing { .. }) => cost::TYPING,
             Ok(ClientFrame::Read { .. }) => cost::READ,
             Ok(ClientFrame::Auth { .. }) => cost::AUTH,
@@ -425,6 +430,11 @@ impl User {
                 let Some(&(_, unread)) = notice.recipients.iter().find(|(u, _)| *u == user) else {
                     return Ok(Response::empty()?.with_status(204));
                 };
+                let mentions = notice
+                    .mentions
+                    .iter()
+                    .find(|(u, _)| *u == user)
+                    .map_or(0, |&(_, n)| n);
                 // A conversation this object has not heard of may bring new
                 // contacts (a new chat, or a group that added the user):
                 // the alarm fetches them, if anyone is here to see them.
@@ -438,6 +448,7 @@ impl User {
                         notice.seq,
                         notice.last_message.clone(),
                         unread,
+                        mentions,
                     );
                 })?;
                 self.drain();
@@ -1077,6 +1088,7 @@ pub async fn notify(env: &Env, notices: &[ConversationNotice]) -> EdgeResult<()>
     let sends = notices.iter().flat_map(|notice| {
         notice.recipients.iter().map(move |&(user, unread)| {
             let own = ConversationNotice {
+                mentions: Vec::new(),
                 conversation_id: notice.conversation_id,
                 seq: notice.seq,
                 prev_seq: notice.prev_seq,

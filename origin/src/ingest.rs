@@ -766,6 +766,7 @@ mod tests {
             created_at: Utc::now(),
             client_msg_id: "k1".to_owned(),
             attachment_ids: (0..attachments).map(|_| Uuid::now_v7()).collect(),
+            ..Default::default()
         }
     }
 

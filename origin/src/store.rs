@@ -121,6 +121,11 @@ pub fn message_view(
         created_at: row.get(5),
         client_msg_id: row.get(6),
         attachments,
+        edited_at: None,
+        deleted_at: None,
+        reactions: Vec::new(),
+        reply_to: None,
+        mentions: Vec::new(),
     }
 }
 

@@ -28,6 +28,37 @@ pub enum ClientFrame {
         /// [`crate::media::MAX_ATTACHMENTS_PER_MESSAGE`].
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         attachment_ids: Vec<Uuid>,
+        /// The message this one answers (its `id`), in this conversation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<Uuid>,
+        /// Users the message mentions; the room keeps only members.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        mentions: Vec<i64>,
+    },
+    /// The sender rewrites their message (within the edit window).
+    Edit {
+        conversation_id: i64,
+        message_id: Uuid,
+        content: String,
+        #[serde(default)]
+        client_msg_id: Option<String>,
+    },
+    /// Erases a message: its sender, or a group's creator or an admin.
+    Delete {
+        conversation_id: i64,
+        message_id: Uuid,
+        #[serde(default)]
+        client_msg_id: Option<String>,
+    },
+    /// Adds (`on`, the default) or takes back one emoji on a message.
+    React {
+        conversation_id: i64,
+        message_id: Uuid,
+        emoji: String,
+        #[serde(default = "yes")]
+        on: bool,
+        #[serde(default)]
+        client_msg_id: Option<String>,
     },
     Typing {
         conversation_id: i64,
@@ -60,6 +91,10 @@ pub enum ClientFrame {
         #[serde(deserialize_with = "conversation_keys")]
         since: std::collections::BTreeMap<i64, i64>,
     },
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A JSON object keyed by conversation id (JSON keys are strings).
@@ -104,6 +139,52 @@ pub struct MessageView {
     /// In the order the sender listed them. Absent when there are none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<crate::media::AttachmentView>,
+    /// When the sender last edited it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<DateTime<Utc>>,
+    /// When it was deleted: the content is `""` and attachments,
+    /// reactions, mentions and the quote are gone (a tombstone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<DateTime<Utc>>,
+    /// Summed per emoji, in the order each was first used.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reactions: Vec<ReactionView>,
+    /// The message this one answers, as it reads now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<ReplyPreview>,
+    /// Users the message mentions (members when it was sent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<i64>,
+}
+
+/// One emoji's reactions on a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReactionView {
+    pub emoji: String,
+    pub count: i64,
+    /// Whether the reader is among them.
+    #[serde(default)]
+    pub me: bool,
+    /// Who reacted, oldest first.
+    #[serde(default)]
+    pub user_ids: Vec<i64>,
+}
+
+/// The quoted message of a reply, read when the reply is shown (never a
+/// stored copy: a deleted original shows as deleted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReplyPreview {
+    pub id: Uuid,
+    pub seq: i64,
+    pub sender_id: i64,
+    /// At most [`PREVIEW_CHARS`] characters; empty when deleted or when
+    /// the room no longer holds the original (history has it).
+    #[serde(default)]
+    pub content: String,
+    #[serde(default)]
+    pub deleted: bool,
 }
 
 /// A frame from the server.
@@ -155,6 +236,39 @@ pub enum ServerFrame {
         seq: i64,
         last_message: Option<MessagePreview>,
         unread_count: i64,
+        /// Unread messages that mention the user.
+        #[serde(default)]
+        unread_mentions: i64,
+    },
+    /// A message was edited (event `seq`; the message is `message_seq`).
+    MessageEdited {
+        conversation_id: i64,
+        seq: i64,
+        message_id: Uuid,
+        message_seq: i64,
+        user_id: i64,
+        content: String,
+        edited_at: DateTime<Utc>,
+    },
+    /// A message was erased; show a tombstone in its place.
+    MessageDeleted {
+        conversation_id: i64,
+        seq: i64,
+        message_id: Uuid,
+        message_seq: i64,
+        user_id: i64,
+        deleted_at: DateTime<Utc>,
+    },
+    /// `user_id` added (`on`) or took back `emoji`; `count` is its total.
+    Reaction {
+        conversation_id: i64,
+        seq: i64,
+        message_id: Uuid,
+        message_seq: i64,
+        user_id: i64,
+        emoji: String,
+        on: bool,
+        count: i64,
     },
     Error {
         code: String,
@@ -198,6 +312,32 @@ pub enum ServerFrame {
     },
 }
 
+impl ServerFrame {
+    /// `(conversation, seq)` of a frame in a conversation's order: a
+    /// message or a change to one. Clients keep the highest they hold.
+    pub fn sequenced(&self) -> Option<(i64, i64)> {
+        match self {
+            ServerFrame::Message { message } => Some((message.conversation_id, message.seq)),
+            ServerFrame::MessageEdited {
+                conversation_id,
+                seq,
+                ..
+            }
+            | ServerFrame::MessageDeleted {
+                conversation_id,
+                seq,
+                ..
+            }
+            | ServerFrame::Reaction {
+                conversation_id,
+                seq,
+                ..
+            } => Some((*conversation_id, *seq)),
+            _ => None,
+        }
+    }
+}
+
 /// The short form of a message for conversation lists and notifications.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -236,7 +376,7 @@ pub mod internal {
     pub const MAX_INGEST_BATCH: usize = 1_000;
 
     /// A message as the room stored it, on its way to PostgreSQL.
-    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
     pub struct StoredMessage {
         pub id: Uuid,
         pub conversation_id: i64,
@@ -249,6 +389,39 @@ pub mod internal {
         /// them to the message in the same transaction.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         pub attachment_ids: Vec<Uuid>,
+        /// The message this one answers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub reply_to: Option<Uuid>,
+        /// Users it mentions (members, checked by the room).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub mentions: Vec<i64>,
+        /// Present when this entry is not a message but a change to one (an
+        /// edit, a delete, a reaction): it holds the seq, `id`, `sender_id`
+        /// (the actor), `created_at` and `client_msg_id` of the event;
+        /// `content` is empty and the origin stores no message row for it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub change: Option<StoredChange>,
+    }
+
+    /// A change to an earlier message, as the room sequenced it.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct StoredChange {
+        /// The changed message's `id`.
+        pub target_id: Uuid,
+        #[serde(flatten)]
+        pub change: Change,
+    }
+
+    /// What a change does.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(tag = "kind", rename_all = "snake_case")]
+    pub enum Change {
+        /// The message's content becomes this (the latest edit by seq wins).
+        Edit { content: String },
+        /// The message is erased, for good.
+        Delete,
+        /// The actor's `emoji` is on or off (the latest by seq wins).
+        React { emoji: String, on: bool },
     }
 
     /// `POST /internal/v1/attachments`: the edge reserves an upload before a
@@ -371,6 +544,11 @@ pub mod internal {
         /// an origin that predates it.
         #[serde(default)]
         pub members_version: i64,
+        /// Members who may delete anyone's message: a group's creator (while
+        /// a member) and members whose role is `admin`. Empty for a direct
+        /// conversation and from an origin that predates it.
+        #[serde(default)]
+        pub moderators: Vec<i64>,
     }
 
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -394,6 +572,9 @@ pub mod internal {
         pub last_message: Option<MessagePreview>,
         /// (user, unread count): only these users are told.
         pub recipients: Vec<(i64, i64)>,
+        /// (user, unread mentions) for the recipients who have any.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub mentions: Vec<(i64, i64)>,
     }
 
     /// What the Worker tells a member's `User` object after a change to a
@@ -472,6 +653,8 @@ mod tests {
                 content: "Hello!".into(),
                 client_msg_id: Some("abc".into()),
                 attachment_ids: Vec::new(),
+                reply_to: None,
+                mentions: Vec::new(),
             }
         );
         let f: ClientFrame =

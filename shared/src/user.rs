@@ -123,6 +123,15 @@ struct Held {
 fn conversation_of(frame: &ServerFrame) -> Option<i64> {
     match frame {
         ServerFrame::Message { message } => Some(message.conversation_id),
+        ServerFrame::MessageEdited {
+            conversation_id, ..
+        }
+        | ServerFrame::MessageDeleted {
+            conversation_id, ..
+        }
+        | ServerFrame::Reaction {
+            conversation_id, ..
+        } => Some(*conversation_id),
         ServerFrame::AttachmentUpdated { attachment } => Some(attachment.meta.conversation_id),
         ServerFrame::Typing {
             conversation_id, ..
@@ -381,6 +390,7 @@ impl User {
         seq: i64,
         last_message: Option<MessagePreview>,
         unread_count: i64,
+        unread_mentions: i64,
     ) {
         let entry = self.unread.entry(conversation_id).or_insert((seq, 0));
         if seq < entry.0 {
@@ -393,6 +403,7 @@ impl User {
             seq,
             last_message,
             unread_count,
+            unread_mentions,
         });
     }
 
@@ -461,16 +472,16 @@ impl User {
         }
     }
 
-    /// Sends `frame` to `to`; a message only to the connections that do not
-    /// have it yet (its seq is above the last they got).
+    /// Sends `frame` to `to`; a sequenced frame (a message or a change to
+    /// one) only to the connections that do not have it yet (its seq is
+    /// above the last they got).
     fn deliver(&mut self, to: UserTarget, frame: ServerFrame) {
-        let ServerFrame::Message { message } = &frame else {
+        let Some((conversation, seq)) = frame.sequenced() else {
             if !self.conns.is_empty() {
                 self.outputs.push_back(UserOutput::Send { to, frame });
             }
             return;
         };
-        let (conversation, seq) = (message.conversation_id, message.seq);
         let targets: Vec<ConnId> = match to {
             UserTarget::Conn(c) => self.conns.get(&c).copied().into_iter().collect(),
             UserTarget::All => self.conns.iter().copied().collect(),
@@ -793,9 +804,9 @@ mod tests {
         let mut u = connected();
         u.handle_connect(T0, ConnId(11));
         drain(&mut u);
-        u.handle_notice(5, 10, None, 3);
-        u.handle_notice(5, 12, None, 0);
-        u.handle_notice(5, 11, None, 1);
+        u.handle_notice(5, 10, None, 3, 0);
+        u.handle_notice(5, 12, None, 0, 0);
+        u.handle_notice(5, 11, None, 1, 0);
         let outs = drain(&mut u);
         let counts: Vec<i64> = outs
             .iter()
@@ -816,7 +827,7 @@ mod tests {
         let mut u = connected();
         u.handle_connect(T0, ConnId(11));
         drain(&mut u);
-        u.handle_notice(5, 10, None, 3);
+        u.handle_notice(5, 10, None, 3, 0);
         drain(&mut u);
         u.handle_conversation_change(5, false);
         assert_eq!(
@@ -872,6 +883,11 @@ mod tests {
                 created_at: at(T0),
                 client_msg_id: format!("k{seq}"),
                 attachments: Vec::new(),
+                edited_at: None,
+                deleted_at: None,
+                reactions: Vec::new(),
+                reply_to: None,
+                mentions: Vec::new(),
             },
         }
     }

@@ -184,6 +184,9 @@ impl World {
 
     fn deliver(&mut self, i: usize, frame: &ServerFrame) {
         match frame {
+            ServerFrame::MessageEdited { .. }
+            | ServerFrame::MessageDeleted { .. }
+            | ServerFrame::Reaction { .. } => {}
             ServerFrame::Message { message } => {
                 let stored = self.ever_stored.get(&message.seq);
                 assert_eq!(stored, Some(&message.id), "delivered only once stored");

@@ -67,6 +67,7 @@ async fn members(
         kind: access.kind,
         last_seq: access.last_seq,
         members_version: access.members_version,
+        moderators: Vec::new(),
         members: access
             .members
             .iter()
@@ -117,6 +118,7 @@ async fn message_by_seq(
         created_at: row.get(3),
         client_msg_id: row.get(4),
         attachment_ids,
+        ..Default::default()
     }))
 }
 

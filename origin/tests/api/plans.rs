@@ -222,6 +222,7 @@ async fn room_batch(
             created_at: r.get(3),
             client_msg_id: r.get(4),
             attachment_ids: Vec::new(),
+            ..Default::default()
         })
         .collect();
     batch.extend((last + 1..=last + new).map(|seq| StoredMessage {
@@ -239,6 +240,7 @@ async fn room_batch(
         } else {
             Vec::new()
         },
+        ..Default::default()
     }));
     batch
 }

@@ -221,6 +221,9 @@ impl Record {
             created_at: self.created_at(),
             client_msg_id: self.client_msg_id.clone(),
             attachment_ids: self.attachments.iter().map(|a| a.id).collect(),
+            reply_to: None,
+            mentions: Vec::new(),
+            change: None,
         }
     }
 
@@ -775,6 +778,7 @@ impl Room {
                 content,
                 client_msg_id,
                 attachment_ids,
+                ..
             }) => self.check_conversation(conversation_id).and_then(|()| {
                 let draft = Draft {
                     content,
@@ -798,6 +802,11 @@ impl Room {
             Ok(ClientFrame::Resume { .. }) => self
                 .take_token(now, user_id, cost::GARBAGE)
                 .and(Err(RoomError::UnknownType("resume".to_owned()))),
+            Ok(
+                frame @ (ClientFrame::Edit { .. }
+                | ClientFrame::Delete { .. }
+                | ClientFrame::React { .. }),
+            ) => self.handle_change_frame(now, user_id, conn, frame, ctx),
         };
         if let Err(e) = result {
             self.reject(conn, &e);
@@ -813,6 +822,17 @@ impl Room {
                 _ => {}
             }
         }
+    }
+
+    fn handle_change_frame(
+        &mut self,
+        _now: Millis,
+        _user_id: i64,
+        _conn: ConnId,
+        _frame: ClientFrame,
+        _ctx: &impl Context,
+    ) -> Result<(), RoomError> {
+        Err(RoomError::UnknownType("edit".to_owned()))
     }
 
     /// `{"type":"auth","token":"…"}`: a fresh token for this connection's
@@ -1147,6 +1167,7 @@ impl Room {
             prev_seq,
             last_message,
             recipients,
+            mentions: Vec::new(),
         }));
     }
 
@@ -1355,6 +1376,11 @@ impl Room {
                 .cloned()
                 .map(AttachmentView::unsigned)
                 .collect(),
+            edited_at: None,
+            deleted_at: None,
+            reactions: Vec::new(),
+            reply_to: None,
+            mentions: Vec::new(),
         }
     }
 
