@@ -52,6 +52,9 @@ pub enum UserTarget {
 
 /// What the driver must do, in order.
 #[derive(Debug, Clone, PartialEq)]
+// Outputs live for one drain; boxing the frame would cost an allocation
+// per frame to save stack space nobody runs short of.
+#[allow(clippy::large_enum_variant)]
 pub enum UserOutput {
     Send {
         to: UserTarget,

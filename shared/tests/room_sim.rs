@@ -278,6 +278,18 @@ impl Driver for World {
         Ok(())
     }
 
+    fn store_change(
+        &mut self,
+        r: &Record,
+        _state: &shared::room::lifecycle::MessageState,
+    ) -> Result<(), &'static str> {
+        self.write()?;
+        assert_eq!(r.seq, self.last_durable_seq() + 1);
+        self.ever_stored.insert(r.seq, r.id);
+        self.durable.insert(r.seq, r.clone());
+        Ok(())
+    }
+
     fn store_watermark(&mut self, w: &Watermark) -> Result<(), &'static str> {
         self.write()?;
         let e = self.watermarks.entry(w.user_id).or_insert(StoredWatermark {

@@ -50,6 +50,13 @@ pub trait Driver {
     /// Writes a new message (its idempotency key was claimed just before,
     /// through `Context::claim_key`).
     fn store(&mut self, record: &super::Record) -> Result<(), Self::Error>;
+    /// Writes a change (its key claimed like a message's) and applies it
+    /// to its target's stored state: see [`Output::StoreChange`].
+    fn store_change(
+        &mut self,
+        event: &super::Record,
+        state: &super::lifecycle::MessageState,
+    ) -> Result<(), Self::Error>;
     /// Upserts a member's watermarks (never moving them back), as not yet
     /// confirmed by the origin.
     fn store_watermark(&mut self, watermark: &Watermark) -> Result<(), Self::Error>;
@@ -84,6 +91,7 @@ pub fn drain<D: Driver>(room: &mut Room, driver: &mut D) -> Result<(), WriteFail
     while let Some(output) = room.poll_output() {
         let written = match output {
             Output::Store(record) => driver.store(&record),
+            Output::StoreChange { event, state } => driver.store_change(&event, &state),
             Output::StoreWatermark(w) => driver.store_watermark(&w),
             Output::ReplaceMembers(members) => driver.replace_members(&members),
             Output::MarkFlushed(confirmed) => driver.mark_flushed(&confirmed),

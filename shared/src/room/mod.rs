@@ -57,6 +57,7 @@
 mod conns;
 mod driver;
 mod idempotency;
+pub mod lifecycle;
 mod members;
 mod notices;
 mod outbox;
@@ -64,6 +65,9 @@ mod rate;
 mod storage;
 mod typing;
 mod window;
+
+#[cfg(test)]
+mod change_tests;
 
 pub use driver::{Driver, Recipients, WriteFailed, drain};
 pub use outbox::OutboxConfig;
@@ -86,12 +90,15 @@ use crate::auth::AuthError;
 use crate::bucket::Rate;
 use crate::domain::{ClientMsgId, DomainError, MAX_FRAME_BYTES, MessageContent};
 use crate::media::{AttachmentMeta, AttachmentView, MAX_ATTACHMENTS_PER_MESSAGE, MediaKind};
-use crate::protocol::internal::{ConversationNotice, ReceiptUpdate, StoredMessage};
-use crate::protocol::{ClientFrame, MessagePreview, MessageView, ServerFrame, preview_text};
+use crate::protocol::internal::{ConversationNotice, ReceiptUpdate, StoredChange, StoredMessage};
+use crate::protocol::{
+    ClientFrame, MessagePreview, MessageView, ReplyPreview, ServerFrame, preview_text,
+};
 use crate::receipts::{Watermark, status_of};
 
 use conns::Conns;
 use idempotency::KeyCache;
+use lifecycle::{Change, ChangeRecord, MAX_MENTIONS, MessageState, Target as MessageRef};
 use members::Members;
 use notices::Notices;
 use outbox::Outbox;
@@ -141,6 +148,8 @@ pub struct RoomConfig {
     pub flush_max_in_flight: usize,
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
+    /// How long after sending its sender may edit a message.
+    pub edit_window_ms: i64,
 }
 
 impl Default for RoomConfig {
@@ -161,6 +170,7 @@ impl Default for RoomConfig {
             flush_max_in_flight: 4,
             backoff_initial_ms: 500,
             backoff_max_ms: 10_000,
+            edit_window_ms: 24 * 3_600_000,
         }
     }
 }
@@ -189,10 +199,14 @@ pub struct Draft {
     pub content: String,
     pub client_msg_id: Option<String>,
     pub attachment_ids: Vec<Uuid>,
+    /// The message it answers.
+    pub reply_to: Option<Uuid>,
+    /// Users it mentions (only members are kept).
+    pub mentions: Vec<i64>,
 }
 
-/// A message as the room stores it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A message, or a change to one (`change`), as the room stores it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Record {
     pub id: Uuid,
     pub seq: i64,
@@ -204,6 +218,14 @@ pub struct Record {
     pub flushed: bool,
     /// In the order the sender listed them.
     pub attachments: Vec<AttachmentMeta>,
+    /// The message it answers; `content` is what the room read when it
+    /// was sent, in memory only (storage keeps the id, seq and sender).
+    pub reply_to: Option<ReplyPreview>,
+    pub mentions: Vec<i64>,
+    /// Edits, deletion and reactions so far (a message's).
+    pub state: MessageState,
+    /// Present on a change: this record is an event, not a message.
+    pub change: Option<ChangeRecord>,
 }
 
 impl Record {
@@ -221,21 +243,47 @@ impl Record {
             created_at: self.created_at(),
             client_msg_id: self.client_msg_id.clone(),
             attachment_ids: self.attachments.iter().map(|a| a.id).collect(),
-            reply_to: None,
-            mentions: Vec::new(),
-            change: None,
+            reply_to: self.reply_to.as_ref().map(|r| r.id),
+            mentions: self.mentions.clone(),
+            change: self.change.as_ref().map(|c| StoredChange {
+                target_id: c.target_id,
+                change: c.change.clone(),
+            }),
+        }
+    }
+
+    /// A message, not a change to one.
+    pub fn is_message(&self) -> bool {
+        self.change.is_none()
+    }
+
+    /// What a change or a reply needs to know of this message.
+    pub fn as_target(&self) -> MessageRef {
+        MessageRef {
+            id: self.id,
+            seq: self.seq,
+            sender_id: self.sender_id,
+            created_at_ms: self.created_at_ms,
+            state: self.state.clone(),
+            preview: Some(self.preview()),
         }
     }
 
     /// The short text for lists and notices: the content, or what the
     /// message carries when it has none.
     pub fn preview(&self) -> String {
+        if self.state.is_deleted() {
+            return DELETED_PREVIEW.to_owned();
+        }
         if !self.content.trim().is_empty() || self.attachments.is_empty() {
             return preview_text(&self.content);
         }
         attachment_summary(&self.attachments)
     }
 }
+
+/// How a deleted message reads in a list or a notice.
+pub const DELETED_PREVIEW: &str = "Message deleted";
 
 /// "Photo", "Voice message", "3 attachments": a message without text in a
 /// list or a notification.
@@ -278,6 +326,14 @@ pub enum Output {
     /// Write this message and its idempotency key durably before executing
     /// any later output.
     Store(Record),
+    /// Write this change (a [`Record`] with `change`) and apply it to its
+    /// target's stored row, which now has `state`; for a delete, erase the
+    /// target's content, attachments (rows and objects), mentions, quote,
+    /// and the content of earlier edits to it. Before any later output.
+    StoreChange {
+        event: Record,
+        state: MessageState,
+    },
     Send {
         to: Target,
         frame: ServerFrame,
@@ -352,6 +408,21 @@ pub enum RoomError {
     Attachment(String),
     #[error("the token is for another user")]
     AuthWrongUser,
+    #[error("no such message in this conversation")]
+    MessageNotFound,
+    #[error("the message was deleted")]
+    MessageDeleted,
+    #[error("a message can be edited only within the edit window after sending")]
+    EditWindowPassed,
+    #[error("{0}")]
+    NotAllowed(&'static str),
+    #[error("a reaction is exactly one emoji")]
+    InvalidEmoji,
+    #[error(
+        "a message carries at most {} distinct reactions",
+        lifecycle::MAX_REACTIONS_PER_MESSAGE
+    )]
+    TooManyReactions,
 }
 
 impl RoomError {
@@ -369,13 +440,24 @@ impl RoomError {
             RoomError::Auth(e) => e.code(),
             RoomError::AuthWrongUser => "invalid_token",
             RoomError::Attachment(_) => "invalid_attachment",
+            RoomError::MessageNotFound => "message_not_found",
+            RoomError::MessageDeleted => "message_deleted",
+            RoomError::EditWindowPassed => "edit_window_passed",
+            RoomError::NotAllowed(_) => "forbidden",
+            RoomError::InvalidEmoji => "invalid_emoji",
+            RoomError::TooManyReactions => "too_many_reactions",
         }
     }
 
     /// The HTTP status for the POST fallback.
     pub fn http_status(&self) -> u16 {
         match self {
-            RoomError::NotMember => 403,
+            RoomError::NotMember | RoomError::NotAllowed(_) => 403,
+            RoomError::MessageNotFound => 404,
+            RoomError::MessageDeleted => 409,
+            RoomError::EditWindowPassed | RoomError::InvalidEmoji | RoomError::TooManyReactions => {
+                422
+            }
             RoomError::Malformed(_) => 400,
             RoomError::FrameTooLarge | RoomError::Invalid(DomainError::TooLong { .. }) => 413,
             RoomError::WrongConversation(_)
@@ -422,6 +504,17 @@ impl Sent {
     }
 }
 
+/// The answer to a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeOutcome {
+    /// For the actor's connection: the event's seq and id; for a resend,
+    /// the original's; for a change that changed nothing, the message's.
+    pub ack: ServerFrame,
+    /// The event frame everyone got (`message_edited`, …); `None` when
+    /// nothing changed, or for a resend the room no longer holds.
+    pub event: Option<ServerFrame>,
+}
+
 /// A batch for the origin: messages it lacks and watermarks it may lack.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlushBatch {
@@ -463,6 +556,9 @@ pub struct Room {
     /// restarts; a member removed from the conversation stays listed but
     /// gets nothing (see [`Room::forward_to`]).
     subscribers: BTreeSet<i64>,
+    /// Members who may delete anyone's message (a group's creator,
+    /// admins), from the origin.
+    moderators: BTreeSet<i64>,
     /// The seq the last notice named (none yet in this instance).
     last_notice_seq: Option<i64>,
     outputs: std::collections::VecDeque<Output>,
@@ -491,6 +587,7 @@ impl Room {
             typing: Typing::new(config.typing_interval_ms, config.typing_ttl_ms),
             notices: Notices::new(config.notify_interval_ms),
             subscribers: BTreeSet::new(),
+            moderators: BTreeSet::new(),
             last_notice_seq: None,
             outputs: std::collections::VecDeque::new(),
             rng,
@@ -579,7 +676,10 @@ impl Room {
     /// A message by seq, if still in the window.
     pub fn message(&self, seq: i64) -> Option<MessageView> {
         let watermarks = self.members.snapshot();
-        self.window.get(seq).map(|r| self.view(r, &watermarks))
+        self.window
+            .get(seq)
+            .filter(|r| r.is_message())
+            .map(|r| self.view(r, &watermarks, None))
     }
 
     // ---- membership -------------------------------------------------------
@@ -602,6 +702,16 @@ impl Room {
             self.outbox.waiting(now);
         }
         self.window.advance_last_seq(origin_last_seq);
+    }
+
+    /// Who may delete anyone's message here (from the origin's member
+    /// list; the driver keeps it across restarts).
+    pub fn set_moderators(&mut self, moderators: impl IntoIterator<Item = i64>) {
+        self.moderators = moderators.into_iter().collect();
+    }
+
+    pub fn moderators(&self) -> impl Iterator<Item = i64> + '_ {
+        self.moderators.iter().copied()
     }
 
     // ---- connections ------------------------------------------------------
@@ -683,9 +793,7 @@ impl Room {
                 let frames: Vec<ServerFrame> = self
                     .window
                     .since(*range.start())
-                    .map(|r| ServerFrame::Message {
-                        message: self.view(r, &watermarks),
-                    })
+                    .map(|r| self.frame_of(r, &watermarks, Some(user_id)))
                     .collect();
                 self.advance_delivered(now, user_id, *range.end());
                 frames
@@ -778,12 +886,15 @@ impl Room {
                 content,
                 client_msg_id,
                 attachment_ids,
-                ..
+                reply_to,
+                mentions,
             }) => self.check_conversation(conversation_id).and_then(|()| {
                 let draft = Draft {
                     content,
                     client_msg_id,
                     attachment_ids,
+                    reply_to,
+                    mentions,
                 };
                 self.submit_draft(now, user_id, draft, Some(conn), ctx)
                     .map(|_| ())
@@ -824,15 +935,27 @@ impl Room {
         }
     }
 
+    /// An `edit`, `delete` or `react` frame from a room socket.
     fn handle_change_frame(
         &mut self,
-        _now: Millis,
-        _user_id: i64,
-        _conn: ConnId,
-        _frame: ClientFrame,
-        _ctx: &impl Context,
+        now: Millis,
+        user_id: i64,
+        conn: ConnId,
+        frame: ClientFrame,
+        ctx: &impl Context,
     ) -> Result<(), RoomError> {
-        Err(RoomError::UnknownType("edit".to_owned()))
+        let (conversation_id, message_id, change, client_msg_id) = change_of(frame)?;
+        self.check_conversation(conversation_id)?;
+        self.submit_change(
+            now,
+            user_id,
+            message_id,
+            change,
+            client_msg_id,
+            Some(conn),
+            ctx,
+        )
+        .map(|_| ())
     }
 
     /// `{"type":"auth","token":"…"}`: a fresh token for this connection's
@@ -880,7 +1003,7 @@ impl Room {
         let draft = Draft {
             content,
             client_msg_id,
-            attachment_ids: Vec::new(),
+            ..Draft::default()
         };
         self.submit_draft(now, user_id, draft, ack_to, ctx)
     }
@@ -898,6 +1021,8 @@ impl Room {
             content,
             client_msg_id,
             attachment_ids,
+            reply_to,
+            mentions,
         } = draft;
         if !self.is_member(user_id) {
             return Err(RoomError::NotMember);
@@ -931,6 +1056,23 @@ impl Room {
             return Err(RoomError::Backpressure);
         }
         let attachments = self.check_attachments(now, user_id, &attachment_ids, ctx)?;
+        let reply_to = match reply_to {
+            Some(id) => {
+                let target = self.find_message(id, ctx)?;
+                if target.state.is_deleted() {
+                    return Err(RoomError::MessageDeleted);
+                }
+                Some(ReplyPreview {
+                    id: target.id,
+                    seq: target.seq,
+                    sender_id: target.sender_id,
+                    content: target.preview.unwrap_or_default(),
+                    deleted: false,
+                })
+            }
+            None => None,
+        };
+        let mentions = self.members_among(mentions);
 
         let seq = self.last_seq() + 1;
         let id = self.next_id(now);
@@ -964,6 +1106,10 @@ impl Room {
             client_msg_id: client_msg_id.clone(),
             flushed: false,
             attachments,
+            reply_to,
+            mentions,
+            state: MessageState::default(),
+            change: None,
         };
         self.keys.remember(user_id, client_msg_id, candidate);
         self.outbox.waiting(now);
@@ -980,7 +1126,7 @@ impl Room {
         for user in online {
             self.members.delivered(user, seq);
         }
-        let message = self.view(&record, &self.members.snapshot());
+        let message = self.view(&record, &self.members.snapshot(), None);
         self.outputs.push_back(Output::Store(record.clone()));
         self.window.push(record);
         if let Some(conn) = ack_to {
@@ -1070,11 +1216,245 @@ impl Room {
         changed
     }
 
+    /// A change to message `message_id` from `user_id` (any transport):
+    /// an edit, a delete or a reaction. A new change is queued as
+    /// `StoreChange`, then the `ack` to `ack_to`, then the event to
+    /// everyone. A resend (by `client_msg_id`) and a change that changes
+    /// nothing queue only the `ack`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_change(
+        &mut self,
+        now: Millis,
+        user_id: i64,
+        message_id: Uuid,
+        change: Change,
+        client_msg_id: Option<String>,
+        ack_to: Option<ConnId>,
+        ctx: &impl Context,
+    ) -> Result<ChangeOutcome, RoomError> {
+        if !self.is_member(user_id) {
+            return Err(RoomError::NotMember);
+        }
+        let change = match change {
+            Change::Edit { content } => Change::Edit {
+                content: MessageContent::parse(content)
+                    .map_err(RoomError::Invalid)?
+                    .into_inner(),
+            },
+            Change::React { emoji, on } => {
+                if !lifecycle::valid_emoji(&emoji) {
+                    return Err(RoomError::InvalidEmoji);
+                }
+                Change::React { emoji, on }
+            }
+            Change::Delete => Change::Delete,
+        };
+        let key = match client_msg_id {
+            Some(k) => Some(ClientMsgId::parse(k).map_err(RoomError::Invalid)?),
+            None => None,
+        };
+        if let Some(key) = &key {
+            if let Some(known) = self.keys.get(user_id, key.as_str()) {
+                self.take_token(now, user_id, cost::RESEND)?;
+                return Ok(self.change_duplicate(known, key.as_str(), ack_to));
+            }
+        }
+        self.take_token(now, user_id, cost::MESSAGE)?;
+        if self.window.unflushed() >= self.config.max_unflushed {
+            return Err(RoomError::Backpressure);
+        }
+        let target = self.find_message(message_id, ctx)?;
+        let current = self.window.get(target.seq).map(|r| r.content.as_str());
+        let now_ms = i64::try_from(now).unwrap_or(i64::MAX);
+        let decided = lifecycle::decide(
+            &target,
+            current,
+            user_id,
+            self.moderators.contains(&user_id),
+            &change,
+            now_ms,
+            self.config.edit_window_ms,
+        )?;
+        let Some(state) = decided else {
+            // Nothing to store: the client's intent already holds.
+            let ack = ServerFrame::Ack {
+                client_msg_id: key.map(ClientMsgId::into_inner).unwrap_or_default(),
+                seq: target.seq,
+                id: target.id,
+                conversation_id: self.conversation_id,
+            };
+            if let Some(conn) = ack_to {
+                self.send(Target::Conn(conn), ack.clone());
+            }
+            return Ok(ChangeOutcome { ack, event: None });
+        };
+
+        let seq = self.last_seq() + 1;
+        let id = self.next_id(now);
+        let client_msg_id = key.map_or_else(|| id.to_string(), ClientMsgId::into_inner);
+        let candidate = KnownKey {
+            seq,
+            id,
+            created_at_ms: now_ms,
+        };
+        match ctx
+            .claim_key(user_id, &client_msg_id, candidate)
+            .map_err(|StorageFailed| RoomError::Storage)?
+        {
+            Claim::Claimed => {}
+            Claim::Known(known) => {
+                self.keys.remember(user_id, client_msg_id.clone(), known);
+                return Ok(self.change_duplicate(known, &client_msg_id, ack_to));
+            }
+        }
+        let count = match &change {
+            Change::React { emoji, .. } => state.count(emoji),
+            _ => 0,
+        };
+        let event = Record {
+            id,
+            seq,
+            sender_id: user_id,
+            content: String::new(),
+            created_at_ms: now_ms,
+            client_msg_id: client_msg_id.clone(),
+            flushed: false,
+            change: Some(ChangeRecord {
+                target_id: target.id,
+                target_seq: target.seq,
+                change,
+                count,
+            }),
+            ..Record::default()
+        };
+        self.keys
+            .remember(user_id, client_msg_id.clone(), candidate);
+        self.outbox.waiting(now);
+        self.window.apply_change(&event, &state);
+        let frame = self.event_frame(&event).unwrap_or(ServerFrame::Pong);
+        self.outputs.push_back(Output::StoreChange {
+            event: event.clone(),
+            state,
+        });
+        self.window.push(event);
+        let ack = ServerFrame::Ack {
+            client_msg_id,
+            seq,
+            id,
+            conversation_id: self.conversation_id,
+        };
+        if let Some(conn) = ack_to {
+            self.send(Target::Conn(conn), ack.clone());
+        }
+        self.send(Target::All, frame.clone());
+        // The members' lists show the change (an edited or deleted last
+        // message), and an object not yet subscribed subscribes.
+        let everyone: Vec<i64> = self.members.ids().collect();
+        self.want_notify(now, everyone);
+        Ok(ChangeOutcome {
+            ack,
+            event: Some(frame),
+        })
+    }
+
+    /// A resend of a change: its ack again, and its event if still held.
+    fn change_duplicate(
+        &mut self,
+        known: KnownKey,
+        client_msg_id: &str,
+        ack_to: Option<ConnId>,
+    ) -> ChangeOutcome {
+        let ack = ServerFrame::Ack {
+            client_msg_id: client_msg_id.to_owned(),
+            seq: known.seq,
+            id: known.id,
+            conversation_id: self.conversation_id,
+        };
+        if let Some(conn) = ack_to {
+            self.send(Target::Conn(conn), ack.clone());
+        }
+        let event = self.window.get(known.seq).and_then(|r| self.event_frame(r));
+        ChangeOutcome { ack, event }
+    }
+
+    /// The message `id` names in this conversation: from the window, else
+    /// from storage. Changes are not messages.
+    fn find_message(&self, id: Uuid, ctx: &impl Context) -> Result<MessageRef, RoomError> {
+        if let Some(r) = self.window.find(id) {
+            return if r.is_message() {
+                Ok(r.as_target())
+            } else {
+                Err(RoomError::MessageNotFound)
+            };
+        }
+        ctx.target(id)
+            .map_err(|StorageFailed| RoomError::Storage)?
+            .ok_or(RoomError::MessageNotFound)
+    }
+
+    /// The members among `users`, each once, at most [`MAX_MENTIONS`].
+    fn members_among(&self, users: Vec<i64>) -> Vec<i64> {
+        let mut out: Vec<i64> = Vec::new();
+        for u in users {
+            if self.members.contains(u) && !out.contains(&u) && out.len() < MAX_MENTIONS {
+                out.push(u);
+            }
+        }
+        out
+    }
+
+    /// The frame a change record is relayed and replayed as.
+    fn event_frame(&self, r: &Record) -> Option<ServerFrame> {
+        let c = r.change.as_ref()?;
+        let conversation_id = self.conversation_id;
+        Some(match &c.change {
+            Change::Edit { content } => ServerFrame::MessageEdited {
+                conversation_id,
+                seq: r.seq,
+                message_id: c.target_id,
+                message_seq: c.target_seq,
+                user_id: r.sender_id,
+                content: content.clone(),
+                edited_at: r.created_at(),
+            },
+            Change::Delete => ServerFrame::MessageDeleted {
+                conversation_id,
+                seq: r.seq,
+                message_id: c.target_id,
+                message_seq: c.target_seq,
+                user_id: r.sender_id,
+                deleted_at: r.created_at(),
+            },
+            Change::React { emoji, on } => ServerFrame::Reaction {
+                conversation_id,
+                seq: r.seq,
+                message_id: c.target_id,
+                message_seq: c.target_seq,
+                user_id: r.sender_id,
+                emoji: emoji.clone(),
+                on: *on,
+                count: c.count,
+            },
+        })
+    }
+
+    /// A record as a frame: a message as `viewer` sees it, or a change.
+    fn frame_of(&self, r: &Record, watermarks: &[Watermark], viewer: Option<i64>) -> ServerFrame {
+        match self.event_frame(r) {
+            Some(frame) => frame,
+            None => ServerFrame::Message {
+                message: self.view(r, watermarks, viewer),
+            },
+        }
+    }
+
     /// A resend of a stored message: the original, and its ack again.
     fn duplicate(&mut self, known: KnownKey, client_msg_id: &str, ack_to: Option<ConnId>) -> Sent {
         let sent = match self.window.get(known.seq) {
-            Some(r) => Sent::Duplicate(self.view(r, &self.members.snapshot())),
-            None => Sent::DuplicateOlder(known),
+            Some(r) if r.is_message() => {
+                Sent::Duplicate(self.view(r, &self.members.snapshot(), None))
+            }
+            _ => Sent::DuplicateOlder(known),
         };
         if let Some(conn) = ack_to {
             self.send(
@@ -1149,6 +1529,11 @@ impl Room {
             .into_iter()
             .filter(|u| self.members.contains(*u))
             .map(|u| (u, self.unread_for(u)))
+            .collect::<Vec<_>>();
+        let mentions = recipients
+            .iter()
+            .map(|&(u, _)| (u, self.unread_mentions_for(u)))
+            .filter(|&(_, n)| n > 0)
             .collect();
         let last_message = self.window.newest().map(|r| MessagePreview {
             id: r.id,
@@ -1167,7 +1552,7 @@ impl Room {
             prev_seq,
             last_message,
             recipients,
-            mentions: Vec::new(),
+            mentions,
         }));
     }
 
@@ -1184,6 +1569,15 @@ impl Room {
         let from = w.read_seq.max(start - 1);
         let in_window = self.window.count_from_others_after(from, user) as i64;
         (before_window + in_window).min(CAP)
+    }
+
+    /// Unread messages in the window that mention `user` (mentions before
+    /// the window are not counted here; the REST list counts them all).
+    pub fn unread_mentions_for(&self, user: i64) -> i64 {
+        let Some(w) = self.members.get(user) else {
+            return 0;
+        };
+        self.window.count_mentions_after(w.read_seq, user) as i64
     }
 
     fn schedule_receipt(&mut self, now: Millis, user_id: i64) {
@@ -1360,7 +1754,21 @@ impl Room {
 
     // ---- helpers ------------------------------------------------------------
 
-    fn view(&self, r: &Record, members: &[Watermark]) -> MessageView {
+    fn view(&self, r: &Record, members: &[Watermark], viewer: Option<i64>) -> MessageView {
+        // A quote reads as its original reads now, while the window holds
+        // it (a deletion since shows as such).
+        let reply_to = r.reply_to.as_ref().map(|q| match self.window.get(q.seq) {
+            Some(t) if t.id == q.id => ReplyPreview {
+                content: if t.state.is_deleted() {
+                    String::new()
+                } else {
+                    t.preview()
+                },
+                deleted: t.state.is_deleted(),
+                ..q.clone()
+            },
+            _ => q.clone(),
+        });
         MessageView {
             id: r.id,
             seq: r.seq,
@@ -1376,11 +1784,17 @@ impl Room {
                 .cloned()
                 .map(AttachmentView::unsigned)
                 .collect(),
-            edited_at: None,
-            deleted_at: None,
-            reactions: Vec::new(),
-            reply_to: None,
-            mentions: Vec::new(),
+            edited_at: r
+                .state
+                .edited_at_ms
+                .and_then(DateTime::from_timestamp_millis),
+            deleted_at: r
+                .state
+                .deleted_at_ms
+                .and_then(DateTime::from_timestamp_millis),
+            reactions: r.state.views(viewer),
+            reply_to,
+            mentions: r.mentions.clone(),
         }
     }
 
@@ -1398,6 +1812,9 @@ impl Room {
                 | ServerFrame::Typing { .. }
                 | ServerFrame::Receipt { .. }
                 | ServerFrame::AttachmentUpdated { .. }
+                | ServerFrame::MessageEdited { .. }
+                | ServerFrame::MessageDeleted { .. }
+                | ServerFrame::Reaction { .. }
         );
         let users = if forward {
             self.forward_to(to)
@@ -1456,7 +1873,16 @@ pub fn parse_frame(text: &str) -> Result<ClientFrame, RoomError> {
     };
     if !matches!(
         kind,
-        "message" | "typing" | "read" | "ping" | "auth" | "pong" | "resume"
+        "message"
+            | "typing"
+            | "read"
+            | "ping"
+            | "auth"
+            | "pong"
+            | "resume"
+            | "edit"
+            | "delete"
+            | "react"
     ) {
         return Err(RoomError::UnknownType(kind.to_owned()));
     }
@@ -1465,6 +1891,42 @@ pub fn parse_frame(text: &str) -> Result<ClientFrame, RoomError> {
             field: "frame",
             reason: field_error_reason(&e),
         })
+    })
+}
+
+/// The parts of an `edit`, `delete` or `react` frame: conversation,
+/// message, change, key.
+pub fn change_of(frame: ClientFrame) -> Result<(i64, Uuid, Change, Option<String>), RoomError> {
+    Ok(match frame {
+        ClientFrame::Edit {
+            conversation_id,
+            message_id,
+            content,
+            client_msg_id,
+        } => (
+            conversation_id,
+            message_id,
+            Change::Edit { content },
+            client_msg_id,
+        ),
+        ClientFrame::Delete {
+            conversation_id,
+            message_id,
+            client_msg_id,
+        } => (conversation_id, message_id, Change::Delete, client_msg_id),
+        ClientFrame::React {
+            conversation_id,
+            message_id,
+            emoji,
+            on,
+            client_msg_id,
+        } => (
+            conversation_id,
+            message_id,
+            Change::React { emoji, on },
+            client_msg_id,
+        ),
+        _ => return Err(RoomError::UnknownType("not a change".to_owned())),
     })
 }
 
@@ -2177,6 +2639,9 @@ mod tests {
                 Ok(())
             }
         }
+        fn store_change(&mut self, r: &Record, _: &MessageState) -> Result<(), &'static str> {
+            self.store(r)
+        }
         fn store_watermark(&mut self, _: &Watermark) -> Result<(), &'static str> {
             Ok(())
         }
@@ -2394,6 +2859,7 @@ mod tests {
             content: content.into(),
             client_msg_id: Some(format!("k{}", ids.len())),
             attachment_ids: ids.iter().map(|&n| Uuid::from_u128(n)).collect(),
+            ..Draft::default()
         }
     }
 

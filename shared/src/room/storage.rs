@@ -90,6 +90,13 @@ pub trait Context {
     fn attachment(&self, _id: Uuid) -> Result<Option<PendingAttachment>, StorageFailed> {
         Ok(None)
     }
+
+    /// A message of this room older than its window, by id, with its
+    /// current state (`None`: never stored here, or not a message). The
+    /// default knows none.
+    fn target(&self, _id: Uuid) -> Result<Option<super::lifecycle::Target>, StorageFailed> {
+        Ok(None)
+    }
 }
 
 /// An upload as the room knows it.
@@ -208,7 +215,7 @@ mod tests {
             created_at_ms: 0,
             client_msg_id: format!("k{seq}"),
             flushed,
-            attachments: Vec::new(),
+            ..Record::default()
         }
     }
 

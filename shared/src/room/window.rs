@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::ops::RangeInclusive;
 
 use super::Record;
+use super::lifecycle::{Change, MessageState};
 
 /// Which batch an unconfirmed message is in, if any.
 pub type BatchId = u64;
@@ -94,8 +95,62 @@ impl Window {
             .map_or(self.last_seq + 1, |e| e.record.seq)
     }
 
+    /// The newest message (not a change).
     pub fn newest(&self) -> Option<&Record> {
-        self.entries.back().map(|e| &e.record)
+        self.entries
+            .iter()
+            .rev()
+            .map(|e| &e.record)
+            .find(|r| r.is_message())
+    }
+
+    /// A held record by id. A scan from the newest: changes mostly name
+    /// recent messages, and the window is bounded.
+    pub fn find(&self, id: uuid::Uuid) -> Option<&Record> {
+        self.entries
+            .iter()
+            .rev()
+            .map(|e| &e.record)
+            .find(|r| r.id == id)
+    }
+
+    /// Applies a change to what the window holds: its target gets `state`
+    /// (and an edit's content); a delete erases the target, the content of
+    /// earlier edits to it, and quotes of it.
+    pub fn apply_change(&mut self, event: &Record, state: &MessageState) {
+        let Some(c) = &event.change else {
+            return;
+        };
+        let deleted = state.is_deleted();
+        for e in &mut self.entries {
+            let r = &mut e.record;
+            if r.id == c.target_id {
+                r.state = state.clone();
+                match &c.change {
+                    Change::Edit { content } => r.content = content.clone(),
+                    Change::Delete => {
+                        r.content.clear();
+                        r.attachments.clear();
+                        r.mentions.clear();
+                        r.reply_to = None;
+                    }
+                    Change::React { .. } => {}
+                }
+            } else if deleted {
+                if let Some(Change::Edit { content }) = r
+                    .change
+                    .as_mut()
+                    .filter(|rc| rc.target_id == c.target_id)
+                    .map(|rc| &mut rc.change)
+                {
+                    content.clear();
+                }
+                if let Some(q) = r.reply_to.as_mut().filter(|q| q.id == c.target_id) {
+                    q.content.clear();
+                    q.deleted = true;
+                }
+            }
+        }
     }
 
     /// A message by seq, if held.
@@ -159,9 +214,18 @@ impl Window {
         self.entries.iter().skip(skip).map(|e| &e.record)
     }
 
-    /// Messages after `seq` from senders other than `user`.
+    /// Messages (not changes) after `seq` from senders other than `user`.
     pub fn count_from_others_after(&self, seq: i64, user: i64) -> usize {
-        self.since(seq + 1).filter(|r| r.sender_id != user).count()
+        self.since(seq + 1)
+            .filter(|r| r.is_message() && r.sender_id != user)
+            .count()
+    }
+
+    /// Messages after `seq` that mention `user` and still stand.
+    pub fn count_mentions_after(&self, seq: i64, user: i64) -> usize {
+        self.since(seq + 1)
+            .filter(|r| r.is_message() && !r.state.is_deleted() && r.mentions.contains(&user))
+            .count()
     }
 
     /// Hands up to `max` waiting messages, oldest first, to batch `batch`.
@@ -276,7 +340,7 @@ mod tests {
             created_at_ms: 0,
             client_msg_id: format!("k{seq}"),
             flushed: false,
-            attachments: Vec::new(),
+            ..Record::default()
         }
     }
 
