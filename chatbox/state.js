@@ -4,6 +4,8 @@
 // "Read"), drafts and links. The views render from it; the unit tests in
 // e2e/unit drive it under node's own test runner.
 
+import { CHANGE_FRAMES, SeqTracker, applyChange, followOriginal, isDeleted, mentionsMe } from './lifecycle.js';
+
 const RANK = { sent: 0, delivered: 1, read: 2 };
 
 /** Consecutive messages from one sender this close together form a group. */
@@ -50,6 +52,7 @@ export class Conversations {
     if (!c) return false;
     // A notice counted before this client's last read mark is already read.
     c.unread_count = open || (c.read_seq ?? 0) >= (frame.seq ?? 0) ? 0 : frame.unread_count;
+    c.unread_mentions = c.unread_count ? frame.unread_mentions ?? 0 : 0;
     if (frame.last_message && (frame.last_message.seq ?? 0) >= (c.last_message?.seq ?? 0)) {
       c.last_message = frame.last_message;
       c.updated_at = frame.last_message.created_at;
@@ -69,6 +72,20 @@ export class Conversations {
   }
 
   /**
+   * An edit or delete of the conversation's last message: its preview
+   * follows (a change is not a message: nothing else in the row moves).
+   */
+  noteChange(frame) {
+    const c = this.byId.get(frame.conversation_id);
+    const last = c?.last_message;
+    if (!last || last.id !== frame.message_id) return false;
+    if (frame.type === 'message_edited' && !last.deleted) c.last_message = { ...last, content: frame.content };
+    else if (frame.type === 'message_deleted') c.last_message = { ...last, content: '', attachments: undefined, deleted: true };
+    else return false;
+    return true;
+  }
+
+  /**
    * Marks everything up to `seq` read here (the reader saw it); `seen` is
    * how many messages from others that newly covers, so a reader halfway
    * through a backlog still sees the rest counted.
@@ -79,7 +96,10 @@ export class Conversations {
     const before = c.unread_count;
     c.read_seq = Math.max(c.read_seq ?? 0, seq);
     c.unread_count = (c.last_seq ?? 0) <= c.read_seq ? 0 : Math.max(0, (c.unread_count || 0) - seen);
-    return before !== c.unread_count;
+    // The mentions are among the unread: none left unread, none left to flag.
+    const mentions = c.unread_mentions;
+    if (!c.unread_count) c.unread_mentions = 0;
+    return before !== c.unread_count || mentions !== c.unread_mentions;
   }
 
   /** Newest activity first; ties by id so the order is stable. */
@@ -134,6 +154,8 @@ export class ChatModel {
     this.readSent = 0;
     /** A catch-up after `resync` failed: a gap the view must show. */
     this.gap = false;
+    /** The highest seq held, of messages and changes alike: where the room connection resumes. */
+    this.seqs = new SeqTracker();
   }
 
   /** The conversation's REST detail. `readSeq`: the reader's mark when they opened it. */
@@ -145,6 +167,7 @@ export class ChatModel {
     for (const m of detail.messages) this.messages.set(m.seq, m);
     this.oldest = detail.messages[0]?.seq ?? null;
     this.hasMore = detail.has_more;
+    this.seqs.raise(this.maxSeq());
     this.readSent = Math.max(this.readSent, readSeq);
     const me = this.participants.get(this.me);
     const mark = Math.max(readSeq, me?.read_seq ?? 0);
@@ -192,6 +215,11 @@ export class ChatModel {
     return this.isGroup && this.createdBy === this.me && this.participants.has(this.me);
   }
 
+  /** What the message menu needs to know about the reader (lifecycle.menuActions). */
+  get permissions() {
+    return { me: this.me, isGroup: this.isGroup, createdBy: this.createdBy, role: this.participants.get(this.me)?.role ?? null };
+  }
+
   title(fallback = 'Chat') {
     if (this.name) return this.name;
     const other = [...this.participants.values()].find((p) => p.user_id !== this.me);
@@ -223,6 +251,56 @@ export class ChatModel {
     return true;
   }
 
+  /** The seq of the loaded message with this id, or null. */
+  seqOf(id) {
+    for (const [seq, m] of this.messages) if (m.id === id) return seq;
+    return null;
+  }
+
+  /**
+   * A `message_edited`, `message_deleted` or `reaction` frame: the message
+   * it names changes in place, and so do the quotes of replies to it.
+   * Returns the keys of the items that changed (empty when none is loaded).
+   */
+  applyChange(frame) {
+    if (!CHANGE_FRAMES.has(frame.type)) return [];
+    const changed = [];
+    const seq = this.messages.has(frame.message_seq) && this.messages.get(frame.message_seq).id === frame.message_id ? frame.message_seq : this.seqOf(frame.message_id);
+    if (seq != null) {
+      const m = this.messages.get(seq);
+      const next = applyChange(m, frame, this.me);
+      if (next !== m) {
+        this.messages.set(seq, next);
+        changed.push(`m:${seq}`);
+      }
+    }
+    if (frame.type !== 'reaction') {
+      for (const [s, m] of this.messages) {
+        const reply = followOriginal(m.reply_to, frame);
+        if (reply !== m.reply_to) {
+          this.messages.set(s, { ...m, reply_to: reply });
+          changed.push(`m:${s}`);
+        }
+      }
+    }
+    return changed;
+  }
+
+  /**
+   * A page of history from `after_seq` = `after` forward, filling the
+   * stretch between an older message (a search hit) and what is loaded.
+   * Messages already held keep their live state.
+   */
+  addRange(page, after) {
+    for (const m of page.messages) if (!this.messages.has(m.seq)) this.messages.set(m.seq, m);
+    const first = page.messages[0]?.seq;
+    if (first != null && (this.oldest == null || first < this.oldest)) {
+      this.oldest = first;
+      // Whatever came before the stretch is still there to page back to.
+      this.hasMore = after > 0;
+    }
+  }
+
   /** An older page (REST, `before_seq`). */
   addOlder(page) {
     for (const m of page.messages) this.messages.set(m.seq, m);
@@ -233,9 +311,13 @@ export class ChatModel {
     }
   }
 
-  /** A new send: shown at once as "Sending…"; `attachments`: the uploads it carries. */
-  queue(clientMsgId, content, at = new Date().toISOString(), attachments = []) {
-    this.pending.set(clientMsgId, { content, attachments, state: 'sending', at, error: null });
+  /**
+   * A new send: shown at once as "Sending…"; `attachments`: the uploads it
+   * carries; `replyTo`: the quote of the message it answers; `mentions`:
+   * the user ids it mentions.
+   */
+  queue(clientMsgId, content, at = new Date().toISOString(), attachments = [], { replyTo = null, mentions = [] } = {}) {
+    this.pending.set(clientMsgId, { content, attachments, replyTo, mentions, state: 'sending', at, error: null });
   }
 
   /**
@@ -360,7 +442,7 @@ export class ChatModel {
         if (seq === readMine) status = 'read';
         else if (seq > readMine) status = this.statusOf(m);
       }
-      const item = { key: `m:${seq}`, kind: 'message', seq, m, mine, first: !continues, last: true, status };
+      const item = { key: `m:${seq}`, kind: 'message', seq, m, mine, first: !continues, last: true, status, deleted: isDeleted(m), mentioned: mentionsMe(m, this.me) };
       if (continues) prev.last = false;
       out.push(item);
       prev = item;
@@ -370,7 +452,7 @@ export class ChatModel {
     for (const [id, p] of this.pending) {
       if (stored.has(id)) continue;
       const status = p.state === 'failed' ? 'failed' : p.state === 'acked' ? 'sent' : 'sending';
-      out.push({ key: `p:${id}`, kind: 'pending', id, content: p.content, attachments: p.attachments ?? [], at: p.at, mine: true, first: true, last: true, status, error: p.error });
+      out.push({ key: `p:${id}`, kind: 'pending', id, content: p.content, attachments: p.attachments ?? [], replyTo: p.replyTo ?? null, at: p.at, mine: true, first: true, last: true, status, error: p.error });
     }
     return out;
   }
@@ -627,6 +709,7 @@ export function attachmentSummary(attachments) {
 
 /** What a list or an announcement says for a message: its text, else what it carries. */
 export function messagePreview(m) {
+  if (isDeleted(m) || m?.deleted) return 'Message deleted';
   const text = m?.content ?? '';
   return text.trim() || !m?.attachments?.length ? text : attachmentSummary(m.attachments);
 }
