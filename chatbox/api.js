@@ -193,19 +193,22 @@ export class Api {
     this.store.removeItem(SESSION_KEY);
   }
 
-  /** A request with the session's token; an expired token is refreshed once. */
-  async request(method, path, body) {
+  /**
+   * A request with the session's token; an expired token is refreshed once.
+   * `signal` cancels it (an ApiError with code 'aborted').
+   */
+  async request(method, path, body, { signal } = {}) {
     if (this.session && stale(this.session)) await this.refresh().catch(() => {});
     try {
-      return await this.send(method, path, body, true);
+      return await this.send(method, path, body, true, signal);
     } catch (e) {
       if (e.status !== 401 || !(this.session?.refresh_token || this.host)) throw e;
       await this.refresh();
-      return this.send(method, path, body, true);
+      return this.send(method, path, body, true, signal);
     }
   }
 
-  async send(method, path, body, auth) {
+  async send(method, path, body, auth, signal) {
     const headers = { accept: 'application/json' };
     if (auth && this.token) headers.authorization = `Bearer ${this.token}`;
     if (body !== undefined) headers['content-type'] = 'application/json';
@@ -215,8 +218,10 @@ export class Api {
         method,
         headers,
         body: body === undefined ? undefined : JSON.stringify(body),
+        signal,
       });
     } catch (e) {
+      if (e.name === 'AbortError') throw new ApiError(0, 'aborted', 'Cancelled.');
       throw new ApiError(0, 'network', 'The chat server cannot be reached.');
     }
     const text = await res.text();
@@ -304,10 +309,33 @@ export class Api {
     const body = conversationId ? { conversation_id: conversationId } : undefined;
     return this.request('POST', '/api/v1/chat/ws-ticket', body);
   }
-  postMessage(id, content, clientMsgId, attachmentIds = []) {
+  /** `extra`: `reply_to` (a message id) and `mentions` (user ids), when the message has them. */
+  postMessage(id, content, clientMsgId, attachmentIds = [], extra = {}) {
     const body = { content, client_msg_id: clientMsgId };
     if (attachmentIds.length) body.attachment_ids = attachmentIds;
+    if (extra.reply_to) body.reply_to = extra.reply_to;
+    if (extra.mentions?.length) body.mentions = extra.mentions;
     return this.request('POST', `/api/v1/chat/conversations/${id}/messages`, body);
+  }
+  // A message's changes over HTTP (the SSE fallback's way to send them):
+  // each answers the event frame (`message_edited`, `message_deleted`,
+  // `reaction`), or an ack-shaped frame when nothing changed.
+  editMessage(id, messageId, content, clientMsgId) {
+    return this.request('PATCH', `/api/v1/chat/conversations/${id}/messages/${messageId}`, { content, client_msg_id: clientMsgId });
+  }
+  deleteMessage(id, messageId, clientMsgId) {
+    const query = clientMsgId ? `?client_msg_id=${encodeURIComponent(clientMsgId)}` : '';
+    return this.request('DELETE', `/api/v1/chat/conversations/${id}/messages/${messageId}${query}`);
+  }
+  react(id, messageId, emoji, on = true) {
+    return this.request(on ? 'PUT' : 'DELETE', `/api/v1/chat/conversations/${id}/messages/${messageId}/reactions/${encodeURIComponent(emoji)}`);
+  }
+  /** Messages in the caller's conversations: `{hits, next_cursor}`. `signal` cancels a stale search. */
+  search(q, { cursor = null, conversationId = null, limit = 20, signal } = {}) {
+    const params = new URLSearchParams({ q, limit: String(limit) });
+    if (cursor) params.set('cursor', cursor);
+    if (conversationId) params.set('conversation_id', String(conversationId));
+    return this.request('GET', `/api/v1/chat/search?${params}`, undefined, { signal });
   }
 
   /**

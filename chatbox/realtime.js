@@ -182,7 +182,11 @@ class Connection {
       this.opened();
       this.setState('open');
     };
-    ws.onmessage = (event) => this.deliver(event.data);
+    // A socket given up on (a resume after a gap) may still have frames in
+    // flight: only the current one is heard.
+    ws.onmessage = (event) => {
+      if (this.ws === ws) this.deliver(event.data);
+    };
     ws.onclose = (event) => {
       if (this.ws !== ws) return;
       this.ws = null;
@@ -210,7 +214,9 @@ class Connection {
       this.watch();
       this.setState('open');
     };
-    es.onmessage = (event) => this.deliver(event.data);
+    es.onmessage = (event) => {
+      if (this.es === es) this.deliver(event.data);
+    };
     es.onerror = () => {
       if (this.es !== es) return;
       // EventSource retries by itself with Last-Event-ID, but its ticket
@@ -294,19 +300,50 @@ export class RoomConnection extends Connection {
   /**
    * Sends a message. Resolves true once it is handed over: over WebSocket
    * the ack arrives as a frame; over SSE the POST's answer is the ack.
-   * Throws an ApiError for a refusal the user must see.
+   * Throws an ApiError for a refusal the user must see. `extra`:
+   * `reply_to` and `mentions`, when the message has them.
+   *
+   * Frames made here from an HTTP answer are marked `local`: they may
+   * overtake the stream (the SSE stream brings them again, in order), so
+   * they do not move the resume point.
    */
-  async sendMessage(content, clientMsgId, attachmentIds = []) {
+  async sendMessage(content, clientMsgId, attachmentIds = [], extra = {}) {
     const frame = { type: 'message', conversation_id: this.conversationId, content, client_msg_id: clientMsgId };
     if (attachmentIds.length) frame.attachment_ids = attachmentIds;
+    if (extra.reply_to) frame.reply_to = extra.reply_to;
+    if (extra.mentions?.length) frame.mentions = extra.mentions;
     if (this.choice.kind === 'ws') return this.sendWs(frame);
     try {
-      const message = await this.api.postMessage(this.conversationId, content, clientMsgId, attachmentIds);
-      this.onFrame({ type: 'ack', client_msg_id: clientMsgId, seq: message.seq, id: message.id, conversation_id: this.conversationId });
-      this.onFrame({ type: 'message', message });
+      const message = await this.api.postMessage(this.conversationId, content, clientMsgId, attachmentIds, extra);
+      this.onFrame({ type: 'ack', client_msg_id: clientMsgId, seq: message.seq, id: message.id, conversation_id: this.conversationId, local: true });
+      this.onFrame({ type: 'message', message, local: true });
       return true;
     } catch (e) {
       if (e.status === 0 || e.status >= 500 || e.status === 429) return false; // retried later
+      throw e;
+    }
+  }
+
+  /**
+   * Sends a change to a message (`edit`, `delete` or `react`, with its
+   * `client_msg_id`), the same way as a message: a frame on the WebSocket
+   * (its ack arrives as a frame), or the HTTP route on SSE, whose answer is
+   * the event (handed on as a local frame) or an ack. False: not handed
+   * over, send it again (with the same key) on reconnect.
+   */
+  async sendChange(frame) {
+    if (this.choice.kind === 'ws') return this.sendWs(frame);
+    const id = this.conversationId;
+    try {
+      let answer;
+      if (frame.type === 'edit') answer = await this.api.editMessage(id, frame.message_id, frame.content, frame.client_msg_id);
+      else if (frame.type === 'delete') answer = await this.api.deleteMessage(id, frame.message_id, frame.client_msg_id);
+      else answer = await this.api.react(id, frame.message_id, frame.emoji, frame.on !== false);
+      if (answer?.type && answer.type !== 'ack') this.onFrame({ ...answer, conversation_id: answer.conversation_id ?? id, local: true });
+      this.onFrame({ type: 'ack', client_msg_id: frame.client_msg_id, conversation_id: id, seq: answer?.seq, local: true });
+      return true;
+    } catch (e) {
+      if (e.status === 0 || e.status >= 500 || e.status === 429) return false;
       throw e;
     }
   }
