@@ -102,6 +102,8 @@ impl EdgeConfig {
             rate_per_sec: number(env, "ROOM_RATE_PER_SEC", defaults.rate_per_sec)?,
             flood_strikes: number(env, "ROOM_FLOOD_STRIKES", defaults.flood_strikes)?,
             backoff_max_ms: number(env, "ROOM_BACKOFF_MAX_MS", defaults.backoff_max_ms)?,
+            edit_window_ms: number::<i64>(env, "EDIT_WINDOW_SECS", defaults.edit_window_ms / 1000)?
+                .saturating_mul(1000),
             ..defaults
         };
         let service_secret = secret("ORIGIN_SERVICE_SECRET")?;

@@ -536,12 +536,12 @@ pub fn probe_answer(text: &str) -> Option<u64> {
 }
 
 /// The SSE encoding of a frame: the same JSON as the WebSocket frame, with
-/// `id: <seq>` on messages so `Last-Event-ID` resumes after them. JSON has
-/// no raw newlines, so one `data:` line holds it.
+/// `id: <seq>` on messages and changes to them so `Last-Event-ID` resumes
+/// after them. JSON has no raw newlines, so one `data:` line holds it.
 fn sse_event(frame: &ServerFrame, json: &str) -> String {
-    match frame {
-        ServerFrame::Message { message } => format!("id: {}\ndata: {json}\n\n", message.seq),
-        _ => format!("data: {json}\n\n"),
+    match frame.sequenced() {
+        Some((_, seq)) => format!("id: {seq}\ndata: {json}\n\n"),
+        None => format!("data: {json}\n\n"),
     }
 }
 

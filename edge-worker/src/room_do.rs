@@ -222,6 +222,7 @@ impl Room {
             "/ws" => self.connect_ws(&req).await,
             "/events" => self.connect_sse(&req).await,
             "/messages" => self.post_message(req).await,
+            "/change" => self.post_change(req).await,
             "/typing" => self.post_typing(&req).await,
             "/read" => self.post_read(req).await,
             "/subscribe" => self.subscribe(req).await,
@@ -281,6 +282,10 @@ impl Room {
             client_msg_id: Option<String>,
             #[serde(default)]
             attachment_ids: Vec<uuid::Uuid>,
+            #[serde(default)]
+            reply_to: Option<uuid::Uuid>,
+            #[serde(default)]
+            mentions: Vec<i64>,
         }
         let user = self.member(&req).await?;
         let body: Body = json_body(&mut req).await?;
@@ -289,6 +294,8 @@ impl Room {
             content: body.content,
             client_msg_id: body.client_msg_id,
             attachment_ids: body.attachment_ids,
+            reply_to: body.reply_to,
+            mentions: body.mentions,
         };
         let (sent, signer) = self.with_loaded(|l| {
             let ctx = self.store(&l.config);
@@ -305,6 +312,68 @@ impl Room {
         };
         let message = sign_message(&signer, message);
         Ok(Response::from_json(&message)?.with_status(status))
+    }
+
+    /// `POST /change` with an `edit`, `delete` or `react` frame (from the
+    /// Worker's HTTP routes or the user's always-on socket): 200 with
+    /// `{ack, event}` (`event` null when nothing changed, or for a resend
+    /// the room no longer holds).
+    async fn post_change(&self, mut req: Request) -> EdgeResult<Response> {
+        #[derive(serde::Serialize)]
+        struct Answer {
+            ack: ServerFrame,
+            event: Option<ServerFrame>,
+        }
+        let user = self.member(&req).await?;
+        let frame: shared::protocol::ClientFrame = json_body(&mut req).await?;
+        let (conversation_id, message_id, change, key) = shared::room::change_of(frame)?;
+        let now = now_ms();
+        let outcome = self.with_loaded(|l| {
+            if conversation_id != l.room.conversation_id() {
+                return Err(RoomError::WrongConversation(conversation_id));
+            }
+            let ctx = self.store(&l.config);
+            l.room
+                .submit_change(now, user, message_id, change, key, None, &ctx)
+        })??;
+        self.drain()?;
+        self.schedule().await;
+        self.purge_objects().await;
+        Ok(Response::from_json(&Answer {
+            ack: outcome.ack,
+            event: outcome.event,
+        })?)
+    }
+
+    /// Erases the objects of deleted messages' attachments from the bucket.
+    /// A row leaves `purge` only once its objects are gone, so a failure
+    /// is retried by the next change or alarm.
+    async fn purge_objects(&self) {
+        let pending = match room_store::purge_pending(&self.sql) {
+            Ok(p) if !p.is_empty() => p,
+            Ok(_) => return,
+            Err(e) => {
+                worker::console_error!("purge: {e}");
+                return;
+            }
+        };
+        let bucket = match self.env.bucket(crate::media::BUCKET) {
+            Ok(b) => b,
+            Err(e) => {
+                worker::console_error!("purge: no bucket: {e}");
+                return;
+            }
+        };
+        for id in pending {
+            match crate::media::delete_all(&bucket, id).await {
+                Ok(()) => {
+                    if let Err(e) = room_store::purged(&self.sql, id) {
+                        worker::console_error!("purge {id}: {e}");
+                    }
+                }
+                Err(e) => worker::console_warn!("purge {id}: {e} (retried later)"),
+            }
+        }
     }
 
     /// The original of a resent message older than the room's memory: from
@@ -335,6 +404,7 @@ impl Room {
                     // a resend this old gets the text and the ids' count
                     // is not rebuilt (documented in PROTOCOL.md).
                     attachments: Vec::new(),
+                    ..Record::default()
                 })?,
         };
         Ok(MessageView {
@@ -528,6 +598,7 @@ impl Room {
                         .collect::<Vec<_>>(),
                 )?;
                 room_store::meta_set(&self.sql, "members_version", members.members_version)?;
+                room_store::set_moderators(&self.sql, &members.moderators)?;
                 room_store::meta_set(&self.sql, "members_loaded", 1)?;
             }
             fetched_at = now_ms();
@@ -572,6 +643,7 @@ impl Room {
         for user in room_store::subscribers(&self.sql)? {
             room.restore_subscriber(user);
         }
+        room.set_moderators(room_store::moderators(&self.sql)?);
         let members_version = room_store::meta_get(&self.sql, "members_version")?.unwrap_or(0);
         *self.loaded.borrow_mut() = Some(Loaded {
             room,
@@ -617,8 +689,10 @@ impl Room {
         let members = OriginClient::new(&config).members(conversation_id).await?;
         let watermarks = watermarks_of(&members.members);
         let now = now_ms();
+        room_store::set_moderators(&self.sql, &members.moderators)?;
         self.with_loaded(|l| {
             l.room.set_members(now, &watermarks, members.last_seq);
+            l.room.set_moderators(members.moderators.iter().copied());
             l.members_fetched_at = now;
             l.members_version = members.members_version;
         })?;

@@ -19,15 +19,27 @@
 //! - `attachments`: uploads registered by the Worker after they reached the
 //!   bucket, with the seq of the message that carries each once sent. A
 //!   message's row holds its attachments' metadata as JSON, so replay and
-//!   the outbox need no join. Sent rows are pruned with their messages;
+//!   the outbox need no join. Sent rows stay (deleting an old message
+//!   erases its objects by them);
 //!   unsent ones leave when the origin's cleanup reaps them.
+//! - `messages.extra`: a message's reply, mentions and state (edits,
+//!   deletion, reactions), or a change's target and what it did, as JSON.
+//! - `msg_state`: the current state of every message ever changed, by id,
+//!   never pruned: a change to a message older than the log still knows
+//!   its reactions and whether it was deleted. `msg_keys.is_change` tells
+//!   a change's key from a message's, so only messages can be targets.
+//! - `moderators`: who may delete anyone's message (from the origin).
+//! - `purge`: attachment objects a delete has to remove from the bucket;
+//!   a row goes once its objects are gone, so a failed delete is retried.
 
 use serde::Deserialize;
 use shared::auth::{AUDIENCE_API, AuthError, LEEWAY_SECS};
 use shared::media::{AttachmentMeta, Signer};
+use shared::protocol::ReplyPreview;
 use shared::protocol::ServerFrame;
 use shared::protocol::internal::ConversationNotice;
 use shared::receipts::Watermark;
+use shared::room::lifecycle::{Change, ChangeRecord, MessageState, Target};
 use shared::room::{
     Claim, Confirmed, ConnId, Context, Driver, KnownKey, Millis, PendingAttachment, Recipients,
     Record, RoomStorage, StorageFailed, StoredWatermark, Verified,
@@ -44,7 +56,7 @@ use crate::error::{EdgeError, EdgeResult};
 /// replay window without the origin.
 pub const RETAIN_MESSAGES: i64 = 5_000;
 /// The schema this code writes; older rooms are migrated on load.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// The Room's SQLite, and what the room needs beside it for one event.
 pub struct RoomSql<'a> {
@@ -93,7 +105,8 @@ pub fn create_schema(sql: &SqlStorage) -> EdgeResult<()> {
              created_at_ms INTEGER NOT NULL,
              client_msg_id TEXT NOT NULL,
              flushed INTEGER NOT NULL DEFAULT 0,
-             attachments TEXT
+             attachments TEXT,
+             extra TEXT
          );
          CREATE TABLE IF NOT EXISTS msg_keys (
              sender_id INTEGER NOT NULL,
@@ -116,7 +129,11 @@ pub fn create_schema(sql: &SqlStorage) -> EdgeResult<()> {
              meta TEXT NOT NULL,
              registered_at_ms INTEGER NOT NULL,
              seq INTEGER
-         ) WITHOUT ROWID;",
+         ) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS msg_state (id TEXT PRIMARY KEY, state TEXT NOT NULL)
+             WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS moderators (user_id INTEGER PRIMARY KEY);
+         CREATE TABLE IF NOT EXISTS purge (id TEXT PRIMARY KEY) WITHOUT ROWID;",
         None,
     )?;
     let version = meta_get(sql, "schema_version")?.unwrap_or(1);
@@ -158,6 +175,32 @@ pub fn create_schema(sql: &SqlStorage) -> EdgeResult<()> {
             sql.exec("ALTER TABLE messages ADD COLUMN attachments TEXT", None)?;
         }
     }
+    if version < 5 {
+        // Version 4 knew only messages: no extra column, and keys did not
+        // say whether they were a change's (none was).
+        if sql
+            .exec("SELECT extra FROM messages LIMIT 0", None)
+            .is_err()
+        {
+            sql.exec("ALTER TABLE messages ADD COLUMN extra TEXT", None)?;
+        }
+        if sql
+            .exec("SELECT is_change FROM msg_keys LIMIT 0", None)
+            .is_err()
+        {
+            sql.exec(
+                "ALTER TABLE msg_keys ADD COLUMN is_change INTEGER NOT NULL DEFAULT 0",
+                None,
+            )?;
+        }
+    }
+    // A change names its target by id; a delete finds its attachments
+    // by the target's seq.
+    sql.exec(
+        "CREATE INDEX IF NOT EXISTS msg_keys_id ON msg_keys (id);
+         CREATE INDEX IF NOT EXISTS attachments_seq ON attachments (seq);",
+        None,
+    )?;
     if version != SCHEMA_VERSION {
         meta_set(sql, "schema_version", SCHEMA_VERSION)?;
     }
@@ -195,6 +238,59 @@ struct MessageRow {
     flushed: i64,
     #[serde(default)]
     attachments: Option<String>,
+    #[serde(default)]
+    extra: Option<String>,
+}
+
+/// What a row holds beyond the seed's columns (`messages.extra`).
+#[derive(Debug, Default, serde::Serialize, Deserialize)]
+struct Extra {
+    /// The quoted message, without its text (never copied: see erasure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reply_to: Option<ReplyPreview>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    mentions: Vec<i64>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    state: MessageState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    change: Option<ChangeRecord>,
+}
+
+fn is_default(s: &MessageState) -> bool {
+    *s == MessageState::default()
+}
+
+impl Extra {
+    fn of(r: &Record) -> Self {
+        Self {
+            reply_to: r.reply_to.clone().map(|q| ReplyPreview {
+                content: String::new(),
+                ..q
+            }),
+            mentions: r.mentions.clone(),
+            state: r.state.clone(),
+            change: r.change.clone(),
+        }
+    }
+
+    /// The column's value: NULL for a plain message.
+    fn column(r: &Record) -> EdgeResult<SqlStorageValue> {
+        let extra = Self::of(r);
+        if extra.reply_to.is_none()
+            && extra.mentions.is_empty()
+            && is_default(&extra.state)
+            && extra.change.is_none()
+        {
+            return Ok(SqlStorageValue::Null);
+        }
+        Ok(serde_json::to_string(&extra)
+            .map_err(|e| EdgeError::Internal(e.to_string()))?
+            .into())
+    }
+}
+
+fn json_of<T: serde::Serialize>(value: &T) -> EdgeResult<String> {
+    serde_json::to_string(value).map_err(|e| EdgeError::Internal(e.to_string()))
 }
 
 impl MessageRow {
@@ -208,8 +304,19 @@ impl MessageRow {
                 Vec::new()
             }),
         };
+        let extra: Extra = match self.extra.as_deref() {
+            None | Some("") => Extra::default(),
+            Some(json) => serde_json::from_str(json).unwrap_or_else(|e| {
+                worker::console_error!("room storage: extra of seq {}: {e}", self.seq);
+                Extra::default()
+            }),
+        };
         Record {
             attachments,
+            reply_to: extra.reply_to,
+            mentions: extra.mentions,
+            state: extra.state,
+            change: extra.change,
             id: self.id.parse().unwrap_or_default(),
             seq: self.seq,
             sender_id: self.sender_id,
@@ -225,7 +332,8 @@ impl MessageRow {
 pub fn message_at(sql: &SqlStorage, seq: i64) -> EdgeResult<Option<Record>> {
     let rows: Vec<MessageRow> = sql
         .exec(
-            "SELECT seq, id, sender_id, content, created_at_ms, client_msg_id, flushed, attachments
+            "SELECT seq, id, sender_id, content, created_at_ms, client_msg_id, flushed, attachments,
+                    extra
              FROM messages WHERE seq = ?",
             vec![seq.into()],
         )?
@@ -320,7 +428,7 @@ impl RoomStorage for RoomSql<'_> {
             .sql
             .exec(
                 "SELECT seq, id, sender_id, content, created_at_ms, client_msg_id, flushed,
-                        attachments
+                        attachments, extra
                  FROM messages WHERE seq >= ? ORDER BY seq",
                 vec![from.into()],
             )
@@ -394,6 +502,10 @@ impl Context for RoomSql<'_> {
         verify_session(token, self.jwt_secret, now)
     }
 
+    fn target(&self, id: Uuid) -> Result<Option<Target>, StorageFailed> {
+        self.find_target(id).map_err(|e| failed("target", &e))
+    }
+
     fn attachment(&self, id: Uuid) -> Result<Option<PendingAttachment>, StorageFailed> {
         #[derive(Deserialize)]
         struct Row {
@@ -417,6 +529,49 @@ impl Context for RoomSql<'_> {
             meta,
             registered_at_ms: row.registered_at_ms,
             seq: row.seq,
+        }))
+    }
+}
+
+impl RoomSql<'_> {
+    /// A message by id from the log or the key table, with its state.
+    fn find_target(&self, id: Uuid) -> EdgeResult<Option<Target>> {
+        #[derive(Deserialize)]
+        struct Row {
+            seq: i64,
+            sender_id: i64,
+            created_at_ms: i64,
+            state: Option<String>,
+        }
+        let rows: Vec<Row> = self
+            .sql
+            .exec(
+                "SELECT k.seq AS seq, k.sender_id AS sender_id, k.created_at_ms AS created_at_ms,
+                        s.state AS state
+                 FROM msg_keys k LEFT JOIN msg_state s ON s.id = k.id
+                 WHERE k.id = ? AND k.is_change = 0",
+                vec![id.to_string().into()],
+            )?
+            .to_array()?;
+        let Some(row) = rows.into_iter().next() else {
+            return Ok(None);
+        };
+        let logged = message_at(self.sql, row.seq)?.filter(|r| r.id == id);
+        let state = match row.state.as_deref() {
+            Some(json) => serde_json::from_str(json)
+                .map_err(|e| EdgeError::Internal(format!("state of {id}: {e}")))?,
+            None => logged.as_ref().map(|r| r.state.clone()).unwrap_or_default(),
+        };
+        Ok(Some(Target {
+            id,
+            seq: row.seq,
+            sender_id: row.sender_id,
+            created_at_ms: row.created_at_ms,
+            preview: logged
+                .as_ref()
+                .filter(|_| !state.is_deleted())
+                .map(Record::preview),
+            state,
         }))
     }
 }
@@ -549,8 +704,8 @@ impl Driver for RoomSql<'_> {
         };
         self.exec(
             "INSERT INTO messages (seq, id, sender_id, content, created_at_ms, client_msg_id,
-                                   flushed, attachments)
-             VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                                   flushed, attachments, extra)
+             VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
             vec![
                 r.seq.into(),
                 r.id.to_string().into(),
@@ -559,6 +714,7 @@ impl Driver for RoomSql<'_> {
                 r.created_at_ms.into(),
                 r.client_msg_id.clone().into(),
                 attachments,
+                Extra::column(r)?,
             ],
         )?;
         // In the same event as the message, so a crash keeps both or
@@ -570,6 +726,71 @@ impl Driver for RoomSql<'_> {
             )?;
         }
         Ok(())
+    }
+
+    fn store_change(&mut self, event: &Record, state: &MessageState) -> EdgeResult<()> {
+        let Some(change) = &event.change else {
+            return Err(EdgeError::Internal(
+                "a change without its change".to_owned(),
+            ));
+        };
+        // The event row, then its key marked as a change's (claimed just
+        // before, like a message's).
+        self.store(event)?;
+        self.exec(
+            "UPDATE msg_keys SET is_change = 1 WHERE sender_id = ? AND client_msg_id = ?",
+            vec![event.sender_id.into(), event.client_msg_id.clone().into()],
+        )?;
+        let target = change.target_id.to_string();
+        let state_json = json_of(state)?;
+        self.exec(
+            "INSERT INTO msg_state (id, state) VALUES (?, ?)
+             ON CONFLICT (id) DO UPDATE SET state = excluded.state",
+            vec![target.clone().into(), state_json.clone().into()],
+        )?;
+        let seq = change.target_seq;
+        match &change.change {
+            Change::Edit { content } => self.exec(
+                "UPDATE messages SET content = ?,
+                     extra = json_set(coalesce(extra, '{}'), '$.state', json(?))
+                 WHERE seq = ? AND id = ?",
+                vec![
+                    content.clone().into(),
+                    state_json.into(),
+                    seq.into(),
+                    target.into(),
+                ],
+            ),
+            Change::React { .. } => self.exec(
+                "UPDATE messages SET extra = json_set(coalesce(extra, '{}'), '$.state', json(?))
+                 WHERE seq = ? AND id = ?",
+                vec![state_json.into(), seq.into(), target.into()],
+            ),
+            Change::Delete => {
+                // Erasure, in the same event as the delete: the objects are
+                // queued for the bucket (`purge`), the attachment rows go,
+                // the row keeps only what a tombstone shows, and earlier
+                // edits lose their text.
+                self.exec(
+                    "INSERT OR IGNORE INTO purge (id) SELECT id FROM attachments WHERE seq = ?",
+                    vec![seq.into()],
+                )?;
+                self.exec("DELETE FROM attachments WHERE seq = ?", vec![seq.into()])?;
+                self.exec(
+                    "UPDATE messages SET content = '', attachments = NULL,
+                         extra = json_object('state', json(?))
+                     WHERE seq = ? AND id = ?",
+                    vec![state_json.into(), seq.into(), target.clone().into()],
+                )?;
+                self.exec(
+                    "UPDATE messages SET extra = json_set(extra, '$.change.content', '')
+                     WHERE extra IS NOT NULL
+                       AND json_extract(extra, '$.change.target_id') = ?
+                       AND json_extract(extra, '$.change.kind') = 'edit'",
+                    vec![target.into()],
+                )
+            }
+        }
     }
 
     fn store_watermark(&mut self, w: &Watermark) -> EdgeResult<()> {
@@ -614,13 +835,9 @@ impl Driver for RoomSql<'_> {
         let keep_from = confirmed
             .prefix_end
             .min(confirmed.last_seq.saturating_sub(RETAIN_MESSAGES) + 1);
-        self.exec("DELETE FROM messages WHERE seq < ?", vec![keep_from.into()])?;
-        // A sent upload's row only refuses a second send of it, which an
-        // unknown id is refused for too.
-        self.exec(
-            "DELETE FROM attachments WHERE seq < ?",
-            vec![keep_from.into()],
-        )
+        // Sent uploads' rows stay: a delete of an old message needs its
+        // attachments' ids to erase their objects.
+        self.exec("DELETE FROM messages WHERE seq < ?", vec![keep_from.into()])
     }
 
     fn mark_receipts_synced(&mut self, watermarks: &[Watermark]) -> EdgeResult<()> {
@@ -663,6 +880,49 @@ impl Driver for RoomSql<'_> {
 /// Seconds on the wall clock, for the expiry of signed links.
 pub fn now_secs() -> i64 {
     i64::try_from(crate::auth::now_ms() / 1000).unwrap_or(i64::MAX)
+}
+
+/// Who may delete anyone's message, as last stored.
+pub fn moderators(sql: &SqlStorage) -> EdgeResult<Vec<i64>> {
+    #[derive(Deserialize)]
+    struct Row {
+        user_id: i64,
+    }
+    let rows: Vec<Row> = sql
+        .exec("SELECT user_id FROM moderators", None)?
+        .to_array()?;
+    Ok(rows.into_iter().map(|r| r.user_id).collect())
+}
+
+pub fn set_moderators(sql: &SqlStorage, users: &[i64]) -> EdgeResult<()> {
+    sql.exec("DELETE FROM moderators", None)?;
+    for u in users {
+        sql.exec(
+            "INSERT OR IGNORE INTO moderators (user_id) VALUES (?)",
+            vec![(*u).into()],
+        )?;
+    }
+    Ok(())
+}
+
+/// Attachment objects waiting to be erased from the bucket.
+pub fn purge_pending(sql: &SqlStorage) -> EdgeResult<Vec<Uuid>> {
+    #[derive(Deserialize)]
+    struct Row {
+        id: String,
+    }
+    let rows: Vec<Row> = sql
+        .exec("SELECT id FROM purge LIMIT 100", None)?
+        .to_array()?;
+    Ok(rows.into_iter().filter_map(|r| r.id.parse().ok()).collect())
+}
+
+pub fn purged(sql: &SqlStorage, id: Uuid) -> EdgeResult<()> {
+    sql.exec(
+        "DELETE FROM purge WHERE id = ?",
+        vec![id.to_string().into()],
+    )?;
+    Ok(())
 }
 
 /// The members whose objects subscribed.

@@ -23,6 +23,7 @@
 
 use serde::Serialize;
 use shared::auth::{Claims, USER_SCOPE, WS_TICKET_TTL_SECS, conversation_scope};
+use shared::protocol::ClientFrame;
 use shared::protocol::internal::{ConversationChange, SERVICE_SECRET_HEADER};
 use worker::{Env, Headers, Method, Request, RequestInit, Response, Url};
 
@@ -174,6 +175,50 @@ async fn route(req: Request, env: &Env, config: &EdgeConfig) -> EdgeResult<Respo
                 GroupChange::Remove
             };
             change_group(req, env, &config, id, change).await
+        }
+        (
+            method @ (Method::Patch | Method::Delete),
+            [
+                "api",
+                "v1",
+                "chat",
+                "conversations",
+                id,
+                "messages",
+                message_id,
+            ],
+        ) => {
+            let id = conversation_id(id)?;
+            let message_id = message_uuid(message_id)?;
+            let kind = if method == Method::Patch {
+                ChangeKind::Edit
+            } else {
+                ChangeKind::Delete
+            };
+            change_message(req, env, &config, &url, id, message_id, kind).await
+        }
+        (
+            method @ (Method::Put | Method::Delete),
+            [
+                "api",
+                "v1",
+                "chat",
+                "conversations",
+                id,
+                "messages",
+                message_id,
+                "reactions",
+                emoji,
+            ],
+        ) => {
+            let id = conversation_id(id)?;
+            let message_id = message_uuid(message_id)?;
+            let emoji = percent_decode(emoji)?;
+            let kind = ChangeKind::React {
+                emoji,
+                on: method == Method::Put,
+            };
+            change_message(req, env, &config, &url, id, message_id, kind).await
         }
         (Method::Patch, ["api", "v1", "chat", "conversations", id]) => {
             let id = conversation_id(id)?;
@@ -402,6 +447,113 @@ async fn room_post(
     }
     let target = format!("https://room/{action}");
     forward(env, id, &caller, Method::Post, &target, Some(body)).await
+}
+
+/// Which change an HTTP route asks for.
+enum ChangeKind {
+    Edit,
+    Delete,
+    React { emoji: String, on: bool },
+}
+
+fn message_uuid(raw: &str) -> EdgeResult<uuid::Uuid> {
+    raw.parse()
+        .map_err(|_| EdgeError::bad_request("invalid_path", "message id must be a UUID"))
+}
+
+/// A path segment's percent-encoding undone (an emoji arrives as
+/// `%F0%9F%91%8D`); anything that is not UTF-8 afterwards is refused.
+fn percent_decode(raw: &str) -> EdgeResult<String> {
+    let bad = || EdgeError::bad_request("invalid_path", "the emoji is not percent-encoded UTF-8");
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = raw.get(i + 1..i + 3).ok_or_else(bad)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+/// `PATCH`/`DELETE …/messages/{message_id}` and `PUT`/`DELETE
+/// …/reactions/{emoji}`: the same change as the `edit`, `delete` and
+/// `react` frames, decided by the room. 200 with the event frame, or with
+/// an `ack` when nothing changed (or a resend the room no longer holds).
+async fn change_message(
+    mut req: Request,
+    env: &Env,
+    config: &EdgeConfig,
+    url: &Url,
+    id: i64,
+    message_id: uuid::Uuid,
+    kind: ChangeKind,
+) -> EdgeResult<Response> {
+    #[derive(serde::Deserialize)]
+    struct EditBody {
+        content: String,
+        #[serde(default)]
+        client_msg_id: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        ack: shared::protocol::ServerFrame,
+        event: Option<shared::protocol::ServerFrame>,
+    }
+    let caller = auth::from_bearer(&req, &config.jwt_secret)?;
+    let query_key = url
+        .query_pairs()
+        .find(|(k, _)| k == "client_msg_id")
+        .map(|(_, v)| v.into_owned());
+    let frame = match kind {
+        ChangeKind::Edit => {
+            let body = req.bytes().await?;
+            if body.len() > shared::domain::MAX_FRAME_BYTES {
+                return Err(EdgeError::Room(shared::room::RoomError::FrameTooLarge));
+            }
+            let body: EditBody = serde_json::from_slice(&body).map_err(|e| {
+                EdgeError::bad_request("invalid_json", format!("the body is not an edit: {e}"))
+            })?;
+            ClientFrame::Edit {
+                conversation_id: id,
+                message_id,
+                content: body.content,
+                client_msg_id: body.client_msg_id.or(query_key),
+            }
+        }
+        ChangeKind::Delete => ClientFrame::Delete {
+            conversation_id: id,
+            message_id,
+            client_msg_id: query_key,
+        },
+        ChangeKind::React { emoji, on } => ClientFrame::React {
+            conversation_id: id,
+            message_id,
+            emoji,
+            on,
+            client_msg_id: query_key,
+        },
+    };
+    let body = serde_json::to_vec(&frame).map_err(|e| EdgeError::Internal(e.to_string()))?;
+    let mut res = forward(
+        env,
+        id,
+        &caller,
+        Method::Post,
+        "https://room/change",
+        Some(body),
+    )
+    .await?;
+    if res.status_code() != 200 {
+        return Ok(res);
+    }
+    let answer: Answer = res.json().await?;
+    json(&answer.event.unwrap_or(answer.ack))
 }
 
 /// Sends a request to Room `id` on behalf of an authenticated user.

@@ -121,13 +121,14 @@ async fn deliver(env: &Env, user: i64, frame: &ClientFrame) -> EdgeResult<Option
         frame,
         ClientFrame::Edit { .. } | ClientFrame::Delete { .. } | ClientFrame::React { .. }
     ) {
-        // The room answers a change with its event frame or an ack; the
-        // sender's own socket gets the ack (the event arrives live).
-        let answer: ServerFrame = res.json().await?;
-        return Ok(Some(match answer {
-            ack @ ServerFrame::Ack { .. } => ack,
-            other => change_ack(frame, &other).unwrap_or(other),
-        }));
+        // The room answers `{ack, event}`; the event reaches this socket
+        // live like everyone's, the ack is the sender's alone.
+        #[derive(Deserialize)]
+        struct Answer {
+            ack: ServerFrame,
+        }
+        let answer: Answer = res.json().await?;
+        return Ok(Some(answer.ack));
     }
     if !matches!(frame, ClientFrame::Message { .. }) {
         return Ok(None);
@@ -139,29 +140,6 @@ async fn deliver(env: &Env, user: i64, frame: &ClientFrame) -> EdgeResult<Option
         id: stored.id,
         conversation_id,
     }))
-}
-
-/// The `ack` for a change the room answered with its event frame.
-fn change_ack(frame: &ClientFrame, event: &ServerFrame) -> Option<ServerFrame> {
-    let client_msg_id = match frame {
-        ClientFrame::Edit { client_msg_id, .. }
-        | ClientFrame::Delete { client_msg_id, .. }
-        | ClientFrame::React { client_msg_id, .. } => client_msg_id.clone(),
-        _ => None,
-    };
-    let (conversation_id, seq) = event.sequenced()?;
-    let id = match event {
-        ServerFrame::MessageEdited { message_id, .. }
-        | ServerFrame::MessageDeleted { message_id, .. }
-        | ServerFrame::Reaction { message_id, .. } => *message_id,
-        _ => return None,
-    };
-    Some(ServerFrame::Ack {
-        client_msg_id: client_msg_id.unwrap_or_default(),
-        seq,
-        id,
-        conversation_id,
-    })
 }
 
 /// `user`'s object subscribes to a conversation's Room: its live frames
