@@ -404,6 +404,12 @@ impl Stack {
     /// Kills the edge runtime the hard way: SIGKILL to wrangler and every
     /// workerd process, with no chance to flush or close anything. Durable
     /// Object state stays on disk for [`Stack::start_edge`].
+    /// Where `wrangler dev` keeps the Durable Objects' SQLite and the
+    /// bucket, for tests that check what is (not) on disk.
+    pub fn edge_state_dir(&self) -> &Path {
+        &self.launch.state_dir
+    }
+
     pub fn kill_edge(&mut self) {
         let _ = Command::new("kill")
             .args(["-s", "KILL", "--", &format!("-{}", self.wrangler.id())])

@@ -4,6 +4,7 @@
 
 #![allow(clippy::print_stdout)]
 
+mod lifecycle;
 mod media;
 mod membership;
 mod push;
@@ -39,6 +40,43 @@ async fn main() -> ExitCode {
         ("PRESENCE_GRACE_MS", "1500"),
     ];
     let tests: &[(&str, TestFn)] = &[
+        (
+            "an_edit_and_a_delete_reach_the_other_member_live_and_after_a_reconnect",
+            |s| {
+                Box::pin(
+                    lifecycle::an_edit_and_a_delete_reach_the_other_member_live_and_after_a_reconnect(s),
+                )
+            },
+        ),
+        (
+            "only_the_sender_edits_and_only_a_moderator_deletes_anothers_message",
+            |s| {
+                Box::pin(
+                    lifecycle::only_the_sender_edits_and_only_a_moderator_deletes_anothers_message(
+                        s,
+                    ),
+                )
+            },
+        ),
+        (
+            "a_deleted_message_is_erased_from_postgres_the_rooms_storage_and_the_bucket",
+            |s| {
+                Box::pin(
+                    lifecycle::a_deleted_message_is_erased_from_postgres_the_rooms_storage_and_the_bucket(s),
+                )
+            },
+        ),
+        ("reactions_and_replies_over_http_reach_an_sse_member", |s| {
+            Box::pin(lifecycle::reactions_and_replies_over_http_reach_an_sse_member(s))
+        }),
+        ("changes_travel_on_the_always_on_socket_both_ways", |s| {
+            Box::pin(lifecycle::changes_travel_on_the_always_on_socket_both_ways(
+                s,
+            ))
+        }),
+        ("search_finds_for_participants_only", |s| {
+            Box::pin(lifecycle::search_finds_for_participants_only(s))
+        }),
         (
             "a_photo_reaches_the_other_member_with_a_thumbnail_and_without_its_location",
             |s| {
