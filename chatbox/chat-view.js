@@ -3,11 +3,20 @@
 // the list, watches which messages are on screen to mark them read, and
 // always offers a way forward: a retry for a failed load or catch-up, a
 // clear state for a removed member, a jump to the latest messages.
+//
+// A sent message has a menu (reply, react, edit, copy, delete; the "⋯"
+// button on hover, a long press, or Enter on a focused message), shows its
+// quote, reactions and "edited", and turns into a tombstone when deleted.
+// Messages are one roving tab stop: the arrow keys move between them.
 
-import { ACCEPT_ATTRIBUTE, formatDuration, readTarget, timeLabel, firstName } from './state.js';
-import { attachIcon, avatar, button, el, hidden, linkedText, micIcon, presenceDot, reconcile, downIcon, sendIcon, trashIcon } from './dom.js';
+import { ACCEPT_ATTRIBUTE, formatDuration, readTarget, timeLabel, firstName, messagePreview } from './state.js';
+import { insertMention, isDeleted, matchMembers, mentionQuery, menuActions, pruneMentions, quoteOf, reactionToggle } from './lifecycle.js';
+import { attachIcon, avatar, button, el, hidden, linkedText, micIcon, moreIcon, presenceDot, reconcile, downIcon, sendIcon, trashIcon } from './dom.js';
 import { TrayView, VoiceRecorder, attachmentsBlock, patchAttachments } from './media-view.js';
+import { MentionPicker, MessageMenu, composerContext, quoteBlock, reactionChips, reactionsSig, watchLongPress } from './message-view.js';
 
+/** How long a message jumped to stays highlighted. */
+const HIGHLIGHT_MS = 3_000;
 /** Within this many pixels of the bottom, the reader is "at the latest". */
 const AT_END_PX = 60;
 const TYPING_SEND_EVERY_MS = 2_000;
@@ -23,8 +32,9 @@ export class ChatView {
    * @param {(userId: number) => string} o.nameOf
    * @param {(userId: number) => boolean} o.isOnline
    * @param {() => boolean} o.canSee the panel is open and the tab visible
-   * @param {object} o.actions send, retrySend, loadOlder, retryLoad, retryGap, typing, read, back, draft,
-   *   attach(files), cancelUpload(key), retryUpload(key), removeUpload(key), sendVoice(recording), error(message)
+   * @param {object} o.actions send(text, {replyTo, mentions}), retrySend, loadOlder, retryLoad, retryGap, typing, read, back, draft,
+   *   attach(files), cancelUpload(key), retryUpload(key), removeUpload(key), sendVoice(recording), error(message),
+   *   edit(m, text), remove(m), react(m, emoji, on), copy(m), openQuote(reply)
    * @param {import('./state.js').UploadTray} o.tray the files chosen for the next message
    * @param {import('./media-view.js').Media} o.media how attachments load and open
    */
@@ -40,6 +50,14 @@ export class ChatView {
     this.newBelow = 0;
     this.positioned = false;
     this.lastTypingSent = 0;
+    /** The message that is the list's tab stop (null: the latest). */
+    this.activeSeq = null;
+    /** The quote of the message being answered, or null. */
+    this.replyTo = null;
+    /** The message being edited ({ id, seq, content }), or null. */
+    this.editing = null;
+    /** People picked with "@" in the composer: user id -> the name inserted. */
+    this.picked = new Map();
 
     this.element = el('div', { class: 'vc-chat' });
     this.subtitle = el('p', { class: 'vc-subtitle' });
@@ -53,10 +71,21 @@ export class ChatView {
     });
     this.hint = el('p', { class: 'vc-send-hint', 'aria-live': 'polite' });
     this.composer = el('div', { class: 'vc-composer' });
-    this.composer.append(this.trayView.element, this.hint, this.buildComposer(draft));
+    this.contextSlot = el('div', { class: 'vc-context-slot' });
+    const form = this.buildComposer(draft);
+    this.composer.append(this.trayView.element, this.contextSlot, this.mentionPicker.element, this.hint, form);
     const body = el('div', { class: 'vc-scroll-area' });
     this.dropZone = el('div', { class: 'vc-drop', 'aria-hidden': 'true' }, 'Drop files to attach');
     body.append(this.scroller, this.jump, this.dropZone);
+    this.menu = new MessageMenu(body);
+    this.scroller.addEventListener('keydown', (e) => this.onListKey(e));
+    this.scroller.addEventListener('focusin', (e) => {
+      const seq = Number(e.target.dataset?.seq);
+      if (seq && e.target.matches('li[data-seq]') && seq !== this.activeSeq) {
+        this.activeSeq = seq;
+        this.rove();
+      }
+    });
     this.element.append(this.subtitle, this.banner, body, this.typingSlot, this.composer);
     this.watchDrops();
     this.renderTray();
@@ -71,6 +100,8 @@ export class ChatView {
   destroy() {
     this.observer.disconnect();
     this.cancelRecording();
+    this.menu.close(false);
+    clearTimeout(this.highlightTimer);
   }
 
   buildComposer(draft) {
@@ -107,8 +138,12 @@ export class ChatView {
     cancelRec.append(trashIcon());
     this.recording.append(cancelRec, el('span', { class: 'vc-rec-dot', 'aria-hidden': 'true' }), el('span', { class: 'vc-rec-label' }, 'Recording'), this.recTime);
     this.updateSend();
+    this.mentionPicker = new MentionPicker({ input, onPick: (p) => this.pickMention(p) });
     input.addEventListener('input', () => {
       this.updateSend();
+      this.updateMentions();
+      // An edit is not a draft: the draft waits under it.
+      if (this.editing) return;
       this.actions.draft(input.value);
       const now = Date.now();
       if (input.value && now - this.lastTypingSent > TYPING_SEND_EVERY_MS) {
@@ -116,20 +151,47 @@ export class ChatView {
         this.actions.typing();
       }
     });
+    // The caret moved into or out of an "@name".
+    input.addEventListener('click', () => this.updateMentions());
+    input.addEventListener('keyup', (e) => {
+      if (e.key === 'ArrowLeft' || e.key === 'ArrowRight' || e.key === 'Home' || e.key === 'End') this.updateMentions();
+    });
+    input.addEventListener('blur', () => this.mentionPicker.hide());
     input.addEventListener('keydown', (e) => {
-      if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
+      if (e.isComposing) return;
+      if (this.mentionPicker.onKey(e)) return;
+      if (e.key === 'Escape' && (this.editing || this.replyTo)) {
+        // Only the edit or the reply is cancelled, not the panel.
+        e.preventDefault();
+        e.stopPropagation();
+        if (this.editing) this.endEdit();
+        else this.cancelReply();
+        return;
+      }
+      if (e.key === 'Enter' && !e.shiftKey) {
         e.preventDefault();
         form.requestSubmit();
       }
     });
     form.addEventListener('submit', (e) => {
       e.preventDefault();
+      if (this.model.status !== 'ready') return;
+      if (this.editing) {
+        this.finishEdit();
+        return;
+      }
       const text = input.value;
-      if (!this.tray.sendState(text).ok || this.model.status !== 'ready') return;
+      if (!this.tray.sendState(text).ok) return;
+      // A name taken out of the text is not mentioned.
+      const mentions = this.model.isGroup ? pruneMentions(text, this.picked) : [];
+      const replyTo = this.replyTo;
       input.value = '';
       this.lastTypingSent = 0;
+      this.picked.clear();
+      this.mentionPicker.hide();
       this.actions.draft('');
-      this.actions.send(text);
+      this.actions.send(text, { replyTo, mentions });
+      this.cancelReply(false);
       this.updateSend();
       input.focus();
     });
@@ -143,9 +205,96 @@ export class ChatView {
    * uploading or failed; the hint beside it says what it waits for.
    */
   updateSend() {
-    const state = this.tray.sendState(this.input.value);
+    const state = this.editing ? { ok: Boolean(this.input.value.trim()), why: '' } : this.tray.sendState(this.input.value);
     this.sendButton.disabled = !state.ok;
     if (this.hint.textContent !== state.why) this.hint.textContent = state.why;
+  }
+
+  // ---- replies, edits and mentions in the composer --------------------------------
+
+  /** What a quote says: its text, else what the original carries (a photo). */
+  quoteText(reply) {
+    if (reply.deleted) return '';
+    if (reply.content) return reply.content;
+    const original = this.model.messages.get(reply.seq);
+    return original?.id === reply.id ? messagePreview(original) : '';
+  }
+
+  setContext(node) {
+    this.contextSlot.replaceChildren(...(node ? [node] : []));
+  }
+
+  startReply(m) {
+    if (this.editing) this.endEdit();
+    this.replyTo = quoteOf(m);
+    const quote = this.quoteText(this.replyTo) || messagePreview(m);
+    this.setContext(composerContext({ mode: 'reply', name: this.nameOf(m.sender_id), quote, onCancel: () => this.cancelReply() }));
+    this.input.focus();
+  }
+
+  cancelReply(focus = true) {
+    if (!this.replyTo) return;
+    this.replyTo = null;
+    this.setContext(null);
+    if (focus) this.input.focus();
+  }
+
+  /** The composer takes the message's text; Enter saves, Escape puts the draft back. */
+  startEdit(m) {
+    this.cancelReply(false);
+    if (!this.editing) this.savedDraft = this.input.value;
+    this.editing = { id: m.id, seq: m.seq, content: m.content };
+    this.mentionPicker.hide();
+    this.input.value = m.content;
+    this.sendButton.textContent = 'Save';
+    this.setContext(composerContext({ mode: 'edit', onCancel: () => this.endEdit() }));
+    this.updateSend();
+    this.input.focus();
+    this.input.setSelectionRange(this.input.value.length, this.input.value.length);
+  }
+
+  finishEdit() {
+    const editing = this.editing;
+    const text = this.input.value;
+    if (!text.trim()) return;
+    if (text !== editing.content) this.actions.edit(editing, text);
+    this.endEdit();
+  }
+
+  endEdit() {
+    if (!this.editing) return;
+    this.editing = null;
+    this.input.value = this.savedDraft ?? '';
+    this.savedDraft = null;
+    this.sendButton.textContent = 'Send';
+    this.setContext(null);
+    this.updateSend();
+    this.input.focus();
+  }
+
+  /** In a group, "@" followed by the start of a name offers the members it fits. */
+  updateMentions() {
+    const input = this.input;
+    const q = this.model.isGroup && !this.editing && input.selectionStart === input.selectionEnd ? mentionQuery(input.value, input.selectionStart) : null;
+    if (!q) {
+      this.mentionPicker.hide();
+      return;
+    }
+    this.mentionPicker.show(matchMembers(this.model.others(), q.query));
+  }
+
+  pickMention(p) {
+    const input = this.input;
+    const q = mentionQuery(input.value, input.selectionStart);
+    if (!q) return;
+    const next = insertMention(input.value, q.start, input.selectionStart, p.full_name);
+    input.value = next.text;
+    input.setSelectionRange(next.caret, next.caret);
+    this.picked.set(p.user_id, p.full_name);
+    this.mentionPicker.hide();
+    this.actions.draft(input.value);
+    this.updateSend();
+    input.focus();
   }
 
   /** The tray changed (a file added, progress, done, failed, removed). */
@@ -289,6 +438,9 @@ export class ChatView {
       node.dataset.watched = '';
       this.observer.observe(node);
     }
+    this.rove();
+    // A message made again (deleted meanwhile) takes its menu with it.
+    if (this.menu.isOpen && !this.menu.anchor?.isConnected) this.menu.close(false);
     this.composer.hidden = this.model.status !== 'ready';
 
     if (this.model.status !== 'ready') return;
@@ -406,6 +558,8 @@ export class ChatView {
     // video playing next to it plays on).
     const atts = item.m ? item.m.attachments : item.attachments;
     if (atts?.length) patchAttachments(node.querySelector('.vc-atts'), atts, this.media);
+    // An edit, a reaction, a quote whose original changed: only that part.
+    if (item.m && !item.deleted && node.dataset.life !== this.lifeSig(item.m)) this.patchLife(node, item.m);
     // The text is never touched, so a selection in it survives; only the
     // group edge and the time/status line change.
     const last = node.classList.contains('vc-last');
@@ -436,26 +590,215 @@ export class ChatView {
     li.dataset.shape = shapeOf(item);
     li.dataset.status = item.status ?? '';
     li.dataset.error = item.error ?? '';
-    if (item.kind === 'message') li.dataset.seq = String(item.seq);
-    else li.dataset.pending = item.id;
+    if (item.kind === 'message') {
+      li.dataset.seq = String(item.seq);
+      li.dataset.id = m.id;
+      li.tabIndex = -1;
+    } else {
+      li.dataset.pending = item.id;
+    }
     const sender = m ? m.sender_id : null;
     if (!mine && item.first) {
       li.append(avatar(sender, this.nameOf(sender)));
       if (this.model.isGroup) li.append(el('span', { class: 'vc-sender' }, this.nameOf(sender)));
       else li.append(hidden(`${this.nameOf(sender)}:`));
     }
+    if (item.deleted) {
+      // A tombstone: who and when, nothing to answer, copy or react to.
+      li.classList.add('vc-deleted');
+      li.append(el('span', { class: 'vc-tombstone' }, 'Message deleted'));
+      if (showsMeta(item)) li.append(this.meta(item));
+      else li.title = timeLabel(new Date(m.created_at));
+      return li;
+    }
+    if (item.mentioned) {
+      li.classList.add('vc-mentioned');
+      li.append(hidden('Mentions you.'));
+    }
+    const reply = m ? m.reply_to : item.replyTo;
+    if (reply) li.append(this.quote(reply));
     const text = m ? m.content : item.content;
     const atts = (m ? m.attachments : item.attachments) ?? [];
-    if (text || !atts.length) li.append(linkedText(text));
+    if (text || !atts.length) li.append(linkedText(text, m ? this.mentionNames(m) : []));
     if (atts.length) {
       li.classList.add('vc-has-media');
       li.append(attachmentsBlock(atts, this.media));
+    }
+    if (m) {
+      li.vcContent = m.content;
+      li.append(this.editedLabel(m), this.chips(m));
+      li.dataset.life = this.lifeSig(m);
+      const more = button(null, { class: 'vc-more-btn', 'aria-label': 'Message actions', 'aria-haspopup': 'menu', 'aria-expanded': 'false', tabindex: '-1' }, (e) => {
+        e.stopPropagation();
+        if (this.menu.isOpen && this.menu.anchor === li) this.menu.close(true);
+        else this.openMenu(li);
+      });
+      more.append(moreIcon());
+      li.append(more);
+      watchLongPress(li, () => this.openMenu(li));
+      li.addEventListener('contextmenu', (e) => this.onContextMenu(e, li));
     }
     // A group's time and status show once, under its last bubble (and
     // wherever a status must be seen); the rest keep it as a tooltip.
     if (showsMeta(item)) li.append(this.meta(item));
     else li.title = timeLabel(new Date(m ? m.created_at : item.at));
     return li;
+  }
+
+  // ---- a sent message's life ------------------------------------------------------
+
+  /** The names of the people a message mentions, to set them off in its text. */
+  mentionNames(m) {
+    return (m.mentions ?? []).map((u) => (u === this.model.me ? this.model.participants.get(u)?.full_name : this.nameOf(u))).filter((n) => n && n !== 'Someone');
+  }
+
+  quote(reply) {
+    return quoteBlock(reply, { nameOf: (u) => this.nameOf(u), textOf: (r) => this.quoteText(r), onOpen: (r) => this.actions.openQuote(r) });
+  }
+
+  editedLabel(m) {
+    const label = el('span', { class: 'vc-edited', hidden: !m.edited_at }, 'edited');
+    if (m.edited_at) label.title = `Edited ${new Date(m.edited_at).toLocaleString()}`;
+    return label;
+  }
+
+  chips(m) {
+    return reactionChips(m.reactions, {
+      me: this.model.me,
+      nameOf: (u) => this.nameOf(u),
+      onToggle: (emoji, on) => this.actions.react(this.model.messages.get(m.seq) ?? m, emoji, on),
+    });
+  }
+
+  lifeSig(m) {
+    const r = m.reply_to;
+    return JSON.stringify([m.content, m.edited_at ?? '', reactionsSig(m.reactions, this.model.me), r ? [r.content, r.deleted, this.quoteText(r)] : null]);
+  }
+
+  /** Patches what a change frame changed: the text, "edited", the chips, the quote. */
+  patchLife(node, m) {
+    if (node.vcContent !== m.content) {
+      const text = linkedText(m.content, this.mentionNames(m));
+      const old = node.querySelector(':scope > .vc-text');
+      if (old) old.replaceWith(text);
+      else if (m.content) node.querySelector(':scope > .vc-atts, :scope > .vc-edited')?.before(text);
+      node.vcContent = m.content;
+    }
+    node.querySelector(':scope > .vc-edited')?.replaceWith(this.editedLabel(m));
+    node.querySelector(':scope > .vc-reactions')?.replaceWith(this.chips(m));
+    if (m.reply_to) node.querySelector(':scope > .vc-quote')?.replaceWith(this.quote(m.reply_to));
+    node.dataset.life = this.lifeSig(m);
+  }
+
+  /** The message menu for a bubble, with what the reader may do to that message. */
+  openMenu(li) {
+    const seq = Number(li.dataset.seq);
+    const m = this.model.messages.get(seq);
+    if (!m || this.model.status !== 'ready') return;
+    const actions = menuActions(m, this.model.permissions);
+    if (!actions.length) return;
+    this.activeSeq = seq;
+    this.rove();
+    this.menu.open({ anchor: li, actions, pick: (action, arg) => this.onMenu(action, seq, arg) });
+  }
+
+  onMenu(action, seq, arg) {
+    const m = this.model.messages.get(seq);
+    if (!m || isDeleted(m)) return;
+    switch (action) {
+      case 'reply':
+        this.startReply(m);
+        break;
+      case 'edit':
+        this.startEdit(m);
+        break;
+      case 'copy':
+        this.actions.copy(m);
+        break;
+      case 'delete':
+        this.actions.remove(m);
+        break;
+      case 'react':
+        // An emoji the reader already put there is taken back.
+        this.actions.react(m, arg, reactionToggle(m, arg, this.model.me));
+        break;
+      default:
+        break;
+    }
+  }
+
+  /**
+   * A right click (or Android's long press) opens the message menu, unless
+   * it is on a link or media, or text in the bubble is selected: the
+   * browser's own menu is better for those.
+   */
+  onContextMenu(e, li) {
+    if (this.menu.isOpen && this.menu.anchor === li) {
+      e.preventDefault();
+      return;
+    }
+    if (e.target.closest('a, img, video, audio, input')) return;
+    const selection = getSelection();
+    if (selection && !selection.isCollapsed && li.contains(selection.anchorNode)) return;
+    e.preventDefault();
+    this.openMenu(li);
+  }
+
+  /** Keys on a focused message: Up and Down move, Enter or the menu key opens its menu. */
+  onListKey(e) {
+    const li = e.target;
+    if (!li.matches?.('li[data-seq]')) return; // a link's or a chip's own keys
+    const all = [...this.scroller.querySelectorAll('li[data-seq]')];
+    const i = all.indexOf(li);
+    let next = null;
+    if (e.key === 'ArrowDown') next = all[i + 1];
+    else if (e.key === 'ArrowUp') next = all[i - 1];
+    else if (e.key === 'Home' && e.ctrlKey) next = all[0];
+    else if (e.key === 'End' && e.ctrlKey) next = all[all.length - 1];
+    else if (e.key === 'Enter' || e.key === 'ContextMenu' || (e.key === 'F10' && e.shiftKey)) {
+      e.preventDefault();
+      this.openMenu(li);
+      return;
+    } else {
+      return;
+    }
+    e.preventDefault();
+    if (!next) return;
+    this.activeSeq = Number(next.dataset.seq);
+    this.rove();
+    next.focus();
+    next.scrollIntoView({ block: 'nearest' });
+  }
+
+  /** One message is the list's tab stop: the one last focused, else the latest. */
+  rove() {
+    const bubbles = this.scroller.querySelectorAll('li[data-seq]');
+    let current = this.activeSeq != null ? this.scroller.querySelector(`li[data-seq="${this.activeSeq}"]`) : null;
+    if (!current) current = bubbles[bubbles.length - 1];
+    for (const b of bubbles) {
+      const t = b === current ? '0' : '-1';
+      if (b.getAttribute('tabindex') !== t) b.setAttribute('tabindex', t);
+    }
+  }
+
+  /**
+   * Scrolls to a loaded message and highlights it for a moment (a quote's
+   * original, a search hit), with the focus on it. False: it is not loaded.
+   */
+  highlight(seq) {
+    const li = this.scroller.querySelector(`li[data-seq="${seq}"]`);
+    if (!li) return false;
+    this.positioned = true;
+    li.scrollIntoView({ block: 'center' });
+    li.classList.remove('vc-highlight');
+    void li.offsetWidth; // restarts the animation for a second jump to it
+    li.classList.add('vc-highlight');
+    clearTimeout(this.highlightTimer);
+    this.highlightTimer = setTimeout(() => li.classList.remove('vc-highlight'), HIGHLIGHT_MS);
+    this.activeSeq = seq;
+    this.rove();
+    li.focus({ preventScroll: true });
+    return true;
   }
 
   meta(item) {
@@ -474,6 +817,8 @@ export class ChatView {
   // ---- scrolling and reading ---------------------------------------------
 
   onScroll() {
+    // The menu floats over the list: it follows its message.
+    if (this.menu.isOpen) this.menu.place();
     if (this.scroller.scrollTop < 40) this.actions.loadOlder();
     if (this.atEnd && this.newBelow) {
       this.newBelow = 0;
@@ -508,7 +853,8 @@ function showsMeta(item) {
 
 function shapeOf(item) {
   const atts = (item.m ? item.m.attachments : item.attachments) ?? [];
-  return `${item.kind}|${item.first ? 1 : 0}|${atts.length}`;
+  const reply = item.m ? item.m.reply_to : item.replyTo;
+  return `${item.kind}|${item.first ? 1 : 0}|${atts.length}|${item.deleted ? 'x' : ''}|${reply ? 'r' : ''}|${item.mentioned ? '@' : ''}`;
 }
 
 export function statusLabel(status) {

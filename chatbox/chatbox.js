@@ -21,6 +21,7 @@
 import { Api, ApiError } from './api.js';
 import { UserConnection, RoomConnection, TransportChoice } from './realtime.js';
 import { ChatModel, Conversations, Drafts, UploadTray, badgeText, chatMedia, launcherLabel, firstName, messagePreview, precheck } from './state.js';
+import { CHANGE_FRAMES } from './lifecycle.js';
 import { ChatView } from './chat-view.js';
 import { GalleryView, Lightbox } from './media-view.js';
 import { ConversationsView, GroupSettingsView, NewGroupView, PeopleView, loginView } from './views.js';
@@ -33,6 +34,21 @@ const TYPING_SHOW_MS = 5_000;
 const DIVIDER_PAGES = 10;
 /** Contacts older than this are reloaded when People opens. */
 const CONTACTS_STALE_MS = 60_000;
+/** A quoted original this close above what is loaded is reached by paging back (100 a page)… */
+const REVEAL_BACK_SEQS = 500;
+/** …a farther one (a search hit) by filling forward from just before it, up to this many pages of 200. */
+const REVEAL_FILL_PAGES = 25;
+/** Messages shown above a search hit, for its context. */
+const HIT_CONTEXT = 25;
+/** Refusals of an edit, a delete or a reaction (their `error` frames name no client_msg_id). */
+const CHANGE_REFUSALS = {
+  message_not_found: 'That message is no longer there.',
+  message_deleted: 'That message was deleted.',
+  edit_window_passed: 'Messages can be edited for 24 hours after sending.',
+  invalid_emoji: 'That is not one emoji.',
+  too_many_reactions: 'This message has as many different reactions as it can take.',
+  forbidden: 'You can’t change that message.',
+};
 
 /**
  * Mounts the ChatBox into `host` (default: document.body).
@@ -295,6 +311,12 @@ class ChatBox {
         // Also on the room's connection: applying it twice changes nothing.
         this.applyAttachment(frame.attachment);
         return;
+      case 'message_edited':
+      case 'message_deleted':
+        // The open chat hears it on its own connection; the list's preview
+        // of any conversation's last message follows it here.
+        if (!this.conversations.noteChange(frame)) return;
+        break;
       case 'conversation_removed':
         this.conversations.remove(frame.conversation_id);
         this.updateBadge();
@@ -317,6 +339,7 @@ class ChatBox {
 
   show(view) {
     if (view !== 'chat' && view !== 'group') this.closeChat();
+    this.current?.search?.destroy();
     this.view = view;
     if (view === 'conversations') {
       this.current = new ConversationsView({
@@ -324,6 +347,14 @@ class ChatBox {
         onNewGroup: () => this.show('new-group'),
         onNotifications: () => this.show('notifications'),
         onRetry: () => this.loadConversations(),
+        search: {
+          run: (q, options) => this.api.search(q, options),
+          // The query outlives the view: back from a hit, the results are there.
+          query: this.searchQuery ?? '',
+          onQuery: (q) => (this.searchQuery = q),
+          onHit: (hit) => this.openChat(hit.conversation_id, { focus: hit.seq }),
+          flash: (e) => this.flash(e),
+        },
       });
       this.frame('Chats', this.current.element, { tabs: true });
     } else if (view === 'people') {
@@ -434,12 +465,14 @@ class ChatBox {
 
   // ---- chat -------------------------------------------------------------
 
-  openChat(id) {
+  /** Opens a chat; `focus`: a message's seq to show (a search hit) instead of the latest. */
+  openChat(id, { focus = null } = {}) {
     this.closeChat();
     this.view = 'chat';
     sessionStorage.setItem('vibe-chat-open', String(id));
     const model = new ChatModel({ id, me: this.user.id });
-    const chat = { model, conn: null, typing: new Map(), tray: new UploadTray(), uploads: new Map() };
+    // `changes`: edits, deletes and reactions sent and not yet acknowledged (client_msg_id -> entry).
+    const chat = { model, conn: null, typing: new Map(), tray: new UploadTray(), uploads: new Map(), changes: new Map(), focus };
     chat.media = {
       url: (path) => this.api.mediaUrl(path),
       localUrl: (attachmentId) => this.localMedia.get(attachmentId) ?? null,
@@ -456,7 +489,7 @@ class ChatBox {
       isOnline: (u) => this.online.has(u),
       canSee: () => this.canSee() && this.view === 'chat',
       actions: {
-        send: (text) => this.send(chat, text),
+        send: (text, extra) => this.send(chat, text, extra),
         retrySend: (clientId) => this.retrySend(chat, clientId),
         loadOlder: () => this.loadOlder(chat),
         retryLoad: () => this.loadChat(chat),
@@ -471,6 +504,11 @@ class ChatBox {
         retryUpload: (key) => this.retryUpload(chat, key),
         sendVoice: (recording) => this.sendVoice(chat, recording),
         error: (message) => this.flash({ message }),
+        edit: (m, text) => this.queueChange(chat, { type: 'edit', message_id: m.id, content: text }),
+        remove: (m) => this.queueChange(chat, { type: 'delete', message_id: m.id }),
+        react: (m, emoji, on) => this.queueChange(chat, { type: 'react', message_id: m.id, emoji, on }),
+        copy: (m) => this.copy(m),
+        openQuote: (reply) => this.reveal(chat, reply.seq),
       },
     });
     this.chat = chat;
@@ -537,16 +575,25 @@ class ChatBox {
       api: this.api,
       choice: this.choice,
       conversationId: chat.model.id,
-      lastSeq: () => chat.model.maxSeq(),
+      // Messages and changes alike: a reaction after the last message is held too.
+      lastSeq: () => chat.model.seqs.top,
       onFrame: (f) => this.onRoomFrame(chat, f),
       onState: (state, kind) => {
         this.onConnectionState(state, kind);
         if (this.chat !== chat) return;
-        if (state === 'open') this.flushPending(chat);
+        if (state === 'open') {
+          this.flushPending(chat);
+          this.flushChanges(chat);
+        }
         if (state === 'forbidden') this.removedFromChat();
       },
     });
     chat.conn.start();
+    if (chat.focus) {
+      const seq = chat.focus;
+      chat.focus = null;
+      this.reveal(chat, seq);
+    }
   }
 
   /** The group's name or members changed: the chat and its settings follow. */
@@ -611,7 +658,27 @@ class ChatBox {
   onRoomFrame(chat, frame) {
     if (this.chat !== chat) return;
     const model = chat.model;
+    // Messages and changes share the room's one order. A frame made from
+    // an HTTP answer (`local`) may overtake the stream, which brings it
+    // again in order: it does not move the resume point.
+    const seq = frame.type === 'message' ? frame.message?.seq : CHANGE_FRAMES.has(frame.type) ? frame.seq : null;
+    if (seq != null && !frame.local) {
+      const verdict = model.seqs.note(seq);
+      if (verdict === 'dup') return;
+      if (verdict === 'gap') {
+        // Something before it never arrived: resume from what is held (the
+        // room replays it, this frame included). A catch-up under way brings
+        // it anyway.
+        if (!chat.catchingUp) this.resume(chat);
+        return;
+      }
+    }
     switch (frame.type) {
+      case 'message_edited':
+      case 'message_deleted':
+      case 'reaction':
+        this.applyChange(chat, frame);
+        break;
       case 'message': {
         const m = frame.message;
         if (!model.addMessage(m)) return;
@@ -627,6 +694,8 @@ class ChatBox {
         break;
       }
       case 'ack':
+        // An edit, delete or reaction of ours is durable (or changed nothing).
+        if (chat.changes.delete(frame.client_msg_id)) break;
         if (model.ack(frame)) chat.view.render('status');
         break;
       case 'typing': {
@@ -646,6 +715,7 @@ class ChatBox {
         this.applyAttachment(frame.attachment);
         break;
       case 'error':
+        if (this.changeRefused(chat, frame)) break;
         if (frame.code === 'not_member' || frame.code === 'forbidden') this.removedFromChat();
         else if (frame.code !== 'rate_limited') this.flash(new ApiError(0, frame.code, frame.message));
         break;
@@ -666,6 +736,7 @@ class ChatBox {
   async catchUp(chat, after) {
     let cursor = after;
     chat.gapFrom = after;
+    chat.catchingUp = true;
     try {
       for (;;) {
         const page = await this.api.messagesAfter(chat.model.id, cursor);
@@ -680,8 +751,12 @@ class ChatBox {
       chat.model.gap = true;
       chat.view.render('status');
       return;
+    } finally {
+      chat.catchingUp = false;
     }
     chat.model.gap = false;
+    // History is the messages' current state: the room resumes after it.
+    chat.model.seqs.raise(chat.model.maxSeq());
     chat.view.render('incoming');
     // Reconnect from the new high-water mark.
     chat.conn?.stop();
@@ -689,16 +764,17 @@ class ChatBox {
   }
 
   /** Sends the text with every uploaded file in the tray. */
-  send(chat, content) {
+  /** `extra`: `replyTo` (the quote of the message answered) and `mentions` (user ids). */
+  send(chat, content, extra = {}) {
     const attachments = chat.tray.takeReady();
     for (const key of [...chat.uploads.keys()]) if (!chat.tray.get(key)) chat.uploads.delete(key);
     chat.view.renderTray();
-    this.queueSend(chat, content, attachments);
+    this.queueSend(chat, content, attachments, extra);
   }
 
-  queueSend(chat, content, attachments = []) {
+  queueSend(chat, content, attachments = [], { replyTo = null, mentions = [] } = {}) {
     const id = crypto.randomUUID();
-    chat.model.queue(id, content, undefined, attachments);
+    chat.model.queue(id, content, undefined, attachments, { replyTo, mentions });
     chat.view.render('sent');
     this.trySend(chat, id);
   }
@@ -854,7 +930,8 @@ class ChatBox {
     const p = chat.model.pending.get(id);
     if (!p || !chat.conn || p.state === 'acked') return;
     try {
-      await chat.conn.sendMessage(p.content, id, (p.attachments ?? []).map((a) => a.id)); // false: goes out on reconnect
+      const extra = { reply_to: p.replyTo?.id ?? null, mentions: p.mentions ?? [] };
+      await chat.conn.sendMessage(p.content, id, (p.attachments ?? []).map((a) => a.id), extra); // false: goes out on reconnect
     } catch (e) {
       if (e.status === 403) {
         this.removedFromChat();
@@ -868,6 +945,135 @@ class ChatBox {
   /** Resends everything not yet acknowledged, with the same client_msg_id. */
   flushPending(chat) {
     for (const [id, p] of chat.model.pending) if (p.state === 'sending') this.trySend(chat, id);
+  }
+
+  // ---- edits, deletes, reactions ------------------------------------------------
+
+  /**
+   * An edit, delete or reaction of the reader's: sent like a message, with
+   * a fresh client_msg_id kept until its ack, so a reconnect sends it again
+   * under the same key (the room applies it once). The message changes
+   * when the room's event comes back, to everyone at once.
+   */
+  queueChange(chat, frame) {
+    const id = crypto.randomUUID();
+    chat.changes.set(id, { frame: { ...frame, conversation_id: chat.model.id, client_msg_id: id }, sent: false, busy: false });
+    this.trySendChange(chat, id);
+  }
+
+  async trySendChange(chat, id) {
+    const entry = chat.changes.get(id);
+    if (!entry || entry.busy || !chat.conn) return;
+    entry.busy = true;
+    try {
+      entry.sent = await chat.conn.sendChange(entry.frame); // false: goes out on reconnect
+    } catch (e) {
+      chat.changes.delete(id);
+      if (this.chat === chat) this.flash({ message: CHANGE_REFUSALS[e.code] ?? e.message });
+    } finally {
+      entry.busy = false;
+    }
+  }
+
+  flushChanges(chat) {
+    for (const id of chat.changes.keys()) this.trySendChange(chat, id);
+  }
+
+  /**
+   * An `error` that refuses a change of ours: frames on one connection are
+   * answered in order, so it is the oldest change sent. False: not one.
+   */
+  changeRefused(chat, frame) {
+    const why = CHANGE_REFUSALS[frame.code];
+    if (!why) return false;
+    const sent = [...chat.changes].find(([, c]) => c.sent);
+    if (!sent) {
+      // A reply to a message deleted meanwhile is refused the same way.
+      if (frame.code === 'message_not_found') {
+        const reply = [...chat.model.pending].find(([, p]) => p.state === 'sending' && p.replyTo);
+        if (reply) {
+          chat.model.fail(reply[0], 'The message you replied to is no longer there.');
+          chat.view.render('status');
+          return true;
+        }
+      }
+      return false;
+    }
+    chat.changes.delete(sent[0]);
+    this.flash({ message: why });
+    return true;
+  }
+
+  /** A change frame from the room: the message, its quotes and the list's preview follow. */
+  applyChange(chat, frame) {
+    const model = chat.model;
+    if (model.applyChange(frame).length) chat.view.render('status');
+    if (frame.type !== 'reaction' && this.conversations.noteChange(frame) && this.view === 'conversations') this.refreshView();
+    if (frame.type === 'message_deleted') {
+      // Nothing left to edit or answer.
+      if (chat.view.editing?.id === frame.message_id) {
+        chat.view.endEdit();
+        this.flash({ message: 'The message you were editing was deleted.' });
+      }
+      if (chat.view.replyTo?.id === frame.message_id) chat.view.cancelReply(false);
+    }
+  }
+
+  /** Reconnects the room from the highest seq held (the room replays what follows). */
+  resume(chat) {
+    chat.conn?.stop();
+    chat.conn?.start();
+  }
+
+  /**
+   * Shows a message (a quote's original, a search hit): loads the history
+   * between it and what is on screen if needed, then scrolls to it and
+   * highlights it. Near ones are paged back to (`before_seq`); far ones
+   * are filled forward from a little before them (`after_seq`), so the
+   * list never has a hole.
+   */
+  async reveal(chat, seq) {
+    const model = chat.model;
+    if (!model.messages.has(seq) && model.hasMore && model.oldest != null && seq < model.oldest) {
+      try {
+        if (model.oldest - seq <= REVEAL_BACK_SEQS) {
+          while (model.hasMore && model.oldest > seq) {
+            model.addOlder(await this.api.messagesBefore(model.id, model.oldest, 100));
+            if (this.chat !== chat) return;
+          }
+        } else {
+          const stop = model.oldest;
+          const from = Math.max(0, seq - HIT_CONTEXT);
+          if (stop - from > REVEAL_FILL_PAGES * 200) {
+            this.flash({ message: 'That message is too far back in this chat to show here.' });
+            return;
+          }
+          let cursor = from;
+          for (;;) {
+            const page = await this.api.messagesAfter(model.id, cursor, 200);
+            if (this.chat !== chat) return;
+            model.addRange(page, from);
+            const last = page.messages[page.messages.length - 1]?.seq;
+            if (!page.has_more || last == null || last >= stop) break;
+            cursor = last;
+          }
+        }
+      } catch (e) {
+        if (this.chat === chat) this.flash(e);
+        return;
+      }
+      chat.view.render('status');
+    }
+    if (!chat.view.highlight(seq)) this.flash({ message: 'That message is no longer in this chat.' });
+  }
+
+  async copy(m) {
+    try {
+      await navigator.clipboard.writeText(m.content);
+      this.toast('Copied');
+    } catch {
+      this.flash({ message: 'The text could not be copied: the browser did not allow it.' });
+    }
   }
 
   /** The reader saw everything up to `seq`. */
@@ -954,6 +1160,13 @@ class ChatBox {
     this.live.textContent = '';
     // A change after a tick is what screen readers pick up.
     setTimeout(() => (this.live.textContent = text), 50);
+  }
+
+  /** A short confirmation (not an error), read out too. */
+  toast(text) {
+    const note = el('p', { class: 'vc-toast', role: 'status' }, text);
+    this.panel.prepend(note);
+    setTimeout(() => note.remove(), 2_000);
   }
 
   flash(error) {

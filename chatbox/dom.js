@@ -3,6 +3,7 @@
 // avatars and linkified text.
 
 import { avatarColour, initials, linkify } from './state.js';
+import { splitMentions } from './lifecycle.js';
 
 export function el(tag, attrs = {}, text) {
   const node = document.createElement(tag);
@@ -62,14 +63,19 @@ export function reconcile(container, items, { create, update }) {
   for (const gone of existing.values()) gone.remove();
 }
 
-/** Text with http(s) links made clickable; never HTML. */
-export function linkedText(text) {
+/**
+ * Text with http(s) links made clickable, and "@Full Name" of the people
+ * in `mentioned` set off; never HTML.
+ */
+export function linkedText(text, mentioned = []) {
   const span = el('span', { class: 'vc-text' });
   for (const part of linkify(text)) {
     if (part.href) {
       span.append(el('a', { href: part.href, target: '_blank', rel: 'noopener noreferrer nofollow' }, part.text));
-    } else {
-      span.append(document.createTextNode(part.text));
+      continue;
+    }
+    for (const run of splitMentions(part.text, mentioned)) {
+      span.append(run.mention ? el('strong', { class: 'vc-mention' }, run.text) : document.createTextNode(run.text));
     }
   }
   return span;
@@ -126,4 +132,8 @@ export const fileIcon = () =>
   icon('M14 2H6a2 2 0 0 0-2 2v16a2 2 0 0 0 2 2h12a2 2 0 0 0 2-2V8zm2 16H8v-2h8zm0-4H8v-2h8zm-3-5V3.5L18.5 9z', 28);
 export const prevIcon = () => icon('M15.4 7.4 14 6l-6 6 6 6 1.4-1.4-4.6-4.6z', 28);
 export const nextIcon = () => icon('M10 6 8.6 7.4l4.6 4.6-4.6 4.6L10 18l6-6z', 28);
+export const moreIcon = () =>
+  icon('M6 10a2 2 0 1 0 0 4 2 2 0 0 0 0-4zm6 0a2 2 0 1 0 0 4 2 2 0 0 0 0-4zm6 0a2 2 0 1 0 0 4 2 2 0 0 0 0-4z', 20);
+export const searchIcon = () =>
+  icon('M10 3a7 7 0 0 1 5.6 11.2l5.1 5.1-1.4 1.4-5.1-5.1A7 7 0 1 1 10 3zm0 2a5 5 0 1 0 0 10 5 5 0 0 0 0-10z', 18);
 export const downloadIcon = () => icon('M19 9h-4V3H9v6H5l7 7zM5 18v2h14v-2z', 22);
