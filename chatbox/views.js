@@ -5,6 +5,7 @@
 
 import { badgeText, firstName, listTime, messagePreview } from './state.js';
 import { avatar, button, el, hidden, labelled, presenceDot, reconcile } from './dom.js';
+import { SearchView } from './search-view.js';
 
 const SEARCH_DEBOUNCE_MS = 250;
 
@@ -48,15 +49,25 @@ export function loginView({ onSubmit, demo, error }) {
 
 // ---- conversations -----------------------------------------------------------
 
+/**
+ * The conversations, with message search above them: while the search box
+ * has a query, its results take the list's place.
+ */
 export class ConversationsView {
-  constructor({ onOpen, onNewGroup, onRetry, onNotifications }) {
+  constructor({ onOpen, onNewGroup, onRetry, onNotifications, search }) {
     this.onOpen = onOpen;
     this.element = el('div', { class: 'vc-pane' });
     const bar = el('div', { class: 'vc-toolbar' });
     bar.append(button('Notifications', { class: 'vc-secondary' }, onNotifications), button('New group', { class: 'vc-secondary' }, onNewGroup));
     this.status = el('div', { class: 'vc-status-slot' });
     this.list = el('ul', { class: 'vc-list', 'aria-label': 'Conversations' });
-    this.element.append(bar, this.status, this.list);
+    this.element.append(bar);
+    if (search) {
+      this.search = new SearchView({ ...search, onActive: (active) => (this.list.hidden = active) });
+      this.element.append(this.search.element, this.search.results);
+      this.list.hidden = this.search.active;
+    }
+    this.element.append(this.status, this.list);
     this.onRetry = onRetry;
   }
 
@@ -89,17 +100,21 @@ export class ConversationsView {
     const preview = el('span', { class: 'vc-row-preview' }, last ? who + messagePreview(last) : c.type === 'group' ? `Group · ${c.participant_count} members` : 'No messages yet');
     const meta = el('span', { class: 'vc-row-meta' }, last ? listTime(new Date(last.created_at)) : '');
     b.append(title, meta, preview);
+    const badges = el('span', { class: 'vc-badges' });
+    // Someone mentioned the reader in what is unread.
+    if (c.unread_mentions > 0) badges.append(el('span', { class: 'vc-at', title: 'You were mentioned' }, '@'), hidden(' mentioned you, '));
     if (c.unread_count > 0) {
       const n = c.unread_count > 999 ? '999+' : String(c.unread_count);
-      b.append(el('span', { class: 'vc-unread' }, n), hidden(' unread'));
+      badges.append(el('span', { class: 'vc-unread' }, n), hidden(' unread'));
     }
+    if (badges.firstChild) b.append(badges);
     li.append(b);
     return li;
   }
 }
 
 function rowSig({ c, online }) {
-  return JSON.stringify([c.title, c.unread_count, c.last_message?.seq, c.last_message?.content, c.participant_count, online]);
+  return JSON.stringify([c.title, c.unread_count, c.unread_mentions ?? 0, c.last_message?.seq, c.last_message?.content, c.last_message?.deleted, c.participant_count, online]);
 }
 
 // ---- people --------------------------------------------------------------------
