@@ -73,6 +73,10 @@ async fn main() -> ExitCode {
             },
         ),
         (
+            "changes_outlive_a_kill_and_reach_postgres_when_the_origin_returns",
+            |s| Box::pin(changes_outlive_a_kill_and_reach_postgres_when_the_origin_returns(s)),
+        ),
+        (
             "a_reader_that_never_reads_is_cut_off_and_the_others_get_everything",
             |s| Box::pin(a_reader_that_never_reads_is_cut_off_and_the_others_get_everything(s)),
         ),
@@ -699,5 +703,105 @@ async fn an_upload_outlives_a_kill_of_the_runtime_and_is_sent_and_processed_afte
     let bytes = res.bytes().await?;
     ensure!(!e2e::media::contains(&bytes, e2e::media::GPS_MARKER));
     a.close().await?;
+    Ok(())
+}
+
+/// Changes made while the origin is down live in the room's outbox; a kill
+/// of the runtime then rebuilds the room from its SQLite with every
+/// message in its current state (edited, reacted to, quoted), a change
+/// after the restart still knows the old state, and once the origin is
+/// back PostgreSQL holds the end state once.
+async fn changes_outlive_a_kill_and_reach_postgres_when_the_origin_returns(
+    s: &mut Stack,
+) -> anyhow::Result<()> {
+    let alex = s.user("Alex").await?;
+    let sam = s.user("Sam").await?;
+    let conv = s.direct(&alex, &sam).await?;
+    let mut a = s.ws(&alex, conv, None).await?;
+    a.say(conv, "leg day", "c1").await?;
+    let ack = a.expect("ack").await?;
+    let id = ack["id"].as_str().context("id")?.to_owned();
+    s.wait_stored(conv, 1, Duration::from_secs(15)).await?;
+
+    s.stop_origin();
+    a.send(
+        json!({"type": "edit", "conversation_id": conv, "message_id": id,
+                  "content": "leg day: squats", "client_msg_id": "c1-edit"}),
+    )
+    .await?;
+    a.expect("ack").await?;
+    let react = format!("/api/v1/chat/conversations/{conv}/messages/{id}/reactions/%F0%9F%94%A5");
+    let (status, body) = s
+        .call(Some(&sam), reqwest::Method::PUT, &react, None)
+        .await?;
+    ensure!(status == 200 && body["count"] == 1, "{status} {body}");
+    a.send(
+        json!({"type": "message", "conversation_id": conv, "content": "5x5",
+                  "client_msg_id": "c2", "reply_to": id}),
+    )
+    .await?;
+    a.expect("ack").await?;
+    a.close().await?;
+
+    s.kill_edge();
+    s.start_edge().await?;
+    let mut b = s.ws(&sam, conv, Some(0)).await?;
+    let frames = b.drain(Duration::from_millis(800)).await?;
+    let messages: Vec<&Value> = frames
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .map(|f| &f["message"])
+        .collect();
+    ensure!(messages.len() == 2, "{frames:?}");
+    ensure!(
+        messages[0]["content"] == "leg day: squats"
+            && !messages[0]["edited_at"].is_null()
+            && messages[0]["reactions"][0]["me"] == true,
+        "the room rebuilt the current state: {}",
+        messages[0]
+    );
+    ensure!(
+        messages[1]["reply_to"]["content"] == "leg day: squats",
+        "{}",
+        messages[1]
+    );
+    // The same reaction again changes nothing: the rebuilt room knows it.
+    let (status, body) = s
+        .call(Some(&sam), reqwest::Method::PUT, &react, None)
+        .await?;
+    ensure!(status == 200 && body["type"] == "ack", "{status} {body}");
+
+    s.start_origin()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, page) = s
+            .call(
+                Some(&sam),
+                reqwest::Method::GET,
+                &format!("/api/v1/chat/conversations/{conv}/messages"),
+                None,
+            )
+            .await?;
+        let done = status == 200
+            && page["messages"].as_array().is_some_and(|m| m.len() == 2)
+            && page["messages"][0]["content"] == "leg day: squats"
+            && page["messages"][0]["reactions"][0]["count"] == 1
+            && page["messages"][1]["reply_to"]["id"] == id.as_str();
+        if done {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "never flushed: {status} {page}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let db = s.pool.get().await?;
+    let events: i64 = db
+        .query_one(
+            "SELECT count(*) FROM message_events WHERE conversation_id = $1",
+            &[&conv],
+        )
+        .await?
+        .get(0);
+    ensure!(events == 2, "each change stored once: {events}");
+    b.close().await?;
     Ok(())
 }
