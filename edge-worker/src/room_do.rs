@@ -421,11 +421,17 @@ impl Room {
                 .into_iter()
                 .map(AttachmentView::unsigned)
                 .collect(),
-            edited_at: None,
-            deleted_at: None,
-            reactions: Vec::new(),
-            reply_to: None,
-            mentions: Vec::new(),
+            edited_at: record
+                .state
+                .edited_at_ms
+                .and_then(chrono::DateTime::from_timestamp_millis),
+            deleted_at: record
+                .state
+                .deleted_at_ms
+                .and_then(chrono::DateTime::from_timestamp_millis),
+            reactions: record.state.views(None),
+            reply_to: record.reply_to,
+            mentions: record.mentions,
         })
     }
 
