@@ -56,6 +56,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0006_media.sql",
         sql: include_str!("../../migrations/0006_media.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_message_lifecycle.sql",
+        sql: include_str!("../../migrations/0007_message_lifecycle.sql"),
+    },
 ];
 
 /// Key of the advisory lock held while migrating ("vibe" in ASCII).

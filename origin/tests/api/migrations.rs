@@ -32,6 +32,7 @@ async fn migrations_build_the_schema_from_an_empty_database_and_are_recorded_onc
             "conversation_notification_prefs",
             "conversation_participants",
             "conversations",
+            "message_events",
             "messages",
             "notification_settings",
             "push_jobs",
