@@ -61,6 +61,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0007_message_lifecycle.sql",
         sql: include_str!("../../migrations/0007_message_lifecycle.sql"),
     },
+    Migration {
+        version: 8,
+        name: "0008_search.sql",
+        sql: include_str!("../../migrations/0008_search.sql"),
+    },
 ];
 
 /// Key of the advisory lock held while migrating ("vibe" in ASCII).
