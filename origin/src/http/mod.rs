@@ -14,6 +14,7 @@ mod messages;
 mod openapi;
 mod ops;
 mod push;
+mod search;
 mod users;
 
 use axum::Router;
@@ -48,6 +49,7 @@ const INTERNAL_BODY_LIMIT: usize = 24 * 1024 * 1024;
     tags(
         (name = "auth", description = "Sessions"),
         (name = "conversations", description = "Conversations, members and history"),
+        (name = "search", description = "Full-text search of the caller's messages"),
         (name = "users", description = "Active users and presence"),
         (name = "push", description = "Web Push notifications: the VAPID key, subscriptions, notification settings and per-conversation preferences"),
         (name = "ops", description = "Health and metrics"),
@@ -83,6 +85,7 @@ pub fn public_api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(auth::router())
         .merge(conversations::router())
         .merge(messages::router())
+        .merge(search::router())
         .merge(media::router())
         .merge(users::router())
         .merge(push::router())

@@ -15,4 +15,5 @@ mod migrations;
 mod ops;
 mod plans;
 mod push;
+mod search;
 mod sessions;
