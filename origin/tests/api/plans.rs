@@ -716,3 +716,135 @@ async fn a_real_ingest_on_stale_statistics_executes_only_key_lookups_foreign_key
         assert_eq!(read, all, "{mode}");
     }
 }
+
+/// Every scan in `plan`: (node type, index name or relation).
+fn scans(plan: &Value, out: &mut Vec<(String, String)>) {
+    let node = plan["Node Type"].as_str().unwrap_or("?");
+    if node.ends_with("Scan") {
+        let what = plan["Index Name"]
+            .as_str()
+            .or(plan["Relation Name"].as_str())
+            .unwrap_or("?");
+        out.push((node.to_owned(), what.to_owned()));
+    }
+    for child in plan["Plans"].as_array().into_iter().flatten() {
+        scans(child, out);
+    }
+}
+
+/// The search (`origin::search::SEARCH_HITS` under its guard) on this
+/// fixture's statistics: never a sequential scan, and the matches found
+/// through the GIN index (ANDed with the conversations'), or, searching one
+/// conversation, through either of its indexes. Panics with every plan that
+/// does not.
+///
+/// Before any `ANALYZE` the tables hold three messages, and the planner
+/// may as well read the conversations' messages through another index of
+/// `messages` and check the words on each: only the absence of a
+/// sequential scan is asserted then. Once the room holds 60,000 messages,
+/// stale statistics or not, the GIN index must be the way in.
+async fn assert_search_plans_use_the_index(db: &tokio_postgres::Client, fx: &Fixture, state: &str) {
+    use origin::search::{RANK_WINDOW, SEARCH_GUARD, SEARCH_HITS};
+    let everywhere: Vec<i64> = db
+        .query_one(
+            "SELECT array_agg(conversation_id) FROM conversation_participants WHERE user_id = $1",
+            &[&fx.trainer],
+        )
+        .await
+        .expect("conversations")
+        .get(0);
+    let cases: [(&str, &str, Vec<i64>, &[&str]); 5] = [
+        (
+            "a word in every message",
+            "'messag'",
+            everywhere.clone(),
+            &["messages_search_idx"],
+        ),
+        (
+            "a rare word",
+            "'12345'",
+            everywhere.clone(),
+            &["messages_search_idx"],
+        ),
+        (
+            "a prefix",
+            "'1234':*",
+            everywhere.clone(),
+            &["messages_search_idx"],
+        ),
+        (
+            "a phrase",
+            "'messag' <-> '777'",
+            everywhere,
+            &["messages_search_idx"],
+        ),
+        (
+            "one conversation",
+            "'12345'",
+            vec![fx.room],
+            &["messages_search_idx", "messages_conversation_seq_unique"],
+        ),
+    ];
+    let mut problems = Vec::new();
+    for (label, tsquery, conversations, allowed) in cases {
+        db.batch_execute(&format!("BEGIN; {SEARCH_GUARD}"))
+            .await
+            .expect("begin");
+        let doc: Value = db
+            .query_one(
+                &format!("EXPLAIN (FORMAT JSON) {SEARCH_HITS}"),
+                &[
+                    &tsquery,
+                    &conversations,
+                    &RANK_WINDOW,
+                    &21i64,
+                    &fx.trainer,
+                    &None::<f32>,
+                    &None::<DateTime<Utc>>,
+                    &None::<Uuid>,
+                ],
+            )
+            .await
+            .expect("explain")
+            .get(0);
+        db.batch_execute("ROLLBACK").await.expect("rollback");
+        let mut found = Vec::new();
+        scans(&doc[0]["Plan"], &mut found);
+        let sequential: Vec<&(String, String)> =
+            found.iter().filter(|(n, _)| n == "Seq Scan").collect();
+        // The scans that find matches: the messages read other than by id.
+        let finding: Vec<&(String, String)> = found
+            .iter()
+            .filter(|(n, what)| {
+                n.contains("Index") && what.starts_with("messages_") && what != "messages_pkey"
+            })
+            .collect();
+        let tiny = state == "never analyzed";
+        if !sequential.is_empty() || finding.is_empty() {
+            problems.push(format!("{state}, {label}: {found:?}\n{doc:#}"));
+        } else if tiny {
+            continue;
+        } else if finding.is_empty()
+            || finding
+                .iter()
+                .any(|(_, what)| !allowed.contains(&what.as_str()))
+            || (allowed.len() == 1 && !finding.iter().any(|(_, w)| w == allowed[0]))
+        {
+            problems.push(format!("{state}, {label}: {found:?}\n{doc:#}"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
+
+#[tokio::test]
+async fn the_search_reads_messages_through_its_indexes_before_any_analyze_on_stale_and_on_fresh_statistics()
+ {
+    let app = spawn_app().await;
+    let db = connect(&app).await;
+    let fx = tiny_start(&db).await;
+    assert_search_plans_use_the_index(&db, &fx, "never analyzed").await;
+    grow_with_stale_statistics(&db, &fx).await;
+    assert_search_plans_use_the_index(&db, &fx, "stale statistics").await;
+    db.batch_execute("ANALYZE").await.expect("analyze");
+    assert_search_plans_use_the_index(&db, &fx, "analyzed").await;
+}
