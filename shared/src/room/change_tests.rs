@@ -449,3 +449,170 @@ fn a_target_beyond_the_window_is_found_through_storage() {
         |x| matches!(x, Output::StoreChange { state, event } if state.is_deleted() && event.change.as_ref().is_some_and(|c| c.target_seq == 1))
     ));
 }
+
+/// Storage that keeps every key, as the Durable Object's does, and the
+/// uploads registered with the room.
+#[derive(Default)]
+struct Keys(
+    std::cell::RefCell<std::collections::HashMap<(i64, String), KnownKey>>,
+    std::cell::RefCell<Vec<PendingAttachment>>,
+);
+
+impl Context for Keys {
+    fn claim_key(&self, user: i64, key: &str, k: KnownKey) -> Result<Claim, StorageFailed> {
+        let mut keys = self.0.borrow_mut();
+        Ok(match keys.get(&(user, key.to_owned())) {
+            Some(known) => Claim::Known(*known),
+            None => {
+                keys.insert((user, key.to_owned()), k);
+                Claim::Claimed
+            }
+        })
+    }
+    fn known_key(&self, user: i64, key: &str) -> Result<Option<KnownKey>, StorageFailed> {
+        Ok(self.0.borrow().get(&(user, key.to_owned())).copied())
+    }
+    fn verify_token(&self, _: &str, _: Millis) -> Result<Verified, AuthError> {
+        Err(AuthError::Invalid)
+    }
+    fn attachment(&self, id: Uuid) -> Result<Option<PendingAttachment>, StorageFailed> {
+        Ok(self.1.borrow().iter().find(|p| p.meta.id == id).cloned())
+    }
+}
+
+/// A room whose key cache holds one key: the next key pushes the first
+/// out, as a new instance or an old key would.
+fn forgetful_room() -> Room {
+    let config = RoomConfig {
+        dedup_horizon: 1,
+        ..RoomConfig::default()
+    };
+    let mut room = Room::new(1, config, 7);
+    let members: Vec<Watermark> = [1, 2]
+        .iter()
+        .map(|&user_id| Watermark {
+            user_id,
+            delivered_seq: 0,
+            read_seq: 0,
+        })
+        .collect();
+    room.set_members(T0, &members, 0);
+    room
+}
+
+#[test]
+fn a_resend_the_cache_forgot_gets_its_original_ack_even_when_it_would_now_be_refused() {
+    let mut room = forgetful_room();
+    let keys = Keys::default();
+    let m = match room
+        .submit(T0, 1, "hi".into(), Some("m".into()), None, &keys)
+        .expect("sent")
+    {
+        Sent::New(m) => m,
+        other => panic!("{other:?}"),
+    };
+    let thumbs = Change::React {
+        emoji: "👍".into(),
+        on: true,
+    };
+    let first = room
+        .submit_change(T0, 2, m.id, thumbs.clone(), Some("r".into()), None, &keys)
+        .expect("stored");
+    let edit = Change::Edit {
+        content: "hi!".into(),
+    };
+    let edited = room
+        .submit_change(T0, 1, m.id, edit.clone(), Some("e".into()), None, &keys)
+        .expect("stored");
+    // The reaction is still on: decided afresh, its resend would be a
+    // no-op naming the message.
+    let again = room
+        .submit_change(T0, 2, m.id, thumbs, Some("r".into()), None, &keys)
+        .expect("the original");
+    assert_eq!(again.ack, first.ack, "the reaction's own ack");
+    // The message is deleted: decided afresh, the edit's resend would be
+    // refused.
+    room.submit_change(T0, 1, m.id, Change::Delete, Some("d".into()), None, &keys)
+        .expect("deleted");
+    let late = room
+        .submit_change(T0, 1, m.id, edit, Some("e".into()), None, &keys)
+        .expect("the original, not message_deleted");
+    assert_eq!(late.ack, edited.ack);
+    assert_eq!(room.last_seq(), 4, "no resend stored anything");
+    // A new key is still refused as before.
+    let react = Change::React {
+        emoji: "👍".into(),
+        on: true,
+    };
+    assert_eq!(
+        room.submit_change(T0, 2, m.id, react, Some("r2".into()), None, &keys),
+        Err(RoomError::MessageDeleted)
+    );
+}
+
+#[test]
+fn a_message_resend_the_cache_forgot_gets_its_original_ack_though_its_photo_is_sent() {
+    let mut room = forgetful_room();
+    let keys = Keys::default();
+    let photo = Uuid::from_u128(10);
+    keys.1.borrow_mut().push(PendingAttachment {
+        meta: crate::media::AttachmentMeta {
+            id: photo,
+            conversation_id: 1,
+            uploader_id: 1,
+            kind: crate::media::MediaKind::Image,
+            mime: "image/jpeg".into(),
+            size: 1_000,
+            name: None,
+            width: Some(4),
+            height: Some(3),
+            duration_ms: None,
+            status: crate::media::AttachmentStatus::Ready,
+            has_thumbnail: true,
+        },
+        registered_at_ms: T0 as i64,
+        seq: None,
+    });
+    let draft = |key: &str, photo: Option<Uuid>, reply_to: Option<Uuid>| Draft {
+        content: "look".into(),
+        client_msg_id: Some(key.into()),
+        attachment_ids: photo.into_iter().collect(),
+        reply_to,
+        ..Draft::default()
+    };
+    let sent = room
+        .submit_draft(T0, 1, draft("p", Some(photo), None), None, &keys)
+        .expect("sent");
+    // The driver records the upload as sent with the message.
+    keys.1.borrow_mut()[0].seq = Some(sent.seq());
+    let reply = room
+        .submit_draft(T0, 2, draft("re", None, Some(sent_id(&sent))), None, &keys)
+        .expect("sent");
+    room.submit_change(T0, 1, sent_id(&sent), Change::Delete, None, None, &keys)
+        .expect("deleted");
+    // Both keys have left the cache. Decided afresh, the photo would be
+    // "already sent" and the quote "deleted".
+    let again = room
+        .submit_draft(T0, 1, draft("p", Some(photo), None), None, &keys)
+        .expect("the original, not invalid_attachment");
+    assert_eq!(again.seq(), sent.seq());
+    assert!(again.is_duplicate());
+    let again = room
+        .submit_draft(T0, 2, draft("re", None, Some(sent_id(&sent))), None, &keys)
+        .expect("the original, not message_deleted");
+    assert_eq!(again.seq(), reply.seq());
+    assert_eq!(room.last_seq(), 3, "no resend stored anything");
+    // A new key is refused as before.
+    assert_eq!(
+        room.submit_draft(T0, 2, draft("re2", None, Some(sent_id(&sent))), None, &keys)
+            .map(|_| ()),
+        Err(RoomError::MessageDeleted)
+    );
+}
+
+fn sent_id(sent: &Sent) -> Uuid {
+    match sent {
+        Sent::New(m) | Sent::Duplicate(m) => m.id,
+        Sent::DuplicateOlder(k) => k.id,
+    }
+}

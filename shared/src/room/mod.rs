@@ -1055,23 +1055,20 @@ impl Room {
         if self.window.unflushed() >= self.config.max_unflushed {
             return Err(RoomError::Backpressure);
         }
-        let attachments = self.check_attachments(now, user_id, &attachment_ids, ctx)?;
-        let reply_to = match reply_to {
-            Some(id) => {
-                let target = self.find_message(id, ctx)?;
-                if target.state.is_deleted() {
-                    return Err(RoomError::MessageDeleted);
+        let checked = self
+            .check_attachments(now, user_id, &attachment_ids, ctx)
+            .and_then(|attachments| Ok((attachments, self.quote(reply_to, ctx)?)));
+        // A resend whose original the cache forgot would be refused here
+        // (its attachments are sent, its quote deleted since): storage
+        // decides.
+        if checked.is_err() {
+            if let Some(key) = &key {
+                if let Some(known) = self.forgotten_original(user_id, key.as_str(), ctx)? {
+                    return Ok(self.duplicate(known, key.as_str(), ack_to));
                 }
-                Some(ReplyPreview {
-                    id: target.id,
-                    seq: target.seq,
-                    sender_id: target.sender_id,
-                    content: target.preview.unwrap_or_default(),
-                    deleted: false,
-                })
             }
-            None => None,
-        };
+        }
+        let (attachments, reply_to) = checked?;
         let mentions = self.members_among(mentions);
 
         let seq = self.last_seq() + 1;
@@ -1263,18 +1260,31 @@ impl Room {
         if self.window.unflushed() >= self.config.max_unflushed {
             return Err(RoomError::Backpressure);
         }
-        let target = self.find_message(message_id, ctx)?;
-        let current = self.window.get(target.seq).map(|r| r.content.as_str());
         let now_ms = i64::try_from(now).unwrap_or(i64::MAX);
-        let decided = lifecycle::decide(
-            &target,
-            current,
-            user_id,
-            self.moderators.contains(&user_id),
-            &change,
-            now_ms,
-            self.config.edit_window_ms,
-        )?;
+        let decided = self.find_message(message_id, ctx).and_then(|target| {
+            let current = self.window.get(target.seq).map(|r| r.content.as_str());
+            lifecycle::decide(
+                &target,
+                current,
+                user_id,
+                self.moderators.contains(&user_id),
+                &change,
+                now_ms,
+                self.config.edit_window_ms,
+            )
+            .map(|state| (target, state))
+        });
+        // A refusal or a no-op answers before any claim, so a resend whose
+        // original the cache forgot would get it instead of its ack (a
+        // reaction already on, a message deleted since): storage decides.
+        if !matches!(decided, Ok((_, Some(_)))) {
+            if let Some(key) = &key {
+                if let Some(known) = self.forgotten_original(user_id, key.as_str(), ctx)? {
+                    return Ok(self.change_duplicate(known, key.as_str(), ack_to));
+                }
+            }
+        }
+        let (target, decided) = decided?;
         let Some(state) = decided else {
             // Nothing to store: the client's intent already holds.
             let ack = ServerFrame::Ack {
@@ -1375,6 +1385,47 @@ impl Room {
         }
         let event = self.window.get(known.seq).and_then(|r| self.event_frame(r));
         ChangeOutcome { ack, event }
+    }
+
+    /// The original of a resend whose key the cache no longer holds (an
+    /// older key, a new instance), from storage: asked only where a
+    /// refusal or a no-op would otherwise answer before any claim.
+    fn forgotten_original(
+        &mut self,
+        user_id: i64,
+        key: &str,
+        ctx: &impl Context,
+    ) -> Result<Option<KnownKey>, RoomError> {
+        let known = ctx
+            .known_key(user_id, key)
+            .map_err(|StorageFailed| RoomError::Storage)?;
+        if let Some(known) = known {
+            self.keys.remember(user_id, key.to_owned(), known);
+        }
+        Ok(known)
+    }
+
+    /// The quote of the message a new one answers, which must be here and
+    /// not deleted.
+    fn quote(
+        &self,
+        reply_to: Option<Uuid>,
+        ctx: &impl Context,
+    ) -> Result<Option<ReplyPreview>, RoomError> {
+        let Some(id) = reply_to else {
+            return Ok(None);
+        };
+        let target = self.find_message(id, ctx)?;
+        if target.state.is_deleted() {
+            return Err(RoomError::MessageDeleted);
+        }
+        Ok(Some(ReplyPreview {
+            id: target.id,
+            seq: target.seq,
+            sender_id: target.sender_id,
+            content: target.preview.unwrap_or_default(),
+            deleted: false,
+        }))
     }
 
     /// The message `id` names in this conversation: from the window, else

@@ -81,6 +81,22 @@ pub trait Context {
         candidate: KnownKey,
     ) -> Result<Claim, StorageFailed>;
 
+    /// The original of `(sender_id, client_msg_id)` if the room ever
+    /// stored it, without claiming anything. Asked only on the paths that
+    /// answer before a claim when the in-memory cache misses: a change
+    /// refused or changing nothing, a message refused for its attachments
+    /// (already sent: by the original) or its quote (deleted since). So a
+    /// resend whose original the cache forgot (an older key, a new
+    /// instance) still gets the original `ack`, not a refusal or a no-op.
+    /// The default knows none.
+    fn known_key(
+        &self,
+        _sender_id: i64,
+        _client_msg_id: &str,
+    ) -> Result<Option<KnownKey>, StorageFailed> {
+        Ok(None)
+    }
+
     /// Verifies a session token a client sends to renew its connection.
     fn verify_token(&self, token: &str, now: Millis) -> Result<Verified, crate::auth::AuthError>;
 
