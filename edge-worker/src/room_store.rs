@@ -472,6 +472,18 @@ impl Context for RoomSql<'_> {
         if claimed > 0 {
             return Ok(Claim::Claimed);
         }
+        let known = self.known_key(sender_id, client_msg_id)?.ok_or_else(|| {
+            worker::console_error!("room storage: a key neither claimed nor found");
+            StorageFailed
+        })?;
+        Ok(Claim::Known(known))
+    }
+
+    fn known_key(
+        &self,
+        sender_id: i64,
+        client_msg_id: &str,
+    ) -> Result<Option<KnownKey>, StorageFailed> {
         #[derive(Deserialize)]
         struct Row {
             seq: i64,
@@ -487,11 +499,7 @@ impl Context for RoomSql<'_> {
             )
             .and_then(|c| c.to_array())
             .map_err(|e| failed("key lookup", &e))?;
-        let row = rows.into_iter().next().ok_or_else(|| {
-            worker::console_error!("room storage: a key neither claimed nor found");
-            StorageFailed
-        })?;
-        Ok(Claim::Known(KnownKey {
+        Ok(rows.into_iter().next().map(|row| KnownKey {
             seq: row.seq,
             id: row.id.parse().unwrap_or_default(),
             created_at_ms: row.created_at_ms,
