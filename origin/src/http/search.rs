@@ -101,7 +101,7 @@ fn db_error(e: tokio_postgres::Error) -> ApiError {
         (status = 401, description = "No or bad token", body = ErrorBody),
         (status = 403, description = "`conversation_id` names a conversation the caller is not in (`forbidden`)", body = ErrorBody),
         (status = 404, description = "`conversation_id` names no conversation (`not_found`)", body = ErrorBody),
-        (status = 422, description = "`q` empty, blank or over 200 characters, a cursor this route did not make, or `limit` out of range (`invalid_query`)", body = ErrorBody),
+        (status = 422, description = "`q` empty, blank or over 200 characters, a cursor this route did not make, `limit` or `conversation_id` out of range (`invalid_query`)", body = ErrorBody),
     )
 )]
 async fn search(
@@ -122,6 +122,9 @@ async fn search(
         return Err(invalid_query(format!(
             "q must be at most {MAX_QUERY_CHARS} characters"
         )));
+    }
+    if params.conversation_id.is_some_and(|id| id < 1) {
+        return Err(invalid_query("conversation_id must be at least 1"));
     }
     let cursor = match params.cursor.as_deref() {
         None => None,

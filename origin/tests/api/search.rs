@@ -480,10 +480,25 @@ async fn a_message_cannot_fake_a_highlight() {
     .await;
     let body = search(&app, &coach, "yoga", "").await;
     let snippet = body["hits"][0]["snippet"].as_str().unwrap();
-    assert_eq!(snippet.matches('«').count(), 1, "{snippet}");
-    assert_eq!(snippet.matches('»').count(), 1, "{snippet}");
-    assert!(snippet.contains("«yoga»"), "{snippet}");
-    assert!(snippet.contains("urgent read this"), "{snippet}");
+    assert_eq!(
+        snippet,
+        "urgent read this: your password expired, see the «yoga» schedule <b>now</b>"
+    );
+
+    // A long message: up to two fragments around the matches, the same
+    // rule for the markers.
+    let long = format!(
+        "{} «fake» pilates on Thursday {} and pilates again «on» Sunday",
+        "warm up first. ".repeat(40),
+        "then stretch the calves. ".repeat(40)
+    );
+    say(&app, id, &alex, &[(2, &long)]).await;
+    let body = search(&app, &coach, "pilates", "").await;
+    let snippet = body["hits"][0]["snippet"].as_str().unwrap();
+    assert!(snippet.chars().count() < 600, "{snippet}");
+    assert_eq!(snippet.matches('«').count(), 2, "{snippet}");
+    assert_eq!(snippet.matches("«pilates»").count(), 2, "{snippet}");
+    assert!(snippet.contains(" … "), "{snippet}");
 }
 
 #[tokio::test]
@@ -515,6 +530,8 @@ async fn bad_parameters_get_422_and_odd_queries_are_just_searches() {
         path("run", "&limit=-1"),
         path("run", "&limit=ten"),
         path("run", "&conversation_id=abc"),
+        path("run", "&conversation_id=0"),
+        path("run", "&conversation_id=-5"),
         path("run", "&cursor=abc"),
         path("run", "&cursor="),
         path("run", "&cursor=%27%3B--"),
