@@ -88,7 +88,16 @@ CREATE TABLE message_events (
     -- When the room accepted it (the edge's clock): an edit's edited_at, a
     -- delete's deleted_at.
     created_at      TIMESTAMPTZ NOT NULL,
-    CONSTRAINT message_events_conversation_seq_unique UNIQUE (conversation_id, seq),
+    -- One event per seq of a conversation. The columns are in the order
+    -- (seq, conversation_id) on purpose: the ingest asks "does an event
+    -- hold this seq?" for every message it stores, and compares
+    -- (seq, conversation_id) as a row, which only an index that starts
+    -- with seq can serve; no other index here has seq (or starts with it),
+    -- so that probe has exactly one plan whatever the statistics say (in
+    -- (conversation_id, seq) order, the idempotency index's leading
+    -- conversation_id could serve it too, and on a table ANALYZE saw empty
+    -- the planner picked that and read every event of the conversation).
+    CONSTRAINT message_events_seq_unique UNIQUE (seq, conversation_id),
     -- Idempotent changes: one event per actor and key.
     CONSTRAINT message_events_idempotency_unique UNIQUE (conversation_id, actor_id, client_msg_id),
     CONSTRAINT message_events_shape CHECK (
@@ -97,10 +106,13 @@ CREATE TABLE message_events (
      OR (kind = 'react' AND content IS NULL AND emoji IS NOT NULL AND "on" IS NOT NULL)
     )
 );
--- A message's events in seq order: its reactions at read time, the
--- catch-up when a message arrives after its events (one probe per new
--- message, which finds nothing almost always), and the erasure of its
--- edits' content and its reactions on delete.
-CREATE INDEX message_events_target_idx ON message_events (target_id, seq);
+-- A message's events: its reactions at read time, the catch-up when a
+-- message arrives after its events (one probe per new message, which finds
+-- nothing almost always), and the erasure of its edits' content and its
+-- reactions on delete. By target_id alone, not (target_id, seq): a
+-- message's events are few and sorted in memory, and a seq column here
+-- would let this index serve the seq probe above (a qual on a non-leading
+-- column) as another plan for it.
+CREATE INDEX message_events_target_idx ON message_events (target_id);
 -- The foreign key to users (deleting a user must not scan this table).
 CREATE INDEX message_events_actor_id_idx ON message_events (actor_id);

@@ -76,18 +76,41 @@
 //! stored message carries attachments), by the primary key of
 //! `attachments` like every other lookup here.
 //!
+//! # Changes to messages (edits, deletes, reactions)
+//!
+//! An entry with `change` is an event the room sequenced: it holds a seq
+//! of the conversation like a message, so a message and an event never
+//! share one (each upsert probes the other table's `(conversation_id,
+//! seq)` index as a row), and `last_seq` advances for it. Events are
+//! stored in `message_events` ([`UPSERT_EVENTS`], idempotent like
+//! messages), after a second look at who may make them ([`judge`]: an
+//! edit is the sender's, a delete the sender's or a group moderator's).
+//! Each event inserted *now* is applied once: an edit sets the content
+//! unless a later edit (by seq) is applied already ([`APPLY_EDITS`]), a
+//! delete erases the message, its edits' text, its reactions and its
+//! attachments' rows ([`APPLY_DELETES`]); a reaction is read from the
+//! events when shown, so it changes no row.
+//!
+//! Batches of one conversation run one at a time (the conversation lock)
+//! but the edge has several in flight, so they can commit out of order:
+//! an event can be stored before the message it changes. It is then kept
+//! as it is, and when the message is inserted, [`CATCH_UP`] (one statement
+//! per batch that inserted messages: a probe of `message_events`'s target
+//! index per new message, which finds nothing almost always) applies what
+//! came first, by the same rules. Either order ends in the same state.
+//!
 //! `origin/tests/api/plans.rs` checks both the `EXPLAIN` of each statement
 //! (custom and generic plans, before any `ANALYZE` and with statistics
 //! taken while the tables were tiny) and, through `auto_explain`, every
 //! plan a real ingest executes, foreign-key checks included.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Pool, Transaction};
 use shared::media::MAX_ATTACHMENTS_PER_MESSAGE;
 use shared::protocol::internal::{
-    ConversationVersion, IngestBatch, IngestRejection, IngestResult, MAX_INGEST_BATCH,
+    Change, ConversationVersion, IngestBatch, IngestRejection, IngestResult, MAX_INGEST_BATCH,
     ReceiptUpdate, StoredMessage,
 };
 use shared::{ClientMsgId, MessageContent};
@@ -116,12 +139,17 @@ pub const PLANNER_GUARD: &str = "SET LOCAL enable_seqscan = off; SET LOCAL jit =
 /// instead of deadlocking on the `last_seq` update, and it holds off member
 /// changes (their trigger updates the conversation row), so the membership
 /// check and the version reported describe one state.
-pub const LOCK_CONVERSATIONS: &str = "SELECT id, members_version FROM conversations
+///
+/// It also reads what a delete's permission needs: whether the
+/// conversation is a group, and who created it.
+pub const LOCK_CONVERSATIONS: &str = "SELECT id, members_version, kind = 'group', created_by
+     FROM conversations
      WHERE id = ANY($1::int8[])
      ORDER BY id FOR NO KEY UPDATE";
 
-/// The senders that exist. `$1`: user ids.
-pub const KNOWN_USERS: &str = "SELECT id FROM users WHERE id = ANY($1::int8[])";
+/// The senders that exist, and whether each is an admin (who may delete
+/// anyone's message in a group). `$1`: user ids.
+pub const KNOWN_USERS: &str = "SELECT id, role = 'admin' FROM users WHERE id = ANY($1::int8[])";
 
 /// The messages whose sender had no membership period in the conversation
 /// covering `sent_at` (± `$5` seconds). `$1..$4`: id, conversation, sender,
@@ -142,26 +170,45 @@ pub const NOT_MEMBERS: &str = "SELECT t.id
 
 /// Inserts what is new and reports both the rows inserted now (`true`) and
 /// the identical rows stored by an earlier call (`false`). A row that
-/// conflicts with a *different* stored message is in neither list.
-/// `$1..$7`: the columns per message.
+/// conflicts with a *different* stored message, or whose seq a change
+/// event holds, is in neither list. `$1..$9`: the columns per message
+/// (`$9`, the mentions, as array literals: one text per message).
 ///
 /// `stored` reads the earlier rows by primary key alone (`id = ANY($1)`),
 /// fenced as a `MATERIALIZED` CTE so that the comparison of the other
 /// columns is a join between two small in-memory sets and cannot steer the
 /// planner to `messages_sender_id_idx` or the unique constraints. It reads
 /// the statement's snapshot, so it never sees the rows `inserted` writes.
+/// A stored message that was edited or deleted since is still the same
+/// message: its content is compared only while it is the original.
 /// The `INSERT`'s conflict checks are index probes of the unique
-/// constraints and need no plan.
+/// constraints and need no plan. Whether a change event holds the seq is
+/// a subquery fenced with `OFFSET 0`, so it stays a subplan run per
+/// message with the message's seq and conversation as its parameters (as
+/// an anti-join, a table the statistics call empty, as `message_events`
+/// is for a while, was read whole once and compared in memory). They are
+/// compared as a row, `(seq, conversation_id)`, which only
+/// `message_events_seq_unique` can serve: it is the one index of the table
+/// that has `seq` (migration 0007 orders it so for this probe).
 pub const UPSERT_MESSAGES: &str = "WITH input AS (
          SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::int8[],
-                              $5::text[], $6::timestamptz[], $7::text[])
-             AS t(id, conversation_id, seq, sender_id, content, created_at, client_msg_id)
+                              $5::text[], $6::timestamptz[], $7::text[], $8::uuid[], $9::text[])
+             AS t(id, conversation_id, seq, sender_id, content, created_at, client_msg_id,
+                  reply_to, mentions)
      ), stored AS MATERIALIZED (
-         SELECT id, conversation_id, seq, sender_id, content, client_msg_id
+         SELECT id, conversation_id, seq, sender_id, content, client_msg_id, edit_seq, deleted_at
          FROM messages WHERE id = ANY($1::uuid[])
      ), inserted AS (
-         INSERT INTO messages (id, conversation_id, seq, sender_id, content, created_at, client_msg_id)
-         SELECT id, conversation_id, seq, sender_id, content, created_at, client_msg_id FROM input
+         INSERT INTO messages (id, conversation_id, seq, sender_id, content, created_at,
+                               client_msg_id, reply_to, mentions)
+         SELECT id, conversation_id, seq, sender_id, content, created_at, client_msg_id,
+                reply_to, mentions::int8[]
+         FROM input i
+         WHERE NOT EXISTS (
+             SELECT 1 FROM message_events e
+             WHERE (e.seq, e.conversation_id) >= (i.seq, i.conversation_id)
+               AND (e.seq, e.conversation_id) <= (i.seq, i.conversation_id)
+             OFFSET 0)
          ON CONFLICT DO NOTHING
          RETURNING id
      )
@@ -170,11 +217,159 @@ pub const UPSERT_MESSAGES: &str = "WITH input AS (
      SELECT s.id, false FROM stored s JOIN input i ON i.id = s.id
          AND s.conversation_id = i.conversation_id AND s.seq = i.seq
          AND s.sender_id = i.sender_id AND s.client_msg_id = i.client_msg_id
-         AND s.content = i.content";
+         AND (s.content = i.content OR s.edit_seq > 0 OR s.deleted_at IS NOT NULL)";
+
+/// The messages that changes name, by primary key: which exist, in which
+/// conversation, by whom, and whether they are deleted. `$1`: target ids.
+pub const EVENT_TARGETS: &str = "SELECT id, conversation_id, sender_id, deleted_at IS NOT NULL
+     FROM messages WHERE id = ANY($1::uuid[])";
+
+/// Inserts the change events that are new, like [`UPSERT_MESSAGES`]: the
+/// rows inserted now (`true`) and the identical rows an earlier call
+/// stored (`false`); an event whose seq or key a different entry holds (in
+/// `message_events`, or a message at its seq) is in neither list.
+/// `$1..$11`: id, conversation, seq, actor, key, target, kind, content
+/// (edits), emoji and on (reactions), created_at per event.
+///
+/// `stored` reads by primary key alone (fenced, as above), and compares
+/// everything but an edit's content, which is erased when its target is
+/// deleted. The seq a message holds is probed in a subplan fenced like
+/// [`UPSERT_MESSAGES`]'s: one probe of `messages_conversation_seq_unique`
+/// per event.
+pub const UPSERT_EVENTS: &str = "WITH input AS (
+         SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::int8[], $5::text[],
+                              $6::uuid[], $7::text[], $8::text[], $9::text[], $10::bool[],
+                              $11::timestamptz[])
+             AS t(id, conversation_id, seq, actor_id, client_msg_id, target_id, kind, content,
+                  emoji, is_on, created_at)
+     ), stored AS MATERIALIZED (
+         SELECT id, conversation_id, seq, actor_id, client_msg_id, target_id, kind
+         FROM message_events WHERE id = ANY($1::uuid[])
+     ), inserted AS (
+         INSERT INTO message_events (id, conversation_id, seq, actor_id, client_msg_id, target_id,
+                                     kind, content, emoji, \"on\", created_at)
+         SELECT id, conversation_id, seq, actor_id, client_msg_id, target_id, kind, content,
+                emoji, is_on, created_at
+         FROM input i
+         WHERE NOT EXISTS (
+             SELECT 1 FROM messages m
+             WHERE m.conversation_id = i.conversation_id AND m.seq = i.seq
+             OFFSET 0)
+         ON CONFLICT DO NOTHING
+         RETURNING id
+     )
+     SELECT id, true FROM inserted
+     UNION ALL
+     SELECT s.id, false FROM stored s JOIN input i ON i.id = s.id
+         AND s.conversation_id = i.conversation_id AND s.seq = i.seq
+         AND s.actor_id = i.actor_id AND s.client_msg_id = i.client_msg_id
+         AND s.target_id = i.target_id AND s.kind = i.kind";
+
+/// The catch-up: the edits and deletes committed earlier for the messages
+/// this call inserted (an event can commit before its message: the edge
+/// has several flushes in flight). `$1`, `$2`: id and conversation of each
+/// message inserted now. Whether a delete's actor is an admin comes along
+/// (a group's admin may delete anyone's message).
+///
+/// One probe of `message_events_target_idx` per new message: a `LATERAL`
+/// subquery fenced with `OFFSET 0`, so it stays the inner side of a nested
+/// loop over the batch, parameterised by the message's id (a join could
+/// instead read a table the statistics call empty whole). It finds
+/// nothing almost always, which is what keeps the common batch as cheap
+/// as before.
+pub const CATCH_UP: &str = "SELECT f.target_id, f.seq, f.kind, f.actor_id, f.content, f.created_at,
+            f.kind = 'delete' AND EXISTS (
+                SELECT 1 FROM users u WHERE u.id = f.actor_id AND u.role = 'admin')
+     FROM UNNEST($1::uuid[], $2::int8[]) AS t(id, conversation_id)
+     CROSS JOIN LATERAL (
+         SELECT e.target_id, e.conversation_id, e.seq, e.kind, e.actor_id, e.content,
+                e.created_at
+         FROM message_events e
+         WHERE e.target_id = t.id AND e.kind IN ('edit', 'delete')
+         OFFSET 0
+     ) AS f
+     WHERE f.conversation_id = t.conversation_id";
+
+/// Applies edits: the content, `edited_at` and `edit_seq` of each target,
+/// unless it is deleted or a later edit (by seq) is already applied, so
+/// edits that commit out of order end in the latest one's text. `$1..$6`:
+/// target, conversation, actor, content, edited_at, seq; one edit per
+/// target.
+///
+/// Only the sender edits: `current` reads the targets by primary key alone
+/// (fenced) and the sender and conversation are compared in memory, so
+/// the comparison cannot steer the planner to `messages_sender_id_idx`.
+pub const APPLY_EDITS: &str = "WITH t AS (
+         SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::text[],
+                              $5::timestamptz[], $6::int8[])
+             AS t(id, conversation_id, actor_id, content, at, seq)
+     ), current AS MATERIALIZED (
+         SELECT id, conversation_id, sender_id FROM messages WHERE id = ANY($1::uuid[])
+     ), allowed AS (
+         SELECT t.* FROM t JOIN current c ON c.id = t.id
+             AND c.conversation_id = t.conversation_id AND c.sender_id = t.actor_id
+     )
+     UPDATE messages m
+     SET content = a.content, edited_at = a.at, edit_seq = a.seq
+     FROM allowed a
+     WHERE m.id = ANY($1::uuid[]) AND m.id = a.id
+       AND m.deleted_at IS NULL AND m.edit_seq < a.seq";
+
+/// Erases deleted messages: content `''`, `deleted_at`, no mentions, no
+/// quote, no `edited_at`; the content of their edit events (copies of
+/// their text) set to NULL; their reactions (the `react` events) and their
+/// attachments' rows deleted (the room deletes the objects in R2).
+/// `$1`, `$2`: target and deleted_at, one per target; the caller has
+/// checked who may delete (the sender, or a group's moderator).
+///
+/// Every part is a lookup of the targets' keys. The messages by primary
+/// key; the events and the attachments of each target found first by a
+/// probe per target (`message_events_target_idx`,
+/// `attachments_message_idx`, each a `LATERAL` subquery fenced with
+/// `OFFSET 0` as in [`CATCH_UP`]: `attachments_gallery_idx` covers the
+/// same rows, and on statistics that call the table empty a whole read of
+/// it looked as cheap as the probes), then changed by primary key.
+/// Answers how many rows of each kind it erased.
+pub const APPLY_DELETES: &str = "WITH t AS (
+         SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[]) AS t(id, at)
+     ), erased AS (
+         UPDATE messages m
+         SET content = '', deleted_at = t.at, edited_at = NULL, mentions = '{}', reply_to = NULL
+         FROM t
+         WHERE m.id = ANY($1::uuid[]) AND m.id = t.id AND m.deleted_at IS NULL
+         RETURNING m.id
+     ), events AS MATERIALIZED (
+         SELECT e.id, e.kind FROM t
+         CROSS JOIN LATERAL (
+             SELECT id, kind FROM message_events
+             WHERE target_id = t.id AND kind IN ('edit', 'react')
+             OFFSET 0) AS e
+     ), edits AS (
+         UPDATE message_events e SET content = NULL
+         WHERE e.id = ANY(ARRAY(SELECT id FROM events WHERE kind = 'edit'))
+           AND e.content IS NOT NULL
+         RETURNING e.id
+     ), reactions AS (
+         DELETE FROM message_events e
+         WHERE e.id = ANY(ARRAY(SELECT id FROM events WHERE kind = 'react'))
+         RETURNING e.id
+     ), files AS (
+         DELETE FROM attachments a
+         WHERE a.id = ANY(ARRAY(
+             SELECT f.id FROM t
+             CROSS JOIN LATERAL (
+                 SELECT id FROM attachments WHERE message_id = t.id OFFSET 0) AS f))
+         RETURNING a.id
+     )
+     SELECT (SELECT count(*) FROM erased), (SELECT count(*) FROM edits),
+            (SELECT count(*) FROM reactions), (SELECT count(*) FROM files)";
 
 /// Advances each conversation's `last_seq` and activity time. `$1`: the
 /// conversation ids (the restriction `c.id = ANY($1)` keeps every join
 /// method on the primary key), `$2`, `$3`: the highest seq and time each.
+/// A change event moves `last_seq` (a room that restarts continues after
+/// it) but not the activity time: a reaction does not lift a conversation
+/// to the top of the list (`$3` is NULL, which `GREATEST` ignores).
 pub const ADVANCE_CONVERSATIONS: &str = "UPDATE conversations c
      SET last_seq = GREATEST(c.last_seq, t.seq),
          updated_at = GREATEST(c.updated_at, t.at)
@@ -307,11 +502,16 @@ pub const LINK_ATTACHMENTS: &str = "WITH t AS (
 
 /// Every statement the ingest and the receipts route run, by name: what the
 /// plan tests check.
-pub const STATEMENTS: [(&str, &str); 9] = [
+pub const STATEMENTS: [(&str, &str); 14] = [
     ("lock_conversations", LOCK_CONVERSATIONS),
     ("known_users", KNOWN_USERS),
     ("not_members", NOT_MEMBERS),
     ("upsert_messages", UPSERT_MESSAGES),
+    ("event_targets", EVENT_TARGETS),
+    ("upsert_events", UPSERT_EVENTS),
+    ("catch_up", CATCH_UP),
+    ("apply_edits", APPLY_EDITS),
+    ("apply_deletes", APPLY_DELETES),
     ("advance_conversations", ADVANCE_CONVERSATIONS),
     ("apply_receipts", APPLY_RECEIPTS),
     ("schedule_clears", SCHEDULE_CLEARS),
@@ -348,6 +548,10 @@ pub fn merge_receipts(receipts: &[ReceiptUpdate]) -> ApiResult<MergedReceipts> {
 /// from non-members are rejected one by one; the rest of the batch, and
 /// every receipt, is applied.
 ///
+/// Entries with `change` are events (edits, deletes, reactions; see the
+/// module documentation): stored in `message_events` and, when new,
+/// applied to their target, now or when it arrives.
+///
 /// With `push` (push is on), the same transaction queues the notifications
 /// of the messages it inserted and schedules the clears its receipts call
 /// for (see the module documentation).
@@ -365,10 +569,11 @@ pub async fn ingest(
     let mut rejected = Vec::new();
     let mut seen = HashSet::new();
     let mut valid: Vec<StoredMessage> = Vec::with_capacity(batch.messages.len());
-    for m in batch.messages {
+    for mut m in batch.messages {
         if !seen.insert(m.id) {
             continue;
         }
+        dedup_mentions(&mut m.mentions);
         match validate(&m) {
             Ok(()) => valid.push(m),
             Err((code, message)) => rejected.push(IngestRejection {
@@ -400,36 +605,74 @@ pub async fn ingest(
         .into_iter()
         .collect();
     let lock = tx.prepare_cached(LOCK_CONVERSATIONS).await?;
-    let members_versions: Vec<ConversationVersion> = tx
-        .query(&lock, &[&conversation_ids])
-        .await?
+    let locked = tx.query(&lock, &[&conversation_ids]).await?;
+    let members_versions: Vec<ConversationVersion> = locked
         .iter()
         .map(|r| ConversationVersion {
             conversation_id: r.get(0),
             members_version: r.get(1),
         })
         .collect();
+    let conversations: HashMap<i64, ConversationFacts> = locked
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                ConversationFacts {
+                    group: r.get(2),
+                    created_by: r.get(3),
+                },
+            )
+        })
+        .collect();
 
     let mut stored: HashSet<Uuid> = HashSet::new();
     let mut inserted: HashSet<Uuid> = HashSet::new();
+    let mut messages: Vec<StoredMessage> = Vec::new();
+    let mut events: Vec<StoredMessage> = Vec::new();
     if !valid.is_empty() {
-        let known_conversations: HashSet<i64> =
-            members_versions.iter().map(|v| v.conversation_id).collect();
-        refuse_unknown(&tx, &known_conversations, &mut valid, &mut rejected).await?;
-        // The sender must have been a member when the message was sent: a
-        // message sent while a member and flushed after a removal is
-        // stored; one sent after it is not.
+        let admins = refuse_unknown(&tx, &conversations, &mut valid, &mut rejected).await?;
+        // The sender (or a change's actor) must have been a member when it
+        // was sent: a message sent while a member and flushed after a
+        // removal is stored; one sent after it is not.
         refuse_non_members(&tx, &mut valid, &mut rejected).await?;
-        if !valid.is_empty() {
-            for (id, new) in upsert(&tx, &valid).await? {
+        (messages, events) = valid.into_iter().partition(|m| m.change.is_none());
+        let mut applied = Applied::default();
+        if !messages.is_empty() {
+            for (id, new) in upsert(&tx, &messages).await? {
                 stored.insert(id);
                 if new {
                     inserted.insert(id);
                 }
             }
-            advance_conversations(&tx, &valid, &stored).await?;
-            link_attachments(&tx, &valid, &stored).await?;
+            // Linked before any delete below erases them.
+            link_attachments(&tx, &messages, &stored).await?;
+            catch_up(&tx, &messages, &inserted, &conversations, &mut applied).await?;
         }
+        if !events.is_empty() {
+            let targets = event_targets(&tx, &events).await?;
+            let (keep, erased) = judge_events(
+                &mut events,
+                &targets,
+                &conversations,
+                &admins,
+                &mut rejected,
+            );
+            stored.extend(erased);
+            if !keep.is_empty() {
+                for (id, new) in upsert_events(&tx, &keep).await? {
+                    stored.insert(id);
+                    if new {
+                        inserted.insert(id);
+                    }
+                }
+                for e in keep.iter().filter(|e| inserted.contains(&e.event.id)) {
+                    applied.add_new(e, &targets);
+                }
+            }
+        }
+        apply(&tx, &applied).await?;
+        advance_conversations(&tx, messages.iter().chain(&events), &stored).await?;
     }
     // Receipts first: a message its recipient has just read is not queued.
     // And push_notified (the clears) before push_jobs, the order the push
@@ -438,18 +681,17 @@ pub async fn ingest(
         apply_receipts(&tx, &receipts, push).await?;
     }
     if let Some(push) = push {
-        enqueue_push(&tx, &valid, &inserted, push).await?;
+        enqueue_push(&tx, &messages, &inserted, push).await?;
     }
     tx.commit().await?;
-    let new_rows = inserted.len() as u64;
 
-    for m in &valid {
+    for m in messages.iter().chain(&events) {
         if !stored.contains(&m.id) {
             tracing::error!(
                 id = %m.id,
                 conversation_id = m.conversation_id,
                 seq = m.seq,
-                "ingest conflict: a different message holds this seq or client_msg_id"
+                "ingest conflict: a different entry holds this seq or client_msg_id"
             );
             rejected.push(IngestRejection {
                 id: m.id,
@@ -458,8 +700,12 @@ pub async fn ingest(
             });
         }
     }
-    let replayed = stored.len() as u64 - new_rows;
-    crate::metrics::record_ingested(new_rows, replayed);
+    let count = |list: &[StoredMessage], set: &HashSet<Uuid>| {
+        list.iter().filter(|m| set.contains(&m.id)).count() as u64
+    };
+    let (new_messages, new_events) = (count(&messages, &inserted), count(&events, &inserted));
+    crate::metrics::record_ingested(new_messages, count(&messages, &stored) - new_messages);
+    metrics::counter!("message_events_ingested_total").increment(new_events);
     let mut stored: Vec<Uuid> = stored.into_iter().collect();
     stored.sort_unstable();
     Ok(IngestResult {
@@ -488,14 +734,15 @@ pub async fn receipts(
     Ok(())
 }
 
-/// Rejects the messages of conversations that do not exist (not in
-/// `known_conversations`) and of senders who are not users.
+/// Rejects the entries of conversations that do not exist (not in
+/// `conversations`, the ones the lock found) and of senders who are not
+/// users. Answers which of the senders are admins.
 async fn refuse_unknown(
     tx: &Transaction<'_>,
-    known_conversations: &HashSet<i64>,
+    conversations: &HashMap<i64, ConversationFacts>,
     valid: &mut Vec<StoredMessage>,
     rejected: &mut Vec<IngestRejection>,
-) -> ApiResult<()> {
+) -> ApiResult<HashSet<i64>> {
     let sender_ids: Vec<i64> = valid
         .iter()
         .map(|m| m.sender_id)
@@ -503,14 +750,15 @@ async fn refuse_unknown(
         .into_iter()
         .collect();
     let stmt = tx.prepare_cached(KNOWN_USERS).await?;
-    let known_senders: HashSet<i64> = tx
-        .query(&stmt, &[&sender_ids])
-        .await?
+    let rows = tx.query(&stmt, &[&sender_ids]).await?;
+    let known_senders: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let admins: HashSet<i64> = rows
         .iter()
+        .filter(|r| r.get::<_, bool>(1))
         .map(|r| r.get(0))
         .collect();
     valid.retain(|m| {
-        let reason = if !known_conversations.contains(&m.conversation_id) {
+        let reason = if !conversations.contains_key(&m.conversation_id) {
             Some(("unknown_conversation", "no such conversation"))
         } else if !known_senders.contains(&m.sender_id) {
             Some(("unknown_sender", "no such user"))
@@ -526,7 +774,7 @@ async fn refuse_unknown(
         }
         reason.is_none()
     });
-    Ok(())
+    Ok(admins)
 }
 
 /// Rejects the messages whose sender had no membership period in the
@@ -585,39 +833,491 @@ async fn upsert(tx: &Transaction<'_>, valid: &[StoredMessage]) -> ApiResult<Vec<
     let contents: Vec<&str> = valid.iter().map(|m| m.content.as_str()).collect();
     let created: Vec<DateTime<Utc>> = valid.iter().map(|m| m.created_at).collect();
     let keys: Vec<&str> = valid.iter().map(|m| m.client_msg_id.as_str()).collect();
+    let replies: Vec<Option<Uuid>> = valid.iter().map(|m| m.reply_to).collect();
+    let mentions: Vec<String> = valid.iter().map(|m| array_literal(&m.mentions)).collect();
     let stmt = tx.prepare_cached(UPSERT_MESSAGES).await?;
     let rows = tx
         .query(
             &stmt,
-            &[&ids, &convs, &seqs, &senders, &contents, &created, &keys],
+            &[
+                &ids, &convs, &seqs, &senders, &contents, &created, &keys, &replies, &mentions,
+            ],
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Advances `last_seq` and the activity time of each conversation that has
-/// a message in `stored`.
-async fn advance_conversations(
+/// `{1,2,3}`: a PostgreSQL array literal of `ids` (how [`UPSERT_MESSAGES`]
+/// takes one array per message).
+fn array_literal(ids: &[i64]) -> String {
+    let items: Vec<String> = ids.iter().map(i64::to_string).collect();
+    format!("{{{}}}", items.join(","))
+}
+
+/// Keeps the first of each user id, in order.
+fn dedup_mentions(mentions: &mut Vec<i64>) {
+    let mut seen = HashSet::new();
+    mentions.retain(|id| seen.insert(*id));
+}
+
+/// Advances `last_seq` of each conversation that has an entry (a message
+/// or an event) in `stored`, and its activity time for the messages.
+async fn advance_conversations<'a>(
     tx: &Transaction<'_>,
-    valid: &[StoredMessage],
+    entries: impl Iterator<Item = &'a StoredMessage>,
     stored: &HashSet<Uuid>,
 ) -> ApiResult<()> {
-    let mut latest: BTreeMap<i64, (i64, DateTime<Utc>)> = BTreeMap::new();
-    for m in valid.iter().filter(|m| stored.contains(&m.id)) {
-        let e = latest
-            .entry(m.conversation_id)
-            .or_insert((m.seq, m.created_at));
+    let mut latest: BTreeMap<i64, (i64, Option<DateTime<Utc>>)> = BTreeMap::new();
+    for m in entries.filter(|m| stored.contains(&m.id)) {
+        let e = latest.entry(m.conversation_id).or_insert((m.seq, None));
         e.0 = e.0.max(m.seq);
-        e.1 = e.1.max(m.created_at);
+        if m.change.is_none() {
+            e.1 = e.1.max(Some(m.created_at));
+        }
     }
     if latest.is_empty() {
         return Ok(());
     }
     let ids: Vec<i64> = latest.keys().copied().collect();
     let seqs: Vec<i64> = latest.values().map(|v| v.0).collect();
-    let ats: Vec<DateTime<Utc>> = latest.values().map(|v| v.1).collect();
+    let ats: Vec<Option<DateTime<Utc>>> = latest.values().map(|v| v.1).collect();
     let stmt = tx.prepare_cached(ADVANCE_CONVERSATIONS).await?;
     tx.execute(&stmt, &[&ids, &seqs, &ats]).await?;
+    Ok(())
+}
+
+/// What a delete's permission needs to know of a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConversationFacts {
+    pub group: bool,
+    pub created_by: i64,
+}
+
+impl ConversationFacts {
+    /// Whether `actor` may delete anyone's message here: in a group, its
+    /// creator or an admin (the room checked the same; this is the
+    /// origin's second look).
+    pub fn moderates(&self, actor: i64, admin: bool) -> bool {
+        self.group && (actor == self.created_by || admin)
+    }
+}
+
+/// A message a change names, as [`EVENT_TARGETS`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetFacts {
+    pub conversation_id: i64,
+    pub sender_id: i64,
+    pub deleted: bool,
+}
+
+/// What becomes of a change event, given its target as stored now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Refused for good: the code and why.
+    Refuse(&'static str, &'static str),
+    /// A reaction to a message deleted already: nothing of it is kept (a
+    /// delete erases reactions), and it counts as stored.
+    Moot,
+    /// Stored; `erase_content` for an edit of a message deleted already (by
+    /// a delete with a later seq that committed first): its text is not
+    /// kept.
+    Keep { erase_content: bool },
+}
+
+/// The origin's check of a change (the room decided it first): an edit is
+/// its target's sender's, a delete its sender's or a group moderator's; the
+/// target must be in the event's conversation. A target not stored yet
+/// (its batch commits later) cannot be checked now: the event is kept and
+/// the same rules decide whether it applies when the message arrives
+/// ([`Applied::add_found`]).
+pub fn judge(
+    actor: i64,
+    conversation_id: i64,
+    change: &Change,
+    target: Option<&TargetFacts>,
+    conversation: Option<&ConversationFacts>,
+    admin: bool,
+) -> Verdict {
+    let Some(t) = target else {
+        return Verdict::Keep {
+            erase_content: false,
+        };
+    };
+    if t.conversation_id != conversation_id {
+        return Verdict::Refuse(
+            "message_not_found",
+            "the changed message is not in this conversation",
+        );
+    }
+    match change {
+        Change::Edit { .. } if t.sender_id != actor => {
+            Verdict::Refuse("forbidden", "only its sender may edit a message")
+        }
+        Change::Edit { .. } => Verdict::Keep {
+            erase_content: t.deleted,
+        },
+        Change::Delete
+            if t.sender_id != actor && !conversation.is_some_and(|c| c.moderates(actor, admin)) =>
+        {
+            Verdict::Refuse(
+                "forbidden",
+                "only its sender, or a group's creator or an admin, may delete a message",
+            )
+        }
+        Change::React { .. } if t.deleted => Verdict::Moot,
+        Change::Delete | Change::React { .. } => Verdict::Keep {
+            erase_content: false,
+        },
+    }
+}
+
+/// Runs [`EVENT_TARGETS`] for the targets of `events`.
+async fn event_targets(
+    tx: &Transaction<'_>,
+    events: &[StoredMessage],
+) -> ApiResult<HashMap<Uuid, TargetFacts>> {
+    let ids: Vec<Uuid> = events
+        .iter()
+        .filter_map(|e| e.change.as_ref().map(|c| c.target_id))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let stmt = tx.prepare_cached(EVENT_TARGETS).await?;
+    Ok(tx
+        .query(&stmt, &[&ids])
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                TargetFacts {
+                    conversation_id: r.get(1),
+                    sender_id: r.get(2),
+                    deleted: r.get(3),
+                },
+            )
+        })
+        .collect())
+}
+
+/// A change event to store, as stored.
+#[derive(Debug, Clone, Copy)]
+struct KeptEvent<'a> {
+    event: &'a StoredMessage,
+    target_id: Uuid,
+    change: &'a Change,
+    /// An edit's text, unless erased.
+    content: Option<&'a str>,
+}
+
+/// Judges every event ([`judge`]): the refused leave `events` for
+/// `rejected`; answers the events to store and the ids of the moot ones
+/// (stored as they are: nothing to keep).
+fn judge_events<'a>(
+    events: &'a mut Vec<StoredMessage>,
+    targets: &HashMap<Uuid, TargetFacts>,
+    conversations: &HashMap<i64, ConversationFacts>,
+    admins: &HashSet<i64>,
+    rejected: &mut Vec<IngestRejection>,
+) -> (Vec<KeptEvent<'a>>, Vec<Uuid>) {
+    let mut erase = HashSet::new();
+    let mut moot = Vec::new();
+    events.retain(|e| {
+        let Some(c) = e.change.as_ref() else {
+            return false;
+        };
+        match judge(
+            e.sender_id,
+            e.conversation_id,
+            &c.change,
+            targets.get(&c.target_id),
+            conversations.get(&e.conversation_id),
+            admins.contains(&e.sender_id),
+        ) {
+            Verdict::Refuse(code, message) => {
+                tracing::warn!(
+                    id = %e.id,
+                    conversation_id = e.conversation_id,
+                    actor_id = e.sender_id,
+                    target_id = %c.target_id,
+                    code,
+                    "ingest refused a change"
+                );
+                rejected.push(IngestRejection {
+                    id: e.id,
+                    code: code.to_owned(),
+                    message: message.to_owned(),
+                });
+                false
+            }
+            Verdict::Moot => {
+                moot.push(e.id);
+                true
+            }
+            Verdict::Keep { erase_content } => {
+                if erase_content {
+                    erase.insert(e.id);
+                }
+                true
+            }
+        }
+    });
+    let moot_set: HashSet<Uuid> = moot.iter().copied().collect();
+    let events: &'a [StoredMessage] = events;
+    let keep = events
+        .iter()
+        .filter(|e| !moot_set.contains(&e.id))
+        .filter_map(|e| {
+            let c = e.change.as_ref()?;
+            let content = match &c.change {
+                Change::Edit { content } if !erase.contains(&e.id) => Some(content.as_str()),
+                _ => None,
+            };
+            Some(KeptEvent {
+                event: e,
+                target_id: c.target_id,
+                change: &c.change,
+                content,
+            })
+        })
+        .collect();
+    (keep, moot)
+}
+
+/// Runs [`UPSERT_EVENTS`]: each id PostgreSQL now holds, and whether this
+/// call wrote it.
+async fn upsert_events(
+    tx: &Transaction<'_>,
+    events: &[KeptEvent<'_>],
+) -> ApiResult<Vec<(Uuid, bool)>> {
+    let ids: Vec<Uuid> = events.iter().map(|e| e.event.id).collect();
+    let convs: Vec<i64> = events.iter().map(|e| e.event.conversation_id).collect();
+    let seqs: Vec<i64> = events.iter().map(|e| e.event.seq).collect();
+    let actors: Vec<i64> = events.iter().map(|e| e.event.sender_id).collect();
+    let keys: Vec<&str> = events
+        .iter()
+        .map(|e| e.event.client_msg_id.as_str())
+        .collect();
+    let targets: Vec<Uuid> = events.iter().map(|e| e.target_id).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| kind_of(e.change)).collect();
+    let contents: Vec<Option<&str>> = events.iter().map(|e| e.content).collect();
+    let (emojis, ons): (Vec<Option<&str>>, Vec<Option<bool>>) = events
+        .iter()
+        .map(|e| match e.change {
+            Change::React { emoji, on } => (Some(emoji.as_str()), Some(*on)),
+            _ => (None, None),
+        })
+        .unzip();
+    let created: Vec<DateTime<Utc>> = events.iter().map(|e| e.event.created_at).collect();
+    let stmt = tx.prepare_cached(UPSERT_EVENTS).await?;
+    let rows = tx
+        .query(
+            &stmt,
+            &[
+                &ids, &convs, &seqs, &actors, &keys, &targets, &kinds, &contents, &emojis, &ons,
+                &created,
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// `message_events.kind` of a change.
+pub fn kind_of(change: &Change) -> &'static str {
+    match change {
+        Change::Edit { .. } => "edit",
+        Change::Delete => "delete",
+        Change::React { .. } => "react",
+    }
+}
+
+/// An edit to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EditToApply {
+    pub conversation_id: i64,
+    pub actor_id: i64,
+    pub content: String,
+    pub at: DateTime<Utc>,
+    pub seq: i64,
+}
+
+/// A change event [`CATCH_UP`] found for a message just inserted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundEvent {
+    pub target_id: Uuid,
+    pub seq: i64,
+    pub kind: String,
+    pub actor_id: i64,
+    /// An edit's text (NULL once erased).
+    pub content: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// The actor is an admin (read for deletes only).
+    pub admin: bool,
+}
+
+/// The edits and deletes one call applies, per target: the latest edit by
+/// seq, the first delete.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub edits: BTreeMap<Uuid, EditToApply>,
+    pub deletes: BTreeMap<Uuid, (i64, DateTime<Utc>)>,
+}
+
+impl Applied {
+    fn edit(&mut self, target: Uuid, edit: EditToApply) {
+        match self.edits.get(&target) {
+            Some(e) if e.seq >= edit.seq => {}
+            _ => {
+                self.edits.insert(target, edit);
+            }
+        }
+    }
+
+    fn delete(&mut self, target: Uuid, seq: i64, at: DateTime<Utc>) {
+        match self.deletes.get(&target) {
+            Some(d) if d.0 <= seq => {}
+            _ => {
+                self.deletes.insert(target, (seq, at));
+            }
+        }
+    }
+
+    /// An event this call inserted, applied when its target is stored
+    /// (otherwise [`CATCH_UP`] applies it once the target arrives).
+    fn add_new(&mut self, e: &KeptEvent<'_>, targets: &HashMap<Uuid, TargetFacts>) {
+        let Some(t) = targets.get(&e.target_id) else {
+            return;
+        };
+        if t.deleted {
+            return;
+        }
+        match e.change {
+            Change::Edit { .. } => {
+                if let Some(content) = e.content {
+                    self.edit(
+                        e.target_id,
+                        EditToApply {
+                            conversation_id: e.event.conversation_id,
+                            actor_id: e.event.sender_id,
+                            content: content.to_owned(),
+                            at: e.event.created_at,
+                            seq: e.event.seq,
+                        },
+                    );
+                }
+            }
+            Change::Delete => self.delete(e.target_id, e.event.seq, e.event.created_at),
+            Change::React { .. } => {}
+        }
+    }
+
+    /// An event committed before its message `m`, which this call inserted:
+    /// applied by the rules [`judge`] would have checked had the message
+    /// been there (an edit by its sender, a delete by its sender or a
+    /// moderator); any other is left as it is, applying to nothing.
+    pub fn add_found(
+        &mut self,
+        found: &FoundEvent,
+        m: &StoredMessage,
+        conversation: Option<&ConversationFacts>,
+    ) {
+        match found.kind.as_str() {
+            "delete"
+                if found.actor_id == m.sender_id
+                    || conversation.is_some_and(|c| c.moderates(found.actor_id, found.admin)) =>
+            {
+                self.delete(found.target_id, found.seq, found.created_at);
+            }
+            "edit" if found.actor_id == m.sender_id => {
+                if let Some(content) = &found.content {
+                    self.edit(
+                        found.target_id,
+                        EditToApply {
+                            conversation_id: m.conversation_id,
+                            actor_id: found.actor_id,
+                            content: content.clone(),
+                            at: found.created_at,
+                            seq: found.seq,
+                        },
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Runs [`CATCH_UP`] for the messages of `messages` this call inserted,
+/// adding what it finds to `applied`.
+async fn catch_up(
+    tx: &Transaction<'_>,
+    messages: &[StoredMessage],
+    inserted: &HashSet<Uuid>,
+    conversations: &HashMap<i64, ConversationFacts>,
+    applied: &mut Applied,
+) -> ApiResult<()> {
+    let new: HashMap<Uuid, &StoredMessage> = messages
+        .iter()
+        .filter(|m| inserted.contains(&m.id))
+        .map(|m| (m.id, m))
+        .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = new.keys().copied().collect();
+    let convs: Vec<i64> = ids.iter().map(|id| new[id].conversation_id).collect();
+    let stmt = tx.prepare_cached(CATCH_UP).await?;
+    for r in tx.query(&stmt, &[&ids, &convs]).await? {
+        let found = FoundEvent {
+            target_id: r.get(0),
+            seq: r.get(1),
+            kind: r.get(2),
+            actor_id: r.get(3),
+            content: r.get(4),
+            created_at: r.get(5),
+            admin: r.get(6),
+        };
+        if let Some(m) = new.get(&found.target_id) {
+            applied.add_found(&found, m, conversations.get(&m.conversation_id));
+        }
+    }
+    Ok(())
+}
+
+/// Runs [`APPLY_EDITS`] and then [`APPLY_DELETES`] for what `applied`
+/// holds (nothing, not even a statement, when it holds nothing). An edit of
+/// a message deleted in the same call is not applied: the delete would
+/// erase it at once.
+async fn apply(tx: &Transaction<'_>, applied: &Applied) -> ApiResult<()> {
+    let edits: Vec<(&Uuid, &EditToApply)> = applied
+        .edits
+        .iter()
+        .filter(|(id, _)| !applied.deletes.contains_key(id))
+        .collect();
+    if !edits.is_empty() {
+        let ids: Vec<Uuid> = edits.iter().map(|e| *e.0).collect();
+        let convs: Vec<i64> = edits.iter().map(|e| e.1.conversation_id).collect();
+        let actors: Vec<i64> = edits.iter().map(|e| e.1.actor_id).collect();
+        let contents: Vec<&str> = edits.iter().map(|e| e.1.content.as_str()).collect();
+        let ats: Vec<DateTime<Utc>> = edits.iter().map(|e| e.1.at).collect();
+        let seqs: Vec<i64> = edits.iter().map(|e| e.1.seq).collect();
+        let stmt = tx.prepare_cached(APPLY_EDITS).await?;
+        tx.execute(&stmt, &[&ids, &convs, &actors, &contents, &ats, &seqs])
+            .await?;
+    }
+    if !applied.deletes.is_empty() {
+        let ids: Vec<Uuid> = applied.deletes.keys().copied().collect();
+        let ats: Vec<DateTime<Utc>> = applied.deletes.values().map(|d| d.1).collect();
+        let stmt = tx.prepare_cached(APPLY_DELETES).await?;
+        let r = tx.query_one(&stmt, &[&ids, &ats]).await?;
+        tracing::debug!(
+            messages = r.get::<_, i64>(0),
+            edits = r.get::<_, i64>(1),
+            reactions = r.get::<_, i64>(2),
+            attachments = r.get::<_, i64>(3),
+            "ingest erased deleted messages"
+        );
+    }
     Ok(())
 }
 
@@ -712,11 +1412,37 @@ async fn enqueue_push(
     Ok(())
 }
 
-/// Applies the shared field rules to one message. Text is optional next
-/// to attachments (the room stores such a message with empty content).
+/// Users a message may mention (the room keeps at most as many).
+pub const MAX_MENTIONS: usize = 50;
+
+/// The longest emoji a reaction may be, in bytes (the room's bound too).
+pub const MAX_EMOJI_BYTES: usize = 64;
+
+/// Applies the shared field rules to one entry. Text is optional next to
+/// attachments (the room stores such a message with empty content); a
+/// change event has no text of its own (an edit's is in its change).
 fn validate(m: &StoredMessage) -> Result<(), (&'static str, String)> {
     if m.seq < 1 {
         return Err(("invalid_field", "seq must be at least 1".to_owned()));
+    }
+    ClientMsgId::parse(m.client_msg_id.as_str()).map_err(|e| (e.code(), e.to_string()))?;
+    if let Some(c) = &m.change {
+        return match &c.change {
+            Change::Edit { content } => MessageContent::parse(content.as_str())
+                .map(|_| ())
+                .map_err(|e| (e.code(), e.to_string())),
+            Change::Delete => Ok(()),
+            Change::React { emoji, .. } => {
+                if emoji.is_empty() || emoji.len() > MAX_EMOJI_BYTES {
+                    Err((
+                        "invalid_emoji",
+                        format!("a reaction is one emoji of 1 to {MAX_EMOJI_BYTES} bytes"),
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+        };
     }
     if m.attachment_ids.len() > MAX_ATTACHMENTS_PER_MESSAGE {
         return Err((
@@ -724,10 +1450,15 @@ fn validate(m: &StoredMessage) -> Result<(), (&'static str, String)> {
             format!("at most {MAX_ATTACHMENTS_PER_MESSAGE} attachments per message"),
         ));
     }
+    if m.mentions.len() > MAX_MENTIONS {
+        return Err((
+            "invalid_field",
+            format!("a message mentions at most {MAX_MENTIONS} users"),
+        ));
+    }
     if m.attachment_ids.is_empty() || !m.content.trim().is_empty() {
         MessageContent::parse(m.content.as_str()).map_err(|e| (e.code(), e.to_string()))?;
     }
-    ClientMsgId::parse(m.client_msg_id.as_str()).map_err(|e| (e.code(), e.to_string()))?;
     Ok(())
 }
 
@@ -784,6 +1515,182 @@ mod tests {
             validate(&stored("", MAX_ATTACHMENTS_PER_MESSAGE + 1)).map_err(|e| e.0),
             Err("invalid_attachment")
         );
+    }
+
+    fn event(seq: i64, actor: i64, change: Change) -> StoredMessage {
+        StoredMessage {
+            seq,
+            sender_id: actor,
+            client_msg_id: format!("k{seq}"),
+            change: Some(shared::protocol::internal::StoredChange {
+                target_id: Uuid::from_u128(1),
+                change,
+            }),
+            ..stored("", 0)
+        }
+    }
+
+    #[test]
+    fn a_change_is_validated_by_its_own_fields() {
+        let edit = |content: &str| Change::Edit {
+            content: content.to_owned(),
+        };
+        assert!(validate(&event(2, 1, edit("fixed"))).is_ok());
+        assert!(validate(&event(2, 1, Change::Delete)).is_ok());
+        assert_eq!(
+            validate(&event(2, 1, edit(" "))).map_err(|e| e.0),
+            Err("empty_field")
+        );
+        let react = |emoji: &str| Change::React {
+            emoji: emoji.to_owned(),
+            on: true,
+        };
+        assert!(validate(&event(2, 1, react("👍"))).is_ok());
+        assert_eq!(
+            validate(&event(2, 1, react(""))).map_err(|e| e.0),
+            Err("invalid_emoji")
+        );
+        assert_eq!(
+            validate(&event(2, 1, react(&"👍".repeat(17)))).map_err(|e| e.0),
+            Err("invalid_emoji")
+        );
+        let mut many = stored("hi", 0);
+        many.mentions = (1..=MAX_MENTIONS as i64 + 1).collect();
+        assert_eq!(validate(&many).map_err(|e| e.0), Err("invalid_field"));
+        let mut twice = vec![3, 1, 3, 2, 1];
+        dedup_mentions(&mut twice);
+        assert_eq!(twice, vec![3, 1, 2]);
+        assert_eq!(array_literal(&twice), "{3,1,2}");
+        assert_eq!(array_literal(&[]), "{}");
+    }
+
+    #[test]
+    fn the_origin_checks_who_may_change_a_message() {
+        let target = |sender: i64, deleted: bool| TargetFacts {
+            conversation_id: 7,
+            sender_id: sender,
+            deleted,
+        };
+        let group = ConversationFacts {
+            group: true,
+            created_by: 9,
+        };
+        let direct = ConversationFacts {
+            group: false,
+            created_by: 9,
+        };
+        let edit = Change::Edit {
+            content: "x".to_owned(),
+        };
+        let react = Change::React {
+            emoji: "👍".to_owned(),
+            on: true,
+        };
+        let keep = Verdict::Keep {
+            erase_content: false,
+        };
+        let judged = |actor, change: &Change, t: Option<TargetFacts>, c, admin| {
+            judge(actor, 7, change, t.as_ref(), Some(c), admin)
+        };
+        // Edits: the sender only, even in a group its creator moderates.
+        assert_eq!(
+            judged(1, &edit, Some(target(1, false)), &group, false),
+            keep
+        );
+        assert!(matches!(
+            judged(9, &edit, Some(target(1, false)), &group, true),
+            Verdict::Refuse("forbidden", _)
+        ));
+        // An edit of a message deleted already keeps no text.
+        assert_eq!(
+            judged(1, &edit, Some(target(1, true)), &group, false),
+            Verdict::Keep {
+                erase_content: true
+            }
+        );
+        // Deletes: the sender, or in a group its creator or an admin.
+        for (actor, c, admin, allowed) in [
+            (1, &direct, false, true),
+            (2, &direct, false, false),
+            (2, &direct, true, false),
+            (9, &direct, false, false),
+            (2, &group, false, false),
+            (9, &group, false, true),
+            (2, &group, true, true),
+        ] {
+            let v = judged(actor, &Change::Delete, Some(target(1, false)), c, admin);
+            assert_eq!(v == keep, allowed, "{actor} {c:?} admin {admin}: {v:?}");
+        }
+        // Reactions: anyone; on a deleted message, nothing to keep.
+        assert_eq!(
+            judged(5, &react, Some(target(1, false)), &direct, false),
+            keep
+        );
+        assert_eq!(
+            judged(5, &react, Some(target(1, true)), &direct, false),
+            Verdict::Moot
+        );
+        // Another conversation's message; a target not stored yet.
+        let mut elsewhere = target(1, false);
+        elsewhere.conversation_id = 8;
+        assert!(matches!(
+            judged(1, &edit, Some(elsewhere), &group, false),
+            Verdict::Refuse("message_not_found", _)
+        ));
+        assert_eq!(judged(2, &Change::Delete, None, &direct, false), keep);
+    }
+
+    #[test]
+    fn changes_found_for_a_late_message_apply_by_the_same_rules() {
+        let at = Utc::now();
+        let m = StoredMessage {
+            id: Uuid::from_u128(1),
+            conversation_id: 7,
+            sender_id: 1,
+            ..stored("hi", 0)
+        };
+        let found =
+            |seq: i64, kind: &str, actor: i64, content: Option<&str>, admin: bool| FoundEvent {
+                target_id: m.id,
+                seq,
+                kind: kind.to_owned(),
+                actor_id: actor,
+                content: content.map(str::to_owned),
+                created_at: at,
+                admin,
+            };
+        let direct = ConversationFacts {
+            group: false,
+            created_by: 9,
+        };
+        let mut applied = Applied::default();
+        for f in [
+            found(5, "edit", 1, Some("fifth"), false),
+            found(3, "edit", 1, Some("third"), false),
+            // Not the sender's: never applied.
+            found(6, "edit", 2, Some("not yours"), false),
+            // Erased already.
+            found(7, "edit", 1, None, false),
+            found(8, "delete", 2, None, true),
+        ] {
+            applied.add_found(&f, &m, Some(&direct));
+        }
+        assert_eq!(
+            applied
+                .edits
+                .get(&m.id)
+                .map(|e| (e.seq, e.content.as_str())),
+            Some((5, "fifth"))
+        );
+        // An admin's delete counts in a group only.
+        assert!(applied.deletes.is_empty());
+        let group = ConversationFacts {
+            group: true,
+            created_by: 9,
+        };
+        applied.add_found(&found(8, "delete", 2, None, true), &m, Some(&group));
+        applied.add_found(&found(4, "delete", 1, None, false), &m, Some(&direct));
+        assert_eq!(applied.deletes.get(&m.id).map(|d| d.0), Some(4));
     }
 
     #[test]

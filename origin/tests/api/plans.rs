@@ -16,7 +16,7 @@ use futures::future::BoxFuture;
 use origin::ingest::{self, PLANNER_GUARD, STATEMENTS};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use shared::protocol::internal::{IngestBatch, ReceiptUpdate, StoredMessage};
+use shared::protocol::internal::{Change, IngestBatch, ReceiptUpdate, StoredChange, StoredMessage};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
@@ -29,6 +29,25 @@ use crate::helpers::{TestApp, spawn_app, url_for};
 /// columns its condition must bind: a lookup, never a range of the table.
 const KEY_INDEXES: &[(&str, &str, &[&str])] = &[
     ("messages", "messages_pkey", &["id"]),
+    // Whether a message holds an event's seq (one probe per event).
+    (
+        "messages",
+        "messages_conversation_seq_unique",
+        &["conversation_id", "seq"],
+    ),
+    // Change events: by id, whether one holds a message's seq, and a
+    // message's events (the catch-up, the erasure of a deleted one).
+    ("message_events", "message_events_pkey", &["id"]),
+    (
+        "message_events",
+        "message_events_seq_unique",
+        &["seq", "conversation_id"],
+    ),
+    (
+        "message_events",
+        "message_events_target_idx",
+        &["target_id"],
+    ),
     ("conversations", "conversations_pkey", &["id"]),
     ("users", "users_pkey", &["id"]),
     (
@@ -46,8 +65,9 @@ const KEY_INDEXES: &[(&str, &str, &[&str])] = &[
         "push_notified_pkey",
         &["user_id", "conversation_id"],
     ),
-    // A message's attachments, by id.
+    // A message's attachments, by id; a deleted message's, by message.
     ("attachments", "attachments_pkey", &["id"]),
+    ("attachments", "attachments_message_idx", &["message_id"]),
     // Whether a recipient can be pushed at all (one lookup per member).
     (
         "push_subscriptions",
@@ -292,7 +312,81 @@ async fn representative_params(db: &tokio_postgres::Client, fx: &Fixture, name: 
                     .map(|m| m.client_msg_id.clone())
                     .collect::<Vec<_>>(),
             ),
+            // Every third answers the one before; every fifth mentions.
+            Box::new(
+                batch
+                    .iter()
+                    .enumerate()
+                    .map(|(i, _)| (i % 3 == 2).then(|| batch[i - 1].id))
+                    .collect::<Vec<Option<Uuid>>>(),
+            ),
+            Box::new(
+                batch
+                    .iter()
+                    .enumerate()
+                    .map(|(i, _)| {
+                        if i % 5 == 0 {
+                            format!("{{{}}}", fx.member)
+                        } else {
+                            "{}".to_owned()
+                        }
+                    })
+                    .collect::<Vec<String>>(),
+            ),
         ],
+        "event_targets" => vec![Box::new(ids)],
+        "upsert_events" => {
+            // 500 changes to the batch's messages: edits, deletes, reactions.
+            let n = 500usize;
+            let kinds: Vec<&str> = (0..n).map(|i| ["edit", "delete", "react"][i % 3]).collect();
+            let events: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+            vec![
+                Box::new(events),
+                Box::new(vec![fx.room; n]),
+                Box::new((0..n as i64).map(|i| 1_000_000 + i).collect::<Vec<i64>>()),
+                Box::new(vec![fx.trainer; n]),
+                Box::new((0..n).map(|i| format!("e{i}")).collect::<Vec<String>>()),
+                Box::new(ids[..n].to_vec()),
+                Box::new(
+                    kinds
+                        .iter()
+                        .map(|k| (*k).to_owned())
+                        .collect::<Vec<String>>(),
+                ),
+                Box::new(
+                    kinds
+                        .iter()
+                        .map(|k| (*k == "edit").then(|| "edited".to_owned()))
+                        .collect::<Vec<Option<String>>>(),
+                ),
+                Box::new(
+                    kinds
+                        .iter()
+                        .map(|k| (*k == "react").then(|| "👍".to_owned()))
+                        .collect::<Vec<Option<String>>>(),
+                ),
+                Box::new(
+                    kinds
+                        .iter()
+                        .map(|k| (*k == "react").then_some(true))
+                        .collect::<Vec<Option<bool>>>(),
+                ),
+                Box::new(vec![Utc::now(); n]),
+            ]
+        }
+        "catch_up" => vec![Box::new(ids), Box::new(convs)],
+        "apply_edits" => {
+            let n = ids.len();
+            vec![
+                Box::new(ids),
+                Box::new(convs),
+                Box::new(senders),
+                Box::new(vec!["edited".to_owned(); n]),
+                Box::new(sent),
+                Box::new((0..n as i64).map(|i| 1_000_000 + i).collect::<Vec<i64>>()),
+            ]
+        }
+        "apply_deletes" => vec![Box::new(ids), Box::new(sent)],
         "advance_conversations" => {
             let seqs: Vec<i64> = some_conversations.iter().map(|_| 7).collect();
             let ats: Vec<DateTime<Utc>> = some_conversations.iter().map(|_| Utc::now()).collect();
@@ -414,7 +508,8 @@ fn reads(name: &str) -> &'static str {
         "lock_conversations" | "advance_conversations" => "conversations",
         "known_users" => "users",
         "not_members" => "conversation_memberships",
-        "upsert_messages" => "messages",
+        "upsert_messages" | "event_targets" | "apply_edits" | "apply_deletes" => "messages",
+        "upsert_events" | "catch_up" => "message_events",
         "apply_receipts" | "enqueue_push" => "conversation_participants",
         "schedule_clears" => "push_notified",
         "link_attachments" => "attachments",
@@ -633,6 +728,52 @@ async fn a_real_ingest_on_stale_statistics_executes_only_key_lookups_foreign_key
         outsider.sender_id = fx.outsider;
         outsider.client_msg_id = format!("outsider-{mode}");
         messages.extend([conflict.clone(), outsider.clone()]);
+        // Changes to older messages of the room: an edit, a reaction from
+        // the member, a delete (at seqs no message will take).
+        let first = if mode == "force_custom_plan" { 10 } else { 20 };
+        let targets = db
+            .query(
+                "SELECT id FROM messages WHERE conversation_id = $1 AND seq BETWEEN $2 AND $2 + 2
+                 ORDER BY seq",
+                &[&fx.room, &first],
+            )
+            .await
+            .expect("targets");
+        let changes = [
+            (
+                fx.trainer,
+                Change::Edit {
+                    content: "edited".to_owned(),
+                },
+            ),
+            (
+                fx.member,
+                Change::React {
+                    emoji: "👍".to_owned(),
+                    on: true,
+                },
+            ),
+            (fx.trainer, Change::Delete),
+        ];
+        let events: Vec<StoredMessage> = changes
+            .into_iter()
+            .zip(&targets)
+            .enumerate()
+            .map(|(i, ((actor, change), target))| StoredMessage {
+                id: Uuid::now_v7(),
+                conversation_id: fx.room,
+                seq: 10_000_000 + first * 10 + i as i64,
+                sender_id: actor,
+                created_at: Utc::now(),
+                client_msg_id: format!("change-{mode}-{i}"),
+                change: Some(StoredChange {
+                    target_id: target.get(0),
+                    change,
+                }),
+                ..Default::default()
+            })
+            .collect();
+        messages.extend(events.iter().cloned());
         let batch = IngestBatch {
             messages,
             receipts: receipt_updates(&receipts(&fx, 200, seq)),
@@ -644,8 +785,9 @@ async fn a_real_ingest_on_stale_statistics_executes_only_key_lookups_foreign_key
             let result = ingest::ingest(&pool, batch.clone(), push)
                 .await
                 .expect("ingest");
-            assert_eq!(result.stored.len(), 900, "{mode} {call}");
+            assert_eq!(result.stored.len(), 903, "{mode} {call}");
             assert!(fresh.iter().all(|id| result.stored.contains(id)));
+            assert!(events.iter().all(|e| result.stored.contains(&e.id)));
             let mut rejected: Vec<(Uuid, &str)> = result
                 .rejected
                 .iter()
@@ -656,6 +798,28 @@ async fn a_real_ingest_on_stale_statistics_executes_only_key_lookups_foreign_key
             expected.sort_unstable();
             assert_eq!(rejected, expected, "{mode} {call}");
         }
+        // The changes were applied once: the edit, the delete's erasure.
+        let states = db
+            .query(
+                "SELECT content, edit_seq > 0, deleted_at IS NOT NULL FROM messages
+                 WHERE conversation_id = $1 AND seq BETWEEN $2 AND $2 + 2 ORDER BY seq",
+                &[&fx.room, &first],
+            )
+            .await
+            .expect("states");
+        let states: Vec<(String, bool, bool)> = states
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                ("edited".to_owned(), true, false),
+                (format!("message {}", first + 1), false, false),
+                (String::new(), false, true),
+            ],
+            "{mode}"
+        );
         let watermarks = db
             .query(
                 "SELECT user_id, delivered_seq, read_seq FROM conversation_participants
