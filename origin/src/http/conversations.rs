@@ -140,6 +140,9 @@ pub struct ConversationSummary {
     pub read_seq: i64,
     /// Messages from others after `read_seq`, capped at 999.
     pub unread_count: i64,
+    /// Of those, the ones that mention the caller and are not deleted,
+    /// capped at 999.
+    pub unread_mentions: i64,
     pub last_message: Option<MessagePreview>,
 }
 
@@ -211,11 +214,24 @@ async fn list_conversations(
                         LIMIT $3) unread) AS unread_count,
                     (SELECT count(*) FROM conversation_participants cp
                      WHERE cp.conversation_id = c.id) AS participant_count,
-                    peer.id, peer.full_name, peer.role
+                    peer.id, peer.full_name, peer.role,
+                    lm.deleted,
+                    -- Only messages that mention anyone are read here
+                    -- (messages_mentions_idx); a deleted one mentions
+                    -- nobody. The room counts the same way
+                    -- (count_mentions_after), so the list and
+                    -- conversation_updated agree.
+                    (SELECT count(*) FROM (
+                        SELECT 1 FROM messages m
+                        WHERE m.conversation_id = c.id AND m.seq > p.read_seq
+                          AND m.mentions <> '{}' AND m.mentions @> ARRAY[$1::int8]
+                          AND m.deleted_at IS NULL
+                        LIMIT $3) mentioned) AS unread_mentions
              FROM conversation_participants p
              JOIN conversations c ON c.id = p.conversation_id
              LEFT JOIN LATERAL (
-                 SELECT id, seq, sender_id, left(content, 200) AS content, created_at
+                 SELECT id, seq, sender_id, left(content, 200) AS content, created_at,
+                        deleted_at IS NOT NULL AS deleted
                  FROM messages m WHERE m.conversation_id = c.id
                  ORDER BY m.seq DESC LIMIT 1) lm ON true
              LEFT JOIN users peer ON c.kind = 'direct'
@@ -237,6 +253,7 @@ async fn list_conversations(
         .filter(|r| {
             r.get::<_, Option<&str>>(10)
                 .is_some_and(|c| c.trim().is_empty())
+                && r.get::<_, Option<bool>>(17) == Some(false)
         })
         .filter_map(|r| r.get::<_, Option<uuid::Uuid>>(7))
         .collect();
@@ -248,7 +265,12 @@ async fn list_conversations(
             id,
             seq: r.get(8),
             sender_id: r.get(9),
+            // A deleted message reads as a tombstone, as in the room's
+            // notices; an edited one by its new text.
             content: match carried.remove(&id) {
+                _ if r.get::<_, Option<bool>>(17) == Some(true) => {
+                    store::DELETED_PREVIEW.to_owned()
+                }
                 Some(attachments) => shared::room::attachment_summary(&attachments),
                 None => preview_text(r.get(10)),
             },
@@ -278,6 +300,7 @@ async fn list_conversations(
             last_seq: r.get(5),
             read_seq: r.get(6),
             unread_count: r.get(12),
+            unread_mentions: r.get(18),
             last_message,
         });
     }
@@ -491,7 +514,7 @@ async fn get_conversation(
     let has_more = rows.len() as i64 > LATEST_MESSAGES;
     let rows = &rows[..rows.len().min(LATEST_MESSAGES as usize)];
     let mut messages: Vec<MessageView> =
-        store::message_views(&client, rows, &access.members, &state.media).await?;
+        store::message_views(&client, rows, &access.members, &state.media, Some(user.id)).await?;
     messages.reverse();
     Ok(Json(ConversationDetail {
         conversation,

@@ -12,8 +12,8 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use shared::protocol::internal::{
-    ContactPresence, ConversationMembers, IngestBatch, IngestResult, MemberWatermark,
-    PresenceBatch, ReceiptBatch, StoredMessage, UserContacts,
+    Change, ContactPresence, ConversationMembers, IngestBatch, IngestResult, MemberWatermark,
+    PresenceBatch, ReceiptBatch, StoredChange, StoredMessage, UserContacts,
 };
 
 use super::{ApiJson, ApiPath};
@@ -55,6 +55,10 @@ async fn ingest(
 }
 
 /// GET /internal/v1/conversations/{id}/members
+///
+/// With the moderators, who may delete anyone's message: a group's
+/// creator while a participant, and its participants whose role is
+/// `admin`; nobody in a direct conversation.
 async fn members(
     _: ServiceCaller,
     State(state): State<AppState>,
@@ -62,12 +66,30 @@ async fn members(
 ) -> ApiResult<Json<ConversationMembers>> {
     let client = state.pool.get().await?;
     let access = store::conversation_members(&client, id).await?;
+    let moderators: Vec<i64> = if access.kind == "group" {
+        let stmt = client
+            .prepare_cached(
+                "SELECT p.user_id FROM conversation_participants p
+                 JOIN users u ON u.id = p.user_id
+                 WHERE p.conversation_id = $1 AND (p.user_id = $2 OR u.role = 'admin')
+                 ORDER BY p.user_id",
+            )
+            .await?;
+        client
+            .query(&stmt, &[&id, &access.created_by])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(Json(ConversationMembers {
         conversation_id: id,
         kind: access.kind,
         last_seq: access.last_seq,
         members_version: access.members_version,
-        moderators: Vec::new(),
+        moderators,
         members: access
             .members
             .iter()
@@ -82,9 +104,13 @@ async fn members(
 
 /// GET /internal/v1/conversations/{id}/messages/{seq}
 ///
-/// One stored message, as the edge stored it: the original a room returns
-/// for a resend whose message has left its own log (404 if PostgreSQL
-/// does not have it).
+/// The entry PostgreSQL holds at a seq, as the ingest takes it: the
+/// original a room returns for a resend whose message (or change) has left
+/// its own log (404 if PostgreSQL has neither). A message comes in its
+/// current state: an edited one with its new text, a deleted one with
+/// empty content and nothing it mentioned, quoted or carried. A change
+/// comes with its `change` (an edit whose target was deleted since with
+/// empty text: it was erased).
 async fn message_by_seq(
     _: ServiceCaller,
     State(state): State<AppState>,
@@ -93,12 +119,14 @@ async fn message_by_seq(
     let client = state.pool.get().await?;
     let row = client
         .query_opt(
-            "SELECT id, sender_id, content, created_at, client_msg_id
+            "SELECT id, sender_id, content, created_at, client_msg_id, reply_to, mentions
              FROM messages WHERE conversation_id = $1 AND seq = $2",
             &[&id, &seq],
         )
-        .await?
-        .ok_or(ApiError::NotFound("message"))?;
+        .await?;
+    let Some(row) = row else {
+        return event_by_seq(&client, id, seq).await.map(Json);
+    };
     let message_id: uuid::Uuid = row.get(0);
     let attachment_ids: Vec<uuid::Uuid> = client
         .query(
@@ -118,8 +146,57 @@ async fn message_by_seq(
         created_at: row.get(3),
         client_msg_id: row.get(4),
         attachment_ids,
-        ..Default::default()
+        reply_to: row.get(5),
+        mentions: row.get(6),
+        change: None,
     }))
+}
+
+/// The change event at `seq` of conversation `id`, as the ingest takes it.
+async fn event_by_seq(
+    client: &deadpool_postgres::Client,
+    id: i64,
+    seq: i64,
+) -> ApiResult<StoredMessage> {
+    let row = client
+        .query_opt(
+            "SELECT id, actor_id, created_at, client_msg_id, target_id, kind, content, emoji,
+                    \"on\"
+             FROM message_events WHERE conversation_id = $1 AND seq = $2",
+            &[&id, &seq],
+        )
+        .await?
+        .ok_or(ApiError::NotFound("message"))?;
+    let kind: &str = row.get(5);
+    let change = match kind {
+        "edit" => Change::Edit {
+            content: row.get::<_, Option<String>>(6).unwrap_or_default(),
+        },
+        "delete" => Change::Delete,
+        "react" => Change::React {
+            emoji: row.get::<_, Option<String>>(7).unwrap_or_default(),
+            on: row.get::<_, Option<bool>>(8).unwrap_or(false),
+        },
+        other => {
+            return Err(ApiError::Internal(anyhow::anyhow!(
+                "unknown change kind {other:?} stored"
+            )));
+        }
+    };
+    Ok(StoredMessage {
+        id: row.get(0),
+        conversation_id: id,
+        seq,
+        sender_id: row.get(1),
+        content: String::new(),
+        created_at: row.get(2),
+        client_msg_id: row.get(3),
+        change: Some(StoredChange {
+            target_id: row.get(4),
+            change,
+        }),
+        ..Default::default()
+    })
 }
 
 /// GET /internal/v1/users/{id}/contacts

@@ -111,14 +111,14 @@ async fn list_messages(
                 .await?;
             let rows = client.query(&stmt, &[&id, &after, &fetch, &before]).await?;
             return Ok(Json(
-                page(&client, &state, &rows, limit, true, &access).await?,
+                page(&client, &state, &rows, limit, true, &access, user.id).await?,
             ));
         }
     };
     let stmt = client.prepare_cached(&sql).await?;
     let rows = client.query(&stmt, &[&id, &forwards.0, &fetch]).await?;
     Ok(Json(
-        page(&client, &state, &rows, limit, forwards.1, &access).await?,
+        page(&client, &state, &rows, limit, forwards.1, &access, user.id).await?,
     ))
 }
 
@@ -129,11 +129,12 @@ async fn page(
     limit: i64,
     forwards: bool,
     access: &store::Access,
+    viewer: i64,
 ) -> ApiResult<MessagePage> {
     let has_more = rows.len() as i64 > limit;
     let rows = &rows[..rows.len().min(limit as usize)];
     let mut messages: Vec<MessageView> =
-        store::message_views(client, rows, &access.members, &state.media).await?;
+        store::message_views(client, rows, &access.members, &state.media, Some(viewer)).await?;
     if !forwards {
         messages.reverse();
     }

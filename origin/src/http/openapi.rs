@@ -527,6 +527,53 @@ mod tests {
         );
     }
 
+    /// Every `$ref` in `v`.
+    fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("$ref", Value::String(r)) => out.push(r),
+                        _ => refs(v, out),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_schema_reference_resolves_and_messages_carry_their_lifecycle() {
+        let doc = document();
+        let mut found = Vec::new();
+        refs(&doc, &mut found);
+        assert!(!found.is_empty());
+        for r in found {
+            let pointer = r.strip_prefix('#').unwrap_or(r);
+            assert!(doc.pointer(pointer).is_some(), "{r} does not resolve");
+        }
+        let schemas = &doc["components"]["schemas"];
+        let message = &schemas["MessageView"]["properties"];
+        for field in [
+            "edited_at",
+            "deleted_at",
+            "reactions",
+            "reply_to",
+            "mentions",
+        ] {
+            assert!(message[field].is_object(), "MessageView.{field}: {message}");
+        }
+        for schema in ["ReactionView", "ReplyPreview"] {
+            assert!(schemas[schema].is_object(), "{schema} is not registered");
+        }
+        assert!(
+            schemas["ConversationSummary"]["properties"]["unread_mentions"].is_object(),
+            "{}",
+            schemas["ConversationSummary"]
+        );
+    }
+
     #[test]
     fn every_operation_lists_500_and_503_with_retry_after() {
         let doc = document();
