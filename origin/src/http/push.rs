@@ -125,8 +125,7 @@ pub struct QuietHours {
 pub enum NotificationLevel {
     /// Every message.
     All,
-    /// Only messages that mention the caller. There are no mentions yet,
-    /// so for now it notifies of nothing.
+    /// Only messages that mention the caller.
     Mentions,
     /// Nothing.
     None,

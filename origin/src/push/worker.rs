@@ -16,9 +16,17 @@
 //! past the lease and a `claim` token set, committed at once) and decides
 //! for each at send time, from PostgreSQL as it is then: no push if the
 //! user has no subscription, has read up to `last_seq`, is no longer a
-//! participant, set the conversation to `none` (or `mentions`, which means
-//! none until mentions exist, issue 15), muted it, or is in their quiet
-//! hours.
+//! participant, set the conversation to `none` (or to `mentions` and none
+//! of the unread messages the job covers mentions them), muted it, or is in
+//! their quiet hours.
+//!
+//! Deleted messages are read as they are *now* too: they do not count
+//! (a job whose messages were all deleted sends nothing), a mention in a
+//! deleted message notifies nobody, and the text shown (with
+//! `show_content`) is read at send time, never copied into the queue, so
+//! a message deleted before its push is never in one. (The job holds
+//! seqs and counts only; what reaches a push service is read in the
+//! round that sends it.)
 //!
 //! Presence (`user_presence`, which the per-user edge layer reports: online
 //! at the first connection, offline once the last one closed *and* its
@@ -119,9 +127,9 @@ pub const CLAIM_JOBS: &str = "UPDATE push_jobs j
 /// ZONE`); `[start, end)`, and a window whose end is before its start
 /// crosses midnight. `unread` counts the messages from others the
 /// notification covers that are still unread (the job's range after
-/// `read_seq`) and, for a user who is offline, that were stored after
-/// their last connection closed (`last_seen`: both times are the edge's
-/// clock).
+/// `read_seq`), not deleted and, for a user who is offline, that were
+/// stored after their last connection closed (`last_seen`: both times are
+/// the edge's clock), and how many of them mention the user.
 const JOB_CONTEXT: &str = "SELECT t.user_id, t.conversation_id,
             p.user_id IS NOT NULL,
             COALESCE(p.read_seq, 0),
@@ -136,9 +144,10 @@ const JOB_CONTEXT: &str = "SELECT t.user_id, t.conversation_id,
                             OR (now() AT TIME ZONE s.time_zone)::time < s.quiet_end
                      END, false),
             c.kind, c.name, su.full_name,
-            CASE WHEN COALESCE(s.show_content, false) THEN NULLIF(m.content, '') END,
+            CASE WHEN COALESCE(s.show_content, false) AND m.deleted_at IS NULL
+                 THEN NULLIF(m.content, '') END,
             unread.n, unread.senders,
-            att.kinds, att.names
+            att.kinds, att.names, unread.mentions
      FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
           AS t(user_id, conversation_id, first_seq, last_seq, sender_id)
      JOIN conversations c ON c.id = t.conversation_id
@@ -151,19 +160,22 @@ const JOB_CONTEXT: &str = "SELECT t.user_id, t.conversation_id,
      LEFT JOIN users su ON su.id = t.sender_id
      LEFT JOIN messages m ON m.conversation_id = t.conversation_id AND m.seq = t.last_seq
      CROSS JOIN LATERAL (
-         SELECT count(*) AS n, count(DISTINCT mm.sender_id) AS senders
+         SELECT count(*) AS n, count(DISTINCT mm.sender_id) AS senders,
+                count(*) FILTER (WHERE mm.mentions @> ARRAY[t.user_id]) AS mentions
          FROM messages mm
          WHERE mm.conversation_id = t.conversation_id
            AND mm.seq > GREATEST(COALESCE(p.read_seq, 0), t.first_seq - 1)
            AND mm.seq <= t.last_seq
            AND mm.sender_id <> t.user_id
+           AND mm.deleted_at IS NULL
            AND (pr.last_seen IS NULL OR pr.is_online OR mm.created_at > pr.last_seen)) unread
      LEFT JOIN LATERAL (
          -- What a message without text carries, for its notification's body.
          SELECT array_agg(a.kind ORDER BY a.position) AS kinds,
                 array_agg(a.name ORDER BY a.position) AS names
          FROM attachments a
-         WHERE a.message_id = m.id AND COALESCE(s.show_content, false) AND m.content = '') att
+         WHERE a.message_id = m.id AND COALESCE(s.show_content, false) AND m.content = ''
+           AND m.deleted_at IS NULL) att
        ON true";
 
 /// The subscriptions of users `$1`.
@@ -283,9 +295,12 @@ pub struct Context {
     /// The text of `last_seq` (or what it carries, when it has none), only
     /// when the user allowed content.
     pub content: Option<String>,
-    /// Unread messages from others in the job's range, and their senders.
+    /// Unread messages from others in the job's range (not deleted), and
+    /// their senders.
     pub unread: i64,
     pub unread_senders: i64,
+    /// Of those, the ones that mention the user.
+    pub unread_mentions: i64,
 }
 
 /// What to do with a leased job.
@@ -309,10 +324,11 @@ pub fn decide(job: &Job, context: Option<&Context>) -> Decision {
     if c.read_seq >= job.last_seq {
         return Decision::Drop("read");
     }
-    // 'mentions' means "only when I am mentioned"; there are no mentions
-    // yet (issue 15), so it behaves as 'none' until there are.
-    if c.level != "all" {
-        return Decision::Drop("level");
+    // 'mentions' means "only when one of these messages mentions me".
+    match c.level.as_str() {
+        "all" => {}
+        "mentions" if c.unread_mentions > 0 => {}
+        _ => return Decision::Drop("level"),
     }
     if c.muted {
         return Decision::Drop("muted");
@@ -323,7 +339,8 @@ pub fn decide(job: &Job, context: Option<&Context>) -> Decision {
     if c.online {
         return Decision::Park;
     }
-    // Every unread message came while a connection was open.
+    // Every unread message came while a connection was open (or was
+    // deleted since).
     if c.unread == 0 {
         return Decision::Drop("seen_live");
     }
@@ -574,15 +591,8 @@ async fn job_round(pool: &Pool, push: &Push, vapid: &Vapid) -> anyhow::Result<us
 /// "📷 Photo", "📎 3 attachments": the body of a notification for a
 /// message without text (when the user shows content at all).
 fn attachments_text(kinds: &[String], names: &[Option<String>]) -> Option<String> {
-    let items: Vec<(shared::media::MediaKind, Option<&str>)> = kinds
-        .iter()
-        .enumerate()
-        .filter_map(|(i, k)| {
-            let name = names.get(i).and_then(|n| n.as_deref());
-            shared::media::MediaKind::parse(k).map(|k| (k, name))
-        })
-        .collect();
-    (!items.is_empty()).then(|| shared::room::summarize_attachments(&items))
+    let text = crate::store::attachments_summary(kinds, names);
+    (!text.is_empty()).then_some(text)
 }
 
 async fn contexts(
@@ -624,6 +634,7 @@ async fn contexts(
                     }),
                     unread: r.get(13),
                     unread_senders: r.get(14),
+                    unread_mentions: r.get(17),
                 },
             )
         })
@@ -967,6 +978,30 @@ mod tests {
             ..online
         };
         assert_eq!(decide(&job(), Some(&muted)), Decision::Drop("muted"));
+    }
+
+    #[test]
+    fn the_level_mentions_notifies_only_of_a_job_that_mentions_the_user() {
+        let mentions = Context {
+            level: "mentions".to_owned(),
+            ..context()
+        };
+        assert_eq!(decide(&job(), Some(&mentions)), Decision::Drop("level"));
+        let mentioned = Context {
+            unread_mentions: 1,
+            ..mentions
+        };
+        let Decision::Send(facts) = decide(&job(), Some(&mentioned)) else {
+            panic!("not sent");
+        };
+        // The notification still covers every unread message of the job.
+        assert_eq!(facts.count, 3);
+        // 'none' stays none, mentioned or not.
+        let none = Context {
+            level: "none".to_owned(),
+            ..mentioned
+        };
+        assert_eq!(decide(&job(), Some(&none)), Decision::Drop("level"));
     }
 
     #[test]

@@ -1047,3 +1047,133 @@ async fn an_online_member_is_pushed_only_what_came_after_their_last_connection_c
         (json!(5), json!(2))
     );
 }
+
+/// A message as the edge flushes it, mentioning `mentions`.
+fn mentioning(conversation: i64, sender: &TestUser, seq: i64, mentions: &[i64]) -> Value {
+    let mut m = message(conversation, sender.id, seq);
+    m["mentions"] = json!(mentions);
+    m
+}
+
+/// A delete of the message at `target` by `actor`, at `seq`.
+fn deletion(conversation: i64, actor: &TestUser, seq: i64, target: i64) -> Value {
+    json!({
+        "id": crate::helpers::message_id(conversation, seq),
+        "conversation_id": conversation, "seq": seq, "sender_id": actor.id,
+        "content": "", "created_at": chrono::Utc::now(),
+        "client_msg_id": format!("c-{conversation}-{seq}"),
+        "change": {"target_id": crate::helpers::message_id(conversation, target), "kind": "delete"},
+    })
+}
+
+async fn ingest_entries(app: &TestApp, entries: Vec<Value>) {
+    let (status, body) = app
+        .internal_post(
+            "/internal/v1/messages/batch",
+            &json!({ "messages": entries }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["rejected"], json!([]), "{body}");
+}
+
+#[tokio::test]
+async fn the_level_mentions_notifies_only_of_messages_that_mention_the_member() {
+    let (app, service) = push_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let kim = app.user("Kim", Role::Member).await;
+    let browser = service.browser("sam");
+    app.post(&sam, "/api/v1/push/subscriptions", browser.json())
+        .await;
+    let group = app.group(&alex, "Crew", &[&sam, &kim]).await;
+    let (status, body) = app
+        .put(
+            &sam,
+            &format!("/api/v1/chat/conversations/{group}/notifications"),
+            json!({"level": "mentions"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Messages that mention nobody, or someone else: nothing.
+    ingest_entries(
+        &app,
+        vec![
+            message(group, alex.id, 1),
+            mentioning(group, &alex, 2, &[kim.id]),
+        ],
+    )
+    .await;
+    wait_count(&app, "SELECT count(*) FROM push_jobs", 0).await;
+    // A mention that was deleted before the push went: nothing either.
+    ingest_entries(
+        &app,
+        vec![
+            mentioning(group, &alex, 3, &[sam.id]),
+            deletion(group, &alex, 4, 3),
+        ],
+    )
+    .await;
+    wait_count(&app, "SELECT count(*) FROM push_jobs", 0).await;
+    assert!(service.received("sam").is_empty());
+
+    // A message that mentions Sam: a push, covering every unread message
+    // of its burst.
+    ingest_entries(
+        &app,
+        vec![
+            message(group, alex.id, 5),
+            mentioning(group, &alex, 6, &[sam.id, kim.id]),
+        ],
+    )
+    .await;
+    let pushes = service.wait_for("sam", 1).await;
+    let payload = browser.open(&pushes[0]);
+    assert_eq!(payload["seq"], 6);
+    assert_eq!(payload["count"], 2);
+}
+
+#[tokio::test]
+async fn a_message_deleted_before_its_push_is_never_in_it() {
+    let (app, service) = push_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let browser = service.browser("sam");
+    app.post(&sam, "/api/v1/push/subscriptions", browser.json())
+        .await;
+    let (status, _) = app
+        .put(
+            &sam,
+            "/api/v1/push/settings",
+            json!({"show_content": true, "quiet_hours": null}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let id = app.direct(&alex, &sam).await;
+
+    // Deleted within the coalescing delay, alone: no push at all.
+    let mut secret = message(id, alex.id, 1);
+    secret["content"] = json!("the secret plan");
+    ingest_entries(&app, vec![secret]).await;
+    ingest_entries(&app, vec![deletion(id, &alex, 2, 1)]).await;
+    wait_count(&app, "SELECT count(*) FROM push_jobs", 0).await;
+    assert!(service.received("sam").is_empty());
+
+    // Deleted as the newest of a burst: the push counts what stands and
+    // shows no text of the deleted one.
+    let mut secret = message(id, alex.id, 4);
+    secret["content"] = json!("another secret");
+    ingest_entries(
+        &app,
+        vec![message(id, alex.id, 3), secret, deletion(id, &alex, 5, 4)],
+    )
+    .await;
+    let pushes = service.wait_for("sam", 1).await;
+    let payload = browser.open(&pushes[0]);
+    assert_eq!(payload["count"], 1);
+    assert!(
+        !payload.to_string().contains("secret"),
+        "a deleted text was pushed: {payload}"
+    );
+}
