@@ -9,6 +9,7 @@ mod directory;
 mod helpers;
 mod history;
 mod internal;
+mod lifecycle;
 mod media;
 mod membership;
 mod migrations;
