@@ -78,11 +78,6 @@ pub async fn conversation_members(
 pub const MESSAGE_COLUMNS: &str = "id, seq, conversation_id, sender_id, content, created_at, \
      client_msg_id, edited_at, deleted_at, reply_to, mentions";
 
-/// How a deleted message reads in the conversation list: the same words
-/// the room's notices use (`shared::room::DELETED_PREVIEW`), so a list
-/// read from REST and one kept from `conversation_updated` agree.
-pub const DELETED_PREVIEW: &str = "Message deleted";
-
 /// Message rows (selected with [`MESSAGE_COLUMNS`]) as views in their
 /// current state, each with its status, its attachments (signed now), its
 /// reactions as `viewer` sees them (`me`) and the quote of the message it

@@ -265,11 +265,12 @@ async fn list_conversations(
             id,
             seq: r.get(8),
             sender_id: r.get(9),
-            // A deleted message reads as a tombstone, as in the room's
-            // notices; an edited one by its new text.
+            // A deleted message reads as a tombstone in the room's words,
+            // so a list read here and one kept from conversation_updated
+            // agree; an edited one by its new text.
             content: match carried.remove(&id) {
                 _ if r.get::<_, Option<bool>>(17) == Some(true) => {
-                    store::DELETED_PREVIEW.to_owned()
+                    shared::room::DELETED_PREVIEW.to_owned()
                 }
                 Some(attachments) => shared::room::attachment_summary(&attachments),
                 None => preview_text(r.get(10)),
