@@ -732,16 +732,22 @@ class ChatBox {
     chat.view.renderTyping([...chat.typing.keys()]);
   }
 
-  /** After `resync`: pages forward through REST from `after`; a failure is shown with a retry. */
+  /**
+   * After `resync`: pages forward through REST, from the oldest message
+   * held (changes in the gap may have edited or deleted what is shown:
+   * history has every message as it is now) past `after`; a failure is
+   * shown with a retry.
+   */
   async catchUp(chat, after) {
-    let cursor = after;
-    chat.gapFrom = after;
+    const oldest = chat.model.oldest;
+    let cursor = oldest != null && oldest <= after ? oldest - 1 : after;
+    chat.gapFrom = cursor;
     chat.catchingUp = true;
     try {
       for (;;) {
         const page = await this.api.messagesAfter(chat.model.id, cursor);
         if (this.chat !== chat) return;
-        for (const m of page.messages) chat.model.addMessage(m);
+        for (const m of page.messages) chat.model.upsert(m);
         if (!page.messages.length || !page.has_more) break;
         cursor = page.messages[page.messages.length - 1].seq;
         chat.gapFrom = cursor;

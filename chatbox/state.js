@@ -251,6 +251,17 @@ export class ChatModel {
     return true;
   }
 
+  /**
+   * A message from history in its current state: a held one is replaced
+   * (a catch-up after `resync` re-reads what is shown, since changes in
+   * the gap may have edited or deleted it), a new one added.
+   */
+  upsert(m) {
+    if (!this.messages.has(m.seq)) return this.addMessage(m);
+    this.messages.set(m.seq, m);
+    return false;
+  }
+
   /** The seq of the loaded message with this id, or null. */
   seqOf(id) {
     for (const [seq, m] of this.messages) if (m.id === id) return seq;

@@ -358,3 +358,11 @@ test('an edit or delete of the last message updates its preview; of another mess
   assert.equal(messagePreview(list.get(7).last_message), 'Message deleted');
   assert.equal(list.noteChange({ ...edited(msg(3, SAM), 'zombie', at(10)) }), false, 'a deleted preview stays deleted');
 });
+
+test('a catch-up after resync replaces what is held with history’s current state', () => {
+  const chat = chatWith([msg(1, SAM), msg(2, ME)]);
+  assert.equal(chat.upsert({ ...msg(1, SAM), content: '', deleted_at: at(9) }), false);
+  assert.equal(chat.messages.get(1).deleted_at, at(9));
+  assert.equal(chat.upsert(msg(5, SAM)), true);
+  assert.equal(chat.messages.size, 3);
+});
