@@ -11,8 +11,10 @@ use e2e::stack::workspace_root;
 use e2e::{Stack, StackOptions};
 
 /// The suites in `e2e/browser/`, in order: the ChatBox, then attachments
-/// (photos, voice messages, the gallery; Chromium with a fake microphone).
-const SUITES: &[&str] = &["chatbox", "media"];
+/// (photos, voice messages, the gallery; Chromium with a fake microphone),
+/// then a message's life (replies, reactions, edits, deletes, mentions,
+/// search).
+const SUITES: &[&str] = &["chatbox", "media", "lifecycle"];
 
 #[tokio::main]
 async fn main() -> ExitCode {
