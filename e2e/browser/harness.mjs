@@ -62,10 +62,11 @@ export async function shot(page, name) {
 
 /**
  * A signed-in ChatBox in its own browser context (`query` after the
- * page's path; `permissions` granted to the edge's origin).
+ * page's path; `permissions` granted to the edge's origin; `hasTouch`: a
+ * touch screen, as a phone has).
  */
-export async function open(browser, email, { query = '', viewport = { width: 1100, height: 760 }, permissions = [] } = {}) {
-  const context = await browser.newContext({ viewport });
+export async function open(browser, email, { query = '', viewport = { width: 1100, height: 760 }, permissions = [], hasTouch = false } = {}) {
+  const context = await browser.newContext({ viewport, hasTouch });
   if (permissions.length) await context.grantPermissions(permissions, { origin: EDGE });
   const page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT);

@@ -302,6 +302,36 @@ await test('a mention in a group is offered while typing, sent, flagged in the l
   await row.locator('.vc-at').waitFor({ state: 'detached' });
 });
 
+await test('on a phone, a long press on a message opens its menu', async () => {
+  const phone = await open('coach@vibe.fit', { viewport: { width: 390, height: 780 }, hasTouch: true });
+  try {
+    await phone.page.locator('.vc-row', { hasText: 'Lifecycle crew' }).click();
+    const message = said(phone.page, 'Ready @Sam Patel');
+    await message.waitFor();
+    // A finger held still on the message (touch events through DevTools:
+    // Playwright's touchscreen only taps).
+    const box = await message.boundingBox();
+    const point = { x: Math.round(box.x + box.width / 2), y: Math.round(box.y + box.height / 2) };
+    const cdp = await phone.context.newCDPSession(phone.page);
+    await cdp.send('Input.dispatchTouchEvent', { type: 'touchStart', touchPoints: [point] });
+    await phone.page.getByRole('menu', { name: 'Message actions' }).waitFor();
+    await cdp.send('Input.dispatchTouchEvent', { type: 'touchEnd', touchPoints: [] });
+    await axe(phone.page, 'phone message menu');
+    await shot(phone.page, 'phone-menu');
+    await phone.page.getByRole('menuitem', { name: '💪' }).click();
+    await said(alex.page, 'Ready @Sam Patel').getByRole('button', { name: '💪 1' }).waitFor();
+    // A short touch is a tap, not a menu.
+    await phone.page.getByRole('menu').waitFor({ state: 'detached' });
+    await cdp.send('Input.dispatchTouchEvent', { type: 'touchStart', touchPoints: [point] });
+    await cdp.send('Input.dispatchTouchEvent', { type: 'touchEnd', touchPoints: [] });
+    await new Promise((ok) => setTimeout(ok, 800));
+    expectEqual(await phone.page.getByRole('menu').count(), 0, 'a menu after a tap');
+    if (phone.errors.length) throw new Error(phone.errors.map(String).join('; '));
+  } finally {
+    await phone.context.close();
+  }
+});
+
 await test('search finds a message by a word’s start, marks it, and opens the chat at it', async () => {
   await toList(alex.page);
   const box = alex.page.getByRole('searchbox', { name: 'Search messages' });
