@@ -353,7 +353,6 @@ class ChatBox {
           query: this.searchQuery ?? '',
           onQuery: (q) => (this.searchQuery = q),
           onHit: (hit) => this.openChat(hit.conversation_id, { focus: hit.seq }),
-          flash: (e) => this.flash(e),
         },
       });
       this.frame('Chats', this.current.element, { tabs: true });
