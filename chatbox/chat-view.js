@@ -220,8 +220,16 @@ export class ChatView {
     return original?.id === reply.id ? messagePreview(original) : '';
   }
 
+  /** The "Replying to…" or "Editing" bar; the composer is described by it, so a screen reader says what Enter will do. */
   setContext(node) {
     this.contextSlot.replaceChildren(...(node ? [node] : []));
+    const text = node?.querySelector('.vc-context-text');
+    if (text) {
+      text.id = `vc-context-${this.model.id}`;
+      this.input.setAttribute('aria-describedby', text.id);
+    } else {
+      this.input.removeAttribute('aria-describedby');
+    }
   }
 
   startReply(m) {
