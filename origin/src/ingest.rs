@@ -179,8 +179,9 @@ pub const NOT_MEMBERS: &str = "SELECT t.id
 /// columns is a join between two small in-memory sets and cannot steer the
 /// planner to `messages_sender_id_idx` or the unique constraints. It reads
 /// the statement's snapshot, so it never sees the rows `inserted` writes.
-/// A stored message that was edited or deleted since is still the same
-/// message: its content is compared only while it is the original.
+/// The same id at the same seq, from the same sender with the same key,
+/// is the same message whatever its content: the room may resend it edited
+/// or as a tombstone after a change it made before the first answer came.
 /// The `INSERT`'s conflict checks are index probes of the unique
 /// constraints and need no plan. Whether a change event holds the seq is
 /// a subquery fenced with `OFFSET 0`, so it stays a subplan run per
@@ -192,17 +193,18 @@ pub const NOT_MEMBERS: &str = "SELECT t.id
 /// that has `seq` (migration 0007 orders it so for this probe).
 pub const UPSERT_MESSAGES: &str = "WITH input AS (
          SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::int8[],
-                              $5::text[], $6::timestamptz[], $7::text[], $8::uuid[], $9::text[])
+                              $5::text[], $6::timestamptz[], $7::text[], $8::uuid[], $9::text[],
+                              $10::timestamptz[])
              AS t(id, conversation_id, seq, sender_id, content, created_at, client_msg_id,
-                  reply_to, mentions)
+                  reply_to, mentions, deleted_at)
      ), stored AS MATERIALIZED (
          SELECT id, conversation_id, seq, sender_id, content, client_msg_id, edit_seq, deleted_at
          FROM messages WHERE id = ANY($1::uuid[])
      ), inserted AS (
          INSERT INTO messages (id, conversation_id, seq, sender_id, content, created_at,
-                               client_msg_id, reply_to, mentions)
+                               client_msg_id, reply_to, mentions, deleted_at)
          SELECT id, conversation_id, seq, sender_id, content, created_at, client_msg_id,
-                reply_to, mentions::int8[]
+                reply_to, mentions::int8[], deleted_at
          FROM input i
          WHERE NOT EXISTS (
              SELECT 1 FROM message_events e
@@ -216,8 +218,7 @@ pub const UPSERT_MESSAGES: &str = "WITH input AS (
      UNION ALL
      SELECT s.id, false FROM stored s JOIN input i ON i.id = s.id
          AND s.conversation_id = i.conversation_id AND s.seq = i.seq
-         AND s.sender_id = i.sender_id AND s.client_msg_id = i.client_msg_id
-         AND (s.content = i.content OR s.edit_seq > 0 OR s.deleted_at IS NOT NULL)";
+         AND s.sender_id = i.sender_id AND s.client_msg_id = i.client_msg_id";
 
 /// The messages that changes name, by primary key: which exist, in which
 /// conversation, by whom, and whether they are deleted. `$1`: target ids.
@@ -835,12 +836,14 @@ async fn upsert(tx: &Transaction<'_>, valid: &[StoredMessage]) -> ApiResult<Vec<
     let keys: Vec<&str> = valid.iter().map(|m| m.client_msg_id.as_str()).collect();
     let replies: Vec<Option<Uuid>> = valid.iter().map(|m| m.reply_to).collect();
     let mentions: Vec<String> = valid.iter().map(|m| array_literal(&m.mentions)).collect();
+    let deleted: Vec<Option<DateTime<Utc>>> = valid.iter().map(|m| m.deleted_at).collect();
     let stmt = tx.prepare_cached(UPSERT_MESSAGES).await?;
     let rows = tx
         .query(
             &stmt,
             &[
                 &ids, &convs, &seqs, &senders, &contents, &created, &keys, &replies, &mentions,
+                &deleted,
             ],
         )
         .await?;
@@ -1055,7 +1058,8 @@ fn judge_events<'a>(
                 true
             }
             Verdict::Keep { erase_content } => {
-                if erase_content {
+                let emptied = matches!(&c.change, Change::Edit { content } if content.is_empty());
+                if erase_content || emptied {
                     erase.insert(e.id);
                 }
                 true
@@ -1428,6 +1432,10 @@ fn validate(m: &StoredMessage) -> Result<(), (&'static str, String)> {
     ClientMsgId::parse(m.client_msg_id.as_str()).map_err(|e| (e.code(), e.to_string()))?;
     if let Some(c) = &m.change {
         return match &c.change {
+            // An edit the room emptied because its message was deleted
+            // before the edit left (the delete follows in the log): kept
+            // for its seq, applied to nothing.
+            Change::Edit { content } if content.is_empty() => Ok(()),
             Change::Edit { content } => MessageContent::parse(content.as_str())
                 .map(|_| ())
                 .map_err(|e| (e.code(), e.to_string())),
@@ -1455,6 +1463,16 @@ fn validate(m: &StoredMessage) -> Result<(), (&'static str, String)> {
             "invalid_field",
             format!("a message mentions at most {MAX_MENTIONS} users"),
         ));
+    }
+    if m.deleted_at.is_some() {
+        // A tombstone: deleted in the room before it was flushed.
+        if !m.content.is_empty() || !m.mentions.is_empty() || m.reply_to.is_some() {
+            return Err((
+                "invalid_field",
+                "a deleted message arrives without content, mentions or quote".to_owned(),
+            ));
+        }
+        return Ok(());
     }
     if m.attachment_ids.is_empty() || !m.content.trim().is_empty() {
         MessageContent::parse(m.content.as_str()).map_err(|e| (e.code(), e.to_string()))?;

@@ -401,6 +401,11 @@ pub mod internal {
         /// `content` is empty and the origin stores no message row for it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub change: Option<StoredChange>,
+        /// Set when the message was deleted before it reached the origin:
+        /// it arrives as a tombstone (empty content, no mentions, no
+        /// quote), and its delete follows in the log.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub deleted_at: Option<DateTime<Utc>>,
     }
 
     /// A change to an earlier message, as the room sequenced it.

@@ -119,7 +119,8 @@ async fn message_by_seq(
     let client = state.pool.get().await?;
     let row = client
         .query_opt(
-            "SELECT id, sender_id, content, created_at, client_msg_id, reply_to, mentions
+            "SELECT id, sender_id, content, created_at, client_msg_id, reply_to, mentions,
+                    deleted_at
              FROM messages WHERE conversation_id = $1 AND seq = $2",
             &[&id, &seq],
         )
@@ -149,6 +150,7 @@ async fn message_by_seq(
         reply_to: row.get(5),
         mentions: row.get(6),
         change: None,
+        deleted_at: row.get(7),
     }))
 }
 

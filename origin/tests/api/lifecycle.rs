@@ -753,3 +753,51 @@ async fn the_internal_route_by_seq_answers_messages_as_they_are_and_changes() {
     let (status, _) = get(6).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+/// A message the room erased before its first flush arrives as a tombstone
+/// (`deleted_at`, empty content), an edit it emptied for the same reason
+/// arrives with empty text, and a resend of a message the room edited
+/// after a first flush whose answer was lost is the same message: all
+/// stored, none rejected.
+#[tokio::test]
+async fn what_the_room_changed_before_its_flush_is_stored_as_it_now_is() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let conv = app.direct(&alex, &sam).await;
+    let mut tombstone = message(conv, alex.id, 1);
+    tombstone["content"] = json!("");
+    tombstone["deleted_at"] = json!(now());
+    store(
+        &app,
+        &[
+            tombstone,
+            edit(conv, alex.id, 2, 1, ""),
+            delete(conv, alex.id, 3, 1),
+        ],
+    )
+    .await;
+    let m = shown(&app, &sam, conv, 1).await;
+    assert_eq!(m["content"], "");
+    assert!(!m["deleted_at"].is_null(), "{m}");
+    // A tombstone with text is refused.
+    let mut bad = message(conv, alex.id, 4);
+    bad["deleted_at"] = json!(now());
+    let body = ingest(&app, &[bad]).await;
+    assert_eq!(body["rejected"][0]["code"], "invalid_field", "{body}");
+
+    store(&app, &[message(conv, alex.id, 5)]).await;
+    let mut edited = message(conv, alex.id, 5);
+    edited["content"] = json!("message 5, edited in the room");
+    store(
+        &app,
+        &[
+            edited,
+            edit(conv, alex.id, 6, 5, "message 5, edited in the room"),
+        ],
+    )
+    .await;
+    let m = shown(&app, &sam, conv, 5).await;
+    assert_eq!(m["content"], "message 5, edited in the room");
+    assert!(!m["edited_at"].is_null(), "{m}");
+}

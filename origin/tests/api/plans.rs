@@ -333,6 +333,8 @@ async fn representative_params(db: &tokio_postgres::Client, fx: &Fixture, name: 
                     })
                     .collect::<Vec<String>>(),
             ),
+            // None deleted before it was flushed.
+            Box::new(vec![None::<chrono::DateTime<Utc>>; batch.len()]),
         ],
         "event_targets" => vec![Box::new(ids)],
         "upsert_events" => {

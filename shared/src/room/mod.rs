@@ -249,6 +249,10 @@ impl Record {
                 target_id: c.target_id,
                 change: c.change.clone(),
             }),
+            deleted_at: self
+                .state
+                .deleted_at_ms
+                .and_then(DateTime::from_timestamp_millis),
         }
     }
 
