@@ -54,6 +54,14 @@ impl Driver for Counting {
         self.stores += 1;
         Ok(())
     }
+    fn store_change(
+        &mut self,
+        _: &Record,
+        _: &shared::room::lifecycle::MessageState,
+    ) -> Result<(), Self::Error> {
+        self.stores += 1;
+        Ok(())
+    }
     fn store_watermark(&mut self, _: &Watermark) -> Result<(), Self::Error> {
         Ok(())
     }
