@@ -12,6 +12,7 @@ pub mod origin_bench;
 pub mod presence;
 pub mod report;
 pub mod room_machine;
+pub mod search;
 
 pub async fn run(which: &str) -> anyhow::Result<()> {
     match which {
@@ -20,9 +21,10 @@ pub async fn run(which: &str) -> anyhow::Result<()> {
         "room" => room_machine::run(),
         "presence" => presence::run().await,
         "media" => media::run().await,
+        "search" => search::run().await,
         other => {
             anyhow::bail!(
-                "unknown benchmark {other:?}; available: origin, fanout, room, presence, media"
+                "unknown benchmark {other:?}; available: origin, fanout, room, presence, media, search"
             )
         }
     }

@@ -22,7 +22,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 const USAGE: &str =
-    "usage: cargo xtask <dev | test | bench origin|fanout|room|presence|media | build-edge>";
+    "usage: cargo xtask <dev | test | bench origin|fanout|room|presence|media|search | build-edge>";
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let root = workspace_root();
@@ -197,12 +197,21 @@ fn bench(root: &Path, which: Option<&str>) -> anyhow::Result<()> {
                 .env("WRANGLER_SEND_METRICS", "false");
             step("media benchmark (wrangler dev)", cmd)
         }
+        // The origin in the bench's process against PostgreSQL; no edge.
+        "search" => {
+            let admin_url = pg::ensure(root)?;
+            let mut cmd = cargo(&["run", "--release", "-p", "vibe-bench", "--", "search"]);
+            cmd.env("DATABASE_URL", &admin_url);
+            step("search benchmark", cmd)
+        }
         "room" => step(
             "room state machine benchmark (native)",
             cargo(&["run", "--release", "-p", "vibe-bench", "--", "room"]),
         ),
         other => {
-            bail!("unknown benchmark {other:?}; available: origin, fanout, room, presence, media")
+            bail!(
+                "unknown benchmark {other:?}; available: origin, fanout, room, presence, media, search"
+            )
         }
     }
 }
