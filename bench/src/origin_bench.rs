@@ -10,6 +10,10 @@
 //!
 //! The origin runs in this process on a fresh database (`vibe_bench`); the
 //! load generator shares the machine's two cores with it and PostgreSQL.
+//!
+//! `BENCH_PUSH=0` runs without the Web Push queue; `BENCH_SEARCH=column`
+//! without the search index, `BENCH_SEARCH=off` without its column either
+//! (the cost of message search on the ingest is the difference).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -86,6 +90,30 @@ pub async fn run() -> anyhow::Result<()> {
         .pool_max_idle_per_host(64)
         .build()?;
     let db = pool.get().await?;
+    // Message search (migration 0008) costs the ingest its tsvector and its
+    // GIN index. BENCH_SEARCH=column drops the index (the vector is still
+    // computed), BENCH_SEARCH=off the column too (the schema before 0008):
+    // the cost is the difference between runs.
+    let search = std::env::var("BENCH_SEARCH").unwrap_or_else(|_| "on".to_owned());
+    match search.as_str() {
+        "on" => {}
+        "column" => db.batch_execute("DROP INDEX messages_search_idx").await?,
+        "off" => {
+            db.batch_execute(
+                "DROP INDEX messages_search_idx; ALTER TABLE messages DROP COLUMN search_vector",
+            )
+            .await?
+        }
+        other => bail!("BENCH_SEARCH={other:?}: on, column or off"),
+    }
+    println!("Search vector and index (BENCH_SEARCH): {search}");
+    // BENCH_CONTENT=chat: 3–19 words of chat and fitness vocabulary per
+    // message (as the search bench generates) instead of the four-word
+    // "bench message N in C", so that indexing costs what real text does.
+    println!(
+        "Ingested text (BENCH_CONTENT): {}",
+        if chat_content() { "chat" } else { "short" }
+    );
     let users: Vec<i64> = {
         let mut ids = Vec::new();
         for (i, role) in ["trainer", "member"].iter().enumerate() {
@@ -333,6 +361,11 @@ async fn create_groups(
     Ok(ids)
 }
 
+/// Whether the ingested messages are chat text (`BENCH_CONTENT=chat`).
+fn chat_content() -> bool {
+    std::env::var("BENCH_CONTENT").is_ok_and(|v| v == "chat")
+}
+
 /// `writers` tasks, each flushing its own rooms' batches in turn, until
 /// `total` messages are stored. Returns messages per second.
 async fn ingest(
@@ -349,6 +382,8 @@ async fn ingest(
     let url = format!("{base}/internal/v1/messages/batch");
     // Build every body first: the clock measures the origin, not serde.
     let mut plans: Vec<Vec<String>> = Vec::with_capacity(writers);
+    let mut rng = rand::thread_rng();
+    let chat = chat_content();
     for w in 0..writers {
         let rooms = &conversations[w * rooms_per_writer..(w + 1) * rooms_per_writer];
         let mut next_seq = vec![1i64; rooms.len()];
@@ -367,7 +402,11 @@ async fn ingest(
                         "conversation_id": conv,
                         "seq": seq0 + i,
                         "sender_id": sender,
-                        "content": format!("bench message {} in {conv}", seq0 + i),
+                        "content": if chat {
+                            crate::search::chat_text(&mut rng)
+                        } else {
+                            format!("bench message {} in {conv}", seq0 + i)
+                        },
                         "created_at": created,
                         "client_msg_id": format!("b-{conv}-{}", seq0 + i),
                     })
