@@ -1268,6 +1268,14 @@ async fn catch_up(
     if new.is_empty() {
         return Ok(());
     }
+    // A message the room deleted before its first flush arrives as a
+    // tombstone: whatever of it came first (an edit's text, reactions) is
+    // erased now, as its delete would (which finds it deleted already).
+    for m in new.values() {
+        if let Some(at) = m.deleted_at {
+            applied.delete(m.id, m.seq, at);
+        }
+    }
     let ids: Vec<Uuid> = new.keys().copied().collect();
     let convs: Vec<i64> = ids.iter().map(|id| new[id].conversation_id).collect();
     let stmt = tx.prepare_cached(CATCH_UP).await?;

@@ -801,3 +801,40 @@ async fn what_the_room_changed_before_its_flush_is_stored_as_it_now_is() {
     assert_eq!(m["content"], "message 5, edited in the room");
     assert!(!m["edited_at"].is_null(), "{m}");
 }
+
+/// Batches in flight when the room erased a message: an edit (with its
+/// text) and a reaction commit first, then the message, resent as the
+/// tombstone it now is. Nothing of the message may stay, though its own
+/// delete finds it deleted already.
+#[tokio::test]
+async fn a_tombstone_arriving_after_its_changes_erases_them() {
+    let app = spawn_app().await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let conv = app.direct(&alex, &sam).await;
+    store(
+        &app,
+        &[
+            edit(conv, alex.id, 2, 1, "my new address"),
+            react(conv, sam.id, 3, 1, "👍", true),
+        ],
+    )
+    .await;
+    let mut tombstone = message(conv, alex.id, 1);
+    tombstone["content"] = json!("");
+    tombstone["deleted_at"] = json!(now());
+    store(&app, &[tombstone, delete(conv, alex.id, 4, 1)]).await;
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM message_events WHERE content IS NOT NULL OR kind = 'react'"
+        )
+        .await,
+        0
+    );
+    let m = shown(&app, &sam, conv, 1).await;
+    assert_eq!(m["content"], "");
+    assert!(
+        m.get("reactions").is_none() && m.get("edited_at").is_none(),
+        "{m}"
+    );
+}
