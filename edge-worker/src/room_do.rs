@@ -81,6 +81,9 @@ pub struct Room {
     /// Notices for members' User objects, sent after the outputs that
     /// produced them.
     notices: RefCell<Vec<shared::protocol::internal::ConversationNotice>>,
+    /// A delete queued attachment objects for erasure (or a new instance
+    /// may have inherited some): purge after the event.
+    purge_due: Cell<bool>,
     /// Live frames for subscribed members' User objects, in order per
     /// member.
     forwarder: crate::forward::Forwarder,
@@ -108,6 +111,7 @@ impl DurableObject for Room {
             loaded: RefCell::new(None),
             conns: Connections::default(),
             notices: RefCell::new(Vec::new()),
+            purge_due: Cell::new(true),
             forwarder: crate::forward::Forwarder::default(),
             alarm: Alarm::default(),
             unknown_until: Cell::new(0),
@@ -172,6 +176,7 @@ impl DurableObject for Room {
             Err(e) => worker::console_error!("websocket message: {e}"),
         }
         self.schedule().await;
+        self.purge_objects().await;
         Ok(())
     }
 
@@ -199,6 +204,7 @@ impl Room {
             sql: &self.sql,
             conns: &self.conns,
             notices: &self.notices,
+            purge_due: &self.purge_due,
             forwarder: &self.forwarder,
             jwt_secret: &config.jwt_secret,
             signer: &config.signer,
@@ -349,6 +355,9 @@ impl Room {
     /// A row leaves `purge` only once its objects are gone, so a failure
     /// is retried by the next change or alarm.
     async fn purge_objects(&self) {
+        if !self.purge_due.replace(false) {
+            return;
+        }
         let pending = match room_store::purge_pending(&self.sql) {
             Ok(p) if !p.is_empty() => p,
             Ok(_) => return,
@@ -371,7 +380,10 @@ impl Room {
                         worker::console_error!("purge {id}: {e}");
                     }
                 }
-                Err(e) => worker::console_warn!("purge {id}: {e} (retried later)"),
+                Err(e) => {
+                    worker::console_warn!("purge {id}: {e} (retried later)");
+                    self.purge_due.set(true);
+                }
             }
         }
     }
@@ -737,6 +749,7 @@ impl Room {
                 sql: &self.sql,
                 conns: &self.conns,
                 notices: &self.notices,
+                purge_due: &self.purge_due,
                 forwarder: &self.forwarder,
                 jwt_secret: &l.config.jwt_secret,
                 signer: &l.config.signer,
@@ -832,6 +845,7 @@ impl Room {
     /// other event (messages, acks, broadcasts) runs meanwhile.
     async fn on_alarm(&self) -> EdgeResult<()> {
         self.ensure_loaded(None).await?;
+        self.purge_objects().await;
         let mut in_flight = FuturesUnordered::new();
         loop {
             let now = now_ms();

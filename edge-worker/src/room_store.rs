@@ -63,6 +63,8 @@ pub struct RoomSql<'a> {
     pub sql: &'a SqlStorage,
     pub conns: &'a Connections,
     pub notices: &'a RefCell<Vec<ConversationNotice>>,
+    /// Set when a delete queued objects in `purge`.
+    pub purge_due: &'a std::cell::Cell<bool>,
     pub forwarder: &'a crate::forward::Forwarder,
     pub jwt_secret: &'a [u8],
     /// Signs attachment links in frames as they leave.
@@ -758,17 +760,29 @@ impl Driver for RoomSql<'_> {
         )?;
         let seq = change.target_seq;
         match &change.change {
-            Change::Edit { content } => self.exec(
-                "UPDATE messages SET content = ?,
-                     extra = json_set(coalesce(extra, '{}'), '$.state', json(?))
-                 WHERE seq = ? AND id = ?",
-                vec![
-                    content.clone().into(),
-                    state_json.into(),
-                    seq.into(),
-                    target.into(),
-                ],
-            ),
+            Change::Edit { content } => {
+                // The old words are overwritten in place first, so they do
+                // not linger in the page's free space (a later delete must
+                // be able to erase them; see `overwrite`).
+                self.exec(
+                    &format!(
+                        "UPDATE messages SET content = {} WHERE seq = ? AND id = ?",
+                        overwrite("content")
+                    ),
+                    vec![seq.into(), target.clone().into()],
+                )?;
+                self.exec(
+                    "UPDATE messages SET content = ?,
+                         extra = json_set(coalesce(extra, '{}'), '$.state', json(?))
+                     WHERE seq = ? AND id = ?",
+                    vec![
+                        content.clone().into(),
+                        state_json.into(),
+                        seq.into(),
+                        target.into(),
+                    ],
+                )
+            }
             Change::React { .. } => self.exec(
                 "UPDATE messages SET extra = json_set(coalesce(extra, '{}'), '$.state', json(?))
                  WHERE seq = ? AND id = ?",
@@ -783,18 +797,47 @@ impl Driver for RoomSql<'_> {
                     "INSERT OR IGNORE INTO purge (id) SELECT id FROM attachments WHERE seq = ?",
                     vec![seq.into()],
                 )?;
+                self.exec(
+                    &format!(
+                        "UPDATE attachments SET meta = {} WHERE seq = ?",
+                        overwrite("meta")
+                    ),
+                    vec![seq.into()],
+                )?;
                 self.exec("DELETE FROM attachments WHERE seq = ?", vec![seq.into()])?;
+                self.purge_due.set(true);
+                self.exec(
+                    &format!(
+                        "UPDATE messages SET content = {}, attachments = {}, extra = {}
+                         WHERE seq = ? AND id = ?",
+                        overwrite("content"),
+                        overwrite("attachments"),
+                        overwrite("extra")
+                    ),
+                    vec![seq.into(), target.clone().into()],
+                )?;
                 self.exec(
                     "UPDATE messages SET content = '', attachments = NULL,
                          extra = json_object('state', json(?))
                      WHERE seq = ? AND id = ?",
                     vec![state_json.into(), seq.into(), target.clone().into()],
                 )?;
+                let edits = "extra IS NOT NULL
+                     AND json_extract(extra, '$.change.target_id') = ?
+                     AND json_extract(extra, '$.change.kind') = 'edit'";
                 self.exec(
-                    "UPDATE messages SET extra = json_set(extra, '$.change.content', '')
-                     WHERE extra IS NOT NULL
-                       AND json_extract(extra, '$.change.target_id') = ?
-                       AND json_extract(extra, '$.change.kind') = 'edit'",
+                    &format!(
+                        "UPDATE messages SET extra = json_set(extra, '$.change.content',
+                             {}) WHERE {edits}",
+                        overwrite("json_extract(extra, '$.change.content')")
+                    ),
+                    vec![target.clone().into()],
+                )?;
+                self.exec(
+                    &format!(
+                        "UPDATE messages SET extra = json_set(extra, '$.change.content', '')
+                         WHERE {edits}"
+                    ),
                     vec![target.into()],
                 )
             }
@@ -931,6 +974,19 @@ pub fn purged(sql: &SqlStorage, id: Uuid) -> EdgeResult<()> {
         vec![id.to_string().into()],
     )?;
     Ok(())
+}
+
+/// A SQL expression of `column`'s byte length made of `0`s. Workerd refuses
+/// `PRAGMA secure_delete`, so SQLite leaves what an update shrinks or a
+/// delete frees in the page's free space; an update that keeps a value's
+/// size rewrites it in place, so words about to be erased are first
+/// overwritten with this, then emptied. It cannot reach copies SQLite made
+/// before (a page split, the write-ahead log until its checkpoint):
+/// ARCHITECTURE.md (Erasure) bounds those.
+fn overwrite(column: &str) -> String {
+    format!(
+        "substr(hex(zeroblob(length(CAST({column} AS BLOB)))), 1, length(CAST({column} AS BLOB)))"
+    )
 }
 
 /// The members whose objects subscribed.

@@ -1088,7 +1088,12 @@ pub async fn notify(env: &Env, notices: &[ConversationNotice]) -> EdgeResult<()>
     let sends = notices.iter().flat_map(|notice| {
         notice.recipients.iter().map(move |&(user, unread)| {
             let own = ConversationNotice {
-                mentions: Vec::new(),
+                mentions: notice
+                    .mentions
+                    .iter()
+                    .filter(|(u, _)| *u == user)
+                    .copied()
+                    .collect(),
                 conversation_id: notice.conversation_id,
                 seq: notice.seq,
                 prev_seq: notice.prev_seq,

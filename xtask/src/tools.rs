@@ -159,11 +159,20 @@ pub fn ensure_npm_packages(root: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Debian's Chromium, for the browser tests (playwright cannot download a
-/// browser here).
+/// Debian packages the tests drive: Chromium for the browser tests
+/// (playwright cannot download a browser here) and the `sqlite3` shell,
+/// with which the edge suite reads the Durable Objects' database files.
 pub fn ensure_chromium() -> anyhow::Result<()> {
-    if std::path::Path::new("/usr/bin/chromium").exists() {
+    let missing: Vec<&str> = [
+        ("chromium", "/usr/bin/chromium"),
+        ("sqlite3", "/usr/bin/sqlite3"),
+    ]
+    .into_iter()
+    .filter(|(_, path)| !std::path::Path::new(path).exists())
+    .map(|(package, _)| package)
+    .collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    apt_install(&["chromium"])
+    apt_install(&missing)
 }
