@@ -616,3 +616,34 @@ fn sent_id(sent: &Sent) -> Uuid {
         Sent::DuplicateOlder(k) => k.id,
     }
 }
+
+#[test]
+fn a_message_deleted_before_its_flush_leaves_as_a_tombstone_and_its_edit_without_words() {
+    let mut room = room(&[1, 2]);
+    let m = send(&mut room, T0, 1, "private");
+    room.submit_change(
+        T0,
+        1,
+        m.id,
+        Change::Edit {
+            content: "still private".into(),
+        },
+        None,
+        None,
+        &Bare,
+    )
+    .expect("edit");
+    room.submit_change(T0 + 1, 1, m.id, Change::Delete, None, None, &Bare)
+        .expect("delete");
+    outs(&mut room);
+    let batch = room.poll_flush(T0 + 10_000).expect("due");
+    let text = serde_json::to_string(&batch.messages).expect("json");
+    assert!(!text.contains("private"), "nothing of it leaves: {text}");
+    assert!(batch.messages[0].deleted_at.is_some(), "a tombstone");
+    assert_eq!(
+        batch.messages[1].change.as_ref().map(|c| c.change.clone()),
+        Some(Change::Edit {
+            content: String::new()
+        })
+    );
+}
