@@ -28,7 +28,8 @@
 //! (`200`, and hits where there must be some).
 //!
 //! `BENCH_EXPLAIN=1` also prints `EXPLAIN (ANALYZE, BUFFERS)` of one query
-//! per case, run as the origin runs it (`origin::search::SEARCH_GUARD`).
+//! per case, run as the origin runs it (`origin::search::SEARCH_GUARD`, and
+//! the statement `origin::search::search_hits` picks).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -602,7 +603,7 @@ async fn explain_one(
     fx: &Fixture,
     case: &Case,
 ) -> anyhow::Result<()> {
-    use origin::search::{BUILD_QUERY, RANK_WINDOW, SEARCH_GUARD, SEARCH_HITS, terms};
+    use origin::search::{BUILD_QUERY, RANK_WINDOW, SEARCH_GUARD, search_hits, terms};
     let q = &case.queries[0];
     let t = terms(q);
     let tsquery: String = db
@@ -614,10 +615,20 @@ async fn explain_one(
         None => fx.conversations.clone(),
     };
     let trainer: i64 = db.query_one("SELECT min(id) FROM users", &[]).await?.get(0);
+    let seqs: i64 = db
+        .query_one(
+            "SELECT COALESCE(sum(last_seq), 0)::int8 FROM conversations WHERE id = ANY($1)",
+            &[&conversations],
+        )
+        .await?
+        .get(0);
     db.batch_execute(&format!("BEGIN; {SEARCH_GUARD}")).await?;
     let rows = db
         .query(
-            &format!("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {SEARCH_HITS}"),
+            &format!(
+                "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {}",
+                search_hits(seqs)
+            ),
             &[
                 &tsquery,
                 &conversations,

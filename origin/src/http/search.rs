@@ -16,7 +16,7 @@ use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::search::{
     BUILD_QUERY, CALLER_CONVERSATIONS, CONVERSATION_ACCESS, Cursor, DEFAULT_PAGE, MAX_PAGE,
-    MAX_QUERY_CHARS, RANK_WINDOW, SEARCH_GUARD, SEARCH_HITS, terms,
+    MAX_QUERY_CHARS, RANK_WINDOW, SEARCH_GUARD, search_hits, terms,
 };
 use crate::state::AppState;
 
@@ -139,24 +139,25 @@ async fn search(
     let tx = client.transaction().await?;
     tx.batch_execute(SEARCH_GUARD).await?;
 
-    let conversations: Vec<i64> = match params.conversation_id {
+    // The conversations searched, and how many seqs they hold in all.
+    let (conversations, seqs): (Vec<i64>, i64) = match params.conversation_id {
         Some(id) => {
             let stmt = tx.prepare_cached(CONVERSATION_ACCESS).await?;
-            let member: bool = tx
+            let row = tx
                 .query_opt(&stmt, &[&id, &user.id])
                 .await?
-                .ok_or(ApiError::NotFound("conversation"))?
-                .get(0);
-            if !member {
+                .ok_or(ApiError::NotFound("conversation"))?;
+            if !row.get::<_, bool>(0) {
                 return Err(ApiError::Forbidden(
                     "you are not a participant of this conversation",
                 ));
             }
-            vec![id]
+            (vec![id], row.get(1))
         }
         None => {
             let stmt = tx.prepare_cached(CALLER_CONVERSATIONS).await?;
-            tx.query_one(&stmt, &[&user.id]).await?.get(0)
+            let row = tx.query_one(&stmt, &[&user.id]).await?;
+            (row.get(0), row.get(1))
         }
     };
     let empty = SearchPage {
@@ -179,7 +180,7 @@ async fn search(
         return Ok(Json(empty));
     }
 
-    let stmt = tx.prepare_cached(SEARCH_HITS).await?;
+    let stmt = tx.prepare_cached(search_hits(seqs)).await?;
     let rows = tx
         .query(
             &stmt,

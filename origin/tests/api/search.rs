@@ -428,20 +428,25 @@ async fn a_search_ranks_and_pages_only_the_newest_thousand_matches() {
     let coach = app.user("Coach", Role::Trainer).await;
     let alex = app.user("Alex", Role::Member).await;
     let id = app.direct(&coach, &alex).await;
-    // 1,030 matches; the oldest 30 say it three times (they would rank
-    // first if they were ranked at all).
+    // 1,030 matches among 2,500 messages (enough to be searched through
+    // the GIN index, not read whole); the oldest 30 say it three times
+    // (they would rank first if they were ranked at all).
     sql(
         &app,
         &format!(
             "INSERT INTO messages (id, conversation_id, seq, sender_id, content, created_at, client_msg_id)
              SELECT gen_random_uuid(), {id}, g, {alex},
-                    CASE WHEN g <= 30 THEN 'stretch stretch stretch' ELSE 'stretch ' || g END,
+                    CASE WHEN g <= 30 THEN 'stretch stretch stretch'
+                         WHEN g <= 1030 THEN 'stretch ' || g
+                         ELSE 'rest day ' || g END,
                     timestamptz '2026-01-01' + g * interval '1 second', 'k' || g
-             FROM generate_series(1, 1030) g",
+             FROM generate_series(1, 2500) g;
+             UPDATE conversations SET last_seq = 2500 WHERE id = {id}",
             alex = alex.id
         ),
     )
     .await;
+    const { assert!(2500 > origin::search::SCAN_BELOW) };
     let mut seqs = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
@@ -615,4 +620,91 @@ async fn a_user_in_no_conversation_finds_nothing() {
     let loner = app.user("Loner", Role::Member).await;
     let body = search(&app, &loner, "anything", "").await;
     assert_eq!(body, json!({"hits": [], "next_cursor": null}));
+}
+
+/// The two statements (the GIN index's and the whole read of small
+/// conversations) answer the same, page for page.
+#[tokio::test]
+async fn the_index_and_the_whole_read_find_the_same_hits() {
+    use origin::search::{RANK_WINDOW, SEARCH_HITS, SEARCH_HITS_SCAN};
+    let app = spawn_app().await;
+    let coach = app.user("Coach", Role::Trainer).await;
+    let alex = app.user("Alex", Role::Member).await;
+    let sam = app.user("Sam", Role::Member).await;
+    let a = app.direct(&coach, &alex).await;
+    let b = app.group(&coach, "Crew", &[&alex, &sam]).await;
+    sql(
+        &app,
+        &format!(
+            "INSERT INTO messages (id, conversation_id, seq, sender_id, content, created_at, client_msg_id)
+             SELECT gen_random_uuid(), CASE WHEN g % 3 = 0 THEN {a} ELSE {b} END, g, {alex},
+                    (ARRAY['great squat session', 'squats squats and more squats',
+                           'rest day, great sleep', 'deadlift form check: great',
+                           'the great outdoors run', 'see you tomorrow'])[1 + g % 6] || ' ' || g,
+                    timestamptz '2026-01-01' + (g % 50) * interval '1 minute', 'k' || g
+             FROM generate_series(1, 300) g;
+             UPDATE messages SET content = '', deleted_at = now() WHERE seq % 17 = 0",
+            alex = alex.id
+        ),
+    )
+    .await;
+    let db = app.pool.get().await.unwrap();
+    for tsquery in [
+        "'great'",
+        "'squat':*",
+        "'great' & 'squat'",
+        "'great' <-> 'sleep'",
+        "'deadlift' | 'run'",
+        "'nothing'",
+    ] {
+        for conversations in [vec![a, b], vec![b]] {
+            let mut pages: Vec<Vec<Vec<String>>> = Vec::new();
+            for statement in [SEARCH_HITS, SEARCH_HITS_SCAN] {
+                let mut all = Vec::new();
+                let mut cursor: Option<(f32, chrono::DateTime<chrono::Utc>, uuid::Uuid)> = None;
+                loop {
+                    let rows = db
+                        .query(
+                            statement,
+                            &[
+                                &tsquery,
+                                &conversations,
+                                &RANK_WINDOW,
+                                &8i64,
+                                &coach.id,
+                                &cursor.map(|c| c.0),
+                                &cursor.map(|c| c.1),
+                                &cursor.map(|c| c.2),
+                            ],
+                        )
+                        .await
+                        .unwrap();
+                    let page: Vec<String> = rows
+                        .iter()
+                        .map(|r| {
+                            format!(
+                                "{} {} {} {}",
+                                r.get::<_, uuid::Uuid>(0),
+                                r.get::<_, f32>(5),
+                                r.get::<_, String>(6),
+                                r.get::<_, String>(8)
+                            )
+                        })
+                        .collect();
+                    let last = rows.last().map(|r| (r.get(5), r.get(4), r.get(0)));
+                    all.push(page);
+                    if rows.len() < 8 {
+                        break;
+                    }
+                    cursor = last;
+                }
+                pages.push(all);
+            }
+            assert_eq!(pages[0], pages[1], "{tsquery} in {conversations:?}");
+            assert!(
+                tsquery == "'nothing'" || conversations.len() == 1 || !pages[0][0].is_empty(),
+                "{tsquery} found nothing"
+            );
+        }
+    }
 }
