@@ -503,8 +503,9 @@ async fn pgbench_ceiling(url: &str, db: &deadpool_postgres::Object) -> anyhow::R
 
 /// A table's indexes and its constraints other than foreign keys, without
 /// their names, sorted: what makes an insert cost what it costs. A `NOT
-/// VALID` check (0007 adds three) is checked on every insert like a valid
-/// one, and `LIKE … INCLUDING ALL` copies it as valid: the mark is dropped.
+/// VALID` check (a future migration may add one to spare a scan) is checked
+/// on every insert like a valid one, and `LIKE … INCLUDING ALL` copies it
+/// as valid: the mark is dropped.
 async fn table_shape(db: &deadpool_postgres::Object, table: &str) -> anyhow::Result<Vec<String>> {
     let rows = db
         .query(
