@@ -545,16 +545,27 @@ pub async fn internal_put(
         futures_util::future::join(put, body.pipe(Vec::new(), &pipe.writable())).await;
     stored?;
     fed?;
+    // A copy may not outlive its original: a message deleted while its
+    // photo was being processed had its objects erased (`delete_all`
+    // takes the original first), and this copy, written after, would be
+    // left with no row anywhere. Checked after the write, so the copy is
+    // gone whichever finished first.
+    if bucket.head(Variant::Original.key(id)).await?.is_none() {
+        bucket.delete(variant.key(id)).await?;
+        return Err(EdgeError::NotFound("attachment (erased)"));
+    }
     Ok(Response::empty()?.with_status(204))
 }
 
-/// Deletes every copy of an attachment.
+/// Deletes every copy of an attachment, the original first (see
+/// [`internal_put`]: a processed copy checks for it after its write).
 pub async fn delete_all(bucket: &Bucket, id: Uuid) -> EdgeResult<()> {
-    let keys: Vec<String> = [Variant::Original, Variant::Full, Variant::Thumb]
+    bucket.delete(Variant::Original.key(id)).await?;
+    let copies: Vec<String> = [Variant::Full, Variant::Thumb]
         .into_iter()
         .map(|v| v.key(id))
         .collect();
-    bucket.delete_multiple(keys).await?;
+    bucket.delete_multiple(copies).await?;
     Ok(())
 }
 
