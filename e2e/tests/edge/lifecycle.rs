@@ -378,6 +378,38 @@ pub async fn a_deleted_message_is_erased_from_postgres_the_rooms_storage_and_the
         Ok((status == 404).then_some(()))
     })
     .await?;
+    // A processed copy the origin writes after the delete (it was busy
+    // with the file) does not outlive the erased original.
+    let thumb = format!("/api/v1/internal/media/{att_id}/thumb");
+    let late = s
+        .http()
+        .put(format!("{}{thumb}", s.edge))
+        .header(
+            shared::protocol::internal::SERVICE_SECRET_HEADER,
+            &s.secrets.service,
+        )
+        .header("content-type", "image/jpeg")
+        .body(vec![0xFF_u8; 2_000])
+        .send()
+        .await?
+        .status()
+        .as_u16();
+    ensure!(
+        late == 404,
+        "a copy of an erased attachment is refused: {late}"
+    );
+    let left = s
+        .http()
+        .get(format!("{}{thumb}", s.edge))
+        .header(
+            shared::protocol::internal::SERVICE_SECRET_HEADER,
+            &s.secrets.service,
+        )
+        .send()
+        .await?
+        .status()
+        .as_u16();
+    ensure!(left == 404, "and not left in the bucket: {left}");
     // Nothing of either text is left in the room's database: no row of any
     // table, and once the write-ahead log is checkpointed into the file
     // (SQLite does so on its own every 1,000 pages), not a byte of it
