@@ -708,3 +708,63 @@ async fn the_index_and_the_whole_read_find_the_same_hits() {
         }
     }
 }
+
+/// An edit and a delete as the edge flushes them (change events through
+/// the ingest): the search sees each in the transaction that stores it.
+#[tokio::test]
+async fn an_edit_and_a_delete_through_the_ingest_change_what_is_found_at_once() {
+    let app = spawn_app().await;
+    let coach = app.user("Coach", Role::Trainer).await;
+    let alex = app.user("Alex", Role::Member).await;
+    let id = app.direct(&coach, &alex).await;
+    say(
+        &app,
+        id,
+        &alex,
+        &[
+            (1, "Protein shake after the workout"),
+            (2, "Stretch your hamstrings every morning"),
+        ],
+    )
+    .await;
+    let change = |seq: i64, target: i64, change: Value| {
+        let mut change = change;
+        change["target_id"] = json!(message_id(id, target));
+        json!({
+            "id": message_id(id, seq),
+            "conversation_id": id,
+            "seq": seq,
+            "sender_id": alex.id,
+            "content": "",
+            "created_at": chrono::Utc::now(),
+            "client_msg_id": format!("c-{id}-{seq}"),
+            "change": change,
+        })
+    };
+    let (status, body) = app
+        .internal_post(
+            "/internal/v1/messages/batch",
+            &json!({ "messages": [
+                change(3, 1, json!({"kind": "edit", "content": "Electrolytes after the workout"})),
+                change(4, 2, json!({"kind": "delete"})),
+            ]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["rejected"], json!([]), "{body}");
+
+    assert_eq!(found(&search(&app, &coach, "protein", "").await), vec![]);
+    assert_eq!(found(&search(&app, &coach, "hamstrings", "").await), vec![]);
+    assert_eq!(found(&search(&app, &coach, "stretch", "").await), vec![]);
+    let body = search(&app, &coach, "electrolytes", "").await;
+    assert_eq!(found(&body), vec![(id, 1)]);
+    assert_eq!(
+        body["hits"][0]["snippet"],
+        "«Electrolytes» after the workout"
+    );
+    // The change events themselves are never hits.
+    assert_eq!(
+        found(&search(&app, &coach, "workout", "").await),
+        vec![(id, 1)]
+    );
+}
