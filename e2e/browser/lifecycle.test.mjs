@@ -94,9 +94,11 @@ await test('alex and sam open their direct chat', async () => {
 await test('a reply carries its quote to the other side', async () => {
   await send(sam.page, 'Original zebrafish plan: squats then lunges');
   await said(alex.page, 'Original zebrafish plan').waitFor();
-  // Enough after it that a fresh page does not load the original.
-  await sendBurst(sam.page, directId, 55, 'Filler');
-  await said(alex.page, 'Filler 55').waitFor();
+  // Enough after it that a fresh page does not load the original: it
+  // shows the newest 50, and a list that starts at its top before it
+  // scrolls down may fetch one page more.
+  await sendBurst(sam.page, directId, 110, 'Filler');
+  await said(alex.page, 'Filler 110').waitFor();
   await alex.page.locator('.vc-messages').evaluate((list) => list.scrollTo({ top: 0 }));
   const original = said(alex.page, 'Original zebrafish plan');
   // The original may be above what alex loaded at first: scrolling up loads it.
@@ -122,7 +124,17 @@ await test('a reply carries its quote to the other side', async () => {
 });
 
 await test('a click on a quote pages back to the original and highlights it', async () => {
-  // After a reload sam holds the latest 50 messages: the original is older.
+  // Sam has read it all (a page without the focus sends no reads, and a
+  // chat opens back at the first unread), so after a reload sam holds the
+  // latest 50 messages (100 at most): the original is older.
+  const last = Number(await said(sam.page, 'Lunges first, please').getAttribute('data-seq'));
+  const read = await rest(sam.page, 'POST', `/api/v1/chat/conversations/${directId}/read`, { seq: last });
+  expectEqual(read.status < 300, true, `read: ${read.status}`);
+  await until('the read reached the list', async () => {
+    const list = await rest(sam.page, 'GET', '/api/v1/chat/conversations');
+    const entry = list.body?.conversations?.find((c) => c.id === directId);
+    return entry && entry.read_seq >= last;
+  });
   await sam.page.reload();
   const reply = said(sam.page, 'Lunges first, please');
   await reply.waitFor();
