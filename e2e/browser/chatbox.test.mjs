@@ -2,37 +2,11 @@
 // harness.mjs for the browser, the runner and the shared helpers).
 
 import * as h from './harness.mjs';
-import { EDGE, TIMEOUT, test, shot, axe, until, expectEqual, composer, bubble } from './harness.mjs';
+import { EDGE, TIMEOUT, test, shot, axe, until, expectEqual, composer, bubble, rest, sendBurst } from './harness.mjs';
 
 const browser = await h.launch();
 /** A signed-in ChatBox in its own browser context. */
 const open = (email, options) => h.open(browser, email, options);
-
-/** A REST call as the page's signed-in user (through the edge). */
-async function rest(page, method, path, body) {
-  return page.evaluate(
-    async ({ method, path, body }) => {
-      const token = JSON.parse(localStorage.getItem('vibe-chat-session')).token;
-      const headers = { authorization: `Bearer ${token}` };
-      if (body) headers['content-type'] = 'application/json';
-      const r = await fetch(path, { method, headers, body: body ? JSON.stringify(body) : undefined });
-      return { status: r.status, body: await r.json().catch(() => null) };
-    },
-    { method, path, body },
-  );
-}
-
-/** Sends `n` messages over REST, one after another (waiting out a 429). */
-async function sendBurst(page, conversationId, n, prefix) {
-  for (let i = 1; i <= n; i++) {
-    for (;;) {
-      const r = await rest(page, 'POST', `/api/v1/chat/conversations/${conversationId}/messages`, { content: `${prefix} ${i}`, client_msg_id: crypto.randomUUID() });
-      if (r.status === 201 || r.status === 200) break;
-      if (r.status !== 429) throw new Error(`send ${prefix} ${i}: ${r.status} ${JSON.stringify(r.body)}`);
-      await new Promise((ok) => setTimeout(ok, 500));
-    }
-  }
-}
 
 /** Pretends the tab is hidden (or visible again), as switching tabs would. */
 async function setHidden(page, hidden) {
@@ -50,15 +24,12 @@ async function onScreen(page, locator) {
   return Boolean(box && list && box.y >= list.y - 1 && box.y + box.height <= list.y + list.height + 1);
 }
 
-
 const toList = async (page) => {
   const back = page.getByRole('button', { name: 'Back to conversations' });
   if (await back.count()) await back.click();
   await page.getByRole('tab', { name: 'Chats' }).click();
 };
 const conversationId = (page, title) => page.locator('.vc-row', { hasText: title }).first().getAttribute('data-conversation-id').then(Number);
-
-
 
 async function send(page, text) {
   await composer(page).fill(text);

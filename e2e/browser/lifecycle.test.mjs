@@ -6,39 +6,13 @@
 // e2e/tests/browser.rs; see harness.mjs.
 
 import * as h from './harness.mjs';
-import { test, shot, axe, until, expectEqual, composer } from './harness.mjs';
+import { test, shot, axe, until, expectEqual, composer, rest, sendBurst } from './harness.mjs';
 
 const browser = await h.launch();
 const open = (email, options) => h.open(browser, email, options);
 
 /** A message's bubble by its own text (a reply's bubble also holds its original's text, in the quote). */
 const said = (page, text) => page.locator('.vc-bubble[data-seq]').filter({ has: page.locator('.vc-text', { hasText: text }) });
-
-/** A REST call as the page's signed-in user (through the edge). */
-async function rest(page, method, path, body) {
-  return page.evaluate(
-    async ({ method, path, body }) => {
-      const token = JSON.parse(localStorage.getItem('vibe-chat-session')).token;
-      const headers = { authorization: `Bearer ${token}` };
-      if (body) headers['content-type'] = 'application/json';
-      const r = await fetch(path, { method, headers, body: body ? JSON.stringify(body) : undefined });
-      return { status: r.status, body: await r.json().catch(() => null) };
-    },
-    { method, path, body },
-  );
-}
-
-/** Sends `n` messages over REST, one after another (waiting out a 429). */
-async function sendBurst(page, conversationId, n, prefix) {
-  for (let i = 1; i <= n; i++) {
-    for (;;) {
-      const r = await rest(page, 'POST', `/api/v1/chat/conversations/${conversationId}/messages`, { content: `${prefix} ${i}`, client_msg_id: crypto.randomUUID() });
-      if (r.status === 201 || r.status === 200) break;
-      if (r.status !== 429) throw new Error(`send ${prefix} ${i}: ${r.status} ${JSON.stringify(r.body)}`);
-      await new Promise((ok) => setTimeout(ok, 500));
-    }
-  }
-}
 
 async function send(page, text) {
   await composer(page).fill(text);
