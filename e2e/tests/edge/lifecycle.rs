@@ -222,6 +222,27 @@ pub async fn only_the_sender_edits_and_only_a_moderator_deletes_anothers_message
     Ok(())
 }
 
+/// The edge's internal media route for an attachment's `variant`, as the
+/// origin calls it (a `PUT` carries a small JPEG-typed body): its status.
+async fn media_status(s: &Stack, method: Method, id: &str, variant: &str) -> anyhow::Result<u16> {
+    let mut req = s
+        .http()
+        .request(
+            method.clone(),
+            format!("{}/api/v1/internal/media/{id}/{variant}", s.edge),
+        )
+        .header(
+            shared::protocol::internal::SERVICE_SECRET_HEADER,
+            &s.secrets.service,
+        );
+    if method == Method::PUT {
+        req = req
+            .header("content-type", "image/jpeg")
+            .body(vec![0xFF_u8; 2_000]);
+    }
+    Ok(req.send().await?.status().as_u16())
+}
+
 /// Runs the `sqlite3` shell on `db`.
 fn sqlite3(db: &Path, command: &str) -> anyhow::Result<String> {
     let out = std::process::Command::new("sqlite3")
@@ -308,19 +329,8 @@ pub async fn a_deleted_message_is_erased_from_postgres_the_rooms_storage_and_the
         !files_containing(s.edge_state_dir(), after.as_bytes())?.is_empty(),
         "the room's storage holds the edit before the delete (the scan works)"
     );
-    let object = format!("/api/v1/internal/media/{att_id}/original");
-    let status = s
-        .http()
-        .get(format!("{}{object}", s.edge))
-        .header(
-            shared::protocol::internal::SERVICE_SECRET_HEADER,
-            &s.secrets.service,
-        )
-        .send()
-        .await?
-        .status()
-        .as_u16();
-    ensure!(status == 200, "the object is in the bucket: {status}");
+    let original = media_status(s, Method::GET, &att_id, "original").await?;
+    ensure!(original == 200, "the object is in the bucket: {original}");
 
     a.send(json!({"type": "delete", "conversation_id": conv, "message_id": id}))
         .await?;
@@ -349,51 +359,18 @@ pub async fn a_deleted_message_is_erased_from_postgres_the_rooms_storage_and_the
         "the attachment's row is gone"
     );
     eventually("the object is erased from the bucket", FLUSHED, || async {
-        let status = s
-            .http()
-            .get(format!("{}{object}", s.edge))
-            .header(
-                shared::protocol::internal::SERVICE_SECRET_HEADER,
-                &s.secrets.service,
-            )
-            .send()
-            .await?
-            .status()
-            .as_u16();
+        let status = media_status(s, Method::GET, &att_id, "original").await?;
         Ok((status == 404).then_some(()))
     })
     .await?;
     // A processed copy the origin writes after the delete (it was busy
     // with the file) does not outlive the erased original.
-    let thumb = format!("/api/v1/internal/media/{att_id}/thumb");
-    let late = s
-        .http()
-        .put(format!("{}{thumb}", s.edge))
-        .header(
-            shared::protocol::internal::SERVICE_SECRET_HEADER,
-            &s.secrets.service,
-        )
-        .header("content-type", "image/jpeg")
-        .body(vec![0xFF_u8; 2_000])
-        .send()
-        .await?
-        .status()
-        .as_u16();
+    let late = media_status(s, Method::PUT, &att_id, "thumb").await?;
     ensure!(
         late == 404,
         "a copy of an erased attachment is refused: {late}"
     );
-    let left = s
-        .http()
-        .get(format!("{}{thumb}", s.edge))
-        .header(
-            shared::protocol::internal::SERVICE_SECRET_HEADER,
-            &s.secrets.service,
-        )
-        .send()
-        .await?
-        .status()
-        .as_u16();
+    let left = media_status(s, Method::GET, &att_id, "thumb").await?;
     ensure!(left == 404, "and not left in the bucket: {left}");
     // Nothing of either text is left in the room's database: no row of any
     // table, and once the write-ahead log is checkpointed into the file
