@@ -5,40 +5,18 @@
 use super::*;
 use crate::protocol::internal::Change;
 
-struct Bare;
+use super::tests::{Bare, T0, outputs as outs, room_with};
 
-impl Context for Bare {
-    fn claim_key(&self, _: i64, _: &str, _: KnownKey) -> Result<Claim, StorageFailed> {
-        Ok(Claim::Claimed)
-    }
-    fn verify_token(&self, _: &str, _: Millis) -> Result<Verified, AuthError> {
-        Err(AuthError::Invalid)
-    }
-}
-
-const T0: Millis = 1_800_000_000_000;
-
+/// Members `users`, each with a room socket (`ConnId(1)`, `ConnId(2)`, … in
+/// order), outputs drained.
 fn room(users: &[i64]) -> Room {
-    let mut room = Room::new(1, RoomConfig::default(), 7);
-    let members: Vec<Watermark> = users
-        .iter()
-        .map(|&user_id| Watermark {
-            user_id,
-            delivered_seq: 0,
-            read_seq: 0,
-        })
-        .collect();
-    room.set_members(T0, &members, 0);
+    let mut room = room_with(RoomConfig::default(), users);
     for (i, &u) in users.iter().enumerate() {
         room.handle_connect(T0, ConnId(i as u64 + 1), u, None)
             .expect("member");
     }
     outs(&mut room);
     room
-}
-
-fn outs(room: &mut Room) -> Vec<Output> {
-    std::iter::from_fn(|| room.poll_output()).collect()
 }
 
 fn send(room: &mut Room, now: Millis, user: i64, text: &str) -> MessageView {

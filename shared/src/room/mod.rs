@@ -2016,7 +2016,7 @@ mod tests {
     use crate::protocol::internal::ConversationNotice;
 
     /// A room with nothing in storage beyond its memory, and no tokens.
-    struct Bare;
+    pub(super) struct Bare;
 
     impl Context for Bare {
         fn claim_key(&self, _: i64, _: &str, _: KnownKey) -> Result<Claim, StorageFailed> {
@@ -2027,9 +2027,9 @@ mod tests {
         }
     }
 
-    const T0: Millis = 1_800_000_000_000;
+    pub(super) const T0: Millis = 1_800_000_000_000;
 
-    fn room_with(config: RoomConfig, users: &[i64]) -> Room {
+    pub(super) fn room_with(config: RoomConfig, users: &[i64]) -> Room {
         let mut room = Room::new(1, config, 7);
         let members: Vec<Watermark> = users
             .iter()
@@ -2044,7 +2044,7 @@ mod tests {
         room
     }
 
-    fn outputs(room: &mut Room) -> Vec<Output> {
+    pub(super) fn outputs(room: &mut Room) -> Vec<Output> {
         std::iter::from_fn(|| room.poll_output()).collect()
     }
 
