@@ -29,14 +29,16 @@ use tokio_postgres::NoTls;
 
 use crate::report::{micros_histogram, ms, table, target};
 
-const JWT_SECRET: &str = "bench-jwt-secret-bench-jwt-secret-000";
+pub(crate) const JWT_SECRET: &str = "bench-jwt-secret-bench-jwt-secret-000";
 /// A throwaway VAPID key (P-256 scalar, base64url), published on purpose.
 const BENCH_VAPID_KEY: &str = "WO6neA0UinJdUFJ2aL5ehl4Y2KGBFGPz9tSHv3_ejuU";
 const SERVICE_SECRET: &str = "bench-service-secret-bench-service-00";
 const DB: &str = "vibe_bench";
 const HISTORY_SIZE: i64 = 1_000_000;
 
-pub async fn run() -> anyhow::Result<()> {
+/// Database `name` on the server at `DATABASE_URL`, dropped and created
+/// empty: a client on the server's admin database, and the new one's URL.
+pub(crate) async fn fresh_database(name: &str) -> anyhow::Result<(tokio_postgres::Client, String)> {
     let admin = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
     let (admin_client, conn) = tokio_postgres::connect(&admin, NoTls)
@@ -45,14 +47,43 @@ pub async fn run() -> anyhow::Result<()> {
     tokio::spawn(conn);
     // Two statements: CREATE DATABASE cannot run in a transaction block.
     admin_client
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .await
         .context("drop the old bench database")?;
     admin_client
-        .batch_execute(&format!("CREATE DATABASE {DB}"))
+        .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
         .context("create the bench database")?;
-    let url = origin::db::url_with_database(&admin, DB);
+    Ok((admin_client, origin::db::url_with_database(&admin, name)))
+}
+
+/// An origin in this process on the database at `url`, with the bench's
+/// secrets and pool, and whatever else `extra` sets: its base URL and its
+/// pool.
+pub(crate) async fn start_origin(
+    url: &str,
+    extra: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<(String, deadpool_postgres::Pool)> {
+    let url = url.to_owned();
+    let config = Config::from_lookup(move |k| {
+        extra(k).or_else(|| match k {
+            "DATABASE_URL" => Some(url.clone()),
+            "BIND_ADDR" => Some("127.0.0.1:0".to_owned()),
+            "JWT_SECRET" => Some(JWT_SECRET.to_owned()),
+            "ORIGIN_SERVICE_SECRET" => Some(SERVICE_SECRET.to_owned()),
+            "DB_POOL_SIZE" => Some("16".to_owned()),
+            _ => None,
+        })
+    })?;
+    let app = Application::build(config).await?;
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let pool = app.state().pool.clone();
+    tokio::spawn(app.run(std::future::pending()));
+    Ok((base, pool))
+}
+
+pub async fn run() -> anyhow::Result<()> {
+    let (admin_client, url) = fresh_database(DB).await?;
     let sync_commit: String = admin_client
         .query_one("SHOW synchronous_commit", &[])
         .await?
@@ -67,25 +98,16 @@ pub async fn run() -> anyhow::Result<()> {
     // difference).
     let push = std::env::var("BENCH_PUSH").map_or(true, |v| v != "0");
     println!("Web Push queue: {}", if push { "on" } else { "off" });
-    let config_url = url.clone();
-    let config = Config::from_lookup(move |k| match k {
-        "DATABASE_URL" => Some(config_url.clone()),
+    let (base, pool) = start_origin(&url, move |k| match k {
         // A throwaway key: nothing is sent (the bench's users have no
         // subscription), but every batch queues its notifications.
         "VAPID_PRIVATE_KEY" if push => Some(BENCH_VAPID_KEY.to_owned()),
         // Jobs stay queued during the run: what is measured is the queue's
         // cost on the message path, not sends to a push service.
         "PUSH_COALESCE_MS" if push => Some("600000".to_owned()),
-        "BIND_ADDR" => Some("127.0.0.1:0".to_owned()),
-        "JWT_SECRET" => Some(JWT_SECRET.to_owned()),
-        "ORIGIN_SERVICE_SECRET" => Some(SERVICE_SECRET.to_owned()),
-        "DB_POOL_SIZE" => Some("16".to_owned()),
         _ => None,
-    })?;
-    let app = Application::build(config).await?;
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let pool = app.state().pool.clone();
-    tokio::spawn(app.run(std::future::pending()));
+    })
+    .await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()?;

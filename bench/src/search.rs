@@ -36,16 +36,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
-use origin::{Application, Config};
 use serde_json::Value;
 use shared::Role;
 use shared::auth::{AUDIENCE_API, Claims};
-use tokio_postgres::NoTls;
 
+use crate::origin_bench::{JWT_SECRET, fresh_database, start_origin};
 use crate::report::{loadavg, micros_histogram, range, table, target};
 
-const JWT_SECRET: &str = "bench-jwt-secret-bench-jwt-secret-000";
-const SERVICE_SECRET: &str = "bench-service-secret-bench-service-00";
 const DB: &str = "vibe_bench_search";
 const MESSAGES: i64 = 1_000_000;
 const CONVERSATIONS: i64 = 2_000;
@@ -197,32 +194,8 @@ pub async fn run() -> anyhow::Result<()> {
     let runs: usize = env_or("BENCH_RUNS", 3)?;
     let requests: usize = env_or("BENCH_SEARCH_REQUESTS", 400)?;
     let explain = std::env::var("BENCH_EXPLAIN").is_ok_and(|v| v == "1");
-    let admin = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-    let (admin_client, conn) = tokio_postgres::connect(&admin, NoTls)
-        .await
-        .context("connect to PostgreSQL (DATABASE_URL)")?;
-    tokio::spawn(conn);
-    admin_client
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
-        .await?;
-    admin_client
-        .batch_execute(&format!("CREATE DATABASE {DB}"))
-        .await?;
-    let url = origin::db::url_with_database(&admin, DB);
-    let config_url = url.clone();
-    let config = Config::from_lookup(move |k| match k {
-        "DATABASE_URL" => Some(config_url.clone()),
-        "BIND_ADDR" => Some("127.0.0.1:0".to_owned()),
-        "JWT_SECRET" => Some(JWT_SECRET.to_owned()),
-        "ORIGIN_SERVICE_SECRET" => Some(SERVICE_SECRET.to_owned()),
-        "DB_POOL_SIZE" => Some("16".to_owned()),
-        _ => None,
-    })?;
-    let app = Application::build(config).await?;
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let pool = app.state().pool.clone();
-    tokio::spawn(app.run(std::future::pending()));
+    let (admin_client, url) = fresh_database(DB).await?;
+    let (base, pool) = start_origin(&url, |_| None).await?;
     let version: String = admin_client
         .query_one("SHOW server_version", &[])
         .await?
