@@ -319,6 +319,10 @@ impl MessageRow {
             mentions: extra.mentions,
             state: extra.state,
             change: extra.change,
+            // Memory only: the log's hot write path stays as it was, and
+            // a message flushed after a restart is the rare one that
+            // cannot be followed by its request id.
+            request_id: None,
             id: self.id.parse().unwrap_or_default(),
             seq: self.seq,
             sender_id: self.sender_id,

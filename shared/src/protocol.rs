@@ -406,6 +406,11 @@ pub mod internal {
         /// quote), and its delete follows in the log.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub deleted_at: Option<DateTime<Utc>>,
+        /// The `x-request-id` of the request (or socket frame) that sent
+        /// it, so its ingest can be found in the origin's logs. Never
+        /// stored in PostgreSQL.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub request_id: Option<String>,
     }
 
     /// A change to an earlier message, as the room sequenced it.

@@ -151,6 +151,7 @@ async fn message_by_seq(
         mentions: row.get(6),
         change: None,
         deleted_at: row.get(7),
+        request_id: None,
     }))
 }
 

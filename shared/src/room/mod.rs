@@ -226,6 +226,8 @@ pub struct Record {
     pub state: MessageState,
     /// Present on a change: this record is an event, not a message.
     pub change: Option<ChangeRecord>,
+    /// The request that made it (see [`Context::request_id`]).
+    pub request_id: Option<String>,
 }
 
 impl Record {
@@ -253,6 +255,7 @@ impl Record {
                 .state
                 .deleted_at_ms
                 .and_then(DateTime::from_timestamp_millis),
+            request_id: self.request_id.clone(),
         }
     }
 
@@ -1111,6 +1114,7 @@ impl Room {
             mentions,
             state: MessageState::default(),
             change: None,
+            request_id: ctx.request_id(),
         };
         self.keys.remember(user_id, client_msg_id, candidate);
         self.outbox.waiting(now);
@@ -1339,6 +1343,7 @@ impl Room {
                 change,
                 count,
             }),
+            request_id: ctx.request_id(),
             ..Record::default()
         };
         self.keys

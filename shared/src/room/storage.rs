@@ -97,6 +97,13 @@ pub trait Context {
         Ok(None)
     }
 
+    /// The id of the request (or socket frame) being handled, which a
+    /// message or change made now carries to the origin so one message can
+    /// be followed through the logs. The default has none.
+    fn request_id(&self) -> Option<String> {
+        None
+    }
+
     /// Verifies a session token a client sends to renew its connection.
     fn verify_token(&self, token: &str, now: Millis) -> Result<Verified, crate::auth::AuthError>;
 
