@@ -27,6 +27,7 @@ import { GalleryView, Lightbox } from './media-view.js';
 import { ConversationsView, GroupSettingsView, NewGroupView, PeopleView, loginView } from './views.js';
 import { ChatNotificationsView, NotificationsView } from './notify-view.js';
 import { Push } from './push.js';
+import { debug } from './debug.js';
 import { backIcon, bellIcon, button, chatIcon, closeIcon, el, galleryIcon, infoIcon } from './dom.js';
 
 const TYPING_SHOW_MS = 5_000;
@@ -234,10 +235,12 @@ class ChatBox {
       const { conversations } = await this.api.conversations();
       this.conversations.reset(conversations);
       this.listError = null;
+      debug.state('conversations loaded', { count: conversations.length, unread_total: this.conversations.unreadTotal() });
       // A new direct chat's peer is a new contact: fetch just them.
       if (this.contactsAt) for (const c of conversations) if (c.peer) this.learnUser(c.peer.user_id);
     } catch (e) {
       this.listError = e.message;
+      debug.state('conversations failed', { status: e.status });
     }
     this.listLoaded = true;
     this.updateBadge();
@@ -330,9 +333,24 @@ class ChatBox {
 
   updateBadge() {
     const unread = this.conversations.unreadTotal();
+    if (debug.enabled) this.logUnread(unread);
     this.badge.hidden = unread === 0;
     this.badge.textContent = badgeText(unread);
     this.launcher.setAttribute('aria-label', launcherLabel(this.isOpen, unread));
+  }
+
+  /** `?debug=1`: each conversation whose unread count changed, and the total. */
+  logUnread(total) {
+    const now = new Map(this.conversations.sorted().map((c) => [c.id, c.unread_count ?? 0]));
+    const before = this.unreadLogged ?? new Map();
+    for (const [id, unread] of now) {
+      const was = before.get(id) ?? 0;
+      if (unread !== was) debug.state('unread', { conversation_id: id, unread, was });
+    }
+    for (const [id, was] of before) if (!now.has(id) && was) debug.state('unread', { conversation_id: id, unread: 0, was });
+    if (total !== this.unreadTotalLogged) debug.state('unread total', { unread: total, was: this.unreadTotalLogged ?? 0 });
+    this.unreadLogged = now;
+    this.unreadTotalLogged = total;
   }
 
   // ---- views ------------------------------------------------------------

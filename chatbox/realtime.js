@@ -21,6 +21,8 @@
 // stream's heartbeats are comments, which EventSource keeps from scripts;
 // it notices a dead stream itself and the offline event covers the rest.)
 
+import { debug as pageDebug } from './debug.js';
+
 const PING_EVERY_MS = 25_000;
 const PONG_WITHIN_MS = 10_000;
 
@@ -58,8 +60,10 @@ class Backoff {
  * Subclasses say which paths and what `since` to use.
  */
 class Connection {
-  constructor({ api, choice, onFrame, onState }) {
+  constructor({ api, choice, onFrame, onState, debug = pageDebug }) {
     this.api = api;
+    // `?debug=1`: states and frame summaries on the console (debug.js).
+    this.debug = debug;
     this.choice = choice;
     this.onFrame = onFrame;
     this.onState = onState ?? (() => {});
@@ -104,8 +108,14 @@ class Connection {
   }
 
   setState(state) {
+    if (state !== this.state) this.debug.connection(this.label(), 'state', { state, transport: this.choice.kind });
     this.state = state;
     this.onState(state, this.choice.kind);
+  }
+
+  /** How the debug log names this connection. */
+  label() {
+    return 'connection';
   }
 
   get open() {
@@ -168,15 +178,20 @@ class Connection {
     if (this.stopped) return;
     this.setState('reconnecting');
     clearTimeout(this.timer);
-    this.timer = setTimeout(() => this.connect(), this.backoff.next());
+    const delay = this.backoff.next();
+    this.debug.connection(this.label(), 'reconnect', { attempt: this.backoff.attempt, in_ms: Math.round(delay) });
+    this.timer = setTimeout(() => this.connect(), delay);
   }
 
   openWs(ticket) {
-    const ws = new WebSocket(this.api.wsUrl(this.wsPath(ticket)));
+    const url = this.api.wsUrl(this.wsPath(ticket));
+    const ws = new WebSocket(url);
     let opened = false;
     this.ws = ws;
+    this.debug.connection(this.label(), 'opening', { transport: 'ws', url });
     ws.onopen = () => {
       opened = true;
+      this.debug.connection(this.label(), 'open', { transport: 'ws' });
       this.backoff.reset();
       this.watch();
       this.opened();
@@ -188,6 +203,7 @@ class Connection {
       if (this.ws === ws) this.deliver(event.data);
     };
     ws.onclose = (event) => {
+      this.debug.connection(this.label(), 'close', { transport: 'ws', code: event.code, reason: event.reason, clean: event.wasClean, current: this.ws === ws });
       if (this.ws !== ws) return;
       this.ws = null;
       if (this.stopped) return;
@@ -195,6 +211,7 @@ class Connection {
         // The upgrade never completed: assume WebSockets are blocked on
         // this network and fall back for the rest of the session.
         this.choice.wsBroken = true;
+        this.debug.connection(this.label(), 'switch to SSE', { code: event.code });
         this.connect();
         return;
       }
@@ -207,9 +224,12 @@ class Connection {
   }
 
   openSse(ticket) {
-    const es = new EventSource(this.api.url(this.ssePath(ticket)));
+    const url = this.api.url(this.ssePath(ticket));
+    const es = new EventSource(url);
     this.es = es;
+    this.debug.connection(this.label(), 'opening', { transport: 'sse', url });
     es.onopen = () => {
+      this.debug.connection(this.label(), 'open', { transport: 'sse' });
       this.backoff.reset();
       this.watch();
       this.setState('open');
@@ -218,6 +238,7 @@ class Connection {
       if (this.es === es) this.deliver(event.data);
     };
     es.onerror = () => {
+      this.debug.connection(this.label(), 'error', { transport: 'sse', ready_state: es.readyState, current: this.es === es });
       if (this.es !== es) return;
       // EventSource retries by itself with Last-Event-ID, but its ticket
       // expires after 60 s; once it gives up, reconnect with a fresh one.
@@ -232,6 +253,7 @@ class Connection {
 
   deliver(text) {
     this.lastHeard = Date.now();
+    this.debug.frame(this.label(), 'in', text);
     let frame;
     try {
       frame = JSON.parse(text);
@@ -252,7 +274,9 @@ class Connection {
   /** Sends a frame over the WebSocket; false when it is not open. */
   sendWs(frame) {
     if (this.ws && this.ws.readyState === WebSocket.OPEN) {
-      this.ws.send(JSON.stringify(frame));
+      const text = JSON.stringify(frame);
+      this.ws.send(text);
+      this.debug.frame(this.label(), 'out', text);
       return true;
     }
     return false;
@@ -261,6 +285,9 @@ class Connection {
 
 /** The ChatBox's always-on connection: presence and notifications. */
 export class UserConnection extends Connection {
+  label() {
+    return 'user';
+  }
   ticketFor() {
     return undefined;
   }
@@ -282,6 +309,10 @@ export class RoomConnection extends Connection {
 
   ticketFor() {
     return this.conversationId;
+  }
+
+  label() {
+    return `room ${this.conversationId}`;
   }
 
   // Always says what the view holds, 0 included: a conversation whose first
@@ -313,6 +344,7 @@ export class RoomConnection extends Connection {
     if (extra.reply_to) frame.reply_to = extra.reply_to;
     if (extra.mentions?.length) frame.mentions = extra.mentions;
     if (this.choice.kind === 'ws') return this.sendWs(frame);
+    this.debug.frame(`${this.label()} POST`, 'out', frame);
     try {
       const message = await this.api.postMessage(this.conversationId, content, clientMsgId, attachmentIds, extra);
       this.onFrame({ type: 'ack', client_msg_id: clientMsgId, seq: message.seq, id: message.id, conversation_id: this.conversationId, local: true });
