@@ -54,6 +54,7 @@ fn test(root: &Path) -> anyhow::Result<()> {
     tools::ensure_worker_tools()?;
     tools::ensure_npm_packages(root)?;
     tools::ensure_chromium()?;
+    tools::ensure_promtool()?;
     let admin_url = pg::ensure(root)?;
     pg::drop_test_databases(&admin_url)?;
 
@@ -102,7 +103,7 @@ fn test(root: &Path) -> anyhow::Result<()> {
         .env("DATABASE_URL", &admin_url)
         .env("WRANGLER_SEND_METRICS", "false");
     let result = step(
-        "tests: unit, simulator, origin against PostgreSQL, edge end to end under wrangler dev, ChatBox in Chromium",
+        "tests: unit, simulator, origin against PostgreSQL, ops files (promtool), edge end to end under wrangler dev, ChatBox in Chromium",
         tests,
     );
     // A test binary killed mid-run cannot stop its wrangler; do it here.

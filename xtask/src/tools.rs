@@ -59,6 +59,11 @@ pub fn is_root() -> bool {
 
 /// Installs Debian packages (as root, or through sudo).
 pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    apt_install_with(packages, &[])
+}
+
+/// [`apt_install`] with extra `apt-get install` options.
+fn apt_install_with(packages: &[&str], options: &[&str]) -> anyhow::Result<()> {
     let sudo = !is_root();
     let run = |args: &[&str]| -> anyhow::Result<()> {
         let mut cmd = if sudo {
@@ -78,6 +83,7 @@ pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     println!("==> installing {} with apt-get", packages.join(", "));
     run(&["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q"];
+    args.extend_from_slice(options);
     args.extend_from_slice(packages);
     run(&args)
 }
@@ -175,4 +181,48 @@ pub fn ensure_chromium() -> anyhow::Result<()> {
         return Ok(());
     }
     apt_install(&missing)
+}
+
+/// promtool, which checks and unit-tests the alert rules (ops/prometheus).
+/// Debian ships it only in the `prometheus` package, whose server is of no
+/// use here: without recommends (no node exporter), and the service the
+/// package may start is stopped and disabled again.
+pub fn ensure_promtool() -> anyhow::Result<()> {
+    if std::path::Path::new("/usr/bin/promtool").exists() {
+        return Ok(());
+    }
+    apt_install_with(&["prometheus"], &["--no-install-recommends"])?;
+    stop_prometheus_service();
+    if !std::path::Path::new("/usr/bin/promtool").exists() {
+        bail!("the prometheus package did not install /usr/bin/promtool");
+    }
+    Ok(())
+}
+
+/// Stops the Prometheus server that installing the package may have
+/// started, through its service manager (never by process name: another
+/// Prometheus on this machine is not ours to stop). Failures are ignored:
+/// where no service started (containers), there is nothing to stop.
+fn stop_prometheus_service() {
+    let sudo = !is_root();
+    let command = |program: &str, args: &[&str]| {
+        let mut cmd = if sudo {
+            let mut c = Command::new("sudo");
+            c.arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        cmd.args(args);
+        cmd
+    };
+    if std::path::Path::new("/run/systemd/system").exists() {
+        quiet(command(
+            "systemctl",
+            &["disable", "--now", "prometheus.service"],
+        ));
+    } else if std::path::Path::new("/etc/init.d/prometheus").exists() {
+        quiet(command("/etc/init.d/prometheus", &["stop"]));
+        quiet(command("update-rc.d", &["prometheus", "disable"]));
+    }
 }
