@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod media;
+pub mod ops;
 pub mod push;
 pub mod runner;
 pub mod sse;

@@ -7,6 +7,7 @@
 mod lifecycle;
 mod media;
 mod membership;
+mod ops;
 mod push;
 mod realtime;
 mod rest;
@@ -414,6 +415,14 @@ async fn main() -> ExitCode {
             "an_origin_killed_with_push_requests_in_flight_sends_each_at_least_once_and_repeats_replace",
             |s| {
                 Box::pin(push::an_origin_killed_with_push_requests_in_flight_sends_each_at_least_once_and_repeats_replace(s))
+            },
+        ),
+        (
+            "the_origin_exposes_every_metric_the_dashboard_and_alerts_use_and_the_edge_hides_it",
+            |s| {
+                Box::pin(
+                    ops::the_origin_exposes_every_metric_the_dashboard_and_alerts_use_and_the_edge_hides_it(s),
+                )
             },
         ),
         // Last: it stops and restarts the origin.
