@@ -66,6 +66,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0008_search.sql",
         sql: include_str!("../../migrations/0008_search.sql"),
     },
+    Migration {
+        version: 9,
+        name: "0009_metrics.sql",
+        sql: include_str!("../../migrations/0009_metrics.sql"),
+    },
 ];
 
 /// Key of the advisory lock held while migrating ("vibe" in ASCII).

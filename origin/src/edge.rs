@@ -75,7 +75,11 @@ impl EdgeNotifier {
                 Err(e) => {
                     metrics::counter!("edge_notify_failures_total").increment(1);
                     // reqwest's error names the URL, which holds no secret.
-                    tracing::warn!(conversation_id, error = %e, "members-changed notice failed");
+                    tracing::warn!(
+                        conversation_id,
+                        error = %crate::error::Chain(&e),
+                        "members-changed notice failed"
+                    );
                 }
             }
         });

@@ -188,13 +188,14 @@ impl IntoResponse for ApiError {
         let status = self.status();
         match &self {
             ApiError::Internal(source) => {
-                tracing::error!(error = ?source, "internal error");
+                tracing::error!(error = %Chain(source.as_ref()), "internal error");
             }
             ApiError::Unavailable(source) => {
-                tracing::warn!(error = %source, "database unavailable");
+                tracing::warn!(error = %Chain(source.as_ref()), "database unavailable");
             }
             _ => {}
         }
+        crate::metrics::record_error(self.code());
         let body = ErrorBody {
             code: self.code().to_owned(),
             message: self.to_string(),
@@ -222,3 +223,63 @@ impl IntoResponse for ApiError {
 
 /// The result of every handler.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// An error and its causes for a log line, `outer: cause: root cause`, so
+/// the line says why and not only what (`error = %Chain(&e)`).
+///
+/// PostgreSQL's errors are shown by severity, SQLSTATE, message and
+/// constraint, never their `DETAIL` or `HINT`: a detail quotes the values
+/// of the row or key at fault ("Failing row contains (…)"), which can be a
+/// message's content or an address.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut next = Some(self.0);
+        let mut first = true;
+        while let Some(e) = next {
+            if !first {
+                f.write_str(": ")?;
+            }
+            first = false;
+            match e.downcast_ref::<tokio_postgres::error::DbError>() {
+                Some(db) => {
+                    write!(
+                        f,
+                        "{} {}: {}",
+                        db.severity(),
+                        db.code().code(),
+                        db.message()
+                    )?;
+                    if let Some(c) = db.constraint() {
+                        write!(f, " (constraint {c})")?;
+                    }
+                }
+                None => write!(f, "{e}")?,
+            }
+            next = e.source();
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_logged_error_carries_its_causes() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = ApiError::Internal(anyhow::Error::new(io).context("connect to PostgreSQL"));
+        assert_eq!(
+            Chain(&e).to_string(),
+            "internal error: connect to PostgreSQL: refused"
+        );
+    }
+}

@@ -117,6 +117,7 @@ use shared::{ClientMsgId, MessageContent};
 use uuid::Uuid;
 
 use crate::error::{ApiError, ApiResult};
+use crate::metrics::Timed;
 pub use crate::push::Enqueue;
 
 /// Clock skew tolerated between a message's `created_at` (the edge's clock)
@@ -566,7 +567,10 @@ pub async fn ingest(
             "a batch holds at most {MAX_INGEST_BATCH} messages"
         )));
     }
+    let started = std::time::Instant::now();
+    let received = batch.messages.len();
     let receipts = merge_receipts(&batch.receipts)?;
+    let receipt_count = receipts.len();
     let mut rejected = Vec::new();
     let mut seen = HashSet::new();
     let mut valid: Vec<StoredMessage> = Vec::with_capacity(batch.messages.len());
@@ -585,6 +589,14 @@ pub async fn ingest(
         }
     }
     if valid.is_empty() && receipts.is_empty() {
+        for r in &rejected {
+            crate::metrics::record_error(&r.code);
+        }
+        tracing::info!(
+            entries = received,
+            rejected = rejected.len(),
+            "ingest batch stored nothing"
+        );
         return Ok(IngestResult {
             stored: Vec::new(),
             rejected,
@@ -606,7 +618,10 @@ pub async fn ingest(
         .into_iter()
         .collect();
     let lock = tx.prepare_cached(LOCK_CONVERSATIONS).await?;
-    let locked = tx.query(&lock, &[&conversation_ids]).await?;
+    let locked = tx
+        .query(&lock, &[&conversation_ids])
+        .timed("ingest_lock_conversations")
+        .await?;
     let members_versions: Vec<ConversationVersion> = locked
         .iter()
         .map(|r| ConversationVersion {
@@ -684,7 +699,16 @@ pub async fn ingest(
     if let Some(push) = push {
         enqueue_push(&tx, &messages, &inserted, push).await?;
     }
-    tx.commit().await?;
+    tx.commit().timed("ingest_commit").await?;
+    let committed = Utc::now();
+    crate::metrics::record_persisted(
+        messages
+            .iter()
+            .filter(|m| inserted.contains(&m.id))
+            .map(|m| m.created_at),
+        committed,
+    );
+    log_stored(messages.iter().chain(&events), &inserted);
 
     for m in messages.iter().chain(&events) {
         if !stored.contains(&m.id) {
@@ -705,8 +729,23 @@ pub async fn ingest(
         list.iter().filter(|m| set.contains(&m.id)).count() as u64
     };
     let (new_messages, new_events) = (count(&messages, &inserted), count(&events, &inserted));
-    crate::metrics::record_ingested(new_messages, count(&messages, &stored) - new_messages);
+    let replayed = count(&messages, &stored) - new_messages;
+    crate::metrics::record_ingested(new_messages, replayed);
     metrics::counter!("message_events_ingested_total").increment(new_events);
+    for r in &rejected {
+        // The codes are the origin's own (static), so the label is bounded.
+        crate::metrics::record_error(&r.code);
+    }
+    tracing::info!(
+        entries = received,
+        new_messages,
+        replayed,
+        new_events,
+        rejected = rejected.len(),
+        receipts = receipt_count,
+        ms = started.elapsed().as_millis() as u64,
+        "ingest batch stored"
+    );
     let mut stored: Vec<Uuid> = stored.into_iter().collect();
     stored.sort_unstable();
     Ok(IngestResult {
@@ -731,7 +770,7 @@ pub async fn receipts(
     let tx = client.transaction().await?;
     tx.batch_execute(PLANNER_GUARD).await?;
     apply_receipts(&tx, &merged, push).await?;
-    tx.commit().await?;
+    tx.commit().timed("receipts_commit").await?;
     Ok(())
 }
 
@@ -751,7 +790,10 @@ async fn refuse_unknown(
         .into_iter()
         .collect();
     let stmt = tx.prepare_cached(KNOWN_USERS).await?;
-    let rows = tx.query(&stmt, &[&sender_ids]).await?;
+    let rows = tx
+        .query(&stmt, &[&sender_ids])
+        .timed("ingest_known_users")
+        .await?;
     let known_senders: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
     let admins: HashSet<i64> = rows
         .iter()
@@ -798,6 +840,7 @@ async fn refuse_non_members(
             &stmt,
             &[&ids, &convs, &senders, &sent, &MEMBERSHIP_SKEW_SECS],
         )
+        .timed("ingest_not_members")
         .await?
         .iter()
         .map(|r| r.get(0))
@@ -846,6 +889,7 @@ async fn upsert(tx: &Transaction<'_>, valid: &[StoredMessage]) -> ApiResult<Vec<
                 &deleted,
             ],
         )
+        .timed("ingest_upsert_messages")
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
@@ -885,7 +929,9 @@ async fn advance_conversations<'a>(
     let seqs: Vec<i64> = latest.values().map(|v| v.0).collect();
     let ats: Vec<Option<DateTime<Utc>>> = latest.values().map(|v| v.1).collect();
     let stmt = tx.prepare_cached(ADVANCE_CONVERSATIONS).await?;
-    tx.execute(&stmt, &[&ids, &seqs, &ats]).await?;
+    tx.execute(&stmt, &[&ids, &seqs, &ats])
+        .timed("ingest_advance_conversations")
+        .await?;
     Ok(())
 }
 
@@ -988,6 +1034,7 @@ async fn event_targets(
     let stmt = tx.prepare_cached(EVENT_TARGETS).await?;
     Ok(tx
         .query(&stmt, &[&ids])
+        .timed("ingest_event_targets")
         .await?
         .iter()
         .map(|r| {
@@ -1122,6 +1169,7 @@ async fn upsert_events(
                 &created,
             ],
         )
+        .timed("ingest_upsert_events")
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
@@ -1279,7 +1327,11 @@ async fn catch_up(
     let ids: Vec<Uuid> = new.keys().copied().collect();
     let convs: Vec<i64> = ids.iter().map(|id| new[id].conversation_id).collect();
     let stmt = tx.prepare_cached(CATCH_UP).await?;
-    for r in tx.query(&stmt, &[&ids, &convs]).await? {
+    for r in tx
+        .query(&stmt, &[&ids, &convs])
+        .timed("ingest_catch_up")
+        .await?
+    {
         let found = FoundEvent {
             target_id: r.get(0),
             seq: r.get(1),
@@ -1315,13 +1367,17 @@ async fn apply(tx: &Transaction<'_>, applied: &Applied) -> ApiResult<()> {
         let seqs: Vec<i64> = edits.iter().map(|e| e.1.seq).collect();
         let stmt = tx.prepare_cached(APPLY_EDITS).await?;
         tx.execute(&stmt, &[&ids, &convs, &actors, &contents, &ats, &seqs])
+            .timed("ingest_apply_edits")
             .await?;
     }
     if !applied.deletes.is_empty() {
         let ids: Vec<Uuid> = applied.deletes.keys().copied().collect();
         let ats: Vec<DateTime<Utc>> = applied.deletes.values().map(|d| d.1).collect();
         let stmt = tx.prepare_cached(APPLY_DELETES).await?;
-        let r = tx.query_one(&stmt, &[&ids, &ats]).await?;
+        let r = tx
+            .query_one(&stmt, &[&ids, &ats])
+            .timed("ingest_apply_deletes")
+            .await?;
         tracing::debug!(
             messages = r.get::<_, i64>(0),
             edits = r.get::<_, i64>(1),
@@ -1368,6 +1424,7 @@ async fn link_attachments(
         &stmt,
         &[&ids, &messages, &convs, &senders, &seqs, &positions],
     )
+    .timed("ingest_link_attachments")
     .await?;
     Ok(())
 }
@@ -1385,10 +1442,13 @@ async fn apply_receipts(
     let read: Vec<i64> = merged.values().map(|v| v.1).collect();
     let stmt = tx.prepare_cached(APPLY_RECEIPTS).await?;
     tx.execute(&stmt, &[&convs, &users, &delivered, &read])
+        .timed("ingest_apply_receipts")
         .await?;
     if push.is_some() {
         let stmt = tx.prepare_cached(SCHEDULE_CLEARS).await?;
-        tx.execute(&stmt, &[&convs, &users, &read]).await?;
+        tx.execute(&stmt, &[&convs, &users, &read])
+            .timed("ingest_schedule_clears")
+            .await?;
     }
     Ok(())
 }
@@ -1420,8 +1480,35 @@ async fn enqueue_push(
             &push.max_wait.as_secs_f64(),
         ],
     )
+    .timed("ingest_enqueue_push")
     .await?;
     Ok(())
+}
+
+/// One `debug` line per entry this call inserted (a replay logs nothing
+/// again): the request id of the client request or socket frame that sent
+/// it, where it is and its size, never its content. Enable with
+/// `RUST_LOG=info,origin::ingest=debug`.
+fn log_stored<'a>(entries: impl Iterator<Item = &'a StoredMessage>, inserted: &HashSet<Uuid>) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    for m in entries.filter(|m| inserted.contains(&m.id)) {
+        let (kind, bytes) = match m.change.as_ref().map(|c| &c.change) {
+            None => ("message", m.content.len()),
+            Some(Change::Edit { content }) => ("edit", content.len()),
+            Some(c) => (kind_of(c), 0),
+        };
+        tracing::debug!(
+            request_id = m.request_id.as_deref().unwrap_or(""),
+            conversation_id = m.conversation_id,
+            seq = m.seq,
+            message_id = %m.id,
+            kind,
+            bytes,
+            "ingest stored"
+        );
+    }
 }
 
 /// Users a message may mention (the room keeps at most as many).

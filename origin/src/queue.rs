@@ -8,6 +8,8 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use tokio::sync::{Notify, watch};
 
+use crate::metrics::Timed;
+
 /// One queue's settings for [`drive`].
 #[derive(Debug, Clone, Copy)]
 pub struct Queue {
@@ -16,6 +18,8 @@ pub struct Queue {
     /// Seconds until the next row is due (`NULL` when none is): the worker
     /// sleeps that long, at most `idle`.
     pub next_due_sql: &'static str,
+    /// Its name in `chat_db_query_seconds`.
+    pub next_due_query: &'static str,
     pub idle: Duration,
     /// A round that handled this many rows may have left more due: the
     /// next one starts at once.
@@ -50,7 +54,11 @@ pub async fn drive<F, Fut>(
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
-                tracing::warn!(error = %e, queue = queue.name, "queue round failed; retrying");
+                tracing::warn!(
+                    error = %crate::error::Chain(e.as_ref()),
+                    queue = queue.name,
+                    "queue round failed; retrying"
+                );
                 Duration::from_secs(1 << failures.min(5))
             }
         };
@@ -76,7 +84,12 @@ pub async fn drive<F, Fut>(
 async fn next_due(pool: &Pool, queue: Queue) -> Duration {
     let secs: Option<f64> = async {
         let client = pool.get().await.ok()?;
-        client.query_one(queue.next_due_sql, &[]).await.ok()?.get(0)
+        client
+            .query_one(queue.next_due_sql, &[])
+            .timed(queue.next_due_query)
+            .await
+            .ok()?
+            .get(0)
     }
     .await;
     match secs {

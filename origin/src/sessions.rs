@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::error::{ApiError, ApiResult};
+use crate::metrics::Timed;
 
 /// Length of a refresh token as the client holds it: 32 bytes in unpadded
 /// base64url.
@@ -104,6 +105,7 @@ async fn insert_token(
             "INSERT INTO refresh_tokens (token_hash, session_id, expires_at) VALUES ($1, $2, $3)",
             &[&hash(&token), &session_id, &expires_at],
         )
+        .timed("session_insert_refresh_token")
         .await?;
     Ok(NewRefreshToken { token, expires_at })
 }
@@ -123,6 +125,7 @@ pub async fn create(
         "INSERT INTO sessions (id, user_id, user_agent) VALUES ($1, $2, $3)",
         &[&id, &user_id, &user_agent],
     )
+    .timed("session_create")
     .await?;
     let token = insert_token(&tx, id, ttl).await?;
     tx.commit().await?;
@@ -162,6 +165,7 @@ pub async fn rotate(
              RETURNING t.session_id, s.user_id",
             &[&token_hash],
         )
+        .timed("session_refresh")
         .await?;
     if let Some(row) = won {
         let session_id: Uuid = row.get(0);
@@ -171,6 +175,7 @@ pub async fn rotate(
             "UPDATE sessions SET last_used_at = now() WHERE id = $1",
             &[&session_id],
         )
+        .timed("session_touch")
         .await?;
         tx.commit().await?;
         return Ok(Rotated {
@@ -189,6 +194,7 @@ pub async fn rotate(
              WHERE t.token_hash = $1",
             &[&token_hash],
         )
+        .timed("session_refresh_refused_why")
         .await?;
     let Some(row) = why else {
         return Err(ApiError::RefreshTokenInvalid);
@@ -229,6 +235,7 @@ pub async fn revoke(
              DELETE FROM push_subscriptions WHERE session_id = $1",
             &[&session_id, &reason.as_str()],
         )
+        .timed("session_revoke")
         .await?;
     Ok(())
 }
@@ -252,6 +259,7 @@ pub async fn revoke_all(
              SELECT count(*) FROM revoked",
             &[&user_id, &keep, &reason.as_str()],
         )
+        .timed("session_revoke_all")
         .await?;
     Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
 }
@@ -263,7 +271,11 @@ pub async fn is_live(client: &impl GenericClient, id: Uuid, user_id: i64) -> Api
             "SELECT 1 FROM sessions WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
         )
         .await?;
-    Ok(client.query_opt(&stmt, &[&id, &user_id]).await?.is_some())
+    Ok(client
+        .query_opt(&stmt, &[&id, &user_id])
+        .timed("session_is_live")
+        .await?
+        .is_some())
 }
 
 /// Deletes expired refresh tokens, and sessions that can no longer be
@@ -276,6 +288,7 @@ pub async fn sweep(
 ) -> ApiResult<(u64, u64)> {
     let tokens = client
         .execute("DELETE FROM refresh_tokens WHERE expires_at < now()", &[])
+        .timed("session_sweep_tokens")
         .await?;
     let refresh_secs = i64::try_from(refresh_ttl.as_secs()).unwrap_or(i64::MAX);
     // An access token names its session for its whole life (plus leeway);
@@ -290,6 +303,7 @@ pub async fn sweep(
                 OR last_used_at < now() - make_interval(secs => $1 + $2)",
             &[&(refresh_secs as f64), &(grace_secs as f64)],
         )
+        .timed("session_sweep_sessions")
         .await?;
     Ok((tokens, sessions))
 }

@@ -44,6 +44,7 @@ impl Application {
                 dummy_hash,
             }),
             metrics: crate::metrics::handle(),
+            figures: Arc::default(),
             access_ttl: config.access_token_ttl,
             refresh_ttl: config.refresh_token_ttl,
             login_guard: Arc::default(),
@@ -166,7 +167,10 @@ async fn sweep_sessions(state: AppState) {
                     "swept expired refresh tokens and sessions"
                 );
             }
-            Err(e) => tracing::warn!(error = %e, "session sweep failed; next try in an hour"),
+            Err(e) => tracing::warn!(
+                error = %crate::error::Chain(&e),
+                "session sweep failed; next try in an hour"
+            ),
         }
     }
 }

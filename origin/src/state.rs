@@ -12,6 +12,8 @@ pub struct AppState {
     pub pool: Pool,
     pub keys: Arc<Keys>,
     pub metrics: PrometheusHandle,
+    /// What `/metrics` reads from PostgreSQL, cached (see [`crate::metrics::DbFigures`]).
+    pub figures: Arc<crate::metrics::DbFigures>,
     /// Life of an access token.
     pub access_ttl: Duration,
     /// Life of a refresh token.

@@ -10,6 +10,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use crate::error::{ApiError, ApiResult};
+use crate::metrics::Timed;
 
 /// What a participant may know about a conversation before reading it.
 #[derive(Debug, Clone)]
@@ -53,7 +54,10 @@ pub async fn conversation_members(
              ORDER BY p.user_id",
         )
         .await?;
-    let rows = client.query(&stmt, &[&conversation_id]).await?;
+    let rows = client
+        .query(&stmt, &[&conversation_id])
+        .timed("conversation_members")
+        .await?;
     let first = rows.first().ok_or(ApiError::NotFound("conversation"))?;
     let members = rows
         .iter()
@@ -169,7 +173,10 @@ async fn reactions_of(
              ORDER BY target_id, seq",
         )
         .await?;
-    let events = client.query(&stmt, &[&ids]).await?;
+    let events = client
+        .query(&stmt, &[&ids])
+        .timed("message_reactions")
+        .await?;
     let mut per_message: HashMap<Uuid, Vec<(i64, &str, bool)>> = HashMap::new();
     for e in &events {
         let target: Uuid = e.get(0);
@@ -262,7 +269,7 @@ async fn replies_of(
         )
         .await?;
     let mut out = HashMap::new();
-    for r in client.query(&stmt, &[&ids]).await? {
+    for r in client.query(&stmt, &[&ids]).timed("message_quotes").await? {
         let id: Uuid = r.get(0);
         if wanted.get(&id) != Some(&r.get::<_, i64>(1)) {
             continue;
@@ -310,6 +317,7 @@ pub fn attachments_summary(kinds: &[String], names: &[Option<String>]) -> String
 pub async fn unknown_users(client: &impl GenericClient, ids: &[i64]) -> ApiResult<Vec<i64>> {
     let rows = client
         .query("SELECT id FROM users WHERE id = ANY($1)", &[&ids])
+        .timed("unknown_users")
         .await?;
     let known: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
     Ok(ids

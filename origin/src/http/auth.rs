@@ -19,6 +19,7 @@ use uuid::Uuid;
 use super::ApiJson;
 use crate::auth::{AuthUser, ClientAddr, now_unix};
 use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::metrics::Timed;
 use crate::sessions::{self, NewRefreshToken, Revocation};
 use crate::state::AppState;
 
@@ -218,6 +219,7 @@ async fn login(
             "SELECT id, email, full_name, role, password_hash FROM users WHERE email = $1",
             &[&email],
         )
+        .timed("login_user")
         .await?;
     // Verify against a dummy hash when the user is unknown, so both cases
     // cost one Argon2 verification and answer the same. No connection is
@@ -275,6 +277,7 @@ async fn refresh(
             "SELECT id, email, full_name, role FROM users WHERE id = $1",
             &[&rotated.user_id],
         )
+        .timed("refresh_user")
         .await?;
     let user = user_view(&row)?;
     Ok(Json(tokens(
@@ -389,6 +392,7 @@ async fn change_password(
             "SELECT email, password_hash FROM users WHERE id = $1",
             &[&user.id],
         )
+        .timed("password_user")
         .await?
         .ok_or(ApiError::Unauthorized(AuthError::Invalid))?;
     let (email, hash): (String, String) = (row.get(0), row.get(1));
@@ -405,6 +409,7 @@ async fn change_password(
         "UPDATE users SET password_hash = $2 WHERE id = $1",
         &[&user.id, &new_hash],
     )
+    .timed("password_update")
     .await?;
     let revoked = sessions::revoke_all(&tx, user.id, user.sid, Revocation::PasswordChanged).await?;
     tx.commit().await?;

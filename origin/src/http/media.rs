@@ -20,6 +20,7 @@ use super::{ApiJson, ApiPath, ApiQuery};
 use crate::auth::{AuthUser, ServiceCaller};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::media::{self, ATTACHMENT_COLUMN_COUNT, ATTACHMENT_COLUMNS, meta_from_row};
+use crate::metrics::Timed;
 use crate::state::AppState;
 use crate::store;
 
@@ -81,6 +82,7 @@ async fn reserve(
         "SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE",
         &[&req.uploader_id],
     )
+    .timed("media_lock_uploader")
     .await?;
     let used: i64 = tx
         .query_one(
@@ -88,6 +90,7 @@ async fn reserve(
              WHERE uploader_id = $1 AND created_at > now() - interval '24 hours'",
             &[&req.uploader_id],
         )
+        .timed("media_quota_used")
         .await?
         .get(0);
     if let Some(refused) = media::check_quota(config, used, req.size) {
@@ -109,6 +112,7 @@ async fn reserve(
             &req.duration_ms,
         ],
     )
+    .timed("media_reserve")
     .await?;
     tx.commit().await?;
     metrics::counter!("media_reserved_total", "kind" => req.kind.as_str()).increment(1);
@@ -143,6 +147,7 @@ async fn commit(
             ),
             &[&id, &req.width, &req.height],
         )
+        .timed("media_commit")
         .await?;
     let row = match committed {
         Some(row) => {
@@ -154,6 +159,7 @@ async fn commit(
                 &format!("SELECT {ATTACHMENT_COLUMNS} FROM attachments a WHERE a.id = $1"),
                 &[&id],
             )
+            .timed("media_by_id")
             .await?
             .ok_or(ApiError::NotFound("attachment"))?,
     };
@@ -177,7 +183,7 @@ async fn abort(
              SELECT (SELECT count(*) FROM gone), (SELECT state FROM attachments WHERE id = $1)",
             &[&id],
         )
-        .await?;
+        .timed("media_abort").await?;
     let (deleted, state_now): (i64, Option<String>) =
         row.map(|r| (r.get(0), r.get(1))).unwrap_or((0, None));
     match (deleted, state_now) {
@@ -317,6 +323,7 @@ async fn gallery(
         .await?;
     let rows = client
         .query(&stmt, &[&id, &kind, &seq, &position, &(limit + 1)])
+        .timed("media_gallery_page")
         .await?;
     let more = rows.len() as i64 > limit;
     let now = crate::auth::now_unix();
@@ -383,6 +390,7 @@ async fn get_attachment(
             ),
             &[&attachment_id, &id, &user.id],
         )
+        .timed("media_attachment")
         .await?
         .ok_or(ApiError::NotFound("attachment"))?;
     Ok(Json(state.media.view(meta_from_row(&row, 0)?)))

@@ -14,6 +14,7 @@ mod messages;
 mod openapi;
 mod ops;
 mod push;
+pub mod request_id;
 mod search;
 mod users;
 
@@ -105,11 +106,13 @@ pub fn app(state: AppState, config: &crate::config::Config) -> Router {
     let mut app = Router::new()
         .merge(public)
         .merge(internal)
-        // route_layer: runs after routing, so the matched route is known.
-        .route_layer(middleware::from_fn(crate::metrics::track_requests))
         .fallback(|| async { ApiError::NotFound("route") })
         // JSON like every other error (axum's own 405 has an empty body).
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        // A router's layer wraps each route after routing (so the matched
+        // route is known) and, added after them, the fallbacks too (404s
+        // count, as `unmatched`).
+        .layer(middleware::from_fn(crate::metrics::track_requests))
         .with_state(state)
         .layer(CompressionLayer::new())
         .layer(TimeoutLayer::with_status_code(
@@ -124,14 +127,21 @@ pub fn app(state: AppState, config: &crate::config::Config) -> Router {
                         req.uri().path_and_query().map_or("/", |pq| pq.as_str()),
                     )
                     .into_owned();
-                    tracing::info_span!("request", method = %req.method(), uri = %uri)
+                    // Set by the request id layer, which runs first.
+                    let id = req
+                        .extensions()
+                        .get::<request_id::RequestId>()
+                        .map_or("", |r| r.0.as_str());
+                    tracing::info_span!("request", method = %req.method(), uri = %uri, request_id = %id)
                 })
                 .on_response(
                     tower_http::trace::DefaultOnResponse::new()
                         .level(tracing::Level::INFO)
                         .latency_unit(tower_http::LatencyUnit::Micros),
                 ),
-        );
+        )
+        // Outside the trace layer, so the request's span has the id.
+        .layer(middleware::from_fn(request_id::middleware));
     if !config.allowed_origins.is_empty() {
         let origins: Vec<HeaderValue> = config
             .allowed_origins

@@ -102,9 +102,12 @@ async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     crate::metrics::record_pool(&state.pool);
     crate::metrics::record_hasher(&state.hasher);
+    let mut body = state.metrics.render();
+    // Figures read from PostgreSQL (cached), rendered per application.
+    body.push_str(&state.figures.render(&state.pool).await);
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        body,
     )
 }

@@ -20,6 +20,7 @@ use utoipa_axum::routes;
 use super::{ApiJson, ApiPath};
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::metrics::Timed;
 use crate::push::MAX_SUBSCRIPTIONS_PER_USER;
 use crate::push::webpush::Keys;
 use crate::state::AppState;
@@ -266,6 +267,7 @@ async fn subscribe(
              RETURNING id, endpoint, created_at, xmax = 0",
             &[&user.id, &user.sid, &req.endpoint, &p256dh, &auth],
         )
+        .timed("push_subscribe")
         .await?;
     let id: i64 = row.get(0);
     // Past the cap, the user's least recently useful subscriptions go.
@@ -277,6 +279,7 @@ async fn subscribe(
              OFFSET $3)",
         &[&user.id, &id, &(MAX_SUBSCRIPTIONS_PER_USER - 1)],
     )
+    .timed("push_trim_subscriptions")
     .await?;
     tx.commit().await?;
     let created: bool = row.get(3);
@@ -321,6 +324,7 @@ async fn unsubscribe(
             "DELETE FROM push_subscriptions WHERE id = $1 AND user_id = $2",
             &[&id, &user.id],
         )
+        .timed("push_unsubscribe")
         .await?;
     if deleted == 0 {
         return Err(ApiError::NotFound("subscription"));
@@ -361,6 +365,7 @@ async fn get_settings(
              FROM notification_settings WHERE user_id = $1",
             &[&user.id],
         )
+        .timed("push_settings")
         .await?;
     Ok(Json(settings_view(row.as_ref())))
 }
@@ -434,6 +439,7 @@ async fn put_settings(
     if let Some((_, _, zone)) = quiet {
         let known = client
             .query_opt("SELECT 1 FROM pg_timezone_names WHERE name = $1", &[&zone])
+            .timed("push_time_zone_known")
             .await?
             .is_some();
         if !known {
@@ -457,7 +463,7 @@ async fn put_settings(
              RETURNING show_content, quiet_start, quiet_end, time_zone",
             &[&user.id, &req.show_content, &start, &end, &zone],
         )
-        .await?;
+        .timed("push_settings_update").await?;
     Ok(Json(settings_view(Some(&row))))
 }
 
@@ -488,6 +494,7 @@ async fn get_conversation_prefs(
              WHERE user_id = $1 AND conversation_id = $2",
             &[&user.id, &id],
         )
+        .timed("push_conversation_prefs")
         .await?;
     Ok(Json(match row {
         Some(r) => ConversationNotifications {
@@ -540,7 +547,7 @@ async fn put_conversation_prefs(
              RETURNING level, muted_until",
             &[&user.id, &id, &req.level.as_str(), &req.muted_until],
         )
-        .await?;
+        .timed("push_conversation_prefs_update").await?;
     Ok(Json(ConversationNotifications {
         level: NotificationLevel::from_db(row.get(0)),
         muted_until: row.get(1),

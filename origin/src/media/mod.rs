@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use crate::config::MediaConfig;
 use crate::error::{ApiError, ApiResult};
+use crate::metrics::Timed;
 
 /// What the media routes and tasks share.
 #[derive(Debug)]
@@ -117,7 +118,11 @@ pub async fn attachments_of(
              ORDER BY a.message_id, a.position"
         ))
         .await?;
-    for row in client.query(&stmt, &[&message_ids]).await? {
+    for row in client
+        .query(&stmt, &[&message_ids])
+        .timed("message_attachments")
+        .await?
+    {
         let message_id: Uuid = row.get(ATTACHMENT_COLUMN_COUNT);
         out.entry(message_id)
             .or_default()

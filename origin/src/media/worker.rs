@@ -46,6 +46,7 @@ use shared::protocol::internal::{ReapAttachments, Reaped, SERVICE_SECRET_HEADER}
 use uuid::Uuid;
 
 use super::{ATTACHMENT_COLUMNS, Media, container, meta_from_row};
+use crate::metrics::Timed;
 
 /// How long a lease lasts: past it, another worker may take the row.
 pub const LEASE: Duration = Duration::from_secs(60);
@@ -296,6 +297,7 @@ pub async fn run(pool: Pool, media: Arc<Media>) {
     let queue = crate::queue::Queue {
         name: "media",
         next_due_sql: NEXT_DUE,
+        next_due_query: "media_next_due",
         idle: IDLE_POLL,
         full: media.config.process_concurrency,
     };
@@ -316,6 +318,7 @@ async fn round(pool: &Pool, media: &Media, edge: &EdgeMedia) -> anyhow::Result<u
             &format!("{CLAIM} RETURNING {ATTACHMENT_COLUMNS}, a.duration_hint_ms, a.attempts"),
             &[&limit, &LEASE.as_secs_f64(), &token],
         )
+        .timed("media_claim")
         .await?;
     drop(client);
     if rows.is_empty() {
@@ -336,7 +339,7 @@ async fn round(pool: &Pool, media: &Media, edge: &EdgeMedia) -> anyhow::Result<u
         .for_each_concurrent(media.config.process_concurrency, |row| async move {
             if let Err(e) = work(pool, edge, token, row).await {
                 // The lease runs out and the row is taken again.
-                tracing::warn!(error = %e, id = %row.meta.id, "media job not finished; it will be retried");
+                tracing::warn!(error = %crate::error::Chain(e.as_ref()), id = %row.meta.id, "media job not finished; it will be retried");
             }
         })
         .await;
@@ -382,6 +385,7 @@ async fn work(pool: &Pool, edge: &EdgeMedia, token: Uuid, row: &Leased) -> anyho
                      WHERE id = $1 AND claim = $2",
                     &[&id, &token],
                 )
+                .timed("media_notified")
                 .await?;
         }
         Err(Transient(why)) if attempts + 1 < MAX_ATTEMPTS => {
@@ -399,7 +403,7 @@ async fn work(pool: &Pool, edge: &EdgeMedia, token: Uuid, row: &Leased) -> anyho
                      WHERE id = $1 AND claim = $2",
                     &[&id, &token],
                 )
-                .await?;
+                .timed("media_notice_given_up").await?;
         }
     }
     Ok(())
@@ -415,6 +419,7 @@ async fn retry(pool: &Pool, token: Uuid, id: Uuid, attempts: i32) -> anyhow::Res
              WHERE id = $1 AND claim = $2",
             &[&id, &token, &backoff(attempts).as_secs_f64()],
         )
+        .timed("media_retry")
         .await?;
     Ok(())
 }
@@ -454,6 +459,7 @@ async fn record(
                 &outcome.has_thumbnail,
             ],
         )
+        .timed("media_processed")
         .await?;
     match row {
         Some(r) => Ok(Some(
@@ -552,7 +558,10 @@ pub async fn cleanup(pool: Pool, media: Arc<Media>) {
         match reap_round(&pool, &edge, media.config.unsent_ttl).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(reaped = n, "reaped unsent uploads"),
-            Err(e) => tracing::warn!(error = %e, "media cleanup failed; next round retries"),
+            Err(e) => tracing::warn!(
+                error = %crate::error::Chain(e.as_ref()),
+                "media cleanup failed; next round retries"
+            ),
         }
     }
 }
@@ -568,6 +577,7 @@ pub async fn reap_round(pool: &Pool, edge: &EdgeMedia, ttl: Duration) -> anyhow:
              ORDER BY created_at LIMIT $2",
             &[&ttl.as_secs_f64(), &REAP_BATCH],
         )
+        .timed("media_reap_find")
         .await?;
     let mut by_room: BTreeMap<i64, Vec<Uuid>> = BTreeMap::new();
     for r in &rows {
@@ -585,7 +595,7 @@ pub async fn reap_round(pool: &Pool, edge: &EdgeMedia, ttl: Duration) -> anyhow:
                          WHERE id = ANY($1::uuid[]) AND conversation_id = $2 AND message_id IS NULL",
                         &[&reaped, &conversation_id],
                     )
-                    .await?;
+                    .timed("media_reap_delete").await?;
             }
             Ok(_) => {}
             Err(Transient(why)) => {

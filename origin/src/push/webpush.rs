@@ -211,14 +211,14 @@ pub async fn send(
     let body = match encrypt(request.payload, keys) {
         Ok(body) => body,
         Err(e) => {
-            tracing::error!(error = %e, "push payload not encrypted");
+            tracing::error!(error = %crate::error::Chain(e.as_ref()), "push payload not encrypted");
             return Outcome::Refused { status: 0 };
         }
     };
     let authorization = match vapid.authorization(&endpoint.origin().ascii_serialization()) {
         Ok(a) => a,
         Err(e) => {
-            tracing::error!(error = %e, "VAPID token not signed");
+            tracing::error!(error = %crate::error::Chain(e.as_ref()), "VAPID token not signed");
             return Outcome::Refused { status: 0 };
         }
     };
@@ -244,7 +244,7 @@ pub async fn send(
         }
         Err(e) => {
             // Without the URL: it names the subscription.
-            tracing::debug!(error = %e.without_url(), "push request failed");
+            tracing::debug!(error = %crate::error::Chain(&e.without_url()), "push request failed");
             Outcome::Retry { after: None }
         }
     }

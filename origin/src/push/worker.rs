@@ -84,6 +84,7 @@ use uuid::Uuid;
 use super::Push;
 use super::payload::{self, MessageFacts};
 use super::webpush::{self, Keys, Outcome, PushRequest, Urgency, Vapid};
+use crate::metrics::Timed;
 
 /// Jobs (and clears) leased per round.
 ///
@@ -393,6 +394,7 @@ pub async fn run(pool: Pool, push: Arc<Push>, stop: watch::Receiver<bool>) {
     let queue = crate::queue::Queue {
         name: "push",
         next_due_sql: NEXT_DUE,
+        next_due_query: "push_next_due",
         idle: IDLE_POLL,
         full: BATCH as usize,
     };
@@ -410,7 +412,11 @@ async fn subscriptions(
     users: &[i64],
 ) -> anyhow::Result<HashMap<i64, Vec<Subscription>>> {
     let mut by_user: HashMap<i64, Vec<Subscription>> = HashMap::new();
-    for r in client.query(SUBSCRIPTIONS, &[&users]).await? {
+    for r in client
+        .query(SUBSCRIPTIONS, &[&users])
+        .timed("push_subscriptions")
+        .await?
+    {
         by_user.entry(r.get(1)).or_default().push(Subscription {
             id: r.get(0),
             endpoint: r.get(2),
@@ -466,6 +472,7 @@ async fn send_one(
                         "UPDATE push_subscriptions SET last_success_at = now() WHERE id = $1",
                         &[&subscription.id],
                     )
+                    .timed("push_subscription_delivered")
                     .await?;
             }
             Outcome::Gone => {
@@ -474,6 +481,7 @@ async fn send_one(
                         "DELETE FROM push_subscriptions WHERE id = $1",
                         &[&subscription.id],
                     )
+                    .timed("push_subscription_gone")
                     .await?;
                 tracing::info!(
                     subscription = subscription.id,
@@ -492,7 +500,7 @@ async fn send_one(
         anyhow::Ok(())
     };
     if let Err(e) = update.await {
-        tracing::warn!(error = %e, "push subscription not updated");
+        tracing::warn!(error = %crate::error::Chain(e.as_ref()), "push subscription not updated");
     }
     outcome
 }
@@ -503,6 +511,7 @@ async fn clear_round(pool: &Pool, push: &Push, vapid: &Vapid) -> anyhow::Result<
     let client = pool.get().await?;
     let rows = client
         .query(CLAIM_CLEARS, &[&BATCH, &LEASE.as_secs_f64(), &token])
+        .timed("push_claim_clears")
         .await?;
     if rows.is_empty() {
         return Ok(0);
@@ -533,11 +542,11 @@ async fn clear_round(pool: &Pool, push: &Push, vapid: &Vapid) -> anyhow::Result<
                     pool.get()
                         .await?
                         .execute(FINISH_CLEAR, &[&user_id, &conversation_id, &token])
-                        .await?;
+                        .timed("push_finish_clear").await?;
                     anyhow::Ok(())
                 };
                 if let Err(e) = finished.await {
-                    tracing::warn!(error = %e, conversation_id, "clear not recorded; it may repeat");
+                    tracing::warn!(error = %crate::error::Chain(e.as_ref()), conversation_id, "clear not recorded; it may repeat");
                 }
             }
         })
@@ -551,6 +560,7 @@ async fn job_round(pool: &Pool, push: &Push, vapid: &Vapid) -> anyhow::Result<us
     let client = pool.get().await?;
     let rows = client
         .query(CLAIM_JOBS, &[&BATCH, &LEASE.as_secs_f64(), &token])
+        .timed("push_claim_jobs")
         .await?;
     if rows.is_empty() {
         return Ok(0);
@@ -579,7 +589,7 @@ async fn job_round(pool: &Pool, push: &Push, vapid: &Vapid) -> anyhow::Result<us
             async move {
                 if let Err(e) = handle_job(pool, push, vapid, token, job, context, subs).await {
                     // The lease runs out and the job is taken again.
-                    tracing::warn!(error = %e, conversation_id = job.conversation_id, "push job not finished; it will be retried");
+                    tracing::warn!(error = %crate::error::Chain(e.as_ref()), conversation_id = job.conversation_id, "push job not finished; it will be retried");
                 }
             }
         })
@@ -609,6 +619,7 @@ async fn contexts(
     );
     let rows = client
         .query(JOB_CONTEXT, &[&users, &convs, &firsts, &lasts, &senders])
+        .timed("push_job_context")
         .await?;
     Ok(rows
         .iter()
@@ -732,6 +743,7 @@ async fn handle_job(
                     RECORD_NOTIFIED,
                     &[&job.user_id, &job.conversation_id, &job.last_seq],
                 )
+                .timed("push_record_notified")
                 .await?;
             }
             tx.execute(
@@ -745,6 +757,7 @@ async fn handle_job(
                     &delivered,
                 ],
             )
+            .timed("push_retry_job")
             .await?;
             tx.commit().await?;
             Ok(())
@@ -778,6 +791,7 @@ async fn park(pool: &Pool, token: Uuid, job: &Job) -> anyhow::Result<()> {
             "SELECT is_online FROM user_presence WHERE user_id = $1 FOR SHARE",
             &[&job.user_id],
         )
+        .timed("push_presence_for_park")
         .await?
         .is_some_and(|r| r.get(0));
     if online {
@@ -790,9 +804,11 @@ async fn park(pool: &Pool, token: Uuid, job: &Job) -> anyhow::Result<()> {
                 &PARK_RECHECK.as_secs_f64(),
             ],
         )
+        .timed("push_park_job")
         .await?;
     } else {
         tx.execute(RELEASE_JOB, &[&job.user_id, &job.conversation_id, &token])
+            .timed("push_release_job")
             .await?;
     }
     tx.commit().await?;
@@ -817,6 +833,7 @@ async fn finish(
             RECORD_NOTIFIED,
             &[&job.user_id, &job.conversation_id, &job.last_seq],
         )
+        .timed("push_record_notified")
         .await?;
     }
     let deleted = tx
@@ -824,6 +841,7 @@ async fn finish(
             DELETE_JOB,
             &[&job.user_id, &job.conversation_id, &token, &job.last_seq],
         )
+        .timed("push_delete_job")
         .await?;
     if deleted == 0 {
         tx.execute(
@@ -837,6 +855,7 @@ async fn finish(
                 &push.config.coalesce.as_secs_f64(),
             ],
         )
+        .timed("push_keep_remainder")
         .await?;
     }
     tx.commit().await?;
