@@ -33,7 +33,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Latency buckets, in seconds: fine below 10 ms, where the targets are.
-const LATENCY_BUCKETS: &[f64] = shared::metrics::LATENCY_BUCKETS;
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 
 /// Buckets of `chat_message_persist_seconds`, in seconds. It spans the
 /// edge's outbox (a flush every few hundred ms, retries with backoff while
@@ -437,4 +439,10 @@ mod tests {
         }
         assert_eq!(render_figures(None, None), "");
     }
+}
+
+/// Errors the edge reported (`chat_errors_total{layer="edge"}`), in the
+/// same family as the origin's own.
+pub fn record_edge_errors(code: String, n: u64) {
+    metrics::counter!("chat_errors_total", "code" => code, "layer" => "edge").increment(n);
 }

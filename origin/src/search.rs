@@ -194,6 +194,15 @@ pub fn search_hits(seqs: i64) -> &'static str {
     }
 }
 
+/// The name of [`search_hits`]'s statement in `chat_db_query_seconds`.
+pub fn search_hits_query(seqs: i64) -> &'static str {
+    if seqs <= SCAN_BELOW {
+        "search_scan"
+    } else {
+        "search"
+    }
+}
+
 /// `q` split for [`BUILD_QUERY`]: the text read by `websearch_to_tsquery`,
 /// and the last word when it is to match as a prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]

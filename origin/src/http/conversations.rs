@@ -16,6 +16,7 @@ use utoipa_axum::routes;
 use super::{ApiJson, ApiPath};
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::metrics::Timed;
 use crate::state::AppState;
 use crate::store::{self, MESSAGE_COLUMNS};
 
@@ -244,6 +245,7 @@ async fn list_conversations(
         .await?;
     let rows = client
         .query(&stmt, &[&user.id, &LIST_LIMIT, &UNREAD_CAP])
+        .timed("list_conversations")
         .await?;
     let mut conversations = Vec::with_capacity(rows.len());
     // Last messages with no text: they are previewed by what they carry
@@ -374,6 +376,7 @@ async fn create_conversation(
                      RETURNING id",
                     &[&name.as_str(), &user.id],
                 )
+                .timed("create_group")
                 .await?;
             let id: i64 = row.get(0);
             tx.execute(
@@ -381,6 +384,7 @@ async fn create_conversation(
                  SELECT $1, unnest($2::int8[])",
                 &[&id, &members],
             )
+            .timed("create_group_members")
             .await?;
             tx.commit().await?;
             (id, true)
@@ -414,6 +418,7 @@ async fn find_or_create_direct(
              RETURNING id",
             &[&a, &lo, &hi],
         )
+        .timed("create_direct")
         .await?;
     let result = match inserted {
         Some(row) => {
@@ -423,6 +428,7 @@ async fn find_or_create_direct(
                  VALUES ($1, $2), ($1, $3)",
                 &[&id, &lo, &hi],
             )
+            .timed("create_direct_members")
             .await?;
             (id, true)
         }
@@ -432,7 +438,7 @@ async fn find_or_create_direct(
                     "SELECT id FROM conversations WHERE direct_user_lo = $1 AND direct_user_hi = $2",
                     &[&lo, &hi],
                 )
-                .await?;
+                .timed("find_direct").await?;
             (row.get(0), false)
         }
     };
@@ -448,6 +454,7 @@ async fn load_view(client: &impl GenericClient, id: i64) -> ApiResult<Conversati
              FROM conversations WHERE id = $1",
             &[&id],
         )
+        .timed("conversation_view")
         .await?
         .ok_or(ApiError::NotFound("conversation"))?;
     let rows = client
@@ -457,6 +464,7 @@ async fn load_view(client: &impl GenericClient, id: i64) -> ApiResult<Conversati
              WHERE p.conversation_id = $1 ORDER BY p.joined_at, u.id",
             &[&id],
         )
+        .timed("conversation_participants")
         .await?;
     let participants = rows
         .iter()
@@ -511,7 +519,10 @@ async fn get_conversation(
              ORDER BY seq DESC LIMIT $2"
         ))
         .await?;
-    let rows = client.query(&stmt, &[&id, &(LATEST_MESSAGES + 1)]).await?;
+    let rows = client
+        .query(&stmt, &[&id, &(LATEST_MESSAGES + 1)])
+        .timed("conversation_latest_messages")
+        .await?;
     let has_more = rows.len() as i64 > LATEST_MESSAGES;
     let rows = &rows[..rows.len().min(LATEST_MESSAGES as usize)];
     let mut messages: Vec<MessageView> =
@@ -559,12 +570,14 @@ async fn rename_conversation(
         "SELECT 1 FROM conversations WHERE id = $1 FOR NO KEY UPDATE",
         &[&id],
     )
+    .timed("conversation_lock")
     .await?;
     check_manage(&tx, id, &user, Change::Name).await?;
     tx.execute(
         "UPDATE conversations SET name = $2, updated_at = now() WHERE id = $1",
         &[&id, &name.as_str()],
     )
+    .timed("rename_group")
     .await?;
     tx.commit().await?;
     Ok(Json(load_view(&client, id).await?))
@@ -671,6 +684,7 @@ async fn add_participants(
         "SELECT 1 FROM conversations WHERE id = $1 FOR NO KEY UPDATE",
         &[&id],
     )
+    .timed("conversation_lock")
     .await?;
     check_manage(&tx, id, &user, Change::Members).await?;
     let unknown = store::unknown_users(&tx, &ids).await?;
@@ -685,6 +699,7 @@ async fn add_participants(
                  UNION SELECT unnest($2::int8[])) members",
             &[&id, &ids],
         )
+        .timed("group_size_after")
         .await?
         .get(0);
     if size_after > MAX_GROUP_MEMBERS as i64 {
@@ -702,11 +717,12 @@ async fn add_participants(
              ON CONFLICT (conversation_id, user_id) DO NOTHING",
             &[&id, &ids],
         )
-        .await?;
+        .timed("add_members").await?;
     tx.execute(
         "UPDATE conversations SET updated_at = now() WHERE id = $1",
         &[&id],
     )
+    .timed("touch_conversation")
     .await?;
     tx.commit().await?;
     if added > 0 {
@@ -749,6 +765,7 @@ async fn remove_participants(
         "SELECT 1 FROM conversations WHERE id = $1 FOR NO KEY UPDATE",
         &[&id],
     )
+    .timed("conversation_lock")
     .await?;
     check_manage(&tx, id, &user, change).await?;
     // A trigger closes the membership periods and bumps members_version.
@@ -757,7 +774,7 @@ async fn remove_participants(
             "DELETE FROM conversation_participants WHERE conversation_id = $1 AND user_id = ANY($2)",
             &[&id, &ids],
         )
-        .await?;
+        .timed("remove_members").await?;
     tx.commit().await?;
     if removed > 0 {
         state.edge.members_changed(id);

@@ -19,6 +19,7 @@ use shared::protocol::internal::{
 use super::{ApiJson, ApiPath};
 use crate::auth::ServiceCaller;
 use crate::error::{ApiError, ApiResult};
+use crate::metrics::Timed;
 use crate::state::AppState;
 use crate::{ingest, store};
 
@@ -77,6 +78,7 @@ async fn members(
             .await?;
         client
             .query(&stmt, &[&id, &access.created_by])
+            .timed("internal_moderators")
             .await?
             .iter()
             .map(|r| r.get(0))
@@ -124,6 +126,7 @@ async fn message_by_seq(
              FROM messages WHERE conversation_id = $1 AND seq = $2",
             &[&id, &seq],
         )
+        .timed("internal_message_by_seq")
         .await?;
     let Some(row) = row else {
         return event_by_seq(&client, id, seq).await.map(Json);
@@ -134,6 +137,7 @@ async fn message_by_seq(
             "SELECT id FROM attachments WHERE message_id = $1 ORDER BY position",
             &[&message_id],
         )
+        .timed("internal_message_attachments")
         .await?
         .iter()
         .map(|r| r.get(0))
@@ -168,6 +172,7 @@ async fn event_by_seq(
              FROM message_events WHERE conversation_id = $1 AND seq = $2",
             &[&id, &seq],
         )
+        .timed("internal_event_by_seq")
         .await?
         .ok_or(ApiError::NotFound("message"))?;
     let kind: &str = row.get(5);
@@ -223,6 +228,7 @@ async fn contacts(
              WHERE u.id = $1",
             &[&id],
         )
+        .timed("internal_own_presence")
         .await?
         .ok_or(ApiError::NotFound("user"))?;
     let rows = client
@@ -236,6 +242,7 @@ async fn contacts(
              ORDER BY other.user_id",
             &[&id],
         )
+        .timed("internal_contacts")
         .await?;
     Ok(Json(UserContacts {
         user_id: id,
@@ -292,6 +299,7 @@ async fn presence(
              RETURNING user_id, is_online",
             &[&ids, &online, &seen],
         )
+        .timed("presence_update")
         .await?
         .iter()
         .filter(|r| !r.get::<_, bool>(1))
@@ -301,6 +309,7 @@ async fn presence(
     // (see `crate::push::worker`).
     if !offline.is_empty() {
         tx.execute(crate::push::worker::WAKE_PARKED, &[&offline])
+            .timed("presence_wake_parked")
             .await?;
     }
     tx.commit().await?;

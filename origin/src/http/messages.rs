@@ -11,6 +11,7 @@ use utoipa_axum::routes;
 use super::{ApiPath, ApiQuery};
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::metrics::Timed;
 use crate::state::AppState;
 use crate::store::{self, MESSAGE_COLUMNS};
 
@@ -109,14 +110,24 @@ async fn list_messages(
                      ORDER BY seq ASC LIMIT $3"
                 ))
                 .await?;
-            let rows = client.query(&stmt, &[&id, &after, &fetch, &before]).await?;
+            let rows = client
+                .query(&stmt, &[&id, &after, &fetch, &before])
+                .timed("history_between")
+                .await?;
             return Ok(Json(
                 page(&client, &state, &rows, limit, true, &access, user.id).await?,
             ));
         }
     };
     let stmt = client.prepare_cached(&sql).await?;
-    let rows = client.query(&stmt, &[&id, &forwards.0, &fetch]).await?;
+    let rows = client
+        .query(&stmt, &[&id, &forwards.0, &fetch])
+        .timed(if forwards.1 {
+            "history_after"
+        } else {
+            "history_before"
+        })
+        .await?;
     Ok(Json(
         page(&client, &state, &rows, limit, forwards.1, &access, user.id).await?,
     ))

@@ -12,6 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::metrics::Timed;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -71,7 +72,7 @@ pub struct Health {
 async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
     let check = async {
         let client = state.pool.get().await?;
-        client.query_one("SELECT 1", &[]).await?;
+        client.query_one("SELECT 1", &[]).timed("healthz").await?;
         Ok::<_, ApiError>(())
     };
     match tokio::time::timeout(Duration::from_secs(2), check).await {

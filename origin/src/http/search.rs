@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::ApiQuery;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::metrics::Timed;
 use crate::search::{
     BUILD_QUERY, CALLER_CONVERSATIONS, CONVERSATION_ACCESS, Cursor, DEFAULT_PAGE, MAX_PAGE,
     MAX_QUERY_CHARS, RANK_WINDOW, SEARCH_GUARD, search_hits, terms,
@@ -145,6 +146,7 @@ async fn search(
             let stmt = tx.prepare_cached(CONVERSATION_ACCESS).await?;
             let row = tx
                 .query_opt(&stmt, &[&id, &user.id])
+                .timed("search_conversation_access")
                 .await?
                 .ok_or(ApiError::NotFound("conversation"))?;
             if !row.get::<_, bool>(0) {
@@ -156,7 +158,10 @@ async fn search(
         }
         None => {
             let stmt = tx.prepare_cached(CALLER_CONVERSATIONS).await?;
-            let row = tx.query_one(&stmt, &[&user.id]).await?;
+            let row = tx
+                .query_one(&stmt, &[&user.id])
+                .timed("search_caller_conversations")
+                .await?;
             (row.get(0), row.get(1))
         }
     };
@@ -171,6 +176,7 @@ async fn search(
     let stmt = tx.prepare_cached(BUILD_QUERY).await?;
     let row = tx
         .query_one(&stmt, &[&terms.web, &terms.prefix])
+        .timed("search_build_query")
         .await
         .map_err(db_error)?;
     let (tsquery, operands, indexable): (String, i32, bool) = (row.get(0), row.get(1), row.get(2));
@@ -195,6 +201,7 @@ async fn search(
                 &cursor.map(|c| c.id),
             ],
         )
+        .timed(crate::search::search_hits_query(seqs))
         .await
         .map_err(db_error)?;
     tx.commit().await?;

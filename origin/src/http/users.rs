@@ -12,6 +12,7 @@ use utoipa_axum::routes;
 use super::{ApiPath, ApiQuery};
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::metrics::Timed;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -98,6 +99,7 @@ async fn active_users(
         .await?;
     let rows = client
         .query(&stmt, &[&user.id, &ACTIVE_USERS_LIMIT])
+        .timed("active_users")
         .await?;
     let users = rows
         .iter()
@@ -131,6 +133,7 @@ async fn presence(
              FROM users u LEFT JOIN user_presence p ON p.user_id = u.id WHERE u.id = $1",
             &[&user_id],
         )
+        .timed("presence")
         .await?
         .ok_or(ApiError::NotFound("user"))?;
     Ok(Json(Presence {
@@ -173,6 +176,7 @@ async fn user_card(
         .await?;
     let row = client
         .query_opt(&stmt, &[&id])
+        .timed("user_card")
         .await?
         .ok_or(ApiError::NotFound("user"))?;
     Ok(Json(ActiveUser::from_row(&row)?))
@@ -272,6 +276,7 @@ async fn directory(
         Some(id) => {
             let row = client
                 .query_opt("SELECT lower(full_name) FROM users WHERE id = $1", &[&id])
+                .timed("directory_cursor")
                 .await?
                 .ok_or_else(|| ApiError::invalid("cursor is not a page's next_cursor"))?;
             Some((row.get(0), id))
@@ -300,6 +305,7 @@ async fn directory(
                 .await?;
             client
                 .query(&stmt, &[&after_name, &after_id, &user.id, &fetch])
+                .timed("directory_page")
                 .await?
         }
         Some(end) => {
@@ -331,6 +337,7 @@ async fn directory(
                     &stmt,
                     &[&query, &end, &after_name, &after_id, &user.id, &fetch],
                 )
+                .timed("directory_search")
                 .await?
         }
     };
