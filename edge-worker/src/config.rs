@@ -42,6 +42,12 @@ pub struct EdgeConfig {
     /// alarm is never further away than this, so a runtime that died with
     /// them still lets them go offline (see `user_do`).
     pub presence_watchdog_ms: u64,
+    /// `METRICS_COUNTS_MS` / `METRICS_REFRESH_MS`: how often objects report
+    /// their figures to the origin (see `shared::metrics`).
+    pub metrics: shared::metrics::Cadence,
+    /// The Worker request being served (set by the router; `None` inside
+    /// Durable Objects, whose calls to the origin get ids of their own).
+    pub request_id: Option<String>,
 }
 
 impl std::fmt::Debug for EdgeConfig {
@@ -107,6 +113,14 @@ impl EdgeConfig {
             ..defaults
         };
         let service_secret = secret("ORIGIN_SERVICE_SECRET")?;
+        // `LOG_LEVEL` (debug, info, warn, error): every request reads the
+        // config, so the isolate's log level follows it.
+        if let Some(level) =
+            string(env, "LOG_LEVEL").and_then(|l| crate::telemetry::Level::parse(&l))
+        {
+            crate::telemetry::set_level(level);
+        }
+        let metrics = shared::metrics::Cadence::default();
         Ok(Self {
             origin_url,
             allowed_origins,
@@ -120,6 +134,11 @@ impl EdgeConfig {
             sse_heartbeat_ms: number(env, "ROOM_SSE_HEARTBEAT_MS", 15_000)?,
             presence_grace_ms: number(env, "PRESENCE_GRACE_MS", 10_000)?,
             presence_watchdog_ms: number(env, "PRESENCE_WATCHDOG_MS", 60_000)?,
+            metrics: shared::metrics::Cadence {
+                counts_ms: number(env, "METRICS_COUNTS_MS", metrics.counts_ms)?.max(100),
+                refresh_ms: number(env, "METRICS_REFRESH_MS", metrics.refresh_ms)?.max(1_000),
+            },
+            request_id: None,
         })
     }
 

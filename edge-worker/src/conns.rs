@@ -103,6 +103,9 @@ pub struct Connections {
     next_heartbeat: Cell<Option<u64>>,
     /// Connections ended here, not yet reported to the state machine.
     gone: RefCell<Vec<u64>>,
+    /// The object's figures for `/metrics`; every connection that opens or
+    /// ends here is counted and logged here, whichever path ended it.
+    pub figures: crate::telemetry::Figures,
 }
 
 /// A fresh connection id. 53 bits: attachments pass through JavaScript
@@ -201,6 +204,7 @@ impl Connections {
         };
         state.accept_websocket_with_tags(&pair.server, &[&format!("u{user}")]);
         pair.server.serialize_attachment(tag)?;
+        self.connected(&tag, "ws");
         self.remember(&pair.server, tag.conn);
         self.sockets.borrow_mut().insert(
             tag.conn,
@@ -279,7 +283,7 @@ impl Connections {
             if s.tag.valid_until != valid_until {
                 s.tag.valid_until = valid_until;
                 if let Err(e) = s.ws.serialize_attachment(s.tag) {
-                    worker::console_error!("socket attachment: {e}");
+                    crate::log!(Error, "socket attachment not saved", "error" => e.to_string());
                 }
             }
         }
@@ -288,7 +292,7 @@ impl Connections {
             s.tag.valid_until = valid_until;
         }
         if !found {
-            worker::console_error!("renewal for connection {conn}, which is not registered");
+            crate::log!(Error, "renewal for a connection that is not registered", "conn" => conn);
         }
     }
 
@@ -337,11 +341,56 @@ impl Connections {
         next
     }
 
-    /// Forgets a socket that closed or failed.
-    pub fn forget_socket(&self, ws: &WebSocket) -> Option<SocketTag> {
+    /// Forgets a socket that closed (`code` from the client) or failed.
+    pub fn forget_socket(&self, ws: &WebSocket, code: Option<u16>) -> Option<SocketTag> {
         let tag = self.tag_of(ws)?;
-        self.sockets.borrow_mut().remove(&tag.conn);
+        if self.sockets.borrow_mut().remove(&tag.conn).is_some() {
+            let reason = if code.is_some() {
+                "closed by the client"
+            } else {
+                "socket error"
+            };
+            self.disconnected(&tag, "ws", code, reason);
+        }
         Some(tag)
+    }
+
+    fn connected(&self, tag: &SocketTag, transport: &'static str) {
+        crate::log!(Info, "connected",
+            "user" => tag.user,
+            "conversation" => self.figures.conversation(),
+            "object" => self.figures.name(),
+            "transport" => transport,
+            "conn" => tag.conn);
+    }
+
+    /// Counts and logs a connection that ended, however it ended.
+    fn disconnected(
+        &self,
+        tag: &SocketTag,
+        transport: &'static str,
+        code: Option<u16>,
+        reason: &str,
+    ) {
+        self.figures.disconnect(transport);
+        crate::log!(Info, "disconnected",
+            "user" => tag.user,
+            "conversation" => self.figures.conversation(),
+            "object" => self.figures.name(),
+            "transport" => transport,
+            "conn" => tag.conn,
+            "duration_ms" => crate::auth::now_ms().saturating_sub(tag.opened_at),
+            "code" => code,
+            "reason" => reason);
+    }
+
+    /// The gauges of this object's connections.
+    pub fn gauges(&self) -> shared::metrics::Gauges {
+        shared::metrics::Gauges {
+            ws: self.socket_count() as u64,
+            sse: self.stream_count() as u64,
+            oldest_unflushed_at_ms: None,
+        }
     }
 
     /// Opens an SSE stream for `user`. Returns its id and the response.
@@ -367,6 +416,7 @@ impl Connections {
         self.streams
             .borrow_mut()
             .insert(tag.conn, SseStream { tx, tag });
+        self.connected(&tag, "sse");
         if self.next_heartbeat.get().is_none() {
             self.next_heartbeat.set(Some(now + heartbeat_ms));
         }
@@ -381,6 +431,9 @@ impl Connections {
     /// connection that has too much unread is ended (see the module docs).
     pub fn send(&self, frame: &ServerFrame, wanted: impl Fn(u64, i64) -> bool) -> EdgeResult<()> {
         let text = serde_json::to_string(frame).map_err(|e| EdgeError::Internal(e.to_string()))?;
+        if let ServerFrame::Error { code, .. } = frame {
+            self.figures.error(code);
+        }
         let limits = Limits::default();
         let mut slow = Vec::new();
         let mut js_text: Option<JsValue> = None;
@@ -434,8 +487,12 @@ impl Connections {
         let socket = self.sockets.borrow_mut().remove(&conn);
         if let Some(s) = socket {
             let _ = s.ws.close(Some(code), Some(reason));
+            self.disconnected(&s.tag, "ws", Some(code), reason);
         }
-        self.streams.borrow_mut().remove(&conn);
+        let stream = self.streams.borrow_mut().remove(&conn);
+        if let Some(s) = stream {
+            self.disconnected(&s.tag, "sse", Some(code), reason);
+        }
     }
 
     /// Ends a connection on this layer's own initiative and reports it.
@@ -458,16 +515,19 @@ impl Connections {
     /// [`Self::next_heartbeat`] is due.
     pub fn maintain_streams(&self, now: u64, heartbeat_ms: u64) {
         let mut ended = Vec::new();
-        self.streams.borrow_mut().retain(|id, s| {
+        self.streams.borrow_mut().retain(|_, s| {
             let alive = !s.tx.is_closed()
                 && now.saturating_sub(s.tag.opened_at) < SSE_MAX_LIFETIME_MS
                 && s.tx.try_send(Ok(b": heartbeat\n\n".to_vec())).is_ok();
             if !alive {
-                ended.push(*id);
+                ended.push(s.tag);
             }
             alive
         });
-        self.gone.borrow_mut().extend(ended);
+        for tag in &ended {
+            self.disconnected(tag, "sse", None, "stream ended (gone, full or too old)");
+        }
+        self.gone.borrow_mut().extend(ended.iter().map(|t| t.conn));
         self.next_heartbeat
             .set(if self.streams.borrow().is_empty() {
                 None
@@ -574,7 +634,17 @@ pub fn answer_close(ws: &WebSocket, code: usize, reason: String) {
 /// A Durable Object's answer to the Worker: an error on an upgrade request
 /// becomes an `error` frame and a 1008 close (see [`refuse_ws`]), any
 /// other error its JSON response.
-pub fn answer(upgrade: bool, result: EdgeResult<Response>) -> Result<Response> {
+pub fn answer(
+    figures: &crate::telemetry::Figures,
+    upgrade: bool,
+    result: EdgeResult<Response>,
+) -> Result<Response> {
+    if let Err(e) = &result {
+        figures.error(e.code());
+        if e.status() >= 500 {
+            crate::log!(Error, "request failed", "object" => figures.name(), "code" => e.code(), "error" => e.to_string());
+        }
+    }
     match result {
         Ok(res) => Ok(res),
         Err(e) if upgrade => match refuse_ws(e.code(), &e.to_string()) {
@@ -626,7 +696,7 @@ impl Alarm {
             .unwrap_or_default();
         if let Err(e) = state.storage().set_alarm(when).await {
             self.at.set(None);
-            worker::console_error!("set alarm: {e}");
+            crate::log!(Error, "alarm not set", "error" => e.to_string());
         }
     }
 }

@@ -94,9 +94,9 @@ impl EdgeError {
     /// The JSON response for this error.
     pub fn to_response(&self) -> worker::Result<Response> {
         match self {
-            EdgeError::Internal(detail) => worker::console_error!("internal error: {detail}"),
+            EdgeError::Internal(detail) => crate::log!(Error, "internal error", "error" => detail),
             EdgeError::OriginUnavailable(detail) => {
-                worker::console_warn!("origin unavailable: {detail}");
+                crate::log!(Warn, "origin unavailable", "error" => detail);
             }
             _ => {}
         }

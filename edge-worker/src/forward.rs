@@ -57,7 +57,7 @@ impl Forwarder {
         let text: Rc<str> = match serde_json::to_string(frame) {
             Ok(t) => t.into(),
             Err(e) => {
-                worker::console_error!("forward: {e}");
+                crate::log!(Error, "forward failed", "error" => e.to_string());
                 return;
             }
         };
@@ -65,7 +65,7 @@ impl Forwarder {
         for user in users {
             let queue = queues.entry(*user).or_default();
             if queue.len() >= MAX_QUEUED {
-                worker::console_warn!("forward: user {user}'s queue is full; dropping a frame");
+                crate::log!(Warn, "forward queue full, dropping a frame", "user" => user);
                 continue;
             }
             queue.push_back(Rc::clone(&text));
@@ -130,7 +130,9 @@ async fn pump(inner: Rc<Inner>, env: Env, user: i64, conversation_id: i64) {
                 inner.running.borrow_mut().remove(&user);
                 return;
             }
-            Err(e) => worker::console_warn!("forward to user {user}: {e}"),
+            Err(e) => {
+                crate::log!(Warn, "forward to a user failed", "user" => user, "error" => e.to_string())
+            }
         }
     }
 }

@@ -10,3 +10,6 @@ pub const CONVERSATION_HEADER: &str = "x-vibe-conversation-id";
 pub const VALID_UNTIL_HEADER: &str = "x-vibe-valid-until";
 /// `{jti}:{exp}` of the ticket the caller came with: burnt where it is used.
 pub const TICKET_HEADER: &str = "x-vibe-ticket";
+/// How a message reached the Room (`user_socket` from a User object; the
+/// Worker's POST otherwise), for `chat_messages_total{transport}`.
+pub const TRANSPORT_HEADER: &str = "x-vibe-transport";

@@ -26,6 +26,7 @@ mod room_do;
 mod room_store;
 mod router;
 mod single_socket;
+pub mod telemetry;
 mod user_do;
 
 use worker::{Context, Env, Request, Response, event};
@@ -34,9 +35,25 @@ pub use room_do::Room;
 pub use user_do::User;
 
 #[event(fetch)]
-async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
-    match router::handle(req, &env).await {
+async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response> {
+    let response = match router::handle(req, &env).await {
         Ok(response) => Ok(response),
-        Err(e) => e.to_response(),
+        Err(e) => {
+            telemetry::isolate::error(e.code());
+            e.to_response()
+        }
+    };
+    // The isolate's own counts leave after the response, when due.
+    if let Ok(config) = config::EdgeConfig::from_env(&env) {
+        if let Some(report) = telemetry::isolate::report_if_due(&config, auth::now_ms()) {
+            ctx.wait_until(async move {
+                let ok = origin::OriginClient::new(&config)
+                    .edge_report(&report)
+                    .await
+                    .is_ok();
+                telemetry::isolate::answered(&report, ok);
+            });
+        }
     }
+    response
 }

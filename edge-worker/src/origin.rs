@@ -68,6 +68,12 @@ impl<'a> OriginClient<'a> {
         let headers = Headers::new();
         headers.set(SERVICE_SECRET_HEADER, &self.config.service_secret)?;
         headers.set("content-type", "application/json")?;
+        let request_id = self
+            .config
+            .request_id
+            .clone()
+            .unwrap_or_else(crate::telemetry::new_request_id);
+        headers.set(crate::telemetry::REQUEST_ID_HEADER, &request_id)?;
         let mut init = RequestInit::new();
         init.with_method(method).with_headers(headers);
         if let Some(body) = body {
@@ -135,6 +141,12 @@ impl<'a> OriginClient<'a> {
             )
             .await?;
         Self::json(res, "contacts").await
+    }
+
+    /// The object's figures (see `shared::metrics`).
+    pub async fn edge_report(&self, report: &shared::metrics::EdgeReport) -> EdgeResult<()> {
+        let res = self.post("/internal/v1/edge-report", report).await?;
+        Self::no_content(&res, "edge report")
     }
 
     /// Presence changes (last write wins by `last_seen` at the origin).
@@ -250,6 +262,9 @@ pub async fn proxy_with_body(
         None => format!("{}{}", config.origin_url, url.path()),
     };
     let headers = Headers::new();
+    if let Some(id) = &config.request_id {
+        headers.set(crate::telemetry::REQUEST_ID_HEADER, id)?;
+    }
     for name in FORWARDED_HEADERS {
         if let Some(value) = req.headers().get(name)? {
             headers.set(name, &value)?;

@@ -50,7 +50,11 @@ use crate::error::{EdgeError, EdgeResult};
 use crate::origin::OriginClient;
 use crate::room_store::{self, RoomSql};
 
-use crate::headers::{CONVERSATION_HEADER, USER_HEADER, VALID_UNTIL_HEADER};
+use crate::headers::{CONVERSATION_HEADER, TRANSPORT_HEADER, USER_HEADER, VALID_UNTIL_HEADER};
+use crate::telemetry::{
+    Current, REQUEST_ID_HEADER, TRANSPORT_SSE_POST, TRANSPORT_USER_SOCKET, TRANSPORT_WS,
+};
+use shared::metrics::ReporterKind;
 
 /// A connect from a user the cache does not know refetches the members at
 /// most this often.
@@ -90,6 +94,9 @@ pub struct Room {
     alarm: Alarm,
     /// Until when the origin's "no such conversation" is trusted.
     unknown_until: Cell<u64>,
+    /// The request or socket frame being handled, for the messages it
+    /// makes (their request id, transport and ack latency).
+    current: RefCell<Option<Current>>,
 }
 
 impl std::fmt::Debug for Room {
@@ -115,18 +122,19 @@ impl DurableObject for Room {
             forwarder: crate::forward::Forwarder::default(),
             alarm: Alarm::default(),
             unknown_until: Cell::new(0),
+            current: RefCell::new(None),
         }
     }
 
     async fn fetch(&self, req: Request) -> Result<Response> {
         let upgrade = req.headers().get("upgrade")?.is_some();
-        answer(upgrade, self.route(req).await)
+        answer(&self.conns.figures, upgrade, self.route(req).await)
     }
 
     async fn alarm(&self) -> Result<Response> {
         self.alarm.fired();
         if let Err(e) = self.on_alarm().await {
-            worker::console_error!("room alarm: {e}");
+            crate::log!(Error, "room alarm failed", "conversation" => self.conns.figures.conversation(), "error" => e.to_string());
         }
         self.alarm.done();
         // Reschedule whatever is still due (including after an error).
@@ -160,6 +168,9 @@ impl DurableObject for Room {
             return Ok(());
         }
         let conn = ConnId(tag.conn);
+        // Every frame is a request of its own: a message it makes carries
+        // a fresh id to the origin's logs.
+        self.begin(None, TRANSPORT_WS, now);
         let handled = self.with_loaded(|l| {
             let ctx = self.store(&l.config);
             l.room.handle_text(now, conn, &text, &ctx);
@@ -168,13 +179,17 @@ impl DurableObject for Room {
         match handled {
             Ok(valid_until) => {
                 if let Err(e) = self.drain() {
+                    self.conns.figures.error(e.code());
                     let _ = send_frame(&ws, &error_frame(&e));
                 } else if valid_until != tag.valid_until {
                     self.conns.set_valid_until(tag.conn, valid_until);
                 }
             }
-            Err(e) => worker::console_error!("websocket message: {e}"),
+            Err(e) => {
+                crate::log!(Error, "websocket frame failed", "conversation" => self.conns.figures.conversation(), "error" => e.to_string())
+            }
         }
+        self.current.borrow_mut().take();
         self.schedule().await;
         self.purge_objects().await;
         Ok(())
@@ -187,13 +202,15 @@ impl DurableObject for Room {
         reason: String,
         _clean: bool,
     ) -> Result<()> {
-        self.forget_socket(&ws);
+        self.forget_socket(&ws, u16::try_from(code).ok());
         answer_close(&ws, code, reason);
+        self.schedule().await;
         Ok(())
     }
 
     async fn websocket_error(&self, ws: WebSocket, _error: worker::Error) -> Result<()> {
-        self.forget_socket(&ws);
+        self.forget_socket(&ws, None);
+        self.schedule().await;
         Ok(())
     }
 }
@@ -208,6 +225,44 @@ impl Room {
             forwarder: &self.forwarder,
             jwt_secret: &config.jwt_secret,
             signer: &config.signer,
+            current: &self.current,
+        }
+    }
+
+    /// Starts handling a request (its id from the Worker, or a fresh one).
+    fn begin(&self, request_id: Option<String>, transport: &'static str, now: u64) {
+        *self.current.borrow_mut() = Some(Current {
+            request_id: request_id.unwrap_or_else(crate::telemetry::new_request_id),
+            transport,
+            started_ms: now,
+        });
+    }
+
+    /// [`Self::begin`] for a request from the Worker or a User object.
+    fn begin_request(&self, req: &Request) -> EdgeResult<()> {
+        let request_id = req.headers().get(REQUEST_ID_HEADER)?;
+        let transport = match req.headers().get(TRANSPORT_HEADER)?.as_deref() {
+            Some("user_socket") => TRANSPORT_USER_SOCKET,
+            _ => TRANSPORT_SSE_POST,
+        };
+        self.begin(
+            Some(crate::telemetry::request_id_from(request_id)),
+            transport,
+            now_ms(),
+        );
+        Ok(())
+    }
+
+    /// The figures of now: connections and the outbox's age.
+    fn gauges(&self) -> shared::metrics::Gauges {
+        let oldest = self
+            .loaded
+            .borrow()
+            .as_ref()
+            .and_then(|l| l.room.oldest_unflushed_at());
+        shared::metrics::Gauges {
+            oldest_unflushed_at_ms: oldest,
+            ..self.conns.gauges()
         }
     }
 
@@ -296,6 +351,7 @@ impl Room {
         let user = self.member(&req).await?;
         let body: Body = json_body(&mut req).await?;
         let now = now_ms();
+        self.begin_request(&req)?;
         let draft = Draft {
             content: body.content,
             client_msg_id: body.client_msg_id,
@@ -308,8 +364,10 @@ impl Room {
             let sent = l.room.submit_draft(now, user, draft, None, &ctx);
             (sent, l.config.signer.clone())
         })?;
+        let drained = self.drain();
+        self.current.borrow_mut().take();
         let sent = sent?;
-        self.drain()?;
+        drained?;
         self.schedule().await;
         let (status, message) = match sent {
             Sent::New(m) => (201, m),
@@ -334,6 +392,7 @@ impl Room {
         let frame: shared::protocol::ClientFrame = json_body(&mut req).await?;
         let (conversation_id, message_id, change, key) = shared::room::change_of(frame)?;
         let now = now_ms();
+        self.begin_request(&req)?;
         let outcome = self.with_loaded(|l| {
             if conversation_id != l.room.conversation_id() {
                 return Err(RoomError::WrongConversation(conversation_id));
@@ -341,8 +400,11 @@ impl Room {
             let ctx = self.store(&l.config);
             l.room
                 .submit_change(now, user, message_id, change, key, None, &ctx)
-        })??;
-        self.drain()?;
+        });
+        let drained = self.drain();
+        self.current.borrow_mut().take();
+        let outcome = outcome??;
+        drained?;
         self.schedule().await;
         self.purge_objects().await;
         Ok(Response::from_json(&Answer {
@@ -362,14 +424,14 @@ impl Room {
             Ok(p) if !p.is_empty() => p,
             Ok(_) => return,
             Err(e) => {
-                worker::console_error!("purge: {e}");
+                crate::log!(Error, "purge failed", "error" => e.to_string());
                 return;
             }
         };
         let bucket = match self.env.bucket(crate::media::BUCKET) {
             Ok(b) => b,
             Err(e) => {
-                worker::console_error!("purge: no bucket: {e}");
+                crate::log!(Error, "purge: no bucket", "error" => e.to_string());
                 return;
             }
         };
@@ -377,11 +439,11 @@ impl Room {
             match crate::media::delete_all(&bucket, id).await {
                 Ok(()) => {
                     if let Err(e) = room_store::purged(&self.sql, id) {
-                        worker::console_error!("purge {id}: {e}");
+                        crate::log!(Error, "purge not recorded", "attachment" => id.to_string(), "error" => e.to_string());
                     }
                 }
                 Err(e) => {
-                    worker::console_warn!("purge {id}: {e} (retried later)");
+                    crate::log!(Warn, "purge failed, retried later", "attachment" => id.to_string(), "error" => e.to_string());
                     self.purge_due.set(true);
                 }
             }
@@ -646,6 +708,9 @@ impl Room {
     fn load(&self, config: EdgeConfig, members_fetched_at: u64) -> EdgeResult<()> {
         let conversation_id = room_store::meta_get(&self.sql, "conversation_id")?
             .ok_or_else(|| EdgeError::Internal("room without a conversation id".to_owned()))?;
+        self.conns
+            .figures
+            .identify(ReporterKind::Room, conversation_id, config.metrics);
         let now = now_ms();
         let mut room = RoomState::load(
             conversation_id,
@@ -680,7 +745,7 @@ impl Room {
         let Some(previous) = previous else { return };
         if let Err(e) = self.load(previous.config, previous.members_fetched_at) {
             // Left unloaded: the next event tries again.
-            worker::console_error!("rebuild room: {e}");
+            crate::log!(Error, "room rebuild failed", "error" => e.to_string());
         }
     }
 
@@ -753,15 +818,15 @@ impl Room {
                 forwarder: &self.forwarder,
                 jwt_secret: &l.config.jwt_secret,
                 signer: &l.config.signer,
+                current: &self.current,
             };
             drain(&mut l.room, &mut store)
         };
         if let Err(failed) = result {
-            worker::console_error!(
-                "room write failed, rebuilding from storage ({} outputs dropped): {}",
-                failed.dropped,
-                failed.error
-            );
+            crate::log!(Error, "room write failed, rebuilding from storage",
+                "conversation" => self.conns.figures.conversation(),
+                "dropped_outputs" => failed.dropped,
+                "error" => failed.error.to_string());
             self.rebuild();
             return Err(EdgeError::Room(RoomError::Storage));
         }
@@ -796,7 +861,7 @@ impl Room {
         let env = self.env.clone();
         self.state.wait_until(async move {
             if let Err(e) = crate::user_do::notify(&env, &notices).await {
-                worker::console_warn!("member notice: {e}");
+                crate::log!(Warn, "member notice failed", "error" => e.to_string());
             }
         });
     }
@@ -808,7 +873,7 @@ impl Room {
         if !gone.is_empty() {
             for user in &gone {
                 if let Err(e) = room_store::set_subscribed(&self.sql, *user, false) {
-                    worker::console_error!("unsubscribe {user}: {e}");
+                    crate::log!(Error, "unsubscribe failed", "user" => user, "error" => e.to_string());
                 }
             }
             let _ = self.with_room(|r| gone.iter().for_each(|u| r.unsubscribe(*u)));
@@ -831,8 +896,12 @@ impl Room {
             let guard = self.loaded.borrow();
             guard.as_ref().and_then(|l| l.room.poll_timeout())
         };
+        let report = self.conns.figures.due(&self.gauges());
         self.alarm
-            .request(&self.state, &[room_next, self.conns.next_heartbeat()])
+            .request(
+                &self.state,
+                &[room_next, self.conns.next_heartbeat(), report],
+            )
             .await;
     }
 
@@ -865,6 +934,12 @@ impl Room {
                 in_flight.push(self.send_batch(batch));
             }
             if in_flight.is_empty() {
+                // Figures that no batch carried go on their own.
+                let config = self.with_loaded(|l| l.config.clone())?;
+                self.conns
+                    .figures
+                    .send_if_due(&config, now_ms(), self.gauges())
+                    .await;
                 return Ok(());
             }
             // An answer, or the moment the next batch comes due.
@@ -914,7 +989,10 @@ impl Room {
                 })?;
             }
             Err(e) => {
-                worker::console_warn!("outbox flush failed, will retry: {e}");
+                self.conns.figures.flush_failure();
+                crate::log!(Warn, "outbox flush failed, will retry",
+                    "conversation" => self.conns.figures.conversation(),
+                    "error" => e.to_string());
                 self.with_room(|r| r.handle_flush_failure(now, id))?;
             }
         }
@@ -933,19 +1011,26 @@ impl Room {
     async fn flush(&self, batch: &FlushBatch) -> EdgeResult<(FlushOutcome, Option<i64>)> {
         let (config, conversation_id) =
             self.with_loaded(|l| (l.config.clone(), l.room.conversation_id()))?;
+        // The figures ride along when due: the outbox's age as the batch
+        // leaves reaches the origin even when the batch then fails.
+        let report = self.conns.figures.report_if_due(now_ms(), self.gauges());
         let result = OriginClient::new(&config)
             .ingest(&IngestBatch {
                 messages: batch.messages.clone(),
                 receipts: batch.receipts.clone(),
+                report: report.clone(),
             })
-            .await?;
+            .await;
+        if let Some(report) = &report {
+            self.conns.figures.answered(report, result.is_ok());
+        }
+        let result = result?;
         for r in &result.rejected {
-            worker::console_error!(
-                "origin rejected message {} ({}): {}",
-                r.id,
-                r.code,
-                r.message
-            );
+            crate::log!(Error, "origin rejected a message",
+                "conversation" => conversation_id,
+                "message_id" => r.id.to_string(),
+                "code" => r.code.clone(),
+                "reason" => r.message.clone());
         }
         let version = result
             .members_versions
@@ -963,8 +1048,8 @@ impl Room {
         ))
     }
 
-    fn forget_socket(&self, ws: &WebSocket) {
-        let Some(tag) = self.conns.forget_socket(ws) else {
+    fn forget_socket(&self, ws: &WebSocket, code: Option<u16>) {
+        let Some(tag) = self.conns.forget_socket(ws, code) else {
             return;
         };
         let now = now_ms();
@@ -1059,7 +1144,22 @@ pub async fn post(
     path: &str,
     body: String,
 ) -> EdgeResult<Response> {
+    post_with(env, conversation_id, user, path, body, &[]).await
+}
+
+/// [`post`] with extra headers (a User object's request id and transport).
+pub async fn post_with(
+    env: &Env,
+    conversation_id: i64,
+    user: Option<i64>,
+    path: &str,
+    body: String,
+    extra: &[(&str, &str)],
+) -> EdgeResult<Response> {
     let headers = worker::Headers::new();
+    for (name, value) in extra {
+        headers.set(name, value)?;
+    }
     headers.set(CONVERSATION_HEADER, &conversation_id.to_string())?;
     if let Some(user) = user {
         headers.set(USER_HEADER, &user.to_string())?;

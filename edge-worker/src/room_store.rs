@@ -69,6 +69,8 @@ pub struct RoomSql<'a> {
     pub jwt_secret: &'a [u8],
     /// Signs attachment links in frames as they leave.
     pub signer: &'a Signer,
+    /// The request being handled (see `telemetry::Current`).
+    pub current: &'a RefCell<Option<crate::telemetry::Current>>,
 }
 
 impl std::fmt::Debug for RoomSql<'_> {
@@ -302,14 +304,14 @@ impl MessageRow {
         let attachments = match self.attachments.as_deref() {
             None | Some("") => Vec::new(),
             Some(json) => serde_json::from_str(json).unwrap_or_else(|e| {
-                worker::console_error!("room storage: attachments of seq {}: {e}", self.seq);
+                crate::log!(Error, "room storage: attachments unreadable", "seq" => self.seq, "error" => e.to_string());
                 Vec::new()
             }),
         };
         let extra: Extra = match self.extra.as_deref() {
             None | Some("") => Extra::default(),
             Some(json) => serde_json::from_str(json).unwrap_or_else(|e| {
-                worker::console_error!("room storage: extra of seq {}: {e}", self.seq);
+                crate::log!(Error, "room storage: extra unreadable", "seq" => self.seq, "error" => e.to_string());
                 Extra::default()
             }),
         };
@@ -349,7 +351,7 @@ pub fn message_at(sql: &SqlStorage, seq: i64) -> EdgeResult<Option<Record>> {
 
 /// Logs a failed read and turns it into the room's typed refusal.
 fn failed(what: &str, e: &impl std::fmt::Display) -> StorageFailed {
-    worker::console_error!("room storage: {what}: {e}");
+    crate::log!(Error, "room storage failed", "what" => what, "error" => e.to_string());
     StorageFailed
 }
 
@@ -479,7 +481,7 @@ impl Context for RoomSql<'_> {
             return Ok(Claim::Claimed);
         }
         let known = self.known_key(sender_id, client_msg_id)?.ok_or_else(|| {
-            worker::console_error!("room storage: a key neither claimed nor found");
+            crate::log!(Error, "room storage: a key neither claimed nor found");
             StorageFailed
         })?;
         Ok(Claim::Known(known))
@@ -510,6 +512,10 @@ impl Context for RoomSql<'_> {
             id: row.id.parse().unwrap_or_default(),
             created_at_ms: row.created_at_ms,
         }))
+    }
+
+    fn request_id(&self) -> Option<String> {
+        self.current.borrow().as_ref().map(|c| c.request_id.clone())
     }
 
     fn verify_token(&self, token: &str, now: Millis) -> Result<Verified, AuthError> {
@@ -704,6 +710,36 @@ pub fn valid_until(exp: i64) -> Millis {
         .saturating_mul(1000)
 }
 
+impl RoomSql<'_> {
+    /// A new message is in the log: counted by how it came, its ack
+    /// latency recorded (the ack follows in this event), and logged
+    /// without its words.
+    fn accepted(&self, r: &Record) {
+        let now = crate::auth::now_ms();
+        let current = self.current.borrow();
+        let (transport, started) = current
+            .as_ref()
+            .map_or((crate::telemetry::TRANSPORT_WS, now), |c| {
+                (c.transport, c.started_ms)
+            });
+        let figures = &self.conns.figures;
+        figures.message(transport);
+        // Workers' clocks stand still while code runs and move only across
+        // I/O, so this sees the waits (loading, members), not the CPU.
+        #[allow(clippy::cast_precision_loss)]
+        figures.ack(now.saturating_sub(started) as f64 / 1000.0);
+        crate::log!(Debug, "message accepted",
+            "conversation" => figures.conversation(),
+            "seq" => r.seq,
+            "message_id" => r.id.to_string(),
+            "user" => r.sender_id,
+            "bytes" => r.content.len(),
+            "attachments" => r.attachments.len(),
+            "transport" => transport,
+            "request_id" => r.request_id.clone());
+    }
+}
+
 impl Driver for RoomSql<'_> {
     type Error = EdgeError;
 
@@ -731,6 +767,9 @@ impl Driver for RoomSql<'_> {
                 Extra::column(r)?,
             ],
         )?;
+        if r.change.is_none() {
+            self.accepted(r);
+        }
         // In the same event as the message, so a crash keeps both or
         // neither.
         for a in &r.attachments {
@@ -914,7 +953,7 @@ impl Driver for RoomSql<'_> {
             .conns
             .send(frame, |conn, _user| to.includes(ConnId(conn)));
         if let Err(e) = sent {
-            worker::console_error!("room send: {e}");
+            crate::log!(Error, "room send failed", "error" => e.to_string());
         }
     }
 

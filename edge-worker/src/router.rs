@@ -32,10 +32,15 @@ use crate::config::EdgeConfig;
 use crate::conns::refuse_ws;
 use crate::error::{EdgeError, EdgeResult};
 use crate::headers::{CONVERSATION_HEADER, TICKET_HEADER, USER_HEADER, VALID_UNTIL_HEADER};
+use crate::telemetry::REQUEST_ID_HEADER;
 use crate::{media, origin};
 
 pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
-    let config = EdgeConfig::from_env(env)?;
+    let mut config = EdgeConfig::from_env(env)?;
+    // One id for the whole request, from the caller or minted here; it
+    // goes to every Durable Object and origin call it makes, and back.
+    let request_id = crate::telemetry::request_id_from(req.headers().get(REQUEST_ID_HEADER)?);
+    config.request_id = Some(request_id.clone());
     // The ChatBox embedded on another page of the platform calls the API
     // cross-origin; allowed origins get CORS, everyone else the browser's
     // default refusal.
@@ -66,17 +71,29 @@ pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
     let mut res = match route(req, env, &config).await {
         Ok(res) => res,
         Err(e) => {
+            crate::telemetry::isolate::error(e.code());
             if e.status() >= 500 {
-                worker::console_error!(
-                    "{method:?} {} -> {} {}",
-                    shared::redact::redact_url(&path),
-                    e.status(),
-                    e.code()
-                );
+                crate::log!(Error, "request failed",
+                    "method" => format!("{method:?}"),
+                    "path" => shared::redact::redact_url(&path),
+                    "status" => e.status(),
+                    "code" => e.code(),
+                    "error" => e.to_string(),
+                    "request_id" => request_id);
+            } else {
+                crate::log!(Debug, "request refused",
+                    "method" => format!("{method:?}"),
+                    "path" => shared::redact::redact_url(&path),
+                    "status" => e.status(),
+                    "code" => e.code(),
+                    "request_id" => request_id);
             }
             e.to_response()?
         }
     };
+    // Upgrades and relayed responses may carry immutable headers: the echo
+    // is a courtesy, never a failure.
+    let _ = res.headers_mut().set(REQUEST_ID_HEADER, &request_id);
     if let Some(origin) = cors_origin {
         // Responses relayed from the origin or a Durable Object may carry
         // immutable headers; a failure here only costs the CORS header.
@@ -344,8 +361,11 @@ fn require_service(req: &Request, config: &EdgeConfig) -> EdgeResult<()> {
 
 /// Headers every request to a Durable Object on behalf of `caller` carries:
 /// who they are, until when their credential holds, and the ticket to burn.
-fn caller_headers(caller: &auth::Caller) -> EdgeResult<Headers> {
+fn caller_headers(caller: &auth::Caller, config: &EdgeConfig) -> EdgeResult<Headers> {
     let headers = Headers::new();
+    if let Some(id) = &config.request_id {
+        headers.set(REQUEST_ID_HEADER, id)?;
+    }
     headers.set(USER_HEADER, &caller.user_id.to_string())?;
     headers.set(
         VALID_UNTIL_HEADER,
@@ -389,7 +409,7 @@ async fn room_ws(
         Some((_, since)) => format!("https://room/ws?since={since}"),
         None => "https://room/ws".to_owned(),
     };
-    let headers = caller_headers(&caller)?;
+    let headers = caller_headers(&caller, config)?;
     headers.set("upgrade", "websocket")?;
     headers.set(CONVERSATION_HEADER, &id.to_string())?;
     let mut init = RequestInit::new();
@@ -429,7 +449,7 @@ async fn room_events(
         }
         None => "https://room/events".to_owned(),
     };
-    forward(env, id, &caller, Method::Get, &target, None).await
+    forward(env, config, id, &caller, Method::Get, &target, None).await
 }
 
 /// `POST /api/v1/chat/conversations/{id}/messages|typing|read`.
@@ -446,7 +466,7 @@ async fn room_post(
         return Err(EdgeError::Room(shared::room::RoomError::FrameTooLarge));
     }
     let target = format!("https://room/{action}");
-    forward(env, id, &caller, Method::Post, &target, Some(body)).await
+    forward(env, config, id, &caller, Method::Post, &target, Some(body)).await
 }
 
 /// Which change an HTTP route asks for.
@@ -542,6 +562,7 @@ async fn change_message(
     let body = serde_json::to_vec(&frame).map_err(|e| EdgeError::Internal(e.to_string()))?;
     let mut res = forward(
         env,
+        config,
         id,
         &caller,
         Method::Post,
@@ -559,13 +580,14 @@ async fn change_message(
 /// Sends a request to Room `id` on behalf of an authenticated user.
 async fn forward(
     env: &Env,
+    config: &EdgeConfig,
     id: i64,
     caller: &auth::Caller,
     method: Method,
     target: &str,
     body: Option<Vec<u8>>,
 ) -> EdgeResult<Response> {
-    let headers = caller_headers(caller)?;
+    let headers = caller_headers(caller, config)?;
     headers.set(CONVERSATION_HEADER, &id.to_string())?;
     let mut init = RequestInit::new();
     init.with_method(method).with_headers(headers);
@@ -599,7 +621,7 @@ async fn user_connect(
         Err(e) if websocket => return refuse_ws(e.code(), &e.to_string()),
         Err(e) => return Err(e.into()),
     };
-    let headers = caller_headers(&caller)?;
+    let headers = caller_headers(&caller, config)?;
     if websocket {
         headers.set("upgrade", "websocket")?;
     }
@@ -655,7 +677,7 @@ async fn create_conversation(req: Request, env: &Env, config: &EdgeConfig) -> Ed
                 .collect(),
         };
         if let Err(e) = crate::user_do::notify(env, &[notice]).await {
-            worker::console_warn!("notice of a new conversation: {e}");
+            crate::log!(Warn, "notice of a new conversation failed", "error" => e.to_string());
         }
     }
     let headers = Headers::new();
@@ -710,7 +732,7 @@ async fn change_group(
     if members {
         // The room must stop trusting its cached member list now.
         if let Err(e) = notify_members_changed(env, id).await {
-            worker::console_error!("members-changed for room {id}: {e}");
+            crate::log!(Error, "members-changed failed", "conversation" => id, "error" => e.to_string());
         }
     }
     let status = response.status_code();
@@ -752,10 +774,12 @@ async fn change_group(
                 }));
             }
             if let Err(e) = crate::user_do::tell_changed(env, &told).await {
-                worker::console_warn!("conversation {id} changed, telling its members: {e}");
+                crate::log!(Warn, "conversation changed, telling its members failed", "conversation" => id, "error" => e.to_string());
             }
         }
-        Err(e) => worker::console_warn!("conversation {id} changed, but its view is not: {e}"),
+        Err(e) => {
+            crate::log!(Warn, "conversation changed, but its view is not", "conversation" => id, "error" => e.to_string())
+        }
     }
     let headers = Headers::new();
     headers.set("content-type", "application/json")?;

@@ -106,12 +106,18 @@ async fn deliver(env: &Env, user: i64, frame: &ClientFrame) -> EdgeResult<Option
             return Ok(None);
         }
     };
-    let mut res = crate::room_do::post(
+    // Each frame is a request of its own, followed by its id to the origin.
+    let request_id = crate::telemetry::new_request_id();
+    let mut res = crate::room_do::post_with(
         env,
         conversation_id,
         Some(user),
         &format!("/{action}"),
         body.to_string(),
+        &[
+            (crate::telemetry::REQUEST_ID_HEADER, &request_id),
+            (crate::headers::TRANSPORT_HEADER, "user_socket"),
+        ],
     )
     .await?;
     if !(200..300).contains(&res.status_code()) {
@@ -196,7 +202,7 @@ async fn refusal(res: &mut Response) -> ServerFrame {
         },
         Err(_) => {
             let e = EdgeError::Internal(format!("room answered {status} without a body"));
-            worker::console_error!("single socket: {e:?}");
+            crate::log!(Error, "user socket frame failed", "error" => e.to_string());
             ServerFrame::Error {
                 code: e.code().to_owned(),
                 message: e.to_string(),

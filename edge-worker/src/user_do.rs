@@ -126,13 +126,13 @@ impl DurableObject for User {
 
     async fn fetch(&self, req: Request) -> Result<Response> {
         let upgrade = req.headers().get("upgrade")?.is_some();
-        answer(upgrade, self.route(req).await)
+        answer(&self.conns.figures, upgrade, self.route(req).await)
     }
 
     async fn alarm(&self) -> Result<Response> {
         self.alarm.fired();
         if let Err(e) = self.on_alarm().await {
-            worker::console_error!("user alarm: {e}");
+            crate::log!(Error, "user alarm", "error" => e.to_string());
         }
         self.alarm.done();
         self.after_events().await;
@@ -153,7 +153,7 @@ impl DurableObject for User {
         // touches them, or a renewal (`auth`) would update no socket and
         // the stale expiry in the attachment would close it later.
         if let Err(e) = self.ensure_loaded(tag.user).await {
-            worker::console_error!("user websocket message: {e}");
+            crate::log!(Error, "user websocket message", "error" => e.to_string());
         }
         let text = match message {
             WebSocketIncomingMessage::String(t) => t,
@@ -214,13 +214,13 @@ impl DurableObject for User {
         reason: String,
         _clean: bool,
     ) -> Result<()> {
-        self.socket_gone(&ws).await;
+        self.socket_gone(&ws, u16::try_from(code).ok()).await;
         answer_close(&ws, code, reason);
         Ok(())
     }
 
     async fn websocket_error(&self, ws: WebSocket, _error: worker::Error) -> Result<()> {
-        self.socket_gone(&ws).await;
+        self.socket_gone(&ws, None).await;
         Ok(())
     }
 }
@@ -557,6 +557,9 @@ impl User {
             )?
             .to_array()?;
         let config = self.config()?;
+        self.conns
+            .figures
+            .identify(shared::metrics::ReporterKind::User, user, config.metrics);
         let mut state = UserState::new(
             user,
             UserConfig {
@@ -606,7 +609,7 @@ impl User {
                 self.save_contacts();
             }
             Err(e) => {
-                worker::console_warn!("contacts of user {user}: {e}");
+                crate::log!(Warn, "contacts of user", "user" => user, "error" => e.to_string());
                 self.retry_contacts_at.set(Some(now_ms() + RETRY_MS));
             }
         }
@@ -657,7 +660,7 @@ impl User {
                 }
             };
             if let Err(e) = result {
-                worker::console_error!("user output failed: {e}");
+                crate::log!(Error, "user output failed", "error" => e.to_string());
             }
         }
     }
@@ -677,7 +680,7 @@ impl User {
                 let update = update.clone();
                 async move {
                     if let Err(e) = post(&env, contact, "/presence", &update).await {
-                        worker::console_warn!("presence to user {contact}: {e}");
+                        crate::log!(Warn, "presence to user", "contact" => contact, "error" => e.to_string());
                     }
                 }
             });
@@ -735,7 +738,7 @@ impl User {
         {
             Ok(rows) => rows,
             Err(e) => {
-                worker::console_error!("read presence: {e}");
+                crate::log!(Error, "read presence", "error" => e.to_string());
                 return;
             }
         };
@@ -778,14 +781,14 @@ impl User {
                 }
             }
             Err(e) => {
-                worker::console_warn!("presence report failed, will retry: {e}");
+                crate::log!(Warn, "presence report failed, will retry", "error" => e.to_string());
                 self.retry_report_at.set(Some(now_ms() + RETRY_MS));
             }
         }
     }
 
-    async fn socket_gone(&self, ws: &WebSocket) {
-        let Some(tag) = self.conns.forget_socket(ws) else {
+    async fn socket_gone(&self, ws: &WebSocket, code: Option<u16>) {
+        let Some(tag) = self.conns.forget_socket(ws, code) else {
             return;
         };
         self.disconnected(tag.user, tag.conn).await;
@@ -852,6 +855,11 @@ impl User {
         if self.retry_report_at.get().is_some_and(|t| now >= t) {
             self.sync_presence().await;
         }
+        let config = self.config()?;
+        self.conns
+            .figures
+            .send_if_due(config, now_ms(), self.conns.gauges())
+            .await;
         Ok(())
     }
 
@@ -916,7 +924,7 @@ impl User {
             Ok(())
         })();
         if let Err(e) = saved {
-            worker::console_error!("save contacts: {e}");
+            crate::log!(Error, "save contacts", "error" => e.to_string());
         }
     }
 
@@ -930,7 +938,7 @@ impl User {
                 update.user_id.into(),
             ],
         ) {
-            worker::console_error!("save contact: {e}");
+            crate::log!(Error, "save contact", "error" => e.to_string());
         }
     }
 
@@ -983,7 +991,7 @@ impl User {
                     "INSERT OR IGNORE INTO subscribed (conversation_id) VALUES (?)",
                     vec![conversation_id.into()],
                 ) {
-                    worker::console_error!("record subscription: {e}");
+                    crate::log!(Error, "record subscription", "error" => e.to_string());
                 }
                 (frames, Ok(()))
             }
@@ -1050,6 +1058,7 @@ impl User {
             self.retry_contacts_at.get(),
             self.conns.next_expiry(),
             watchdog,
+            self.conns.figures.due(&self.conns.gauges()),
         ];
         self.alarm.request(&self.state, &deadlines).await;
     }

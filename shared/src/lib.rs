@@ -15,6 +15,8 @@
 //! - [`redact`]: strips tokens from URLs before they reach a log line.
 //! - [`room`] and [`user`]: the sans-IO state machines behind the Room and
 //!   User Durable Objects.
+//! - [`metrics`]: the edge's counts and gauges, and the rule by which the
+//!   origin adds up reports from Durable Objects exactly once.
 //! - [`admission`] and [`backlog`]: what one connection may cost a Durable
 //!   Object (caps per user and per object; unread bytes per socket).
 //!
@@ -27,6 +29,7 @@ pub mod bucket;
 pub mod conn;
 pub mod domain;
 pub mod media;
+pub mod metrics;
 pub mod protocol;
 pub mod receipts;
 pub mod redact;

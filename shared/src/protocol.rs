@@ -496,7 +496,7 @@ pub mod internal {
     /// answer means the messages listed as `stored` are in PostgreSQL and
     /// every receipt was applied (watermarks only move forward; receipts of
     /// users who are not members change nothing). `messages` may be empty.
-    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
     pub struct IngestBatch {
         pub messages: Vec<StoredMessage>,
         /// The room's watermarks, as `POST /internal/v1/receipts` takes
@@ -506,6 +506,11 @@ pub mod internal {
         /// batch (422), before anything is written.
         #[serde(default)]
         pub receipts: Vec<ReceiptUpdate>,
+        /// The room's figures, when a report is due as the batch leaves
+        /// (see [`crate::metrics`]). The origin applies it before the
+        /// batch, whatever the batch's fate, so a failing ingest is seen.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub report: Option<crate::metrics::EdgeReport>,
     }
 
     /// What the origin holds after an ingest call. An id is in `stored` when
@@ -746,6 +751,7 @@ mod tests {
                 delivered_seq: 9,
                 read_seq: 8,
             }],
+            report: None,
         };
         let v = serde_json::to_value(&b).expect("json");
         assert_eq!(

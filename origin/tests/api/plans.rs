@@ -779,6 +779,7 @@ async fn a_real_ingest_on_stale_statistics_executes_only_key_lookups_foreign_key
         let batch = IngestBatch {
             messages,
             receipts: receipt_updates(&receipts(&fx, 200, seq)),
+            report: None,
         };
 
         // Twice: the second call runs the plans the connection kept.

@@ -1678,6 +1678,14 @@ impl Room {
 
     /// When the driver should next call [`Room::handle_timeout`] and
     /// [`Room::poll_flush`].
+    /// When the oldest message the origin has not confirmed was acked (ms
+    /// since the epoch), for the outbox-age gauge.
+    pub fn oldest_unflushed_at(&self) -> Option<u64> {
+        self.window
+            .oldest_unconfirmed_at()
+            .and_then(|t| u64::try_from(t).ok())
+    }
+
     pub fn poll_timeout(&self) -> Option<Millis> {
         [
             self.members.next_receipt(),

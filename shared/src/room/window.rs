@@ -289,6 +289,17 @@ impl Window {
             .map_or(self.last_seq + 1, |e| e.record.seq)
     }
 
+    /// When the oldest message the origin has not confirmed was acked.
+    pub fn oldest_unconfirmed_at(&self) -> Option<i64> {
+        if self.unflushed == 0 {
+            return None;
+        }
+        self.entries
+            .iter()
+            .find(|e| !e.record.flushed)
+            .map(|e| e.record.created_at_ms)
+    }
+
     /// Batch `batch` failed: its messages wait again.
     pub fn release(&mut self, batch: BatchId) {
         for e in self.entries.iter_mut() {
