@@ -13,6 +13,7 @@ mod lifecycle;
 mod media;
 mod membership;
 mod migrations;
+mod observability;
 mod ops;
 mod plans;
 mod push;
