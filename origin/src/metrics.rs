@@ -396,6 +396,12 @@ fn render_figures(activity: Option<Activity>, sizes: Option<&Sizes>) -> String {
     out
 }
 
+/// Errors the edge reported (`chat_errors_total{layer="edge"}`), in the
+/// same family as the origin's own.
+pub fn record_edge_errors(code: String, n: u64) {
+    metrics::counter!("chat_errors_total", "code" => code, "layer" => "edge").increment(n);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,10 +445,4 @@ mod tests {
         }
         assert_eq!(render_figures(None, None), "");
     }
-}
-
-/// Errors the edge reported (`chat_errors_total{layer="edge"}`), in the
-/// same family as the origin's own.
-pub fn record_edge_errors(code: String, n: u64) {
-    metrics::counter!("chat_errors_total", "code" => code, "layer" => "edge").increment(n);
 }
