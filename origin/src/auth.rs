@@ -90,6 +90,11 @@ impl FromRequestParts<AppState> for AuthUser {
                 return Err(ApiError::SessionRevoked);
             }
         }
+        // With a read replica: lets the write tracker know whose request
+        // this is (see crate::replica::track_writes).
+        if let Some(slot) = parts.extensions.get::<crate::replica::WriterSlot>() {
+            slot.fill(id);
+        }
         Ok(AuthUser {
             id,
             name: claims.name,

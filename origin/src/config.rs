@@ -22,6 +22,15 @@ pub enum ConfigError {
 pub struct Config {
     /// `DATABASE_URL`: a libpq-style URL or key=value string.
     pub database_url: String,
+    /// `DATABASE_READ_URL`, optional: one streaming replica (a hot standby
+    /// of `DATABASE_URL`) that serves history, conversation lists, the
+    /// directory, active users and search (see [`crate::replica`]). Unset:
+    /// every read goes to `DATABASE_URL`, as without replicas.
+    pub database_read_url: Option<String>,
+    /// `DATABASE_READ_MAX_LAG_MS`, default 2000: the replica serves reads
+    /// only while it is at most this far behind; beyond it, reads go to
+    /// the primary.
+    pub database_read_max_lag: Duration,
     /// `BIND_ADDR`, default `127.0.0.1:8081`. Port 0 picks a free port.
     pub bind_addr: SocketAddr,
     /// `JWT_SECRET`: HMAC key for session tokens (at least 32 bytes).
@@ -200,6 +209,11 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("database_url", &"[redacted]")
+            .field(
+                "database_read_url",
+                &self.database_read_url.as_ref().map(|_| "[redacted]"),
+            )
+            .field("database_read_max_lag", &self.database_read_max_lag)
             .field("bind_addr", &self.bind_addr)
             .field("jwt_secret", &"[redacted]")
             .field("service_secret", &"[redacted]")
@@ -270,6 +284,20 @@ impl Config {
                 var: "DATABASE_URL",
                 reason: e.to_string(),
             })?;
+        // Optional; when set it must parse like DATABASE_URL, so a typo
+        // fails at start-up rather than as a replica that is never used.
+        let database_read_url = match get("DATABASE_READ_URL").map(|v| v.trim().to_owned()) {
+            None => None,
+            Some(v) if v.is_empty() => None,
+            Some(v) => {
+                v.parse::<tokio_postgres::Config>()
+                    .map_err(|e| ConfigError::Invalid {
+                        var: "DATABASE_READ_URL",
+                        reason: e.to_string(),
+                    })?;
+                Some(v)
+            }
+        };
         let bind_raw = get("BIND_ADDR").unwrap_or_else(|| "127.0.0.1:8081".to_owned());
         let bind_addr = bind_raw.parse().map_err(|_| ConfigError::Invalid {
             var: "BIND_ADDR",
@@ -346,6 +374,13 @@ impl Config {
         let media = media_config(&number)?;
         Ok(Self {
             database_url,
+            database_read_url,
+            database_read_max_lag: Duration::from_millis(number(
+                "DATABASE_READ_MAX_LAG_MS",
+                2000,
+                0,
+                3_600_000,
+            )?),
             bind_addr,
             jwt_secret,
             service_secret,
@@ -524,6 +559,42 @@ mod tests {
         assert_eq!(c.access_token_ttl, Duration::from_secs(900));
         assert_eq!(c.refresh_token_ttl, Duration::from_secs(30 * 24 * 3600));
         assert!(c.log_json);
+    }
+
+    #[test]
+    fn the_read_replica_is_optional_checked_and_redacted() {
+        let c = Config::from_lookup(env(GOOD)).expect("valid");
+        assert_eq!(c.database_read_url, None);
+        assert_eq!(c.database_read_max_lag, Duration::from_millis(2000));
+        let mut pairs = GOOD.to_vec();
+        pairs.extend([
+            (
+                "DATABASE_READ_URL",
+                "postgres://reader:hunter2@replica:5432/vibe",
+            ),
+            ("DATABASE_READ_MAX_LAG_MS", "500"),
+        ]);
+        let c = Config::from_lookup(env(&pairs)).expect("valid");
+        assert_eq!(
+            c.database_read_url.as_deref(),
+            Some("postgres://reader:hunter2@replica:5432/vibe")
+        );
+        assert_eq!(c.database_read_max_lag, Duration::from_millis(500));
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let mut pairs = GOOD.to_vec();
+        pairs.push(("DATABASE_READ_URL", " "));
+        let c = Config::from_lookup(env(&pairs)).expect("blank is unset");
+        assert_eq!(c.database_read_url, None);
+        for (var, bad) in [
+            ("DATABASE_READ_URL", "postgres://h:notaport/x"),
+            ("DATABASE_READ_MAX_LAG_MS", "soon"),
+            ("DATABASE_READ_MAX_LAG_MS", "3600001"),
+        ] {
+            let mut pairs = GOOD.to_vec();
+            pairs.push((var, bad));
+            let err = Config::from_lookup(env(&pairs)).expect_err(bad);
+            assert!(err.to_string().starts_with(var), "{err}");
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod media;
 pub mod metrics;
 pub mod push;
 pub mod queue;
+pub mod replica;
 pub mod search;
 pub mod seed;
 pub mod sessions;

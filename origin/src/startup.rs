@@ -36,8 +36,19 @@ impl Application {
         })
         .await
         .context("hash the login guard")??;
+        let reads = match &config.database_read_url {
+            None => crate::replica::Reads::primary_only(pool.clone()),
+            Some(read_url) => crate::replica::Reads::with_replica(
+                pool.clone(),
+                &config.database_url,
+                read_url,
+                config.database_read_max_lag,
+                config.db_pool_size,
+            )?,
+        };
         let state = AppState {
             pool,
+            reads,
             keys: Arc::new(Keys {
                 jwt_secret: config.jwt_secret.clone(),
                 service_secret: config.service_secret.clone(),
@@ -66,7 +77,19 @@ impl Application {
                 "push notifications on"
             );
         }
-        let router = crate::http::app(state.clone(), &config);
+        let mut router = crate::http::app(state.clone(), &config);
+        if state.reads.has_replica() {
+            // Outermost, so it sees each request's final response (after
+            // the handler's commit).
+            router = router.layer(axum::middleware::from_fn_with_state(
+                state.reads.clone(),
+                crate::replica::track_writes,
+            ));
+            tracing::info!(
+                max_lag_ms = config.database_read_max_lag.as_millis() as u64,
+                "read replica configured"
+            );
+        }
         let listener = TcpListener::bind(config.bind_addr)
             .await
             .with_context(|| format!("bind {}", config.bind_addr))?;
@@ -99,6 +122,8 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let sweeper = tokio::spawn(sweep_sessions(self.state.clone()));
+        // Ends at once without a replica.
+        let replica_probe = tokio::spawn(crate::replica::watch(self.state.reads.clone()));
         // Processing and cleanup are idempotent and leased, so a stop in
         // the middle only leaves rows that come due again.
         let media_worker = tokio::spawn(crate::media::worker::run(
@@ -124,6 +149,7 @@ impl Application {
             .with_graceful_shutdown(shutdown)
             .await;
         sweeper.abort();
+        replica_probe.abort();
         media_worker.abort();
         media_cleanup.abort();
         // The worker finishes the round it is in (each send is bounded),

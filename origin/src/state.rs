@@ -9,7 +9,12 @@ use metrics_exporter_prometheus::PrometheusHandle;
 /// Cloned into every request; everything inside is cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
+    /// The primary: every write, and every read not listed in
+    /// [`crate::replica`].
     pub pool: Pool,
+    /// Connections for the reads a replica may serve (the primary's when
+    /// there is no `DATABASE_READ_URL`).
+    pub reads: crate::replica::Reads,
     pub keys: Arc<Keys>,
     pub metrics: PrometheusHandle,
     /// What `/metrics` reads from PostgreSQL, cached (see [`crate::metrics::DbFigures`]).

@@ -204,7 +204,21 @@ async fn list_conversations(
     user: AuthUser,
     State(state): State<AppState>,
 ) -> ApiResult<Json<ConversationList>> {
-    let client = state.pool.get().await?;
+    let client = state.reads.get_for(user.id).await?;
+    let list = match read_list(&client, user.id).await {
+        Err(e) if state.reads.retry_on_primary(&client, &e) => {
+            read_list(&*state.reads.primary().await?, user.id).await
+        }
+        read => read,
+    };
+    Ok(Json(list?))
+}
+
+/// `user_id`'s conversations on `client`, the replica's or the primary's.
+async fn read_list(
+    client: &deadpool_postgres::Client,
+    user_id: i64,
+) -> ApiResult<ConversationList> {
     let stmt = client
         .prepare_cached(
             "SELECT c.id, c.kind, c.name, c.created_at, c.updated_at, c.last_seq, p.read_seq,
@@ -244,7 +258,7 @@ async fn list_conversations(
         )
         .await?;
     let rows = client
-        .query(&stmt, &[&user.id, &LIST_LIMIT, &UNREAD_CAP])
+        .query(&stmt, &[&user_id, &LIST_LIMIT, &UNREAD_CAP])
         .timed("list_conversations")
         .await?;
     let mut conversations = Vec::with_capacity(rows.len());
@@ -259,7 +273,7 @@ async fn list_conversations(
         })
         .filter_map(|r| r.get::<_, Option<uuid::Uuid>>(7))
         .collect();
-    let mut carried = crate::media::attachments_of(&client, &textless).await?;
+    let mut carried = crate::media::attachments_of(client, &textless).await?;
     for r in rows {
         let kind = ConversationKind::from_db(r.get(1))?;
         let name: Option<String> = r.get(2);
@@ -307,7 +321,7 @@ async fn list_conversations(
             last_message,
         });
     }
-    Ok(Json(ConversationList { conversations }))
+    Ok(ConversationList { conversations })
 }
 
 /// POST /api/v1/chat/conversations

@@ -48,7 +48,20 @@ async fn ingest(
     State(state): State<AppState>,
     ApiJson(batch): ApiJson<IngestBatch>,
 ) -> ApiResult<Json<IngestResult>> {
-    let result = ingest::ingest(&state.pool, batch, state.push.enqueue()).await?;
+    // Senders (and actors of changes) and readers wrote: with a replica,
+    // their own reads go to the primary until it has this batch. Noted even
+    // if the call fails, as a broken connection may hide a commit.
+    let writers: Vec<i64> = if state.reads.has_replica() {
+        let senders = batch.messages.iter().map(|m| m.sender_id);
+        senders
+            .chain(batch.receipts.iter().map(|r| r.user_id))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let result = ingest::ingest(&state.pool, batch, state.push.enqueue()).await;
+    state.reads.wrote_all(writers);
+    let result = result?;
     if state.push.enabled() {
         state.push.wake();
     }
@@ -328,7 +341,12 @@ async fn receipts(
     State(state): State<AppState>,
     ApiJson(batch): ApiJson<ReceiptBatch>,
 ) -> ApiResult<StatusCode> {
-    ingest::receipts(&state.pool, &batch.receipts, state.push.enqueue()).await?;
+    let stored = ingest::receipts(&state.pool, &batch.receipts, state.push.enqueue()).await;
+    // Read marks change the reader's unread counts (see `ingest` above).
+    state
+        .reads
+        .wrote_all(batch.receipts.iter().map(|r| r.user_id));
+    stored?;
     if state.push.enabled() {
         state.push.wake();
     }

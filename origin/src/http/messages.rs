@@ -83,8 +83,27 @@ async fn list_messages(
             "before_seq must be at least 1 and after_seq at least 0",
         ));
     }
-    let client = state.pool.get().await?;
-    let access = store::conversation_access(&client, id, user.id).await?;
+    let client = state.reads.get_for(user.id).await?;
+    let page = match read_page(&client, &state, id, &q, limit, user.id).await {
+        Err(e) if state.reads.retry_on_primary(&client, &e) => {
+            let primary = state.reads.primary().await?;
+            read_page(&primary, &state, id, &q, limit, user.id).await
+        }
+        read => read,
+    };
+    Ok(Json(page?))
+}
+
+/// The page on `client`, the replica's or the primary's.
+async fn read_page(
+    client: &deadpool_postgres::Client,
+    state: &AppState,
+    id: i64,
+    q: &PageQuery,
+    limit: i64,
+    viewer: i64,
+) -> ApiResult<MessagePage> {
+    let access = store::conversation_access(client, id, viewer).await?;
     // Fetch one extra row to learn whether there is more.
     let fetch = limit + 1;
     let (sql, forwards) = match (q.before_seq, q.after_seq) {
@@ -114,9 +133,7 @@ async fn list_messages(
                 .query(&stmt, &[&id, &after, &fetch, &before])
                 .timed("history_between")
                 .await?;
-            return Ok(Json(
-                page(&client, &state, &rows, limit, true, &access, user.id).await?,
-            ));
+            return page(client, state, &rows, limit, true, &access, viewer).await;
         }
     };
     let stmt = client.prepare_cached(&sql).await?;
@@ -128,9 +145,7 @@ async fn list_messages(
             "history_before"
         })
         .await?;
-    Ok(Json(
-        page(&client, &state, &rows, limit, forwards.1, &access, user.id).await?,
-    ))
+    page(client, state, &rows, limit, forwards.1, &access, viewer).await
 }
 
 async fn page(

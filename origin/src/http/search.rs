@@ -17,7 +17,7 @@ use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::metrics::Timed;
 use crate::search::{
     BUILD_QUERY, CALLER_CONVERSATIONS, CONVERSATION_ACCESS, Cursor, DEFAULT_PAGE, MAX_PAGE,
-    MAX_QUERY_CHARS, RANK_WINDOW, SEARCH_GUARD, search_hits, terms,
+    MAX_QUERY_CHARS, RANK_WINDOW, SEARCH_GUARD, Terms, search_hits, terms,
 };
 use crate::state::AppState;
 
@@ -136,16 +136,53 @@ async fn search(
     };
     let terms = terms(&params.q);
 
-    let mut client = state.pool.get().await?;
+    let mut client = state.reads.get_for(user.id).await?;
+    let found = read_hits(
+        &mut client,
+        user.id,
+        params.conversation_id,
+        &terms,
+        cursor,
+        limit,
+    )
+    .await;
+    let page = match found {
+        Err(e) if state.reads.retry_on_primary(&client, &e) => {
+            let mut primary = state.reads.primary().await?;
+            read_hits(
+                &mut primary,
+                user.id,
+                params.conversation_id,
+                &terms,
+                cursor,
+                limit,
+            )
+            .await
+        }
+        read => read,
+    };
+    Ok(Json(page?))
+}
+
+/// A page of hits on `client`, the replica's or the primary's (a read-only
+/// transaction either way, for the `SET LOCAL`s of [`SEARCH_GUARD`]).
+async fn read_hits(
+    client: &mut deadpool_postgres::Client,
+    user_id: i64,
+    conversation_id: Option<i64>,
+    terms: &Terms,
+    cursor: Option<Cursor>,
+    limit: i64,
+) -> ApiResult<SearchPage> {
     let tx = client.transaction().await?;
     tx.batch_execute(SEARCH_GUARD).await?;
 
     // The conversations searched, and how many seqs they hold in all.
-    let (conversations, seqs): (Vec<i64>, i64) = match params.conversation_id {
+    let (conversations, seqs): (Vec<i64>, i64) = match conversation_id {
         Some(id) => {
             let stmt = tx.prepare_cached(CONVERSATION_ACCESS).await?;
             let row = tx
-                .query_opt(&stmt, &[&id, &user.id])
+                .query_opt(&stmt, &[&id, &user_id])
                 .timed("search_conversation_access")
                 .await?
                 .ok_or(ApiError::NotFound("conversation"))?;
@@ -159,7 +196,7 @@ async fn search(
         None => {
             let stmt = tx.prepare_cached(CALLER_CONVERSATIONS).await?;
             let row = tx
-                .query_one(&stmt, &[&user.id])
+                .query_one(&stmt, &[&user_id])
                 .timed("search_caller_conversations")
                 .await?;
             (row.get(0), row.get(1))
@@ -170,7 +207,7 @@ async fn search(
         next_cursor: None,
     };
     if conversations.is_empty() {
-        return Ok(Json(empty));
+        return Ok(empty);
     }
 
     let stmt = tx.prepare_cached(BUILD_QUERY).await?;
@@ -183,7 +220,7 @@ async fn search(
     // Nothing to look for, or only words to exclude: no hits (see
     // crate::search).
     if operands == 0 || !indexable {
-        return Ok(Json(empty));
+        return Ok(empty);
     }
 
     let stmt = tx.prepare_cached(search_hits(seqs)).await?;
@@ -195,7 +232,7 @@ async fn search(
                 &conversations,
                 &RANK_WINDOW,
                 &(limit + 1),
-                &user.id,
+                &user_id,
                 &cursor.map(|c| c.rank),
                 &cursor.map(|c| c.created_at),
                 &cursor.map(|c| c.id),
@@ -232,5 +269,5 @@ async fn search(
             snippet: r.get(8),
         })
         .collect();
-    Ok(Json(SearchPage { hits, next_cursor }))
+    Ok(SearchPage { hits, next_cursor })
 }

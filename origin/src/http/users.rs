@@ -13,6 +13,7 @@ use super::{ApiPath, ApiQuery};
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::metrics::Timed;
+use crate::replica::Target;
 use crate::state::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -82,7 +83,18 @@ async fn active_users(
     user: AuthUser,
     State(state): State<AppState>,
 ) -> ApiResult<Json<ActiveUsers>> {
-    let client = state.pool.get().await?;
+    let client = state.reads.get_for(user.id).await?;
+    let users = match read_contacts(&client, user.id).await {
+        Err(e) if state.reads.retry_on_primary(&client, &e) => {
+            read_contacts(&*state.reads.primary().await?, user.id).await
+        }
+        read => read,
+    };
+    Ok(Json(users?))
+}
+
+/// `user_id`'s contacts on `client`, the replica's or the primary's.
+async fn read_contacts(client: &deadpool_postgres::Client, user_id: i64) -> ApiResult<ActiveUsers> {
     let stmt = client
         .prepare_cached(
             "SELECT u.id, u.full_name, u.role, COALESCE(p.is_online, false), p.last_seen
@@ -98,14 +110,14 @@ async fn active_users(
         )
         .await?;
     let rows = client
-        .query(&stmt, &[&user.id, &ACTIVE_USERS_LIMIT])
+        .query(&stmt, &[&user_id, &ACTIVE_USERS_LIMIT])
         .timed("active_users")
         .await?;
     let users = rows
         .iter()
         .map(ActiveUser::from_row)
         .collect::<ApiResult<_>>()?;
-    Ok(Json(ActiveUsers { users }))
+    Ok(ActiveUsers { users })
 }
 
 /// GET /api/v1/chat/presence/{user_id}
@@ -162,11 +174,23 @@ async fn presence(
     )
 )]
 async fn user_card(
-    _user: AuthUser,
+    user: AuthUser,
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<Json<ActiveUser>> {
-    let client = state.pool.get().await?;
+    let client = state.reads.get_for(user.id).await?;
+    let card = match read_card(&client, id).await {
+        // A 404 from the replica may be a user created a moment ago.
+        Err(e) if state.reads.retry_on_primary(&client, &e) => {
+            read_card(&*state.reads.primary().await?, id).await
+        }
+        read => read,
+    };
+    Ok(Json(card?))
+}
+
+/// User `id`'s card on `client`, the replica's or the primary's.
+async fn read_card(client: &deadpool_postgres::Client, id: i64) -> ApiResult<ActiveUser> {
     let stmt = client
         .prepare_cached(
             "SELECT u.id, u.full_name, u.role, COALESCE(p.is_online, false), p.last_seen
@@ -179,7 +203,7 @@ async fn user_card(
         .timed("user_card")
         .await?
         .ok_or(ApiError::NotFound("user"))?;
-    Ok(Json(ActiveUser::from_row(&row)?))
+    ActiveUser::from_row(&row)
 }
 
 /// Largest directory page.
@@ -268,10 +292,34 @@ async fn directory(
         return Err(ApiError::invalid("query must not contain NUL"));
     }
     let query = raw.trim().to_lowercase();
-    let client = state.pool.get().await?;
+    let client = state.reads.get_for(user.id).await?;
+    let page = match read_directory(&client, user.id, &query, q.cursor, limit).await {
+        // The one 422 left after the checks above is a cursor naming no
+        // user, which on the replica may be a user created a moment ago.
+        Err(e)
+            if state.reads.retry_on_primary(&client, &e)
+                || (client.target() == Target::Replica
+                    && matches!(e, ApiError::Unprocessable { .. })) =>
+        {
+            let primary = state.reads.primary().await?;
+            read_directory(&primary, user.id, &query, q.cursor, limit).await
+        }
+        read => read,
+    };
+    Ok(Json(page?))
+}
+
+/// A directory page on `client`, the replica's or the primary's.
+async fn read_directory(
+    client: &deadpool_postgres::Client,
+    viewer: i64,
+    query: &str,
+    cursor: Option<i64>,
+    limit: i64,
+) -> ApiResult<DirectoryPage> {
     // The cursor is the last user of the previous page; the page goes on
     // after its (name, id).
-    let after: Option<(String, i64)> = match q.cursor {
+    let after: Option<(String, i64)> = match cursor {
         None => None,
         Some(id) => {
             let row = client
@@ -289,7 +337,7 @@ async fn directory(
     // reads only its matches (checked with generic plans on 50,000
     // users). Without a query the page is one range of the name index
     // from the cursor on. Presence is a lookup per listed user.
-    let rows = match prefix_end(&query) {
+    let rows = match prefix_end(query) {
         None => {
             let stmt = client
                 .prepare_cached(
@@ -304,7 +352,7 @@ async fn directory(
                 )
                 .await?;
             client
-                .query(&stmt, &[&after_name, &after_id, &user.id, &fetch])
+                .query(&stmt, &[&after_name, &after_id, &viewer, &fetch])
                 .timed("directory_page")
                 .await?
         }
@@ -335,7 +383,7 @@ async fn directory(
             client
                 .query(
                     &stmt,
-                    &[&query, &end, &after_name, &after_id, &user.id, &fetch],
+                    &[&query, &end, &after_name, &after_id, &viewer, &fetch],
                 )
                 .timed("directory_search")
                 .await?
@@ -352,7 +400,7 @@ async fn directory(
     } else {
         None
     };
-    Ok(Json(DirectoryPage { users, next_cursor }))
+    Ok(DirectoryPage { users, next_cursor })
 }
 
 #[cfg(test)]
