@@ -57,6 +57,9 @@ fn test(root: &Path) -> anyhow::Result<()> {
     tools::ensure_promtool()?;
     let admin_url = pg::ensure(root)?;
     pg::drop_test_databases(&admin_url)?;
+    // The origin's read replica tests make a primary and a streaming
+    // replica of their own under target/pg-replica.
+    pg::server_bin_dir()?;
 
     step("format", cargo(&["fmt", "--all", "--check"]))?;
     step(

@@ -62,16 +62,30 @@ fn newest_entry(dir: &Path) -> Option<String> {
     names.pop()
 }
 
-/// PostgreSQL's server binaries (initdb, pg_ctl), installing them if absent.
-fn server_bin_dir() -> anyhow::Result<PathBuf> {
+/// What the private cluster and the origin's read replica tests run (the
+/// latter make a primary and a streaming replica of their own): Debian's
+/// `postgresql-client` alone has pg_basebackup but not initdb.
+const SERVER_TOOLS: &[&str] = &["initdb", "pg_ctl", "pg_basebackup"];
+
+/// PostgreSQL's server binaries (initdb, pg_ctl, pg_basebackup),
+/// installing them if absent.
+pub fn server_bin_dir() -> anyhow::Result<PathBuf> {
     let base = Path::new("/usr/lib/postgresql");
-    if let Some(v) = newest_entry(base) {
-        return Ok(base.join(v).join("bin"));
+    let complete = || {
+        newest_entry(base)
+            .map(|v| base.join(v).join("bin"))
+            .filter(|bin| SERVER_TOOLS.iter().all(|tool| bin.join(tool).exists()))
+    };
+    if let Some(bin) = complete() {
+        return Ok(bin);
     }
     apt_install(&["postgresql"])?;
-    newest_entry(base)
-        .map(|v| base.join(v).join("bin"))
-        .context("postgresql installed, but no server binaries under /usr/lib/postgresql")
+    complete().with_context(|| {
+        format!(
+            "postgresql installed, but no {} under /usr/lib/postgresql",
+            SERVER_TOOLS.join(", ")
+        )
+    })
 }
 
 /// A cluster of our own under `target/pg`, trust auth on loopback only.

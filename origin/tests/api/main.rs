@@ -17,5 +17,7 @@ mod observability;
 mod ops;
 mod plans;
 mod push;
+mod replica;
 mod search;
 mod sessions;
+mod standby;
