@@ -32,10 +32,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Latency buckets, in seconds: fine below 10 ms, where the targets are.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-];
+/// Latency buckets, in seconds: the edge's too, so their histograms line up.
+const LATENCY_BUCKETS: &[f64] = shared::metrics::LATENCY_BUCKETS;
 
 /// Buckets of `chat_message_persist_seconds`, in seconds. It spans the
 /// edge's outbox (a flush every few hundred ms, retries with backoff while
