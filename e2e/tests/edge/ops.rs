@@ -38,8 +38,9 @@ async fn raw_get(edge: &str, path: &str, token: Option<&str>) -> anyhow::Result<
     let auth = token.map_or_else(String::new, |t| format!("authorization: Bearer {t}\r\n"));
     let request = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n{auth}connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+    // Read one response, not to EOF: workerd holds the connection open for
+    // a while even after `connection: close`.
+    let raw = tokio::time::timeout(Duration::from_secs(10), read_response(&mut stream))
         .await
         .with_context(|| format!("no answer for {path}"))??;
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -49,6 +50,36 @@ async fn raw_get(edge: &str, path: &str, token: Option<&str>) -> anyhow::Result<
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("no status line for {path}: {text:.200}"))?;
     Ok((status, text))
+}
+
+/// Reads one HTTP/1.1 response: its head, then a body of its
+/// `content-length`, or chunks up to the last one, or up to the end.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> anyhow::Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        raw.extend_from_slice(&chunk[..n]);
+        if n == 0 {
+            return Ok(raw);
+        }
+        let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4) else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&raw[..head_end]).to_lowercase();
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        let complete = match length {
+            Some(len) => raw.len() >= head_end + len,
+            None if head.contains("transfer-encoding: chunked") => raw.ends_with(b"\r\n0\r\n\r\n"),
+            None => false,
+        };
+        if complete {
+            return Ok(raw);
+        }
+    }
 }
 
 /// A message over the SSE fallback's POST, as the ChatBox sends it.
@@ -141,24 +172,6 @@ pub async fn the_origin_exposes_every_metric_the_dashboard_and_alerts_use_and_th
     sams_own.drain(Duration::from_millis(200)).await?;
     sams_own.close().await?;
 
-    // The edge reports on its own schedule: wait for it, then name what
-    // is still missing.
-    let deadline = tokio::time::Instant::now() + REPORT_WITHIN;
-    let missing: BTreeSet<String> = loop {
-        let text = scrape(s).await?;
-        let exposed = e2e::ops::exposed_names(&text);
-        let missing: BTreeSet<String> = wanted.difference(&exposed).cloned().collect();
-        if missing.is_empty() || tokio::time::Instant::now() > deadline {
-            break missing;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
-    ensure!(
-        missing.is_empty(),
-        "the origin's /metrics has no samples of {missing:?} (used by ops/grafana/vibe-chat.json or ops/prometheus/alerts.yml)"
-    );
-    own.close().await?;
-
     // The metrics are for the operator's network only: the public edge
     // answers 404 to every way of spelling the path, with a token or
     // without, and never with the text.
@@ -196,5 +209,23 @@ pub async fn the_origin_exposes_every_metric_the_dashboard_and_alerts_use_and_th
             );
         }
     }
+
+    // The edge reports on its own schedule: wait for it, then name what
+    // is still missing.
+    let deadline = tokio::time::Instant::now() + REPORT_WITHIN;
+    let missing: BTreeSet<String> = loop {
+        let text = scrape(s).await?;
+        let exposed = e2e::ops::exposed_names(&text);
+        let missing: BTreeSet<String> = wanted.difference(&exposed).cloned().collect();
+        if missing.is_empty() || tokio::time::Instant::now() > deadline {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    ensure!(
+        missing.is_empty(),
+        "the origin's /metrics has no samples of {missing:?} (used by ops/grafana/vibe-chat.json or ops/prometheus/alerts.yml)"
+    );
+    own.close().await?;
     Ok(())
 }
