@@ -644,10 +644,12 @@ pub async fn watch(reads: Reads) {
         let up = match probed {
             Ok((primary, observation)) => {
                 let lag = replica.tracker().observe(at, primary, observation);
-                if observation.in_recovery {
-                    metrics::gauge!("chat_db_replica_lag_seconds")
-                        .set(lag.map_or(f64::INFINITY, |l| l.as_secs_f64()));
-                } else if was_up != Some(false) {
+                // +Inf whenever the lag cannot be measured (here, and when
+                // the probe fails below), so that a lag alert also fires
+                // for a replica that is gone.
+                metrics::gauge!("chat_db_replica_lag_seconds")
+                    .set(lag.map_or(f64::INFINITY, |l| l.as_secs_f64()));
+                if !observation.in_recovery && was_up != Some(false) {
                     tracing::warn!(
                         "DATABASE_READ_URL is not in recovery (promoted, or not a replica); \
                          reading from the primary"
@@ -657,6 +659,7 @@ pub async fn watch(reads: Reads) {
             }
             Err(e) => {
                 replica.tracker().failed(at);
+                metrics::gauge!("chat_db_replica_lag_seconds").set(f64::INFINITY);
                 if was_up != Some(false) {
                     tracing::warn!(error = %e, "read replica probe failed; reading from the primary");
                 }

@@ -270,6 +270,23 @@ async fn a_writer_reads_their_own_writes_at_once_while_replay_is_paused() {
     assert_eq!(history["messages"][0]["content"], "message 1");
     let after = served(&app);
     assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1));
+    // Kim reads it in the room: the read mark (a write, through the
+    // edge's receipts) shows in Kim's list at once, from the primary,
+    // though the replica has not even seen the group yet.
+    let (code, body) = app
+        .internal_post(
+            "/internal/v1/receipts",
+            &json!({"receipts": [{"conversation_id": group, "user_id": kim.id,
+                                  "delivered_seq": 1, "read_seq": 1}]}),
+        )
+        .await;
+    assert_eq!(code, StatusCode::NO_CONTENT, "{body}");
+    let before = served(&app);
+    let list = ok(&app, &kim, "/api/v1/chat/conversations").await;
+    assert_eq!(list["conversations"][0]["id"], group, "{list}");
+    assert_eq!(list["conversations"][0]["read_seq"], 1, "{list}");
+    assert_eq!(list["conversations"][0]["unread_count"], 0, "{list}");
+    assert_eq!(served(&app).0, before.0 + 1);
     // A real refusal stays one.
     let outsider = app.user("Outsider", Role::Member).await;
     let (code, body) = app
@@ -347,6 +364,11 @@ async fn reads_fall_back_to_the_primary_when_the_replica_lags_or_is_down() {
     })
     .await;
     assert!(!status(&app).up);
+    assert_eq!(
+        gauge(&metrics(&app).await, "chat_db_replica_lag_seconds"),
+        f64::INFINITY,
+        "a replica that cannot be measured is infinitely behind"
+    );
     let before = served(&app);
     assert_eq!(directory_name(&app, &sam, "alex").await, "Alexandra");
     assert_eq!(conversation_ids(&app, &sam).await.len(), 1);
