@@ -476,6 +476,8 @@ impl Stack {
 /// (see [`serve_origin_if_asked`]); its value is the configuration, a JSON
 /// list of `[name, value]` pairs.
 const ORIGIN_CHILD_ENV: &str = "VIBE_E2E_ORIGIN_CHILD";
+/// Set for an origin child whose log lines a test reads.
+const ORIGIN_CHILD_LOG_ENV: &str = "VIBE_E2E_ORIGIN_CHILD_LOG";
 
 /// The origin in a child process of its own.
 struct OriginChild {
@@ -508,6 +510,10 @@ async fn serve_origin_child(raw: &str) -> anyhow::Result<()> {
             .find(|(name, _)| name == k)
             .map(|(_, v)| v.clone())
     })?;
+    if std::env::var_os(ORIGIN_CHILD_LOG_ENV).is_some() {
+        // As in production: JSON lines, `RUST_LOG` levels.
+        origin::telemetry::init(true);
+    }
     let app = Application::build(config).await?;
     // The parent holds our stdin open; end-of-file means it is gone.
     std::thread::spawn(|| {
@@ -529,6 +535,16 @@ impl Stack {
     /// suite's `main` must begin with [`serve_origin_if_asked`].
     /// [`Stack::start_origin`] brings the usual origin back afterwards.
     pub async fn start_origin_process(&mut self, extra: &[(String, String)]) -> anyhow::Result<()> {
+        self.start_origin_process_logging(extra, None).await
+    }
+
+    /// [`Stack::start_origin_process`] with the child's log lines (JSON,
+    /// at `RUST_LOG`'s levels) written to `log` as `(path, RUST_LOG)`.
+    pub async fn start_origin_process_logging(
+        &mut self,
+        extra: &[(String, String)],
+        log: Option<(&Path, &str)>,
+    ) -> anyhow::Result<()> {
         self.stop_origin();
         self.kill_origin_process();
         let mut vars = origin_env(
@@ -550,7 +566,17 @@ impl Stack {
             let mut cmd = Command::new(&exe);
             cmd.env(ORIGIN_CHILD_ENV, serde_json::to_string(&vars)?)
                 .stdin(Stdio::piped());
-            if !self.launch.verbose {
+            if let Some((path, filter)) = log {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("open {}", path.display()))?;
+                cmd.env(ORIGIN_CHILD_LOG_ENV, "1")
+                    .env("RUST_LOG", filter)
+                    .stdout(file.try_clone()?)
+                    .stderr(file);
+            } else if !self.launch.verbose {
                 cmd.stdout(Stdio::null()).stderr(Stdio::null());
             }
             let mut child = cmd.spawn().context("start the origin process")?;

@@ -1013,7 +1013,7 @@ impl Room {
             self.with_loaded(|l| (l.config.clone(), l.room.conversation_id()))?;
         // The figures ride along when due: the outbox's age as the batch
         // leaves reaches the origin even when the batch then fails.
-        let report = self.conns.figures.report_if_due(now_ms(), self.gauges());
+        let report = self.conns.figures.report_for_flush(now_ms(), self.gauges());
         let result = OriginClient::new(&config)
             .ingest(&IngestBatch {
                 messages: batch.messages.clone(),

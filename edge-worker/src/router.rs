@@ -68,7 +68,7 @@ pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
     }
     let method = req.method();
     let path = req.path();
-    let mut res = match route(req, env, &config).await {
+    let res = match route(req, env, &config).await {
         Ok(res) => res,
         Err(e) => {
             crate::telemetry::isolate::error(e.code());
@@ -91,17 +91,33 @@ pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
             e.to_response()?
         }
     };
-    // Upgrades and relayed responses may carry immutable headers: the echo
-    // is a courtesy, never a failure.
-    let _ = res.headers_mut().set(REQUEST_ID_HEADER, &request_id);
+    let mut extra = vec![(REQUEST_ID_HEADER, request_id)];
     if let Some(origin) = cors_origin {
-        // Responses relayed from the origin or a Durable Object may carry
-        // immutable headers; a failure here only costs the CORS header.
-        let h = res.headers_mut();
-        let _ = h.set("access-control-allow-origin", &origin);
-        let _ = h.set("vary", "origin");
+        extra.push(("access-control-allow-origin", origin));
+        extra.push(("vary", "origin".to_owned()));
     }
-    Ok(res)
+    Ok(with_headers(res, &extra))
+}
+
+/// `res` with `extra` headers set. A response relayed from the origin or a
+/// Durable Object has immutable headers: it gets a copy of them instead
+/// (setting them in place would fail, silently losing the CORS header and
+/// the request id).
+fn with_headers(mut res: Response, extra: &[(&str, String)]) -> Response {
+    let in_place = extra
+        .iter()
+        .all(|(k, v)| res.headers_mut().set(k, v).is_ok());
+    if in_place {
+        return res;
+    }
+    let headers = Headers::new();
+    for (k, v) in res.headers().entries() {
+        let _ = headers.append(&k, &v);
+    }
+    for (k, v) in extra {
+        let _ = headers.set(k, v);
+    }
+    res.with_headers(headers)
 }
 
 async fn route(req: Request, env: &Env, config: &EdgeConfig) -> EdgeResult<Response> {

@@ -203,13 +203,30 @@ impl Figures {
         if c.reporter().is_empty() {
             return None;
         }
-        c.due(gauges)
+        // "At once" is now: an alarm in the past is refused.
+        c.due(gauges).map(|at| at.max(crate::auth::now_ms()))
     }
 
     /// A report to piggyback on a request about to leave, when one is due.
     pub fn report_if_due(&self, now: u64, gauges: Gauges) -> Option<EdgeReport> {
         let due = self.due(&gauges)?;
         (due <= now).then(|| self.collector.borrow_mut().report(now, gauges))
+    }
+
+    /// A report to piggyback on an outbox batch: when one is due, and also
+    /// whenever the last one failed, so the first batch to get through
+    /// after an outage tells how old the outbox grew (the flush it rides
+    /// on empties it, and the next report says so a cadence later).
+    pub fn report_for_flush(&self, now: u64, gauges: Gauges) -> Option<EdgeReport> {
+        let stale = {
+            let c = self.collector.borrow();
+            !c.reporter().is_empty() && c.stale()
+        };
+        if stale {
+            Some(self.collector.borrow_mut().report(now, gauges))
+        } else {
+            self.report_if_due(now, gauges)
+        }
     }
 
     /// The request that carried `report` answered (`ok`: the origin has it).

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod edge;
+pub mod edge_report;
 pub mod error;
 pub mod hashing;
 pub mod http;

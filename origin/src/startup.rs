@@ -56,6 +56,7 @@ impl Application {
             }),
             metrics: crate::metrics::handle(),
             figures: Arc::default(),
+            edge_figures: Arc::default(),
             access_ttl: config.access_token_ttl,
             refresh_ttl: config.refresh_token_ttl,
             login_guard: Arc::default(),

@@ -17,6 +17,8 @@ pub struct AppState {
     pub reads: crate::replica::Reads,
     pub keys: Arc<Keys>,
     pub metrics: PrometheusHandle,
+    /// What the edge's objects report (see [`crate::edge_report`]).
+    pub edge_figures: Arc<crate::edge_report::EdgeFigures>,
     /// What `/metrics` reads from PostgreSQL, cached (see [`crate::metrics::DbFigures`]).
     pub figures: Arc<crate::metrics::DbFigures>,
     /// Life of an access token.

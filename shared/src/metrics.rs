@@ -360,6 +360,13 @@ impl Collector {
         }
     }
 
+    /// The last send failed: the origin may hold stale gauges (an outbox
+    /// it thinks is empty), so the next request that leaves should carry
+    /// the news whatever the cadence says.
+    pub fn stale(&self) -> bool {
+        self.last_sent_ms.is_some() && self.last_gauges.is_none()
+    }
+
     /// A send failed: gauges count as unsent, so the next report is not
     /// held back as "unchanged".
     pub fn unsent(&mut self) {

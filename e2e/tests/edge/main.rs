@@ -7,6 +7,7 @@
 mod lifecycle;
 mod media;
 mod membership;
+mod metrics;
 mod ops;
 mod push;
 mod realtime;
@@ -39,8 +40,34 @@ async fn main() -> ExitCode {
         ("ROOM_MAX_SSE", "3"),
         ("ROOM_SSE_HEARTBEAT_MS", "1000"),
         ("PRESENCE_GRACE_MS", "1500"),
+        // Edge figures reach the origin within 2 s (production: 5 s).
+        ("METRICS_COUNTS_MS", "2000"),
     ];
     let tests: &[(&str, TestFn)] = &[
+        (
+            "metrics_count_connections_messages_and_latency_on_every_transport",
+            |s| {
+                Box::pin(
+                    metrics::metrics_count_connections_messages_and_latency_on_every_transport(s),
+                )
+            },
+        ),
+        (
+            "the_outbox_gauge_rises_while_the_origin_is_down_and_returns_to_zero",
+            |s| {
+                Box::pin(
+                    metrics::the_outbox_gauge_rises_while_the_origin_is_down_and_returns_to_zero(s),
+                )
+            },
+        ),
+        (
+            "a_messages_request_id_reaches_the_origins_log_line_for_its_ingest",
+            |s| {
+                Box::pin(
+                    metrics::a_messages_request_id_reaches_the_origins_log_line_for_its_ingest(s),
+                )
+            },
+        ),
         (
             "an_edit_and_a_delete_reach_the_other_member_live_and_after_a_reconnect",
             |s| {

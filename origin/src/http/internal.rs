@@ -34,6 +34,21 @@ pub fn router() -> Router<AppState> {
         .route("/internal/v1/presence", post(presence))
         .route("/internal/v1/users/{id}/contacts", get(contacts))
         .route("/internal/v1/receipts", post(receipts))
+        .route("/internal/v1/edge-report", post(edge_report))
+}
+
+/// POST /internal/v1/edge-report
+///
+/// A Durable Object's or Worker isolate's figures (see
+/// [`crate::edge_report`]). 204; a resend of a report already applied
+/// changes only its gauges.
+async fn edge_report(
+    _: ServiceCaller,
+    State(state): State<AppState>,
+    ApiJson(report): ApiJson<shared::metrics::EdgeReport>,
+) -> StatusCode {
+    state.edge_figures.apply(&report);
+    StatusCode::NO_CONTENT
 }
 
 /// POST /internal/v1/messages/batch
@@ -46,8 +61,13 @@ pub fn router() -> Router<AppState> {
 async fn ingest(
     _: ServiceCaller,
     State(state): State<AppState>,
-    ApiJson(batch): ApiJson<IngestBatch>,
+    ApiJson(mut batch): ApiJson<IngestBatch>,
 ) -> ApiResult<Json<IngestResult>> {
+    // The room's figures first, whatever the batch's fate: an ingest that
+    // keeps failing must still show as an aging outbox.
+    if let Some(report) = batch.report.take() {
+        state.edge_figures.apply(&report);
+    }
     // Senders (and actors of changes) and readers wrote: with a replica,
     // their own reads go to the primary until it has this batch. Noted even
     // if the call fails, as a broken connection may hide a commit.

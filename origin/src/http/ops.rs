@@ -106,6 +106,8 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let mut body = state.metrics.render();
     // Figures read from PostgreSQL (cached), rendered per application.
     body.push_str(&state.figures.render(&state.pool).await);
+    // The edge's, as its objects reported them.
+    body.push_str(&state.edge_figures.render());
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
