@@ -450,6 +450,10 @@ impl Reads {
     /// primary's.
     pub async fn get_for(&self, user_id: i64) -> Result<ReadClient, PoolError> {
         let Some(replica) = &self.replica else {
+            // Counted here too, so the read rate is on the dashboard
+            // whether or not a replica takes part.
+            metrics::counter!("chat_db_reads_total", "target" => Target::Primary.label())
+                .increment(1);
             return Ok(ReadClient {
                 client: self.primary.get().await?,
                 target: Target::Primary,
