@@ -16,7 +16,7 @@ use crate::config::EdgeConfig;
 use crate::origin::OriginClient;
 
 /// The header that names a request from the edge to the origin.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub const REQUEST_ID_HEADER: &str = shared::redact::REQUEST_ID_HEADER;
 
 /// How a message arrived (`chat_messages_total{transport}`).
 pub const TRANSPORT_WS: &str = "ws";
@@ -115,12 +115,7 @@ pub fn new_request_id() -> String {
 /// lines and headers), else a fresh one.
 pub fn request_id_from(header: Option<String>) -> String {
     header
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 64
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        })
+        .filter(|v| shared::redact::is_sane_request_id(v))
         .unwrap_or_else(new_request_id)
 }
 

@@ -67,6 +67,25 @@ fn path_offset(s: &str) -> usize {
     }
 }
 
+/// The header that names a request from the client through the edge into
+/// the origin's log lines.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The longest request id accepted from a caller.
+pub const MAX_REQUEST_ID_LEN: usize = 64;
+
+/// Whether a caller's request id is kept (1 to 64 characters of
+/// `[A-Za-z0-9._-]`): it goes into log lines and headers at the edge and
+/// the origin, so it must not carry anything else (newlines, quotes, a
+/// payload). Anything else is replaced by a fresh id.
+pub fn is_sane_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

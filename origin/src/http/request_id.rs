@@ -14,23 +14,19 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 /// The header, on the request and on the response.
-pub const HEADER: &str = "x-request-id";
+pub const HEADER: &str = shared::redact::REQUEST_ID_HEADER;
 
 /// The longest id accepted from a caller.
-pub const MAX_LEN: usize = 64;
+pub const MAX_LEN: usize = shared::redact::MAX_REQUEST_ID_LEN;
 
 /// The request's id, in its extensions for whatever else wants it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestId(pub String);
 
-/// Whether a caller's id is kept: 1 to [`MAX_LEN`] characters of
-/// `[A-Za-z0-9._-]`.
+/// Whether a caller's id is kept (the edge's rule: see
+/// [`shared::redact::is_sane_request_id`]).
 pub fn is_sane(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    shared::redact::is_sane_request_id(id)
 }
 
 /// A new id: a random UUID, 32 hex digits.
