@@ -153,6 +153,44 @@ pub async fn metrics_count_connections_messages_and_latency_on_every_transport(
         "rooms and users report"
     );
 
+    // Typed errors at the edge are counted by code: one the Room answers
+    // on its socket, one the Worker answers before any object (its
+    // isolate's counts leave with a later request once due).
+    room.say(conv, "", "m-empty").await?;
+    let refused = room.expect("error").await?;
+    ensure!(refused["code"] == "empty_field", "{refused}");
+    let bad_token = s
+        .http()
+        .post(format!("{}/api/v1/chat/ws-ticket", s.edge))
+        .bearer_auth("not-a-token")
+        .send()
+        .await?;
+    ensure!(bad_token.status() == 401, "a bad token: {}", bad_token.status());
+    const EMPTY: &str = "chat_errors_total{code=\"empty_field\",layer=\"edge\"}";
+    const INVALID: &str = "chat_errors_total{code=\"invalid_token\",layer=\"edge\"}";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = scrape(s).await?;
+        if sample(&t, EMPTY) > sample(&before, EMPTY)
+            && sample(&t, INVALID) > sample(&before, INVALID)
+        {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "edge errors by code not counted: {} {}",
+            sample(&t, EMPTY),
+            sample(&t, INVALID)
+        );
+        // Any request to the Worker carries its isolate's report when due.
+        let _ = s
+            .http()
+            .get(format!("{}/api/v1/edge/health", s.edge))
+            .send()
+            .await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
     // Connections that end are counted, however they end.
     room.close().await?;
     drop(stream);
