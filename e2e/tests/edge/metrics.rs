@@ -165,7 +165,11 @@ pub async fn metrics_count_connections_messages_and_latency_on_every_transport(
         .bearer_auth("not-a-token")
         .send()
         .await?;
-    ensure!(bad_token.status() == 401, "a bad token: {}", bad_token.status());
+    ensure!(
+        bad_token.status() == 401,
+        "a bad token: {}",
+        bad_token.status()
+    );
     const EMPTY: &str = "chat_errors_total{code=\"empty_field\",layer=\"edge\"}";
     const INVALID: &str = "chat_errors_total{code=\"invalid_token\",layer=\"edge\"}";
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
