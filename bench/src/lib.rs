@@ -6,6 +6,7 @@
 
 #![allow(clippy::print_stdout)]
 
+pub mod edge_report;
 pub mod fanout;
 pub mod media;
 pub mod origin_bench;
@@ -22,6 +23,7 @@ pub async fn run(which: &str) -> anyhow::Result<()> {
         "presence" => presence::run().await,
         "media" => media::run().await,
         "search" => search::run().await,
+        "edge-report" => edge_report::run().await,
         other => {
             anyhow::bail!(
                 "unknown benchmark {other:?}; available: origin, fanout, room, presence, media, search"

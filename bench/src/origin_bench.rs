@@ -32,7 +32,7 @@ use crate::report::{micros_histogram, ms, table, target};
 pub(crate) const JWT_SECRET: &str = "bench-jwt-secret-bench-jwt-secret-000";
 /// A throwaway VAPID key (P-256 scalar, base64url), published on purpose.
 const BENCH_VAPID_KEY: &str = "WO6neA0UinJdUFJ2aL5ehl4Y2KGBFGPz9tSHv3_ejuU";
-const SERVICE_SECRET: &str = "bench-service-secret-bench-service-00";
+pub(crate) const SERVICE_SECRET: &str = "bench-service-secret-bench-service-00";
 const DB: &str = "vibe_bench";
 const HISTORY_SIZE: i64 = 1_000_000;
 

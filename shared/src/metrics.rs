@@ -277,23 +277,15 @@ impl Collector {
     }
 
     pub fn message(&mut self, transport: &'static str) {
-        *self
-            .pending
-            .messages
-            .entry(transport.to_owned())
-            .or_default() += 1;
+        bump(&mut self.pending.messages, transport);
     }
 
     pub fn error(&mut self, code: &str) {
-        *self.pending.errors.entry(code.to_owned()).or_default() += 1;
+        bump(&mut self.pending.errors, code);
     }
 
     pub fn disconnect(&mut self, transport: &'static str) {
-        *self
-            .pending
-            .disconnects
-            .entry(transport.to_owned())
-            .or_default() += 1;
+        bump(&mut self.pending.disconnects, transport);
     }
 
     pub fn flush_failure(&mut self) {
@@ -371,6 +363,17 @@ impl Collector {
     /// held back as "unchanged".
     pub fn unsent(&mut self) {
         self.last_gauges = None;
+    }
+}
+
+/// Adds one under `key`, allocating the key only the first time (this runs
+/// once per message).
+fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
+    match map.get_mut(key) {
+        Some(n) => *n += 1,
+        None => {
+            map.insert(key.to_owned(), 1);
+        }
     }
 }
 

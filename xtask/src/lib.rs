@@ -208,6 +208,13 @@ fn bench(root: &Path, which: Option<&str>) -> anyhow::Result<()> {
             cmd.env("DATABASE_URL", &admin_url);
             step("search benchmark", cmd)
         }
+        // The origin in the bench's process; the clients play the edge.
+        "edge-report" => {
+            let admin_url = pg::ensure(root)?;
+            let mut cmd = cargo(&["run", "--release", "-p", "vibe-bench", "--", "edge-report"]);
+            cmd.env("DATABASE_URL", &admin_url);
+            step("edge report benchmark", cmd)
+        }
         "room" => step(
             "room state machine benchmark (native)",
             cargo(&["run", "--release", "-p", "vibe-bench", "--", "room"]),
