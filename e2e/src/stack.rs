@@ -44,6 +44,9 @@ pub struct StackOptions {
     pub origin_vars: Vec<(String, String)>,
     /// Show wrangler's output (for debugging).
     pub verbose: bool,
+    /// `wrangler dev --log-level` (default `warn`); the Worker's
+    /// `console.log` lines need `log`.
+    pub wrangler_log_level: Option<String>,
 }
 
 /// A running origin on its own runtime thread.
@@ -107,6 +110,9 @@ impl OriginProcess {
     }
 }
 
+/// Where `wrangler dev`'s output goes, in the stack's work directory.
+const EDGE_LOG: &str = "wrangler.log";
+
 /// How to start `wrangler dev` again, on the same port and state.
 #[derive(Debug, Clone)]
 struct EdgeLaunch {
@@ -116,6 +122,7 @@ struct EdgeLaunch {
     inspector_port: u16,
     vars: Vec<(String, String)>,
     verbose: bool,
+    log_level: String,
 }
 
 impl EdgeLaunch {
@@ -133,7 +140,7 @@ impl EdgeLaunch {
             .args([
                 "--show-interactive-dev-session=false",
                 "--log-level",
-                "warn",
+                &self.log_level,
             ]);
         for (k, v) in &self.vars {
             cmd.arg("--var").arg(format!("{k}:{v}"));
@@ -143,7 +150,14 @@ impl EdgeLaunch {
             .env("NO_COLOR", "1")
             .stdin(Stdio::null());
         if !self.verbose {
-            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            // Kept, not discarded: a test may read the edge's log lines
+            // (`Stack::edge_log`).
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(workdir.join(EDGE_LOG))
+                .context("open the edge's log file")?;
+            cmd.stdout(log.try_clone()?).stderr(log);
         }
         // Its own process group, so that stopping it also stops workerd.
         #[cfg(unix)]
@@ -264,6 +278,10 @@ impl Stack {
             inspector_port,
             vars,
             verbose: options.verbose,
+            log_level: options
+                .wrangler_log_level
+                .clone()
+                .unwrap_or_else(|| "warn".to_owned()),
         };
         let wrangler = launch.spawn(&root, workdir.path())?;
         let mut stack = Self {
@@ -415,6 +433,13 @@ impl Stack {
             .args(["-s", "KILL", "--", &format!("-{}", self.wrangler.id())])
             .status();
         let _ = self.wrangler.wait();
+    }
+
+    /// What `wrangler dev` printed so far: the Worker's log lines among
+    /// its own (empty when the stack runs verbose, printing to the
+    /// terminal instead).
+    pub fn edge_log(&self) -> String {
+        std::fs::read_to_string(self.workdir.path().join(EDGE_LOG)).unwrap_or_default()
     }
 
     /// Starts `wrangler dev` again on the same port and the same state.

@@ -42,6 +42,8 @@ async fn main() -> ExitCode {
         ("PRESENCE_GRACE_MS", "1500"),
         // Edge figures reach the origin within 2 s (production: 5 s).
         ("METRICS_COUNTS_MS", "2000"),
+        // The per-message log lines too: the request id test reads them.
+        ("LOG_LEVEL", "debug"),
     ];
     let tests: &[(&str, TestFn)] = &[
         (
@@ -475,6 +477,8 @@ async fn main() -> ExitCode {
             .chain(media::origin_vars())
             .collect(),
         verbose: std::env::var_os("E2E_VERBOSE").is_some(),
+        // The Worker's own log lines (console.log) reach the log file.
+        wrangler_log_level: Some("log".to_owned()),
     };
     let mut stack = match Stack::start(options).await {
         Ok(s) => s,

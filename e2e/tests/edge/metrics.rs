@@ -316,5 +316,38 @@ async fn follow_one_message(s: &Stack, log: &std::path::Path) -> anyhow::Result<
         "message content in the origin's log"
     );
     ensure!(!text.contains(&alex.token), "a token in the origin's log");
+
+    // The edge's line for the same message, by the same id: the message
+    // can be followed from the edge's request to PostgreSQL.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let edge_line = loop {
+        let edge = s.edge_log();
+        let found = edge
+            .lines()
+            .filter_map(|l| l.find('{').map(|i| &l[i..]))
+            .filter_map(|l| {
+                serde_json::from_str::<serde_json::Value>(l.trim_end_matches(|c: char| c != '}'))
+                    .ok()
+            })
+            .find(|l| l["msg"] == "message accepted" && l["request_id"] == request_id.as_str());
+        if let Some(line) = found {
+            break line;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no edge log line accepting the message of request {request_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    ensure!(
+        edge_line["seq"] == seq && edge_line["conversation"] == conv,
+        "the edge's line names the message: {edge_line}"
+    );
+    let edge = s.edge_log();
+    ensure!(
+        !edge.contains(&secret_words),
+        "message content in the edge's log"
+    );
+    ensure!(!edge.contains(&alex.token), "a token in the edge's log");
     Ok(())
 }
