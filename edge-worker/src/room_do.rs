@@ -229,10 +229,11 @@ impl Room {
         }
     }
 
-    /// Starts handling a request (its id from the Worker, or a fresh one).
+    /// Starts handling a request (a socket frame has no id until it needs
+    /// one: see `RoomSql::request_id`).
     fn begin(&self, request_id: Option<String>, transport: &'static str, now: u64) {
         *self.current.borrow_mut() = Some(Current {
-            request_id: request_id.unwrap_or_else(crate::telemetry::new_request_id),
+            request_id,
             transport,
             started_ms: now,
         });

@@ -515,7 +515,14 @@ impl Context for RoomSql<'_> {
     }
 
     fn request_id(&self) -> Option<String> {
-        self.current.borrow().as_ref().map(|c| c.request_id.clone())
+        let mut current = self.current.borrow_mut();
+        let current = current.as_mut()?;
+        Some(
+            current
+                .request_id
+                .get_or_insert_with(|| self.conns.figures.frame_id())
+                .clone(),
+        )
     }
 
     fn verify_token(&self, token: &str, now: Millis) -> Result<Verified, AuthError> {

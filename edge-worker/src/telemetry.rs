@@ -26,7 +26,9 @@ pub const TRANSPORT_USER_SOCKET: &str = "user_socket";
 /// The request (or socket frame) a Durable Object is handling.
 #[derive(Debug, Clone)]
 pub struct Current {
-    pub request_id: String,
+    /// The Worker's id for a request; for a socket frame, made only when
+    /// the frame makes a message or a change ([`Figures::frame_id`]).
+    pub request_id: Option<String>,
     pub transport: &'static str,
     /// When it arrived (ms since the epoch), for the ack latency.
     pub started_ms: u64,
@@ -125,6 +127,8 @@ pub struct Figures {
     collector: RefCell<Collector>,
     /// The conversation, for a Room's log lines.
     conversation: Cell<Option<i64>>,
+    /// Socket frames given an id by this instance.
+    frames: Cell<u64>,
     /// A report is on its way (at most one standalone at a time).
     sending: Cell<bool>,
 }
@@ -146,6 +150,7 @@ impl Figures {
                 cadence,
             )),
             conversation: Cell::new(None),
+            frames: Cell::new(0),
             sending: Cell::new(false),
         }
     }
@@ -161,6 +166,14 @@ impl Figures {
             }
             c.rename(kind, name, cadence);
         }
+    }
+
+    /// An id for a socket frame: this instance's random life and a count,
+    /// unique without asking the CSPRNG once per frame.
+    pub fn frame_id(&self) -> String {
+        let n = self.frames.get() + 1;
+        self.frames.set(n);
+        format!("{:x}-{n:x}", self.life())
     }
 
     /// The reporter's name, for log lines.
