@@ -731,10 +731,14 @@ impl RoomSql<'_> {
             });
         let figures = &self.conns.figures;
         figures.message(transport);
-        // Workers' clocks stand still while code runs and move only across
-        // I/O, so this sees the waits (loading, members), not the CPU.
-        #[allow(clippy::cast_precision_loss)]
-        figures.ack(now.saturating_sub(started) as f64 / 1000.0);
+        // A socket frame's ack is timed here. Workers' clocks stand still
+        // while code runs and move only across I/O, so this sees the waits
+        // (loading, members), not the CPU. A request from the Worker or a
+        // User object is timed by its caller, where the clock sees the
+        // hop and the durable write too.
+        if transport == crate::telemetry::TRANSPORT_WS {
+            figures.ack_since(started);
+        }
         crate::log!(Debug, "message accepted",
             "conversation" => figures.conversation(),
             "seq" => r.seq,

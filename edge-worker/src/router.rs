@@ -476,13 +476,20 @@ async fn room_post(
     id: i64,
     action: &str,
 ) -> EdgeResult<Response> {
+    // The clock moves across I/O, so from here to the Room's answer it
+    // sees the whole way: the hop, the Room's work and its durable write.
+    let arrived = crate::auth::now_ms();
     let caller = auth::from_bearer(&req, &config.jwt_secret)?;
     let body = req.bytes().await?;
     if body.len() > shared::domain::MAX_FRAME_BYTES {
         return Err(EdgeError::Room(shared::room::RoomError::FrameTooLarge));
     }
     let target = format!("https://room/{action}");
-    forward(env, config, id, &caller, Method::Post, &target, Some(body)).await
+    let res = forward(env, config, id, &caller, Method::Post, &target, Some(body)).await?;
+    if action == "messages" && res.status_code() == 201 {
+        crate::telemetry::isolate::ack_since(arrived);
+    }
+    Ok(res)
 }
 
 /// Which change an HTTP route asks for.

@@ -47,8 +47,13 @@ pub fn room_of(frame: &ClientFrame) -> Option<i64> {
 }
 
 /// Hands `frame` from `user` to its Room; the frame to send back, if any.
-pub async fn into_room(env: &Env, user: i64, frame: &ClientFrame) -> Option<ServerFrame> {
-    match deliver(env, user, frame).await {
+pub async fn into_room(
+    env: &Env,
+    user: i64,
+    frame: &ClientFrame,
+    figures: &crate::telemetry::Figures,
+) -> Option<ServerFrame> {
+    match deliver(env, user, frame, figures).await {
         Ok(reply) => reply,
         Err(e) => Some(ServerFrame::Error {
             code: e.code().to_owned(),
@@ -57,7 +62,14 @@ pub async fn into_room(env: &Env, user: i64, frame: &ClientFrame) -> Option<Serv
     }
 }
 
-async fn deliver(env: &Env, user: i64, frame: &ClientFrame) -> EdgeResult<Option<ServerFrame>> {
+async fn deliver(
+    env: &Env,
+    user: i64,
+    frame: &ClientFrame,
+    figures: &crate::telemetry::Figures,
+) -> EdgeResult<Option<ServerFrame>> {
+    // The ack is timed here, where the clock sees the hop to the Room.
+    let arrived = crate::auth::now_ms();
     let (conversation_id, action, body) = match frame {
         ClientFrame::Message {
             conversation_id,
@@ -138,6 +150,10 @@ async fn deliver(env: &Env, user: i64, frame: &ClientFrame) -> EdgeResult<Option
     }
     if !matches!(frame, ClientFrame::Message { .. }) {
         return Ok(None);
+    }
+    // 201: a new message (a resend of a known one answers 200).
+    if res.status_code() == 201 {
+        figures.ack_since(arrived);
     }
     let stored: MessageView = res.json().await?;
     Ok(Some(ServerFrame::Ack {

@@ -201,7 +201,11 @@ impl Figures {
         self.collector.borrow_mut().flush_failure();
     }
 
-    pub fn ack(&self, seconds: f64) {
+    /// A new message acked now, its frame or request having arrived at
+    /// `arrived_ms`.
+    pub fn ack_since(&self, arrived_ms: u64) {
+        #[allow(clippy::cast_precision_loss)]
+        let seconds = crate::auth::now_ms().saturating_sub(arrived_ms) as f64 / 1000.0;
         self.collector.borrow_mut().ack(seconds);
     }
 
@@ -278,6 +282,11 @@ pub mod isolate {
 
     pub fn error(code: &str) {
         FIGURES.with(|f| f.error(code));
+    }
+
+    /// A new message's ack, for a request that arrived at `arrived_ms`.
+    pub fn ack_since(arrived_ms: u64) {
+        FIGURES.with(|f| f.ack_since(arrived_ms));
     }
 
     /// The report to send now, if one is due (the caller sends it in

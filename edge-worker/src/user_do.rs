@@ -234,7 +234,8 @@ impl User {
             Answer::Resume(since) => (Some(self.resume(tag.user, tag.conn, since).await), None),
             // The seed's single socket: the frame goes to its room.
             Answer::Room(frame) => (
-                crate::single_socket::into_room(&self.env, tag.user, &frame).await,
+                crate::single_socket::into_room(&self.env, tag.user, &frame, &self.conns.figures)
+                    .await,
                 None,
             ),
         };

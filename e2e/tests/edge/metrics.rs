@@ -37,7 +37,9 @@ fn sample(text: &str, series: &str) -> f64 {
 }
 
 /// Scrapes until `done` holds for the text (reports are batched, so they
-/// arrive within a report interval), and returns that text.
+/// arrive within a report interval), and returns that text. Each round also
+/// calls the Worker: an isolate's own figures (the POST's ack, its
+/// refusals) leave with a later request once due.
 async fn scrape_until(
     s: &Stack,
     within: Duration,
@@ -54,6 +56,11 @@ async fn scrape_until(
             tokio::time::Instant::now() < deadline,
             "{what} did not show within {within:?}"
         );
+        let _ = s
+            .http()
+            .get(format!("{}/api/v1/edge/health", s.edge))
+            .send()
+            .await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
