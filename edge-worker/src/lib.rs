@@ -36,7 +36,15 @@ pub use user_do::User;
 
 #[event(fetch)]
 async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response> {
-    let response = match router::handle(req, &env).await {
+    let config = match config::EdgeConfig::from_env(&env) {
+        Ok(config) => config,
+        Err(e) => {
+            telemetry::isolate::error(e.code());
+            return e.to_response();
+        }
+    };
+    let report = config.clone();
+    let response = match router::handle(req, &env, config).await {
         Ok(response) => Ok(response),
         Err(e) => {
             telemetry::isolate::error(e.code());
@@ -44,16 +52,14 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response>
         }
     };
     // The isolate's own counts leave after the response, when due.
-    if let Ok(config) = config::EdgeConfig::from_env(&env) {
-        if let Some(report) = telemetry::isolate::report_if_due(&config, auth::now_ms()) {
-            ctx.wait_until(async move {
-                let ok = origin::OriginClient::new(&config)
-                    .edge_report(&report)
-                    .await
-                    .is_ok();
-                telemetry::isolate::answered(&report, ok);
-            });
-        }
+    if let Some(figures) = telemetry::isolate::report_if_due(&report, auth::now_ms()) {
+        ctx.wait_until(async move {
+            let ok = origin::OriginClient::new(&report)
+                .edge_report(&figures)
+                .await
+                .is_ok();
+            telemetry::isolate::answered(&figures, ok);
+        });
     }
     response
 }

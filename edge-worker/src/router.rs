@@ -35,8 +35,9 @@ use crate::headers::{CONVERSATION_HEADER, TICKET_HEADER, USER_HEADER, VALID_UNTI
 use crate::telemetry::REQUEST_ID_HEADER;
 use crate::{media, origin};
 
-pub async fn handle(req: Request, env: &Env) -> EdgeResult<Response> {
-    let mut config = EdgeConfig::from_env(env)?;
+/// Answers one request; `config` is read once per request by the caller
+/// (which also needs it afterwards).
+pub async fn handle(req: Request, env: &Env, mut config: EdgeConfig) -> EdgeResult<Response> {
     // One id for the whole request, from the caller or minted here; it
     // goes to every Durable Object and origin call it makes, and back.
     let request_id = crate::telemetry::request_id_from(req.headers().get(REQUEST_ID_HEADER)?);

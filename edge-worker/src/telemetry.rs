@@ -176,6 +176,11 @@ impl Figures {
         format!("{:x}-{n:x}", self.life())
     }
 
+    /// Whether [`Figures::identify`] has named it (no reports before).
+    pub fn is_named(&self) -> bool {
+        !self.collector.borrow().reporter().is_empty()
+    }
+
     /// The reporter's name, for log lines.
     pub fn name(&self) -> String {
         self.collector.borrow().reporter().to_owned()
@@ -211,10 +216,10 @@ impl Figures {
 
     /// When a report is due (for the object's alarm).
     pub fn due(&self, gauges: &Gauges) -> Option<u64> {
-        let c = self.collector.borrow();
-        if c.reporter().is_empty() {
+        if !self.is_named() {
             return None;
         }
+        let c = self.collector.borrow();
         // "At once" is now: an alarm in the past is refused.
         c.due(gauges).map(|at| at.max(crate::auth::now_ms()))
     }
@@ -230,10 +235,7 @@ impl Figures {
     /// after an outage tells how old the outbox grew (the flush it rides
     /// on empties it, and the next report says so a cadence later).
     pub fn report_for_flush(&self, now: u64, gauges: Gauges) -> Option<EdgeReport> {
-        let stale = {
-            let c = self.collector.borrow();
-            !c.reporter().is_empty() && c.stale()
-        };
+        let stale = self.is_named() && self.collector.borrow().stale();
         if stale {
             Some(self.collector.borrow_mut().report(now, gauges))
         } else {
@@ -293,7 +295,10 @@ pub mod isolate {
     /// `wait_until`, then calls [`answered`]).
     pub fn report_if_due(config: &EdgeConfig, now: u64) -> Option<shared::metrics::EdgeReport> {
         FIGURES.with(|f| {
-            f.identify(ReporterKind::Worker, f.life(), config.metrics);
+            // Named on the isolate's first request, not on every one.
+            if !f.is_named() {
+                f.identify(ReporterKind::Worker, f.life(), config.metrics);
+            }
             f.report_if_due(now, Gauges::default())
         })
     }
