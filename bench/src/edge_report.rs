@@ -20,6 +20,8 @@ use anyhow::{Context, ensure};
 use shared::metrics::{Counts, EdgeReport, Gauges, Histogram, ReporterKind};
 use shared::protocol::internal::SERVICE_SECRET_HEADER;
 
+use e2e::ops::sample;
+
 use crate::origin_bench::{SERVICE_SECRET, fresh_database, start_origin};
 use crate::report::{build, loadavg, micros_histogram, range, table};
 
@@ -57,18 +59,6 @@ fn room_report(room: u64, life: u64, seq: u64, messages: u64, ws: u64) -> EdgeRe
         },
         counts,
     }
-}
-
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
 }
 
 struct Run {

@@ -321,9 +321,31 @@ pub fn exposed_names(text: &str) -> BTreeSet<String> {
     names
 }
 
+/// The value of one series, written exactly as exposed (`name{labels}`),
+/// in a Prometheus text exposition; 0 when absent.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_series_is_read_whole_never_by_its_prefix() {
+        let text = "# TYPE x counter\nx_total{a=\"b\"} 3\nx_total{a=\"bc\"} 5\n";
+        assert!((sample(text, "x_total{a=\"b\"}") - 3.0).abs() < f64::EPSILON);
+        assert!((sample(text, "x_total{a=\"bc\"}") - 5.0).abs() < f64::EPSILON);
+        assert!(sample(text, "x_total").abs() < f64::EPSILON, "absent is 0");
+    }
 
     #[test]
     fn names_come_from_identifiers_not_strings_functions_or_variables() {

@@ -42,6 +42,29 @@ impl Drop for Sse {
 }
 
 impl Stack {
+    /// One conversation open on every transport the edge counts apart:
+    /// `on_socket`'s room WebSocket, `on_sse`'s SSE stream (its POSTs are
+    /// the fallback's sends), and `on_socket`'s seed single socket (the
+    /// per-user path), in that order.
+    pub async fn every_transport(
+        &self,
+        on_socket: &crate::User,
+        on_sse: &crate::User,
+        conversation: i64,
+    ) -> anyhow::Result<(crate::Ws, Sse, crate::Ws)> {
+        let room = self.ws(on_socket, conversation, None).await?;
+        let stream = self
+            .sse(
+                conversation,
+                "",
+                &[("authorization", format!("Bearer {}", on_sse.token))],
+            )
+            .await?
+            .map_err(|e| anyhow::anyhow!("SSE refused: {e:?}"))?;
+        let own = self.seed_socket(on_socket).await?;
+        Ok((room, stream, own))
+    }
+
     /// Opens `GET …/{conversation}/events` with `query` and optional
     /// headers (`Authorization`, `Last-Event-ID`). A non-200 answer is
     /// returned as an error carrying the status and body.

@@ -435,6 +435,20 @@ impl Stack {
         let _ = self.wrangler.wait();
     }
 
+    /// `GET /metrics` on the origin itself, as Prometheus scrapes it (the
+    /// edge has no route to it).
+    pub async fn scrape_origin(&self) -> anyhow::Result<String> {
+        let res = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/metrics", self.origin_port))
+            .send()
+            .await
+            .context("scrape the origin")?;
+        if res.status() != 200 {
+            bail!("origin /metrics: {}", res.status());
+        }
+        Ok(res.text().await?)
+    }
+
     /// What `wrangler dev` printed so far: the Worker's log lines among
     /// its own (empty when the stack runs verbose, printing to the
     /// terminal instead).

@@ -16,18 +16,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// batched, not sent per event.
 const REPORT_WITHIN: Duration = Duration::from_secs(60);
 
-/// `GET /metrics` on the origin itself, as Prometheus scrapes it.
-async fn scrape(s: &Stack) -> anyhow::Result<String> {
-    let res = s
-        .http()
-        .get(format!("http://127.0.0.1:{}/metrics", s.origin_port))
-        .send()
-        .await
-        .context("scrape the origin")?;
-    ensure!(res.status() == 200, "origin /metrics: {}", res.status());
-    Ok(res.text().await?)
-}
-
 /// A raw HTTP/1.1 GET of `path` exactly as written: an HTTP client library
 /// would normalise `..` and percent-escapes away before sending them.
 async fn raw_get(edge: &str, path: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
@@ -114,16 +102,7 @@ pub async fn the_origin_exposes_every_metric_the_dashboard_and_alerts_use_and_th
     // A short chat on every path the edge counts: a room WebSocket, SSE
     // plus POST, and the per-user socket.
     let (alex, sam, conv) = s.pair().await?;
-    let mut room = s.ws(&alex, conv, None).await?;
-    let mut stream = s
-        .sse(
-            conv,
-            "",
-            &[("authorization", format!("Bearer {}", sam.token))],
-        )
-        .await?
-        .map_err(|e| anyhow::anyhow!("SSE refused: {e:?}"))?;
-    let mut own = s.seed_socket(&alex).await?;
+    let (mut room, mut stream, mut own) = s.every_transport(&alex, &sam, conv).await?;
     let mut sams_own = s.always_on(&sam).await?;
 
     room.say(conv, "over the room socket", "ops-ws-1").await?;
@@ -175,7 +154,7 @@ pub async fn the_origin_exposes_every_metric_the_dashboard_and_alerts_use_and_th
     // The metrics are for the operator's network only: the public edge
     // answers 404 to every way of spelling the path, with a token or
     // without, and never with the text.
-    let scraped = scrape(s).await?;
+    let scraped = s.scrape_origin().await?;
     ensure!(scraped.contains("# TYPE"), "the scrape is the metrics text");
     for path in [
         "/metrics",
@@ -214,7 +193,7 @@ pub async fn the_origin_exposes_every_metric_the_dashboard_and_alerts_use_and_th
     // is still missing.
     let deadline = tokio::time::Instant::now() + REPORT_WITHIN;
     let missing: BTreeSet<String> = loop {
-        let text = scrape(s).await?;
+        let text = s.scrape_origin().await?;
         let exposed = e2e::ops::exposed_names(&text);
         let missing: BTreeSet<String> = wanted
             .difference(&exposed)
