@@ -103,9 +103,12 @@ pub async fn spawn_app() -> TestApp {
 /// A started origin on a fresh database, with configuration `overrides`.
 pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     let db_name = fresh_database().await;
-    let app = Application::build(config_with(&db_name, overrides))
-        .await
-        .expect("build app");
+    start_app(config_with(&db_name, overrides), db_name).await
+}
+
+/// Starts an origin with `config` on database `db_name` (made already).
+pub async fn start_app(config: Config, db_name: String) -> TestApp {
+    let app = Application::build(config).await.expect("build app");
     let base = format!("http://127.0.0.1:{}", app.port());
     let state = app.state().clone();
     let pool = state.pool.clone();

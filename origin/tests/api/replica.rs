@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shared::Role;
 
-use crate::helpers::{TestApp, TestUser, config_with};
+use crate::helpers::{TestApp, TestUser, config_with, start_app};
 use crate::standby::{Pair, wait_for};
 
 /// A bound no test reaches: the replica serves however long replay pauses.
@@ -28,18 +28,7 @@ async fn spawn_replicated(pair: &Pair, max_lag_ms: &str) -> TestApp {
             ("DATABASE_READ_MAX_LAG_MS", max_lag_ms),
         ],
     );
-    let app = origin::Application::build(config).await.expect("build app");
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let state = app.state().clone();
-    let pool = state.pool.clone();
-    tokio::spawn(app.run(std::future::pending()));
-    TestApp {
-        base,
-        http: reqwest::Client::new(),
-        db_name,
-        pool,
-        state,
-    }
+    start_app(config, db_name).await
 }
 
 /// Waits until the replica has everything written so far and the app has
